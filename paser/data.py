@@ -1,0 +1,299 @@
+"""Instruction pools: read, validate and write back records in the user's own layout.
+
+Layouts: Alpaca (``instruction``, ``input``, ``output``), LaMini (``instruction``, ``response``),
+Dolly (``instruction``, ``context``, ``response``, ``category``), or a user ``FieldMap``.
+Formats: JSON array, JSONL, CSV, Parquet, and ``datasets.save_to_disk`` folders.
+
+Every record gets a stable id (its own ``id`` field, else a hash of its content) and keeps all of
+its fields, so a selected subset is written back in the input's layout plus paser's fields.
+Bad input raises ``DataError`` naming the file, the record and the field; records with an empty
+instruction or response are set aside and counted (or refused when ``strict``), never dropped
+silently.
+
+    python -c "from paser.data import load_pool; p = load_pool('pool.jsonl'); print(p.summary())"
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from paser.errors import DataError
+
+# layout name -> (instruction field, input field or None, response field)
+LAYOUTS: dict[str, tuple[str, str | None, str]] = {
+    "alpaca": ("instruction", "input", "output"),
+    "dolly": ("instruction", "context", "response"),
+    "lamini": ("instruction", None, "response"),
+}
+
+
+@dataclass(frozen=True)
+class FieldMap:
+    """Which fields of a record hold the instruction, the optional input and the response."""
+
+    instruction: str = "instruction"
+    input: str | None = "input"
+    response: str = "output"
+    id: str | None = "id"
+
+    @classmethod
+    def for_layout(cls, layout: str) -> FieldMap:
+        if layout not in LAYOUTS:
+            raise DataError(f"unknown layout {layout!r}; choose one of {sorted(LAYOUTS)} or give a field map")
+        ins, inp, resp = LAYOUTS[layout]
+        return cls(instruction=ins, input=inp, response=resp)
+
+
+@dataclass
+class Record:
+    """One instruction sample; ``fields`` is the record exactly as read."""
+
+    id: str
+    instruction: str
+    input: str
+    response: str
+    fields: dict
+    index: int  # position in the file, 0-based
+
+
+@dataclass
+class Rejected:
+    index: int
+    id: str
+    reason: str
+
+
+@dataclass
+class Pool:
+    records: list[Record]
+    source: Path | None
+    layout: str
+    field_map: FieldMap
+    rejected: list[Rejected] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def summary(self) -> str:
+        src = self.source if self.source else "generated"
+        return (f"{src}: {len(self.records)} records ({self.layout} layout)"
+                + (f", {len(self.rejected)} rejected" if self.rejected else ""))
+
+
+# ---------------------------------------------------------------- reading raw rows
+
+
+def _read_json(path: Path, text: str) -> list:
+    try:
+        rows = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise DataError(f"{path}: malformed JSON at line {err.lineno}, column {err.colno}: {err.msg}") from None
+    if isinstance(rows, dict):
+        # {"data": [...]} / {"train": [...]} wrappers are common; accept a single list value.
+        lists = [v for v in rows.values() if isinstance(v, list)]
+        if len(lists) == 1:
+            return lists[0]
+        raise DataError(f"{path}: expected a JSON array of records, found an object with keys {sorted(rows)[:6]}")
+    if not isinstance(rows, list):
+        raise DataError(f"{path}: expected a JSON array of records, found {type(rows).__name__}")
+    return rows
+
+
+def _read_jsonl(path: Path, text: str) -> list:
+    rows = []
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            raise DataError(f"{path}: line {lineno}: malformed JSON ({err.msg} at column {err.colno})") from None
+    return rows
+
+
+def _read_table(path: Path, kind: str) -> list:
+    import pandas as pd
+
+    try:
+        frame = pd.read_csv(path, dtype=str, keep_default_na=False) if kind == "csv" else pd.read_parquet(path)
+    except Exception as err:
+        raise DataError(f"{path}: cannot read as {kind.upper()}: {type(err).__name__}: {err}") from None
+    return frame.to_dict(orient="records")
+
+
+def _read_datasets_folder(path: Path) -> list:
+    import datasets
+
+    try:
+        ds = datasets.load_from_disk(str(path))
+    except Exception as err:
+        raise DataError(f"{path}: not a datasets.save_to_disk folder: {type(err).__name__}: {err}") from None
+    if isinstance(ds, datasets.DatasetDict):
+        if len(ds) != 1 and "train" not in ds:
+            raise DataError(f"{path}: dataset has splits {list(ds)}; expected one split or 'train'")
+        ds = ds["train"] if "train" in ds else next(iter(ds.values()))
+    return ds.to_list()
+
+
+def read_rows(path: str | Path) -> list:
+    """The raw rows of a file or datasets folder, as dicts (not validated)."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise DataError(f"{path}: no such file or folder")
+    if path.is_dir():
+        return _read_datasets_folder(path)
+    suffix = path.suffix.lower()
+    if suffix in (".csv", ".parquet", ".pq"):
+        return _read_table(path, "csv" if suffix == ".csv" else "parquet")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path}: not UTF-8 text (byte {err.start}); expected JSON, JSONL, CSV or Parquet") from None
+    except OSError as err:
+        raise DataError(f"{path}: cannot read: {err.strerror}") from None
+    if suffix == ".jsonl" or (suffix != ".json" and not text.lstrip().startswith("[")):
+        return _read_jsonl(path, text)
+    return _read_json(path, text)
+
+
+def read_text_samples(path: str | Path) -> list[str]:
+    """Plain-text samples: one per paragraph (blank-line separated)."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise DataError(f"{path}: no such file") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise DataError(f"{path}: cannot read as UTF-8 text: {err}") from None
+    samples = [p.strip() for p in text.split("\n\n") if p.strip()]
+    if not samples:
+        raise DataError(f"{path}: contains no text")
+    return samples
+
+
+# ---------------------------------------------------------------- records
+
+
+def detect_layout(path: Path, rows: list) -> str:
+    first = next((r for r in rows if isinstance(r, dict)), None)
+    if first is None:
+        raise DataError(f"{path}: no records to detect the layout from")
+    keys = set(first)
+    if "output" in keys and "instruction" in keys:
+        return "alpaca"
+    if {"instruction", "context", "response"} <= keys:
+        return "dolly"
+    if {"instruction", "response"} <= keys:
+        return "lamini"
+    raise DataError(
+        f"{path}: record 0 has fields {sorted(keys)[:8]}, which match no known layout "
+        "(alpaca: instruction/input/output; lamini: instruction/response; "
+        "dolly: instruction/context/response); give a field map"
+    )
+
+
+def _is_missing(value) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def content_id(instruction: str, input_: str, response: str) -> str:
+    digest = hashlib.sha256("\x1f".join((instruction, input_, response)).encode()).hexdigest()
+    return digest[:16]
+
+
+def to_records(rows: list, path: Path | None, fmap: FieldMap, strict: bool = False,
+               layout: str = "custom") -> Pool:
+    """Validate raw rows into records. See the module docstring for what is an error."""
+    where = path if path is not None else "<records>"
+    records, rejected, seen = [], [], {}
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict):
+            raise DataError(f"{where}: record {i} is a {type(row).__name__}, expected an object with fields")
+        values = {}
+        for role, name, required in (("instruction", fmap.instruction, True),
+                                     ("input", fmap.input, False),
+                                     ("response", fmap.response, True)):
+            if name is None:
+                values[role] = ""
+                continue
+            value = row.get(name)
+            if _is_missing(value):
+                if required:
+                    present = sorted(row)[:8]
+                    raise DataError(f"{where}: record {i}: missing field '{name}' (the {role}; "
+                                    f"record has {present})")
+                value = ""
+            if not isinstance(value, str):
+                raise DataError(f"{where}: record {i}: field '{name}' is {type(value).__name__}, "
+                                "expected a string")
+            values[role] = value
+        given = row.get(fmap.id) if fmap.id else None
+        if not _is_missing(given):
+            rid = str(given)
+            if rid in seen:
+                raise DataError(f"{where}: records {seen[rid]} and {i} have the same id {rid!r}")
+        else:
+            rid = content_id(values["instruction"], values["input"], values["response"])
+            # exact duplicate records keep distinct, stable ids by order of appearance
+            n = 2
+            base = rid
+            while rid in seen:
+                rid, n = f"{base}-{n}", n + 1
+        seen[rid] = i
+        empty = [role for role in ("instruction", "response") if not values[role].strip()]
+        if empty:
+            reason = f"empty {' and '.join(empty)}"
+            if strict:
+                raise DataError(f"{where}: record {i}: {reason} (strict mode refuses it)")
+            rejected.append(Rejected(index=i, id=rid, reason=reason))
+            continue
+        records.append(Record(id=rid, instruction=values["instruction"], input=values["input"],
+                              response=values["response"], fields=dict(row), index=i))
+    if not records:
+        detail = f" ({len(rejected)} records rejected: {rejected[0].reason}, ...)" if rejected else ""
+        raise DataError(f"{where}: the pool is empty{detail}")
+    return Pool(records=records, source=path, layout=layout, field_map=fmap, rejected=rejected)
+
+
+def load_pool(path: str | Path, layout: str | None = None, field_map: dict | FieldMap | None = None,
+              strict: bool = False) -> Pool:
+    """Read and validate an instruction pool.
+
+    ``layout``: alpaca, lamini or dolly (detected from the first record when omitted);
+    ``field_map``: explicit field names, overriding the layout (keys instruction/input/response/id).
+    """
+    path = Path(path).expanduser()
+    rows = read_rows(path)
+    if not rows:
+        raise DataError(f"{path}: the pool is empty (no records)")
+    if field_map is not None:
+        fmap = field_map if isinstance(field_map, FieldMap) else _field_map_from_dict(path, field_map)
+        name = "custom"
+    else:
+        name = layout or detect_layout(path, rows)
+        fmap = FieldMap.for_layout(name)
+    return to_records(rows, path, fmap, strict=strict, layout=name)
+
+
+def _field_map_from_dict(path: Path, mapping: dict) -> FieldMap:
+    known = set(FieldMap.__dataclass_fields__)
+    unknown = sorted(set(mapping) - known)
+    if unknown:
+        raise DataError(f"field map for {path}: unknown key(s) {unknown}; known: {sorted(known)}")
+    if "instruction" not in mapping or "response" not in mapping:
+        raise DataError(f"field map for {path}: needs at least 'instruction' and 'response'")
+    return FieldMap(**{"input": None, "id": "id"} | mapping)
+
+
+def write_jsonl(path: str | Path, rows: list[dict]) -> Path:
+    """Write rows as JSON lines (UTF-8, non-ASCII kept readable)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8") as fh:
+        for row in rows:
+            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+    return path

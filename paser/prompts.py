@@ -1,0 +1,48 @@
+"""The prompt template shared by degradation scoring and recovery training.
+
+Scoring and training must see the same text, or the selected samples repair a distribution the
+model is never trained on. Alpaca's template is the default (the paper's setting); ``chat`` uses
+the tokenizer's own chat template.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+ALPACA_WITH_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further "
+    "context. Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+)
+ALPACA_NO_INPUT = (
+    "Below is an instruction that describes a task. Write a response that appropriately "
+    "completes the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n"
+)
+TEMPLATES = ("alpaca", "chat")
+
+
+class InstructionLike(Protocol):
+    instruction: str
+    input: str
+    response: str
+
+
+def format_prompt(record: InstructionLike, template: str = "alpaca", tokenizer=None) -> str:
+    """The prompt text for a record: everything the model reads before the response."""
+    if template == "alpaca":
+        if record.input:
+            return ALPACA_WITH_INPUT.format(instruction=record.instruction, input=record.input)
+        return ALPACA_NO_INPUT.format(instruction=record.instruction)
+    if template == "chat":
+        if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+            raise ValueError("template 'chat' needs a tokenizer that has a chat template")
+        user = record.instruction if not record.input else f"{record.instruction}\n\n{record.input}"
+        return tokenizer.apply_chat_template([{"role": "user", "content": user}], tokenize=False,
+                                             add_generation_prompt=True)
+    raise ValueError(f"unknown prompt template {template!r}; choose one of {TEMPLATES}")
+
+
+def format_example(record: InstructionLike, template: str = "alpaca", tokenizer=None) -> tuple[str, str]:
+    """(prompt, response) for teacher forcing; the response ends with the tokenizer's eos when known."""
+    eos = getattr(tokenizer, "eos_token", None) or ""
+    return format_prompt(record, template, tokenizer), record.response + eos

@@ -1,0 +1,83 @@
+"""Tiny local models and tokenizers: the suite needs no network and no bundled weights.
+
+``tiny_tokenizer`` is a byte-level BPE trained here on paser's generated suite; ``tiny_model_dir``
+builds a 4-layer Llama from a config (MHA or GQA) and saves it as a Hugging Face folder.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+
+def build_tokenizer(extra_special: list[str] | None = None, vocab_size: int = 320,
+                    eos: str = "</s>"):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from paser.suite import generate_suite
+
+    specials = ["<unk>", "<s>", "</s>", "<pad>"] + (extra_special or [])
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    corpus = [" ".join((r["instruction"], r["input"], r["output"])) for r in generate_suite(600, seed=1)]
+    tok.train_from_iterator(corpus, trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token=eos,
+                                   unk_token="<unk>", pad_token="<pad>")
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    return build_tokenizer()
+
+
+def build_model(tokenizer, num_kv_heads: int = 8, seed: int = 0, tie: bool = False, layers: int = 4):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+        num_attention_heads=8, num_key_value_heads=num_kv_heads, head_dim=8,
+        max_position_embeddings=256, tie_word_embeddings=tie,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    model.eval()
+    return model
+
+
+@pytest.fixture(autouse=True)
+def _paser_cache(tmp_path_factory, monkeypatch):
+    # converted GGUF files go to a per-session folder, never the user's cache
+    monkeypatch.setenv("PASER_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "paser-cache"))
+
+
+@pytest.fixture(scope="session", params=["mha", "gqa"])
+def tiny_model_dir(request, tmp_path_factory, tiny_tokenizer):
+    """A saved tiny Llama folder: 8 query heads with 8 (MHA) or 2 (GQA) key/value heads."""
+    kv = 8 if request.param == "mha" else 2
+    folder = tmp_path_factory.mktemp(f"tiny-{request.param}")
+    build_model(tiny_tokenizer, num_kv_heads=kv).save_pretrained(folder)
+    tiny_tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture()
+def batch(tiny_tokenizer):
+    """A fixed batch of prompt+response texts for loss comparisons."""
+    from paser.prompts import format_example
+    from paser.suite import suite_pool
+
+    texts = ["".join(format_example(r)) for r in suite_pool(8, seed=3).records]
+    enc = tiny_tokenizer(texts, return_tensors="pt", padding=True)
+    return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}

@@ -1,0 +1,85 @@
+"""The `paser` command line: thin over the API, one-line errors, non-zero exits."""
+
+from __future__ import annotations
+
+from typer.testing import CliRunner
+
+from paser.cli import app
+
+runner = CliRunner()
+
+
+def test_prune_command(tiny_model_dir, tmp_path):
+    out = tmp_path / "pruned"
+    result = runner.invoke(app, ["prune", str(tiny_model_dir), "--ratio", "0.25", "--out", str(out),
+                                 "--importance", "l2", "--attn-layers", "0:4", "--mlp-layers", "0:4",
+                                 "--round-to", "8"])
+    assert result.exit_code == 0, result.output
+    assert "parameters before:" in result.output and "parameters after:" in result.output
+    assert "time:" in result.output
+    assert (out / "paser_pruned.json").is_file()
+
+
+def test_prune_with_config_file(tiny_model_dir, tmp_path):
+    cfg = tmp_path / "prune.yaml"
+    cfg.write_text("prune:\n  ratio: 0.5\n  importance: l2\n  attn_layers: [0, 4]\n")
+    result = runner.invoke(app, ["prune", str(tiny_model_dir), "--out", str(tmp_path / "o"),
+                                 "--config", str(cfg), "--mlp-ratio", "0.25"])
+    assert result.exit_code == 0, result.output
+    import json
+
+    marker = json.loads((tmp_path / "o" / "paser_pruned.json").read_text())
+    assert marker["pruning"]["ratio"] == 0.5 and marker["pruning"]["mlp_ratio"] == 0.25
+    assert marker["layers"][0]["intermediate_size"] == 128  # MLP range default starts at layer 1
+    assert marker["layers"][1]["intermediate_size"] == 96
+
+
+def _one_line_error(result, *needles):
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.strip().splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1, result.output
+    assert result.output.strip().splitlines()[-1] == lines[0], "the error is the last thing printed"
+    assert "Traceback" not in result.output
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+def test_missing_model_exits_nonzero(tmp_path):
+    _one_line_error(runner.invoke(app, ["prune", str(tmp_path / "missing"), "--out", str(tmp_path / "o")]),
+                    "missing: no such file or folder")
+
+
+def test_pickle_without_trust_flag(tmp_path, tiny_tokenizer):
+    from paser.pruning import export_llm_pruner_pickle
+    from tests.conftest import build_model
+
+    path = export_llm_pruner_pickle(build_model(tiny_tokenizer), tiny_tokenizer, tmp_path / "m.bin")
+    _one_line_error(runner.invoke(app, ["prune", str(path), "--out", str(tmp_path / "o")]),
+                    "refusing to load an LLM-Pruner pickle", "--trust-pickle")
+    ok = runner.invoke(app, ["prune", str(path), "--out", str(tmp_path / "o"), "--trust-pickle",
+                             "--importance", "l2"])
+    assert ok.exit_code == 0, ok.output
+
+
+def test_unknown_config_key(tiny_model_dir, tmp_path):
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text("prune:\n  ratoi: 0.5\n")
+    _one_line_error(runner.invoke(app, ["prune", str(tiny_model_dir), "--config", str(cfg)]),
+                    "bad.yaml: prune: unknown key(s) ['ratoi']")
+
+
+def test_wrong_type_in_config(tiny_model_dir, tmp_path):
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text("prune:\n  num_calibration: many\n")
+    _one_line_error(runner.invoke(app, ["prune", str(tiny_model_dir), "--config", str(cfg)]),
+                    "prune.num_calibration: expected an integer, got str 'many'")
+
+
+def test_ratio_out_of_range(tiny_model_dir, tmp_path):
+    _one_line_error(runner.invoke(app, ["prune", str(tiny_model_dir), "--ratio", "1.5"]),
+                    "ratio must be in [0, 1), got 1.5")
+
+
+def test_bad_layer_range(tiny_model_dir):
+    result = runner.invoke(app, ["prune", str(tiny_model_dir), "--attn-layers", "four"])
+    assert result.exit_code == 2 and "START:END" in result.output

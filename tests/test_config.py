@@ -1,0 +1,36 @@
+"""Configs: YAML sections, overrides, unknown keys and wrong types refused."""
+
+from __future__ import annotations
+
+import pytest
+
+from paser.config import load_config, to_mapping
+from paser.errors import ConfigError
+from paser.pruning import PruneConfig
+
+
+def test_defaults_file_and_overrides(tmp_path):
+    assert load_config(PruneConfig, None, "prune") == PruneConfig()
+    path = tmp_path / "c.yaml"
+    path.write_text("prune:\n  ratio: 0.3\n  attn_layers: [2, 6]\n  round_to: 8\n")
+    cfg = load_config(PruneConfig, path, "prune", {"ratio": 0.1, "seed": None})
+    assert cfg.ratio == 0.1 and cfg.attn_layers == (2, 6) and cfg.round_to == 8 and cfg.seed == 0
+    assert to_mapping(cfg)["attn_layers"] == [2, 6]
+
+
+@pytest.mark.parametrize("text, message", [
+    ("prune:\n  ratio: high\n", "prune.ratio: expected a number, got str 'high'"),
+    ("prune:\n  importance: grad\n", "prune.importance: 'grad' is not one of ['taylor', 'l2', 'random']"),
+    ("prune:\n  attn_layers: 4\n", "prune.attn_layers: expected a list of 2 values"),
+    ("prune:\n  seed: true\n", "prune.seed: expected an integer, got bool True"),
+    ("prune:\n  ratio: 2.0\n", "ratio must be in [0, 1)"),
+    ("prune:\n  colour: red\n", "unknown key(s) ['colour']"),
+    ("pruning:\n  ratio: 0.2\n", "unknown section(s) ['pruning']"),
+    ("prune: [1, 2\n", "malformed YAML"),
+])
+def test_bad_configs(tmp_path, text, message):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_config(PruneConfig, path, "prune")
+    assert message in str(info.value) and "c.yaml" in str(info.value)
