@@ -1,5 +1,7 @@
 """The ``paser`` command line: a thin face over the Python API.
 
+    paser select                      # the embedded default
+    paser select --data pool.json --dense DENSE --pruned PRUNED --budget 0.2 --out runs/x
     paser prune smollm2-135m-instruct --ratio 0.25 --out runs/smollm2-pruned-25
 
 Errors a user can fix (``PaserError``) print one line and exit with status 2; no traceback.
@@ -107,6 +109,70 @@ def prune(
     typer.echo(f"saved: {result.out}")
     if "pickle" in result.extras:
         typer.echo(f"LLM-Pruner pickle: {result.extras['pickle']}")
+
+
+@app.command()
+def select(
+    data: Annotated[str | None, typer.Option(help="Instruction pool: JSON, JSONL, CSV, Parquet or a datasets "
+                                                  "folder (default: paser's generated capability suite).")] = None,
+    dense: Annotated[str | None, typer.Option(help="Dense model reference (default smollm2-135m-instruct).")] = None,
+    pruned: Annotated[str | None, typer.Option(help="Pruned model reference (default: paser prunes the dense "
+                                                    "model at --prune-ratio, once, cached).")] = None,
+    prune_ratio: Annotated[float | None, typer.Option(help="Ratio for the twin made when --pruned is not "
+                                                           "given (default 0.25).")] = None,
+    budget: Annotated[str | None, typer.Option(help="Records to select: a count (100) or a fraction (0.2) "
+                                                    "(default 0.2).")] = None,
+    out: Annotated[str | None, typer.Option(help="Run folder (default runs/select). Re-running on an existing "
+                                                 "folder reuses every unchanged stage.")] = None,
+    config: Annotated[Path | None, typer.Option(help="YAML settings (sections select, embed, manifold, "
+                                                     "cluster, score, allocate, concepts, prune).")] = None,
+    layout: Annotated[str | None, typer.Option(help="alpaca, lamini or dolly (default: detected).")] = None,
+    strict: Annotated[bool | None, typer.Option("--strict/--lenient", help="Refuse records with an empty "
+                                                "instruction or response instead of setting them aside.")] = None,
+    suite_size: Annotated[int | None, typer.Option(help="Records of the generated suite (default 1000).")] = None,
+    dtype: Annotated[str | None, typer.Option(help="Scoring weights dtype: float32, bfloat16, float16.")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Records per scoring forward pass.")] = None,
+    template: Annotated[str | None, typer.Option(help="Prompt template: alpaca or chat.")] = None,
+    cutoff: Annotated[int | None, typer.Option(help="Token cutoff of prompt + response (default 256).")] = None,
+    clusters: Annotated[int | None, typer.Option(help="A fixed number of clusters (default: automatic).")] = None,
+    cluster_method: Annotated[str | None, typer.Option(help="nmf or kmeans.")] = None,
+    manifold: Annotated[str | None, typer.Option(help="diffusion or umap.")] = None,
+    max_concepts: Annotated[int | None, typer.Option(help="Concepts per record for the consistency filter.")] = None,
+    concepts: Annotated[bool | None, typer.Option("--concepts/--no-concepts", help="Apply the concept "
+                                                  "consistency filter.")] = None,
+    allocation: Annotated[str | None, typer.Option(help="largest_remainder, floor or uniform.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed (default 0).")] = None,
+    trust_pickle: Annotated[bool, typer.Option(help="Allow LLM-Pruner pickle checkpoints (unpickling can "
+                                                    "run arbitrary code).")] = False,
+    flow: Annotated[bool, typer.Option("--flow/--no-flow", help="Run through the Prefect flow (default) or "
+                                       "call the stages directly.")] = True,
+) -> None:
+    """Select the instruction samples that best repair the pruned model (PASER)."""
+    from paser.api import select as run_select
+
+    _offline_defaults()
+    overrides = {
+        "select": {"layout": layout, "strict": strict, "suite_size": suite_size},
+        "score": {"dtype": dtype, "batch_size": batch_size, "template": template, "cutoff": cutoff},
+        "cluster": {"n_clusters": clusters, "method": cluster_method},
+        "manifold": {"method": manifold},
+        "concepts": {"max_concepts": max_concepts, "enabled": concepts},
+        "allocate": {"method": allocation},
+    }
+    try:
+        run = run_select(data=data, dense=dense, pruned=pruned, prune_ratio=prune_ratio, budget=budget, out=out,
+                         config=config, trust_pickle=trust_pickle or None, seed=seed, use_flow=flow,
+                         overrides=overrides)
+    except (PaserError, ValueError) as err:
+        raise _fail(err) from None
+    import json
+
+    summary = json.loads((run / "clusters.json").read_text())
+    timings = json.loads((run / "timings.json").read_text())
+    typer.echo(f"selected {summary['selected']} of budget {summary['budget']} from {summary['K']} clusters")
+    typer.echo("stage seconds: " + ", ".join(f"{k} {v['seconds']:.1f}{' (reused)' if v['reused'] else ''}"
+                                             for k, v in timings.items()))
+    typer.echo(f"run folder: {run} (selected.jsonl, scores.parquet, clusters.json, manifest.json, report.md)")
 
 
 def main() -> None:  # pragma: no cover - console entry point

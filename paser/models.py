@@ -92,6 +92,25 @@ def builtin_path(name: str) -> Path:
     return path
 
 
+def reference_path(reference: str | Path) -> Path:
+    """The file or folder behind a model reference (built-in names resolve to their package file)."""
+    ref = str(reference)
+    return builtin_path(ref) if ref in BUILTIN_MODELS else Path(ref).expanduser()
+
+
+def model_fingerprint(reference: str | Path) -> str:
+    """Identifies a model's files without loading them: names, sizes and modification times."""
+    path = reference_path(reference)
+    if not path.exists():
+        raise ModelLoadError(f"{path}: no such file or folder")
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    h = hashlib.sha256(str(path.resolve()).encode())
+    for f in files:
+        st = f.stat()
+        h.update(f"{f.relative_to(path) if path.is_dir() else f.name}|{st.st_size}|{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:16]
+
+
 def _sniff(path: Path) -> str:
     """What kind of single file this is, from its suffix and first bytes."""
     with path.open("rb") as fh:

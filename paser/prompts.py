@@ -46,3 +46,21 @@ def format_example(record: InstructionLike, template: str = "alpaca", tokenizer=
     """(prompt, response) for teacher forcing; the response ends with the tokenizer's eos when known."""
     eos = getattr(tokenizer, "eos_token", None) or ""
     return format_prompt(record, template, tokenizer), record.response + eos
+
+
+def tokenize_example(tokenizer, record: InstructionLike, template: str = "alpaca",
+                     cutoff: int = 256) -> tuple[list[int], int, int, bool]:
+    """Token ids of prompt + response (+ eos), cut at ``cutoff`` tokens, as scoring and training see them.
+
+    Returns (ids, prompt tokens, response tokens kept, truncated). Prompt and response are
+    tokenised separately so the response boundary is exact.
+    """
+    prompt = tokenizer(format_prompt(record, template, tokenizer), add_special_tokens=True)["input_ids"]
+    response = tokenizer(record.response, add_special_tokens=False)["input_ids"]
+    if tokenizer.eos_token_id is not None:
+        response = response + [tokenizer.eos_token_id]
+    ids = prompt + response
+    truncated = len(ids) > cutoff
+    ids = ids[:cutoff]
+    n_prompt = min(len(prompt), cutoff)
+    return ids, n_prompt, len(ids) - n_prompt, truncated

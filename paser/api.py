@@ -1,0 +1,49 @@
+"""``paser.select``: the main job, with the same arguments as ``paser select``.
+
+    python -c "import paser; print(paser.select(budget=0.2, out='runs/select'))"
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from paser.pipeline import Settings, run_selection
+
+
+def parse_budget(text: str | float | int) -> float | int:
+    """``"100"`` -> 100 records, ``"0.2"`` -> 20% of the pool."""
+    if isinstance(text, (int, float)):
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        return float(text)
+    except ValueError:
+        raise ValueError(f"budget {text!r} is neither a count (100) nor a fraction (0.2)") from None
+
+
+def select(data: str | None = None, dense: str | None = None, pruned: str | None = None,
+           prune_ratio: float | None = None, budget: str | float | int | None = None, out: str | None = None,
+           config: str | Path | None = None, trust_pickle: bool | None = None, seed: int | None = None,
+           use_flow: bool = True, overrides: dict | None = None) -> Path:
+    """Run PASER selection and return the run folder.
+
+    Every argument left as None keeps the value from ``config`` (a YAML file with sections
+    select/embed/manifold/cluster/score/allocate/concepts/prune), else the default: a bare
+    ``select()`` runs the embedded default (the generated capability suite, the bundled
+    SmolLM2-135M-Instruct and its 25% paser-pruned twin, 20% budget). ``overrides`` sets any
+    other key as ``{section: {key: value}}``. ``use_flow=False`` runs the stages without Prefect.
+    """
+    top = {"data": data, "dense": dense, "pruned": pruned, "prune_ratio": prune_ratio,
+           "budget": parse_budget(budget) if budget is not None else None, "out": out,
+           "trust_pickle": trust_pickle, "seed": seed}
+    merged = {section: dict(values) for section, values in (overrides or {}).items()}
+    merged["select"] = merged.get("select", {}) | {k: v for k, v in top.items() if v is not None}
+    settings = Settings.load(config, merged)
+    if not use_flow:
+        return run_selection(settings)
+    from flows.selection import selection_flow
+
+    return Path(selection_flow(settings.to_dict()))

@@ -1,0 +1,161 @@
+"""Stage 2: manifold learning on instruction embeddings, never with an N x N matrix.
+
+Default: a diffusion map on a sparse, symmetric k-nearest-neighbour graph (cosine; self-tuning
+bandwidth sigma_i = distance to the k-th neighbour; A_ij = exp(-d_ij^2 / (sigma_i sigma_j))).
+Coordinates are the top eigenvectors of D^-1/2 A D^-1/2 turned into diffusion coordinates
+psi_k = phi_k / phi_0, scaled by lambda_k^t, the trivial one dropped. Memory is O(N k): the
+neighbour search runs in row blocks. Option: UMAP (umap-learn; cosine; min_dist 0).
+
+    python -c "import numpy as np; from paser.manifold import DiffusionMap; \
+x = np.random.randn(500, 16); print(DiffusionMap(n_components=4).fit_transform(x).shape)"
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import scipy.sparse as sp
+from scipy.sparse.linalg import eigsh
+
+
+@dataclass
+class ManifoldConfig:
+    """How embeddings become low-dimensional coordinates for clustering."""
+
+    method: Literal["diffusion", "umap"] = "diffusion"
+    """Diffusion map on a sparse kNN graph (default) or UMAP."""
+    n_neighbors: int = 30
+    """Neighbours per point in the kNN graph (30 separated the suite's 12 families better than 15:
+    see docs/benchmarks.md)."""
+    n_components: int = 20
+    """Output dimensions; keep it at least the largest K tried."""
+    diffusion_time: int = 1
+    """t in lambda^t scaling of diffusion coordinates."""
+    block_size: int = 1024
+    """Rows per block of the exact neighbour search (memory: block_size x N floats)."""
+
+
+def knn_graph(x: np.ndarray, n_neighbors: int, block_size: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+    """Exact cosine k-nearest neighbours of unit rows, by blocks of rows.
+
+    Returns (indices [N, k], distances [N, k]) with d = ||x_i - x_j|| = sqrt(2 - 2 cos), self excluded.
+    """
+    x = np.asarray(x, dtype=np.float32)
+    x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)  # a copy: the input is left alone
+    n = x.shape[0]
+    k = min(n_neighbors, n - 1)
+    if k < 1:
+        raise ValueError(f"a kNN graph needs at least 2 points, got {n}")
+    idx = np.empty((n, k), dtype=np.int64)
+    dist = np.empty((n, k), dtype=np.float32)
+    for lo in range(0, n, block_size):
+        hi = min(n, lo + block_size)
+        sim = x[lo:hi] @ x.T  # [block, N]
+        sim[np.arange(hi - lo), np.arange(lo, hi)] = -np.inf  # no self-loops
+        part = np.argpartition(-sim, k - 1, axis=1)[:, :k]
+        top = np.take_along_axis(sim, part, axis=1)
+        order = np.lexsort((part, -top), axis=1)  # by similarity, ties by index: deterministic
+        idx[lo:hi] = np.take_along_axis(part, order, axis=1)
+        best = np.take_along_axis(top, order, axis=1)
+        dist[lo:hi] = np.sqrt(np.clip(2.0 - 2.0 * best, 0.0, None))
+    return idx, dist
+
+
+def affinity_matrix(idx: np.ndarray, dist: np.ndarray) -> sp.csr_matrix:
+    """Symmetric self-tuning Gaussian affinity on the union of kNN edges (sparse)."""
+    n, k = idx.shape
+    sigma = np.maximum(dist[:, -1], 1e-6).astype(np.float64)
+    rows = np.repeat(np.arange(n), k)
+    cols = idx.ravel()
+    d2 = dist.ravel().astype(np.float64) ** 2
+    w = np.exp(-d2 / (sigma[rows] * sigma[cols]))
+    a = sp.csr_matrix((w, (rows, cols)), shape=(n, n))
+    return a.maximum(a.T).tocsr()  # d_ij is symmetric, so the kernel is too; max keeps the union
+
+
+def canonical_eigenvectors(vals: np.ndarray, vecs: np.ndarray, seed: int, tol: float = 1e-6) -> np.ndarray:
+    """Replace each basis of a repeated eigenvalue by one that depends only on the eigenspace.
+
+    A graph with several connected components has eigenvalue 1 several times; the solver returns
+    an arbitrary rotation of that eigenspace, which would make runs differ. Projecting fixed
+    seeded vectors onto the space and orthonormalising them gives the same basis every time.
+    """
+    vecs = vecs.copy()
+    rng = np.random.default_rng(seed)
+    start = 0
+    for i in range(1, len(vals) + 1):
+        if i == len(vals) or abs(vals[i] - vals[start]) > tol:
+            if i - start > 1:
+                v = vecs[:, start:i]
+                probe = rng.standard_normal((v.shape[0], i - start))
+                q, _ = np.linalg.qr(v @ (v.T @ probe))
+                vecs[:, start:i] = q
+            start = i
+    return vecs
+
+
+class DiffusionMap:
+    """Diffusion-map coordinates of points on a sparse kNN graph (scikit-learn style).
+
+    Learned: ``embedding_`` [N, n_components], ``eigenvalues_`` (incl. the trivial 1.0),
+    ``affinity_`` (sparse N x N, O(N k) entries).
+    """
+
+    def __init__(self, n_neighbors: int = 15, n_components: int = 20, diffusion_time: int = 1,
+                 block_size: int = 1024, random_state: int = 0):
+        self.n_neighbors = n_neighbors
+        self.n_components = n_components
+        self.diffusion_time = diffusion_time
+        self.block_size = block_size
+        self.random_state = random_state
+
+    def fit(self, x: np.ndarray) -> DiffusionMap:
+        n = x.shape[0]
+        idx, dist = knn_graph(x, self.n_neighbors, self.block_size)
+        a = affinity_matrix(idx, dist)
+        deg = np.asarray(a.sum(axis=1)).ravel()
+        inv_sqrt = 1.0 / np.sqrt(deg)
+        s = sp.diags(inv_sqrt) @ a @ sp.diags(inv_sqrt)  # symmetric normalised operator
+        n_eig = min(self.n_components + 1, n - 1)
+        v0 = np.random.default_rng(self.random_state).uniform(0.5, 1.0, n)
+        vals, vecs = eigsh(s, k=n_eig, which="LA", v0=v0, tol=1e-6)
+        order = np.argsort(-vals)
+        vals, vecs = vals[order], vecs[:, order]
+        vecs = canonical_eigenvectors(vals, vecs, self.random_state)
+        # right eigenvectors of the random-walk matrix D^-1 A: psi = phi / sqrt(deg)
+        psi = vecs * inv_sqrt[:, None]
+        psi /= np.linalg.norm(psi, axis=0, keepdims=True)
+        # eigenvector signs are arbitrary: make the first clearly non-zero entry positive
+        # (the largest entry is not a stable choice: component indicators have many equal ones)
+        big = np.abs(psi) > 0.5 * np.abs(psi).max(axis=0, keepdims=True)
+        first = big.argmax(axis=0)
+        psi *= np.where(psi[first, np.arange(psi.shape[1])] < 0, -1.0, 1.0)
+        coords = psi[:, 1:] * (np.clip(vals[1:], 0.0, None) ** self.diffusion_time)
+        self.eigenvalues_ = vals
+        self.embedding_ = (coords * np.sqrt(n)).astype(np.float32)  # O(1) entries whatever N is
+        self.affinity_ = a
+        return self
+
+    def fit_transform(self, x: np.ndarray) -> np.ndarray:
+        return self.fit(x).embedding_
+
+
+def umap_coordinates(x: np.ndarray, config: ManifoldConfig, random_state: int = 0) -> np.ndarray:
+    try:
+        import umap
+    except ImportError:
+        raise ValueError("manifold method 'umap' needs umap-learn: pip install 'paser[umap]'") from None
+    reducer = umap.UMAP(n_neighbors=config.n_neighbors, n_components=config.n_components, min_dist=0.0,
+                        metric="cosine", random_state=random_state)
+    return reducer.fit_transform(x).astype(np.float32)
+
+
+def learn_manifold(x: np.ndarray, config: ManifoldConfig, random_state: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(coordinates [N, n_components], eigenvalues or an empty array for UMAP)."""
+    if config.method == "umap":
+        return umap_coordinates(x, config, random_state), np.array([])
+    dm = DiffusionMap(config.n_neighbors, config.n_components, config.diffusion_time,
+                      config.block_size, random_state).fit(x)
+    return dm.embedding_, dm.eigenvalues_

@@ -1,0 +1,389 @@
+"""The selection pipeline's stages as functions of a run folder, and their settings.
+
+Each stage reads what earlier stages wrote into the run folder and writes its own output there,
+with a fingerprint of everything it depends on; a stage whose fingerprint matches is skipped.
+So re-selecting at another budget reuses embeddings, clusters and scores (no model is loaded),
+and changing the clustering settings re-runs clustering and what follows, nothing before it.
+The Prefect flow in ``flows/selection.py`` calls these same functions as tasks.
+
+Run folder:
+  pool.parquet          the validated records (id, texts, original fields as JSON)
+  embeddings.npy        unit-norm instruction embeddings
+  manifold.npz          spectral coordinates and eigenvalues
+  clusters.parquet      cluster of each record, plus cluster_fit.json (K curve, knee, eigengap)
+  scores/<fp>/shard-*   degradation shards; degradation.parquet once complete
+  scores.parquet        every record: cluster, JSD, tokens, IES, concepts, status, reason, rank
+  selected.jsonl        the selected records in the input's layout plus paser's fields
+  clusters.json         K, sizes, CDS, allocation, selected, rejected, the K-selection curve
+  manifest.json         settings, fingerprints, package versions, per-stage wall time
+  report.md + *.png     the human report
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from paser.allocation import AllocateConfig
+from paser.clustering import ClusterConfig, SpectralClusterer
+from paser.concepts import ConceptConfig, record_concepts
+from paser.config import from_mapping, read_yaml, to_mapping
+from paser.data import Pool, Record, load_pool
+from paser.degradation import ScoreConfig, score_pool, scoring_fingerprint
+from paser.embedding import EmbedConfig, embed_texts, instruction_texts
+from paser.errors import ConfigError, DataError, PaserError
+from paser.manifold import ManifoldConfig, learn_manifold
+from paser.pruning import PruneConfig
+
+
+@dataclass
+class SelectConfig:
+    """What to select from, with which models, and how much."""
+
+    data: str | None = None
+    """Instruction pool (JSON, JSONL, CSV, Parquet, datasets folder); None: the generated suite."""
+    layout: str | None = None
+    """alpaca, lamini or dolly; detected from the first record when omitted."""
+    field_map: dict | None = None
+    """Explicit field names: {instruction, input, response, id}."""
+    strict: bool = False
+    """Refuse records with an empty instruction or response instead of setting them aside."""
+    suite_size: int = 1000
+    """Records of the generated capability suite (when data is None)."""
+    dense: str = "smollm2-135m-instruct"
+    """The unpruned model."""
+    pruned: str | None = None
+    """The pruned twin; None makes one with paser prune at prune_ratio (made once, cached)."""
+    prune_ratio: float = 0.25
+    """Ratio for the twin made when pruned is None."""
+    budget: float = 0.2
+    """Records to select: a count (100) or a fraction of the pool (0.2)."""
+    out: str = "runs/select"
+    """The run folder."""
+    trust_pickle: bool = False
+    """Allow LLM-Pruner pickle checkpoints (unpickling can run code)."""
+    seed: int = 0
+    """Seed for every random choice: the same inputs and seed give the same selection."""
+    progress: bool = True
+    """Progress bars on long stages."""
+
+
+SECTIONS = {"select": SelectConfig, "embed": EmbedConfig, "manifold": ManifoldConfig,
+            "cluster": ClusterConfig, "score": ScoreConfig, "allocate": AllocateConfig,
+            "concepts": ConceptConfig, "prune": PruneConfig}
+
+
+@dataclass
+class Settings:
+    """All stage configs of a selection run; YAML sections of the same names."""
+
+    select: SelectConfig = field(default_factory=SelectConfig)
+    embed: EmbedConfig = field(default_factory=EmbedConfig)
+    manifold: ManifoldConfig = field(default_factory=ManifoldConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    score: ScoreConfig = field(default_factory=ScoreConfig)
+    allocate: AllocateConfig = field(default_factory=AllocateConfig)
+    concepts: ConceptConfig = field(default_factory=ConceptConfig)
+    prune: PruneConfig = field(default_factory=PruneConfig)
+
+    def to_dict(self) -> dict:
+        return {name: to_mapping(getattr(self, name)) for name in SECTIONS}
+
+    @classmethod
+    def from_dict(cls, data: dict, where: str = "settings") -> Settings:
+        unknown = sorted(set(data) - set(SECTIONS))
+        if unknown:
+            raise ConfigError(f"{where}: unknown section(s) {unknown}; known: {sorted(SECTIONS)}")
+        return cls(**{name: from_mapping(SECTIONS[name], dict(data.get(name) or {}), f"{where}: {name}")
+                      for name in SECTIONS})
+
+    @classmethod
+    def load(cls, path: str | Path | None = None, overrides: dict | None = None) -> Settings:
+        """Settings from a YAML file (or defaults) with ``{section: {key: value}}`` overrides on top;
+        override values of None are ignored."""
+        data = read_yaml(path) if path is not None else {}
+        where = str(path) if path is not None else "settings"
+        for section, values in (overrides or {}).items():
+            data.setdefault(section, {})
+            data[section] = dict(data[section] or {}) | {k: v for k, v in values.items() if v is not None}
+        return cls.from_dict(data, where)
+
+
+def _hash(*parts) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _fresh(path: Path, fp: str) -> bool:
+    marker = path.with_name(path.name + ".fp")
+    return path.exists() and marker.is_file() and marker.read_text() == fp
+
+
+def _seal(path: Path, fp: str) -> None:
+    path.with_name(path.name + ".fp").write_text(fp)
+
+
+def _atomic_parquet(frame: pd.DataFrame, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    frame.to_parquet(tmp, index=False)
+    os.replace(tmp, path)
+
+
+def _record_time(run: Path, stage: str, seconds: float, skipped: bool) -> None:
+    path = run / "timings.json"
+    timings = json.loads(path.read_text()) if path.is_file() else {}
+    timings[stage] = {"seconds": round(seconds, 3), "reused": skipped}
+    path.write_text(json.dumps(timings, indent=2))
+
+
+class _Stage:
+    """Times a stage and records whether it reused earlier output."""
+
+    def __init__(self, run: Path, name: str):
+        self.run, self.name, self.reused = run, name, False
+
+    def __enter__(self):
+        self.start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        if exc[0] is None:
+            _record_time(self.run, self.name, time.perf_counter() - self.start, self.reused)
+
+
+# ---------------------------------------------------------------- data
+
+
+def data_fingerprint(cfg: SelectConfig) -> str:
+    if cfg.data is None:
+        source = ("suite", cfg.suite_size, cfg.seed)
+    else:
+        path = Path(cfg.data).expanduser()
+        if not path.exists():
+            raise DataError(f"{path}: no such file or folder")
+        files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+        h = hashlib.sha256()
+        for f in files:
+            try:
+                h.update(f.read_bytes())
+            except OSError as err:
+                raise DataError(f"{f}: cannot read: {err.strerror}") from None
+        source = ("file", h.hexdigest())
+    return _hash(source, cfg.layout, cfg.field_map, cfg.strict)
+
+
+def read_input_pool(cfg: SelectConfig) -> Pool:
+    if cfg.data is None:
+        from paser.suite import suite_pool
+
+        return suite_pool(cfg.suite_size, cfg.seed)
+    return load_pool(cfg.data, layout=cfg.layout, field_map=cfg.field_map, strict=cfg.strict)
+
+
+def stage_data(settings: Settings, run: Path) -> Path:
+    """Validate the pool once and store it in the run folder."""
+    cfg = settings.select
+    path = run / "pool.parquet"
+    fp = data_fingerprint(cfg)
+    with _Stage(run, "data") as st:
+        if _fresh(path, fp):
+            st.reused = True
+            return path
+        pool = read_input_pool(cfg)
+        frame = pd.DataFrame({
+            "id": [r.id for r in pool.records],
+            "instruction": [r.instruction for r in pool.records],
+            "input": [r.input for r in pool.records],
+            "response": [r.response for r in pool.records],
+            "fields": [json.dumps(r.fields, ensure_ascii=False, default=str) for r in pool.records],
+            "index": [r.index for r in pool.records],
+        })
+        _atomic_parquet(frame, path)
+        (run / "data.json").write_text(json.dumps({
+            "source": str(pool.source) if pool.source else "generated capability suite",
+            "layout": pool.layout, "records": len(pool), "fingerprint": fp,
+            "field_map": dataclasses.asdict(pool.field_map),
+            "rejected": [dataclasses.asdict(r) for r in pool.rejected],
+        }, indent=2))
+        _seal(path, fp)
+    return path
+
+
+def read_run_pool(run: Path) -> list[Record]:
+    frame = pd.read_parquet(run / "pool.parquet")
+    return [Record(id=row.id, instruction=row.instruction, input=row.input, response=row.response,
+                   fields=json.loads(row.fields), index=int(row.index)) for row in frame.itertuples()]
+
+
+def _fp_of(path: Path) -> str:
+    return path.with_name(path.name + ".fp").read_text()
+
+
+# ---------------------------------------------------------------- embed and cluster
+
+
+def stage_embed(settings: Settings, run: Path, cache_dir: Path | None = None) -> Path:
+    from paser.embedding import SentenceEmbedder
+
+    cfg = settings.embed
+    path = run / "embeddings.npy"
+    embedder = SentenceEmbedder(cfg.model, cfg.batch_size, cfg.device, progress=settings.select.progress)
+    fp = _hash(_fp_of(run / "pool.parquet"), to_mapping(cfg), embedder.fingerprint())
+    with _Stage(run, "embed") as st:
+        if _fresh(path, fp):
+            st.reused = True
+            return path
+        texts = instruction_texts(read_run_pool(run), cfg.include_input)
+        vectors = embed_texts(texts, cfg, cache_dir, embedder=embedder)
+        np.save(path, vectors)
+        _seal(path, fp)
+    return path
+
+
+def stage_cluster(settings: Settings, run: Path) -> Path:
+    path = run / "clusters.parquet"
+    seed = settings.select.seed
+    fp = _hash(_fp_of(run / "embeddings.npy"), to_mapping(settings.manifold), to_mapping(settings.cluster), seed)
+    with _Stage(run, "cluster") as st:
+        if _fresh(path, fp):
+            st.reused = True
+            return path
+        x = np.load(run / "embeddings.npy")
+        coords, eigenvalues = learn_manifold(x, settings.manifold, random_state=seed)
+        np.savez(run / "manifold.npz", coords=coords, eigenvalues=eigenvalues)
+        clusterer = SpectralClusterer.from_config(settings.cluster, random_state=seed).fit(
+            coords, eigenvalues if settings.manifold.method == "diffusion" else None)
+        ids = pd.read_parquet(run / "pool.parquet", columns=["id"])["id"]
+        _atomic_parquet(pd.DataFrame({"id": ids, "cluster": clusterer.labels_}), path)
+        (run / "cluster_fit.json").write_text(json.dumps({
+            "k": int(clusterer.k_), "n_clusters": int(clusterer.n_clusters_),
+            "knee_k": clusterer.knee_k_, "eigengap_k": clusterer.eigengap_k_,
+            "k_curve": clusterer.k_curve_, "eigenvalues": [float(v) for v in eigenvalues],
+            "method": settings.cluster.method, "manifold": settings.manifold.method,
+        }, indent=2))
+        _seal(path, fp)
+    return path
+
+
+# ---------------------------------------------------------------- degradation
+
+
+def twin_reference(settings: Settings) -> str:
+    """The pruned model: given, or paser's own prune of the dense model (made once, cached)."""
+    from paser.models import cache_dir, model_fingerprint
+
+    cfg = settings.select
+    if cfg.pruned is not None:
+        return cfg.pruned
+    prune_cfg = dataclasses.replace(settings.prune, ratio=cfg.prune_ratio)
+    key = _hash(model_fingerprint(cfg.dense), to_mapping(prune_cfg))
+    folder = cache_dir() / "twins" / f"{Path(str(cfg.dense)).name}-pruned-{key}"
+    if not (folder / "paser_pruned.json").is_file():
+        from paser.pruning import prune
+
+        tmp = folder.with_name(folder.name + ".partial")
+        prune(cfg.dense, tmp, prune_cfg, trust_pickle=cfg.trust_pickle)
+        os.replace(tmp, folder)
+    return str(folder)
+
+
+def stage_score(settings: Settings, run: Path) -> Path:
+    from paser.models import load_pair, model_fingerprint
+
+    cfg, scfg = settings.select, settings.score
+    path = run / "degradation.parquet"
+    pruned_ref = twin_reference(settings)
+    ids = pd.read_parquet(run / "pool.parquet", columns=["id"])["id"].tolist()
+    fp = scoring_fingerprint(scfg, model_fingerprint(cfg.dense), model_fingerprint(pruned_ref), ids)
+    fp = _hash(fp, _fp_of(run / "pool.parquet"))
+    with _Stage(run, "score") as st:
+        if _fresh(path, fp):
+            st.reused = True
+            return path
+        import torch
+
+        device = scfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        dense, pruned = load_pair(cfg.dense, pruned_ref, dtype=scfg.dtype, trust_pickle=cfg.trust_pickle,
+                                  device=device)
+        scores = score_pool(dense.model, pruned.model, dense.tokenizer, read_run_pool(run), scfg,
+                            run / "scores" / fp, progress=cfg.progress)
+        _atomic_parquet(scores, path)
+        (run / "models.json").write_text(json.dumps({
+            "dense": {"reference": cfg.dense, "fingerprint": model_fingerprint(cfg.dense),
+                      "description": dense.describe()},
+            "pruned": {"reference": pruned_ref, "fingerprint": model_fingerprint(pruned_ref),
+                       "description": pruned.describe()},
+        }, indent=2))
+        _seal(path, fp)
+    return path
+
+
+# ---------------------------------------------------------------- select and write
+
+
+def stage_select(settings: Settings, run: Path) -> Path:
+    """Allocation, IES ranking and the concept filter over the saved scores; writes the outputs."""
+    from paser.selection import Selector
+
+    with _Stage(run, "select"):
+        records = read_run_pool(run)
+        table = pd.read_parquet(run / "degradation.parquet").merge(
+            pd.read_parquet(run / "clusters.parquet"), on="id", how="left", validate="one_to_one")
+        if table["cluster"].isna().any() or len(table) != len(records):
+            raise PaserError(f"{run}: scores and clusters cover different records; rerun without --out reuse")
+        ccfg = settings.concepts
+        table["concepts"] = [record_concepts(r, ccfg) for r in records]
+        selector = Selector(settings.select.budget, settings.allocate.method, use_concepts=ccfg.enabled,
+                            random_state=settings.select.seed).fit(table)
+        result = selector.result_
+        out = result.table
+        _atomic_parquet(out.assign(concepts=out["concepts"].map(list)), run / "scores.parquet")
+        by_id = {r.id: r for r in records}
+        rows = []
+        for row in result.selected.itertuples():
+            original = dict(by_id[row.id].fields)
+            original.update({"paser_id": row.id, "paser_cluster": int(row.cluster),
+                             "paser_jsd": float(row.jsd), "paser_ies": float(row.ies), "paser_rank": int(row.rank)})
+            rows.append(original)
+        from paser.data import write_jsonl
+
+        write_jsonl(run / "selected.jsonl", rows)
+        fit = json.loads((run / "cluster_fit.json").read_text())
+        (run / "clusters.json").write_text(json.dumps({
+            "K": fit["k"], "n_clusters": fit["n_clusters"], "knee_k": fit["knee_k"], "eigengap_k": fit["eigengap_k"],
+            "k_curve": fit["k_curve"], "budget": result.budget, "selected": int(len(rows)),
+            "clusters": [{"cluster": c, "size": int(result.sizes[c]), "cds": float(result.cds[c]),
+                          "allocation": int(result.allocation[c]),
+                          "selected": int(result.selected_per_cluster[c]),
+                          "rejected": int(result.rejected_per_cluster[c])}
+                         for c in range(len(result.sizes))],
+        }, indent=2))
+    return run / "selected.jsonl"
+
+
+def run_folder(settings: Settings) -> Path:
+    run = Path(settings.select.out)
+    run.mkdir(parents=True, exist_ok=True)
+    (run / "settings.json").write_text(json.dumps(settings.to_dict(), indent=2))
+    return run
+
+
+def run_selection(settings: Settings, cache_dir: Path | None = None) -> Path:
+    """Every stage in order, without Prefect (the flow runs the same functions as tasks)."""
+    from paser.report import write_report
+
+    run = run_folder(settings)
+    stage_data(settings, run)
+    stage_embed(settings, run, cache_dir)
+    stage_cluster(settings, run)
+    stage_score(settings, run)
+    stage_select(settings, run)
+    write_report(settings, run)
+    return run

@@ -1,0 +1,151 @@
+"""The run's manifest and human report: what was selected, from which clusters, and why.
+
+    python -c "from paser.pipeline import Settings; from paser.report import write_report; \
+write_report(Settings(), __import__('pathlib').Path('runs/select'))"
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+PACKAGES = ("paser", "torch", "transformers", "sentence-transformers", "scikit-learn", "scipy", "numpy",
+            "prefect", "peft")
+
+
+def package_versions() -> dict[str, str | None]:
+    out = {}
+    for name in PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def family_ari(run: Path) -> float | None:
+    """Adjusted Rand index of the clusters against the records' ``family`` labels, when they have one."""
+    from sklearn.metrics import adjusted_rand_score
+
+    pool = pd.read_parquet(run / "pool.parquet", columns=["id", "fields"])
+    families = [json.loads(f).get("family") for f in pool["fields"]]
+    if any(f is None for f in families):
+        return None
+    clusters = pd.read_parquet(run / "clusters.parquet").set_index("id").loc[pool["id"], "cluster"]
+    return float(adjusted_rand_score(families, clusters.to_numpy()))
+
+
+def _plots(run: Path, scores: pd.DataFrame, summary: dict) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    coords = np.load(run / "manifold.npz")["coords"]
+    clusters = summary["clusters"]
+    names = []
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.6))
+    xy = coords[:, :2] if coords.shape[1] >= 2 else np.hstack([coords, np.zeros_like(coords)])
+    axes[0].scatter(xy[:, 0], xy[:, 1], c=scores["cluster"], cmap="tab20", s=6)
+    axes[0].set_title("clusters (first two spectral coordinates)")
+    sc = axes[1].scatter(xy[:, 0], xy[:, 1], c=scores["jsd"].fillna(0), cmap="magma", s=6)
+    fig.colorbar(sc, ax=axes[1], label="JSD")
+    axes[1].set_title("degradation")
+    fig.tight_layout()
+    fig.savefig(run / "cluster_map.png", dpi=110)
+    plt.close(fig)
+    names.append("cluster_map.png")
+
+    ids = [c["cluster"] for c in clusters]
+    fig, ax1 = plt.subplots(figsize=(10, 4))
+    ax1.bar(ids, [c["cds"] for c in clusters], color="#c44e52")
+    ax1.set_xlabel("cluster")
+    ax1.set_ylabel("CDS (mean JSD)")
+    ax2 = ax1.twinx()
+    ax2.plot(ids, [c["allocation"] for c in clusters], "o-", color="#4c72b0", label="allocation")
+    ax2.plot(ids, [c["selected"] for c in clusters], "s--", color="#55a868", label="selected")
+    ax2.set_ylabel("records")
+    ax2.legend(loc="upper right")
+    ax1.set_title("degradation and budget per cluster")
+    fig.tight_layout()
+    fig.savefig(run / "allocation.png", dpi=110)
+    plt.close(fig)
+    names.append("allocation.png")
+
+    fig, ax = plt.subplots(figsize=(10, 3.5))
+    rates = [c["rejected"] / max(1, c["rejected"] + c["selected"]) for c in clusters]
+    ax.bar(ids, rates, color="#8172b2")
+    ax.set_xlabel("cluster")
+    ax.set_ylabel("rejected / visited")
+    ax.set_ylim(0, 1)
+    ax.set_title("concept-conflict rejections per cluster")
+    fig.tight_layout()
+    fig.savefig(run / "rejections.png", dpi=110)
+    plt.close(fig)
+    names.append("rejections.png")
+    return names
+
+
+def write_report(settings, run: Path) -> Path:
+    """Write manifest.json and report.md (with PNG plots) for a finished selection run."""
+    scores = pd.read_parquet(run / "scores.parquet")
+    summary = json.loads((run / "clusters.json").read_text())
+    data = json.loads((run / "data.json").read_text())
+    models = json.loads((run / "models.json").read_text())
+    timings = json.loads((run / "timings.json").read_text())
+    ari = family_ari(run)
+    manifest = {
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "settings": settings.to_dict(),
+        "data": {k: data[k] for k in ("source", "layout", "records", "fingerprint")}
+        | {"rejected_on_load": len(data["rejected"])},
+        "models": models,
+        "packages": package_versions(),
+        "machine": {"platform": platform.platform(), "python": platform.python_version(),
+                    "processor": platform.processor() or platform.machine()},
+        "stages": timings,
+        "adjusted_rand_index_vs_family": ari,
+    }
+    (run / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    plots = _plots(run, scores, summary)
+
+    status = scores["status"].value_counts().to_dict()
+    truncated = int(scores["truncated"].sum())
+    lines = [
+        "# paser selection report", "",
+        f"- pool: {data['source']} ({data['records']} records, {data['layout']} layout; "
+        f"{len(data['rejected'])} set aside on load)",
+        f"- dense: {models['dense']['description']}",
+        f"- pruned: {models['pruned']['description']}",
+        f"- budget: {summary['budget']} records; selected {summary['selected']}",
+        f"- clusters: K = {summary['K']} (knee of the NMF error curve: {summary['knee_k']}, "
+        f"eigengap: {summary['eigengap_k']})",
+        f"- records cut at the {settings.score.cutoff}-token cutoff: {truncated}; without scored tokens: "
+        f"{status.get('unscored', 0)}",
+        f"- rejected by the concept filter: {status.get('rejected', 0)}",
+    ]
+    if ari is not None:
+        lines.append(f"- adjusted Rand index of the clusters against the task families: {ari:.3f}")
+    lines += ["", "## Clusters", "", "| cluster | size | CDS | allocation | selected | rejected |",
+              "|---:|---:|---:|---:|---:|---:|"]
+    for c in sorted(summary["clusters"], key=lambda c: -c["cds"]):
+        lines.append(f"| {c['cluster']} | {c['size']} | {c['cds']:.4f} | {c['allocation']} | "
+                     f"{c['selected']} | {c['rejected']} |")
+    lines += ["", "## Stage times", "", "| stage | seconds | reused |", "|---|---:|---|"]
+    for name, t in timings.items():
+        lines.append(f"| {name} | {t['seconds']:.1f} | {'yes' if t['reused'] else 'no'} |")
+    rejected = scores[scores["status"] == "rejected"].head(10)
+    if len(rejected):
+        lines += ["", "## First rejections", "", "| id | cluster | conflicting concepts |", "|---|---:|---|"]
+        for row in rejected.itertuples():
+            lines.append(f"| {row.id} | {row.cluster} | {row.conflict_a} / {row.conflict_b} |")
+    lines += [""] + [f"![{p}]({p})" for p in plots] + [""]
+    path = run / "report.md"
+    path.write_text("\n".join(lines))
+    return path

@@ -1,0 +1,90 @@
+"""Manifold learning and spectral clustering on small arrays."""
+
+from __future__ import annotations
+
+import tracemalloc
+
+import numpy as np
+import pytest
+from sklearn.metrics import adjusted_rand_score
+
+from paser.clustering import ClusterConfig, SpectralClusterer, eigengap_k, knee, nonnegative
+from paser.manifold import DiffusionMap, ManifoldConfig, knn_graph, learn_manifold
+
+
+def blobs(n_per: int = 80, k: int = 5, d: int = 32, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(k, d)) * 3
+    x = np.vstack([c + rng.normal(size=(n_per, d)) for c in centres])
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    return x.astype(np.float32), np.repeat(np.arange(k), n_per)
+
+
+def test_knn_graph_is_exact():
+    x, _ = blobs(30, 3)
+    idx, dist = knn_graph(x, 5, block_size=17)
+    sim = x @ x.T
+    np.fill_diagonal(sim, -np.inf)
+    expected = np.sort(np.argsort(-sim, axis=1)[:, :5], axis=1)
+    assert np.array_equal(np.sort(idx, axis=1), expected)
+    assert np.all(np.diff(dist, axis=1) >= -1e-6)  # nearest first
+
+
+def test_diffusion_map_is_deterministic_and_sparse():
+    x, _ = blobs()
+    a = DiffusionMap(n_neighbors=10, n_components=6).fit(x)
+    b = DiffusionMap(n_neighbors=10, n_components=6).fit(x)
+    # separate blobs: eigenvalue 1 more than once, a degenerate eigenspace made canonical
+    assert np.sum(a.eigenvalues_ > 1 - 1e-6) >= 2
+    np.testing.assert_allclose(a.embedding_, b.embedding_, atol=1e-4)
+    assert a.embedding_.shape == (400, 6)
+    assert a.eigenvalues_[0] == pytest.approx(1.0, abs=1e-6)
+    assert a.affinity_.nnz <= 2 * 400 * 10
+    assert (a.affinity_ != a.affinity_.T).nnz == 0
+
+
+def test_diffusion_map_never_allocates_n_by_n():
+    n = 4000
+    x, _ = blobs(n // 5, 5)
+    tracemalloc.start()
+    DiffusionMap(n_neighbors=15, n_components=8, block_size=256).fit(x)
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert peak < n * n * 4, f"peak {peak / 1e6:.1f} MB: as much as a dense {n}x{n} float32 matrix"
+
+
+@pytest.mark.parametrize("method", ["nmf", "kmeans"])
+def test_clusters_recover_blobs_with_automatic_k(method):
+    x, truth = blobs(k=5)
+    dm = DiffusionMap(n_neighbors=15, n_components=10).fit(x)
+    c = SpectralClusterer(method=method, k_min=2, k_max=10).fit(dm.embedding_, dm.eigenvalues_)
+    assert c.k_ == 5 and c.knee_k_ == 5 and c.eigengap_k_ == 5
+    assert adjusted_rand_score(truth, c.labels_) > 0.95
+    assert [p["k"] for p in c.k_curve_] == list(range(2, 11))
+
+
+def test_fixed_k_and_eigengap_selection():
+    x, truth = blobs(k=4)
+    dm = DiffusionMap(n_neighbors=15, n_components=8).fit(x)
+    fixed = SpectralClusterer(n_clusters=4).fit(dm.embedding_, dm.eigenvalues_)
+    assert fixed.k_ == 4 and fixed.k_curve_ == []
+    gap = SpectralClusterer(k_selection="eigengap", k_min=2, k_max=8).fit(dm.embedding_, dm.eigenvalues_)
+    assert gap.k_ == 4 and adjusted_rand_score(truth, gap.labels_) > 0.95
+
+
+def test_same_seed_same_labels():
+    x, _ = blobs(k=6, seed=3)
+    coords, vals = learn_manifold(x, ManifoldConfig(n_neighbors=12, n_components=10), random_state=1)
+    a = SpectralClusterer.from_config(ClusterConfig(k_max=10), random_state=1).fit(coords, vals).labels_
+    b = SpectralClusterer.from_config(ClusterConfig(k_max=10), random_state=1).fit(coords, vals).labels_
+    assert np.array_equal(a, b)
+
+
+def test_helpers():
+    assert knee([2, 3, 4, 5, 6], [10.0, 4.0, 3.0, 2.5, 2.2]) == 3
+    assert knee([2, 3], [1.0, 0.5]) == 2
+    assert eigengap_k(np.array([1.0, 0.99, 0.98, 0.5, 0.49]), 2, 4) == 3
+    x = np.array([[1.0, -2.0]])
+    assert np.array_equal(nonnegative(x), [[1.0, 0.0, 0.0, 2.0]])
+    with pytest.raises(ValueError):
+        ClusterConfig(k_min=5, k_max=3)

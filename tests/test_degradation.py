@@ -1,0 +1,141 @@
+"""Degradation scoring: JSD bounds, batching equivalence, shards and resume."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from paser.degradation import ScoreConfig, common_prefix, encode_records, jsd_from_logits, score_pool, score_shard
+from paser.models import load_model
+from paser.pruning import PruneConfig, prune_model
+from paser.suite import suite_pool
+
+
+def test_jsd_properties():
+    torch.manual_seed(0)
+    p, q = torch.randn(50, 30), torch.randn(50, 30)
+    assert torch.all(jsd_from_logits(p, p) < 1e-6)
+    j = jsd_from_logits(p, q)
+    assert torch.all(j > 0) and torch.all(j <= math.log(2))
+    assert torch.allclose(j, jsd_from_logits(q, p), atol=1e-6)
+    # disjoint one-hot distributions reach ln 2
+    big = torch.full((1, 4), -1e4)
+    a, b = big.clone(), big.clone()
+    a[0, 0], b[0, 1] = 0.0, 0.0
+    assert jsd_from_logits(a, b).item() == pytest.approx(math.log(2), abs=1e-6)
+
+
+def test_jsd_matches_direct_formula():
+    torch.manual_seed(1)
+    p, q = torch.randn(5, 12), torch.randn(5, 12)
+    P, Q = p.softmax(-1).double(), q.softmax(-1).double()
+    M = (P + Q) / 2
+    direct = 0.5 * (P * (P / M).log()).sum(-1) + 0.5 * (Q * (Q / M).log()).sum(-1)
+    assert torch.allclose(jsd_from_logits(p, q).double(), direct, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def pair(tiny_tokenizer):
+    from tests.conftest import build_model
+
+    dense = build_model(tiny_tokenizer, num_kv_heads=2)
+    pruned = build_model(tiny_tokenizer, num_kv_heads=2)
+    prune_model(pruned, tiny_tokenizer, PruneConfig(importance="l2", attn_layers=(0, 4), mlp_layers=(0, 4)))
+    return dense, pruned
+
+
+def test_identical_models_score_zero(pair, tiny_tokenizer):
+    dense, _ = pair
+    recs = suite_pool(12).records
+    scores = score_shard(dense, dense, tiny_tokenizer, recs, ScoreConfig(batch_size=5))
+    assert np.all(scores["jsd"].to_numpy() < 1e-6)
+
+
+def test_different_models_positive_and_bounded(pair, tiny_tokenizer):
+    recs = suite_pool(12).records
+    scores = score_shard(*pair, tiny_tokenizer, recs, ScoreConfig(batch_size=5))
+    assert np.all(scores["jsd"] > 0) and np.all(scores["jsd"] <= math.log(2))
+    assert list(scores["id"]) == [r.id for r in recs]
+    assert np.all(scores["n_scored"] == scores["n_response"])
+
+
+def _per_sample_reference(dense, pruned, tokenizer, records, cfg):
+    """Each model once per sample, no batching, no padding, full logits: the plain definition."""
+    out = []
+    for e in encode_records(tokenizer, records, cfg):
+        ids = torch.tensor([e.ids])
+        with torch.no_grad():
+            lp, lq = dense(input_ids=ids).logits[0], pruned(input_ids=ids).logits[0]
+        t = torch.tensor(list(e.targets(cfg.positions))) - 1
+        out.append(jsd_from_logits(lp[t], lq[t]).mean().item())
+    return np.array(out)
+
+
+@pytest.mark.parametrize("share_prefix", [True, False])
+def test_batched_equals_per_sample(pair, tiny_tokenizer, share_prefix):
+    recs = suite_pool(20, seed=4).records
+    cfg = ScoreConfig(batch_size=6, share_prefix=share_prefix)
+    batched = score_shard(*pair, tiny_tokenizer, recs, cfg)["jsd"].to_numpy()
+    reference = _per_sample_reference(*pair, tiny_tokenizer, recs, cfg)
+    np.testing.assert_allclose(batched, reference, atol=1e-5)
+
+
+def test_common_prefix_leaves_scored_tokens(tiny_tokenizer):
+    enc = encode_records(tiny_tokenizer, suite_pool(10).records, ScoreConfig())
+    prefix = common_prefix(enc, "response")
+    assert 0 < len(prefix) < min(e.n_prompt for e in enc)
+    assert all(e.ids[:len(prefix)] == prefix for e in enc)
+    assert common_prefix(enc, "all") == []
+
+
+def test_other_position_modes(pair, tiny_tokenizer):
+    recs = suite_pool(6).records
+    mean_prompt = score_shard(*pair, tiny_tokenizer, recs, ScoreConfig(positions="prompt"))
+    summed = score_shard(*pair, tiny_tokenizer, recs, ScoreConfig(positions="instruction_sum"))
+    np.testing.assert_allclose(summed["jsd"], mean_prompt["jsd"] * mean_prompt["n_scored"], rtol=1e-6)
+    assert (score_shard(*pair, tiny_tokenizer, recs, ScoreConfig(positions="all"))["jsd"] > 0).all()
+
+
+def test_cutoff_truncates_and_counts(pair, tiny_tokenizer):
+    recs = suite_pool(12).records
+    scores = score_shard(*pair, tiny_tokenizer, recs, ScoreConfig(cutoff=45))
+    enc_lengths = scores["n_prompt"] + scores["n_response"]
+    assert enc_lengths.max() <= 45 and scores["truncated"].any()
+    no_tokens = scores["n_scored"] == 0
+    assert scores.loc[no_tokens, "jsd"].isna().all()
+    assert scores.loc[~no_tokens, "jsd"].notna().all()
+
+
+def test_shards_written_and_resume_identical(pair, tiny_tokenizer, tmp_path):
+    recs = suite_pool(25).records
+    cfg = ScoreConfig(batch_size=4, shard_size=7)
+    full = score_pool(*pair, tiny_tokenizer, recs, cfg, tmp_path / "a")
+    assert sorted(p.name for p in (tmp_path / "a").glob("shard-*.parquet")) == [
+        f"shard-{i:05d}.parquet" for i in range(4)]
+
+    class Killed(Exception):
+        pass
+
+    def kill_after_two(index, path):
+        if index == 1:
+            raise Killed
+
+    with pytest.raises(Killed):
+        score_pool(*pair, tiny_tokenizer, recs, cfg, tmp_path / "b", on_shard=kill_after_two)
+    assert len(list((tmp_path / "b").glob("shard-*.parquet"))) == 2
+    # a half-written temporary from a killed writer is ignored
+    (tmp_path / "b" / ".shard-00002.parquet.999.tmp").write_bytes(b"partial")
+    written = []
+    resumed = score_pool(*pair, tiny_tokenizer, recs, cfg, tmp_path / "b", on_shard=lambda i, p: written.append(i))
+    assert written == [2, 3]
+    pd.testing.assert_frame_equal(full, resumed)
+
+
+def test_real_shapes_load_and_score_in_bf16(tiny_model_dir, tiny_tokenizer):
+    m = load_model(tiny_model_dir, dtype="bfloat16").model
+    scores = score_shard(m, m, tiny_tokenizer, suite_pool(4).records, ScoreConfig(dtype="bfloat16"))
+    assert np.all(scores["jsd"] < 1e-6)

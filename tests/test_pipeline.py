@@ -1,0 +1,156 @@
+"""The selection pipeline end to end on tiny models: outputs, determinism, stage reuse, flow, CLI."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from paser.cli import app
+from paser.pipeline import Settings, run_selection
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory, tiny_tokenizer):
+    from paser.pruning import PruneConfig, prune
+    from tests.conftest import build_model
+
+    root = tmp_path_factory.mktemp("pair")
+    build_model(tiny_tokenizer, num_kv_heads=2).save_pretrained(root / "dense")
+    tiny_tokenizer.save_pretrained(root / "dense")
+    prune(str(root / "dense"), root / "pruned", PruneConfig(importance="l2", attn_layers=(0, 4)))
+    return str(root / "dense"), str(root / "pruned")
+
+
+def settings(models, out, **select) -> Settings:
+    dense, pruned = models
+    return Settings.load(None, {
+        "select": {"dense": dense, "pruned": pruned, "suite_size": 96, "budget": 0.25, "out": str(out),
+                   "progress": False} | select,
+        "score": {"batch_size": 8, "shard_size": 40},
+        "cluster": {"k_max": 8},
+    })
+
+
+def test_outputs_of_a_run(models, tmp_path):
+    run = run_selection(settings(models, tmp_path / "run"))
+    selected = [json.loads(line) for line in (run / "selected.jsonl").read_text().splitlines()]
+    assert len(selected) == 24
+    assert {"instruction", "input", "output", "family", "paser_cluster", "paser_jsd", "paser_ies",
+            "paser_rank"} <= set(selected[0])
+    assert [r["paser_rank"] for r in selected] == list(range(1, 25))
+    scores = pd.read_parquet(run / "scores.parquet")
+    assert len(scores) == 96 and {"cluster", "jsd", "ies", "status", "reason", "concepts"} <= set(scores)
+    assert (scores["status"] == "selected").sum() == 24
+    clusters = json.loads((run / "clusters.json").read_text())
+    assert clusters["K"] >= 2 and sum(c["selected"] for c in clusters["clusters"]) == 24
+    assert sum(c["allocation"] for c in clusters["clusters"]) == 24
+    assert clusters["k_curve"] and {"cds", "size", "rejected"} <= set(clusters["clusters"][0])
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["packages"]["torch"] and set(manifest["stages"]) >= {"data", "embed", "cluster", "score"}
+    assert manifest["models"]["dense"]["fingerprint"] != manifest["models"]["pruned"]["fingerprint"]
+    assert manifest["adjusted_rand_index_vs_family"] is not None
+    report = (run / "report.md").read_text()
+    assert "adjusted Rand index" in report and "cluster_map.png" in report
+    assert all((run / p).is_file() for p in ("cluster_map.png", "allocation.png", "rejections.png"))
+
+
+def test_same_seed_same_selection(models, tmp_path):
+    a = run_selection(settings(models, tmp_path / "a"))
+    b = run_selection(settings(models, tmp_path / "b"))
+    assert (a / "selected.jsonl").read_text() == (b / "selected.jsonl").read_text()
+
+
+def test_reselect_reuses_every_stage_and_cluster_change_reruns_only_clusters(models, tmp_path):
+    out = tmp_path / "run"
+    run_selection(settings(models, out))
+    run_selection(settings(models, out, budget=10))
+    timings = json.loads((out / "timings.json").read_text())
+    assert all(timings[s]["reused"] for s in ("data", "embed", "cluster", "score"))
+    assert sum(1 for _ in (out / "selected.jsonl").open()) == 10
+    changed = settings(models, out, budget=10)
+    changed.cluster.n_clusters = 3
+    run_selection(changed)
+    timings = json.loads((out / "timings.json").read_text())
+    assert timings["embed"]["reused"] and timings["score"]["reused"] and not timings["cluster"]["reused"]
+    assert json.loads((out / "clusters.json").read_text())["K"] == 3
+
+
+def test_input_layout_written_back(models, tmp_path):
+    rows = [{"instruction": f"Summarise item {i}.", "context": f"Item {i} is a thing number {i}.",
+             "response": f"Thing {i}.", "category": "summarization"} for i in range(40)]
+    path = tmp_path / "dolly.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    run = run_selection(settings(models, tmp_path / "run", data=str(path), budget=5))
+    selected = [json.loads(line) for line in (run / "selected.jsonl").read_text().splitlines()]
+    assert len(selected) == 5 and {"context", "category", "response", "paser_jsd"} <= set(selected[0])
+    assert json.loads((run / "manifest.json").read_text())["adjusted_rand_index_vs_family"] is None
+
+
+def test_flow_gives_the_same_selection(models, tmp_path):
+    from prefect.testing.utilities import prefect_test_harness
+
+    import paser
+
+    direct = run_selection(settings(models, tmp_path / "direct"))
+    s = settings(models, tmp_path / "flow")
+    with prefect_test_harness():
+        run = paser.select(out=str(tmp_path / "flow"), overrides=s.to_dict())
+    assert (run / "selected.jsonl").read_text() == (direct / "selected.jsonl").read_text()
+
+
+runner = CliRunner()
+
+
+def _cli(models, tmp_path, *extra):
+    dense, pruned = models
+    return runner.invoke(app, ["select", "--dense", dense, "--pruned", pruned, "--suite-size", "96",
+                               "--out", str(tmp_path / "run"), "--no-flow", *extra])
+
+
+def test_cli_select(models, tmp_path):
+    result = _cli(models, tmp_path, "--budget", "12", "--batch-size", "8")
+    assert result.exit_code == 0, result.output
+    assert "selected 12 of budget 12" in result.output
+    assert sum(1 for _ in (tmp_path / "run" / "selected.jsonl").open()) == 12
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--budget", "0"], "budget must be positive"),
+    (["--budget", "-5"], "budget must be positive"),
+    (["--budget", "500"], "budget 500 is above the pool size 96"),
+    (["--budget", "lots"], "neither a count (100) nor a fraction (0.2)"),
+])
+def test_cli_bad_budget(models, tmp_path, args, message):
+    result = _cli(models, tmp_path, *args)
+    assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output
+
+
+def test_cli_bad_data(models, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"instruction": "a", "output": "b"}\n{oops\n')
+    result = _cli(models, tmp_path, "--data", str(bad))
+    assert result.exit_code == 2 and "bad.jsonl: line 2: malformed JSON" in result.output
+    result = _cli(models, tmp_path, "--data", str(tmp_path / "none.json"))
+    assert result.exit_code == 2 and "none.json: no such file" in result.output
+
+
+def test_cli_unknown_config_key(models, tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("score:\n  batchsize: 3\n")
+    result = _cli(models, tmp_path, "--config", str(cfg))
+    assert result.exit_code == 2 and "unknown key(s) ['batchsize']" in result.output
+
+
+def test_cli_mismatched_tokenizers(models, tmp_path):
+    from tests.conftest import build_model, build_tokenizer
+
+    other = build_tokenizer(vocab_size=300)
+    build_model(other).save_pretrained(tmp_path / "other")
+    other.save_pretrained(tmp_path / "other")
+    dense, _ = models
+    result = runner.invoke(app, ["select", "--dense", dense, "--pruned", str(tmp_path / "other"),
+                                 "--suite-size", "96", "--out", str(tmp_path / "run"), "--no-flow"])
+    assert result.exit_code == 2 and "tokenizers of" in result.output
