@@ -22,7 +22,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: install
-	$(BIN)/paser prune smollm2-135m-instruct --ratio 0.25 --out runs/smollm2-pruned-25
+	$(BIN)/paser select
 
 test: install
 	$(BIN)/python -m pytest -q

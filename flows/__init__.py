@@ -24,3 +24,5 @@ def configure_prefect(home: str | Path | None = None) -> None:
     }
     for key, value in defaults.items():
         os.environ.setdefault(key, value)
+    # Prefect keeps its SQLite database here and fails at start-up if the folder is missing
+    Path(os.environ["PREFECT_HOME"]).expanduser().mkdir(parents=True, exist_ok=True)

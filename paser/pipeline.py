@@ -288,9 +288,17 @@ def twin_reference(settings: Settings) -> str:
     if not (folder / "paser_pruned.json").is_file():
         from paser.pruning import prune
 
-        tmp = folder.with_name(folder.name + ".partial")
+        tmp = folder.with_name(f".{folder.name}.{os.getpid()}.partial")
         prune(cfg.dense, tmp, prune_cfg, trust_pickle=cfg.trust_pickle)
-        os.replace(tmp, folder)
+        try:
+            os.replace(tmp, folder)
+        except OSError:
+            # another process finished the same twin first: keep theirs
+            import shutil
+
+            shutil.rmtree(tmp, ignore_errors=True)
+            if not (folder / "paser_pruned.json").is_file():
+                raise
     return str(folder)
 
 
