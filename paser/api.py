@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from paser.pipeline import Settings, run_selection
+from paser.pipeline import Settings, preflight, run_selection
 
 
 def parse_budget(text: str | float | int) -> float | int:
@@ -42,6 +42,7 @@ def select(data: str | None = None, dense: str | None = None, pruned: str | None
     merged = {section: dict(values) for section, values in (overrides or {}).items()}
     merged["select"] = merged.get("select", {}) | {k: v for k, v in top.items() if v is not None}
     settings = Settings.load(config, merged)
+    preflight(settings)
     if not use_flow:
         return run_selection(settings)
     from flows.selection import selection_flow

@@ -90,7 +90,8 @@ class SpectralClusterer:
     """
 
     def __init__(self, method: str = "nmf", n_clusters: int | None = None, k_min: int = 4, k_max: int = 20,
-                 k_selection: str = "knee", selection_sample: int = 10000, random_state: int = 0):
+                 k_selection: str = "knee", selection_sample: int = 10000, random_state: int = 0,
+                 verbose: bool = False):
         self.method = method
         self.n_clusters = n_clusters
         self.k_min = k_min
@@ -98,11 +99,12 @@ class SpectralClusterer:
         self.k_selection = k_selection
         self.selection_sample = selection_sample
         self.random_state = random_state
+        self.verbose = verbose
 
     @classmethod
-    def from_config(cls, config: ClusterConfig, random_state: int = 0) -> SpectralClusterer:
+    def from_config(cls, config: ClusterConfig, random_state: int = 0, verbose: bool = False) -> SpectralClusterer:
         return cls(config.method, config.n_clusters, config.k_min, config.k_max, config.k_selection,
-                   config.selection_sample, random_state)
+                   config.selection_sample, random_state, verbose)
 
     def fit(self, coords: np.ndarray, eigenvalues: np.ndarray | None = None) -> SpectralClusterer:
         """``eigenvalues`` (diffusion map, descending) give the eigengap; UMAP coordinates have none."""
@@ -119,7 +121,9 @@ class SpectralClusterer:
             rows = np.arange(n) if n <= self.selection_sample else np.sort(
                 rng.choice(n, self.selection_sample, replace=False))
             sample = nonnegative(x[rows])
-            for k in range(k_min, k_max + 1):
+            from tqdm.auto import tqdm
+
+            for k in tqdm(range(k_min, k_max + 1), desc="choosing K", disable=not self.verbose):
                 self.k_curve_.append({"k": k, "error": _nmf(sample, k, self.random_state)[1]})
             self.knee_k_ = knee([p["k"] for p in self.k_curve_], [p["error"] for p in self.k_curve_])
         if self.n_clusters is not None:

@@ -304,6 +304,29 @@ def check_same_tokenizer(a, b, name_a: str = "dense", name_b: str = "pruned") ->
         )
 
 
+def load_tokenizer(reference: str | Path):
+    """The tokenizer alone, or None for a pickle checkpoint (its tokenizer is inside the pickle)."""
+    from transformers import AutoTokenizer
+
+    path = reference_path(reference)
+    if not path.exists():
+        raise ModelLoadError(f"{path}: no such file or folder")
+    if path.is_file():
+        kind = _sniff(path)
+        if kind != "gguf":
+            return None
+        path = gguf_to_folder(path)
+    elif not (path / "config.json").is_file():
+        raise ModelLoadError(f"{path}: not a model folder (expected config.json with safetensors weights)")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except Exception as err:
+        raise ModelLoadError(f"{path}: no usable tokenizer in the model folder ({_one_line(err)})") from None
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
 def load_pair(dense: str | Path, pruned: str | Path, **kwargs) -> tuple[LoadedModel, LoadedModel]:
     """Load a dense model and its pruned twin, refusing the pair if their tokenizers differ."""
     dense_m = load_model(dense, **kwargs)

@@ -76,7 +76,7 @@ class SelectConfig:
     """Progress bars on long stages."""
 
 
-SECTIONS = {"select": SelectConfig, "embed": EmbedConfig, "manifold": ManifoldConfig,
+STAGE_CONFIGS = {"select": SelectConfig, "embed": EmbedConfig, "manifold": ManifoldConfig,
             "cluster": ClusterConfig, "score": ScoreConfig, "allocate": AllocateConfig,
             "concepts": ConceptConfig, "prune": PruneConfig}
 
@@ -95,15 +95,15 @@ class Settings:
     prune: PruneConfig = field(default_factory=PruneConfig)
 
     def to_dict(self) -> dict:
-        return {name: to_mapping(getattr(self, name)) for name in SECTIONS}
+        return {name: to_mapping(getattr(self, name)) for name in STAGE_CONFIGS}
 
     @classmethod
     def from_dict(cls, data: dict, where: str = "settings") -> Settings:
-        unknown = sorted(set(data) - set(SECTIONS))
+        unknown = sorted(set(data) - set(STAGE_CONFIGS))
         if unknown:
-            raise ConfigError(f"{where}: unknown section(s) {unknown}; known: {sorted(SECTIONS)}")
-        return cls(**{name: from_mapping(SECTIONS[name], dict(data.get(name) or {}), f"{where}: {name}")
-                      for name in SECTIONS})
+            raise ConfigError(f"{where}: unknown section(s) {unknown}; known: {list(STAGE_CONFIGS)}")
+        return cls(**{name: from_mapping(cfg, dict(data.get(name) or {}), f"{where}: {name}")
+                      for name, cfg in STAGE_CONFIGS.items()})
 
     @classmethod
     def load(cls, path: str | Path | None = None, overrides: dict | None = None) -> Settings:
@@ -258,7 +258,7 @@ def stage_cluster(settings: Settings, run: Path) -> Path:
         x = np.load(run / "embeddings.npy")
         coords, eigenvalues = learn_manifold(x, settings.manifold, random_state=seed)
         np.savez(run / "manifold.npz", coords=coords, eigenvalues=eigenvalues)
-        clusterer = SpectralClusterer.from_config(settings.cluster, random_state=seed).fit(
+        clusterer = SpectralClusterer.from_config(settings.cluster, seed, settings.select.progress).fit(
             coords, eigenvalues if settings.manifold.method == "diffusion" else None)
         ids = pd.read_parquet(run / "pool.parquet", columns=["id"])["id"]
         _atomic_parquet(pd.DataFrame({"id": ids, "cluster": clusterer.labels_}), path)
@@ -275,17 +275,23 @@ def stage_cluster(settings: Settings, run: Path) -> Path:
 # ---------------------------------------------------------------- degradation
 
 
-def twin_reference(settings: Settings) -> str:
-    """The pruned model: given, or paser's own prune of the dense model (made once, cached)."""
+def _twin_folder(settings: Settings) -> Path:
     from paser.models import cache_dir, model_fingerprint
 
     cfg = settings.select
-    if cfg.pruned is not None:
-        return cfg.pruned
     prune_cfg = dataclasses.replace(settings.prune, ratio=cfg.prune_ratio)
     key = _hash(model_fingerprint(cfg.dense), to_mapping(prune_cfg))
-    folder = cache_dir() / "twins" / f"{Path(str(cfg.dense)).name}-pruned-{key}"
+    return cache_dir() / "twins" / f"{Path(str(cfg.dense)).name}-pruned-{key}"
+
+
+def twin_reference(settings: Settings) -> str:
+    """The pruned model: given, or paser's own prune of the dense model (made once, cached)."""
+    cfg = settings.select
+    if cfg.pruned is not None:
+        return cfg.pruned
+    folder = _twin_folder(settings)
     if not (folder / "paser_pruned.json").is_file():
+        prune_cfg = dataclasses.replace(settings.prune, ratio=cfg.prune_ratio)
         from paser.pruning import prune
 
         tmp = folder.with_name(f".{folder.name}.{os.getpid()}.partial")
@@ -307,7 +313,9 @@ def stage_score(settings: Settings, run: Path) -> Path:
 
     cfg, scfg = settings.select, settings.score
     path = run / "degradation.parquet"
-    pruned_ref = twin_reference(settings)
+    with _Stage(run, "twin") as st:
+        st.reused = cfg.pruned is not None or (_twin_folder(settings) / "paser_pruned.json").is_file()
+        pruned_ref = twin_reference(settings)
     ids = pd.read_parquet(run / "pool.parquet", columns=["id"])["id"].tolist()
     fp = scoring_fingerprint(scfg, model_fingerprint(cfg.dense), model_fingerprint(pruned_ref), ids)
     fp = _hash(fp, _fp_of(run / "pool.parquet"))
@@ -374,6 +382,24 @@ def stage_select(settings: Settings, run: Path) -> Path:
                          for c in range(len(result.sizes))],
         }, indent=2))
     return run / "selected.jsonl"
+
+
+def preflight(settings: Settings) -> None:
+    """Check what can be checked cheaply before any stage starts, so a bad input fails in a
+    second with one clear message: the pool, the budget against its size, the model references,
+    and (when the pruned model is given) that the two tokenizers match."""
+    from paser.models import check_same_tokenizer, load_tokenizer, model_fingerprint
+    from paser.selection import resolve_budget
+
+    cfg = settings.select
+    pool = read_input_pool(cfg)
+    resolve_budget(cfg.budget, len(pool))
+    model_fingerprint(cfg.dense)
+    if cfg.pruned is not None:
+        model_fingerprint(cfg.pruned)
+        dense_tok, pruned_tok = load_tokenizer(cfg.dense), load_tokenizer(cfg.pruned)
+        if dense_tok is not None and pruned_tok is not None:
+            check_same_tokenizer(dense_tok, pruned_tok, cfg.dense, cfg.pruned)
 
 
 def run_folder(settings: Settings) -> Path:

@@ -26,6 +26,7 @@ def test_defaults_file_and_overrides(tmp_path):
     ("prune:\n  ratio: 2.0\n", "ratio must be in [0, 1)"),
     ("prune:\n  colour: red\n", "unknown key(s) ['colour']"),
     ("pruning:\n  ratio: 0.2\n", "unknown section(s) ['pruning']"),
+    ("score:\n  batch_size: 4\nprune:\n  ratoi: 1\n", "unknown key(s) ['ratoi']"),
     ("prune: [1, 2\n", "malformed YAML"),
 ])
 def test_bad_configs(tmp_path, text, message):
@@ -34,3 +35,20 @@ def test_bad_configs(tmp_path, text, message):
     with pytest.raises(ConfigError) as info:
         load_config(PruneConfig, path, "prune")
     assert message in str(info.value) and "c.yaml" in str(info.value)
+
+
+def test_every_stage_config_is_a_known_section_and_recipes_load():
+    from pathlib import Path
+
+    from paser.config import SECTIONS
+    from paser.pipeline import STAGE_CONFIGS, Settings
+
+    assert tuple(STAGE_CONFIGS) == SECTIONS
+    root = Path(__file__).resolve().parents[1] / "configs"
+    recipes = sorted(root.glob("*.yaml"))
+    assert len(recipes) >= 4
+    for path in recipes:
+        Settings.load(path)
+        load_config(PruneConfig, path, "prune")
+    default = Settings.load(root / "default.yaml")
+    assert default.to_dict() == Settings().to_dict()  # the file spells out exactly the defaults

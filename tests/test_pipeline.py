@@ -154,3 +154,12 @@ def test_cli_mismatched_tokenizers(models, tmp_path):
     result = runner.invoke(app, ["select", "--dense", dense, "--pruned", str(tmp_path / "other"),
                                  "--suite-size", "96", "--out", str(tmp_path / "run"), "--no-flow"])
     assert result.exit_code == 2 and "tokenizers of" in result.output
+
+
+def test_cli_errors_through_the_flow_are_one_line(models, tmp_path):
+    """Bad input is caught before the flow starts: no Prefect server, no task traceback."""
+    dense, pruned = models
+    result = runner.invoke(app, ["select", "--dense", dense, "--pruned", pruned, "--suite-size", "96",
+                                 "--out", str(tmp_path / "run"), "--budget", "0"])
+    assert result.exit_code == 2 and "budget must be positive" in result.output
+    assert "Traceback" not in result.output and "Task run" not in result.output
