@@ -26,20 +26,9 @@ import torch  # noqa: E402
 from memory import PeakRSS  # noqa: E402
 
 from paser.data import load_pool  # noqa: E402
-from paser.degradation import ScoreConfig, encode_records, jsd_from_logits, score_shard  # noqa: E402
+from paser.degradation import ScoreConfig, encode_records, score_shard, score_unbatched  # noqa: E402
 from paser.models import load_pair  # noqa: E402
 from paser.pipeline import Settings, twin_reference  # noqa: E402
-
-
-def per_sample(dense, pruned, tokenizer, records, cfg) -> np.ndarray:
-    out = []
-    for e in encode_records(tokenizer, records, cfg):
-        ids = torch.tensor([e.ids])
-        with torch.no_grad():
-            lp, lq = dense(input_ids=ids).logits[0], pruned(input_ids=ids).logits[0]
-        t = torch.tensor(list(e.targets(cfg.positions))) - 1
-        out.append(jsd_from_logits(lp[t], lq[t]).mean().item() if len(t) else float("nan"))
-    return np.array(out)
 
 
 def main() -> None:
@@ -70,7 +59,7 @@ def main() -> None:
     base = records[:args.baseline_records]
     with PeakRSS() as mem:
         start = time.perf_counter()
-        reference = per_sample(dense.model, pruned.model, dense.tokenizer, base, cfg)
+        reference = score_unbatched(dense.model, pruned.model, dense.tokenizer, base, cfg)
         t_base = time.perf_counter() - start
     print(f"per-sample:    {len(base) / t_base:.2f} samples/s, {t_base:.1f} s, peak RSS {mem.peak_mb:.0f} MB "
           f"(+{mem.peak_mb - mem.start_mb:.0f} MB)")

@@ -50,8 +50,8 @@ class ScoreConfig:
     """Model weights dtype for scoring; the JSD itself is always computed in fp32."""
     device: str | None = None
     """Device for both models (default: CUDA when available, else CPU)."""
-    jsd_chunk: int = 1024
-    """Positions per JSD chunk, bounding the vocabulary-wide temporaries."""
+    jsd_chunk: int = 512
+    """Positions whose vocabulary projection and JSD are computed at once (bounds peak memory)."""
     share_prefix: bool = True
     """Compute the token prefix shared by every prompt of a shard once (the template's preamble)."""
 
@@ -145,20 +145,25 @@ def common_prefix(encoded: list[Encoded], positions: str) -> list[int]:
 
 
 @torch.no_grad()
-def _target_logits(model, input_ids, attention_mask, rows, cols, prefix: SharedPrefix | None) -> torch.Tensor:
-    """Logits at (rows, cols) only: the vocabulary projection skips every other position."""
+def _target_states(model, input_ids, attention_mask, rows, cols, prefix: SharedPrefix | None):
+    """(states at the scored positions [M, H], vocabulary head) — or (logits [M, V], None) for a
+    model that does not expose its head. The vocabulary projection then runs on those rows only."""
     body, head = _split_model(model)
     if body is None:
-        return model(input_ids=input_ids, attention_mask=attention_mask).logits[rows, cols]
+        return model(input_ids=input_ids, attention_mask=attention_mask).logits[rows, cols], None
     if prefix is not None and prefix.length:
         ones = torch.ones((input_ids.shape[0], prefix.length), dtype=attention_mask.dtype,
                           device=attention_mask.device)
         mask = torch.cat([ones, attention_mask[:, prefix.length:]], dim=1)
         hidden = body(input_ids=input_ids[:, prefix.length:], attention_mask=mask,
                       cache=prefix.for_batch(input_ids.shape[0]), use_cache=True).last_hidden_state
-        return head(hidden[rows, cols - prefix.length])  # [M, V]
+        return hidden[rows, cols - prefix.length], head  # [M, H]
     hidden = body(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # [B, T, H]
-    return head(hidden[rows, cols])  # [M, V]
+    return hidden[rows, cols], head
+
+
+def _chunk_logits(states: torch.Tensor, head, lo: int, hi: int) -> torch.Tensor:
+    return states[lo:hi] if head is None else head(states[lo:hi])  # [chunk, V]
 
 
 @torch.no_grad()
@@ -182,10 +187,13 @@ def score_batch(dense, pruned, batch: list[Encoded], config: ScoreConfig, pad_id
     input_ids, mask = input_ids.to(device), mask.to(device)
     r, c = torch.tensor(rows, device=device), torch.tensor(cols, device=device)
     pre_p, pre_q = prefixes if prefixes is not None else (None, None)
-    lp = _target_logits(dense, input_ids, mask, r, c, pre_p)
-    lq = _target_logits(pruned, input_ids, mask, r, c, pre_q)
-    per_token = torch.cat([jsd_from_logits(lp[i:i + config.jsd_chunk], lq[i:i + config.jsd_chunk])
-                           for i in range(0, len(rows), config.jsd_chunk)]).double().cpu()
+    sp, head_p = _target_states(dense, input_ids, mask, r, c, pre_p)
+    sq, head_q = _target_states(pruned, input_ids, mask, r, c, pre_q)
+    # vocabulary-wide tensors exist for one chunk of positions at a time
+    per_token = torch.cat([
+        jsd_from_logits(_chunk_logits(sp, head_p, i, i + config.jsd_chunk),
+                        _chunk_logits(sq, head_q, i, i + config.jsd_chunk))
+        for i in range(0, len(rows), config.jsd_chunk)]).double().cpu()
     who = torch.tensor(owner)
     sums = torch.zeros(len(batch), dtype=torch.float64).index_add_(0, who, per_token)
     counts = torch.zeros(len(batch), dtype=torch.float64).index_add_(0, who, torch.ones_like(per_token))
@@ -222,6 +230,23 @@ def score_shard(dense, pruned, tokenizer, records, config: ScoreConfig, device=N
         "n_scored": [len(e.targets(config.positions)) for e in encoded],
         "truncated": [e.truncated for e in encoded],
     })
+
+
+@torch.no_grad()
+def score_unbatched(dense, pruned, tokenizer, records, config: ScoreConfig) -> np.ndarray:
+    """The plain definition, for reference and benchmarks: each model once per sample, no batching,
+    no padding, full logits. Same values as ``score_shard`` up to float rounding, only slower."""
+    out = []
+    for e in encode_records(tokenizer, records, config):
+        ids = torch.tensor([e.ids], device=next(dense.parameters()).device)
+        lp, lq = dense(input_ids=ids).logits[0], pruned(input_ids=ids).logits[0]
+        t = torch.tensor(list(e.targets(config.positions)), dtype=torch.long, device=ids.device) - 1
+        if len(t) == 0:
+            out.append(float("nan"))
+            continue
+        jsd = jsd_from_logits(lp[t], lq[t])
+        out.append((jsd.sum() if config.positions == "instruction_sum" else jsd.mean()).item())
+    return np.array(out)
 
 
 def scoring_fingerprint(config: ScoreConfig, dense_fp: str, pruned_fp: str, ids: list[str]) -> str:

@@ -9,7 +9,15 @@ import pandas as pd
 import pytest
 import torch
 
-from paser.degradation import ScoreConfig, common_prefix, encode_records, jsd_from_logits, score_pool, score_shard
+from paser.degradation import (
+    ScoreConfig,
+    common_prefix,
+    encode_records,
+    jsd_from_logits,
+    score_pool,
+    score_shard,
+    score_unbatched,
+)
 from paser.models import load_model
 from paser.pruning import PruneConfig, prune_model
 from paser.suite import suite_pool
@@ -63,24 +71,12 @@ def test_different_models_positive_and_bounded(pair, tiny_tokenizer):
     assert np.all(scores["n_scored"] == scores["n_response"])
 
 
-def _per_sample_reference(dense, pruned, tokenizer, records, cfg):
-    """Each model once per sample, no batching, no padding, full logits: the plain definition."""
-    out = []
-    for e in encode_records(tokenizer, records, cfg):
-        ids = torch.tensor([e.ids])
-        with torch.no_grad():
-            lp, lq = dense(input_ids=ids).logits[0], pruned(input_ids=ids).logits[0]
-        t = torch.tensor(list(e.targets(cfg.positions))) - 1
-        out.append(jsd_from_logits(lp[t], lq[t]).mean().item())
-    return np.array(out)
-
-
-@pytest.mark.parametrize("share_prefix", [True, False])
-def test_batched_equals_per_sample(pair, tiny_tokenizer, share_prefix):
+@pytest.mark.parametrize("share_prefix, jsd_chunk", [(True, 512), (False, 512), (True, 7)])
+def test_batched_equals_per_sample(pair, tiny_tokenizer, share_prefix, jsd_chunk):
     recs = suite_pool(20, seed=4).records
-    cfg = ScoreConfig(batch_size=6, share_prefix=share_prefix)
+    cfg = ScoreConfig(batch_size=6, share_prefix=share_prefix, jsd_chunk=jsd_chunk)
     batched = score_shard(*pair, tiny_tokenizer, recs, cfg)["jsd"].to_numpy()
-    reference = _per_sample_reference(*pair, tiny_tokenizer, recs, cfg)
+    reference = score_unbatched(*pair, tiny_tokenizer, recs, cfg)
     np.testing.assert_allclose(batched, reference, atol=1e-5)
 
 
