@@ -54,9 +54,15 @@ class ScoreConfig:
     """Positions whose vocabulary projection and JSD are computed at once (bounds peak memory)."""
     share_prefix: bool = True
     """Compute the token prefix shared by every prompt of a shard once (the template's preamble)."""
+    two_pass: bool = False
+    """For pairs that do not fit on one device together: run the dense model alone first, caching
+    its top-k log-probabilities per shard on disk, then the pruned model alone. The JSD is then
+    taken over the top-k tokens plus one bucket for the rest (exact when top_k is the vocabulary)."""
+    top_k: int = 64
+    """Dense log-probabilities kept per position in two-pass mode."""
 
     def __post_init__(self):
-        for name in ("cutoff", "batch_size", "shard_size", "jsd_chunk"):
+        for name in ("cutoff", "batch_size", "shard_size", "jsd_chunk", "top_k"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
 
@@ -166,26 +172,43 @@ def _chunk_logits(states: torch.Tensor, head, lo: int, hi: int) -> torch.Tensor:
     return states[lo:hi] if head is None else head(states[lo:hi])  # [chunk, V]
 
 
+def _batch_tensors(batch: list[Encoded], positions: str, pad_id: int, device: torch.device):
+    """Right-padded ids and mask [B, T], the (row, col) of each scored prediction, and its sample."""
+    width = max(len(e.ids) for e in batch)
+    input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    rows, cols = [], []
+    for b, e in enumerate(batch):
+        input_ids[b, :len(e.ids)] = torch.tensor(e.ids)
+        mask[b, :len(e.ids)] = 1
+        for t in e.targets(positions):
+            rows.append(b)
+            cols.append(t - 1)
+    r = torch.tensor(rows, dtype=torch.long, device=device)
+    c = torch.tensor(cols, dtype=torch.long, device=device)
+    return input_ids.to(device), mask.to(device), r, c
+
+
+def _per_sample(per_token: torch.Tensor, owner: torch.Tensor, n: int, positions: str) -> np.ndarray:
+    """Mean (sum for instruction_sum) of per-token values by sample; NaN for samples with none."""
+    per_token = per_token.double().cpu()
+    owner = owner.cpu()
+    sums = torch.zeros(n, dtype=torch.float64).index_add_(0, owner, per_token)
+    counts = torch.zeros(n, dtype=torch.float64).index_add_(0, owner, torch.ones_like(per_token))
+    values = sums if positions == "instruction_sum" else sums / counts.clamp(min=1)
+    out = np.full(n, np.nan)
+    has = counts.numpy() > 0
+    out[has] = values.numpy()[has]
+    return out
+
+
 @torch.no_grad()
 def score_batch(dense, pruned, batch: list[Encoded], config: ScoreConfig, pad_id: int,
                 device: torch.device, prefixes: tuple[SharedPrefix, SharedPrefix] | None = None) -> np.ndarray:
     """Mean (or summed, for instruction_sum) JSD of each encoded sample in one padded batch."""
-    width = max(len(e.ids) for e in batch)
-    input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(batch), width), dtype=torch.long)
-    rows, cols, owner = [], [], []
-    for b, e in enumerate(batch):
-        input_ids[b, :len(e.ids)] = torch.tensor(e.ids)
-        mask[b, :len(e.ids)] = 1
-        for t in e.targets(config.positions):
-            rows.append(b)
-            cols.append(t - 1)
-            owner.append(b)
-    out = np.full(len(batch), np.nan)
-    if not rows:
-        return out
-    input_ids, mask = input_ids.to(device), mask.to(device)
-    r, c = torch.tensor(rows, device=device), torch.tensor(cols, device=device)
+    input_ids, mask, r, c = _batch_tensors(batch, config.positions, pad_id, device)
+    if len(r) == 0:
+        return np.full(len(batch), np.nan)
     pre_p, pre_q = prefixes if prefixes is not None else (None, None)
     sp, head_p = _target_states(dense, input_ids, mask, r, c, pre_p)
     sq, head_q = _target_states(pruned, input_ids, mask, r, c, pre_q)
@@ -193,43 +216,126 @@ def score_batch(dense, pruned, batch: list[Encoded], config: ScoreConfig, pad_id
     per_token = torch.cat([
         jsd_from_logits(_chunk_logits(sp, head_p, i, i + config.jsd_chunk),
                         _chunk_logits(sq, head_q, i, i + config.jsd_chunk))
-        for i in range(0, len(rows), config.jsd_chunk)]).double().cpu()
-    who = torch.tensor(owner)
-    sums = torch.zeros(len(batch), dtype=torch.float64).index_add_(0, who, per_token)
-    counts = torch.zeros(len(batch), dtype=torch.float64).index_add_(0, who, torch.ones_like(per_token))
-    values = sums if config.positions == "instruction_sum" else sums / counts.clamp(min=1)
-    out[counts.numpy() > 0] = values.numpy()[counts.numpy() > 0]
-    return out
+        for i in range(0, len(r), config.jsd_chunk)])
+    return _per_sample(per_token, r, len(batch), config.positions)
 
 
-def score_shard(dense, pruned, tokenizer, records, config: ScoreConfig, device=None) -> pd.DataFrame:
-    """Scores of one shard of records: batches of similar length, longest first."""
-    device = torch.device(device or next(dense.parameters()).device)
+def _shard_batches(tokenizer, records, config: ScoreConfig):
+    """Encoded samples and the batches to score them in: similar lengths together, and with
+    share_prefix first grouped by template variant (the tokens just past the shard's common
+    prefix), so each batch shares the longest possible preamble. Deterministic for the records."""
     encoded = encode_records(tokenizer, records, config)
-    # Batches of similar length; with share_prefix, first grouped by template variant (the tokens
-    # just past the shard's common prefix), so each batch shares the longest possible preamble.
     probe = len(common_prefix(encoded, config.positions)) + 8 if config.share_prefix else 0
     order = sorted(range(len(encoded)), key=lambda i: (encoded[i].ids[:probe], -len(encoded[i].ids), i))
-    jsd = np.full(len(encoded), np.nan)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    shared: dict[tuple[int, ...], tuple[SharedPrefix, SharedPrefix]] = {}
-    for lo in range(0, len(order), config.batch_size):
-        batch = [encoded[i] for i in order[lo:lo + config.batch_size]]
-        prefixes = None
-        if config.share_prefix:
-            key = tuple(common_prefix(batch, config.positions))
-            if key not in shared:
-                shared[key] = (SharedPrefix(dense, list(key), device), SharedPrefix(pruned, list(key), device))
-            prefixes = shared[key]
-        jsd[order[lo:lo + config.batch_size]] = score_batch(dense, pruned, batch, config, pad, device, prefixes)
+    return encoded, [order[lo:lo + config.batch_size] for lo in range(0, len(order), config.batch_size)]
+
+
+class _Prefixes:
+    """SharedPrefix states per distinct batch prefix, for one or two models."""
+
+    def __init__(self, models, config: ScoreConfig, device):
+        self.models, self.config, self.device, self.cache = models, config, device, {}
+
+    def get(self, batch: list[Encoded]):
+        if not self.config.share_prefix:
+            return None
+        key = tuple(common_prefix(batch, self.config.positions))
+        if key not in self.cache:
+            self.cache[key] = tuple(SharedPrefix(m, list(key), self.device) for m in self.models)
+        return self.cache[key]
+
+
+def _pad_id(tokenizer) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+def _frame(records, encoded: list[Encoded], jsd: np.ndarray, positions: str) -> pd.DataFrame:
     return pd.DataFrame({
         "id": [r.id for r in records],
         "jsd": jsd,
         "n_prompt": [e.n_prompt for e in encoded],
         "n_response": [e.n_response for e in encoded],
-        "n_scored": [len(e.targets(config.positions)) for e in encoded],
+        "n_scored": [len(e.targets(positions)) for e in encoded],
         "truncated": [e.truncated for e in encoded],
     })
+
+
+def score_shard(dense, pruned, tokenizer, records, config: ScoreConfig, device=None) -> pd.DataFrame:
+    """Scores of one shard of records, both models in memory."""
+    device = torch.device(device or next(dense.parameters()).device)
+    encoded, batches = _shard_batches(tokenizer, records, config)
+    prefixes = _Prefixes((dense, pruned), config, device)
+    jsd = np.full(len(encoded), np.nan)
+    for idx in batches:
+        batch = [encoded[i] for i in idx]
+        jsd[idx] = score_batch(dense, pruned, batch, config, _pad_id(tokenizer), device, prefixes.get(batch))
+    return _frame(records, encoded, jsd, config.positions)
+
+
+# ---------------------------------------------------------------- two-pass mode
+
+
+@torch.no_grad()
+def dense_topk_shard(dense, tokenizer, records, config: ScoreConfig, device=None) -> dict[str, torch.Tensor]:
+    """Pass 1: the dense model's top-k log-probabilities at every scored position of a shard,
+    in batch order (``sample`` gives each row's record index within the shard)."""
+    device = torch.device(device or next(dense.parameters()).device)
+    encoded, batches = _shard_batches(tokenizer, records, config)
+    prefixes = _Prefixes((dense,), config, device)
+    values, indices, samples = [], [], []
+    for idx in batches:
+        batch = [encoded[i] for i in idx]
+        input_ids, mask, r, c = _batch_tensors(batch, config.positions, _pad_id(tokenizer), device)
+        if len(r) == 0:
+            continue
+        pre = prefixes.get(batch)
+        states, head = _target_states(dense, input_ids, mask, r, c, pre[0] if pre else None)
+        for i in range(0, len(r), config.jsd_chunk):
+            logp = torch.log_softmax(_chunk_logits(states, head, i, i + config.jsd_chunk).float(), dim=-1)
+            top = logp.topk(min(config.top_k, logp.shape[-1]), dim=-1)
+            values.append(top.values.cpu())
+            indices.append(top.indices.to(torch.int32).cpu())
+        samples.append(torch.tensor(idx, dtype=torch.long)[r.cpu()])
+    k = min(config.top_k, getattr(dense.config, "vocab_size", config.top_k))
+    cat = lambda xs, shape, dtype: torch.cat(xs) if xs else torch.zeros(shape, dtype=dtype)  # noqa: E731
+    return {"values": cat(values, (0, k), torch.float32), "indices": cat(indices, (0, k), torch.int32),
+            "sample": cat(samples, (0,), torch.long)}
+
+
+def _with_tail(top_logp: torch.Tensor) -> torch.Tensor:
+    """Top-k log-probabilities plus one category for all other tokens: a distribution over k+1."""
+    mass = top_logp.exp().sum(-1, keepdim=True).clamp(max=1.0)
+    tail = torch.log1p(-mass.clamp(max=1.0 - 1e-7)).where(mass < 1.0 - 1e-7, torch.full_like(mass, -1e30))
+    return torch.cat([top_logp, tail], dim=-1)
+
+
+@torch.no_grad()
+def score_shard_against_topk(pruned, tokenizer, records, config: ScoreConfig, topk: dict,
+                             device=None) -> pd.DataFrame:
+    """Pass 2: the pruned model against the cached dense top-k, JSD over top-k + one tail bucket."""
+    device = torch.device(device or next(pruned.parameters()).device)
+    encoded, batches = _shard_batches(tokenizer, records, config)
+    prefixes = _Prefixes((pruned,), config, device)
+    per_token, start = [], 0
+    for idx in batches:
+        batch = [encoded[i] for i in idx]
+        input_ids, mask, r, c = _batch_tensors(batch, config.positions, _pad_id(tokenizer), device)
+        if len(r) == 0:
+            continue
+        pre = prefixes.get(batch)
+        states, head = _target_states(pruned, input_ids, mask, r, c, pre[0] if pre else None)
+        for i in range(0, len(r), config.jsd_chunk):
+            logq = torch.log_softmax(_chunk_logits(states, head, i, i + config.jsd_chunk).float(), dim=-1)
+            n = logq.shape[0]
+            p_top = topk["values"][start:start + n].to(device)
+            idx_top = topk["indices"][start:start + n].to(device).long()
+            start += n
+            per_token.append(jsd_from_logits(_with_tail(p_top), _with_tail(logq.gather(-1, idx_top))))
+    if start != len(topk["sample"]):
+        raise RuntimeError("cached dense top-k does not match this shard; remove the shard folder to rescore")
+    jsd = _per_sample(torch.cat(per_token) if per_token else torch.zeros(0), topk["sample"], len(encoded),
+                      config.positions) if per_token else np.full(len(encoded), np.nan)
+    return _frame(records, encoded, jsd, config.positions)
 
 
 @torch.no_grad()
@@ -268,6 +374,20 @@ def shard_ranges(n: int, shard_size: int) -> list[tuple[int, int]]:
     return [(lo, min(n, lo + shard_size)) for lo in range(0, n, shard_size)]
 
 
+def _progress(total: int, enabled: bool, desc: str):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="rec", disable=not enabled)
+
+
+def _checked(frames: list[pd.DataFrame], records, shard_dir: Path) -> pd.DataFrame:
+    scores = pd.concat(frames, ignore_index=True)
+    if list(scores["id"]) != [r.id for r in records]:
+        raise RuntimeError(f"{shard_dir}: shard files do not match the records being scored; "
+                           "remove the folder to rescore")
+    return scores
+
+
 def score_pool(dense, pruned, tokenizer, records, config: ScoreConfig, shard_dir: str | Path,
                progress: bool = False, on_shard=None) -> pd.DataFrame:
     """Score every record, writing ``shard-NNNNN.parquet`` files into ``shard_dir`` as they finish.
@@ -277,29 +397,56 @@ def score_pool(dense, pruned, tokenizer, records, config: ScoreConfig, shard_dir
     """
     shard_dir = Path(shard_dir)
     shard_dir.mkdir(parents=True, exist_ok=True)
-    ranges = shard_ranges(len(records), config.shard_size)
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(records), desc="degradation (JSD)", unit="rec")
     frames = []
-    for i, (lo, hi) in enumerate(ranges):
-        path = shard_dir / f"shard-{i:05d}.parquet"
-        if path.is_file():
-            frames.append(pd.read_parquet(path))
-        else:
-            frame = score_shard(dense, pruned, tokenizer, records[lo:hi], config)
-            _write_atomic(frame, path)
-            frames.append(frame)
-            if on_shard is not None:
-                on_shard(i, path)
-        if bar is not None:
+    with _progress(len(records), progress, "degradation (JSD)") as bar:
+        for i, (lo, hi) in enumerate(shard_ranges(len(records), config.shard_size)):
+            path = shard_dir / f"shard-{i:05d}.parquet"
+            if path.is_file():
+                frames.append(pd.read_parquet(path))
+            else:
+                frames.append(score_shard(dense, pruned, tokenizer, records[lo:hi], config))
+                _write_atomic(frames[-1], path)
+                if on_shard is not None:
+                    on_shard(i, path)
             bar.update(hi - lo)
-    if bar is not None:
-        bar.close()
-    scores = pd.concat(frames, ignore_index=True)
-    if list(scores["id"]) != [r.id for r in records]:
-        raise RuntimeError(f"{shard_dir}: shard files do not match the records being scored; "
-                           "remove the folder to rescore")
-    return scores
+    return _checked(frames, records, shard_dir)
+
+
+def score_pool_two_pass(load_dense, load_pruned, tokenizer, records, config: ScoreConfig,
+                        shard_dir: str | Path, progress: bool = False, on_shard=None) -> pd.DataFrame:
+    """Two-pass scoring: only one model in memory at a time (see ``ScoreConfig.two_pass``).
+
+    ``load_dense()`` / ``load_pruned()`` return a model and are called only when a shard needs
+    it. Pass 1 writes ``topk-NNNNN.pt`` per shard; pass 2 turns each into ``shard-NNNNN.parquet``
+    and removes it. Both passes resume from what is on disk.
+    """
+    shard_dir = Path(shard_dir)
+    shard_dir.mkdir(parents=True, exist_ok=True)
+    ranges = shard_ranges(len(records), config.shard_size)
+    final = [shard_dir / f"shard-{i:05d}.parquet" for i in range(len(ranges))]
+    cached = [shard_dir / f"topk-{i:05d}.pt" for i in range(len(ranges))]
+    model = None
+    with _progress(len(records), progress, "dense top-k (pass 1)") as bar:
+        for (lo, hi), done, path in zip(ranges, final, cached):
+            if not done.is_file() and not path.is_file():
+                model = model if model is not None else load_dense()
+                tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+                torch.save(dense_topk_shard(model, tokenizer, records[lo:hi], config), tmp)
+                os.replace(tmp, path)
+            bar.update(hi - lo)
+    del model
+    model, frames = None, []
+    with _progress(len(records), progress, "degradation vs top-k (pass 2)") as bar:
+        for i, ((lo, hi), done, path) in enumerate(zip(ranges, final, cached)):
+            if done.is_file():
+                frames.append(pd.read_parquet(done))
+            else:
+                model = model if model is not None else load_pruned()
+                topk = torch.load(path, weights_only=True)
+                frames.append(score_shard_against_topk(model, tokenizer, records[lo:hi], config, topk))
+                _write_atomic(frames[-1], done)
+                path.unlink()
+                if on_shard is not None:
+                    on_shard(i, done)
+            bar.update(hi - lo)
+    return _checked(frames, records, shard_dir)

@@ -37,7 +37,7 @@ from paser.clustering import ClusterConfig, SpectralClusterer
 from paser.concepts import ConceptConfig, record_concepts
 from paser.config import from_mapping, read_yaml, to_mapping
 from paser.data import Pool, Record, load_pool
-from paser.degradation import ScoreConfig, score_pool, scoring_fingerprint
+from paser.degradation import ScoreConfig, score_pool, score_pool_two_pass, scoring_fingerprint
 from paser.embedding import EmbedConfig, embed_texts, instruction_texts
 from paser.errors import ConfigError, DataError, PaserError
 from paser.manifold import ManifoldConfig, learn_manifold
@@ -309,7 +309,7 @@ def twin_reference(settings: Settings) -> str:
 
 
 def stage_score(settings: Settings, run: Path) -> Path:
-    from paser.models import load_pair, model_fingerprint
+    from paser.models import check_same_tokenizer, load_model, load_pair, load_tokenizer, model_fingerprint
 
     cfg, scfg = settings.select, settings.score
     path = run / "degradation.parquet"
@@ -326,16 +326,32 @@ def stage_score(settings: Settings, run: Path) -> Path:
         import torch
 
         device = scfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        dense, pruned = load_pair(cfg.dense, pruned_ref, dtype=scfg.dtype, trust_pickle=cfg.trust_pickle,
-                                  device=device)
-        scores = score_pool(dense.model, pruned.model, dense.tokenizer, read_run_pool(run), scfg,
-                            run / "scores" / fp, progress=cfg.progress)
+        kwargs = dict(dtype=scfg.dtype, trust_pickle=cfg.trust_pickle, device=device)
+        described = {}
+        if scfg.two_pass:
+            def load(which: str, reference: str):
+                loaded = load_model(reference, **kwargs)
+                described[which] = loaded.describe()
+                return loaded.model
+
+            tokenizer = load_tokenizer(cfg.dense) or load_model(cfg.dense, **kwargs).tokenizer
+            pruned_tok = load_tokenizer(pruned_ref)
+            if pruned_tok is not None:
+                check_same_tokenizer(tokenizer, pruned_tok, cfg.dense, pruned_ref)
+            scores = score_pool_two_pass(lambda: load("dense", cfg.dense), lambda: load("pruned", pruned_ref),
+                                         tokenizer, read_run_pool(run), scfg, run / "scores" / fp,
+                                         progress=cfg.progress)
+        else:
+            dense, pruned = load_pair(cfg.dense, pruned_ref, **kwargs)
+            described = {"dense": dense.describe(), "pruned": pruned.describe()}
+            scores = score_pool(dense.model, pruned.model, dense.tokenizer, read_run_pool(run), scfg,
+                                run / "scores" / fp, progress=cfg.progress)
         _atomic_parquet(scores, path)
         (run / "models.json").write_text(json.dumps({
             "dense": {"reference": cfg.dense, "fingerprint": model_fingerprint(cfg.dense),
-                      "description": dense.describe()},
+                      "description": described.get("dense", "reused cached scores")},
             "pruned": {"reference": pruned_ref, "fingerprint": model_fingerprint(pruned_ref),
-                       "description": pruned.describe()},
+                       "description": described.get("pruned", "reused cached scores")},
         }, indent=2))
         _seal(path, fp)
     return path

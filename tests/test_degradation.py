@@ -135,3 +135,59 @@ def test_real_shapes_load_and_score_in_bf16(tiny_model_dir, tiny_tokenizer):
     m = load_model(tiny_model_dir, dtype="bfloat16").model
     scores = score_shard(m, m, tiny_tokenizer, suite_pool(4).records, ScoreConfig(dtype="bfloat16"))
     assert np.all(scores["jsd"] < 1e-6)
+
+
+def test_two_pass_with_full_vocabulary_equals_one_pass(pair, tiny_tokenizer, tmp_path):
+    from paser.degradation import score_pool_two_pass
+
+    recs = suite_pool(20, seed=6).records
+    one = score_shard(*pair, tiny_tokenizer, recs, ScoreConfig(batch_size=6))
+    cfg = ScoreConfig(batch_size=6, shard_size=8, two_pass=True, top_k=len(tiny_tokenizer), jsd_chunk=11)
+    two = score_pool_two_pass(lambda: pair[0], lambda: pair[1], tiny_tokenizer, recs, cfg, tmp_path)
+    np.testing.assert_allclose(two["jsd"], one["jsd"], atol=1e-5)
+    assert not list(tmp_path.glob("topk-*.pt"))  # pass-1 caches are removed once scored
+
+
+def test_two_pass_top_k_is_a_close_lower_bound(pair, tiny_tokenizer, tmp_path):
+    from paser.degradation import score_pool_two_pass
+
+    recs = suite_pool(12, seed=7).records
+    exact = score_shard(*pair, tiny_tokenizer, recs, ScoreConfig())["jsd"].to_numpy()
+    approx = score_pool_two_pass(lambda: pair[0], lambda: pair[1], tiny_tokenizer, recs,
+                                 ScoreConfig(two_pass=True, top_k=32), tmp_path)["jsd"].to_numpy()
+    # merging tokens into one bucket cannot increase a divergence
+    assert np.all(approx <= exact + 1e-6) and np.all(approx > 0)
+
+
+def test_two_pass_loads_each_model_only_when_needed_and_resumes(pair, tiny_tokenizer, tmp_path):
+    from paser.degradation import score_pool_two_pass
+
+    recs = suite_pool(20).records
+    cfg = ScoreConfig(shard_size=8, two_pass=True, top_k=16)
+    loads = []
+
+    def loader(which, model):
+        def load():
+            loads.append(which)
+            return model
+        return load
+
+    full = score_pool_two_pass(loader("dense", pair[0]), loader("pruned", pair[1]), tiny_tokenizer, recs, cfg,
+                               tmp_path / "a")
+    assert loads == ["dense", "pruned"]
+
+    class Killed(Exception):
+        pass
+
+    def kill(index, path):
+        raise Killed
+
+    with pytest.raises(Killed):
+        score_pool_two_pass(loader("dense", pair[0]), loader("pruned", pair[1]), tiny_tokenizer, recs, cfg,
+                            tmp_path / "b", on_shard=kill)
+    assert len(list((tmp_path / "b").glob("topk-*.pt"))) == 2  # pass 1 finished, one shard scored
+    loads.clear()
+    resumed = score_pool_two_pass(loader("dense", pair[0]), loader("pruned", pair[1]), tiny_tokenizer, recs,
+                                  cfg, tmp_path / "b")
+    assert loads == ["pruned"]  # nothing left for the dense model to do
+    pd.testing.assert_frame_equal(full, resumed)

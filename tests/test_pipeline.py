@@ -163,3 +163,14 @@ def test_cli_errors_through_the_flow_are_one_line(models, tmp_path):
                                  "--out", str(tmp_path / "run"), "--budget", "0"])
     assert result.exit_code == 2 and "budget must be positive" in result.output
     assert "Traceback" not in result.output and "Task run" not in result.output
+
+
+def test_two_pass_pipeline(models, tmp_path):
+    s = settings(models, tmp_path / "run")
+    s.score.two_pass = True
+    s.score.top_k = 400  # the tiny vocabulary: exact
+    run = run_selection(s)
+    one = run_selection(settings(models, tmp_path / "one"))
+    a = pd.read_parquet(run / "degradation.parquet")["jsd"]
+    b = pd.read_parquet(one / "degradation.parquet")["jsd"]
+    assert (a - b).abs().max() < 1e-5
