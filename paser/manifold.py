@@ -40,25 +40,30 @@ class ManifoldConfig:
 def knn_graph(x: np.ndarray, n_neighbors: int, block_size: int = 1024) -> tuple[np.ndarray, np.ndarray]:
     """Exact cosine k-nearest neighbours of unit rows, by blocks of rows.
 
-    Returns (indices [N, k], distances [N, k]) with d = ||x_i - x_j|| = sqrt(2 - 2 cos), self excluded.
+    Returns (indices [N, k], distances [N, k]) with d = ||x_i - x_j|| = sqrt(2 - 2 cos), self
+    excluded, nearest first (ties by index, so the graph is the same on every run).
     """
+    import torch
+
     x = np.asarray(x, dtype=np.float32)
     x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)  # a copy: the input is left alone
     n = x.shape[0]
     k = min(n_neighbors, n - 1)
     if k < 1:
         raise ValueError(f"a kNN graph needs at least 2 points, got {n}")
+    xt = torch.from_numpy(x)
     idx = np.empty((n, k), dtype=np.int64)
     dist = np.empty((n, k), dtype=np.float32)
     for lo in range(0, n, block_size):
         hi = min(n, lo + block_size)
-        sim = x[lo:hi] @ x.T  # [block, N]
-        sim[np.arange(hi - lo), np.arange(lo, hi)] = -np.inf  # no self-loops
-        part = np.argpartition(-sim, k - 1, axis=1)[:, :k]
-        top = np.take_along_axis(sim, part, axis=1)
-        order = np.lexsort((part, -top), axis=1)  # by similarity, ties by index: deterministic
-        idx[lo:hi] = np.take_along_axis(part, order, axis=1)
-        best = np.take_along_axis(top, order, axis=1)
+        sim = xt[lo:hi] @ xt.T  # [block, N]
+        sim[torch.arange(hi - lo), torch.arange(lo, hi)] = -float("inf")  # no self-loops
+        # one candidate more than needed, so a tie at the k-th place is settled by index below
+        top = torch.topk(sim, min(k + 1, n - 1), dim=1)
+        vals, cand = top.values.numpy(), top.indices.numpy()
+        order = np.lexsort((cand, -vals), axis=1)[:, :k]
+        idx[lo:hi] = np.take_along_axis(cand, order, axis=1)
+        best = np.take_along_axis(vals, order, axis=1)
         dist[lo:hi] = np.sqrt(np.clip(2.0 - 2.0 * best, 0.0, None))
     return idx, dist
 
