@@ -275,27 +275,36 @@ def score_shard(dense, pruned, tokenizer, records, config: ScoreConfig, device=N
 # ---------------------------------------------------------------- two-pass mode
 
 
-@torch.no_grad()
-def dense_topk_shard(dense, tokenizer, records, config: ScoreConfig, device=None) -> dict[str, torch.Tensor]:
-    """Pass 1: the dense model's top-k log-probabilities at every scored position of a shard,
-    in batch order (``sample`` gives each row's record index within the shard)."""
-    device = torch.device(device or next(dense.parameters()).device)
-    encoded, batches = _shard_batches(tokenizer, records, config)
-    prefixes = _Prefixes((dense,), config, device)
-    values, indices, samples = [], [], []
+def _logprob_chunks(model, tokenizer, encoded: list[Encoded], batches: list[list[int]], config: ScoreConfig,
+                    device):
+    """One model's log-probabilities at the scored positions of a shard, chunk by chunk, in the
+    shard's batch order: (record index within the shard of each row, log-probs [rows, V])."""
+    prefixes = _Prefixes((model,), config, device)
     for idx in batches:
         batch = [encoded[i] for i in idx]
         input_ids, mask, r, c = _batch_tensors(batch, config.positions, _pad_id(tokenizer), device)
         if len(r) == 0:
             continue
         pre = prefixes.get(batch)
-        states, head = _target_states(dense, input_ids, mask, r, c, pre[0] if pre else None)
+        states, head = _target_states(model, input_ids, mask, r, c, pre[0] if pre else None)
+        owners = torch.tensor(idx, dtype=torch.long)[r.cpu()]
         for i in range(0, len(r), config.jsd_chunk):
-            logp = torch.log_softmax(_chunk_logits(states, head, i, i + config.jsd_chunk).float(), dim=-1)
-            top = logp.topk(min(config.top_k, logp.shape[-1]), dim=-1)
-            values.append(top.values.cpu())
-            indices.append(top.indices.to(torch.int32).cpu())
-        samples.append(torch.tensor(idx, dtype=torch.long)[r.cpu()])
+            chunk = _chunk_logits(states, head, i, i + config.jsd_chunk)
+            yield owners[i:i + config.jsd_chunk], torch.log_softmax(chunk.float(), dim=-1)
+
+
+@torch.no_grad()
+def dense_topk_shard(dense, tokenizer, records, config: ScoreConfig, device=None) -> dict[str, torch.Tensor]:
+    """Pass 1: the dense model's top-k log-probabilities at every scored position of a shard,
+    in batch order (``sample`` gives each row's record index within the shard)."""
+    device = torch.device(device or next(dense.parameters()).device)
+    values, indices, samples = [], [], []
+    encoded, batches = _shard_batches(tokenizer, records, config)
+    for owners, logp in _logprob_chunks(dense, tokenizer, encoded, batches, config, device):
+        top = logp.topk(min(config.top_k, logp.shape[-1]), dim=-1)
+        values.append(top.values.cpu())
+        indices.append(top.indices.to(torch.int32).cpu())
+        samples.append(owners)
     k = min(config.top_k, getattr(dense.config, "vocab_size", config.top_k))
     cat = lambda xs, shape, dtype: torch.cat(xs) if xs else torch.zeros(shape, dtype=dtype)  # noqa: E731
     return {"values": cat(values, (0, k), torch.float32), "indices": cat(indices, (0, k), torch.int32),
@@ -315,26 +324,17 @@ def score_shard_against_topk(pruned, tokenizer, records, config: ScoreConfig, to
     """Pass 2: the pruned model against the cached dense top-k, JSD over top-k + one tail bucket."""
     device = torch.device(device or next(pruned.parameters()).device)
     encoded, batches = _shard_batches(tokenizer, records, config)
-    prefixes = _Prefixes((pruned,), config, device)
     per_token, start = [], 0
-    for idx in batches:
-        batch = [encoded[i] for i in idx]
-        input_ids, mask, r, c = _batch_tensors(batch, config.positions, _pad_id(tokenizer), device)
-        if len(r) == 0:
-            continue
-        pre = prefixes.get(batch)
-        states, head = _target_states(pruned, input_ids, mask, r, c, pre[0] if pre else None)
-        for i in range(0, len(r), config.jsd_chunk):
-            logq = torch.log_softmax(_chunk_logits(states, head, i, i + config.jsd_chunk).float(), dim=-1)
-            n = logq.shape[0]
-            p_top = topk["values"][start:start + n].to(device)
-            idx_top = topk["indices"][start:start + n].to(device).long()
-            start += n
-            per_token.append(jsd_from_logits(_with_tail(p_top), _with_tail(logq.gather(-1, idx_top))))
+    for _, logq in _logprob_chunks(pruned, tokenizer, encoded, batches, config, device):
+        n = logq.shape[0]
+        p_top = topk["values"][start:start + n].to(device)
+        idx_top = topk["indices"][start:start + n].to(device).long()
+        start += n
+        per_token.append(jsd_from_logits(_with_tail(p_top), _with_tail(logq.gather(-1, idx_top))))
     if start != len(topk["sample"]):
         raise RuntimeError("cached dense top-k does not match this shard; remove the shard folder to rescore")
-    jsd = _per_sample(torch.cat(per_token) if per_token else torch.zeros(0), topk["sample"], len(encoded),
-                      config.positions) if per_token else np.full(len(encoded), np.nan)
+    jsd = (_per_sample(torch.cat(per_token), topk["sample"], len(encoded), config.positions)
+           if per_token else np.full(len(encoded), np.nan))
     return _frame(records, encoded, jsd, config.positions)
 
 
