@@ -175,13 +175,26 @@ def _one_line(err: BaseException) -> str:
     return f"{type(err).__name__}: {text[0] if text else ''}"
 
 
-def _load_hf_folder(folder: Path, dtype: torch.dtype | None):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def _with_pad(tokenizer):
+    if tokenizer.pad_token_id is None:
+        # Batched scoring needs a pad id; padded positions are masked out, so eos serves.
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def _folder_tokenizer(folder: Path):
+    from transformers import AutoTokenizer
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(folder)
+        return _with_pad(AutoTokenizer.from_pretrained(folder))
     except Exception as err:
         raise ModelLoadError(f"{folder}: no usable tokenizer in the model folder ({_one_line(err)})") from None
+
+
+def _load_hf_folder(folder: Path, dtype: torch.dtype | None):
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = _folder_tokenizer(folder)
     if (folder / PRUNED_MARKER).is_file():
         return load_pruned_folder(folder, dtype=dtype), tokenizer, "paser-pruned"
     try:
@@ -222,6 +235,38 @@ def _load_pickle(path: Path, trust_pickle: bool, dtype: torch.dtype | None):
     return model, tokenizer
 
 
+def _resolve(reference: str | Path) -> tuple[str, Path, Path]:
+    """(kind, the user's file or folder, what to load from): a built-in name or GGUF file resolves
+    to its converted safetensors folder. Kind: builtin | folder | gguf | llm-pruner-pickle."""
+    ref = str(reference)
+    if ref in BUILTIN_MODELS:
+        path = builtin_path(ref)
+        return "builtin", path, gguf_to_folder(path)
+    path = Path(ref).expanduser()
+    if not path.exists():
+        raise ModelLoadError(
+            f"{path}: no such file or folder (expected a model folder, a .gguf file, an "
+            f"LLM-Pruner .bin checkpoint, or a built-in name: {', '.join(BUILTIN_MODELS)})"
+        )
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            found = sorted(p.name for p in path.iterdir())[:8]
+            raise ModelLoadError(
+                f"{path}: not a model folder (expected config.json with safetensors weights, "
+                f"found {found or 'an empty folder'})"
+            )
+        return "folder", path, path
+    kind = _sniff(path)
+    if kind == "gguf":
+        return kind, path, gguf_to_folder(path)
+    if kind == "llm-pruner-pickle":
+        return kind, path, path
+    raise ModelLoadError(
+        f"{path}: not a model (expected a folder with config.json, a .gguf file or an "
+        f"LLM-Pruner torch.save checkpoint; this file is neither GGUF nor a torch archive)"
+    )
+
+
 def load_model(reference: str | Path, *, dtype: str | torch.dtype | None = None,
                trust_pickle: bool = False, device: str | None = None) -> LoadedModel:
     """Load any model reference paser supports (see the module docstring).
@@ -229,45 +274,18 @@ def load_model(reference: str | Path, *, dtype: str | torch.dtype | None = None,
     ``dtype``: ``float32``/``bfloat16``/``float16`` or None/``auto`` to keep the stored one.
     Raises ``ModelLoadError`` (a ``PaserError``) naming the file and what was expected.
     """
-    ref = str(reference)
     torch_dtype = resolve_dtype(dtype)
-    if ref in BUILTIN_MODELS:
-        path = builtin_path(ref)
-        model, tokenizer, _ = _load_hf_folder(gguf_to_folder(path), torch_dtype)
-        kind = "builtin"
+    kind, path, source = _resolve(reference)
+    if kind == "llm-pruner-pickle":
+        model, tokenizer = _load_pickle(path, trust_pickle, torch_dtype)
+        tokenizer = _with_pad(tokenizer)
     else:
-        path = Path(ref).expanduser()
-        if not path.exists():
-            raise ModelLoadError(
-                f"{path}: no such file or folder (expected a model folder, a .gguf file, an "
-                f"LLM-Pruner .bin checkpoint, or a built-in name: {', '.join(BUILTIN_MODELS)})"
-            )
-        if path.is_dir():
-            if not (path / "config.json").is_file():
-                found = sorted(p.name for p in path.iterdir())[:8]
-                raise ModelLoadError(
-                    f"{path}: not a model folder (expected config.json with safetensors weights, "
-                    f"found {found or 'an empty folder'})"
-                )
-            model, tokenizer, kind = _load_hf_folder(path, torch_dtype)
-        else:
-            kind = _sniff(path)
-            if kind == "gguf":
-                model, tokenizer, _ = _load_hf_folder(gguf_to_folder(path), torch_dtype)
-            elif kind == "llm-pruner-pickle":
-                model, tokenizer = _load_pickle(path, trust_pickle, torch_dtype)
-            else:
-                raise ModelLoadError(
-                    f"{path}: not a model (expected a folder with config.json, a .gguf file or an "
-                    f"LLM-Pruner torch.save checkpoint; this file is neither GGUF nor a torch archive)"
-                )
-    if tokenizer.pad_token_id is None:
-        # Batched scoring needs a pad id; padded positions are masked out, so eos serves.
-        tokenizer.pad_token = tokenizer.eos_token
+        model, tokenizer, folder_kind = _load_hf_folder(source, torch_dtype)
+        kind = folder_kind if kind == "folder" else kind
     if device is not None:
         model = model.to(device)
     model.eval()
-    return LoadedModel(model=model, tokenizer=tokenizer, reference=ref, kind=kind, path=path)
+    return LoadedModel(model=model, tokenizer=tokenizer, reference=str(reference), kind=kind, path=path)
 
 
 def _special_tokens(tokenizer) -> dict[str, tuple[str | None, int | None]]:
@@ -306,25 +324,8 @@ def check_same_tokenizer(a, b, name_a: str = "dense", name_b: str = "pruned") ->
 
 def load_tokenizer(reference: str | Path):
     """The tokenizer alone, or None for a pickle checkpoint (its tokenizer is inside the pickle)."""
-    from transformers import AutoTokenizer
-
-    path = reference_path(reference)
-    if not path.exists():
-        raise ModelLoadError(f"{path}: no such file or folder")
-    if path.is_file():
-        kind = _sniff(path)
-        if kind != "gguf":
-            return None
-        path = gguf_to_folder(path)
-    elif not (path / "config.json").is_file():
-        raise ModelLoadError(f"{path}: not a model folder (expected config.json with safetensors weights)")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-    except Exception as err:
-        raise ModelLoadError(f"{path}: no usable tokenizer in the model folder ({_one_line(err)})") from None
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
+    kind, _, source = _resolve(reference)
+    return None if kind == "llm-pruner-pickle" else _folder_tokenizer(source)
 
 
 def load_pair(dense: str | Path, pruned: str | Path, **kwargs) -> tuple[LoadedModel, LoadedModel]:
