@@ -34,7 +34,11 @@ class EmbedConfig:
 
 
 class Embedder(Protocol):
+    """What the embedding stage needs: unit-norm vectors, and an identity for the cache key."""
+
     def encode(self, texts: list[str]) -> np.ndarray: ...
+
+    def fingerprint(self) -> str: ...
 
 
 def default_model_path() -> str:
@@ -98,7 +102,7 @@ def texts_fingerprint(texts: list[str]) -> str:
 
 
 def embed_texts(texts: list[str], config: EmbedConfig, cache_dir: str | Path | None = None,
-                embedder: SentenceEmbedder | None = None, progress: bool = False) -> np.ndarray:
+                embedder: Embedder | None = None, progress: bool = False) -> np.ndarray:
     """Unit-norm embeddings of ``texts``; read from / written to ``cache_dir`` when given."""
     embedder = embedder or SentenceEmbedder(config.model, config.batch_size, config.device, progress)
     path = None

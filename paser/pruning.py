@@ -130,10 +130,6 @@ class PruneResult:
     def kept_fraction(self) -> float:
         return self.params_after / self.params_before
 
-    def summary(self) -> str:
-        return (f"parameters: {self.params_before:,} -> {self.params_after:,} "
-                f"({100 * self.kept_fraction:.1f}% kept) in {self.seconds:.1f} s")
-
 
 # ---------------------------------------------------------------- importance
 
