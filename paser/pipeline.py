@@ -360,6 +360,19 @@ def stage_score(settings: Settings, run: Path) -> Path:
 # ---------------------------------------------------------------- select and write
 
 
+def record_concepts_cached(run: Path, records: list[Record], config: ConceptConfig) -> list[list[str]]:
+    """Concepts of every record, kept in the run folder: re-selecting at another budget does not
+    extract them again (0.63 s per 5,000 Alpaca records on the 2-core machine)."""
+    path = run / "concepts.parquet"
+    fp = _hash(_fp_of(run / "pool.parquet"), config.max_concepts, config.max_phrase_words)
+    if _fresh(path, fp):
+        return [list(c) for c in pd.read_parquet(path)["concepts"]]
+    concepts = [record_concepts(r, config) for r in records]
+    _atomic_parquet(pd.DataFrame({"id": [r.id for r in records], "concepts": concepts}), path)
+    _seal(path, fp)
+    return concepts
+
+
 def stage_select(settings: Settings, run: Path) -> Path:
     """Allocation, IES ranking and the concept filter over the saved scores; writes the outputs."""
     from paser.selection import Selector
@@ -371,7 +384,7 @@ def stage_select(settings: Settings, run: Path) -> Path:
         if table["cluster"].isna().any() or len(table) != len(records):
             raise PaserError(f"{run}: scores and clusters cover different records; rerun without --out reuse")
         ccfg = settings.concepts
-        table["concepts"] = [record_concepts(r, ccfg) for r in records]
+        table["concepts"] = record_concepts_cached(run, records, ccfg)
         selector = Selector(settings.select.budget, settings.allocate.method, use_concepts=ccfg.enabled,
                             random_state=settings.select.seed).fit(table)
         result = selector.result_
