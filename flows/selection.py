@@ -1,69 +1,148 @@
 """The PASER selection flow: the pipeline's table of contents, one task per stage.
 
-Tasks take the settings (a plain dict) and the run folder, and return paths; every result lives
-in the run folder, and each stage skips itself when its inputs' fingerprint is unchanged.
+Tasks take the settings (a plain dict) and the run folder and return paths; every result lives in
+the run folder. The cached stages (data, embed, cluster, score) carry a Prefect cache key made of
+their fingerprint (data content, model files, stage config), with the result record kept in the
+run folder (``.prefect/``): re-running with another budget finds every one of them cached, and
+changing only the clustering settings re-runs clustering and what follows, nothing before it.
+Scoring is a subflow mapped over shards on the configured engine (this process, Dask or Ray); a
+failed shard fails with its record range, and a rerun scores only the shards that are missing.
 
     python -m flows.selection            # the embedded default, through Prefect
 """
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 from flows import configure_prefect
 
 configure_prefect()
 
-from prefect import flow, task  # noqa: E402
+from prefect import flow, task, unmapped  # noqa: E402
+from prefect.artifacts import create_markdown_artifact  # noqa: E402
 from prefect.cache_policies import NO_CACHE  # noqa: E402
 
+from flows.runners import shard_resources, task_runner  # noqa: E402
 from paser import pipeline  # noqa: E402
-from paser.report import write_report  # noqa: E402
+from paser.api import build_settings  # noqa: E402
+from paser.errors import ShardError  # noqa: E402
+from paser.report import artifact_markdown, write_report  # noqa: E402
 
 
-def _settings(settings: dict) -> pipeline.Settings:
+def _s(settings: dict) -> pipeline.Settings:
     return pipeline.Settings.from_dict(settings)
 
 
-@task(name="load data", cache_policy=NO_CACHE)
+def _cached(stage_task, stage: str, settings: dict, run: str, pruned_ref: str | None = None):
+    """``stage_task`` keyed on the stage's fingerprint; a stale or missing output in the run folder
+    refreshes the cache instead of trusting it."""
+    fp, fresh = pipeline.stage_state(stage, _s(settings), Path(run), pruned_ref)
+    if fresh:
+        pipeline.record_stage(Path(run), stage, 0.0, reused=True)
+    key = f"paser-{stage}-{fp}"
+    return stage_task.with_options(cache_key_fn=lambda *_: key, refresh_cache=not fresh, persist_result=True,
+                                   result_storage=Path(run).resolve() / ".prefect" / "results")
+
+
+@task(name="check inputs", cache_policy=NO_CACHE)
+def check_inputs(settings: dict) -> str:
+    pipeline.preflight(_s(settings))
+    return str(pipeline.run_folder(_s(settings)))
+
+
+@task(name="load data")
 def load_data(settings: dict, run: str) -> str:
-    return str(pipeline.stage_data(_settings(settings), Path(run)))
+    return str(pipeline.stage_data(_s(settings), Path(run)))
 
 
-@task(name="embed instructions", cache_policy=NO_CACHE)
-def embed(settings: dict, run: str, cache_dir: str | None) -> str:
-    return str(pipeline.stage_embed(_settings(settings), Path(run), Path(cache_dir) if cache_dir else None))
+@task(name="embed instructions")
+def embed(settings: dict, run: str) -> str:
+    return str(pipeline.stage_embed(_s(settings), Path(run)))
 
 
-@task(name="find capability clusters", cache_policy=NO_CACHE)
+@task(name="find capability clusters")
 def cluster(settings: dict, run: str) -> str:
-    return str(pipeline.stage_cluster(_settings(settings), Path(run)))
+    return str(pipeline.stage_cluster(_s(settings), Path(run)))
 
 
-@task(name="score degradation", cache_policy=NO_CACHE)
-def score(settings: dict, run: str) -> str:
-    return str(pipeline.stage_score(_settings(settings), Path(run)))
+@task(name="pruned twin", cache_policy=NO_CACHE)
+def pruned_twin(settings: dict) -> str:
+    """The pruned model: the one given, or paser's prune of the dense model (made once, cached)."""
+    return pipeline.twin_reference(_s(settings))
+
+
+def _transient(task, task_run, state) -> bool:
+    err = state.result(raise_on_failure=False)
+    return isinstance(err, ShardError) and err.transient
+
+
+@task(name="score shard", task_run_name="score shard {index}", cache_policy=NO_CACHE, retries=2,
+      retry_delay_seconds=5, retry_condition_fn=_transient)
+def score_shard(settings: dict, plan: pipeline.ScoringPlan, index: int) -> dict:
+    return pipeline.score_planned_shard(_s(settings), plan, index)
+
+
+@flow(name="paser-score-shards")
+def score_shards(settings: dict, plan: pipeline.ScoringPlan) -> list[dict]:
+    """Every shard of ``plan``, mapped over the task runner; finished shards return at once."""
+    with shard_resources(_s(settings).distribute):
+        futures = score_shard.map(unmapped(settings), unmapped(plan), list(range(len(plan.shards))))
+    return [f.result() for f in futures]
+
+
+@task(name="collect scores")
+def collect_scores(settings: dict, plan: pipeline.ScoringPlan, reports: list[dict]) -> str:
+    return str(pipeline.finish_scoring(_s(settings), plan, reports))
 
 
 @task(name="allocate, rank and filter", cache_policy=NO_CACHE)
 def select(settings: dict, run: str) -> str:
-    return str(pipeline.stage_select(_settings(settings), Path(run)))
+    return str(pipeline.stage_select(_s(settings), Path(run)))
 
 
 @task(name="write report", cache_policy=NO_CACHE)
 def report(settings: dict, run: str) -> str:
-    return str(write_report(_settings(settings), Path(run)))
+    path = write_report(_s(settings), Path(run))
+    create_markdown_artifact(artifact_markdown(Path(run)), key="paser-selection",
+                             description="PASER selection: clusters, budget and outputs")
+    return str(path)
+
+
+def degradation(settings: dict, run: str, twin: str) -> str:
+    """Score degradation: the shards on the configured engine, then one table (cached)."""
+    s = _s(settings)
+    plan = pipeline.plan_scoring(s, Path(run), twin)
+    fp, fresh = pipeline.stage_state("score", s, Path(run), twin)
+    reports: list[dict] = []
+    if not fresh:
+        start = time.perf_counter()
+        reports = score_shards.with_options(task_runner=task_runner(s.distribute))(settings, plan)
+        pipeline.record_stage(Path(run), "score", time.perf_counter() - start, reused=False)
+    return _cached(collect_scores, "score", settings, run, twin)(settings, plan, reports)
 
 
 @flow(name="paser-select")
-def selection_flow(settings: dict | None = None, cache_dir: str | None = None) -> str:
-    """Select the records that repair a pruned model; returns the run folder."""
-    settings = pipeline.Settings.from_dict(settings or {}).to_dict()
-    run = str(pipeline.run_folder(_settings(settings)))
-    load_data(settings, run)
-    embed(settings, run, cache_dir)
-    cluster(settings, run)
-    score(settings, run)
+def selection_flow(data: str | None = None, dense: str | None = None, pruned: str | None = None,
+                   prune_ratio: float | None = None, budget: str | None = None, out: str | None = None,
+                   config: str | None = None, trust_pickle: bool | None = None, seed: int | None = None,
+                   engine: str | None = None, address: str | None = None, workers: int | None = None,
+                   overrides: dict | None = None) -> str:
+    """Select the records that repair a pruned model; returns the run folder.
+
+    Parameters are those of ``paser select``; left empty, they keep the config file's value
+    (``config``), else the embedded default. ``overrides`` sets any other key as
+    ``{section: {key: value}}``.
+    """
+    settings = build_settings(data, dense, pruned, prune_ratio, budget, out, config, trust_pickle, seed,
+                              engine, address, workers, overrides).to_dict()
+    run = check_inputs(settings)
+    _cached(load_data, "data", settings, run)(settings, run)
+    _cached(embed, "embed", settings, run)(settings, run)
+    _cached(cluster, "cluster", settings, run)(settings, run)
+    twin = pruned_twin(settings)
+    degradation(settings, run, twin)
     select(settings, run)
     report(settings, run)
     return run

@@ -77,6 +77,8 @@ def prune(
     trust_pickle: Annotated[bool, typer.Option(help="Allow loading an LLM-Pruner pickle checkpoint "
                                                     "(unpickling can run arbitrary code).")] = False,
     dtype: Annotated[str, typer.Option(help="Weights dtype while pruning and saving.")] = "float32",
+    flow: Annotated[bool, typer.Option("--flow/--no-flow", help="Run through the Prefect flow (default) or "
+                                       "call the library directly.")] = True,
 ) -> None:
     """Prune attention heads and MLP channels, LLM-Pruner block-wise style, and save the model."""
     from paser.config import load_config
@@ -92,8 +94,14 @@ def prune(
     try:
         cfg = load_config(PruneConfig, config, "prune", overrides)
         typer.echo(f"pruning {model} ...", err=True)
-        result = run_prune(model, out, cfg, export_pickle=export_pickle, trust_pickle=trust_pickle,
-                           dtype=dtype)
+        if flow:
+            from flows.prune import prune_flow
+
+            result = prune_flow(model, str(out), str(config) if config else None, overrides,
+                                str(export_pickle) if export_pickle else None, trust_pickle, dtype)
+        else:
+            result = run_prune(model, out, cfg, export_pickle=export_pickle, trust_pickle=trust_pickle,
+                               dtype=dtype)
     except (PaserError, ValueError) as err:
         raise _fail(err) from None
     before, after = result.shapes_before, result.shapes_after
@@ -125,7 +133,8 @@ def select(
     out: Annotated[str | None, typer.Option(help="Run folder (default runs/select). Re-running on an existing "
                                                  "folder reuses every unchanged stage.")] = None,
     config: Annotated[Path | None, typer.Option(help="YAML settings (sections select, embed, manifold, "
-                                                     "cluster, score, allocate, concepts, prune).")] = None,
+                                                     "cluster, score, allocate, concepts, prune, "
+                                                     "distribute).")] = None,
     layout: Annotated[str | None, typer.Option(help="alpaca, lamini or dolly (default: detected).")] = None,
     strict: Annotated[bool | None, typer.Option("--strict/--lenient", help="Refuse records with an empty "
                                                 "instruction or response instead of setting them aside.")] = None,
@@ -144,6 +153,11 @@ def select(
     seed: Annotated[int | None, typer.Option(help="Seed (default 0).")] = None,
     trust_pickle: Annotated[bool, typer.Option(help="Allow LLM-Pruner pickle checkpoints (unpickling can "
                                                     "run arbitrary code).")] = False,
+    engine: Annotated[str | None, typer.Option(help="Where degradation shards run: local, dask or ray "
+                                                    "(default local).")] = None,
+    address: Annotated[str | None, typer.Option(help="Dask scheduler or Ray cluster address (default: start "
+                                                     "a local cluster).")] = None,
+    workers: Annotated[int | None, typer.Option(help="Workers of a local Dask/Ray cluster (default 2).")] = None,
     flow: Annotated[bool, typer.Option("--flow/--no-flow", help="Run through the Prefect flow (default) or "
                                        "call the stages directly.")] = True,
 ) -> None:
@@ -161,8 +175,8 @@ def select(
     }
     try:
         run = run_select(data=data, dense=dense, pruned=pruned, prune_ratio=prune_ratio, budget=budget, out=out,
-                         config=config, trust_pickle=trust_pickle or None, seed=seed, use_flow=flow,
-                         overrides=overrides)
+                         config=config, trust_pickle=trust_pickle or None, seed=seed, engine=engine,
+                         address=address, workers=workers, use_flow=flow, overrides=overrides)
     except (PaserError, ValueError) as err:
         raise _fail(err) from None
     import json
@@ -173,6 +187,29 @@ def select(
     typer.echo("stage seconds: " + ", ".join(f"{k} {v['seconds']:.1f}{' (reused)' if v['reused'] else ''}"
                                              for k, v in timings.items()))
     typer.echo(f"run folder: {run} (selected.jsonl, scores.parquet, clusters.json, manifest.json, report.md)")
+
+
+@app.command()
+def serve(
+    deployment: Annotated[list[str] | None, typer.Argument(help="Deployments to serve: select, prune "
+                                                                "(default: all).")] = None,
+    api_url: Annotated[str | None, typer.Option(envvar="PREFECT_API_URL", help="The Prefect server's API, "
+                                                "e.g. http://127.0.0.1:4200/api.")] = None,
+    limit: Annotated[int | None, typer.Option(help="Most flow runs at once (default: no limit).")] = None,
+) -> None:
+    """Serve paser's deployments (paser-select/select, paser-prune/prune) to a Prefect server."""
+    _offline_defaults()
+    if not api_url:
+        raise _fail(PaserError("paser serve needs a Prefect server: start one with "
+                               "'prefect server start --host 127.0.0.1' and pass --api-url "
+                               "http://127.0.0.1:4200/api (or set PREFECT_API_URL)"))
+    os.environ["PREFECT_API_URL"] = api_url
+    from flows.deployments import serve as serve_deployments
+
+    try:
+        serve_deployments(deployment or None, limit=limit)
+    except PaserError as err:
+        raise _fail(err) from None
 
 
 def main() -> None:  # pragma: no cover - console entry point

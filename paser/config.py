@@ -18,7 +18,7 @@ from pathlib import Path
 from paser.errors import ConfigError
 
 # Top-level sections a paser YAML may hold; each is one stage's config.
-SECTIONS = ("select", "embed", "manifold", "cluster", "score", "allocate", "concepts", "prune")
+SECTIONS = ("select", "embed", "manifold", "cluster", "score", "allocate", "concepts", "prune", "distribute")
 
 
 def _check(value, hint, where: str):

@@ -374,7 +374,7 @@ def shard_ranges(n: int, shard_size: int) -> list[tuple[int, int]]:
     return [(lo, min(n, lo + shard_size)) for lo in range(0, n, shard_size)]
 
 
-def _progress(total: int, enabled: bool, desc: str):
+def progress_bar(total: int, enabled: bool, desc: str):
     from tqdm.auto import tqdm
 
     return tqdm(total=total, desc=desc, unit="rec", disable=not enabled)
@@ -388,6 +388,32 @@ def _checked(frames: list[pd.DataFrame], records, shard_dir: Path) -> pd.DataFra
     return scores
 
 
+def shard_path(shard_dir: str | Path, index: int) -> Path:
+    return Path(shard_dir) / f"shard-{index:05d}.parquet"
+
+
+def score_pool_shard(dense, pruned, tokenizer, records, config: ScoreConfig, shard_dir: str | Path,
+                     index: int) -> bool:
+    """Score shard ``index`` of ``records`` (the whole pool, in order) into its file in
+    ``shard_dir``, unless that file exists already. Returns whether it computed anything."""
+    path = shard_path(shard_dir, index)
+    if path.is_file():
+        return False
+    lo, hi = shard_ranges(len(records), config.shard_size)[index]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _write_atomic(score_shard(dense, pruned, tokenizer, records[lo:hi], config), path)
+    return True
+
+
+def collect_shards(records, config: ScoreConfig, shard_dir: str | Path) -> pd.DataFrame:
+    """Every shard of a finished scoring run, checked against the records, as one table."""
+    n = len(shard_ranges(len(records), config.shard_size))
+    missing = [i for i in range(n) if not shard_path(shard_dir, i).is_file()]
+    if missing:
+        raise RuntimeError(f"{shard_dir}: shard(s) {missing} are not finished")
+    return _checked([pd.read_parquet(shard_path(shard_dir, i)) for i in range(n)], records, Path(shard_dir))
+
+
 def score_pool(dense, pruned, tokenizer, records, config: ScoreConfig, shard_dir: str | Path,
                progress: bool = False, on_shard=None) -> pd.DataFrame:
     """Score every record, writing ``shard-NNNNN.parquet`` files into ``shard_dir`` as they finish.
@@ -395,21 +421,12 @@ def score_pool(dense, pruned, tokenizer, records, config: ScoreConfig, shard_dir
     Finished shards are read back instead of recomputed, so an interrupted run resumes.
     ``on_shard(index, path)`` is called after each shard is written (progress hooks, tests).
     """
-    shard_dir = Path(shard_dir)
-    shard_dir.mkdir(parents=True, exist_ok=True)
-    frames = []
-    with _progress(len(records), progress, "degradation (JSD)") as bar:
+    with progress_bar(len(records), progress, "degradation (JSD)") as bar:
         for i, (lo, hi) in enumerate(shard_ranges(len(records), config.shard_size)):
-            path = shard_dir / f"shard-{i:05d}.parquet"
-            if path.is_file():
-                frames.append(pd.read_parquet(path))
-            else:
-                frames.append(score_shard(dense, pruned, tokenizer, records[lo:hi], config))
-                _write_atomic(frames[-1], path)
-                if on_shard is not None:
-                    on_shard(i, path)
+            if score_pool_shard(dense, pruned, tokenizer, records, config, shard_dir, i) and on_shard is not None:
+                on_shard(i, shard_path(shard_dir, i))
             bar.update(hi - lo)
-    return _checked(frames, records, shard_dir)
+    return collect_shards(records, config, shard_dir)
 
 
 def score_pool_two_pass(load_dense, load_pruned, tokenizer, records, config: ScoreConfig,
@@ -423,10 +440,10 @@ def score_pool_two_pass(load_dense, load_pruned, tokenizer, records, config: Sco
     shard_dir = Path(shard_dir)
     shard_dir.mkdir(parents=True, exist_ok=True)
     ranges = shard_ranges(len(records), config.shard_size)
-    final = [shard_dir / f"shard-{i:05d}.parquet" for i in range(len(ranges))]
+    final = [shard_path(shard_dir, i) for i in range(len(ranges))]
     cached = [shard_dir / f"topk-{i:05d}.pt" for i in range(len(ranges))]
     model = None
-    with _progress(len(records), progress, "dense top-k (pass 1)") as bar:
+    with progress_bar(len(records), progress, "dense top-k (pass 1)") as bar:
         for (lo, hi), done, path in zip(ranges, final, cached):
             if not done.is_file() and not path.is_file():
                 model = model if model is not None else load_dense()
@@ -436,7 +453,7 @@ def score_pool_two_pass(load_dense, load_pruned, tokenizer, records, config: Sco
             bar.update(hi - lo)
     del model
     model, frames = None, []
-    with _progress(len(records), progress, "degradation vs top-k (pass 2)") as bar:
+    with progress_bar(len(records), progress, "degradation vs top-k (pass 2)") as bar:
         for i, ((lo, hi), done, path) in enumerate(zip(ranges, final, cached)):
             if done.is_file():
                 frames.append(pd.read_parquet(done))

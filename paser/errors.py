@@ -35,3 +35,15 @@ class DataError(PaserError):
 
 class ConfigError(PaserError):
     """A YAML config or override with an unknown key or a value of the wrong type."""
+
+
+class ShardError(PaserError):
+    """A scoring shard that failed; the message names the run, the shard, its record range and the
+    reason. ``transient`` is true for I/O and connection failures, which are worth a retry."""
+
+    def __init__(self, message: str, transient: bool = False):
+        super().__init__(message)
+        self.transient = transient
+
+    def __reduce__(self):  # keeps ``transient`` when a Dask or Ray worker sends it back
+        return type(self), (str(self), self.transient)

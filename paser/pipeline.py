@@ -25,9 +25,12 @@ import dataclasses
 import hashlib
 import json
 import os
+import socket
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import pandas as pd
@@ -37,9 +40,17 @@ from paser.clustering import ClusterConfig, SpectralClusterer
 from paser.concepts import ConceptConfig, record_concepts
 from paser.config import from_mapping, read_yaml, to_mapping
 from paser.data import Pool, Record, load_pool
-from paser.degradation import ScoreConfig, score_pool, score_pool_two_pass, scoring_fingerprint
+from paser.degradation import (
+    ScoreConfig,
+    collect_shards,
+    score_pool_shard,
+    score_pool_two_pass,
+    scoring_fingerprint,
+    shard_path,
+    shard_ranges,
+)
 from paser.embedding import EmbedConfig, embed_texts, instruction_texts
-from paser.errors import ConfigError, DataError, PaserError
+from paser.errors import ConfigError, DataError, PaserError, ShardError
 from paser.manifold import ManifoldConfig, learn_manifold
 from paser.pruning import PruneConfig
 
@@ -76,9 +87,30 @@ class SelectConfig:
     """Progress bars on long stages."""
 
 
+@dataclass
+class DistributeConfig:
+    """Where the degradation shards run. Scores do not depend on it: every engine gives the same."""
+
+    engine: Literal["local", "dask", "ray"] = "local"
+    """local: shards one after another in this process; dask or ray: spread over that engine."""
+    address: str | None = None
+    """Dask scheduler (tcp://host:8786) or Ray cluster (ray://host:10001, auto) to use; None starts a
+    local cluster of ``workers`` processes for the run. The run folder must be on storage the
+    workers can read and write."""
+    workers: int = 2
+    """Worker processes of a local cluster (one per GPU when scoring on GPUs)."""
+    gpus_per_shard: float | None = None
+    """GPUs each shard claims (Dask resource GPU, Ray num_gpus); None: 1 when CUDA is available
+    here, else 0."""
+
+    def __post_init__(self):
+        if self.workers < 1:
+            raise ValueError(f"workers must be positive, got {self.workers}")
+
+
 STAGE_CONFIGS = {"select": SelectConfig, "embed": EmbedConfig, "manifold": ManifoldConfig,
             "cluster": ClusterConfig, "score": ScoreConfig, "allocate": AllocateConfig,
-            "concepts": ConceptConfig, "prune": PruneConfig}
+            "concepts": ConceptConfig, "prune": PruneConfig, "distribute": DistributeConfig}
 
 
 @dataclass
@@ -93,6 +125,7 @@ class Settings:
     allocate: AllocateConfig = field(default_factory=AllocateConfig)
     concepts: ConceptConfig = field(default_factory=ConceptConfig)
     prune: PruneConfig = field(default_factory=PruneConfig)
+    distribute: DistributeConfig = field(default_factory=DistributeConfig)
 
     def to_dict(self) -> dict:
         return {name: to_mapping(getattr(self, name)) for name in STAGE_CONFIGS}
@@ -136,10 +169,11 @@ def _atomic_parquet(frame: pd.DataFrame, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def _record_time(run: Path, stage: str, seconds: float, skipped: bool) -> None:
+def record_stage(run: Path, stage: str, seconds: float, reused: bool) -> None:
+    """Note a stage's wall time in timings.json (the manifest's per-stage table)."""
     path = run / "timings.json"
     timings = json.loads(path.read_text()) if path.is_file() else {}
-    timings[stage] = {"seconds": round(seconds, 3), "reused": skipped}
+    timings[stage] = {"seconds": round(seconds, 3), "reused": reused}
     path.write_text(json.dumps(timings, indent=2))
 
 
@@ -155,7 +189,7 @@ class _Stage:
 
     def __exit__(self, *exc):
         if exc[0] is None:
-            _record_time(self.run, self.name, time.perf_counter() - self.start, self.reused)
+            record_stage(self.run, self.name, time.perf_counter() - self.start, self.reused)
 
 
 # ---------------------------------------------------------------- data
@@ -191,7 +225,7 @@ def stage_data(settings: Settings, run: Path) -> Path:
     """Validate the pool once and store it in the run folder."""
     cfg = settings.select
     path = run / "pool.parquet"
-    fp = data_fingerprint(cfg)
+    fp = stage_fingerprint("data", settings, run)
     with _Stage(run, "data") as st:
         if _fresh(path, fp):
             st.reused = True
@@ -235,7 +269,7 @@ def stage_embed(settings: Settings, run: Path, cache_dir: Path | None = None) ->
     cfg = settings.embed
     path = run / "embeddings.npy"
     embedder = SentenceEmbedder(cfg.model, cfg.batch_size, cfg.device, progress=settings.select.progress)
-    fp = _hash(_fp_of(run / "pool.parquet"), to_mapping(cfg), embedder.fingerprint())
+    fp = stage_fingerprint("embed", settings, run)
     with _Stage(run, "embed") as st:
         if _fresh(path, fp):
             st.reused = True
@@ -250,7 +284,7 @@ def stage_embed(settings: Settings, run: Path, cache_dir: Path | None = None) ->
 def stage_cluster(settings: Settings, run: Path) -> Path:
     path = run / "clusters.parquet"
     seed = settings.select.seed
-    fp = _hash(_fp_of(run / "embeddings.npy"), to_mapping(settings.manifold), to_mapping(settings.cluster), seed)
+    fp = stage_fingerprint("cluster", settings, run)
     with _Stage(run, "cluster") as st:
         if _fresh(path, fp):
             st.reused = True
@@ -308,53 +342,202 @@ def twin_reference(settings: Settings) -> str:
     return str(folder)
 
 
-def stage_score(settings: Settings, run: Path) -> Path:
-    from paser.models import check_same_tokenizer, load_model, load_pair, load_tokenizer, model_fingerprint
+@dataclass
+class ScoringPlan:
+    """One scoring run: its fingerprint, the two model references and the shards' record ranges.
+    Small and picklable, so shards can be handed to Dask or Ray workers."""
+
+    run: str
+    fingerprint: str
+    dense: str
+    pruned: str
+    shards: list[tuple[int, int]]
+
+    @property
+    def shard_dir(self) -> Path:
+        return Path(self.run) / "scores" / self.fingerprint
+
+
+def plan_scoring(settings: Settings, run: Path, pruned_ref: str) -> ScoringPlan:
+    n = len(pd.read_parquet(run / "pool.parquet", columns=["id"]))
+    return ScoringPlan(str(run), stage_fingerprint("score", settings, run, pruned_ref), settings.select.dense,
+                       pruned_ref, shard_ranges(n, settings.score.shard_size))
+
+
+_LOADED: dict = {}
+_LOADED_LOCK = threading.Lock()
+
+
+def scoring_device(config: ScoreConfig) -> str:
+    """The configured device, else CUDA when available, else CPU. On a local Dask cluster whose
+    workers are numbered, worker i takes GPU i modulo the GPUs it sees (Ray already narrows
+    CUDA_VISIBLE_DEVICES to the GPU it granted)."""
+    import torch
+
+    if config.device:
+        return config.device
+    if not torch.cuda.is_available():
+        return "cpu"
+    try:
+        from distributed import get_worker
+
+        name = get_worker().name
+    except (ImportError, ValueError):
+        return "cuda"
+    return f"cuda:{name % torch.cuda.device_count()}" if isinstance(name, int) else "cuda"
+
+
+def loaded_pair(settings: Settings, plan: ScoringPlan):
+    """The dense and pruned models of ``plan``, loaded once per process and reused for every shard
+    this process scores (a Dask or Ray worker keeps them between shards)."""
+    from paser.models import load_pair, model_fingerprint
+
+    scfg = settings.score
+    device = scoring_device(scfg)
+    key = (model_fingerprint(plan.dense), model_fingerprint(plan.pruned), scfg.dtype, device,
+           settings.select.trust_pickle)
+    with _LOADED_LOCK:
+        if key not in _LOADED:
+            _LOADED.clear()
+            _LOADED[key] = load_pair(plan.dense, plan.pruned, dtype=scfg.dtype, device=device,
+                                     trust_pickle=settings.select.trust_pickle)
+        return _LOADED[key]
+
+
+def release_models() -> None:
+    """Drop the models ``loaded_pair`` keeps in this process."""
+    with _LOADED_LOCK:
+        _LOADED.clear()
+
+
+def score_planned_shard(settings: Settings, plan: ScoringPlan, index: int) -> dict:
+    """Score shard ``index`` of ``plan`` unless its file exists; returns a small report (record
+    range, worker, seconds). A failure raises ``ShardError`` naming the shard and its records."""
+    lo, hi = plan.shards[index]
+    report = {"shard": index, "records": [lo, hi], "worker": f"{socket.gethostname()}:{os.getpid()}",
+              "computed": False, "seconds": 0.0}
+    if shard_path(plan.shard_dir, index).is_file():
+        return report
+    start = time.perf_counter()
+    try:
+        dense, pruned = loaded_pair(settings, plan)
+        records = read_run_pool(Path(plan.run))
+        score_pool_shard(dense.model, pruned.model, dense.tokenizer, records, settings.score, plan.shard_dir, index)
+    except PaserError:
+        raise
+    except Exception as err:
+        ids = pd.read_parquet(Path(plan.run) / "pool.parquet", columns=["id"])["id"]
+        raise ShardError(f"{plan.run}: scoring shard {index} (records {lo}..{hi - 1}, ids {ids[lo]!r}.."
+                         f"{ids[hi - 1]!r}) failed: {type(err).__name__}: {err}",
+                         transient=isinstance(err, OSError)) from err
+    return report | {"computed": True, "seconds": round(time.perf_counter() - start, 3),
+                     "models": {"dense": dense.describe(), "pruned": pruned.describe()}}
+
+
+def finish_scoring(settings: Settings, plan: ScoringPlan, reports: list[dict], described: dict | None = None) -> Path:
+    """Collect the finished shards into degradation.parquet, with models.json and scoring.json."""
+    from paser.models import model_fingerprint
+
+    run = Path(plan.run)
+    scores = collect_shards(read_run_pool(run), settings.score, plan.shard_dir)
+    _atomic_parquet(scores, run / "degradation.parquet")
+    computed = [r for r in reports if r.get("computed")]
+    described = described or (computed[0]["models"] if computed else {})
+    (run / "models.json").write_text(json.dumps({
+        which: {"reference": ref, "fingerprint": model_fingerprint(ref),
+                "description": described.get(which, "reused finished shards")}
+        for which, ref in (("dense", plan.dense), ("pruned", plan.pruned))}, indent=2))
+    (run / "scoring.json").write_text(json.dumps({
+        "fingerprint": plan.fingerprint, "shards": sorted(reports, key=lambda r: r["shard"])}, indent=2))
+    _seal(run / "degradation.parquet", plan.fingerprint)
+    release_models()
+    return run / "degradation.parquet"
+
+
+def _score_two_pass(settings: Settings, plan: ScoringPlan) -> dict:
+    from paser.models import check_same_tokenizer, load_model, load_tokenizer
 
     cfg, scfg = settings.select, settings.score
-    path = run / "degradation.parquet"
+    kwargs = dict(dtype=scfg.dtype, trust_pickle=cfg.trust_pickle, device=scoring_device(scfg))
+    described = {}
+
+    def load(which: str, reference: str):
+        loaded = load_model(reference, **kwargs)
+        described[which] = loaded.describe()
+        return loaded.model
+
+    tokenizer = load_tokenizer(plan.dense) or load_model(plan.dense, **kwargs).tokenizer
+    pruned_tok = load_tokenizer(plan.pruned)
+    if pruned_tok is not None:
+        check_same_tokenizer(tokenizer, pruned_tok, plan.dense, plan.pruned)
+    score_pool_two_pass(lambda: load("dense", plan.dense), lambda: load("pruned", plan.pruned), tokenizer,
+                        read_run_pool(Path(plan.run)), scfg, plan.shard_dir, progress=cfg.progress)
+    return described
+
+
+def stage_twin(settings: Settings, run: Path) -> str:
+    """The pruned model's reference, making paser's twin first when none was given (timed)."""
     with _Stage(run, "twin") as st:
-        st.reused = cfg.pruned is not None or (_twin_folder(settings) / "paser_pruned.json").is_file()
-        pruned_ref = twin_reference(settings)
-    ids = pd.read_parquet(run / "pool.parquet", columns=["id"])["id"].tolist()
-    fp = scoring_fingerprint(scfg, model_fingerprint(cfg.dense), model_fingerprint(pruned_ref), ids)
-    fp = _hash(fp, _fp_of(run / "pool.parquet"))
+        st.reused = settings.select.pruned is not None or (_twin_folder(settings) / "paser_pruned.json").is_file()
+        return twin_reference(settings)
+
+
+def stage_score(settings: Settings, run: Path) -> Path:
+    """Score every record in this process (the flow maps the same shards over workers instead)."""
+    from paser.degradation import progress_bar
+
+    path = run / "degradation.parquet"
+    pruned_ref = stage_twin(settings, run)
     with _Stage(run, "score") as st:
-        if _fresh(path, fp):
+        plan = plan_scoring(settings, run, pruned_ref)
+        if _fresh(path, plan.fingerprint):
             st.reused = True
             return path
-        import torch
+        if settings.score.two_pass:
+            return finish_scoring(settings, plan, [], _score_two_pass(settings, plan))
+        reports = []
+        with progress_bar(plan.shards[-1][1] if plan.shards else 0, settings.select.progress,
+                       "degradation (JSD)") as bar:
+            for i, (lo, hi) in enumerate(plan.shards):
+                reports.append(score_planned_shard(settings, plan, i))
+                bar.update(hi - lo)
+        return finish_scoring(settings, plan, reports)
 
-        device = scfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        kwargs = dict(dtype=scfg.dtype, trust_pickle=cfg.trust_pickle, device=device)
-        described = {}
-        if scfg.two_pass:
-            def load(which: str, reference: str):
-                loaded = load_model(reference, **kwargs)
-                described[which] = loaded.describe()
-                return loaded.model
 
-            tokenizer = load_tokenizer(cfg.dense) or load_model(cfg.dense, **kwargs).tokenizer
-            pruned_tok = load_tokenizer(pruned_ref)
-            if pruned_tok is not None:
-                check_same_tokenizer(tokenizer, pruned_tok, cfg.dense, pruned_ref)
-            scores = score_pool_two_pass(lambda: load("dense", cfg.dense), lambda: load("pruned", pruned_ref),
-                                         tokenizer, read_run_pool(run), scfg, run / "scores" / fp,
-                                         progress=cfg.progress)
-        else:
-            dense, pruned = load_pair(cfg.dense, pruned_ref, **kwargs)
-            described = {"dense": dense.describe(), "pruned": pruned.describe()}
-            scores = score_pool(dense.model, pruned.model, dense.tokenizer, read_run_pool(run), scfg,
-                                run / "scores" / fp, progress=cfg.progress)
-        _atomic_parquet(scores, path)
-        (run / "models.json").write_text(json.dumps({
-            "dense": {"reference": cfg.dense, "fingerprint": model_fingerprint(cfg.dense),
-                      "description": described.get("dense", "reused cached scores")},
-            "pruned": {"reference": pruned_ref, "fingerprint": model_fingerprint(pruned_ref),
-                       "description": described.get("pruned", "reused cached scores")},
-        }, indent=2))
-        _seal(path, fp)
-    return path
+# ---------------------------------------------------------------- fingerprints
+
+
+STAGE_OUTPUTS = {"data": "pool.parquet", "embed": "embeddings.npy", "cluster": "clusters.parquet",
+                 "score": "degradation.parquet"}
+
+
+def stage_fingerprint(stage: str, settings: Settings, run: Path, pruned_ref: str | None = None) -> str:
+    """What a stage's output depends on, computed without running it; needs the earlier stages'
+    outputs (and, for ``score``, the pruned model's reference)."""
+    if stage == "data":
+        return data_fingerprint(settings.select)
+    if stage == "embed":
+        from paser.embedding import SentenceEmbedder
+
+        cfg = settings.embed
+        return _hash(_fp_of(run / "pool.parquet"), to_mapping(cfg), SentenceEmbedder(cfg.model).fingerprint())
+    if stage == "cluster":
+        return _hash(_fp_of(run / "embeddings.npy"), to_mapping(settings.manifold), to_mapping(settings.cluster),
+                     settings.select.seed)
+    if stage == "score":
+        from paser.models import model_fingerprint
+
+        ids = pd.read_parquet(run / "pool.parquet", columns=["id"])["id"].tolist()
+        fp = scoring_fingerprint(settings.score, model_fingerprint(settings.select.dense),
+                                 model_fingerprint(pruned_ref), ids)
+        return _hash(fp, _fp_of(run / "pool.parquet"))
+    raise ValueError(f"no fingerprint for stage {stage!r}; known: {list(STAGE_OUTPUTS)}")
+
+
+def stage_state(stage: str, settings: Settings, run: Path, pruned_ref: str | None = None) -> tuple[str, bool]:
+    """The stage's fingerprint and whether its output in ``run`` already matches it."""
+    fp = stage_fingerprint(stage, settings, run, pruned_ref)
+    return fp, _fresh(run / STAGE_OUTPUTS[stage], fp)
 
 
 # ---------------------------------------------------------------- select and write
@@ -373,21 +556,30 @@ def record_concepts_cached(run: Path, records: list[Record], config: ConceptConf
     return concepts
 
 
-def stage_select(settings: Settings, run: Path) -> Path:
-    """Allocation, IES ranking and the concept filter over the saved scores; writes the outputs."""
+def selection_table(settings: Settings, run: Path) -> tuple[list[Record], pd.DataFrame]:
+    """The run's records and the table selection works on: degradation, cluster and concepts per record."""
+    records = read_run_pool(run)
+    table = pd.read_parquet(run / "degradation.parquet").merge(
+        pd.read_parquet(run / "clusters.parquet"), on="id", how="left", validate="one_to_one")
+    if table["cluster"].isna().any() or len(table) != len(records):
+        raise PaserError(f"{run}: scores and clusters cover different records; rerun without --out reuse")
+    table["concepts"] = record_concepts_cached(run, records, settings.concepts)
+    return records, table
+
+
+def select_from(settings: Settings, table: pd.DataFrame, budget: float | int | None = None):
+    """Allocation, IES ranking and the concept filter over a selection table; writes nothing."""
     from paser.selection import Selector
 
+    return Selector(settings.select.budget if budget is None else budget, settings.allocate.method,
+                    use_concepts=settings.concepts.enabled, random_state=settings.select.seed).fit(table).result_
+
+
+def stage_select(settings: Settings, run: Path) -> Path:
+    """Allocation, IES ranking and the concept filter over the saved scores; writes the outputs."""
     with _Stage(run, "select"):
-        records = read_run_pool(run)
-        table = pd.read_parquet(run / "degradation.parquet").merge(
-            pd.read_parquet(run / "clusters.parquet"), on="id", how="left", validate="one_to_one")
-        if table["cluster"].isna().any() or len(table) != len(records):
-            raise PaserError(f"{run}: scores and clusters cover different records; rerun without --out reuse")
-        ccfg = settings.concepts
-        table["concepts"] = record_concepts_cached(run, records, ccfg)
-        selector = Selector(settings.select.budget, settings.allocate.method, use_concepts=ccfg.enabled,
-                            random_state=settings.select.seed).fit(table)
-        result = selector.result_
+        records, table = selection_table(settings, run)
+        result = select_from(settings, table)
         out = result.table
         _atomic_parquet(out.assign(concepts=out["concepts"].map(list)), run / "scores.parquet")
         by_id = {r.id: r for r in records}

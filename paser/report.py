@@ -41,27 +41,29 @@ def family_ari(run: Path) -> float | None:
     return float(adjusted_rand_score(families, clusters.to_numpy()))
 
 
-def _plots(run: Path, scores: pd.DataFrame, summary: dict) -> list[str]:
-    import matplotlib
-
-    matplotlib.use("Agg")
+def _pyplot():
     import matplotlib.pyplot as plt
 
-    coords = np.load(run / "manifold.npz")["coords"]
-    clusters = summary["clusters"]
-    names = []
+    return plt
+
+
+def map_figure(coords: np.ndarray, clusters, jsd):
+    """The records on the first two spectral coordinates, coloured by cluster and by degradation."""
+    plt = _pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.6))
     xy = coords[:, :2] if coords.shape[1] >= 2 else np.hstack([coords, np.zeros_like(coords)])
-    axes[0].scatter(xy[:, 0], xy[:, 1], c=scores["cluster"], cmap="tab20", s=6)
+    axes[0].scatter(xy[:, 0], xy[:, 1], c=clusters, cmap="tab20", s=6)
     axes[0].set_title("clusters (first two spectral coordinates)")
-    sc = axes[1].scatter(xy[:, 0], xy[:, 1], c=scores["jsd"].fillna(0), cmap="magma", s=6)
+    sc = axes[1].scatter(xy[:, 0], xy[:, 1], c=np.nan_to_num(np.asarray(jsd, dtype=float)), cmap="magma", s=6)
     fig.colorbar(sc, ax=axes[1], label="JSD")
     axes[1].set_title("degradation")
     fig.tight_layout()
-    fig.savefig(run / "cluster_map.png", dpi=110)
-    plt.close(fig)
-    names.append("cluster_map.png")
+    return fig
 
+
+def allocation_figure(clusters: list[dict]):
+    """CDS per cluster (bars) with its budget allocation and the records selected (lines)."""
+    plt = _pyplot()
     ids = [c["cluster"] for c in clusters]
     fig, ax1 = plt.subplots(figsize=(10, 4))
     ax1.bar(ids, [c["cds"] for c in clusters], color="#c44e52")
@@ -74,22 +76,58 @@ def _plots(run: Path, scores: pd.DataFrame, summary: dict) -> list[str]:
     ax2.legend(loc="upper right")
     ax1.set_title("degradation and budget per cluster")
     fig.tight_layout()
-    fig.savefig(run / "allocation.png", dpi=110)
-    plt.close(fig)
-    names.append("allocation.png")
+    return fig
 
+
+def rejections_figure(clusters: list[dict]):
+    """Share of the records visited in each cluster that the concept filter rejected."""
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(10, 3.5))
     rates = [c["rejected"] / max(1, c["rejected"] + c["selected"]) for c in clusters]
-    ax.bar(ids, rates, color="#8172b2")
+    ax.bar([c["cluster"] for c in clusters], rates, color="#8172b2")
     ax.set_xlabel("cluster")
     ax.set_ylabel("rejected / visited")
     ax.set_ylim(0, 1)
     ax.set_title("concept-conflict rejections per cluster")
     fig.tight_layout()
-    fig.savefig(run / "rejections.png", dpi=110)
-    plt.close(fig)
-    names.append("rejections.png")
-    return names
+    return fig
+
+
+def _plots(run: Path, scores: pd.DataFrame, summary: dict) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    figures = {
+        "cluster_map.png": map_figure(np.load(run / "manifold.npz")["coords"], scores["cluster"], scores["jsd"]),
+        "allocation.png": allocation_figure(summary["clusters"]),
+        "rejections.png": rejections_figure(summary["clusters"]),
+    }
+    for name, fig in figures.items():
+        fig.savefig(run / name, dpi=110)
+        _pyplot().close(fig)
+    return list(figures)
+
+
+def cluster_table(summary: dict) -> list[str]:
+    """The clusters as Markdown table lines, most degraded first."""
+    lines = ["| cluster | size | CDS | allocation | selected | rejected |", "|---:|---:|---:|---:|---:|---:|"]
+    for c in sorted(summary["clusters"], key=lambda c: -c["cds"]):
+        lines.append(f"| {c['cluster']} | {c['size']} | {c['cds']:.4f} | {c['allocation']} | "
+                     f"{c['selected']} | {c['rejected']} |")
+    return lines
+
+
+OUTPUTS = ("selected.jsonl", "scores.parquet", "clusters.json", "report.md", "manifest.json", "cluster_map.png")
+
+
+def artifact_markdown(run: Path) -> str:
+    """The Prefect artifact of a selection run: the cluster table and links to its outputs."""
+    summary = json.loads((run / "clusters.json").read_text())
+    folder = run.resolve()
+    lines = [f"# PASER selection: {summary['selected']} records from {len(summary['clusters'])} clusters", "",
+             f"Run folder: `{folder}`", ""] + cluster_table(summary) + ["", "## Outputs", ""]
+    lines += [f"- [{name}]({(folder / name).as_uri()})" for name in OUTPUTS if (folder / name).exists()]
+    return "\n".join(lines) + "\n"
 
 
 def write_report(settings, run: Path) -> Path:
@@ -132,11 +170,7 @@ def write_report(settings, run: Path) -> Path:
     ]
     if ari is not None:
         lines.append(f"- adjusted Rand index of the clusters against the task families: {ari:.3f}")
-    lines += ["", "## Clusters", "", "| cluster | size | CDS | allocation | selected | rejected |",
-              "|---:|---:|---:|---:|---:|---:|"]
-    for c in sorted(summary["clusters"], key=lambda c: -c["cds"]):
-        lines.append(f"| {c['cluster']} | {c['size']} | {c['cds']:.4f} | {c['allocation']} | "
-                     f"{c['selected']} | {c['rejected']} |")
+    lines += ["", "## Clusters", ""] + cluster_table(summary)
     lines += ["", "## Stage times", "", "| stage | seconds | reused |", "|---|---:|---|"]
     for name, t in timings.items():
         lines.append(f"| {name} | {t['seconds']:.1f} | {'yes' if t['reused'] else 'no'} |")
@@ -149,3 +183,68 @@ def write_report(settings, run: Path) -> Path:
     path = run / "report.md"
     path.write_text("\n".join(lines))
     return path
+
+
+class RunView:
+    """A finished selection run read back from its folder, for notebooks and scripts.
+
+    ``records``: one row per record in pool order (id, instruction, input, response, cluster,
+    jsd, ies, status, reason, conflict_a/b, rank, x, y); ``clusters``: one row per cluster (size,
+    cds, allocation, selected, rejected); ``summary``: clusters.json.
+    """
+
+    def __init__(self, folder: str | Path):
+        from paser.pipeline import Settings
+
+        self.folder = Path(folder)
+        missing = [n for n in ("settings.json", "pool.parquet", "scores.parquet", "clusters.json", "manifold.npz")
+                   if not (self.folder / n).is_file()]
+        if missing:
+            from paser.errors import DataError
+
+            raise DataError(f"{self.folder}: not a finished paser selection run (missing {', '.join(missing)})")
+        self.settings = Settings.from_dict(json.loads((self.folder / "settings.json").read_text()),
+                                           str(self.folder / "settings.json"))
+        self.summary = json.loads((self.folder / "clusters.json").read_text())
+        self.clusters = pd.DataFrame(self.summary["clusters"]).set_index("cluster")
+        self.coords = np.load(self.folder / "manifold.npz")["coords"]
+        pool = pd.read_parquet(self.folder / "pool.parquet", columns=["id", "instruction", "input", "response"])
+        scores = pd.read_parquet(self.folder / "scores.parquet")
+        records = pool.merge(scores, on="id", how="left", validate="one_to_one")
+        records["x"] = self.coords[:, 0]
+        records["y"] = self.coords[:, 1] if self.coords.shape[1] > 1 else 0.0
+        self.records = records
+
+    def map_figure(self):
+        return map_figure(self.coords, self.records["cluster"], self.records["jsd"])
+
+    def allocation_figure(self):
+        return allocation_figure(self.summary["clusters"])
+
+    def rejections_figure(self):
+        return rejections_figure(self.summary["clusters"])
+
+    def clusters_by_degradation(self) -> list[int]:
+        """Cluster ids, most degraded (highest CDS) first."""
+        return [int(c) for c in self.clusters.sort_values("cds", ascending=False).index]
+
+    def examples(self, cluster: int, n: int = 3) -> pd.DataFrame:
+        """The ``n`` most degraded records of ``cluster``."""
+        rows = self.records[self.records["cluster"] == cluster]
+        return rows.sort_values("jsd", ascending=False).head(n)[["id", "instruction", "response", "jsd", "status"]]
+
+    def rejected(self) -> pd.DataFrame:
+        """Records the concept filter rejected, with the two concepts whose conflict rejected them."""
+        rows = self.records[self.records["status"] == "rejected"]
+        return rows[["id", "cluster", "instruction", "concepts", "conflict_a", "conflict_b"]]
+
+    def reselect(self, budget: float | int):
+        """Selection at another budget from the saved scores and clusters (no model, writes nothing)."""
+        from paser.pipeline import select_from, selection_table
+
+        return select_from(self.settings, selection_table(self.settings, self.folder)[1], budget)
+
+
+def load_run(folder: str | Path) -> RunView:
+    """Read a finished ``paser select`` run folder."""
+    return RunView(folder)

@@ -1,0 +1,41 @@
+"""The pruning flow: ``paser prune`` through Prefect, so pruning shows up beside selection runs.
+
+    python -m flows.prune            # prune the bundled SmolLM2 by 25% into runs/pruned
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from flows import configure_prefect
+
+configure_prefect()
+
+from prefect import flow, task  # noqa: E402
+from prefect.cache_policies import NO_CACHE  # noqa: E402
+
+from paser.config import load_config  # noqa: E402
+from paser.pruning import PruneConfig, PruneResult  # noqa: E402
+from paser.pruning import prune as prune_model  # noqa: E402
+
+
+@task(name="prune", cache_policy=NO_CACHE)
+def prune(model: str, out: str, config: PruneConfig, export_pickle: str | None, trust_pickle: bool,
+          dtype: str) -> PruneResult:
+    return prune_model(model, out, config, export_pickle=export_pickle, trust_pickle=trust_pickle, dtype=dtype)
+
+
+@flow(name="paser-prune")
+def prune_flow(model: str = "smollm2-135m-instruct", out: str = "runs/pruned", config: str | None = None,
+               overrides: dict | None = None, export_pickle: str | None = None, trust_pickle: bool = False,
+               dtype: str = "float32") -> PruneResult:
+    """Prune attention heads and MLP channels of ``model`` (LLM-Pruner block-wise) into ``out``.
+
+    ``config`` is a YAML file whose ``prune`` section is read; ``overrides`` are PruneConfig fields on top.
+    """
+    cfg = load_config(PruneConfig, config, "prune", overrides)
+    return prune(model, str(Path(out)), cfg, export_pickle, trust_pickle, dtype)
+
+
+if __name__ == "__main__":
+    print(prune_flow().out)

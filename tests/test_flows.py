@@ -1,0 +1,134 @@
+"""The Prefect flows on tiny models: cache hits, invalidation, shard failure and resume,
+the cluster artifact, and scoring spread over local Dask and Ray clusters."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+
+import paser
+from paser import degradation, pipeline
+from paser.errors import ShardError
+from tests.test_pipeline import settings
+
+
+@pytest.fixture(scope="module")
+def harness():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory, tiny_tokenizer):
+    from tests.test_pipeline import make_pair
+
+    return make_pair(tmp_path_factory, tiny_tokenizer)
+
+
+class Calls:
+    """Counts calls of a library function while still running it."""
+
+    def __init__(self, monkeypatch, module, name, fail_on=None):
+        current = getattr(module, name)
+        self.n, self.fail_on, self.original = 0, fail_on, getattr(current, "original", current)
+        monkeypatch.setattr(module, name, self)
+
+    def __call__(self, *args, **kwargs):
+        if self.fail_on is not None and self.fail_on(*args):
+            raise RuntimeError("injected failure")
+        self.n += 1
+        return self.original(*args, **kwargs)
+
+
+def _flow(s: pipeline.Settings, **kwargs):
+    from flows.selection import selection_flow
+
+    return selection_flow(overrides=s.to_dict(), **kwargs)
+
+
+def _calls(monkeypatch):
+    return {"embed": Calls(monkeypatch, pipeline, "embed_texts"),
+            "manifold": Calls(monkeypatch, pipeline, "learn_manifold"),
+            "score": Calls(monkeypatch, degradation, "score_shard")}
+
+
+def test_second_run_is_served_from_the_cache(models, tmp_path, monkeypatch, harness):
+    s = settings(models, tmp_path / "run")
+    calls = _calls(monkeypatch)
+    _flow(s)
+    assert calls["embed"].n == 1 and calls["manifold"].n == 1 and calls["score"].n == 3
+    first = (tmp_path / "run" / "selected.jsonl").read_text()
+    calls = _calls(monkeypatch)
+    _flow(s, budget="10")
+    assert (calls["embed"].n, calls["manifold"].n, calls["score"].n) == (0, 0, 0)
+    assert sum(1 for _ in (tmp_path / "run" / "selected.jsonl").open()) == 10
+    timings = json.loads((tmp_path / "run" / "timings.json").read_text())
+    assert all(timings[stage]["reused"] for stage in ("data", "embed", "cluster", "score"))
+    _flow(s)
+    assert (tmp_path / "run" / "selected.jsonl").read_text() == first
+
+
+def test_cluster_change_reruns_only_clustering_and_after(models, tmp_path, monkeypatch, harness):
+    s = settings(models, tmp_path / "run")
+    _flow(s)
+    calls = _calls(monkeypatch)
+    s.cluster.n_clusters = 3
+    _flow(s)
+    assert (calls["embed"].n, calls["manifold"].n, calls["score"].n) == (0, 1, 0)
+    assert json.loads((tmp_path / "run" / "clusters.json").read_text())["K"] == 3
+
+
+def test_deleted_output_is_recomputed_not_trusted(models, tmp_path, monkeypatch, harness):
+    s = settings(models, tmp_path / "run")
+    _flow(s)
+    (tmp_path / "run" / "embeddings.npy").unlink()
+    calls = _calls(monkeypatch)
+    _flow(s)
+    assert calls["embed"].n == 1 and calls["score"].n == 0
+
+
+def test_failed_shard_names_its_records_and_a_rerun_resumes(models, tmp_path, monkeypatch, harness):
+    s = settings(models, tmp_path / "run")
+    pool = pipeline.read_input_pool(s.select)
+    bad = pool.records[45].id  # in shard 1: records 40..79
+
+    Calls(monkeypatch, degradation, "score_shard", fail_on=lambda d, p, t, records, *a: bad in {r.id for r in records})
+    with pytest.raises(ShardError, match=r"shard 1 \(records 40\.\.79.*injected failure"):
+        _flow(s)
+    calls = _calls(monkeypatch)
+    _flow(s)
+    assert calls["score"].n == 1  # shards 0 and 2 were kept
+    direct = pipeline.run_selection(settings(models, tmp_path / "direct"))
+    pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "run" / "degradation.parquet"),
+                                  pd.read_parquet(direct / "degradation.parquet"))
+
+
+def test_cluster_table_artifact(models, tmp_path, harness):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    _flow(settings(models, tmp_path / "run"))
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["paser-selection"])))
+    latest = max(found, key=lambda a: a.created)
+    assert "| cluster | size | CDS | allocation | selected | rejected |" in latest.data
+    assert (tmp_path / "run" / "selected.jsonl").resolve().as_uri() in latest.data
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("engine", ["dask", "ray"])
+def test_distributed_scoring_equals_the_single_process_run(engine, models, tmp_path, harness):
+    s = settings(models, tmp_path / engine)
+    s.score.shard_size = 16  # 6 shards over 2 workers
+    direct = pipeline.run_selection(pipeline.Settings.from_dict(s.to_dict() | {"select": s.to_dict()["select"]
+                                                                              | {"out": str(tmp_path / "direct")}}))
+    direct_scores = pd.read_parquet(direct / "degradation.parquet")
+    run = paser.select(out=str(tmp_path / engine), engine=engine, workers=2, overrides=s.to_dict())
+    pd.testing.assert_frame_equal(pd.read_parquet(run / "degradation.parquet"), direct_scores, check_exact=True)
+    shards = json.loads((run / "scoring.json").read_text())["shards"]
+    assert len(shards) == 6 and all(r["computed"] for r in shards)
+    assert len({r["worker"] for r in shards}) == 2
