@@ -81,3 +81,20 @@ def batch(tiny_tokenizer):
     texts = ["".join(format_example(r)) for r in suite_pool(8, seed=3).records]
     enc = tiny_tokenizer(texts, return_tensors="pt", padding=True)
     return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+
+
+def make_pair(tmp_path_factory, tiny_tokenizer) -> tuple[str, str]:
+    """A tiny dense GQA Llama and its paser-pruned twin, saved as folders."""
+    from paser.pruning import PruneConfig, prune
+
+    root = tmp_path_factory.mktemp("pair")
+    build_model(tiny_tokenizer, num_kv_heads=2).save_pretrained(root / "dense")
+    tiny_tokenizer.save_pretrained(root / "dense")
+    prune(str(root / "dense"), root / "pruned", PruneConfig(importance="l2", attn_layers=(0, 4)))
+    return str(root / "dense"), str(root / "pruned")
+
+
+@pytest.fixture(scope="session")
+def tiny_pair(tmp_path_factory, tiny_tokenizer):
+    """(dense, pruned) folders of a tiny model pair, shared by the pipeline, flow and notebook tests."""
+    return make_pair(tmp_path_factory, tiny_tokenizer)

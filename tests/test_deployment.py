@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_pipeline import make_pair, settings
+from tests.test_pipeline import settings
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 BIN = Path(sys.executable).parent
@@ -57,8 +57,8 @@ def _stop(proc: subprocess.Popen) -> None:
             proc.wait()
 
 
-def test_served_selection_deployment_completes(tmp_path, tmp_path_factory, tiny_tokenizer):
-    models = make_pair(tmp_path_factory, tiny_tokenizer)
+def test_served_selection_deployment_completes(tmp_path, tiny_pair):
+    models = tiny_pair
     port = _free_port()
     api = f"http://127.0.0.1:{port}/api"
     env = os.environ | {"PREFECT_HOME": str(tmp_path / "prefect-home"), "PREFECT_API_URL": api,

@@ -23,10 +23,8 @@ def harness():
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory, tiny_tokenizer):
-    from tests.test_pipeline import make_pair
-
-    return make_pair(tmp_path_factory, tiny_tokenizer)
+def models(tiny_pair):
+    return tiny_pair
 
 
 class Calls:

@@ -12,21 +12,9 @@ from paser.cli import app
 from paser.pipeline import Settings, run_selection
 
 
-def make_pair(tmp_path_factory, tiny_tokenizer) -> tuple[str, str]:
-    """A tiny dense GQA Llama and its paser-pruned twin, saved as folders."""
-    from paser.pruning import PruneConfig, prune
-    from tests.conftest import build_model
-
-    root = tmp_path_factory.mktemp("pair")
-    build_model(tiny_tokenizer, num_kv_heads=2).save_pretrained(root / "dense")
-    tiny_tokenizer.save_pretrained(root / "dense")
-    prune(str(root / "dense"), root / "pruned", PruneConfig(importance="l2", attn_layers=(0, 4)))
-    return str(root / "dense"), str(root / "pruned")
-
-
 @pytest.fixture(scope="module")
-def models(tmp_path_factory, tiny_tokenizer):
-    return make_pair(tmp_path_factory, tiny_tokenizer)
+def models(tiny_pair):
+    return tiny_pair
 
 
 def settings(models, out, **select) -> Settings:
