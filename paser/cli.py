@@ -96,6 +96,9 @@ def prune(
         typer.echo(f"pruning {model} ...", err=True)
         if flow:
             from flows.prune import prune_flow
+            from paser.models import check_reference
+
+            check_reference(model, trust_pickle)  # bad input fails here in one line, before Prefect starts
 
             result = prune_flow(model, str(out), str(config) if config else None, overrides,
                                 str(export_pickle) if export_pickle else None, trust_pickle, dtype)

@@ -267,6 +267,16 @@ def _resolve(reference: str | Path) -> tuple[str, Path, Path]:
     )
 
 
+def check_reference(reference: str | Path, trust_pickle: bool = False) -> str:
+    """Fail now, with the loader's message, if ``reference`` is not a model paser can load (or is
+    a pickle without ``trust_pickle``); returns its kind. Reads no weights (a GGUF is converted
+    once, as loading would)."""
+    kind, path, _ = _resolve(reference)
+    if kind == "llm-pruner-pickle" and not trust_pickle:
+        _load_pickle(path, trust_pickle, None)
+    return kind
+
+
 def load_model(reference: str | Path, *, dtype: str | torch.dtype | None = None,
                trust_pickle: bool = False, device: str | None = None) -> LoadedModel:
     """Load any model reference paser supports (see the module docstring).

@@ -83,3 +83,20 @@ def test_ratio_out_of_range(tiny_model_dir, tmp_path):
 def test_bad_layer_range(tiny_model_dir):
     result = runner.invoke(app, ["prune", str(tiny_model_dir), "--attn-layers", "four"])
     assert result.exit_code == 2 and "START:END" in result.output
+
+
+def test_serve_without_a_server_says_how_to_start_one(monkeypatch):
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    _one_line_error(runner.invoke(app, ["serve"]), "prefect server start --host 127.0.0.1", "PREFECT_API_URL")
+
+
+def test_prune_no_flow_gives_the_same_model(tiny_model_dir, tmp_path):
+    import json
+
+    args = ["prune", str(tiny_model_dir), "--importance", "l2", "--attn-layers", "0:4"]
+    assert runner.invoke(app, [*args, "--out", str(tmp_path / "flow")]).exit_code == 0
+    assert runner.invoke(app, [*args, "--out", str(tmp_path / "direct"), "--no-flow"]).exit_code == 0
+    marker = [json.loads((tmp_path / d / "paser_pruned.json").read_text()) for d in ("flow", "direct")]
+    assert marker[0]["layers"] == marker[1]["layers"]
+    weights = [(tmp_path / d / "model.safetensors").read_bytes() for d in ("flow", "direct")]
+    assert weights[0] == weights[1]

@@ -167,3 +167,24 @@ def test_two_pass_pipeline(models, tmp_path):
     a = pd.read_parquet(run / "degradation.parquet")["jsd"]
     b = pd.read_parquet(one / "degradation.parquet")["jsd"]
     assert (a - b).abs().max() < 1e-5
+
+
+def test_engines_other_than_local_need_the_flow(models, tmp_path):
+    import paser
+    from paser.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="runs through the Prefect flow"):
+        paser.select(out=str(tmp_path / "run"), engine="dask", use_flow=False,
+                     overrides=settings(models, tmp_path / "run").to_dict())
+
+
+def test_load_run_refuses_an_unfinished_folder(models, tmp_path):
+    from paser.errors import DataError
+    from paser.report import load_run
+
+    with pytest.raises(DataError, match="not a finished paser selection run"):
+        load_run(tmp_path)
+    view = load_run(run_selection(settings(models, tmp_path / "run")))
+    assert len(view.records) == 96 and view.clusters["allocation"].sum() == 24
+    again = view.reselect(24)
+    assert list(again.selected["id"]) == list(view.records.sort_values("rank").query("status == 'selected'")["id"])
