@@ -2,7 +2,7 @@
 
     prefect server start --host 127.0.0.1            # one terminal
     export PREFECT_API_URL=http://127.0.0.1:4200/api
-    paser serve                                       # another: serves paser-select/select, paser-prune/prune
+    paser serve                                       # another: paser-select/select, paser-run/run, ...
     prefect deployment run paser-select/select -p budget=0.1 -p out=runs/from-ui
 
 Each deployment's parameters are its flow's (those of ``paser select`` / ``paser prune``) and
@@ -18,10 +18,13 @@ configure_prefect()
 
 from prefect.deployments.runner import EntrypointType  # noqa: E402
 
+from flows.pipeline import pipeline_flow  # noqa: E402
 from flows.prune import prune_flow  # noqa: E402
+from flows.recovery import evaluation_flow, recovery_flow  # noqa: E402
 from flows.selection import selection_flow  # noqa: E402
 
-DEPLOYMENTS = {"select": selection_flow, "prune": prune_flow}
+DEPLOYMENTS = {"select": selection_flow, "run": pipeline_flow, "prune": prune_flow, "recover": recovery_flow,
+               "evaluate": evaluation_flow}
 
 
 def deployments(names: list[str] | None = None, tags: list[str] | None = None):

@@ -193,14 +193,153 @@ def select(
 
 
 @app.command()
+def recover(
+    model: Annotated[str, typer.Argument(help="The pruned model: a paser-pruned folder, HF folder, .gguf, "
+                                              "LLM-Pruner checkpoint or built-in name.")],
+    data: Annotated[str, typer.Option(help="Training records: a run's selected.jsonl or any instruction "
+                                           "file.")],
+    out: Annotated[Path, typer.Option(help="Output folder (adapter/, merged/, checkpoint/, logs).")] = Path(
+        "runs/recover"),
+    config: Annotated[Path | None, typer.Option(help="YAML with a 'recover' section; options given here "
+                                                     "override it.")] = None,
+    val_data: Annotated[str | None, typer.Option(help="Validation records (default: --val-size of --data is "
+                                                      "held out).")] = None,
+    epochs: Annotated[float | None, typer.Option(help="Epochs (default 2).")] = None,
+    max_steps: Annotated[int | None, typer.Option(help="Stop after this many optimizer steps.")] = None,
+    learning_rate: Annotated[float | None, typer.Option(help="Peak learning rate (default 1e-4).")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Effective batch size (default 64).")] = None,
+    micro_batch_size: Annotated[int | None, typer.Option(help="Records per forward pass (default 4).")] = None,
+    lora_r: Annotated[int | None, typer.Option(help="LoRA rank (default 8).")] = None,
+    lora_alpha: Annotated[int | None, typer.Option(help="LoRA alpha (default 16).")] = None,
+    cutoff: Annotated[int | None, typer.Option(help="Token cutoff (default 256).")] = None,
+    val_size: Annotated[float | None, typer.Option(help="Held-out validation fraction or count (default "
+                                                        "0.05).")] = None,
+    dtype: Annotated[str | None, typer.Option(help="float32 (default) or bfloat16.")] = None,
+    merge: Annotated[bool | None, typer.Option("--merge/--no-merge", help="Also save the merged model.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed (default 0).")] = None,
+    restart: Annotated[bool, typer.Option(help="Discard a checkpoint in --out instead of resuming.")] = False,
+    trust_pickle: Annotated[bool, typer.Option(help="Allow an LLM-Pruner pickle checkpoint.")] = False,
+    flow: Annotated[bool, typer.Option("--flow/--no-flow", help="Run through the Prefect flow (default) or "
+                                       "call the library directly.")] = True,
+) -> None:
+    """LoRA-recover a pruned model on selected records (LLM-Pruner's recipe by default)."""
+    from paser.config import load_config
+    from paser.recovery import RecoverConfig
+    from paser.recovery import recover as run_recover
+
+    _offline_defaults()
+    overrides = dict(epochs=epochs, max_steps=max_steps, learning_rate=learning_rate, batch_size=batch_size,
+                     micro_batch_size=micro_batch_size, r=lora_r, alpha=lora_alpha, cutoff=cutoff,
+                     val_size=val_size, dtype=dtype, merge=merge, seed=seed)
+    try:
+        cfg = load_config(RecoverConfig, config, "recover", overrides)
+        if flow:
+            from flows.recovery import recovery_flow
+            from paser.models import check_reference
+
+            check_reference(model, trust_pickle)  # bad input fails here in one line, before Prefect starts
+            recovery_flow(model, data, str(out), str(config) if config else None, overrides, val_data,
+                          trust_pickle, restart)
+        else:
+            run_recover(model, data, out, cfg, val_data=val_data, trust_pickle=trust_pickle, restart=restart)
+    except (PaserError, ValueError) as err:
+        raise _fail(err) from None
+    import json
+
+    done = json.loads((out / "recovery.json").read_text())
+    if done["resumed_from_step"]:
+        typer.echo(f"resumed from step {done['resumed_from_step']}")
+    val = f", validation loss {done['val_loss']:.4f}" if done["val_loss"] is not None else ""
+    typer.echo(f"{done['steps']} steps in {done['seconds']:.1f} s: loss {done['first_loss']:.4f} -> "
+               f"{done['last_loss']:.4f}{val}")
+    typer.echo(f"adapter: {out / 'adapter'}")
+
+
+@app.command()
+def evaluate(
+    model: Annotated[str, typer.Argument(help="Model reference (base, pruned, or merged).")],
+    adapter: Annotated[str | None, typer.Option(help="A LoRA adapter folder to apply (paser recover's "
+                                                     "adapter/).")] = None,
+    out: Annotated[Path | None, typer.Option(help="Folder for eval.json and eval.md.")] = None,
+    config: Annotated[Path | None, typer.Option(help="YAML with an 'evaluate' section.")] = None,
+    text: Annotated[str | None, typer.Option(help="Plain-text file for perplexity (e.g. WikiText-2 test).")] = None,
+    heldout: Annotated[str | None, typer.Option(help="Held-out instruction records for response NLL.")] = None,
+    suite_size: Annotated[int | None, typer.Option(help="Capability-suite records for exact-match accuracy "
+                                                        "(default 240; 0 skips).")] = None,
+    window: Annotated[int | None, typer.Option(help="LLM-Pruner perplexity window (default 128).")] = None,
+    long_window: Annotated[int | None, typer.Option(help="Long perplexity window (default: model context, "
+                                                         "at most 2048).")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Sequences per forward pass (default 8).")] = None,
+    dtype: Annotated[str | None, typer.Option(help="float32 (default) or bfloat16.")] = None,
+    trust_pickle: Annotated[bool, typer.Option(help="Allow an LLM-Pruner pickle checkpoint.")] = False,
+    flow: Annotated[bool, typer.Option("--flow/--no-flow", help="Run through the Prefect flow (default) or "
+                                       "call the library directly.")] = True,
+) -> None:
+    """Evaluate a model: perplexity, held-out response NLL, capability-suite accuracy."""
+    from paser.config import load_config
+    from paser.evaluation import EvalConfig, markdown_table
+    from paser.evaluation import evaluate as run_evaluate
+
+    _offline_defaults()
+    overrides = dict(text=text, heldout=heldout, suite_size=suite_size, window=window, long_window=long_window,
+                     batch_size=batch_size, dtype=dtype)
+    try:
+        cfg = load_config(EvalConfig, config, "evaluate", overrides)
+        if flow:
+            from flows.recovery import evaluation_flow
+            from paser.models import check_reference
+
+            check_reference(model, trust_pickle)
+            result = evaluation_flow(model, adapter, str(out) if out else None, str(config) if config else None,
+                                     overrides, trust_pickle)
+        else:
+            result = run_evaluate(model, adapter, out, cfg, trust_pickle=trust_pickle)
+    except (PaserError, ValueError) as err:
+        raise _fail(err) from None
+    typer.echo(markdown_table(result))
+
+
+@app.command()
+def run(
+    dense: Annotated[str, typer.Option(help="The dense model.")] = "smollm2-135m-instruct",
+    pruned: Annotated[str | None, typer.Option(help="A pruned model (default: paser prunes the dense one into "
+                                                    "OUT/pruned).")] = None,
+    data: Annotated[str | None, typer.Option(help="Instruction pool (default: the generated suite).")] = None,
+    budget: Annotated[str | None, typer.Option(help="Records to select (default 0.2).")] = None,
+    out: Annotated[Path, typer.Option(help="Run folder.")] = Path("runs/run"),
+    config: Annotated[Path | None, typer.Option(help="One YAML for every stage (select sections, prune, "
+                                                     "recover, evaluate).")] = None,
+    trust_pickle: Annotated[bool, typer.Option(help="Allow LLM-Pruner pickle checkpoints.")] = False,
+) -> None:
+    """The whole pipeline: prune (optional) -> select -> recover -> evaluate dense, pruned and recovered."""
+    _offline_defaults()
+    try:
+        from paser.api import build_settings
+        from paser.models import check_reference
+
+        check_reference(dense, trust_pickle)
+        if pruned is not None:
+            check_reference(pruned, trust_pickle)
+        build_settings(data=data, dense=dense, pruned=pruned, budget=budget, config=config)  # validates early
+        from flows.pipeline import pipeline_flow
+
+        folder = pipeline_flow(dense, pruned, data, budget, str(out), str(config) if config else None,
+                               trust_pickle=trust_pickle)
+    except (PaserError, ValueError) as err:
+        raise _fail(err) from None
+    typer.echo((Path(folder) / "run.md").read_text())
+    typer.echo(f"run folder: {folder}")
+
+
+@app.command()
 def serve(
-    deployment: Annotated[list[str] | None, typer.Argument(help="Deployments to serve: select, prune "
-                                                                "(default: all).")] = None,
+    deployment: Annotated[list[str] | None, typer.Argument(help="Deployments to serve: select, run, prune, "
+                                                                "recover, evaluate (default: all).")] = None,
     api_url: Annotated[str | None, typer.Option(envvar="PREFECT_API_URL", help="The Prefect server's API, "
                                                 "e.g. http://127.0.0.1:4200/api.")] = None,
     limit: Annotated[int | None, typer.Option(help="Most flow runs at once (default: no limit).")] = None,
 ) -> None:
-    """Serve paser's deployments (paser-select/select, paser-prune/prune) to a Prefect server."""
+    """Serve paser's deployments (paser-select/select, paser-run/run, ...) to a Prefect server."""
     _offline_defaults()
     if not api_url:
         raise _fail(PaserError("paser serve needs a Prefect server: start one with "

@@ -18,7 +18,8 @@ from pathlib import Path
 from paser.errors import ConfigError
 
 # Top-level sections a paser YAML may hold; each is one stage's config.
-SECTIONS = ("select", "embed", "manifold", "cluster", "score", "allocate", "concepts", "prune", "distribute")
+SECTIONS = ("select", "embed", "manifold", "cluster", "score", "allocate", "concepts", "prune", "distribute",
+            "recover", "evaluate")
 
 
 def _check(value, hint, where: str):
@@ -93,6 +94,15 @@ def read_yaml(path: str | Path) -> dict:
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of sections, got {type(data).__name__}")
     return data
+
+
+def config_with(config, overrides: dict):
+    """A copy of the dataclass ``config`` with the given fields replaced (unknown names are errors)."""
+    known = {f.name for f in dataclasses.fields(config)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise TypeError(f"unknown {type(config).__name__} option(s) {unknown}; known: {sorted(known)}")
+    return dataclasses.replace(config, **overrides)
 
 
 def load_config(cls, path: str | Path | None, section: str, overrides: dict | None = None):

@@ -132,9 +132,11 @@ class Settings:
 
     @classmethod
     def from_dict(cls, data: dict, where: str = "settings") -> Settings:
-        unknown = sorted(set(data) - set(STAGE_CONFIGS))
+        from paser.config import SECTIONS
+
+        unknown = sorted(set(data) - set(SECTIONS))  # recover/evaluate sections belong to other commands
         if unknown:
-            raise ConfigError(f"{where}: unknown section(s) {unknown}; known: {list(STAGE_CONFIGS)}")
+            raise ConfigError(f"{where}: unknown section(s) {unknown}; known: {list(SECTIONS)}")
         return cls(**{name: from_mapping(cfg, dict(data.get(name) or {}), f"{where}: {name}")
                       for name, cfg in STAGE_CONFIGS.items()})
 

@@ -348,6 +348,7 @@ def prune(model: str = "smollm2-135m-instruct", out: str | Path = "runs/pruned",
     ``overrides`` are ``PruneConfig`` fields, e.g. ``prune("m", "out", ratio=0.2, importance="l2")``.
     Taylor importance runs in fp32 by default: bf16 gradients are too coarse to rank groups.
     """
+    from paser.config import config_with
     from paser.models import load_model
 
     config = config_with(config or PruneConfig(), overrides)
@@ -363,13 +364,3 @@ def prune(model: str = "smollm2-135m-instruct", out: str | Path = "runs/pruned",
     if export_pickle:
         result.extras["pickle"] = str(export_llm_pruner_pickle(result.model, loaded.tokenizer, export_pickle))
     return result
-
-
-def config_with(config: PruneConfig, overrides: dict) -> PruneConfig:
-    """A copy of ``config`` with the given fields replaced (unknown names are errors)."""
-    known = set(PruneConfig.__dataclass_fields__)
-    unknown = sorted(set(overrides) - known)
-    if unknown:
-        raise TypeError(f"unknown prune option(s) {unknown}; known: {sorted(known)}")
-    values = asdict(config) | {k: v for k, v in overrides.items()}
-    return PruneConfig(**values)

@@ -100,3 +100,32 @@ def test_prune_no_flow_gives_the_same_model(tiny_model_dir, tmp_path):
     assert marker[0]["layers"] == marker[1]["layers"]
     weights = [(tmp_path / d / "model.safetensors").read_bytes() for d in ("flow", "direct")]
     assert weights[0] == weights[1]
+
+
+def test_recover_and_evaluate_commands(tiny_model_dir, tmp_path):
+    import json
+
+    from paser.data import write_jsonl
+    from paser.suite import generate_suite
+
+    data = tmp_path / "train.jsonl"
+    write_jsonl(data, generate_suite(24, seed=3))
+    result = runner.invoke(app, ["recover", str(tiny_model_dir), "--data", str(data), "--out", str(tmp_path / "r"),
+                                 "--max-steps", "2", "--batch-size", "8", "--micro-batch-size", "4",
+                                 "--val-size", "4", "--no-flow"])
+    assert result.exit_code == 0, result.output
+    assert "2 steps in" in result.output and (tmp_path / "r" / "adapter" / "adapter_config.json").is_file()
+    result = runner.invoke(app, ["evaluate", str(tiny_model_dir), "--adapter", str(tmp_path / "r" / "adapter"),
+                                 "--suite-size", "12", "--out", str(tmp_path / "e")])
+    assert result.exit_code == 0, result.output
+    assert "capability-suite exact match, all" in result.output
+    assert json.loads((tmp_path / "e" / "eval.json").read_text())["adapter"] == str(tmp_path / "r" / "adapter")
+
+
+def test_recover_bad_inputs_are_one_line(tiny_model_dir, tmp_path):
+    _one_line_error(runner.invoke(app, ["recover", str(tmp_path / "missing"), "--data", "x.json"]),
+                    "no such file or folder")
+    _one_line_error(runner.invoke(app, ["recover", str(tiny_model_dir), "--data", str(tmp_path / "none.json"),
+                                        "--no-flow"]), "none.json")
+    _one_line_error(runner.invoke(app, ["evaluate", str(tiny_model_dir), "--adapter", str(tmp_path),
+                                        "--no-flow"]), "not a LoRA adapter folder")

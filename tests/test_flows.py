@@ -130,3 +130,25 @@ def test_distributed_scoring_equals_the_single_process_run(engine, models, tmp_p
     shards = json.loads((run / "scoring.json").read_text())["shards"]
     assert len(shards) == 6 and all(r["computed"] for r in shards)
     assert len({r["worker"] for r in shards}) == 2
+
+
+def test_whole_pipeline_flow_prunes_selects_recovers_and_evaluates(models, tmp_path, harness):
+    from flows.pipeline import pipeline_flow
+
+    dense, _ = models
+    s = settings(models, tmp_path / "unused").to_dict()
+    s["select"] = {k: v for k, v in s["select"].items() if k not in ("dense", "pruned", "out")}
+    overrides = s | {"prune": {"importance": "l2", "attn_layers": [0, 4]},
+                     "recover": {"max_steps": 2, "batch_size": 8, "micro_batch_size": 4, "val_size": 4,
+                                 "progress": False},
+                     "evaluate": {"suite_size": 12, "max_new_tokens": 4}}
+    out = pipeline_flow(dense=dense, out=str(tmp_path / "run"), overrides=overrides)
+    root = tmp_path / "run"
+    assert out == str(root)
+    assert (root / "pruned" / "paser_pruned.json").is_file()
+    assert sum(1 for _ in (root / "select" / "selected.jsonl").open()) == 24
+    assert (root / "recover" / "adapter" / "adapter_config.json").is_file()
+    evals = {n: json.loads((root / "eval" / n / "eval.json").read_text()) for n in ("dense", "pruned", "recovered")}
+    assert evals["recovered"]["adapter"] and evals["pruned"]["adapter"] is None
+    assert all(e["suite"]["records"] == 12 for e in evals.values())
+    assert "gap recovered" in (root / "run.md").read_text()

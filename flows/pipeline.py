@@ -1,0 +1,59 @@
+"""The whole pipeline as one flow: prune (optional) -> select -> recover -> evaluate.
+
+    paser run                                  # the embedded default, end to end
+    python -m flows.pipeline
+
+Run folder: pruned/ (when paser prunes), select/ (a selection run folder), recover/ (adapter,
+logs), eval/{dense,pruned,recovered}/ and run.md comparing the three.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from flows import configure_prefect
+
+configure_prefect()
+
+from prefect import flow  # noqa: E402
+
+from flows.prune import prune_flow  # noqa: E402
+from flows.recovery import evaluation_flow, recovery_flow  # noqa: E402
+from flows.selection import selection_flow  # noqa: E402
+from paser.config import read_yaml  # noqa: E402
+from paser.evaluation import comparison_table  # noqa: E402
+
+
+@flow(name="paser-run")
+def pipeline_flow(dense: str = "smollm2-135m-instruct", pruned: str | None = None, data: str | None = None,
+                  budget: str | None = None, out: str = "runs/run", config: str | None = None,
+                  overrides: dict | None = None, trust_pickle: bool = False) -> str:
+    """Prune ``dense`` (unless ``pruned`` is given), select ``budget`` records of ``data``, LoRA-recover
+    the pruned model on them, and evaluate dense, pruned and recovered models alike.
+
+    ``config`` is one YAML file for every stage (sections of paser select, plus prune, recover and
+    evaluate); ``overrides`` sets any key as ``{section: {key: value}}``.
+    """
+    root = Path(out)
+    sections = {k: dict(v or {}) for k, v in (read_yaml(config) if config else {}).items()}
+    for key, values in (overrides or {}).items():
+        sections[key] = sections.get(key, {}) | dict(values or {})
+    if pruned is None:
+        pruned = str(root / "pruned")
+        prune_flow(dense, pruned, config, sections.get("prune"), trust_pickle=trust_pickle)
+    select_sections = {k: v for k, v in sections.items() if k not in ("recover", "evaluate")}
+    run = selection_flow(data=data, dense=dense, pruned=pruned, budget=budget, out=str(root / "select"),
+                         trust_pickle=trust_pickle, overrides=select_sections)
+    recovered = recovery_flow(pruned, str(Path(run) / "selected.jsonl"), str(root / "recover"),
+                              overrides=sections.get("recover"), trust_pickle=trust_pickle)
+    results = {}
+    for name, model, adapter in (("dense", dense, None), ("pruned", pruned, None),
+                                 ("recovered", pruned, str(Path(recovered) / "adapter"))):
+        results[name] = evaluation_flow(model, adapter, str(root / "eval" / name), overrides=sections.get("evaluate"),
+                                        trust_pickle=trust_pickle)
+    (root / "run.md").write_text(comparison_table(results))
+    return str(root)
+
+
+if __name__ == "__main__":
+    print(pipeline_flow())

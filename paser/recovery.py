@@ -1,0 +1,417 @@
+"""Recovery: LoRA fine-tuning of the pruned model on the selected records (peft).
+
+Defaults follow LLM-Pruner's recipe: rank 8, alpha 16, dropout 0.05 on q/k/v/o/gate/up/down,
+learning rate 1e-4, 2 epochs, cutoff 256, effective batch 64 in micro-batches of 4, and the same
+prompt template as degradation scoring with the prompt tokens masked out of the loss. The loss of
+an optimizer step is the mean over every response token of its effective batch (token-weighted, so
+gradient accumulation gives the same step as one large batch). A checkpoint is written every
+``save_every`` steps (atomically); a killed run started again with the same settings continues
+from it and ends with the same adapter as an uninterrupted one.
+
+Output folder:
+  adapter/              the LoRA adapter (peft ``save_pretrained``)
+  merged/               with ``merge``: the merged model (paser-pruned folder, or a Hugging Face folder)
+  checkpoint/           the latest checkpoint (adapter, optimizer, scheduler, step)
+  train_log.jsonl       one line per step: loss, learning rate, and the validation loss when measured
+  training_curve.png    training and validation loss
+  recovery.json         settings, data, model, steps, losses, wall time
+
+    python -c "import paser.recovery as r; print(r.RecoverConfig())"
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import random
+import shutil
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from paser.errors import ConfigError, DataError
+from paser.prompts import tokenize_example
+
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+IGNORE = -100
+
+
+@dataclass
+class RecoverConfig:
+    """LoRA recovery settings (defaults: LLM-Pruner's recipe)."""
+
+    r: int = 8
+    """LoRA rank."""
+    alpha: int = 16
+    """LoRA alpha (the update is scaled by alpha / r)."""
+    dropout: float = 0.05
+    """Dropout on the LoRA input."""
+    target_modules: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
+    """Linear layers that get an adapter."""
+    learning_rate: float = 1e-4
+    """Peak AdamW learning rate."""
+    epochs: float = 2.0
+    """Passes over the training records (a fraction stops part-way through the last one)."""
+    max_steps: int | None = None
+    """Stop after this many optimizer steps (overrides epochs)."""
+    batch_size: int = 64
+    """Effective batch: records per optimizer step."""
+    micro_batch_size: int = 4
+    """Records per forward pass; batch_size / micro_batch_size steps of gradient accumulation."""
+    warmup_ratio: float = 0.05
+    """Share of the steps with a linearly rising learning rate (then linear decay to 0)."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    cutoff: int = 256
+    """Tokens of prompt + response kept (as in scoring)."""
+    template: Literal["alpaca", "chat"] = "alpaca"
+    """Prompt template (as in scoring)."""
+    val_size: float = 0.05
+    """Held-out validation records: a fraction of the training file (< 1) or a count; 0: none."""
+    eval_every: int = 20
+    """Optimizer steps between validation losses (and at the end)."""
+    save_every: int = 20
+    """Optimizer steps between checkpoints."""
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    """Base model weights; adapters train in fp32. fp16 is not offered: it gives NaN losses on
+    Llama-2 for LLM-Pruner users."""
+    device: str | None = None
+    """Default: CUDA when available, else CPU."""
+    seed: int = 0
+    """Seeds the adapter initialisation, the validation split and the record order."""
+    merge: bool = False
+    """Also save the model with the adapter merged in (merged/)."""
+    progress: bool = True
+    """Progress bar with the loss."""
+
+    def __post_init__(self):
+        for name in ("r", "alpha", "batch_size", "micro_batch_size", "cutoff", "eval_every", "save_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.batch_size % self.micro_batch_size:
+            raise ValueError(f"batch_size {self.batch_size} must be a multiple of micro_batch_size "
+                             f"{self.micro_batch_size}")
+        if not 0 <= self.dropout < 1 or not 0 <= self.warmup_ratio < 1:
+            raise ValueError("dropout and warmup_ratio must be in [0, 1)")
+        if self.epochs <= 0 or self.learning_rate <= 0:
+            raise ValueError("epochs and learning_rate must be positive")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"max_steps must be positive, got {self.max_steps}")
+        if self.val_size < 0:
+            raise ValueError(f"val_size must be >= 0, got {self.val_size}")
+
+
+@dataclass
+class Example:
+    """One tokenised record: ids and labels (-100 on the prompt)."""
+
+    ids: list[int]
+    labels: list[int]
+
+
+def encode_for_training(tokenizer, records, config: RecoverConfig) -> list[Example]:
+    """Prompt + response ids with the prompt masked; records with no response token left are refused."""
+    out = []
+    for r in records:
+        ids, n_prompt, n_response, _ = tokenize_example(tokenizer, r, config.template, config.cutoff)
+        if n_response == 0:
+            raise DataError(f"record {r.id!r}: its prompt fills the {config.cutoff}-token cutoff, so no "
+                            "response token is left to train on; raise cutoff or drop the record")
+        out.append(Example(ids, [IGNORE] * n_prompt + ids[n_prompt:]))
+    return out
+
+
+def collate(batch: list[Example], pad_id: int, device) -> dict[str, torch.Tensor]:
+    """Right-padded ids, attention mask and labels (-100 on padding and prompts)."""
+    width = max(len(e.ids) for e in batch)
+    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(batch), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for i, e in enumerate(batch):
+        ids[i, :len(e.ids)] = torch.tensor(e.ids)
+        labels[i, :len(e.labels)] = torch.tensor(e.labels)
+        mask[i, :len(e.ids)] = 1
+    return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device)}
+
+
+def token_loss_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """Summed next-token cross-entropy over the labelled (response) tokens, and their count."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    targets = batch["labels"][:, 1:]
+    keep = targets != IGNORE
+    picked = logits[:, :-1][keep].float()
+    loss = torch.nn.functional.cross_entropy(picked, targets[keep], reduction="sum")
+    return loss, int(keep.sum())
+
+
+def validation_loss(model, examples: list[Example], pad_id: int, device, batch_size: int) -> float:
+    """Mean response-token NLL over ``examples``."""
+    total, count = 0.0, 0
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        for lo in range(0, len(examples), batch_size):
+            loss, n = token_loss_sum(model, collate(examples[lo:lo + batch_size], pad_id, device))
+            total, count = total + float(loss), count + n
+    model.train(was_training)
+    return total / max(count, 1)
+
+
+def split_validation(records: list, config: RecoverConfig) -> tuple[list, list]:
+    """(train, validation): a seeded random ``val_size`` of the records held out."""
+    n_val = int(round(config.val_size * len(records))) if config.val_size < 1 else int(config.val_size)
+    if n_val == 0:
+        return list(records), []
+    if n_val >= len(records):
+        raise ConfigError(f"val_size {config.val_size} leaves no training records out of {len(records)}")
+    order = list(range(len(records)))
+    random.Random(config.seed).shuffle(order)
+    held = set(order[:n_val])
+    return [r for i, r in enumerate(records) if i not in held], [records[i] for i in sorted(held)]
+
+
+def epoch_order(n: int, epoch: int, seed: int) -> list[int]:
+    """The record order of one epoch: a seeded shuffle, the same on a resumed run."""
+    order = list(range(n))
+    random.Random(seed * 1_000_003 + epoch).shuffle(order)
+    return order
+
+
+def step_batches(n: int, config: RecoverConfig) -> list[list[int]]:
+    """Record indices of every optimizer step, over all epochs (the last batch of an epoch may be short)."""
+    steps = []
+    full = math.floor(config.epochs)
+    for epoch in range(math.ceil(config.epochs)):
+        order = epoch_order(n, epoch, config.seed)
+        if epoch >= full:  # a fractional last epoch
+            order = order[:max(1, int(round((config.epochs - full) * n)))]
+        steps += [order[lo:lo + config.batch_size] for lo in range(0, len(order), config.batch_size)]
+    return steps[:config.max_steps] if config.max_steps else steps
+
+
+def lora_model(model, config: RecoverConfig):
+    """The model wrapped with fresh LoRA adapters on ``target_modules`` (seeded)."""
+    from peft import LoraConfig, get_peft_model
+
+    present = {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    missing = sorted(set(config.target_modules) - present)
+    if missing:
+        raise ConfigError(f"target_modules {missing} are not linear layers of this model; it has {sorted(present)}")
+    torch.manual_seed(config.seed)
+    lora = LoraConfig(r=config.r, lora_alpha=config.alpha, lora_dropout=config.dropout,
+                      target_modules=list(config.target_modules), bias="none", task_type="CAUSAL_LM")
+    return get_peft_model(model, lora)
+
+
+def _fingerprint(config: RecoverConfig, model_fp: str, train_ids: list[str]) -> str:
+    keep = {k: v for k, v in vars(config).items() if k not in ("progress", "merge", "device", "eval_every",
+                                                                 "save_every")}
+    h = hashlib.sha256(json.dumps([keep, model_fp], sort_keys=True, default=str).encode())
+    for rid in train_ids:
+        h.update(rid.encode() + b"\x00")
+    return h.hexdigest()[:16]
+
+
+def _save_checkpoint(folder: Path, model, optimizer, scheduler, step: int, fp: str, log: list[dict]) -> None:
+    from peft import get_peft_model_state_dict
+
+    tmp = folder.with_name(f".{folder.name}.{os.getpid()}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    torch.save({"adapter": get_peft_model_state_dict(model), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "step": step, "fingerprint": fp, "log": log},
+               tmp / "state.pt")
+    old = folder.with_name(f".{folder.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if folder.exists():
+        os.replace(folder, old)
+    os.replace(tmp, folder)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _load_checkpoint(folder: Path, fp: str) -> dict | None:
+    path = folder / "state.pt"
+    if not path.is_file():
+        return None
+    state = torch.load(path, weights_only=True)
+    if state["fingerprint"] != fp:
+        raise ConfigError(f"{folder}: this checkpoint was made with other settings, data or model; "
+                          "use another output folder or pass restart=True (--restart) to discard it")
+    return state
+
+
+def _scheduler(optimizer, total: int, warmup: int):
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        return max(0.0, (total - step) / max(1, total - warmup))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def sparsity(model) -> float:
+    """Share of exact zeros in the decoder's linear weights (Wanda/SparseGPT leave about half)."""
+    zeros = total = 0
+    for m in model.modules():
+        if isinstance(m, torch.nn.Linear):
+            zeros += int((m.weight == 0).sum())
+            total += m.weight.numel()
+    return zeros / max(total, 1)
+
+
+def training_curve(log: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot([e["step"] for e in log], [e["loss"] for e in log], label="training loss")
+    val = [e for e in log if "val_loss" in e]
+    if val:
+        ax.plot([e["step"] for e in val], [e["val_loss"] for e in val], "o-", label="validation loss")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("response-token NLL")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+@dataclass
+class RecoveryResult:
+    out: Path
+    steps: int
+    first_loss: float
+    last_loss: float
+    val_loss: float | None
+    seconds: float
+    resumed_from: int
+
+
+def recover(model: str, data: str, out: str | Path = "runs/recover", config: RecoverConfig | None = None, *,
+            val_data: str | None = None, trust_pickle: bool = False, restart: bool = False,
+            **overrides) -> RecoveryResult:
+    """LoRA-recover ``model`` (any reference paser loads) on the records of ``data`` into ``out``.
+
+    ``overrides`` are ``RecoverConfig`` fields, e.g. ``recover(m, "selected.jsonl", epochs=1)``.
+    ``val_data`` is a separate validation file (else ``val_size`` of ``data`` is held out).
+    A checkpoint in ``out`` made with the same settings is resumed unless ``restart``.
+    """
+    from paser.config import config_with
+    from paser.data import load_pool
+    from paser.models import load_model, model_fingerprint
+
+    config = config_with(config or RecoverConfig(), overrides)
+    out = Path(out)
+    records = load_pool(data).records
+    train, val = split_validation(records, config)
+    if val_data is not None:
+        val = load_pool(val_data).records
+    if not train:
+        raise DataError(f"{data}: no training records")
+    device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    loaded = load_model(model, dtype=config.dtype, trust_pickle=trust_pickle, device=device)
+    tokenizer = loaded.tokenizer
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    train_ex = encode_for_training(tokenizer, train, config)
+    val_ex = encode_for_training(tokenizer, val, config)
+    fp = _fingerprint(config, model_fingerprint(model), [r.id for r in train])
+
+    zeros = sparsity(loaded.model)
+    peft_model = lora_model(loaded.model, config)
+    peft_model.train()
+    params = [p for p in peft_model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
+    steps = step_batches(len(train_ex), config)
+    scheduler = _scheduler(optimizer, len(steps), int(config.warmup_ratio * len(steps)))
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt_dir = out / "checkpoint"
+    if restart:
+        shutil.rmtree(ckpt_dir, ignore_errors=True)
+    state = _load_checkpoint(ckpt_dir, fp)
+    start_step, log = 0, []
+    if state is not None:
+        from peft import set_peft_model_state_dict
+
+        set_peft_model_state_dict(peft_model, state["adapter"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start_step, log = state["step"], state["log"]
+
+    from tqdm.auto import tqdm
+
+    t0 = time.perf_counter()
+    bar = tqdm(total=len(steps), initial=start_step, desc="LoRA recovery", unit="step", disable=not config.progress)
+    for step in range(start_step, len(steps)):
+        # a per-step seed keeps dropout identical on a resumed run
+        torch.manual_seed(config.seed * 1_000_003 + step)
+        chosen = [train_ex[i] for i in steps[step]]
+        n_tokens = sum(sum(1 for t in e.labels[1:] if t != IGNORE) for e in chosen)
+        total = 0.0
+        for lo in range(0, len(chosen), config.micro_batch_size):
+            loss, _ = token_loss_sum(peft_model, collate(chosen[lo:lo + config.micro_batch_size], pad_id, device))
+            (loss / n_tokens).backward()
+            total += float(loss.detach())
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        entry = {"step": step + 1, "loss": total / n_tokens, "lr": scheduler.get_last_lr()[0]}
+        if not math.isfinite(entry["loss"]):
+            raise FloatingPointError(f"step {step + 1}: loss is {entry['loss']}; lower the learning rate or "
+                                     "train in float32")
+        last = step + 1 == len(steps)
+        if val_ex and ((step + 1) % config.eval_every == 0 or last):
+            entry["val_loss"] = validation_loss(peft_model, val_ex, pad_id, device, config.micro_batch_size)
+        log.append(entry)
+        bar.set_postfix(loss=f"{entry['loss']:.3f}")
+        bar.update(1)
+        if (step + 1) % config.save_every == 0 and not last:
+            _save_checkpoint(ckpt_dir, peft_model, optimizer, scheduler, step + 1, fp, log)
+            with (out / "train_log.jsonl").open("w") as fh:
+                fh.writelines(json.dumps(e) + "\n" for e in log)
+    bar.close()
+    seconds = time.perf_counter() - t0
+
+    peft_model.save_pretrained(out / "adapter")
+    tokenizer.save_pretrained(out / "adapter")
+    with (out / "train_log.jsonl").open("w") as fh:
+        fh.writelines(json.dumps(e) + "\n" for e in log)
+    training_curve(log, out / "training_curve.png")
+    _save_checkpoint(ckpt_dir, peft_model, optimizer, scheduler, len(steps), fp, log)
+    if config.merge:
+        save_merged(peft_model, tokenizer, loaded.kind, out / "merged", zeros)
+    val_losses = [e["val_loss"] for e in log if "val_loss" in e]
+    result = RecoveryResult(out, len(steps), log[0]["loss"] if log else math.nan, log[-1]["loss"] if log else math.nan,
+                            val_losses[-1] if val_losses else None, seconds, start_step)
+    (out / "recovery.json").write_text(json.dumps({
+        "model": str(model), "model_kind": loaded.kind, "data": str(data), "train_records": len(train),
+        "val_records": len(val), "settings": {k: v for k, v in vars(config).items()},
+        "steps": len(steps), "resumed_from_step": start_step, "first_loss": result.first_loss,
+        "last_loss": result.last_loss, "val_loss": result.val_loss, "seconds": round(seconds, 2),
+        "fingerprint": fp}, indent=2, default=str))
+    return result
+
+
+def save_merged(peft_model, tokenizer, kind: str, folder: Path, zeros: float = 0.0) -> Path:
+    """Merge the adapter into the weights and save a model paser (and, for uniform widths, plain
+    transformers) loads. Merging fills the zeros of an unstructured-sparse (Wanda/SparseGPT)
+    model; ``zeros`` is the base model's share of zero weights, for the warning."""
+    from paser.layers import layer_shapes, save_pruned_folder
+
+    merged = peft_model.merge_and_unload()
+    shapes = layer_shapes(merged)
+    if zeros > 0.2:
+        warnings.warn(f"the model had {zeros:.0%} zero weights before merging; the merged model is dense "
+                      "(LoRA updates fill the zeros); keep the adapter separate to stay sparse", stacklevel=2)
+    if len({(s.num_heads, s.num_kv_heads, s.intermediate_size) for s in shapes}) > 1 or kind == "paser-pruned":
+        return save_pruned_folder(merged, tokenizer, folder, {"merged_from": "paser recover"})
+    merged.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder

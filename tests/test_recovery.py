@@ -1,0 +1,130 @@
+"""LoRA recovery on tiny models: the loss mask, gradient accumulation, training progress,
+adapter and merged-model round trips, and resuming a killed run."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from paser.data import write_jsonl
+from paser.recovery import IGNORE, RecoverConfig, collate, encode_for_training, recover, token_loss_sum
+from paser.suite import generate_suite, suite_pool
+
+
+@pytest.fixture()
+def train_file(tmp_path):
+    path = tmp_path / "train.jsonl"
+    write_jsonl(path, generate_suite(48, seed=7))
+    return str(path)
+
+
+FAST = dict(batch_size=8, micro_batch_size=4, learning_rate=5e-3, val_size=8, eval_every=2, save_every=2,
+            progress=False)
+
+
+def test_loss_mask_covers_exactly_the_response(tiny_tokenizer):
+    from paser.prompts import format_prompt
+
+    records = suite_pool(6, seed=2).records
+    for record, ex in zip(records, encode_for_training(tiny_tokenizer, records, RecoverConfig())):
+        prompt = tiny_tokenizer(format_prompt(record), add_special_tokens=True)["input_ids"]
+        response = tiny_tokenizer(record.response, add_special_tokens=False)["input_ids"]
+        response = response + [tiny_tokenizer.eos_token_id]
+        assert ex.ids == prompt + response
+        assert ex.labels == [IGNORE] * len(prompt) + response
+    batch = collate(encode_for_training(tiny_tokenizer, records, RecoverConfig()), tiny_tokenizer.pad_token_id, "cpu")
+    padded = batch["attention_mask"] == 0
+    assert (batch["labels"][padded] == IGNORE).all() and padded.any()
+
+
+def test_accumulated_micro_batches_give_the_full_batch_gradient(tiny_tokenizer, tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    examples = encode_for_training(tiny_tokenizer, suite_pool(8, seed=4).records, RecoverConfig())
+    pad = tiny_tokenizer.pad_token_id
+
+    def grads(chunks):
+        model.zero_grad()
+        n = sum(sum(1 for t in e.labels[1:] if t != IGNORE) for e in examples)
+        for chunk in chunks:
+            loss, _ = token_loss_sum(model, collate(chunk, pad, "cpu"))
+            (loss / n).backward()
+        return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+
+    torch.testing.assert_close(grads([examples]), grads([examples[:4], examples[4:]]), atol=1e-6, rtol=1e-4)
+
+
+def test_a_few_steps_reduce_the_loss_and_the_adapter_round_trips(tiny_model_dir, train_file, tmp_path):
+    from peft import PeftModel
+
+    from paser.models import load_model
+
+    out = tmp_path / "rec"
+    result = recover(str(tiny_model_dir), train_file, out, epochs=3, merge=True, **FAST)
+    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert result.steps == len(log) == 15  # 40 training records -> 5 steps per epoch
+    assert sum(e["loss"] for e in log[-3:]) < sum(e["loss"] for e in log[:3])
+    val = [e["val_loss"] for e in log if "val_loss" in e]
+    assert len(val) == 8 and val[-1] < val[0]
+    assert (out / "training_curve.png").is_file() and json.loads((out / "recovery.json").read_text())["steps"] == 15
+
+    ids = torch.tensor([[5, 17, 42, 99, 3, 7]])
+    adapted = PeftModel.from_pretrained(load_model(str(tiny_model_dir)).model, out / "adapter").eval()
+    merged = load_model(str(out / "merged")).model
+    base = load_model(str(tiny_model_dir)).model
+    with torch.no_grad():
+        a, m, b = (net(input_ids=ids).logits for net in (adapted, merged, base))
+    torch.testing.assert_close(a, m, atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(a, b, atol=1e-4)  # the adapter changed the model
+
+
+def test_merged_pruned_model_keeps_its_layer_widths(tiny_model_dir, train_file, tmp_path):
+    from paser.layers import layer_shapes
+    from paser.models import load_model
+    from paser.pruning import PruneConfig, prune
+
+    prune(str(tiny_model_dir), tmp_path / "pruned", PruneConfig(importance="l2", attn_layers=(1, 3)))
+    recover(str(tmp_path / "pruned"), train_file, tmp_path / "rec", max_steps=2, merge=True, **FAST)
+    merged = load_model(str(tmp_path / "rec" / "merged"))
+    assert merged.kind == "paser-pruned"
+    assert layer_shapes(merged.model) == layer_shapes(load_model(str(tmp_path / "pruned")).model)
+
+
+def test_killed_run_resumes_to_the_same_adapter(tiny_model_dir, train_file, tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    import paser.recovery as rec
+
+    recover(str(tiny_model_dir), train_file, tmp_path / "whole", max_steps=6, **FAST)
+    calls = {"n": 0}
+    original = rec.token_loss_sum
+
+    def dies_in_step_5(model, batch):
+        if model.training:
+            calls["n"] += 1
+            if calls["n"] > 8:  # two micro-batches per step: step 5 never finishes
+                raise KeyboardInterrupt
+        return original(model, batch)
+
+    monkeypatch.setattr(rec, "token_loss_sum", dies_in_step_5)
+    with pytest.raises(KeyboardInterrupt):
+        recover(str(tiny_model_dir), train_file, tmp_path / "killed", max_steps=6, **FAST)
+    monkeypatch.setattr(rec, "token_loss_sum", original)
+    result = recover(str(tiny_model_dir), train_file, tmp_path / "killed", max_steps=6, **FAST)
+    assert result.resumed_from == 4
+    a = load_file(tmp_path / "whole" / "adapter" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "killed" / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_checkpoint_from_other_settings_is_refused(tiny_model_dir, train_file, tmp_path):
+    from paser.errors import ConfigError
+
+    recover(str(tiny_model_dir), train_file, tmp_path / "rec", max_steps=3, **FAST)
+    with pytest.raises(ConfigError, match="other settings"):
+        recover(str(tiny_model_dir), train_file, tmp_path / "rec", max_steps=3, **(FAST | {"learning_rate": 1e-3}))
+    assert recover(str(tiny_model_dir), train_file, tmp_path / "rec", max_steps=3, restart=True,
+                   **(FAST | {"learning_rate": 1e-3})).resumed_from == 0
