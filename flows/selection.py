@@ -102,6 +102,11 @@ def select(settings: dict, run: str) -> str:
     return str(pipeline.stage_select(_s(settings), Path(run)))
 
 
+@task(name="baseline selection", cache_policy=NO_CACHE)
+def baseline(settings: dict, run: str) -> str:
+    return str(pipeline.stage_baseline(_s(settings), Path(run)))
+
+
 @task(name="write report", cache_policy=NO_CACHE)
 def report(settings: dict, run: str) -> str:
     path = write_report(_s(settings), Path(run))
@@ -139,6 +144,10 @@ def selection_flow(data: str | None = None, dense: str | None = None, pruned: st
                               engine, address, workers, overrides).to_dict()
     run = check_inputs(settings)
     _cached(load_data, "data", settings, run)(settings, run)
+    if _s(settings).baseline:  # random or full: no model, no clusters
+        baseline(settings, run)
+        report(settings, run)
+        return run
     _cached(embed, "embed", settings, run)(settings, run)
     _cached(cluster, "cluster", settings, run)(settings, run)
     twin = pruned_twin(settings)

@@ -154,6 +154,8 @@ def select(
                                                   "consistency filter.")] = None,
     allocation: Annotated[str | None, typer.Option(help="largest_remainder, floor or uniform.")] = None,
     seed: Annotated[int | None, typer.Option(help="Seed (default 0).")] = None,
+    method: Annotated[str | None, typer.Option(help="paser (default); baselines random, full; ablations "
+                                                    "uniform, random_order, no_ccg, kmeans.")] = None,
     trust_pickle: Annotated[bool, typer.Option(help="Allow LLM-Pruner pickle checkpoints (unpickling can "
                                                     "run arbitrary code).")] = False,
     engine: Annotated[str | None, typer.Option(help="Where degradation shards run: local, dask or ray "
@@ -169,7 +171,7 @@ def select(
 
     _offline_defaults()
     overrides = {
-        "select": {"layout": layout, "strict": strict, "suite_size": suite_size},
+        "select": {"layout": layout, "strict": strict, "suite_size": suite_size, "method": method},
         "score": {"dtype": dtype, "batch_size": batch_size, "template": template, "cutoff": cutoff},
         "cluster": {"n_clusters": clusters, "method": cluster_method},
         "manifold": {"method": manifold},
@@ -186,7 +188,8 @@ def select(
 
     summary = json.loads((run / "clusters.json").read_text())
     timings = json.loads((run / "timings.json").read_text())
-    typer.echo(f"selected {summary['selected']} of budget {summary['budget']} from {summary['K']} clusters")
+    source = f"from {summary['K']} clusters" if "K" in summary else f"({summary['method']} baseline)"
+    typer.echo(f"selected {summary['selected']} of budget {summary['budget']} {source}")
     typer.echo("stage seconds: " + ", ".join(f"{k} {v['seconds']:.1f}{' (reused)' if v['reused'] else ''}"
                                              for k, v in timings.items()))
     typer.echo(f"run folder: {run} (selected.jsonl, scores.parquet, clusters.json, manifest.json, report.md)")

@@ -77,6 +77,11 @@ class SelectConfig:
     """Ratio for the twin made when pruned is None."""
     budget: float = 0.2
     """Records to select: a count (100) or a fraction of the pool (0.2)."""
+    method: Literal["paser", "random", "full", "uniform", "random_order", "no_ccg", "kmeans"] = "paser"
+    """paser; the baselines random (seeded) and full (every record); or an ablation of PASER:
+    uniform allocation, random order inside clusters instead of IES, no concept filter, k-means
+    clusters instead of NMF. An ablation sets its stage's option (allocate.method, concepts.enabled,
+    cluster.method) whatever the config says."""
     out: str = "runs/select"
     """The run folder."""
     trust_pickle: bool = False
@@ -108,6 +113,8 @@ class DistributeConfig:
             raise ValueError(f"workers must be positive, got {self.workers}")
 
 
+BASELINES = ("random", "full")
+
 STAGE_CONFIGS = {"select": SelectConfig, "embed": EmbedConfig, "manifold": ManifoldConfig,
             "cluster": ClusterConfig, "score": ScoreConfig, "allocate": AllocateConfig,
             "concepts": ConceptConfig, "prune": PruneConfig, "distribute": DistributeConfig}
@@ -137,8 +144,21 @@ class Settings:
         unknown = sorted(set(data) - set(SECTIONS))  # recover/evaluate sections belong to other commands
         if unknown:
             raise ConfigError(f"{where}: unknown section(s) {unknown}; known: {list(SECTIONS)}")
-        return cls(**{name: from_mapping(cfg, dict(data.get(name) or {}), f"{where}: {name}")
-                      for name, cfg in STAGE_CONFIGS.items()})
+        settings = cls(**{name: from_mapping(cfg, dict(data.get(name) or {}), f"{where}: {name}")
+                          for name, cfg in STAGE_CONFIGS.items()})
+        method = settings.select.method
+        if method == "uniform":
+            settings.allocate.method = "uniform"
+        elif method == "no_ccg":
+            settings.concepts.enabled = False
+        elif method == "kmeans":
+            settings.cluster.method = "kmeans"
+        return settings
+
+    @property
+    def baseline(self) -> bool:
+        """A method that selects without models (random, full): only the data stage runs."""
+        return self.select.method in BASELINES
 
     @classmethod
     def load(cls, path: str | Path | None = None, overrides: dict | None = None) -> Settings:
@@ -573,8 +593,10 @@ def select_from(settings: Settings, table: pd.DataFrame, budget: float | int | N
     """Allocation, IES ranking and the concept filter over a selection table; writes nothing."""
     from paser.selection import Selector
 
+    order = "random" if settings.select.method == "random_order" else "ies"
     return Selector(settings.select.budget if budget is None else budget, settings.allocate.method,
-                    use_concepts=settings.concepts.enabled, random_state=settings.select.seed).fit(table).result_
+                    use_concepts=settings.concepts.enabled, order=order,
+                    random_state=settings.select.seed).fit(table).result_
 
 
 def stage_select(settings: Settings, run: Path) -> Path:
@@ -607,6 +629,32 @@ def stage_select(settings: Settings, run: Path) -> Path:
     return run / "selected.jsonl"
 
 
+def stage_baseline(settings: Settings, run: Path) -> Path:
+    """The random and full baselines: ``budget`` records drawn with the seed, or every record, in
+    the same output files as PASER (selected.jsonl in the input's layout, scores.parquet, clusters.json
+    with no clusters) so that recovery and evaluation treat every arm alike."""
+    from paser.data import write_jsonl
+    from paser.selection import resolve_budget
+
+    with _Stage(run, "select"):
+        records = read_run_pool(run)
+        if settings.select.method == "full":
+            chosen = list(range(len(records)))
+        else:
+            budget = resolve_budget(settings.select.budget, len(records))
+            chosen = np.random.default_rng(settings.select.seed).permutation(len(records))[:budget].tolist()
+        rank = np.zeros(len(records), dtype=np.int64)
+        rank[chosen] = np.arange(1, len(chosen) + 1)
+        _atomic_parquet(pd.DataFrame({"id": [r.id for r in records],
+                                      "status": np.where(rank > 0, "selected", "unvisited"), "rank": rank}),
+                        run / "scores.parquet")
+        write_jsonl(run / "selected.jsonl", [dict(records[i].fields) | {"paser_id": records[i].id, "paser_rank": n + 1}
+                                             for n, i in enumerate(chosen)])
+        (run / "clusters.json").write_text(json.dumps({"method": settings.select.method, "budget": len(chosen),
+                                                       "selected": len(chosen), "clusters": []}, indent=2))
+    return run / "selected.jsonl"
+
+
 def preflight(settings: Settings) -> None:
     """Check what can be checked cheaply before any stage starts, so a bad input fails in a
     second with one clear message: the pool, the budget against its size, the model references,
@@ -617,6 +665,8 @@ def preflight(settings: Settings) -> None:
     cfg = settings.select
     pool = read_input_pool(cfg)
     resolve_budget(cfg.budget, len(pool))
+    if settings.baseline:
+        return  # random and full use no model
     model_fingerprint(cfg.dense)
     if cfg.pruned is not None:
         model_fingerprint(cfg.pruned)
@@ -638,6 +688,10 @@ def run_selection(settings: Settings, cache_dir: Path | None = None) -> Path:
 
     run = run_folder(settings)
     stage_data(settings, run)
+    if settings.baseline:
+        stage_baseline(settings, run)
+        write_report(settings, run)
+        return run
     stage_embed(settings, run, cache_dir)
     stage_cluster(settings, run)
     stage_score(settings, run)

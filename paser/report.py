@@ -130,26 +130,43 @@ def artifact_markdown(run: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _manifest_base(settings, data: dict, timings: dict) -> dict:
+    return {
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "settings": settings.to_dict(),
+        "data": {k: data[k] for k in ("source", "layout", "records", "fingerprint")}
+        | {"rejected_on_load": len(data["rejected"])},
+        "packages": package_versions(),
+        "machine": {"platform": platform.platform(), "python": platform.python_version(),
+                    "processor": platform.processor() or platform.machine()},
+        "stages": timings,
+    }
+
+
+def _baseline_report(settings, run: Path, summary: dict, data: dict, timings: dict) -> Path:
+    """manifest.json and a short report.md for the random and full baselines (no model involved)."""
+    (run / "manifest.json").write_text(json.dumps(_manifest_base(settings, data, timings), indent=2))
+    how = ("every record" if summary["method"] == "full"
+           else f"{summary['selected']} records drawn at random with seed {settings.select.seed}")
+    lines = ["# paser selection report (baseline)", "",
+             f"- pool: {data['source']} ({data['records']} records, {data['layout']} layout)",
+             f"- method: {summary['method']}: {how}; no model, clustering or degradation involved", ""]
+    path = run / "report.md"
+    path.write_text("\n".join(lines))
+    return path
+
+
 def write_report(settings, run: Path) -> Path:
     """Write manifest.json and report.md (with PNG plots) for a finished selection run."""
     scores = pd.read_parquet(run / "scores.parquet")
     summary = json.loads((run / "clusters.json").read_text())
     data = json.loads((run / "data.json").read_text())
-    models = json.loads((run / "models.json").read_text())
     timings = json.loads((run / "timings.json").read_text())
+    if settings.baseline:
+        return _baseline_report(settings, run, summary, data, timings)
+    models = json.loads((run / "models.json").read_text())
     ari = family_ari(run)
-    manifest = {
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "settings": settings.to_dict(),
-        "data": {k: data[k] for k in ("source", "layout", "records", "fingerprint")}
-        | {"rejected_on_load": len(data["rejected"])},
-        "models": models,
-        "packages": package_versions(),
-        "machine": {"platform": platform.platform(), "python": platform.python_version(),
-                    "processor": platform.processor() or platform.machine()},
-        "stages": timings,
-        "adjusted_rand_index_vs_family": ari,
-    }
+    manifest = _manifest_base(settings, data, timings) | {"models": models, "adjusted_rand_index_vs_family": ari}
     (run / "manifest.json").write_text(json.dumps(manifest, indent=2))
     plots = _plots(run, scores, summary)
 

@@ -152,3 +152,10 @@ def test_whole_pipeline_flow_prunes_selects_recovers_and_evaluates(models, tmp_p
     assert evals["recovered"]["adapter"] and evals["pruned"]["adapter"] is None
     assert all(e["suite"]["records"] == 12 for e in evals.values())
     assert "gap recovered" in (root / "run.md").read_text()
+
+
+def test_random_baseline_through_the_flow_needs_no_model(models, tmp_path, monkeypatch, harness):
+    calls = _calls(monkeypatch)
+    run = _flow(settings(("no-dense", "no-pruned"), tmp_path / "run", method="random"))
+    assert sum(1 for _ in (tmp_path / "run" / "selected.jsonl").open()) == 24
+    assert (calls["embed"].n, calls["score"].n) == (0, 0) and run == str(tmp_path / "run")

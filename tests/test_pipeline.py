@@ -188,3 +188,37 @@ def test_load_run_refuses_an_unfinished_folder(models, tmp_path):
     assert len(view.records) == 96 and view.clusters["allocation"].sum() == 24
     again = view.reselect(24)
     assert list(again.selected["id"]) == list(view.records.sort_values("rank").query("status == 'selected'")["id"])
+
+
+@pytest.mark.parametrize("method", ["random", "full"])
+def test_baselines_write_the_same_outputs_without_models(models, tmp_path, method):
+    s = settings(("missing-dense", "missing-pruned"), tmp_path / "a", method=method)
+    run = run_selection(s)
+    selected = [json.loads(line) for line in (run / "selected.jsonl").read_text().splitlines()]
+    assert len(selected) == (24 if method == "random" else 96)
+    assert {"instruction", "output", "family", "paser_id", "paser_rank"} <= set(selected[0])
+    assert not (run / "embeddings.npy").exists() and not (run / "degradation.parquet").exists()
+    assert json.loads((run / "manifest.json").read_text())["settings"]["select"]["method"] == method
+    again = run_selection(settings(("missing-dense", "missing-pruned"), tmp_path / "b", method=method))
+    assert (again / "selected.jsonl").read_text() == (run / "selected.jsonl").read_text()
+    if method == "random":
+        other = run_selection(settings(("x", "y"), tmp_path / "c", method=method, seed=1))
+        assert (other / "selected.jsonl").read_text() != (run / "selected.jsonl").read_text()
+
+
+def test_ablations_change_what_they_name(models, tmp_path):
+    base = run_selection(settings(models, tmp_path / "paser", budget=72))
+    scores = pd.read_parquet(base / "scores.parquet")
+    assert (scores["status"] == "rejected").any(), "the tiny run should exercise the concept filter"
+    no_ccg = run_selection(settings(models, tmp_path / "no_ccg", method="no_ccg", budget=72))
+    assert not (pd.read_parquet(no_ccg / "scores.parquet")["status"] == "rejected").any()
+    uniform = json.loads((run_selection(settings(models, tmp_path / "uniform", method="uniform", budget=72))
+                          / "clusters.json").read_text())
+    uncapped = [c["allocation"] for c in uniform["clusters"] if c["allocation"] < c["size"]]
+    assert uncapped and max(uncapped) - min(uncapped) <= 1  # equal shares, except clusters too small for one
+    kmeans = run_selection(settings(models, tmp_path / "kmeans", method="kmeans", budget=72))
+    assert json.loads((kmeans / "cluster_fit.json").read_text())["method"] == "kmeans"
+    shuffled = run_selection(settings(models, tmp_path / "random_order", method="random_order", budget=72))
+    a, b = (json.loads((r / "clusters.json").read_text()) for r in (base, shuffled))
+    assert [c["allocation"] for c in a["clusters"]] == [c["allocation"] for c in b["clusters"]]
+    assert (shuffled / "selected.jsonl").read_text() != (base / "selected.jsonl").read_text()
