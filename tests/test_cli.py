@@ -118,7 +118,7 @@ def test_recover_and_evaluate_commands(tiny_model_dir, tmp_path):
     result = runner.invoke(app, ["evaluate", str(tiny_model_dir), "--adapter", str(tmp_path / "r" / "adapter"),
                                  "--suite-size", "12", "--out", str(tmp_path / "e")])
     assert result.exit_code == 0, result.output
-    assert "capability-suite exact match, all" in result.output
+    assert "capability-suite accuracy (answer found), all" in result.output
     assert json.loads((tmp_path / "e" / "eval.json").read_text())["adapter"] == str(tmp_path / "r" / "adapter")
 
 

@@ -8,13 +8,17 @@ import math
 import torch
 
 from paser.data import write_jsonl
-from paser.evaluation import evaluate, normalise_answer, perplexity, response_nll
+from paser.evaluation import answer_found, evaluate, normalise_answer, perplexity, response_nll
 from paser.suite import generate_suite, suite_pool
 
 
-def test_normalise_answer():
+def test_normalise_answer_and_answer_found():
     assert normalise_answer("  Paris.\n") == normalise_answer('"paris"') == "paris"
-    assert normalise_answer("[1, 2,\n 3]") == "[1, 2, 3]"
+    assert normalise_answer("[1, 2,\n 3]") == "[1,2,3]"
+    assert answer_found("Vienna", "The capital of Austria is Vienna.")
+    assert answer_found('{"name": "Ana", "age": 18}', '```json\n{\n  "name": "Ana",\n  "age": 18\n}\n```')
+    assert not answer_found("15", "The answer is 155.") and not answer_found("far", "farther away")
+    assert not answer_found("", "anything")
 
 
 def test_perplexity_equals_a_direct_computation(tiny_model_dir, tiny_tokenizer):
@@ -65,4 +69,5 @@ def test_evaluate_writes_json_and_markdown(tiny_model_dir, tmp_path):
     assert set(saved["suite"]["per_family"]) == {r["family"] for r in generate_suite(24)}
     assert 0 <= result["suite"]["accuracy"] <= 1
     table = (tmp_path / "eval" / "eval.md").read_text()
-    assert "perplexity, llm-pruner (32-token windows)" in table and "capability-suite exact match, all" in table
+    assert "perplexity, llm-pruner (32-token windows)" in table and "accuracy (answer found), all" in table
+    assert result["suite"]["exact_match"] <= result["suite"]["accuracy"]  # an exact match is also found

@@ -1,0 +1,169 @@
+"""Does PASER's subset recover a pruned model more than random subsets of the same size?
+
+    python bench/recovery_experiment.py                      # about 80 minutes on the 2-core CPU machine
+    python bench/recovery_experiment.py --pool 60 --heldout 20 --suite 24 --max-steps 2   # smoke run
+
+Models: the bundled SmolLM2-135M-Instruct (dense) and its 25% `paser prune` twin (Taylor, cached).
+Data: ../shared/data/alpaca_5000.json (read at run time, never copied into the repository). Split
+rule: a permutation of the 5,000 record positions with numpy's default_rng(--split-seed 0); the
+first --pool positions are the training pool, the next --heldout positions the held-out set.
+
+Arms, every one recovered with the same settings and evaluated by the same code: no recovery;
+random subsets (one per --seeds); PASER; its ablations (uniform allocation, random order inside
+clusters, no concept filter, k-means clusters); the full pool. Budget: --budget of the pool.
+Evaluation: mean response NLL on the held-out records, exact-match accuracy on paser's capability
+suite (--suite records, seed 12345), and the share of the dense-vs-pruned gap each arm closes.
+
+Every finished arm is written to OUT/results/<arm>.json at once; a rerun skips finished arms (and
+a recovery resumes from its checkpoint), so a killed experiment continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import numpy as np  # noqa: E402
+
+from paser.data import load_pool, write_jsonl  # noqa: E402
+from paser.evaluation import EvalConfig, evaluate, gap_recovered  # noqa: E402
+from paser.pipeline import Settings, run_selection, twin_reference  # noqa: E402
+from paser.recovery import RecoverConfig, recover  # noqa: E402
+
+DENSE = "smollm2-135m-instruct"
+ABLATIONS = ("uniform", "random_order", "no_ccg", "kmeans")
+
+
+def split(data: str, out: Path, n_pool: int, n_heldout: int, seed: int) -> tuple[Path, Path]:
+    pool = load_pool(data)
+    order = np.random.default_rng(seed).permutation(len(pool.records))
+    rows = [dict(r.fields) for r in pool.records]
+    paths = out / "pool.jsonl", out / "heldout.jsonl"
+    write_jsonl(paths[0], [rows[i] for i in order[:n_pool]])
+    write_jsonl(paths[1], [rows[i] for i in order[n_pool:n_pool + n_heldout]])
+    return paths
+
+
+def select_arm(arm: str, pool: Path, out: Path, budget: float, seed: int) -> tuple[Path, float]:
+    """The arm's subset file and the wall time of its selection. PASER and its ablations share one
+    run folder, so the ablations reuse embeddings and scores (their time is the incremental one)."""
+    method = "random" if arm.startswith("random-") else arm
+    folder = out / "select" / ("shared" if method in ("paser", *ABLATIONS) else arm)
+    settings = Settings.load(None, {"select": {"data": str(pool), "dense": DENSE, "budget": budget, "out": str(folder),
+                                               "method": method, "seed": seed, "progress": False}})
+    start = time.perf_counter()
+    run = run_selection(settings)
+    seconds = time.perf_counter() - start
+    subset = out / "subsets" / f"{arm}.jsonl"
+    subset.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(run / "selected.jsonl", subset)
+    if method != "random" and method != "full":
+        shutil.copyfile(run / "clusters.json", out / "subsets" / f"{arm}.clusters.json")
+    return subset, seconds
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--data", default=str(Path(__file__).resolve().parents[1] / "../shared/data/alpaca_5000.json"))
+    ap.add_argument("--out", default="runs/experiment")
+    ap.add_argument("--pool", type=int, default=1000)
+    ap.add_argument("--heldout", type=int, default=200)
+    ap.add_argument("--split-seed", type=int, default=0)
+    ap.add_argument("--budget", type=float, default=0.2)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--epochs", type=float, default=2.0)
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--micro-batch-size", type=int, default=4)
+    ap.add_argument("--learning-rate", type=float, default=1e-4)
+    ap.add_argument("--max-steps", type=int, default=None)
+    ap.add_argument("--suite", type=int, default=240)
+    ap.add_argument("--arms", nargs="+", default=None, help="subset of arms to run (default: all)")
+    args = ap.parse_args()
+
+    out = Path(args.out)
+    (out / "results").mkdir(parents=True, exist_ok=True)
+    pool, heldout = split(args.data, out, args.pool, args.heldout, args.split_seed)
+    pruned = twin_reference(Settings())
+    rec_cfg = RecoverConfig(epochs=args.epochs, batch_size=args.batch_size, micro_batch_size=args.micro_batch_size,
+                            learning_rate=args.learning_rate, max_steps=args.max_steps, val_size=0, progress=False)
+    eval_cfg = EvalConfig(heldout=str(heldout), suite_size=args.suite, max_new_tokens=32, batch_size=16)
+    arms = (["dense", "none", "paser", *ABLATIONS] + [f"random-{s}" for s in args.seeds] + ["full"])
+    arms = [a for a in arms if args.arms is None or a in args.arms or a in ("dense", "none")]
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; pool {args.pool}, "
+          f"held-out {args.heldout}, budget {args.budget}; arms: {' '.join(arms)}", flush=True)
+
+    for arm in arms:
+        path = out / "results" / f"{arm}.json"
+        if path.is_file():
+            continue
+        row: dict = {"arm": arm}
+        if arm in ("dense", "none"):
+            model, adapter = (DENSE if arm == "dense" else pruned), None
+        else:
+            seed = int(arm.split("-")[1]) if arm.startswith("random-") else 0
+            subset, row["selection_s"] = select_arm(arm, pool, out, args.budget, seed)
+            row["records"] = sum(1 for _ in subset.open())
+            result = recover(pruned, str(subset), out / "recover" / arm, rec_cfg)
+            row |= {"recovery_s": result.seconds, "steps": result.steps, "train_loss": [result.first_loss,
+                                                                                       result.last_loss]}
+            model, adapter = pruned, str(out / "recover" / arm / "adapter")
+        start = time.perf_counter()
+        ev = evaluate(model, adapter, out / "eval" / arm, eval_cfg)
+        row |= {"eval_s": time.perf_counter() - start, "heldout_nll": ev["response_nll"]["nll"],
+                "suite_accuracy": ev["suite"]["accuracy"], "per_family": ev["suite"]["per_family"]}
+        path.write_text(json.dumps(row, indent=2))
+        print(f"{arm}: " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
+                                     for k, v in row.items() if k not in ("per_family", "arm", "train_loss")),
+              flush=True)
+    report(out, args)
+
+
+def report(out: Path, args) -> None:
+    rows = {p.stem: json.loads(p.read_text()) for p in sorted((out / "results").glob("*.json"))}
+    if not {"dense", "none"} <= set(rows):
+        return
+    dense, none = rows["dense"], rows["none"]
+
+    def gaps(r):
+        return (gap_recovered(dense["heldout_nll"], none["heldout_nll"], r["heldout_nll"]),
+                gap_recovered(dense["suite_accuracy"], none["suite_accuracy"], r["suite_accuracy"]))
+
+    lines = ["| arm | records | held-out NLL | suite accuracy | gap closed (NLL) | gap closed (accuracy) | "
+             "selection s | recovery s |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for name, r in rows.items():
+        g = gaps(r)
+        lines.append(f"| {name} | {r.get('records', '')} | {r['heldout_nll']:.4f} | {r['suite_accuracy']:.3f} | "
+                     f"{'' if g[0] is None else f'{g[0]:.1%}'} | {'' if g[1] is None else f'{g[1]:.1%}'} | "
+                     f"{r.get('selection_s', 0):.1f} | {r.get('recovery_s', 0):.1f} |")
+    randoms = [r for n, r in rows.items() if n.startswith("random-")]
+    if len(randoms) > 1:
+        nll = [r["heldout_nll"] for r in randoms]
+        acc = [r["suite_accuracy"] for r in randoms]
+        lines.append(f"| random, mean ± sd over {len(randoms)} seeds | | {statistics.mean(nll):.4f} ± "
+                     f"{statistics.stdev(nll):.4f} | {statistics.mean(acc):.3f} ± {statistics.stdev(acc):.3f} | "
+                     "| | | |")
+    clusters = out / "subsets" / "paser.clusters.json"
+    if clusters.is_file():
+        c = json.loads(clusters.read_text())
+        cds = [x["cds"] for x in c["clusters"]]
+        sizes = [x["size"] for x in c["clusters"]]
+        rejected = sum(x["rejected"] for x in c["clusters"])
+        lines += ["", f"PASER: K = {c['K']}, cluster sizes {min(sizes)}..{max(sizes)}, CDS {min(cds):.4f}.."
+                      f"{max(cds):.4f}, rejected by the concept filter {rejected} "
+                      f"({rejected / max(1, rejected + c['selected']):.1%} of visited)"]
+    (out / "results.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
