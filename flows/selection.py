@@ -68,9 +68,9 @@ def cluster(settings: dict, run: str) -> str:
 
 
 @task(name="pruned twin", cache_policy=NO_CACHE)
-def pruned_twin(settings: dict) -> str:
+def pruned_twin(settings: dict, run: str) -> str:
     """The pruned model: the one given, or paser's prune of the dense model (made once, cached)."""
-    return pipeline.twin_reference(_s(settings))
+    return pipeline.stage_twin(_s(settings), Path(run))
 
 
 def _transient(task, task_run, state) -> bool:
@@ -150,7 +150,7 @@ def selection_flow(data: str | None = None, dense: str | None = None, pruned: st
         return run
     _cached(embed, "embed", settings, run)(settings, run)
     _cached(cluster, "cluster", settings, run)(settings, run)
-    twin = pruned_twin(settings)
+    twin = pruned_twin(settings, run)
     degradation(settings, run, twin)
     select(settings, run)
     report(settings, run)

@@ -30,14 +30,15 @@ def models(tiny_pair):
 class Calls:
     """Counts calls of a library function while still running it."""
 
-    def __init__(self, monkeypatch, module, name, fail_on=None):
+    def __init__(self, monkeypatch, module, name, fail_on=None, error=RuntimeError):
         current = getattr(module, name)
         self.n, self.fail_on, self.original = 0, fail_on, getattr(current, "original", current)
+        self.error = error
         monkeypatch.setattr(module, name, self)
 
     def __call__(self, *args, **kwargs):
         if self.fail_on is not None and self.fail_on(*args):
-            raise RuntimeError("injected failure")
+            raise self.error("injected failure")
         self.n += 1
         return self.original(*args, **kwargs)
 
@@ -159,3 +160,19 @@ def test_random_baseline_through_the_flow_needs_no_model(models, tmp_path, monke
     run = _flow(settings(("no-dense", "no-pruned"), tmp_path / "run", method="random"))
     assert sum(1 for _ in (tmp_path / "run" / "selected.jsonl").open()) == 24
     assert (calls["embed"].n, calls["score"].n) == (0, 0) and run == str(tmp_path / "run")
+
+
+def test_transient_shard_failure_is_retried(models, tmp_path, monkeypatch, harness):
+    s = settings(models, tmp_path / "run")
+    failures = []
+
+    def once(d, p, t, records, *a):
+        if not failures and records[0].id == pipeline.read_input_pool(s.select).records[40].id:
+            failures.append(1)
+            return True
+        return False
+
+    calls = Calls(monkeypatch, degradation, "score_shard", fail_on=once, error=OSError)
+    _flow(s)  # shard 1 fails once with an I/O error, is retried, and the run completes
+    assert failures == [1] and calls.n == 3
+    assert sum(1 for _ in (tmp_path / "run" / "selected.jsonl").open()) == 24
