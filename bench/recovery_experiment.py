@@ -87,7 +87,7 @@ def main() -> None:
     ap.add_argument("--learning-rate", type=float, default=1e-4)
     ap.add_argument("--max-steps", type=int, default=None)
     ap.add_argument("--suite", type=int, default=240)
-    ap.add_argument("--arms", nargs="+", default=None, help="subset of arms to run (default: all)")
+    ap.add_argument("--arms", nargs="+", default=None, help="arms to run, in this order (default: all)")
     args = ap.parse_args()
 
     out = Path(args.out)
@@ -97,8 +97,12 @@ def main() -> None:
     rec_cfg = RecoverConfig(epochs=args.epochs, batch_size=args.batch_size, micro_batch_size=args.micro_batch_size,
                             learning_rate=args.learning_rate, max_steps=args.max_steps, val_size=0, progress=False)
     eval_cfg = EvalConfig(heldout=str(heldout), suite_size=args.suite, max_new_tokens=32, batch_size=16)
-    arms = (["dense", "none", "paser", *ABLATIONS] + [f"random-{s}" for s in args.seeds] + ["full"])
-    arms = [a for a in arms if args.arms is None or a in args.arms or a in ("dense", "none")]
+    known = ["dense", "none", "paser", *ABLATIONS] + [f"random-{s}" for s in args.seeds] + ["full"]
+    unknown = sorted(set(args.arms or []) - set(known))
+    if unknown:
+        raise SystemExit(f"unknown arm(s) {unknown}; known: {known}")
+    # the references first, then the arms in the order asked for
+    arms = known if args.arms is None else ["dense", "none", *[a for a in args.arms if a not in ("dense", "none")]]
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; pool {args.pool}, "
           f"held-out {args.heldout}, budget {args.budget}; arms: {' '.join(arms)}", flush=True)
 
