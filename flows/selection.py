@@ -35,10 +35,10 @@ def _s(settings: dict) -> pipeline.Settings:
     return pipeline.Settings.from_dict(settings)
 
 
-def _cached(stage_task, stage: str, settings: dict, run: str, pruned_ref: str | None = None):
+def _cached(stage_task, stage: str, settings: dict, run: str, state: tuple[str, bool] | None = None):
     """``stage_task`` keyed on the stage's fingerprint; a stale or missing output in the run folder
-    refreshes the cache instead of trusting it."""
-    fp, fresh = pipeline.stage_state(stage, _s(settings), Path(run), pruned_ref)
+    refreshes the cache instead of trusting it. ``state``: (fingerprint, fresh) when already known."""
+    fp, fresh = state or pipeline.stage_state(stage, _s(settings), Path(run))
     if fresh:
         pipeline.record_stage(Path(run), stage, 0.0, reused=True)
     key = f"paser-{stage}-{fp}"
@@ -118,14 +118,14 @@ def report(settings: dict, run: str) -> str:
 def degradation(settings: dict, run: str, twin: str) -> str:
     """Score degradation: the shards on the configured engine, then one table (cached)."""
     s = _s(settings)
-    plan = pipeline.plan_scoring(s, Path(run), twin)
-    fp, fresh = pipeline.stage_state("score", s, Path(run), twin)
+    plan = pipeline.plan_scoring(s, Path(run), twin)  # computes the scoring fingerprint once
+    fresh = pipeline.output_fresh("score", Path(run), plan.fingerprint)
     reports: list[dict] = []
     if not fresh:
         start = time.perf_counter()
         reports = score_shards.with_options(task_runner=task_runner(s.distribute))(settings, plan)
         pipeline.record_stage(Path(run), "score", time.perf_counter() - start, reused=False)
-    return _cached(collect_scores, "score", settings, run, twin)(settings, plan, reports)
+    return _cached(collect_scores, "score", settings, run, (plan.fingerprint, fresh))(settings, plan, reports)
 
 
 @flow(name="paser-select")

@@ -112,16 +112,12 @@ def perplexity(model, tokenizer, text: str, window: int, batch_size: int = 8) ->
 
 def response_nll(model, tokenizer, records, template: str = "alpaca", cutoff: int = 256, batch_size: int = 8) -> dict:
     """Mean NLL over the response tokens of ``records`` (teacher forcing, prompt masked)."""
-    from paser.recovery import RecoverConfig, collate, encode_for_training, token_loss_sum
+    from paser.recovery import RecoverConfig, encode_for_training, scored_tokens, validation_loss
 
     examples = encode_for_training(tokenizer, records, RecoverConfig(template=template, cutoff=cutoff))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for lo in range(0, len(examples), batch_size):
-            loss, n = token_loss_sum(model, collate(examples[lo:lo + batch_size], pad, _device_of(model)))
-            total, count = total + float(loss), count + n
-    mean = total / max(count, 1)
+    mean = validation_loss(model, examples, pad, _device_of(model), batch_size)
+    count = sum(scored_tokens(e) for e in examples)
     return {"records": len(examples), "tokens": count, "nll": mean, "ppl": math.exp(mean)}
 
 

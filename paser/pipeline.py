@@ -559,7 +559,12 @@ def stage_fingerprint(stage: str, settings: Settings, run: Path, pruned_ref: str
 def stage_state(stage: str, settings: Settings, run: Path, pruned_ref: str | None = None) -> tuple[str, bool]:
     """The stage's fingerprint and whether its output in ``run`` already matches it."""
     fp = stage_fingerprint(stage, settings, run, pruned_ref)
-    return fp, _fresh(run / STAGE_OUTPUTS[stage], fp)
+    return fp, output_fresh(stage, run, fp)
+
+
+def output_fresh(stage: str, run: Path, fp: str) -> bool:
+    """Whether the stage's output in ``run`` was made for fingerprint ``fp``."""
+    return _fresh(run / STAGE_OUTPUTS[stage], fp)
 
 
 # ---------------------------------------------------------------- select and write

@@ -127,6 +127,11 @@ def encode_for_training(tokenizer, records, config: RecoverConfig) -> list[Examp
     return out
 
 
+def scored_tokens(example: Example) -> int:
+    """Tokens of ``example`` the loss is taken on (labelled targets after the one-token shift)."""
+    return sum(1 for t in example.labels[1:] if t != IGNORE)
+
+
 def collate(batch: list[Example], pad_id: int, device) -> dict[str, torch.Tensor]:
     """Right-padded ids, attention mask and labels (-100 on padding and prompts)."""
     width = max(len(e.ids) for e in batch)
@@ -353,7 +358,7 @@ def recover(model: str, data: str, out: str | Path = "runs/recover", config: Rec
         # a per-step seed keeps dropout identical on a resumed run
         torch.manual_seed(config.seed * 1_000_003 + step)
         chosen = [train_ex[i] for i in steps[step]]
-        n_tokens = sum(sum(1 for t in e.labels[1:] if t != IGNORE) for e in chosen)
+        n_tokens = sum(scored_tokens(e) for e in chosen)
         total = 0.0
         for lo in range(0, len(chosen), config.micro_batch_size):
             loss, _ = token_loss_sum(peft_model, collate(chosen[lo:lo + config.micro_batch_size], pad_id, device))
