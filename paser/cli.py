@@ -274,18 +274,24 @@ def evaluate(
                                                          "at most 2048).")] = None,
     batch_size: Annotated[int | None, typer.Option(help="Sequences per forward pass (default 8).")] = None,
     dtype: Annotated[str | None, typer.Option(help="float32 (default) or bfloat16.")] = None,
+    lm_eval_task: Annotated[list[str] | None, typer.Option(
+        "--lm-eval-task", help="lm-evaluation-harness task (repeatable; extra 'eval'): 'paper' for the paper's "
+                               "seven zero-shot tasks, an lm-eval task name, a local multiple-choice JSONL file "
+                               "(query, choices, gold) or a task YAML.")] = None,
+    lm_eval_limit: Annotated[int | None, typer.Option(help="Records per lm-eval task (default: all).")] = None,
     trust_pickle: Annotated[bool, typer.Option(help="Allow an LLM-Pruner pickle checkpoint.")] = False,
     flow: Annotated[bool, typer.Option("--flow/--no-flow", help="Run through the Prefect flow (default) or "
                                        "call the library directly.")] = True,
 ) -> None:
-    """Evaluate a model: perplexity, held-out response NLL, capability-suite accuracy."""
+    """Evaluate a model: perplexity, held-out response NLL, capability-suite accuracy, lm-eval tasks."""
     from paser.config import load_config
     from paser.evaluation import EvalConfig, markdown_table
     from paser.evaluation import evaluate as run_evaluate
 
     _offline_defaults()
     overrides = dict(text=text, heldout=heldout, suite_size=suite_size, window=window, long_window=long_window,
-                     batch_size=batch_size, dtype=dtype)
+                     batch_size=batch_size, dtype=dtype, lm_eval_tasks=lm_eval_task or None,
+                     lm_eval_limit=lm_eval_limit)
     try:
         cfg = load_config(EvalConfig, config, "evaluate", overrides)
         if flow:

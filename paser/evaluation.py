@@ -20,14 +20,16 @@ from __future__ import annotations
 import json
 import math
 import re
+import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 import torch
 
 from paser.errors import DataError
+from paser.harness import METRIC_LABELS
 
 
 @dataclass
@@ -60,8 +62,21 @@ class EvalConfig:
     """Model weights dtype."""
     device: str | None = None
     """Default: CUDA when available, else CPU."""
+    lm_eval_tasks: list[str] = field(default_factory=list)
+    """lm-evaluation-harness tasks (extra ``eval``): ``paper`` for the paper's seven zero-shot tasks,
+    lm-eval task names, local multiple-choice JSONL files or task YAML files (see paser.harness)."""
+    lm_eval_limit: int | None = None
+    """Records per lm-eval task (None: all)."""
+    lm_eval_fewshot: int = 0
+    """Few-shot examples per lm-eval prompt (the paper's protocol is zero-shot)."""
 
     def __post_init__(self):
+        if not all(isinstance(t, str) and t for t in self.lm_eval_tasks):
+            raise ValueError(f"lm_eval_tasks must be a list of task names or paths, got {self.lm_eval_tasks!r}")
+        if self.lm_eval_limit is not None and self.lm_eval_limit < 1:
+            raise ValueError(f"lm_eval_limit must be positive, got {self.lm_eval_limit}")
+        if self.lm_eval_fewshot < 0:
+            raise ValueError(f"lm_eval_fewshot must be >= 0, got {self.lm_eval_fewshot}")
         for name in ("window", "suite_size", "max_new_tokens", "batch_size", "cutoff"):
             if getattr(self, name) < (0 if name == "suite_size" else 1):
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
@@ -202,6 +217,12 @@ def evaluate(model: str, adapter: str | None = None, out: str | Path | None = No
         except UnicodeDecodeError as err:
             raise DataError(f"{config.text}: not UTF-8 text (byte {err.start})") from None
     heldout = load_pool(config.heldout).records if config.heldout is not None else None
+    harness_tasks = None
+    if config.lm_eval_tasks:
+        from paser.harness import resolve_tasks
+
+        scratch = Path(out) if out is not None else Path(tempfile.mkdtemp(prefix="paser-lm-eval-"))
+        harness_tasks = resolve_tasks(config.lm_eval_tasks, scratch / "lm_eval_tasks")
     device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
     net, tokenizer, described = load_for_eval(model, adapter, config.dtype, device, trust_pickle)
     result: dict = {"model": str(model), "adapter": adapter, "description": described, "settings": vars(config)}
@@ -220,6 +241,11 @@ def evaluate(model: str, adapter: str | None = None, out: str | Path | None = No
     if config.suite_size:
         result["suite"] = suite_accuracy(net, tokenizer, config.suite_size, config.suite_seed, config.template,
                                          config.max_new_tokens, config.batch_size)
+    if harness_tasks is not None:
+        from paser.harness import lm_eval_scores
+
+        result["lm_eval"] = lm_eval_scores(net, tokenizer, *harness_tasks, batch_size=config.batch_size,
+                                           limit=config.lm_eval_limit, num_fewshot=config.lm_eval_fewshot)
     result["seconds"] = round(time.perf_counter() - start, 2)
     if out is not None:
         out = Path(out)
@@ -244,6 +270,11 @@ def markdown_table(result: dict) -> str:
                      f"{s['accuracy']:.3f} |")
         lines.append(f"| capability-suite exact match (whole answer), all | {s['exact_match']:.3f} |")
         lines += [f"| capability-suite accuracy (answer found), {f} | {a:.3f} |" for f, a in s["per_family"].items()]
+    for task, scores in (result.get("lm_eval") or {}).items():
+        for metric, label in METRIC_LABELS.items():
+            if metric in scores:
+                lines.append(f"| lm-eval {task} ({scores['samples']} records, {result['settings']['lm_eval_fewshot']}"
+                             f"-shot), {label} | {scores[metric]:.4f} ± {scores[metric + '_stderr']:.4f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -263,6 +294,9 @@ def comparison_table(results: dict[str, dict]) -> str:
         rows.append(("held-out response NLL", [results[n]["response_nll"]["nll"] for n in names]))
     if "suite" in first:
         rows.append(("capability-suite accuracy (answer found)", [results[n]["suite"]["accuracy"] for n in names]))
+    for task, scores in (first.get("lm_eval") or {}).items():
+        rows += [(f"lm-eval {task}, {label}", [results[n]["lm_eval"][task][metric] for n in names])
+                 for metric, label in METRIC_LABELS.items() if metric in scores]
     head = ["metric", *names] + (["gap recovered"] if {"dense", "pruned", "recovered"} <= set(names) else [])
     lines = ["| " + " | ".join(head) + " |", "|---" + "|---:" * (len(head) - 1) + "|"]
     for label, values in rows:

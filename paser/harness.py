@@ -1,0 +1,178 @@
+"""Bridge to lm-evaluation-harness (the optional ``eval`` extra): zero-shot multiple-choice tasks.
+
+A task is named in one of four ways:
+
+- ``paper``: the seven zero-shot tasks of the PASER paper (BoolQ, PIQA, HellaSwag, WinoGrande,
+  ARC-easy, ARC-challenge, OpenBookQA). lm-eval fetches their data from the Hugging Face hub; with
+  no network they run only when the datasets are already in the local datasets cache.
+- a task name lm-eval knows (``boolq``, ``arc_easy``, ...), with the same data caveat;
+- a local JSONL file of multiple-choice records ``{"query": str, "choices": [str, ...], "gold": int}``
+  (each choice is scored as the continuation of the query after one space, lm-eval's default
+  target delimiter, so write choices without a leading space); paser writes the task YAML for it
+  (task ``paser_<file stem>``), so it runs offline;
+- a task YAML file of your own (``dataset_path: json`` with ``dataset_kwargs.data_files`` runs
+  offline); its folder is added to lm-eval's task search path.
+
+Each task reports lm-eval's two accuracies, labelled: ``acc`` (the choice with the highest summed
+log-likelihood) and ``acc_norm`` (log-likelihood divided by the choice's length in characters),
+with their standard errors.
+
+    paser evaluate runs/run/pruned --lm-eval-task mytask.jsonl --lm-eval-task paper
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import logging
+import re
+from pathlib import Path
+
+from paser.errors import DataError
+
+PAPER_TASKS = ("boolq", "piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa")
+
+METRIC_LABELS = {"acc": "accuracy (acc)", "acc_norm": "normalised accuracy (acc_norm, per character)"}
+
+
+def _import_lm_eval():
+    try:
+        import lm_eval
+        from lm_eval.tasks import TaskManager
+    except ImportError:
+        raise DataError("lm-evaluation-harness tasks need the optional extra: pip install 'paser[eval]'") from None
+    return lm_eval, TaskManager
+
+
+def read_choice_records(path: Path) -> list[dict]:
+    """The records of a local multiple-choice JSONL file, checked field by field."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError as err:
+        raise DataError(f"{path}: cannot read the lm-eval task file: {err.strerror}") from None
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path}: not UTF-8 text (byte {err.start})") from None
+    records = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        where = f"{path}, line {n}"
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DataError(f"{where}: not valid JSON ({err.msg})") from None
+        if not isinstance(rec, dict):
+            raise DataError(f"{where}: expected an object with query, choices and gold")
+        if not isinstance(rec.get("query"), str) or not rec["query"].strip():
+            raise DataError(f"{where}, field 'query': expected a non-empty string, got {rec.get('query')!r}")
+        choices = rec.get("choices")
+        if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) and c for c in choices):
+            raise DataError(f"{where}, field 'choices': expected a list of at least two non-empty strings, "
+                            f"got {choices!r}")
+        gold = rec.get("gold")
+        if isinstance(gold, bool) or not isinstance(gold, int) or not 0 <= gold < len(choices):
+            raise DataError(f"{where}, field 'gold': expected the index of the right choice (0..{len(choices) - 1}), "
+                            f"got {gold!r}")
+        records.append(rec)
+    if not records:
+        raise DataError(f"{path}: no records")
+    return records
+
+
+def jsonl_task(path: Path, folder: Path) -> str:
+    """Write the lm-eval task YAML of a local multiple-choice JSONL file into ``folder``; its name."""
+    import yaml
+
+    n = len(read_choice_records(path))
+    name = "paser_" + re.sub(r"[^a-z0-9]+", "_", path.stem.lower()).strip("_")
+    spec = {
+        "task": name, "dataset_path": "json", "dataset_kwargs": {"data_files": {"test": str(path.resolve())}},
+        "test_split": "test", "output_type": "multiple_choice", "doc_to_text": "{{query}}",
+        "doc_to_choice": "{{choices}}", "doc_to_target": "{{gold}}",
+        "metric_list": [{"metric": m, "aggregation": "mean", "higher_is_better": True} for m in ("acc", "acc_norm")],
+        "metadata": {"version": 1.0, "source": str(path), "records": n},
+    }
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{name}.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+    return name
+
+
+def resolve_tasks(specs: list[str], folder: Path) -> tuple[list[str], list[str]]:
+    """(task names, extra include paths) for ``specs``; JSONL files get a generated YAML in ``folder``.
+    Checks the files (and that lm-eval is installed) before any model is loaded."""
+    import yaml
+
+    _import_lm_eval()
+
+    names: list[str] = []
+    include: list[str] = []
+    written = False
+    for spec in specs:
+        path = Path(spec)
+        if spec == "paper":
+            names += PAPER_TASKS
+        elif spec.endswith(".jsonl"):
+            if not path.is_file():
+                raise DataError(f"{spec}: no such lm-eval task file")
+            names.append(jsonl_task(path, folder))
+            written = True
+        elif spec.endswith((".yaml", ".yml")):
+            try:
+                declared = yaml.safe_load(path.read_text(encoding="utf-8"))
+            except OSError as err:
+                raise DataError(f"{spec}: cannot read the task YAML: {err.strerror}") from None
+            except yaml.YAMLError as err:
+                raise DataError(f"{spec}: not valid YAML ({err})") from None
+            if not isinstance(declared, dict) or not isinstance(declared.get("task"), str):
+                raise DataError(f"{spec}, field 'task': a task YAML must name its task")
+            names.append(declared["task"])
+            include.append(str(path.resolve().parent))
+        else:
+            names.append(spec)
+    if written:
+        include.append(str(folder))
+    return list(dict.fromkeys(names)), list(dict.fromkeys(include))
+
+
+def lm_eval_scores(model, tokenizer, names: list[str], include: list[str], batch_size: int = 8,
+                   limit: int | None = None, num_fewshot: int = 0) -> dict:
+    """Run lm-eval's tasks ``names`` (from ``resolve_tasks``) on an in-memory ``model`` (base, with
+    adapter, or merged).
+
+    Returns ``{task: {"acc", "acc_stderr", "acc_norm", "acc_norm_stderr", "samples"}}`` (acc_norm
+    only where the task defines it)."""
+    lm_eval, TaskManager = _import_lm_eval()
+    from lm_eval.api.task import Task
+    from lm_eval.models.huggingface import HFLM
+
+    logging.getLogger("lm_eval").setLevel(logging.ERROR)
+    # indexing lm-eval's own task folder takes seconds: skip it when local files name every task
+    manager = TaskManager(include_path=include, include_defaults=False) if include else None
+    if manager is None or not set(names) <= set(manager.all_tasks):
+        manager = TaskManager(include_path=include or None)
+    known = set(manager.all_tasks)
+    loaded = []
+    for name in names:
+        if name not in known:
+            close = difflib.get_close_matches(name, known, n=3)
+            raise DataError(f"lm-eval task {name!r}: unknown" + (f"; did you mean {close}?" if close else ""))
+        try:
+            tasks = manager.load_task_or_group([name])
+        except Exception as err:  # lm-eval raises whatever its dataset loader raised
+            first = str(err).splitlines()[0] if str(err) else type(err).__name__
+            raise DataError(f"lm-eval task {name!r}: its data did not load ({first}). Built-in tasks download "
+                            "from the Hugging Face hub; offline, use a local JSONL file or task YAML") from None
+        loaded += [t for t in tasks.values() if isinstance(t, Task)] or [name]
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    out = lm_eval.simple_evaluate(model=lm, tasks=loaded, num_fewshot=num_fewshot, limit=limit, log_samples=False,
+                                  task_manager=manager)
+    scores = {}
+    for task, metrics in out["results"].items():
+        row = {}
+        for metric in ("acc", "acc_norm"):
+            if f"{metric},none" in metrics:
+                row[metric] = float(metrics[f"{metric},none"])
+                row[f"{metric}_stderr"] = float(metrics.get(f"{metric}_stderr,none", float("nan")))
+        row["samples"] = int(out["n-samples"].get(task, {}).get("effective", metrics.get("sample_len", 0)))
+        scores[task] = row
+    return scores
