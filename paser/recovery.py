@@ -298,6 +298,7 @@ class RecoveryResult:
     val_loss: float | None
     seconds: float
     resumed_from: int
+    train_tokens: int = 0  # response tokens the loss is taken on, one epoch
 
 
 def recover(model: str, data: str, out: str | Path = "runs/recover", config: RecoverConfig | None = None, *,
@@ -394,10 +395,12 @@ def recover(model: str, data: str, out: str | Path = "runs/recover", config: Rec
         save_merged(peft_model, tokenizer, loaded.kind, out / "merged", zeros)
     val_losses = [e["val_loss"] for e in log if "val_loss" in e]
     result = RecoveryResult(out, len(steps), log[0]["loss"] if log else math.nan, log[-1]["loss"] if log else math.nan,
-                            val_losses[-1] if val_losses else None, seconds, start_step)
+                            val_losses[-1] if val_losses else None, seconds, start_step,
+                            sum(scored_tokens(e) for e in train_ex))
     (out / "recovery.json").write_text(json.dumps({
         "model": str(model), "model_kind": loaded.kind, "data": str(data), "train_records": len(train),
-        "val_records": len(val), "settings": {k: v for k, v in vars(config).items()},
+        "val_records": len(val), "train_tokens": result.train_tokens,
+        "settings": {k: v for k, v in vars(config).items()},
         "steps": len(steps), "resumed_from_step": start_step, "first_loss": result.first_loss,
         "last_loss": result.last_loss, "val_loss": result.val_loss, "seconds": round(seconds, 2),
         "fingerprint": fp}, indent=2, default=str))

@@ -80,6 +80,16 @@ def test_a_few_steps_reduce_the_loss_and_the_adapter_round_trips(tiny_model_dir,
     torch.testing.assert_close(a, m, atol=1e-5, rtol=1e-4)
     assert not torch.allclose(a, b, atol=1e-4)  # the adapter changed the model
 
+    # the trained-token count: labelled response tokens of the training records, one epoch
+    from paser.data import load_pool
+    from paser.recovery import split_validation
+
+    config = RecoverConfig(**FAST)
+    train, _ = split_validation(load_pool(train_file).records, config)
+    examples = encode_for_training(load_model(str(tiny_model_dir)).tokenizer, train, config)
+    expected = sum(sum(1 for t in e.labels[1:] if t != IGNORE) for e in examples)
+    assert result.train_tokens == expected == json.loads((out / "recovery.json").read_text())["train_tokens"] > 0
+
 
 def test_merged_pruned_model_keeps_its_layer_widths(tiny_model_dir, train_file, tmp_path):
     from paser.layers import layer_shapes
