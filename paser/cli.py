@@ -155,7 +155,7 @@ def select(
     allocation: Annotated[str | None, typer.Option(help="largest_remainder, floor or uniform.")] = None,
     seed: Annotated[int | None, typer.Option(help="Seed (default 0).")] = None,
     method: Annotated[str | None, typer.Option(help="paser (default); baselines random, full; ablations "
-                                                    "uniform, random_order, no_ccg, kmeans.")] = None,
+                                                    "uniform, random_order, no_cost, no_ccg, kmeans.")] = None,
     trust_pickle: Annotated[bool, typer.Option(help="Allow LLM-Pruner pickle checkpoints (unpickling can "
                                                     "run arbitrary code).")] = False,
     engine: Annotated[str | None, typer.Option(help="Where degradation shards run: local, dask or ray "

@@ -77,11 +77,12 @@ class SelectConfig:
     """Ratio for the twin made when pruned is None."""
     budget: float = 0.2
     """Records to select: a count (100) or a fraction of the pool (0.2)."""
-    method: Literal["paser", "random", "full", "uniform", "random_order", "no_ccg", "kmeans"] = "paser"
+    method: Literal["paser", "random", "full", "uniform", "random_order", "no_cost", "no_ccg", "kmeans"] = "paser"
     """paser; the baselines random (seeded) and full (every record); or an ablation of PASER:
-    uniform allocation, random order inside clusters instead of IES, no concept filter, k-means
-    clusters instead of NMF. An ablation sets its stage's option (allocate.method, concepts.enabled,
-    cluster.method) whatever the config says."""
+    uniform allocation, random order inside clusters instead of IES, JSD order inside clusters (IES
+    without its compute-cost denominator), no concept filter, k-means clusters instead of NMF. An
+    ablation sets its stage's option (allocate.method, concepts.enabled, cluster.method) whatever
+    the config says."""
     out: str = "runs/select"
     """The run folder."""
     trust_pickle: bool = False
@@ -598,7 +599,7 @@ def select_from(settings: Settings, table: pd.DataFrame, budget: float | int | N
     """Allocation, IES ranking and the concept filter over a selection table; writes nothing."""
     from paser.selection import Selector
 
-    order = "random" if settings.select.method == "random_order" else "ies"
+    order = {"random_order": "random", "no_cost": "jsd"}.get(settings.select.method, "ies")
     return Selector(settings.select.budget if budget is None else budget, settings.allocate.method,
                     use_concepts=settings.concepts.enabled, order=order,
                     random_state=settings.select.seed).fit(table).result_

@@ -75,10 +75,12 @@ class Selector:
         self.budget = budget
         self.allocation = allocation
         self.use_concepts = use_concepts
-        self.order = order  # "ies" or "random" (an ablation)
+        self.order = order  # "ies", or the ablations "jsd" (no cost term) and "random"
         self.random_state = random_state
 
     def fit(self, table: pd.DataFrame) -> Selector:
+        if self.order not in ("ies", "jsd", "random"):
+            raise ValueError(f"order must be ies, jsd or random, got {self.order!r}")
         t = table.reset_index(drop=True).copy()
         budget = resolve_budget(self.budget, len(t))
         labels = t["cluster"].to_numpy()
@@ -99,7 +101,8 @@ class Selector:
             if self.order == "random":
                 members = rng.permutation(members)
             else:
-                members = members[np.lexsort((members, -t["ies"].to_numpy()[members]))]
+                key = t["jsd" if self.order == "jsd" else "ies"].to_numpy()[members]
+                members = members[np.lexsort((members, -key))]
             queues.append(members.tolist())
         cursor = [0] * k
         status = np.array(["unvisited"] * len(t), dtype=object)

@@ -222,3 +222,8 @@ def test_ablations_change_what_they_name(models, tmp_path):
     a, b = (json.loads((r / "clusters.json").read_text()) for r in (base, shuffled))
     assert [c["allocation"] for c in a["clusters"]] == [c["allocation"] for c in b["clusters"]]
     assert (shuffled / "selected.jsonl").read_text() != (base / "selected.jsonl").read_text()
+    no_cost = run_selection(settings(models, tmp_path / "no_cost", method="no_cost", budget=72))
+    for run, key in ((base, "ies"), (no_cost, "jsd")):  # each visits a cluster in its own order
+        table = pd.read_parquet(run / "scores.parquet")
+        chosen = table[table["status"] == "selected"].sort_values("rank")
+        assert all(g[key].is_monotonic_decreasing for _, g in chosen.groupby("cluster"))

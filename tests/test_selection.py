@@ -37,6 +37,16 @@ def test_ies_order_inside_cluster():
     assert list(r.selected["rank"]) == [1, 2]
 
 
+def test_no_cost_ablation_orders_by_jsd_alone():
+    t = table(n_per=(4,), jsd=(0.2,))
+    t["jsd"] = [0.30, 0.31, 0.29, 0.10]
+    t["n_prompt"] = [10, 400, 12, 10]  # the most degraded record is also the longest
+    ies = Selector(budget=2, use_concepts=False).fit(t).result_
+    jsd = Selector(budget=2, use_concepts=False, order="jsd").fit(t).result_
+    assert list(ies.selected["id"]) == ["c0-0", "c0-2"]  # the cost term pushes the long record back
+    assert list(jsd.selected["id"]) == ["c0-1", "c0-0"]
+
+
 def test_rejections_recorded_and_shortfall_reallocated():
     t = table()
     c0 = t.index[t["cluster"] == 0]
