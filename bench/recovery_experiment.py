@@ -34,6 +34,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
 
 from paser.data import load_pool, write_jsonl  # noqa: E402
 from paser.evaluation import EvalConfig, evaluate, gap_recovered  # noqa: E402
@@ -41,7 +42,7 @@ from paser.pipeline import Settings, run_selection, twin_reference  # noqa: E402
 from paser.recovery import RecoverConfig, recover  # noqa: E402
 
 DENSE = "smollm2-135m-instruct"
-ABLATIONS = ("uniform", "random_order", "no_ccg", "kmeans")
+ABLATIONS = ("uniform", "random_order", "no_cost", "no_ccg", "kmeans")
 
 
 def split(data: str, out: Path, n_pool: int, n_heldout: int, seed: int) -> tuple[Path, Path]:
@@ -76,17 +77,17 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--data", default=str(Path(__file__).resolve().parents[1] / "../shared/data/alpaca_5000.json"))
     ap.add_argument("--out", default="runs/experiment")
-    ap.add_argument("--pool", type=int, default=1000)
-    ap.add_argument("--heldout", type=int, default=200)
+    ap.add_argument("--pool", type=int, default=400)
+    ap.add_argument("--heldout", type=int, default=100)
     ap.add_argument("--split-seed", type=int, default=0)
     ap.add_argument("--budget", type=float, default=0.2)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--epochs", type=float, default=2.0)
-    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--micro-batch-size", type=int, default=4)
-    ap.add_argument("--learning-rate", type=float, default=1e-4)
+    ap.add_argument("--learning-rate", type=float, default=3e-4)
     ap.add_argument("--max-steps", type=int, default=None)
-    ap.add_argument("--suite", type=int, default=240)
+    ap.add_argument("--suite", type=int, default=96)
     ap.add_argument("--arms", nargs="+", default=None, help="arms to run, in this order (default: all)")
     args = ap.parse_args()
 
@@ -97,7 +98,8 @@ def main() -> None:
     rec_cfg = RecoverConfig(epochs=args.epochs, batch_size=args.batch_size, micro_batch_size=args.micro_batch_size,
                             learning_rate=args.learning_rate, max_steps=args.max_steps, val_size=0, progress=False)
     eval_cfg = EvalConfig(heldout=str(heldout), suite_size=args.suite, max_new_tokens=32, batch_size=16)
-    known = ["dense", "none", "paser", *ABLATIONS] + [f"random-{s}" for s in args.seeds] + ["full"]
+    # the question first (PASER against random), then the ablations, then the costly full pool
+    known = ["dense", "none", "paser"] + [f"random-{s}" for s in args.seeds] + [*ABLATIONS, "full"]
     unknown = sorted(set(args.arms or []) - set(known))
     if unknown:
         raise SystemExit(f"unknown arm(s) {unknown}; known: {known}")
@@ -118,8 +120,8 @@ def main() -> None:
             subset, row["selection_s"] = select_arm(arm, pool, out, args.budget, seed)
             row["records"] = sum(1 for _ in subset.open())
             result = recover(pruned, str(subset), out / "recover" / arm, rec_cfg)
-            row |= {"recovery_s": result.seconds, "steps": result.steps, "train_loss": [result.first_loss,
-                                                                                       result.last_loss]}
+            row |= {"recovery_s": result.seconds, "steps": result.steps, "train_tokens": result.train_tokens,
+                    "train_loss": [result.first_loss, result.last_loss]}
             model, adapter = pruned, str(out / "recover" / arm / "adapter")
         start = time.perf_counter()
         ev = evaluate(model, adapter, out / "eval" / arm, eval_cfg)
@@ -133,7 +135,9 @@ def main() -> None:
 
 
 def report(out: Path, args) -> None:
-    rows = {p.stem: json.loads(p.read_text()) for p in sorted((out / "results").glob("*.json"))}
+    rank = ["dense", "none", "paser", "random", *ABLATIONS, "full"]
+    files = sorted((out / "results").glob("*.json"), key=lambda p: (rank.index(p.stem.split("-")[0]), p.stem))
+    rows = {p.stem: json.loads(p.read_text()) for p in files}
     if not {"dense", "none"} <= set(rows):
         return
     dense, none = rows["dense"], rows["none"]
@@ -142,20 +146,28 @@ def report(out: Path, args) -> None:
         return (gap_recovered(dense["heldout_nll"], none["heldout_nll"], r["heldout_nll"]),
                 gap_recovered(dense["suite_accuracy"], none["suite_accuracy"], r["suite_accuracy"]))
 
-    lines = ["| arm | records | held-out NLL | suite accuracy | gap closed (NLL) | gap closed (accuracy) | "
-             "selection s | recovery s |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| arm | records | response tokens trained (per epoch) | held-out NLL | suite accuracy | "
+             "gap closed (NLL) | gap closed (accuracy) | selection s | recovery s |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name, r in rows.items():
         g = gaps(r)
-        lines.append(f"| {name} | {r.get('records', '')} | {r['heldout_nll']:.4f} | {r['suite_accuracy']:.3f} | "
-                     f"{'' if g[0] is None else f'{g[0]:.1%}'} | {'' if g[1] is None else f'{g[1]:.1%}'} | "
-                     f"{r.get('selection_s', 0):.1f} | {r.get('recovery_s', 0):.1f} |")
+        lines.append(f"| {name} | {r.get('records', '')} | {r.get('train_tokens', '')} | {r['heldout_nll']:.4f} | "
+                     f"{r['suite_accuracy']:.3f} | {'' if g[0] is None else f'{g[0] + 0.0:.1%}'} | "
+                     f"{'' if g[1] is None else f'{g[1] + 0.0:.1%}'} | {r.get('selection_s', 0):.1f} | "
+                     f"{r.get('recovery_s', 0):.1f} |")
     randoms = [r for n, r in rows.items() if n.startswith("random-")]
     if len(randoms) > 1:
         nll = [r["heldout_nll"] for r in randoms]
         acc = [r["suite_accuracy"] for r in randoms]
-        lines.append(f"| random, mean ± sd over {len(randoms)} seeds | | {statistics.mean(nll):.4f} ± "
+        tokens = [r["train_tokens"] for r in randoms if "train_tokens" in r]
+        lines.append(f"| random, mean ± sd over {len(randoms)} seeds | | "
+                     f"{f'{statistics.mean(tokens):.0f}' if tokens else ''} | {statistics.mean(nll):.4f} ± "
                      f"{statistics.stdev(nll):.4f} | {statistics.mean(acc):.3f} ± {statistics.stdev(acc):.3f} | "
                      "| | | |")
+        if "paser" in rows and statistics.stdev(nll) > 0:
+            diff = rows["paser"]["heldout_nll"] - statistics.mean(nll)
+            lines += ["", f"PASER minus the random mean, held-out NLL: {diff:+.4f} "
+                          f"({diff / statistics.stdev(nll):+.1f} random sd; lower is better)"]
     clusters = out / "subsets" / "paser.clusters.json"
     if clusters.is_file():
         c = json.loads(clusters.read_text())
@@ -165,6 +177,14 @@ def report(out: Path, args) -> None:
         lines += ["", f"PASER: K = {c['K']}, cluster sizes {min(sizes)}..{max(sizes)}, CDS {min(cds):.4f}.."
                       f"{max(cds):.4f}, rejected by the concept filter {rejected} "
                       f"({rejected / max(1, rejected + c['selected']):.1%} of visited)"]
+    scores = out / "select" / "shared" / "scores.parquet"
+    if scores.is_file():
+        t = pd.read_parquet(scores)
+        chosen = t[t["status"] == "selected"]
+        rho = t[["ies", "jsd", "n_response"]].corr("spearman")["n_response"]
+        lines.append(f"PASER's records: median response {chosen['n_response'].median():.0f} tokens (pool median "
+                     f"{t['n_response'].median():.0f}); Spearman correlation with response length: JSD "
+                     f"{rho['jsd']:+.2f}, IES {rho['ies']:+.2f}")
     (out / "results.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
