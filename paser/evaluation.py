@@ -219,10 +219,10 @@ def evaluate(model: str, adapter: str | None = None, out: str | Path | None = No
     heldout = load_pool(config.heldout).records if config.heldout is not None else None
     harness_tasks = None
     if config.lm_eval_tasks:
-        from paser.harness import resolve_tasks
+        from paser.harness import prepare_tasks
 
         scratch = Path(out) if out is not None else Path(tempfile.mkdtemp(prefix="paser-lm-eval-"))
-        harness_tasks = resolve_tasks(config.lm_eval_tasks, scratch / "lm_eval_tasks")
+        harness_tasks = prepare_tasks(config.lm_eval_tasks, scratch / "lm_eval_tasks")
     device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
     net, tokenizer, described = load_for_eval(model, adapter, config.dtype, device, trust_pickle)
     result: dict = {"model": str(model), "adapter": adapter, "description": described, "settings": vars(config)}
@@ -244,7 +244,7 @@ def evaluate(model: str, adapter: str | None = None, out: str | Path | None = No
     if harness_tasks is not None:
         from paser.harness import lm_eval_scores
 
-        result["lm_eval"] = lm_eval_scores(net, tokenizer, *harness_tasks, batch_size=config.batch_size,
+        result["lm_eval"] = lm_eval_scores(net, tokenizer, harness_tasks, batch_size=config.batch_size,
                                            limit=config.lm_eval_limit, num_fewshot=config.lm_eval_fewshot)
     result["seconds"] = round(time.perf_counter() - start, 2)
     if out is not None:

@@ -26,6 +26,7 @@ import difflib
 import json
 import logging
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 from paser.errors import DataError
@@ -134,17 +135,21 @@ def resolve_tasks(specs: list[str], folder: Path) -> tuple[list[str], list[str]]
     return list(dict.fromkeys(names)), list(dict.fromkeys(include))
 
 
-def lm_eval_scores(model, tokenizer, names: list[str], include: list[str], batch_size: int = 8,
-                   limit: int | None = None, num_fewshot: int = 0) -> dict:
-    """Run lm-eval's tasks ``names`` (from ``resolve_tasks``) on an in-memory ``model`` (base, with
-    adapter, or merged).
+@dataclass
+class HarnessTasks:
+    """lm-eval tasks with their data loaded, ready to score a model."""
 
-    Returns ``{task: {"acc", "acc_stderr", "acc_norm", "acc_norm_stderr", "samples"}}`` (acc_norm
-    only where the task defines it)."""
-    lm_eval, TaskManager = _import_lm_eval()
+    manager: object
+    tasks: list
+
+
+def prepare_tasks(specs: list[str], folder: Path) -> HarnessTasks:
+    """Resolve ``specs`` and load every task's data, so that an unknown task or data that cannot
+    load offline stops the run before any model is loaded."""
+    _, TaskManager = _import_lm_eval()
     from lm_eval.api.task import Task
-    from lm_eval.models.huggingface import HFLM
 
+    names, include = resolve_tasks(specs, folder)
     logging.getLogger("lm_eval").setLevel(logging.ERROR)
     # indexing lm-eval's own task folder takes seconds: skip it when local files name every task
     manager = TaskManager(include_path=include, include_defaults=False) if include else None
@@ -163,9 +168,21 @@ def lm_eval_scores(model, tokenizer, names: list[str], include: list[str], batch
             raise DataError(f"lm-eval task {name!r}: its data did not load ({first}). Built-in tasks download "
                             "from the Hugging Face hub; offline, use a local JSONL file or task YAML") from None
         loaded += [t for t in tasks.values() if isinstance(t, Task)] or [name]
+    return HarnessTasks(manager, loaded)
+
+
+def lm_eval_scores(model, tokenizer, prepared: HarnessTasks, batch_size: int = 8, limit: int | None = None,
+                   num_fewshot: int = 0) -> dict:
+    """Score an in-memory ``model`` (base, with adapter, or merged) on the ``prepared`` tasks.
+
+    Returns ``{task: {"acc", "acc_stderr", "acc_norm", "acc_norm_stderr", "samples"}}`` (acc_norm
+    only where the task defines it)."""
+    lm_eval, _ = _import_lm_eval()
+    from lm_eval.models.huggingface import HFLM
+
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
-    out = lm_eval.simple_evaluate(model=lm, tasks=loaded, num_fewshot=num_fewshot, limit=limit, log_samples=False,
-                                  task_manager=manager)
+    out = lm_eval.simple_evaluate(model=lm, tasks=prepared.tasks, num_fewshot=num_fewshot, limit=limit,
+                                  log_samples=False, task_manager=prepared.manager)
     scores = {}
     for task, metrics in out["results"].items():
         row = {}

@@ -127,15 +127,21 @@ def test_task_specs_resolve(tmp_path, choice_file):
 
 
 @pytest.mark.slow
-def test_builtin_task_offline_and_unknown_task_are_clear_errors(tmp_path, tiny_tokenizer):
-    from paser.harness import lm_eval_scores
-    from tests.conftest import build_model
+def test_builtin_task_offline_and_unknown_task_fail_before_the_model_loads(tmp_path, monkeypatch):
+    from paser.evaluation import evaluate
+    from paser.harness import prepare_tasks
 
-    model = build_model(tiny_tokenizer)
     with pytest.raises(DataError, match=r"lm-eval task 'arc_esy': unknown; did you mean .*arc_easy"):
-        lm_eval_scores(model, tiny_tokenizer, ["arc_esy"], [])
+        prepare_tasks(["arc_esy"], tmp_path)
     with pytest.raises(DataError, match=r"lm-eval task 'boolq': its data did not load .*local JSONL"):
-        lm_eval_scores(model, tiny_tokenizer, ["boolq"], [])
+        prepare_tasks(["boolq"], tmp_path)
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded before the tasks were checked")
+
+    monkeypatch.setattr("paser.evaluation.load_for_eval", no_model)
+    with pytest.raises(DataError, match="arc_esy"):
+        evaluate("any-model", suite_size=0, lm_eval_tasks=["arc_esy"])
 
 
 def test_cli_evaluate_with_local_task(tmp_path, tiny_tokenizer, choice_file):
