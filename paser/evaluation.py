@@ -1,4 +1,4 @@
-"""Evaluation of a base, adapted or merged model: perplexity, response NLL, capability-suite accuracy.
+"""Evaluation of a base, adapted or merged model: perplexity, response NLL, suite accuracy, lm-eval.
 
 - Perplexity on a plain-text file, two labelled protocols: LLM-Pruner's (the text tokenised as one
   stream, cut into non-overlapping 128-token windows, no BOS inside windows) and a long-window one
@@ -11,6 +11,7 @@
   punctuation); a record counts when the expected answer occurs in the answer as a whole word or
   number ("answer found": instruct models answer in sentences). Whole-answer exact match is
   reported beside it.
+- lm-evaluation-harness tasks through ``paser.harness`` (accuracy and normalised accuracy).
 
     python -c "from paser.evaluation import normalise_answer; print(normalise_answer(' Paris. '))"
 """
