@@ -10,9 +10,13 @@ first --pool positions are the training pool, the next --heldout positions the h
 
 Arms, every one recovered with the same settings and evaluated by the same code: no recovery;
 random subsets (one per --seeds); PASER; its ablations (uniform allocation, random order inside
-clusters, no concept filter, k-means clusters); the full pool. Budget: --budget of the pool.
-Evaluation: mean response NLL on the held-out records, exact-match accuracy on paser's capability
-suite (--suite records, seed 12345), and the share of the dense-vs-pruned gap each arm closes.
+clusters, JSD order inside clusters without IES's cost term, no concept filter, k-means clusters);
+the full pool. Budget: --budget of the pool. Recovery: LLM-Pruner's LoRA recipe (r 8, alpha 16,
+2 epochs, cutoff 256) except the effective batch (8, not 64) and the learning rate (3e-4, not
+1e-4): 80 records at batch 64 would make 2 optimizer steps, too few to move the model.
+Evaluation: mean response NLL on the held-out records, accuracy (answer found) on paser's
+capability suite (--suite records, seed 12345), and the share of the dense-vs-pruned gap each
+arm closes.
 
 Every finished arm is written to OUT/results/<arm>.json at once; a rerun skips finished arms (and
 a recovery resumes from its checkpoint), so a killed experiment continues where it stopped.
@@ -177,10 +181,11 @@ def report(out: Path, args) -> None:
         lines += ["", f"PASER: K = {c['K']}, cluster sizes {min(sizes)}..{max(sizes)}, CDS {min(cds):.4f}.."
                       f"{max(cds):.4f}, rejected by the concept filter {rejected} "
                       f"({rejected / max(1, rejected + c['selected']):.1%} of visited)"]
-    scores = out / "select" / "shared" / "scores.parquet"
-    if scores.is_file():
+    # the shared run folder's last selection may be an ablation's: take PASER's records from its subset
+    scores, subset = out / "select" / "shared" / "scores.parquet", out / "subsets" / "paser.jsonl"
+    if scores.is_file() and subset.is_file():
         t = pd.read_parquet(scores)
-        chosen = t[t["status"] == "selected"]
+        chosen = t[t["id"].isin([json.loads(line)["paser_id"] for line in subset.open()])]
         rho = t[["ies", "jsd", "n_response"]].corr("spearman")["n_response"]
         lines.append(f"PASER's records: median response {chosen['n_response'].median():.0f} tokens (pool median "
                      f"{t['n_response'].median():.0f}); Spearman correlation with response length: JSD "
