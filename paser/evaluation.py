@@ -218,12 +218,14 @@ def evaluate(model: str, adapter: str | None = None, out: str | Path | None = No
         except UnicodeDecodeError as err:
             raise DataError(f"{config.text}: not UTF-8 text (byte {err.start})") from None
     heldout = load_pool(config.heldout).records if config.heldout is not None else None
-    harness_tasks = None
+    harness_tasks = scratch = None
     if config.lm_eval_tasks:
         from paser.harness import prepare_tasks
 
-        scratch = Path(out) if out is not None else Path(tempfile.mkdtemp(prefix="paser-lm-eval-"))
-        harness_tasks = prepare_tasks(config.lm_eval_tasks, scratch / "lm_eval_tasks")
+        # the generated task YAMLs go to the output folder, else to a folder removed afterwards
+        scratch = None if out is not None else tempfile.TemporaryDirectory(prefix="paser-lm-eval-")
+        folder = Path(out) if out is not None else Path(scratch.name)
+        harness_tasks = prepare_tasks(config.lm_eval_tasks, folder / "lm_eval_tasks")
     device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
     net, tokenizer, described = load_for_eval(model, adapter, config.dtype, device, trust_pickle)
     result: dict = {"model": str(model), "adapter": adapter, "description": described, "settings": vars(config)}
@@ -247,6 +249,8 @@ def evaluate(model: str, adapter: str | None = None, out: str | Path | None = No
 
         result["lm_eval"] = lm_eval_scores(net, tokenizer, harness_tasks, batch_size=config.batch_size,
                                            limit=config.lm_eval_limit, num_fewshot=config.lm_eval_fewshot)
+        if scratch is not None:
+            scratch.cleanup()
     result["seconds"] = round(time.perf_counter() - start, 2)
     if out is not None:
         out = Path(out)

@@ -4,6 +4,7 @@ accuracies equal a direct log-likelihood computation, for a base model and a mod
 from __future__ import annotations
 
 import json
+import tempfile
 
 import numpy as np
 import pytest
@@ -144,7 +145,7 @@ def test_builtin_task_offline_and_unknown_task_fail_before_the_model_loads(tmp_p
         evaluate("any-model", suite_size=0, lm_eval_tasks=["arc_esy"])
 
 
-def test_cli_evaluate_with_local_task(tmp_path, tiny_tokenizer, choice_file):
+def test_cli_evaluate_with_local_task(tmp_path, tiny_tokenizer, choice_file, monkeypatch):
     from paser.cli import app
     from tests.conftest import build_model
 
@@ -156,6 +157,14 @@ def test_cli_evaluate_with_local_task(tmp_path, tiny_tokenizer, choice_file):
                                str(choice_file), "--lm-eval-limit", "4", "--out", str(tmp_path / "eval")])
     assert done.exit_code == 0, done.output
     assert "lm-eval paser_mini_mc (4 records, 0-shot), accuracy (acc)" in done.output
+    assert (tmp_path / "eval" / "lm_eval_tasks" / "paser_mini_mc.yaml").is_file()
+    # with no output folder the generated task YAML lives in a temporary folder, removed afterwards
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    done = runner.invoke(app, ["evaluate", str(folder), "--no-flow", "--suite-size", "0", "--lm-eval-task",
+                               str(choice_file), "--lm-eval-limit", "2"])
+    assert done.exit_code == 0, done.output
+    assert "paser_mini_mc (2 records" in done.output and not any((tmp_path / "tmp").iterdir())
     bad = tmp_path / "broken.jsonl"
     bad.write_text("not json\n")
     done = runner.invoke(app, ["evaluate", str(folder), "--no-flow", "--suite-size", "0", "--lm-eval-task", str(bad)])
