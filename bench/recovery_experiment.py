@@ -1,6 +1,6 @@
 """Does PASER's subset recover a pruned model more than random subsets of the same size?
 
-    python bench/recovery_experiment.py                      # about 80 minutes on the 2-core CPU machine
+    python bench/recovery_experiment.py                      # 82 minutes of arm time on the 2-core CPU machine
     python bench/recovery_experiment.py --pool 60 --heldout 20 --suite 24 --max-steps 2   # smoke run
 
 Models: the bundled SmolLM2-135M-Instruct (dense) and its 25% `paser prune` twin (Taylor, cached).
@@ -72,8 +72,9 @@ def select_arm(arm: str, pool: Path, out: Path, budget: float, seed: int) -> tup
     subset = out / "subsets" / f"{arm}.jsonl"
     subset.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(run / "selected.jsonl", subset)
-    if method != "random" and method != "full":
-        shutil.copyfile(run / "clusters.json", out / "subsets" / f"{arm}.clusters.json")
+    if method not in ("random", "full"):  # the shared folder keeps only the last arm's selection
+        for name in ("clusters.json", "scores.parquet"):
+            shutil.copyfile(run / name, out / "subsets" / f"{arm}.{name}")
     return subset, seconds
 
 
@@ -181,15 +182,21 @@ def report(out: Path, args) -> None:
         lines += ["", f"PASER: K = {c['K']}, cluster sizes {min(sizes)}..{max(sizes)}, CDS {min(cds):.4f}.."
                       f"{max(cds):.4f}, rejected by the concept filter {rejected} "
                       f"({rejected / max(1, rejected + c['selected']):.1%} of visited)"]
-    # the shared run folder's last selection may be an ablation's: take PASER's records from its subset
-    scores, subset = out / "select" / "shared" / "scores.parquet", out / "subsets" / "paser.jsonl"
-    if scores.is_file() and subset.is_file():
+    scores = out / "subsets" / "paser.scores.parquet"
+    if scores.is_file():
         t = pd.read_parquet(scores)
-        chosen = t[t["id"].isin([json.loads(line)["paser_id"] for line in subset.open()])]
+        chosen = t[t["status"] == "selected"]
         rho = t[["ies", "jsd", "n_response"]].corr("spearman")["n_response"]
+        # IES = JSD / ln(cost): how much each factor varies inside a cluster (coefficient of variation)
+        t = t.assign(log_cost=np.log(np.maximum(t["n_prompt"] + t["n_response"], 2) ** 2))
+        cv = t.groupby("cluster")[["jsd", "log_cost"]].agg(lambda x: x.std() / x.mean())
         lines.append(f"PASER's records: median response {chosen['n_response'].median():.0f} tokens (pool median "
                      f"{t['n_response'].median():.0f}); Spearman correlation with response length: JSD "
-                     f"{rho['jsd']:+.2f}, IES {rho['ies']:+.2f}")
+                     f"{rho['jsd']:+.2f}, IES {rho['ies']:+.2f}; coefficient of variation inside clusters: JSD "
+                     f"{cv['jsd'].min():.0%}..{cv['jsd'].max():.0%}, ln(cost) {cv['log_cost'].min():.0%}.."
+                     f"{cv['log_cost'].max():.0%}")
+    spent = sum(r.get(k, 0.0) for r in rows.values() for k in ("selection_s", "recovery_s", "eval_s"))
+    lines.append(f"Time recorded by the arms (selection + recovery + evaluation): {spent / 60:.1f} min")
     (out / "results.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

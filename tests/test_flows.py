@@ -164,10 +164,11 @@ def test_random_baseline_through_the_flow_needs_no_model(models, tmp_path, monke
 
 def test_transient_shard_failure_is_retried(models, tmp_path, monkeypatch, harness):
     s = settings(models, tmp_path / "run")
+    second_shard = pipeline.read_input_pool(s.select).records[40].id
     failures = []
 
     def once(d, p, t, records, *a):
-        if not failures and records[0].id == pipeline.read_input_pool(s.select).records[40].id:
+        if not failures and records[0].id == second_shard:
             failures.append(1)
             return True
         return False
