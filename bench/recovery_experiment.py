@@ -157,8 +157,8 @@ def report(out: Path, args) -> None:
     for name, r in rows.items():
         g = gaps(r)
         lines.append(f"| {name} | {r.get('records', '')} | {r.get('train_tokens', '')} | {r['heldout_nll']:.4f} | "
-                     f"{r['suite_accuracy']:.3f} | {'' if g[0] is None else f'{g[0] + 0.0:.1%}'} | "
-                     f"{'' if g[1] is None else f'{g[1] + 0.0:.1%}'} | {r.get('selection_s', 0):.1f} | "
+                     f"{r['suite_accuracy']:.3f} | {'' if g[0] is None else f'{g[0]:.1%}'} | "
+                     f"{'' if g[1] is None else f'{g[1]:.1%}'} | {r.get('selection_s', 0):.1f} | "
                      f"{r.get('recovery_s', 0):.1f} |")
     randoms = [r for n, r in rows.items() if n.startswith("random-")]
     if len(randoms) > 1:

@@ -285,7 +285,9 @@ def markdown_table(result: dict) -> str:
 
 def gap_recovered(dense: float, pruned: float, recovered: float) -> float | None:
     """Share of the dense-vs-pruned gap that recovery closed (1: back to dense; negative: worse)."""
-    return None if dense == pruned else (recovered - pruned) / (dense - pruned)
+    if dense == pruned:
+        return None
+    return (recovered - pruned) / (dense - pruned) + 0.0  # + 0.0: no "-0.0%" when nothing changed
 
 
 def comparison_table(results: dict[str, dict]) -> str:
