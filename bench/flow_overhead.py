@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from memory import PeakRSS  # noqa: E402
 
 import paser  # noqa: E402
+from paser.budget import parse_budget  # noqa: E402
 from paser.pipeline import Settings, run_selection, twin_reference  # noqa: E402
 
 
@@ -52,7 +53,7 @@ def main() -> None:
                 if arm == "direct":
                     settings = Settings.load(None, s)
                     if budget is not None:
-                        settings.select.budget = paser.api.parse_budget(budget)
+                        settings.select.budget = parse_budget(budget).setting
                     run_selection(settings)
                 else:
                     paser.select(budget=budget, overrides=s)

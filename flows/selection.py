@@ -57,6 +57,13 @@ def load_data(settings: dict, run: str) -> str:
     return str(pipeline.stage_data(_s(settings), Path(run)))
 
 
+@task(name="count tokens", cache_policy=NO_CACHE)
+def count_tokens(settings: dict, run: str) -> str:
+    path = pipeline.stage_tokens(_s(settings), Path(run))
+    pipeline.resolve_run_budget(_s(settings), Path(run))
+    return str(path)
+
+
 @task(name="embed instructions")
 def embed(settings: dict, run: str) -> str:
     return str(pipeline.stage_embed(_s(settings), Path(run)))
@@ -102,8 +109,8 @@ def select(settings: dict, run: str) -> str:
     return str(pipeline.stage_select(_s(settings), Path(run)))
 
 
-@task(name="baseline selection", cache_policy=NO_CACHE)
-def baseline(settings: dict, run: str) -> str:
+@task(name="baseline selection", task_run_name="baseline selection ({method})", cache_policy=NO_CACHE)
+def baseline(settings: dict, run: str, method: str) -> str:
     return str(pipeline.stage_baseline(_s(settings), Path(run)))
 
 
@@ -143,16 +150,18 @@ def selection_flow(data: str | None = None, dense: str | None = None, pruned: st
     settings = build_settings(data, dense, pruned, prune_ratio, budget, out, config, trust_pickle, seed,
                               engine, address, workers, overrides).to_dict()
     run = check_inputs(settings)
+    s = _s(settings)
     _cached(load_data, "data", settings, run)(settings, run)
-    if _s(settings).baseline:  # random or full: no model, no clusters
-        baseline(settings, run)
-        report(settings, run)
-        return run
-    _cached(embed, "embed", settings, run)(settings, run)
-    _cached(cluster, "cluster", settings, run)(settings, run)
-    twin = pruned_twin(settings, run)
-    degradation(settings, run, twin)
-    select(settings, run)
+    count_tokens(settings, run)
+    if s.clustered:  # PASER and its ablations; the baselines need no clusters
+        _cached(embed, "embed", settings, run)(settings, run)
+        _cached(cluster, "cluster", settings, run)(settings, run)
+    if not s.baseline:  # random, full, longest and shortest need no model
+        degradation(settings, run, pruned_twin(settings, run))
+    if s.clustered:
+        select(settings, run)
+    else:
+        baseline(settings, run, s.select.method)
     report(settings, run)
     return run
 

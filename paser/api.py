@@ -7,22 +7,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from paser.budget import parse_budget
 from paser.errors import ConfigError
 from paser.pipeline import Settings, preflight, run_selection
-
-
-def parse_budget(text: str | float | int) -> float | int:
-    """``"100"`` -> 100 records, ``"0.2"`` -> 20% of the pool."""
-    if isinstance(text, (int, float)):
-        return text
-    try:
-        return int(text)
-    except ValueError:
-        pass
-    try:
-        return float(text)
-    except ValueError:
-        raise ValueError(f"budget {text!r} is neither a count (100) nor a fraction (0.2)") from None
 
 
 def build_settings(data: str | None = None, dense: str | None = None, pruned: str | None = None,
@@ -33,7 +20,7 @@ def build_settings(data: str | None = None, dense: str | None = None, pruned: st
     """The run's settings: defaults, then ``config``, then ``overrides``, then the named arguments
     (those left as None keep what is below them)."""
     top = {"data": data, "dense": dense, "pruned": pruned, "prune_ratio": prune_ratio,
-           "budget": parse_budget(budget) if budget is not None else None, "out": out,
+           "budget": parse_budget(budget).setting if budget is not None else None, "out": out,
            "trust_pickle": trust_pickle, "seed": seed}
     merged = {section: dict(values or {}) for section, values in (overrides or {}).items()}
     merged["select"] = merged.get("select", {}) | {k: v for k, v in top.items() if v is not None}

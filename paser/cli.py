@@ -131,8 +131,10 @@ def select(
                                                     "model at --prune-ratio, once, cached).")] = None,
     prune_ratio: Annotated[float | None, typer.Option(help="Ratio for the twin made when --pruned is not "
                                                            "given (default 0.25).")] = None,
-    budget: Annotated[str | None, typer.Option(help="Records to select: a count (100) or a fraction (0.2) "
-                                                    "(default 0.2).")] = None,
+    budget: Annotated[str | None, typer.Option(help="What to select: records as a count (100) or a fraction "
+                                                    "(0.2), or tokens (prompt + response under the template "
+                                                    "and cutoff) as an amount (40000tok) or a fraction of the "
+                                                    "pool's tokens (0.2tok) (default 0.2).")] = None,
     out: Annotated[str | None, typer.Option(help="Run folder (default runs/select). Re-running on an existing "
                                                  "folder reuses every unchanged stage.")] = None,
     config: Annotated[Path | None, typer.Option(help="YAML settings (sections select, embed, manifold, "
@@ -153,9 +155,12 @@ def select(
     concepts: Annotated[bool | None, typer.Option("--concepts/--no-concepts", help="Apply the concept "
                                                   "consistency filter.")] = None,
     allocation: Annotated[str | None, typer.Option(help="largest_remainder, floor or uniform.")] = None,
+    signal: Annotated[str | None, typer.Option(help="Degradation that CDS and IES use: jsd (the paper, default) "
+                                                    "or loss_gap (pruned minus dense response NLL).")] = None,
     seed: Annotated[int | None, typer.Option(help="Seed (default 0).")] = None,
-    method: Annotated[str | None, typer.Option(help="paser (default); baselines random, full; ablations "
-                                                    "uniform, random_order, no_cost, no_ccg, kmeans.")] = None,
+    method: Annotated[str | None, typer.Option(help="paser (default); baselines random, full, longest, "
+                                                    "shortest, pruned_loss; ablations uniform, random_order, "
+                                                    "no_cost, no_ccg, kmeans.")] = None,
     trust_pickle: Annotated[bool, typer.Option(help="Allow LLM-Pruner pickle checkpoints (unpickling can "
                                                     "run arbitrary code).")] = False,
     engine: Annotated[str | None, typer.Option(help="Where degradation shards run: local, dask or ray "
@@ -172,7 +177,8 @@ def select(
     _offline_defaults()
     overrides = {
         "select": {"layout": layout, "strict": strict, "suite_size": suite_size, "method": method},
-        "score": {"dtype": dtype, "batch_size": batch_size, "template": template, "cutoff": cutoff},
+        "score": {"dtype": dtype, "batch_size": batch_size, "template": template, "cutoff": cutoff,
+                  "signal": signal},
         "cluster": {"n_clusters": clusters, "method": cluster_method},
         "manifold": {"method": manifold},
         "concepts": {"max_concepts": max_concepts, "enabled": concepts},
@@ -189,7 +195,9 @@ def select(
     summary = json.loads((run / "clusters.json").read_text())
     timings = json.loads((run / "timings.json").read_text())
     source = f"from {summary['K']} clusters" if "K" in summary else f"({summary['method']} baseline)"
-    typer.echo(f"selected {summary['selected']} of budget {summary['budget']} {source}")
+    typer.echo(f"selected {summary['selected']} records, {summary['selected_tokens']} tokens "
+               f"({summary['selected_response_tokens']} response tokens) {source}; budget {summary['budget']} "
+               f"{summary['budget_unit']}")
     typer.echo("stage seconds: " + ", ".join(f"{k} {v['seconds']:.1f}{' (reused)' if v['reused'] else ''}"
                                              for k, v in timings.items()))
     typer.echo(f"run folder: {run} (selected.jsonl, scores.parquet, clusters.json, manifest.json, report.md)")

@@ -3,6 +3,8 @@ next-token distributions on the response, under teacher forcing.
 
 JSD(P||Q) = 1/2 KL(P||M) + 1/2 KL(Q||M), M = (P+Q)/2, natural log (at most ln 2), in fp32 from
 log-softmax. A sample's score is the mean over its response tokens (cut at the training cutoff).
+The same passes also give each sample's mean NLL of the true next token under either model
+(``nll_dense``, ``nll_pruned``) and their difference ``loss_gap``, the second signal.
 Each model runs once per sample: records are batched by similar length with padding and an
 attention mask, and only the positions that predict scored tokens go through the vocabulary
 projection. Scores are written shard by shard (atomically), so a killed run resumes from the
@@ -29,7 +31,10 @@ import torch
 from paser.prompts import tokenize_example
 
 LN2 = math.log(2.0)
-SCORE_COLUMNS = ["id", "jsd", "n_prompt", "n_response", "n_scored", "truncated"]
+SCORE_COLUMNS = ["id", "jsd", "nll_dense", "nll_pruned", "loss_gap", "n_prompt", "n_response", "n_scored",
+                 "truncated"]
+SHARD_FORMAT = 2  # 2: shards also hold nll_dense, nll_pruned and loss_gap
+SCORE_INDEPENDENT = ("signal",)  # settings that choose among the scores, not how they are computed
 
 
 @dataclass
@@ -60,6 +65,10 @@ class ScoreConfig:
     taken over the top-k tokens plus one bucket for the rest (exact when top_k is the vocabulary)."""
     top_k: int = 64
     """Dense log-probabilities kept per position in two-pass mode."""
+    signal: Literal["jsd", "loss_gap"] = "jsd"
+    """The per-record degradation that CDS and IES use: jsd (the paper), or loss_gap = mean
+    response NLL under the pruned model minus under the dense model. Both are computed by every
+    scoring run, so switching re-scores nothing."""
 
     def __post_init__(self):
         for name in ("cutoff", "batch_size", "shard_size", "jsd_chunk", "top_k"):
@@ -69,8 +78,11 @@ class ScoreConfig:
 
 def jsd_from_logits(logits_p: torch.Tensor, logits_q: torch.Tensor) -> torch.Tensor:
     """Per-row JSD (nats) between softmax(logits_p) and softmax(logits_q); rows [M, V] -> [M]."""
-    lp = torch.log_softmax(logits_p.float(), dim=-1)
-    lq = torch.log_softmax(logits_q.float(), dim=-1)
+    return jsd_from_logprobs(torch.log_softmax(logits_p.float(), dim=-1), torch.log_softmax(logits_q.float(), dim=-1))
+
+
+def jsd_from_logprobs(lp: torch.Tensor, lq: torch.Tensor) -> torch.Tensor:
+    """Per-row JSD (nats) between two rows of log-probabilities [M, V] -> [M]."""
     lm = torch.logaddexp(lp, lq) - LN2
     # exp(lp) * (lp - lm) is 0 where p is 0: no 0 * log 0 arises in log space
     kl_pm = (lp.exp() * (lp - lm)).sum(-1)
@@ -96,6 +108,16 @@ class Encoded:
 
 def encode_records(tokenizer, records, config: ScoreConfig) -> list[Encoded]:
     return [Encoded(*tokenize_example(tokenizer, r, config.template, config.cutoff)) for r in records]
+
+
+def token_table(tokenizer, records, config: ScoreConfig) -> pd.DataFrame:
+    """Each record's prompt and response tokens under the template and cutoff (what recovery trains
+    on), without any model: id, n_prompt, n_response, n_tokens, truncated."""
+    encoded = encode_records(tokenizer, records, config)
+    n_prompt = np.array([e.n_prompt for e in encoded], dtype=np.int64)
+    n_response = np.array([e.n_response for e in encoded], dtype=np.int64)
+    return pd.DataFrame({"id": [r.id for r in records], "n_prompt": n_prompt, "n_response": n_response,
+                         "n_tokens": n_prompt + n_response, "truncated": [e.truncated for e in encoded]})
 
 
 def _split_model(model):
@@ -173,7 +195,8 @@ def _chunk_logits(states: torch.Tensor, head, lo: int, hi: int) -> torch.Tensor:
 
 
 def _batch_tensors(batch: list[Encoded], positions: str, pad_id: int, device: torch.device):
-    """Right-padded ids and mask [B, T], the (row, col) of each scored prediction, and its sample."""
+    """Right-padded ids and mask [B, T] and the (row, col) of each scored prediction; the token it
+    predicts is ``ids[row, col + 1]``."""
     width = max(len(e.ids) for e in batch)
     input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(batch), width), dtype=torch.long)
@@ -190,7 +213,8 @@ def _batch_tensors(batch: list[Encoded], positions: str, pad_id: int, device: to
 
 
 def _per_sample(per_token: torch.Tensor, owner: torch.Tensor, n: int, positions: str) -> np.ndarray:
-    """Mean (sum for instruction_sum) of per-token values by sample; NaN for samples with none."""
+    """Mean (sum for positions="instruction_sum") of per-token values by sample; NaN for samples
+    with none. Pass positions="mean" for a mean whatever the scored positions."""
     per_token = per_token.double().cpu()
     owner = owner.cpu()
     sums = torch.zeros(n, dtype=torch.float64).index_add_(0, owner, per_token)
@@ -202,22 +226,39 @@ def _per_sample(per_token: torch.Tensor, owner: torch.Tensor, n: int, positions:
     return out
 
 
+def _nll(logp: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """-log p(target) per row of log-probabilities [M, V]."""
+    return -logp.gather(-1, targets[:, None])[:, 0]
+
+
+def _sample_stats(jsd, nll_p, nll_q, owner, n: int, positions: str) -> np.ndarray:
+    """[n, 3]: per sample JSD (mean, or sum for instruction_sum), mean dense NLL, mean pruned NLL."""
+    return np.stack([_per_sample(jsd, owner, n, positions), _per_sample(nll_p, owner, n, "mean"),
+                     _per_sample(nll_q, owner, n, "mean")], axis=1)
+
+
 @torch.no_grad()
 def score_batch(dense, pruned, batch: list[Encoded], config: ScoreConfig, pad_id: int,
                 device: torch.device, prefixes: tuple[SharedPrefix, SharedPrefix] | None = None) -> np.ndarray:
-    """Mean (or summed, for instruction_sum) JSD of each encoded sample in one padded batch."""
+    """[len(batch), 3] for one padded batch: each sample's JSD (mean over its scored tokens, or the
+    sum for instruction_sum) and its mean NLL of the true next token under the dense and under the
+    pruned model, all from the same forward passes and vocabulary projections."""
     input_ids, mask, r, c = _batch_tensors(batch, config.positions, pad_id, device)
     if len(r) == 0:
-        return np.full(len(batch), np.nan)
+        return np.full((len(batch), 3), np.nan)
+    targets = input_ids[r, c + 1]
     pre_p, pre_q = prefixes if prefixes is not None else (None, None)
     sp, head_p = _target_states(dense, input_ids, mask, r, c, pre_p)
     sq, head_q = _target_states(pruned, input_ids, mask, r, c, pre_q)
     # vocabulary-wide tensors exist for one chunk of positions at a time
-    per_token = torch.cat([
-        jsd_from_logits(_chunk_logits(sp, head_p, i, i + config.jsd_chunk),
-                        _chunk_logits(sq, head_q, i, i + config.jsd_chunk))
-        for i in range(0, len(r), config.jsd_chunk)])
-    return _per_sample(per_token, r, len(batch), config.positions)
+    jsd, nll_p, nll_q = [], [], []
+    for i in range(0, len(r), config.jsd_chunk):
+        lp = torch.log_softmax(_chunk_logits(sp, head_p, i, i + config.jsd_chunk).float(), dim=-1)
+        lq = torch.log_softmax(_chunk_logits(sq, head_q, i, i + config.jsd_chunk).float(), dim=-1)
+        jsd.append(jsd_from_logprobs(lp, lq))
+        nll_p.append(_nll(lp, targets[i:i + config.jsd_chunk]))
+        nll_q.append(_nll(lq, targets[i:i + config.jsd_chunk]))
+    return _sample_stats(torch.cat(jsd), torch.cat(nll_p), torch.cat(nll_q), r, len(batch), config.positions)
 
 
 def _shard_batches(tokenizer, records, config: ScoreConfig):
@@ -249,10 +290,14 @@ def _pad_id(tokenizer) -> int:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
-def _frame(records, encoded: list[Encoded], jsd: np.ndarray, positions: str) -> pd.DataFrame:
+def _frame(records, encoded: list[Encoded], stats: np.ndarray, positions: str) -> pd.DataFrame:
+    """The shard table; ``stats`` [n, 3] holds JSD, dense NLL and pruned NLL per record."""
     return pd.DataFrame({
         "id": [r.id for r in records],
-        "jsd": jsd,
+        "jsd": stats[:, 0],
+        "nll_dense": stats[:, 1],
+        "nll_pruned": stats[:, 2],
+        "loss_gap": stats[:, 2] - stats[:, 1],
         "n_prompt": [e.n_prompt for e in encoded],
         "n_response": [e.n_response for e in encoded],
         "n_scored": [len(e.targets(positions)) for e in encoded],
@@ -265,11 +310,11 @@ def score_shard(dense, pruned, tokenizer, records, config: ScoreConfig, device=N
     device = torch.device(device or next(dense.parameters()).device)
     encoded, batches = _shard_batches(tokenizer, records, config)
     prefixes = _Prefixes((dense, pruned), config, device)
-    jsd = np.full(len(encoded), np.nan)
+    stats = np.full((len(encoded), 3), np.nan)
     for idx in batches:
         batch = [encoded[i] for i in idx]
-        jsd[idx] = score_batch(dense, pruned, batch, config, _pad_id(tokenizer), device, prefixes.get(batch))
-    return _frame(records, encoded, jsd, config.positions)
+        stats[idx] = score_batch(dense, pruned, batch, config, _pad_id(tokenizer), device, prefixes.get(batch))
+    return _frame(records, encoded, stats, config.positions)
 
 
 # ---------------------------------------------------------------- two-pass mode
@@ -278,37 +323,42 @@ def score_shard(dense, pruned, tokenizer, records, config: ScoreConfig, device=N
 def _logprob_chunks(model, tokenizer, encoded: list[Encoded], batches: list[list[int]], config: ScoreConfig,
                     device):
     """One model's log-probabilities at the scored positions of a shard, chunk by chunk, in the
-    shard's batch order: (record index within the shard of each row, log-probs [rows, V])."""
+    shard's batch order: (record index within the shard of each row, log-probs [rows, V], the
+    token each row predicts)."""
     prefixes = _Prefixes((model,), config, device)
     for idx in batches:
         batch = [encoded[i] for i in idx]
         input_ids, mask, r, c = _batch_tensors(batch, config.positions, _pad_id(tokenizer), device)
         if len(r) == 0:
             continue
+        targets = input_ids[r, c + 1]
         pre = prefixes.get(batch)
         states, head = _target_states(model, input_ids, mask, r, c, pre[0] if pre else None)
         owners = torch.tensor(idx, dtype=torch.long)[r.cpu()]
         for i in range(0, len(r), config.jsd_chunk):
             chunk = _chunk_logits(states, head, i, i + config.jsd_chunk)
-            yield owners[i:i + config.jsd_chunk], torch.log_softmax(chunk.float(), dim=-1)
+            yield (owners[i:i + config.jsd_chunk], torch.log_softmax(chunk.float(), dim=-1),
+                   targets[i:i + config.jsd_chunk])
 
 
 @torch.no_grad()
 def dense_topk_shard(dense, tokenizer, records, config: ScoreConfig, device=None) -> dict[str, torch.Tensor]:
-    """Pass 1: the dense model's top-k log-probabilities at every scored position of a shard,
-    in batch order (``sample`` gives each row's record index within the shard)."""
+    """Pass 1: the dense model's top-k log-probabilities at every scored position of a shard, and
+    its NLL of the true next token there, in batch order (``sample`` gives each row's record
+    index within the shard)."""
     device = torch.device(device or next(dense.parameters()).device)
-    values, indices, samples = [], [], []
+    values, indices, samples, nll = [], [], [], []
     encoded, batches = _shard_batches(tokenizer, records, config)
-    for owners, logp in _logprob_chunks(dense, tokenizer, encoded, batches, config, device):
+    for owners, logp, targets in _logprob_chunks(dense, tokenizer, encoded, batches, config, device):
         top = logp.topk(min(config.top_k, logp.shape[-1]), dim=-1)
         values.append(top.values.cpu())
         indices.append(top.indices.to(torch.int32).cpu())
         samples.append(owners)
+        nll.append(_nll(logp, targets).cpu())
     k = min(config.top_k, getattr(dense.config, "vocab_size", config.top_k))
     cat = lambda xs, shape, dtype: torch.cat(xs) if xs else torch.zeros(shape, dtype=dtype)  # noqa: E731
     return {"values": cat(values, (0, k), torch.float32), "indices": cat(indices, (0, k), torch.int32),
-            "sample": cat(samples, (0,), torch.long)}
+            "sample": cat(samples, (0,), torch.long), "nll": cat(nll, (0,), torch.float32)}
 
 
 def _with_tail(top_logp: torch.Tensor) -> torch.Tensor:
@@ -321,27 +371,31 @@ def _with_tail(top_logp: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def score_shard_against_topk(pruned, tokenizer, records, config: ScoreConfig, topk: dict,
                              device=None) -> pd.DataFrame:
-    """Pass 2: the pruned model against the cached dense top-k, JSD over top-k + one tail bucket."""
+    """Pass 2: the pruned model against the cached dense top-k, JSD over top-k + one tail bucket;
+    both NLLs are exact (the dense one was kept in pass 1)."""
     device = torch.device(device or next(pruned.parameters()).device)
     encoded, batches = _shard_batches(tokenizer, records, config)
-    per_token, start = [], 0
-    for _, logq in _logprob_chunks(pruned, tokenizer, encoded, batches, config, device):
+    per_token, nll_q, start = [], [], 0
+    for _, logq, targets in _logprob_chunks(pruned, tokenizer, encoded, batches, config, device):
         n = logq.shape[0]
         p_top = topk["values"][start:start + n].to(device)
         idx_top = topk["indices"][start:start + n].to(device).long()
         start += n
         per_token.append(jsd_from_logits(_with_tail(p_top), _with_tail(logq.gather(-1, idx_top))))
-    if start != len(topk["sample"]):
+        nll_q.append(_nll(logq, targets).cpu())
+    if start != len(topk["sample"]) or "nll" not in topk:
         raise RuntimeError("cached dense top-k does not match this shard; remove the shard folder to rescore")
-    jsd = (_per_sample(torch.cat(per_token), topk["sample"], len(encoded), config.positions)
-           if per_token else np.full(len(encoded), np.nan))
-    return _frame(records, encoded, jsd, config.positions)
+    stats = (_sample_stats(torch.cat(per_token).cpu(), topk["nll"], torch.cat(nll_q), topk["sample"], len(encoded),
+                           config.positions)
+             if per_token else np.full((len(encoded), 3), np.nan))
+    return _frame(records, encoded, stats, config.positions)
 
 
 @torch.no_grad()
 def score_unbatched(dense, pruned, tokenizer, records, config: ScoreConfig) -> np.ndarray:
-    """The plain definition, for reference and benchmarks: each model once per sample, no batching,
-    no padding, full logits. Same values as ``score_shard`` up to float rounding, only slower."""
+    """The plain definition of the JSD, for reference and benchmarks: each model once per sample,
+    no batching, no padding, full logits. Same values as ``score_shard``'s ``jsd`` up to float
+    rounding, only slower."""
     out = []
     for e in encode_records(tokenizer, records, config):
         ids = torch.tensor([e.ids], device=next(dense.parameters()).device)
@@ -357,7 +411,8 @@ def score_unbatched(dense, pruned, tokenizer, records, config: ScoreConfig) -> n
 
 def scoring_fingerprint(config: ScoreConfig, dense_fp: str, pruned_fp: str, ids: list[str]) -> str:
     """What the shards of a scoring run depend on: config, both models, the records in order."""
-    h = hashlib.sha256(json.dumps(asdict(config) | {"dense": dense_fp, "pruned": pruned_fp},
+    what = {k: v for k, v in asdict(config).items() if k not in SCORE_INDEPENDENT}
+    h = hashlib.sha256(json.dumps(what | {"dense": dense_fp, "pruned": pruned_fp, "format": SHARD_FORMAT},
                                   sort_keys=True).encode())
     for rid in ids:
         h.update(rid.encode() + b"\x00")

@@ -36,6 +36,7 @@ import numpy as np
 import pandas as pd
 
 from paser.allocation import AllocateConfig
+from paser.budget import parse_budget, take_in_order
 from paser.clustering import ClusterConfig, SpectralClusterer
 from paser.concepts import ConceptConfig, record_concepts
 from paser.config import from_mapping, read_yaml, to_mapping
@@ -75,14 +76,17 @@ class SelectConfig:
     """The pruned twin; None makes one with paser prune at prune_ratio (made once, cached)."""
     prune_ratio: float = 0.25
     """Ratio for the twin made when pruned is None."""
-    budget: float = 0.2
-    """Records to select: a count (100) or a fraction of the pool (0.2)."""
-    method: Literal["paser", "random", "full", "uniform", "random_order", "no_cost", "no_ccg", "kmeans"] = "paser"
-    """paser; the baselines random (seeded) and full (every record); or an ablation of PASER:
-    uniform allocation, random order inside clusters instead of IES, JSD order inside clusters (IES
-    without its compute-cost denominator), no concept filter, k-means clusters instead of NMF. An
-    ablation sets its stage's option (allocate.method, concepts.enabled, cluster.method) whatever
-    the config says."""
+    budget: float | str = 0.2
+    """What to select: records as a count (100) or a fraction of the pool (0.2), or tokens as an
+    amount ("40000tok") or a fraction of the pool's tokens ("0.2tok"); see paser.budget."""
+    method: Literal["paser", "random", "full", "longest", "shortest", "pruned_loss", "uniform", "random_order",
+                    "no_cost", "no_ccg", "kmeans"] = "paser"
+    """paser; the baselines random (seeded), full (every record), longest (longest responses
+    first), shortest (fewest tokens first), pruned_loss (highest response NLL under the pruned
+    model first); or an ablation of PASER: uniform allocation, random order inside clusters instead
+    of IES, degradation order inside clusters (IES without its compute-cost denominator), no
+    concept filter, k-means clusters instead of NMF. An ablation sets its stage's option
+    (allocate.method, concepts.enabled, cluster.method) whatever the config says."""
     out: str = "runs/select"
     """The run folder."""
     trust_pickle: bool = False
@@ -91,6 +95,9 @@ class SelectConfig:
     """Seed for every random choice: the same inputs and seed give the same selection."""
     progress: bool = True
     """Progress bars on long stages."""
+
+    def __post_init__(self):
+        parse_budget(self.budget)  # a malformed budget fails when the settings are read
 
 
 @dataclass
@@ -114,7 +121,8 @@ class DistributeConfig:
             raise ValueError(f"workers must be positive, got {self.workers}")
 
 
-BASELINES = ("random", "full")
+BASELINES = ("random", "full", "longest", "shortest")  # need the tokenizer, no model
+SCORED_BASELINES = ("pruned_loss",)  # need the scoring passes, no clusters
 
 STAGE_CONFIGS = {"select": SelectConfig, "embed": EmbedConfig, "manifold": ManifoldConfig,
             "cluster": ClusterConfig, "score": ScoreConfig, "allocate": AllocateConfig,
@@ -158,8 +166,14 @@ class Settings:
 
     @property
     def baseline(self) -> bool:
-        """A method that selects without models (random, full): only the data stage runs."""
+        """A method that selects without models (random, full, longest, shortest): only the data
+        and token-count stages run."""
         return self.select.method in BASELINES
+
+    @property
+    def clustered(self) -> bool:
+        """A method that runs every stage (PASER and its ablations), not a baseline."""
+        return self.select.method not in BASELINES + SCORED_BASELINES
 
     @classmethod
     def load(cls, path: str | Path | None = None, overrides: dict | None = None) -> Settings:
@@ -271,6 +285,42 @@ def stage_data(settings: Settings, run: Path) -> Path:
         }, indent=2))
         _seal(path, fp)
     return path
+
+
+def dense_tokenizer(settings: Settings):
+    """The dense model's tokenizer (scoring and recovery count tokens with it)."""
+    from paser.models import load_model, load_tokenizer
+
+    cfg = settings.select
+    return load_tokenizer(cfg.dense) or load_model(cfg.dense, trust_pickle=cfg.trust_pickle).tokenizer
+
+
+def stage_tokens(settings: Settings, run: Path) -> Path:
+    """Count every record's prompt and response tokens (the dense tokenizer, the template, the
+    cutoff): what a token budget spends and what every method reports, models not needed."""
+    from paser.degradation import token_table
+
+    path = run / "tokens.parquet"
+    fp = stage_fingerprint("tokens", settings, run)
+    with _Stage(run, "tokens") as st:
+        if _fresh(path, fp):
+            st.reused = True
+            return path
+        _atomic_parquet(token_table(dense_tokenizer(settings), read_run_pool(run), settings.score), path)
+        _seal(path, fp)
+    return path
+
+
+def resolve_run_budget(settings: Settings, run: Path) -> tuple[int, str]:
+    """The budget in its unit (records or tokens) for the run's pool; a clear error when the pool
+    cannot hold it or a token budget is below the shortest record."""
+    budget = parse_budget(settings.select.budget)
+    tokens = pd.read_parquet(run / "tokens.parquet", columns=["n_tokens"])["n_tokens"]
+    amount = budget.resolve(len(tokens), int(tokens.sum()))
+    if budget.tokens and len(tokens) and amount < int(tokens.min()):
+        raise ValueError(f"budget of {amount} tokens is smaller than the shortest record "
+                         f"({int(tokens.min())} tokens under the {settings.score.cutoff}-token cutoff)")
+    return amount, budget.unit
 
 
 def read_run_pool(run: Path) -> list[Record]:
@@ -530,8 +580,8 @@ def stage_score(settings: Settings, run: Path) -> Path:
 # ---------------------------------------------------------------- fingerprints
 
 
-STAGE_OUTPUTS = {"data": "pool.parquet", "embed": "embeddings.npy", "cluster": "clusters.parquet",
-                 "score": "degradation.parquet"}
+STAGE_OUTPUTS = {"data": "pool.parquet", "tokens": "tokens.parquet", "embed": "embeddings.npy",
+                 "cluster": "clusters.parquet", "score": "degradation.parquet"}
 
 
 def stage_fingerprint(stage: str, settings: Settings, run: Path, pruned_ref: str | None = None) -> str:
@@ -544,6 +594,11 @@ def stage_fingerprint(stage: str, settings: Settings, run: Path, pruned_ref: str
 
         cfg = settings.embed
         return _hash(_fp_of(run / "pool.parquet"), to_mapping(cfg), SentenceEmbedder(cfg.model).fingerprint())
+    if stage == "tokens":
+        from paser.models import model_fingerprint
+
+        sc = settings.score
+        return _hash(_fp_of(run / "pool.parquet"), model_fingerprint(settings.select.dense), sc.template, sc.cutoff)
     if stage == "cluster":
         return _hash(_fp_of(run / "embeddings.npy"), to_mapping(settings.manifold), to_mapping(settings.cluster),
                      settings.select.seed)
@@ -595,14 +650,33 @@ def selection_table(settings: Settings, run: Path) -> tuple[list[Record], pd.Dat
     return records, table
 
 
-def select_from(settings: Settings, table: pd.DataFrame, budget: float | int | None = None):
+def select_from(settings: Settings, table: pd.DataFrame, budget: float | int | str | None = None):
     """Allocation, IES ranking and the concept filter over a selection table; writes nothing."""
     from paser.selection import Selector
 
-    order = {"random_order": "random", "no_cost": "jsd"}.get(settings.select.method, "ies")
+    order = {"random_order": "random", "no_cost": "signal"}.get(settings.select.method, "ies")
     return Selector(settings.select.budget if budget is None else budget, settings.allocate.method,
-                    use_concepts=settings.concepts.enabled, order=order,
-                    random_state=settings.select.seed).fit(table).result_
+                    use_concepts=settings.concepts.enabled, order=order, random_state=settings.select.seed,
+                    signal=settings.score.signal).fit(table).result_
+
+
+def selection_summary(method: str, amount: int, unit: str, selected: pd.DataFrame) -> dict:
+    """What every method's clusters.json and manifest say about the selection: the budget in its
+    unit and the selection in records, tokens (prompt + response) and response tokens."""
+    return {"method": method, "budget": int(amount), "budget_unit": unit, "selected": int(len(selected)),
+            "selected_tokens": int(selected["n_tokens"].sum()),
+            "selected_response_tokens": int(selected["n_response"].sum())}
+
+
+def _write_selected(run: Path, records: list[Record], selected: pd.DataFrame, extra) -> None:
+    """selected.jsonl: each selected record in the input's layout plus paser's fields, in rank order."""
+    from paser.data import write_jsonl
+
+    by_id = {r.id: r for r in records}
+    write_jsonl(run / "selected.jsonl", [
+        dict(by_id[row.id].fields) | {"paser_id": row.id} | extra(row)
+        | {"paser_tokens": int(row.n_tokens), "paser_rank": int(row.rank)}
+        for row in selected.itertuples()])
 
 
 def stage_select(settings: Settings, run: Path) -> Path:
@@ -612,71 +686,104 @@ def stage_select(settings: Settings, run: Path) -> Path:
         result = select_from(settings, table)
         out = result.table
         _atomic_parquet(out.assign(concepts=out["concepts"].map(list)), run / "scores.parquet")
-        by_id = {r.id: r for r in records}
-        rows = []
-        for row in result.selected.itertuples():
-            original = dict(by_id[row.id].fields)
-            original.update({"paser_id": row.id, "paser_cluster": int(row.cluster),
-                             "paser_jsd": float(row.jsd), "paser_ies": float(row.ies), "paser_rank": int(row.rank)})
-            rows.append(original)
-        from paser.data import write_jsonl
-
-        write_jsonl(run / "selected.jsonl", rows)
+        _write_selected(run, records, result.selected, lambda row: {
+            "paser_cluster": int(row.cluster), "paser_jsd": float(row.jsd), "paser_loss_gap": float(row.loss_gap),
+            "paser_ies": float(row.ies)})
         fit = json.loads((run / "cluster_fit.json").read_text())
-        (run / "clusters.json").write_text(json.dumps({
-            "K": fit["k"], "n_clusters": fit["n_clusters"], "knee_k": fit["knee_k"], "eigengap_k": fit["eigengap_k"],
-            "k_curve": fit["k_curve"], "budget": result.budget, "selected": int(len(rows)),
-            "clusters": [{"cluster": c, "size": int(result.sizes[c]), "cds": float(result.cds[c]),
-                          "allocation": int(result.allocation[c]),
-                          "selected": int(result.selected_per_cluster[c]),
-                          "rejected": int(result.rejected_per_cluster[c])}
-                         for c in range(len(result.sizes))],
-        }, indent=2))
+        (run / "clusters.json").write_text(json.dumps(
+            selection_summary(settings.select.method, result.budget, result.unit, result.selected) | {
+                "signal": result.signal, "K": fit["k"], "n_clusters": fit["n_clusters"], "knee_k": fit["knee_k"],
+                "eigengap_k": fit["eigengap_k"], "k_curve": fit["k_curve"],
+                "clusters": [{"cluster": c, "size": int(result.sizes[c]), "cds": float(result.cds[c]),
+                              "allocation": int(result.allocation[c]),
+                              "selected": int(result.selected_per_cluster[c]),
+                              "selected_tokens": int(result.selected_tokens_per_cluster[c]),
+                              "rejected": int(result.rejected_per_cluster[c])}
+                             for c in range(len(result.sizes))],
+            }, indent=2))
     return run / "selected.jsonl"
 
 
-def stage_baseline(settings: Settings, run: Path) -> Path:
-    """The random and full baselines: ``budget`` records drawn with the seed, or every record, in
-    the same output files as PASER (selected.jsonl in the input's layout, scores.parquet, clusters.json
-    with no clusters) so that recovery and evaluation treat every arm alike."""
-    from paser.data import write_jsonl
-    from paser.selection import resolve_budget
+def baseline_order(settings: Settings, table: pd.DataFrame) -> np.ndarray:
+    """Row indices of ``table`` in the order a baseline takes them (records without a score last
+    out: pruned_loss leaves them aside). Ties go to the earlier record."""
+    method = settings.select.method
+    index = np.arange(len(table))
+    if method == "random":
+        return np.random.default_rng(settings.select.seed).permutation(len(table))
+    if method == "longest":  # response tokens kept, then the whole response's characters
+        chars = table["response_chars"].to_numpy()
+        return np.lexsort((index, -chars, -table["n_response"].to_numpy()))
+    if method == "shortest":
+        return np.lexsort((index, table["n_tokens"].to_numpy()))
+    if method == "pruned_loss":
+        nll = table["nll_pruned"].to_numpy(dtype=float)
+        scored = np.flatnonzero(np.isfinite(nll))
+        return scored[np.lexsort((scored, -nll[scored]))]
+    return index  # full
 
+
+def stage_baseline(settings: Settings, run: Path) -> Path:
+    """The baselines, in the same output files as PASER (selected.jsonl in the input's layout,
+    scores.parquet, clusters.json with no clusters) so that recovery and evaluation treat every arm
+    alike: full takes every record; random, longest, shortest and pruned_loss take records in their
+    order while the next one fits the budget (records or tokens)."""
+    method = settings.select.method
     with _Stage(run, "select"):
         records = read_run_pool(run)
-        if settings.select.method == "full":
-            chosen = list(range(len(records)))
+        table = pd.read_parquet(run / "tokens.parquet")
+        if method == "pruned_loss":
+            scores = pd.read_parquet(run / "degradation.parquet").drop(columns=["n_prompt", "n_response", "truncated"])
+            table = table.merge(scores, on="id", how="left", validate="one_to_one")
+        table["response_chars"] = [len(r.response) for r in records]
+        order = baseline_order(settings, table)
+        amount, unit = resolve_run_budget(settings, run)
+        if method == "full":
+            chosen = order.tolist()
+            amount, unit = int(table["n_tokens"].sum() if unit == "tokens" else len(table)), unit
         else:
-            budget = resolve_budget(settings.select.budget, len(records))
-            chosen = np.random.default_rng(settings.select.seed).permutation(len(records))[:budget].tolist()
+            cost = table["n_tokens"].to_numpy() if unit == "tokens" else np.ones(len(table), dtype=np.int64)
+            chosen = take_in_order(order, cost, amount)
         rank = np.zeros(len(records), dtype=np.int64)
         rank[chosen] = np.arange(1, len(chosen) + 1)
-        _atomic_parquet(pd.DataFrame({"id": [r.id for r in records],
-                                      "status": np.where(rank > 0, "selected", "unvisited"), "rank": rank}),
-                        run / "scores.parquet")
-        write_jsonl(run / "selected.jsonl", [dict(records[i].fields) | {"paser_id": records[i].id, "paser_rank": n + 1}
-                                             for n, i in enumerate(chosen)])
-        (run / "clusters.json").write_text(json.dumps({"method": settings.select.method, "budget": len(chosen),
-                                                       "selected": len(chosen), "clusters": []}, indent=2))
+        table["status"] = np.where(rank > 0, "selected", "unvisited")
+        table["rank"] = rank
+        if method == "pruned_loss":
+            table.loc[~np.isfinite(table["nll_pruned"]), "status"] = "unscored"
+        _atomic_parquet(table.drop(columns=["response_chars"]), run / "scores.parquet")
+        selected = table[rank > 0].sort_values("rank")
+        _write_selected(run, records, selected, lambda row: {})
+        (run / "clusters.json").write_text(json.dumps(
+            selection_summary(method, amount, unit, selected) | {"clusters": []}, indent=2))
     return run / "selected.jsonl"
 
 
 def preflight(settings: Settings) -> None:
     """Check what can be checked cheaply before any stage starts, so a bad input fails in a
-    second with one clear message: the pool, the budget against its size, the model references,
-    and (when the pruned model is given) that the two tokenizers match."""
+    second with one clear message: the pool, the budget against its size (in tokens: against the
+    pool's tokens and its shortest record), the model references, and (when the pruned model is
+    given) that the two tokenizers match."""
+    from paser.degradation import token_table
     from paser.models import check_same_tokenizer, load_tokenizer, model_fingerprint
-    from paser.selection import resolve_budget
 
     cfg = settings.select
     pool = read_input_pool(cfg)
-    resolve_budget(cfg.budget, len(pool))
-    if settings.baseline:
-        return  # random and full use no model
+    budget = parse_budget(cfg.budget)
+    if not budget.tokens:
+        budget.resolve(len(pool))
     model_fingerprint(cfg.dense)
+    dense_tok = load_tokenizer(cfg.dense)
+    if budget.tokens and dense_tok is not None:
+        tokens = token_table(dense_tok, pool.records, settings.score)["n_tokens"]
+        amount = budget.resolve(len(tokens), int(tokens.sum()))
+        if amount < int(tokens.min()):
+            raise ValueError(f"budget of {amount} tokens is smaller than the shortest record "
+                             f"({int(tokens.min())} tokens under the {settings.score.cutoff}-token cutoff)")
+    if settings.baseline:
+        return  # random, full, longest and shortest use the tokenizer only
     if cfg.pruned is not None:
         model_fingerprint(cfg.pruned)
-        dense_tok, pruned_tok = load_tokenizer(cfg.dense), load_tokenizer(cfg.pruned)
+        pruned_tok = load_tokenizer(cfg.pruned)
         if dense_tok is not None and pruned_tok is not None:
             check_same_tokenizer(dense_tok, pruned_tok, cfg.dense, cfg.pruned)
 
@@ -694,13 +801,13 @@ def run_selection(settings: Settings, cache_dir: Path | None = None) -> Path:
 
     run = run_folder(settings)
     stage_data(settings, run)
-    if settings.baseline:
-        stage_baseline(settings, run)
-        write_report(settings, run)
-        return run
-    stage_embed(settings, run, cache_dir)
-    stage_cluster(settings, run)
-    stage_score(settings, run)
-    stage_select(settings, run)
+    stage_tokens(settings, run)
+    resolve_run_budget(settings, run)
+    if settings.clustered:
+        stage_embed(settings, run, cache_dir)
+        stage_cluster(settings, run)
+    if not settings.baseline:
+        stage_score(settings, run)
+    (stage_select if settings.clustered else stage_baseline)(settings, run)
     write_report(settings, run)
     return run

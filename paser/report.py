@@ -47,7 +47,7 @@ def _pyplot():
     return plt
 
 
-def map_figure(coords: np.ndarray, clusters, jsd):
+def map_figure(coords: np.ndarray, clusters, jsd, signal: str = "jsd"):
     """The records on the first two spectral coordinates, coloured by cluster and by degradation."""
     plt = _pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.6))
@@ -55,24 +55,25 @@ def map_figure(coords: np.ndarray, clusters, jsd):
     axes[0].scatter(xy[:, 0], xy[:, 1], c=clusters, cmap="tab20", s=6)
     axes[0].set_title("clusters (first two spectral coordinates)")
     sc = axes[1].scatter(xy[:, 0], xy[:, 1], c=np.nan_to_num(np.asarray(jsd, dtype=float)), cmap="magma", s=6)
-    fig.colorbar(sc, ax=axes[1], label="JSD")
+    fig.colorbar(sc, ax=axes[1], label=signal)
     axes[1].set_title("degradation")
     fig.tight_layout()
     return fig
 
 
-def allocation_figure(clusters: list[dict]):
-    """CDS per cluster (bars) with its budget allocation and the records selected (lines)."""
+def allocation_figure(clusters: list[dict], unit: str = "records", signal: str = "jsd"):
+    """CDS per cluster (bars) with its budget allocation and what was selected (lines), in the budget's unit."""
     plt = _pyplot()
     ids = [c["cluster"] for c in clusters]
     fig, ax1 = plt.subplots(figsize=(10, 4))
     ax1.bar(ids, [c["cds"] for c in clusters], color="#c44e52")
     ax1.set_xlabel("cluster")
-    ax1.set_ylabel("CDS (mean JSD)")
+    ax1.set_ylabel(f"CDS (mean {signal})")
     ax2 = ax1.twinx()
     ax2.plot(ids, [c["allocation"] for c in clusters], "o-", color="#4c72b0", label="allocation")
-    ax2.plot(ids, [c["selected"] for c in clusters], "s--", color="#55a868", label="selected")
-    ax2.set_ylabel("records")
+    chosen = [c["selected_tokens"] if unit == "tokens" else c["selected"] for c in clusters]
+    ax2.plot(ids, chosen, "s--", color="#55a868", label="selected")
+    ax2.set_ylabel(unit)
     ax2.legend(loc="upper right")
     ax1.set_title("degradation and budget per cluster")
     fig.tight_layout()
@@ -93,13 +94,14 @@ def rejections_figure(clusters: list[dict]):
     return fig
 
 
-def _plots(run: Path, scores: pd.DataFrame, summary: dict) -> list[str]:
+def _plots(run: Path, scores: pd.DataFrame, summary: dict, signal: str) -> list[str]:
     import matplotlib
 
     matplotlib.use("Agg")
     figures = {
-        "cluster_map.png": map_figure(np.load(run / "manifold.npz")["coords"], scores["cluster"], scores["jsd"]),
-        "allocation.png": allocation_figure(summary["clusters"]),
+        "cluster_map.png": map_figure(np.load(run / "manifold.npz")["coords"], scores["cluster"], scores[signal],
+                                      signal),
+        "allocation.png": allocation_figure(summary["clusters"], summary["budget_unit"], signal),
         "rejections.png": rejections_figure(summary["clusters"]),
     }
     for name, fig in figures.items():
@@ -110,11 +112,21 @@ def _plots(run: Path, scores: pd.DataFrame, summary: dict) -> list[str]:
 
 def cluster_table(summary: dict) -> list[str]:
     """The clusters as Markdown table lines, most degraded first."""
-    lines = ["| cluster | size | CDS | allocation | selected | rejected |", "|---:|---:|---:|---:|---:|---:|"]
+    unit = summary.get("budget_unit", "records")
+    lines = [f"| cluster | size | CDS ({summary.get('signal', 'jsd')}) | allocation ({unit}) | selected | "
+             "selected tokens | rejected |", "|---:|---:|---:|---:|---:|---:|---:|"]
     for c in sorted(summary["clusters"], key=lambda c: -c["cds"]):
         lines.append(f"| {c['cluster']} | {c['size']} | {c['cds']:.4f} | {c['allocation']} | "
-                     f"{c['selected']} | {c['rejected']} |")
+                     f"{c['selected']} | {c.get('selected_tokens', '')} | {c['rejected']} |")
     return lines
+
+
+def selection_line(summary: dict) -> str:
+    """The budget in its unit and the selection in records and tokens, as one report line."""
+    budget = (f"{summary['budget']} {summary.get('budget_unit', 'records')}" if summary["method"] != "full"
+              else "none (every record)")
+    return (f"- budget: {budget}; selected {summary['selected']} records, {summary['selected_tokens']:,} tokens "
+            f"(prompt + response, {summary['selected_response_tokens']:,} of them response tokens)")
 
 
 OUTPUTS = ("selected.jsonl", "scores.parquet", "clusters.json", "report.md", "manifest.json", "cluster_map.png")
@@ -124,16 +136,21 @@ def artifact_markdown(run: Path) -> str:
     """The Prefect artifact of a selection run: the cluster table and links to its outputs."""
     summary = json.loads((run / "clusters.json").read_text())
     folder = run.resolve()
-    lines = [f"# PASER selection: {summary['selected']} records from {len(summary['clusters'])} clusters", "",
-             f"Run folder: `{folder}`", ""] + cluster_table(summary) + ["", "## Outputs", ""]
+    source = (f"from {len(summary['clusters'])} clusters" if summary["clusters"]
+              else f"({summary['method']} baseline)")
+    lines = [f"# paser selection: {summary['selected']} records, {summary['selected_tokens']:,} tokens {source}",
+             "", f"Run folder: `{folder}`", "", selection_line(summary), ""]
+    lines += (cluster_table(summary) if summary["clusters"] else []) + ["", "## Outputs", ""]
     lines += [f"- [{name}]({(folder / name).as_uri()})" for name in OUTPUTS if (folder / name).exists()]
     return "\n".join(lines) + "\n"
 
 
-def _manifest_base(settings, data: dict, timings: dict) -> dict:
+def _manifest_base(settings, data: dict, timings: dict, summary: dict) -> dict:
     return {
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "settings": settings.to_dict(),
+        "selection": {k: summary[k] for k in ("method", "budget", "budget_unit", "selected", "selected_tokens",
+                                              "selected_response_tokens")},
         "data": {k: data[k] for k in ("source", "layout", "records", "fingerprint")}
         | {"rejected_on_load": len(data["rejected"])},
         "packages": package_versions(),
@@ -143,14 +160,32 @@ def _manifest_base(settings, data: dict, timings: dict) -> dict:
     }
 
 
+BASELINE_HOW = {
+    "full": "every record",
+    "random": "records drawn at random (seed {seed}) while the next one fits the budget",
+    "longest": "the records with the most response tokens (then the longest response text) first, while the "
+               "next one fits the budget",
+    "shortest": "the records with the fewest tokens first, while the next one fits the budget",
+    "pruned_loss": "the records with the highest mean response NLL under the pruned model first, while the next "
+                   "one fits the budget",
+}
+
+
 def _baseline_report(settings, run: Path, summary: dict, data: dict, timings: dict) -> Path:
-    """manifest.json and a short report.md for the random and full baselines (no model involved)."""
-    (run / "manifest.json").write_text(json.dumps(_manifest_base(settings, data, timings), indent=2))
-    how = ("every record" if summary["method"] == "full"
-           else f"{summary['selected']} records drawn at random with seed {settings.select.seed}")
+    """manifest.json and a short report.md for the baselines (no clustering; a model only for pruned_loss)."""
+    manifest = _manifest_base(settings, data, timings, summary)
+    models = json.loads((run / "models.json").read_text()) if summary["method"] == "pruned_loss" else None
+    if models is not None:
+        manifest["models"] = models
+    (run / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    how = BASELINE_HOW[summary["method"]].format(seed=settings.select.seed)
+    used = ("the pruned and dense models' scoring passes, no clustering" if models is not None
+            else "the dense model's tokenizer only: no model, clustering or degradation")
     lines = ["# paser selection report (baseline)", "",
              f"- pool: {data['source']} ({data['records']} records, {data['layout']} layout)",
-             f"- method: {summary['method']}: {how}; no model, clustering or degradation involved", ""]
+             f"- method: {summary['method']}: {how}; uses {used}", selection_line(summary), ""]
+    if models is not None:
+        lines[4:4] = [f"- dense: {models['dense']['description']}", f"- pruned: {models['pruned']['description']}"]
     path = run / "report.md"
     path.write_text("\n".join(lines))
     return path
@@ -162,13 +197,14 @@ def write_report(settings, run: Path) -> Path:
     summary = json.loads((run / "clusters.json").read_text())
     data = json.loads((run / "data.json").read_text())
     timings = json.loads((run / "timings.json").read_text())
-    if settings.baseline:
+    if not settings.clustered:
         return _baseline_report(settings, run, summary, data, timings)
     models = json.loads((run / "models.json").read_text())
     ari = family_ari(run)
-    manifest = _manifest_base(settings, data, timings) | {"models": models, "adjusted_rand_index_vs_family": ari}
+    manifest = _manifest_base(settings, data, timings, summary) | {"models": models,
+                                                                   "adjusted_rand_index_vs_family": ari}
     (run / "manifest.json").write_text(json.dumps(manifest, indent=2))
-    plots = _plots(run, scores, summary)
+    plots = _plots(run, scores, summary, summary["signal"])
 
     status = scores["status"].value_counts().to_dict()
     truncated = int(scores["truncated"].sum())
@@ -178,7 +214,8 @@ def write_report(settings, run: Path) -> Path:
         f"{len(data['rejected'])} set aside on load)",
         f"- dense: {models['dense']['description']}",
         f"- pruned: {models['pruned']['description']}",
-        f"- budget: {summary['budget']} records; selected {summary['selected']}",
+        f"- method: {summary['method']}; degradation signal: {summary['signal']}",
+        selection_line(summary),
         f"- clusters: K = {summary['K']} (knee of the NMF error curve: {summary['knee_k']}, "
         f"eigengap: {summary['eigengap_k']})",
         f"- records cut at the {settings.score.cutoff}-token cutoff: {truncated}; without scored tokens: "
@@ -233,10 +270,12 @@ class RunView:
         self.records = records
 
     def map_figure(self):
-        return map_figure(self.coords, self.records["cluster"], self.records["jsd"])
+        signal = self.summary.get("signal", "jsd")
+        return map_figure(self.coords, self.records["cluster"], self.records[signal], signal)
 
     def allocation_figure(self):
-        return allocation_figure(self.summary["clusters"])
+        return allocation_figure(self.summary["clusters"], self.summary.get("budget_unit", "records"),
+                                 self.summary.get("signal", "jsd"))
 
     def rejections_figure(self):
         return rejections_figure(self.summary["clusters"])
@@ -255,7 +294,7 @@ class RunView:
         rows = self.records[self.records["status"] == "rejected"]
         return rows[["id", "cluster", "instruction", "concepts", "conflict_a", "conflict_b"]]
 
-    def reselect(self, budget: float | int):
+    def reselect(self, budget: float | int | str):
         """Selection at another budget from the saved scores and clusters (no model, writes nothing)."""
         from paser.pipeline import select_from, selection_table
 

@@ -1,9 +1,10 @@
 """Stages 5-7 put together: allocate the budget, rank by IES inside clusters, filter by the
 Concept Consistency Graph, and re-allocate shortfalls until the budget is reached.
 
-Input is the per-record score table (cluster, JSD, token counts, concepts); no model is needed,
-so re-selecting at another budget takes seconds. Clusters are visited most degraded first;
-inside a cluster records go by IES = JSD / ln(L^2). A cluster left short by rejections gives its
+Input is the per-record score table (cluster, JSD or loss_gap, token counts, concepts); no model
+is needed, so re-selecting at another budget takes seconds. The budget is in records or tokens
+(``paser.budget``). Clusters are visited most degraded first; inside a cluster records go by
+IES = degradation / ln(L^2). A cluster left short by rejections gives its
 shortfall to clusters that still have candidates (by CDS), until the budget is met or no
 candidate is left. Every rejection keeps its conflicting concept pair.
 
@@ -12,86 +13,100 @@ candidate is left. Every rejection keeps its conflicting concept pair.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 
 from paser.allocation import allocate_budget, cluster_degradation
+from paser.budget import parse_budget, record_costs
 from paser.concepts import ConceptGraph
 
 
-def importance_efficiency(jsd, n_tokens) -> np.ndarray:
-    """IES = JSD / ln(cost), cost = L^2 with L = prompt + response tokens floored at 2."""
+def importance_efficiency(degradation, n_tokens) -> np.ndarray:
+    """IES = degradation (JSD or loss_gap) / ln(cost), cost = L^2 with L = prompt + response tokens
+    floored at 2."""
     length = np.maximum(np.asarray(n_tokens, dtype=float), 2.0)
-    return np.asarray(jsd, dtype=float) / (2.0 * np.log(length))
-
-
-def resolve_budget(budget: float | int, n: int) -> int:
-    """A count (``100``) or a fraction of the pool (``0.2``) as a record count in [1, n]."""
-    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not math.isfinite(budget):
-        raise ValueError(f"budget must be a count or a fraction, got {budget!r}")
-    if budget <= 0:
-        raise ValueError(f"budget must be positive, got {budget}")
-    if isinstance(budget, float) and budget < 1:
-        count = int(math.floor(budget * n + 0.5))
-        if count < 1:
-            raise ValueError(f"budget {budget} of {n} records selects nothing")
-        return count
-    if budget != int(budget):
-        raise ValueError(f"budget {budget} is neither a fraction below 1 nor a whole count")
-    if budget > n:
-        raise ValueError(f"budget {int(budget)} is above the pool size {n}")
-    return int(budget)
+    return np.asarray(degradation, dtype=float) / (2.0 * np.log(length))
 
 
 @dataclass
 class SelectionResult:
-    """The outcome of selection over a score table (scikit-learn-like learned attributes)."""
+    """The outcome of selection over a score table (scikit-learn-like learned attributes).
 
-    table: pd.DataFrame  # the input table plus ies, status, reason, conflict_a/b, rank
+    Per-cluster arrays are indexed by cluster; ``allocation`` and ``budget`` are in the budget's
+    ``unit`` (records or tokens), the selected counts in both."""
+
+    table: pd.DataFrame  # the input table plus n_tokens, ies, status, reason, conflict_a/b, rank
     cds: np.ndarray
     sizes: np.ndarray
     allocation: np.ndarray  # the first, CDS-proportional allocation
     selected_per_cluster: np.ndarray
     rejected_per_cluster: np.ndarray
     budget: int
+    unit: str = "records"
+    selected_tokens_per_cluster: np.ndarray | None = None
+    signal: str = "jsd"
 
     @property
     def selected(self) -> pd.DataFrame:
         return self.table[self.table["status"] == "selected"].sort_values("rank")
 
 
+ORDERS = ("ies", "signal", "random")
+
+
 class Selector:
     """Budgeted, degradation-aware selection with the concept filter (scikit-learn style).
 
-    ``fit(table)`` needs columns ``cluster``, ``jsd``, ``n_prompt``, ``n_response`` and, with the
-    filter on, ``concepts`` (list of strings). Learned: ``cds_``, ``allocation_``, ``result_``.
+    ``fit(table)`` needs columns ``cluster``, the signal column (``jsd`` by default, or
+    ``loss_gap``), ``n_prompt``, ``n_response`` and, with the filter on, ``concepts`` (list of
+    strings). ``budget`` is a ``Budget``, a count or fraction of records, or a token amount
+    (``"40000tok"``, ``"0.2tok"``). Learned: ``cds_``, ``allocation_``, ``result_``.
+
+    In tokens, the budget is split over clusters by CDS (largest remainder on tokens, capped at a
+    cluster's tokens and water-filled), each cluster is filled in its order while its next record
+    fits its share, shortfalls are re-allocated as with records, and a last pass over the clusters
+    (most degraded first) adds each one's next records while they fit the whole budget. So the
+    selected tokens never exceed the budget, and when they fall short of it every cluster that
+    still has candidates is blocked by a next record longer than what is left: the gap is below
+    that record's length, hence below the cutoff.
     """
 
-    def __init__(self, budget: float | int, allocation: str = "largest_remainder", use_concepts: bool = True,
-                 order: str = "ies", random_state: int = 0):
+    def __init__(self, budget, allocation: str = "largest_remainder", use_concepts: bool = True,
+                 order: str = "ies", random_state: int = 0, signal: str = "jsd"):
         self.budget = budget
         self.allocation = allocation
         self.use_concepts = use_concepts
-        self.order = order  # "ies", or the ablations "jsd" (no cost term) and "random"
+        self.order = order  # "ies", or the ablations "signal" (no cost term) and "random"
         self.random_state = random_state
+        self.signal = signal
 
     def fit(self, table: pd.DataFrame) -> Selector:
-        if self.order not in ("ies", "jsd", "random"):
-            raise ValueError(f"order must be ies, jsd or random, got {self.order!r}")
+        if self.order not in ORDERS:
+            raise ValueError(f"order must be one of {ORDERS}, got {self.order!r}")
+        if self.signal not in table:
+            raise ValueError(f"the score table has no {self.signal!r} column (the selection signal)")
         t = table.reset_index(drop=True).copy()
-        budget = resolve_budget(self.budget, len(t))
+        budget = parse_budget(self.budget)
+        t["n_tokens"] = (t["n_prompt"] + t["n_response"]).astype(np.int64)
+        cost = record_costs(budget, t["n_prompt"], t["n_response"])
+        amount = budget.resolve(len(t), int(t["n_tokens"].sum()))
         labels = t["cluster"].to_numpy()
         k = int(labels.max()) + 1 if len(t) else 0
-        jsd = t["jsd"].to_numpy(dtype=float)
-        t["ies"] = importance_efficiency(jsd, t["n_prompt"] + t["n_response"])
-        eligible = ~np.isnan(jsd)
+        degradation = t[self.signal].to_numpy(dtype=float)
+        t["ies"] = importance_efficiency(degradation, t["n_tokens"])
+        eligible = ~np.isnan(degradation)
+        if budget.tokens and eligible.any() and amount < cost[eligible].min():
+            raise ValueError(f"budget of {amount} tokens is smaller than the shortest scored record "
+                             f"({int(cost[eligible].min())} tokens)")
         sizes = np.bincount(labels[eligible], minlength=k)
-        cds = cluster_degradation(labels, jsd, k)
-        target = min(budget, int(sizes.sum()))
-        quota = allocate_budget(cds, sizes, target, self.allocation)
+        room_of = lambda mask: np.bincount(labels[mask], weights=cost[mask], minlength=k).astype(np.int64)  # noqa: E731
+        cds = cluster_degradation(labels, degradation, k)
+        # a cluster that pruning did not hurt on average (loss_gap can be negative) gets no CDS share
+        weights = np.clip(cds, 0.0, None)
+        target = min(amount, int(room_of(eligible).sum()))
+        quota = allocate_budget(weights, room_of(eligible), target, self.allocation)
 
         # candidates per cluster in visiting order
         rng = np.random.default_rng(self.random_state)
@@ -101,50 +116,74 @@ class Selector:
             if self.order == "random":
                 members = rng.permutation(members)
             else:
-                key = t["jsd" if self.order == "jsd" else "ies"].to_numpy()[members]
+                key = (degradation if self.order == "signal" else t["ies"].to_numpy())[members]
                 members = members[np.lexsort((members, -key))]
             queues.append(members.tolist())
         cursor = [0] * k
         status = np.array(["unvisited"] * len(t), dtype=object)
         status[~eligible] = "unscored"
         reason = np.array([""] * len(t), dtype=object)
-        reason[~eligible] = "no scored tokens within the cutoff"
+        reason[~eligible] = f"no {self.signal} score (no scored tokens within the cutoff, or not finite)"
         conflict_a = np.array([""] * len(t), dtype=object)
         conflict_b = np.array([""] * len(t), dtype=object)
         graph = ConceptGraph()
         concepts = t["concepts"].tolist() if self.use_concepts else None
         chosen: list[int] = []
         taken = np.zeros(k, dtype=np.int64)
+        spent = np.zeros(k, dtype=np.int64)  # in the budget's unit
         rejected = np.zeros(k, dtype=np.int64)
+
+        def visit(c: int) -> None:
+            i = queues[c][cursor[c]]
+            cursor[c] += 1
+            ok, pair = (True, None) if concepts is None else graph.offer(list(concepts[i]))
+            if ok:
+                status[i] = "selected"
+                chosen.append(i)
+                taken[c] += 1
+                spent[c] += cost[i]
+            else:
+                status[i], reason[i] = "rejected", "concept conflict"
+                conflict_a[i], conflict_b[i] = pair
+                rejected[c] += 1
+
+        def fits(c: int, limit: int) -> bool:
+            return cursor[c] < len(queues[c]) and spent[c] + cost[queues[c][cursor[c]]] <= limit
+
         want = quota.copy()
         cluster_order = sorted(range(k), key=lambda c: (-cds[c], c))
+        topup_weights = np.ones_like(weights) if self.allocation == "uniform" else weights
         while True:
+            progress = False
             for c in cluster_order:
-                while taken[c] < want[c] and cursor[c] < len(queues[c]):
-                    i = queues[c][cursor[c]]
-                    cursor[c] += 1
-                    ok, pair = (True, None) if concepts is None else graph.offer(list(concepts[i]))
-                    if ok:
-                        status[i] = "selected"
-                        chosen.append(i)
-                        taken[c] += 1
-                    else:
-                        status[i], reason[i] = "rejected", "concept conflict"
-                        conflict_a[i], conflict_b[i] = pair
-                        rejected[c] += 1
-            short = target - len(chosen)
-            room = np.array([len(queues[c]) - cursor[c] for c in range(k)])
-            if short <= 0 or room.sum() == 0:
+                while fits(c, want[c]):
+                    visit(c)
+                    progress = True
+            short = target - int(spent.sum())
+            left = np.zeros(len(t), dtype=bool)
+            for c in range(k):
+                left[queues[c][cursor[c]:]] = True
+            room = room_of(left)
+            if short <= 0 or room.sum() == 0 or not progress:
                 break
-            # shortfall goes to clusters that still have candidates, by CDS, capped at what is left
-            want = taken + allocate_budget(cds, room, short, "largest_remainder")
+            # the shortfall goes to clusters that still have candidates, split as the first
+            # allocation was (CDS, uniform or floor), capped at what is left
+            want = spent + allocate_budget(topup_weights, room, short, self.allocation)
+        if budget.tokens and self.allocation != "floor":
+            # no cluster's next record fits its share any more: fill what is left of the budget
+            for c in cluster_order:
+                while fits(c, spent[c] + target - int(spent.sum())):
+                    visit(c)
         rank = np.zeros(len(t), dtype=np.int64)
         rank[chosen] = np.arange(1, len(chosen) + 1)
         t["status"], t["reason"], t["rank"] = status, reason, rank
         t["conflict_a"], t["conflict_b"] = conflict_a, conflict_b
+        tokens_per_cluster = np.bincount(labels[chosen], weights=t["n_tokens"].to_numpy()[chosen],
+                                         minlength=k).astype(np.int64)
         self.cds_ = cds
         self.allocation_ = quota
         self.result_ = SelectionResult(table=t, cds=cds, sizes=sizes, allocation=quota,
                                        selected_per_cluster=taken, rejected_per_cluster=rejected,
-                                       budget=budget)
+                                       budget=amount, unit=budget.unit,
+                                       selected_tokens_per_cluster=tokens_per_cluster, signal=self.signal)
         return self

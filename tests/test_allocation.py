@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from paser.allocation import allocate_budget, cluster_degradation
-from paser.selection import importance_efficiency, resolve_budget
+from paser.selection import importance_efficiency
 
 
 @settings(max_examples=300, deadline=None)
@@ -60,16 +60,3 @@ def test_cluster_degradation_ignores_nan():
 def test_ies():
     assert importance_efficiency([0.4], [100])[0] == pytest.approx(0.4 / (2 * np.log(100)))
     assert importance_efficiency([0.4], [1])[0] == pytest.approx(0.4 / (2 * np.log(2)))
-
-
-@pytest.mark.parametrize("budget, n, expected", [(0.2, 1000, 200), (100, 1000, 100), (1.0, 5, 1), (5, 5, 5)])
-def test_resolve_budget(budget, n, expected):
-    assert resolve_budget(budget, n) == expected
-
-
-@pytest.mark.parametrize("budget, message", [(0, "must be positive"), (-3, "must be positive"),
-                                             (11, "above the pool size 10"), (2.5, "neither a fraction"),
-                                             (0.01, "selects nothing")])
-def test_bad_budgets(budget, message):
-    with pytest.raises(ValueError, match=message):
-        resolve_budget(budget, 10)

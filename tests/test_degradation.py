@@ -80,6 +80,30 @@ def test_batched_equals_per_sample(pair, tiny_tokenizer, share_prefix, jsd_chunk
     np.testing.assert_allclose(batched, reference, atol=1e-5)
 
 
+def _direct_response_nll(model, tokenizer, records, cfg):
+    """Mean NLL of each record's response tokens from one plain forward pass of the full sequence."""
+    out = []
+    for e in encode_records(tokenizer, records, cfg):
+        ids = torch.tensor([e.ids])
+        logp = torch.log_softmax(model(input_ids=ids).logits[0].double(), dim=-1)
+        t = torch.arange(e.n_prompt, len(e.ids))
+        out.append(float(-logp[t - 1, ids[0, t]].mean()) if len(t) else float("nan"))
+    return np.array(out)
+
+
+@pytest.mark.parametrize("share_prefix", [True, False])
+def test_loss_gap_equals_direct_nll_of_both_models(pair, tiny_tokenizer, share_prefix):
+    recs = suite_pool(14, seed=5).records
+    cfg = ScoreConfig(batch_size=4, share_prefix=share_prefix, jsd_chunk=9)
+    scores = score_shard(*pair, tiny_tokenizer, recs, cfg)
+    dense_nll = _direct_response_nll(pair[0], tiny_tokenizer, recs, cfg)
+    pruned_nll = _direct_response_nll(pair[1], tiny_tokenizer, recs, cfg)
+    np.testing.assert_allclose(scores["nll_dense"], dense_nll, atol=2e-5)
+    np.testing.assert_allclose(scores["nll_pruned"], pruned_nll, atol=2e-5)
+    np.testing.assert_allclose(scores["loss_gap"], pruned_nll - dense_nll, atol=4e-5)
+    assert scores["loss_gap"].abs().max() > 1e-3  # the two models do differ
+
+
 def test_common_prefix_leaves_scored_tokens(tiny_tokenizer):
     enc = encode_records(tiny_tokenizer, suite_pool(10).records, ScoreConfig())
     prefix = common_prefix(enc, "response")
@@ -145,6 +169,8 @@ def test_two_pass_with_full_vocabulary_equals_one_pass(pair, tiny_tokenizer, tmp
     cfg = ScoreConfig(batch_size=6, shard_size=8, two_pass=True, top_k=len(tiny_tokenizer), jsd_chunk=11)
     two = score_pool_two_pass(lambda: pair[0], lambda: pair[1], tiny_tokenizer, recs, cfg, tmp_path)
     np.testing.assert_allclose(two["jsd"], one["jsd"], atol=1e-5)
+    for column in ("nll_dense", "nll_pruned", "loss_gap"):  # exact in two-pass mode whatever top_k
+        np.testing.assert_allclose(two[column], one[column], atol=1e-5)
     assert not list(tmp_path.glob("topk-*.pt"))  # pass-1 caches are removed once scored
 
 
@@ -157,6 +183,10 @@ def test_two_pass_top_k_is_a_close_lower_bound(pair, tiny_tokenizer, tmp_path):
                                  ScoreConfig(two_pass=True, top_k=32), tmp_path)["jsd"].to_numpy()
     # merging tokens into one bucket cannot increase a divergence
     assert np.all(approx <= exact + 1e-6) and np.all(approx > 0)
+    gap_one = score_shard(*pair, tiny_tokenizer, recs, ScoreConfig())["loss_gap"].to_numpy()
+    gap_two = score_pool_two_pass(lambda: pair[0], lambda: pair[1], tiny_tokenizer, recs,
+                                  ScoreConfig(two_pass=True, top_k=4), tmp_path / "k4")["loss_gap"].to_numpy()
+    np.testing.assert_allclose(gap_two, gap_one, atol=1e-5)
 
 
 def test_two_pass_loads_each_model_only_when_needed_and_resumes(pair, tiny_tokenizer, tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pandas as pd
 import pytest
 from typer.testing import CliRunner
@@ -106,15 +107,17 @@ def _cli(models, tmp_path, *extra):
 def test_cli_select(models, tmp_path):
     result = _cli(models, tmp_path, "--budget", "12", "--batch-size", "8")
     assert result.exit_code == 0, result.output
-    assert "selected 12 of budget 12" in result.output
+    assert "selected 12 records" in result.output and "budget 12 records" in result.output
     assert sum(1 for _ in (tmp_path / "run" / "selected.jsonl").open()) == 12
 
 
 @pytest.mark.parametrize("args, message", [
     (["--budget", "0"], "budget must be positive"),
     (["--budget", "-5"], "budget must be positive"),
-    (["--budget", "500"], "budget 500 is above the pool size 96"),
-    (["--budget", "lots"], "neither a count (100) nor a fraction (0.2)"),
+    (["--budget", "500"], "budget 500 records is above the pool's 96 records"),
+    (["--budget", "lots"], "neither a count (100), a fraction (0.2), nor a token amount"),
+    (["--budget", "3tok"], "budget of 3 tokens is smaller than the shortest record"),
+    (["--budget", "9999999tok"], "budget 9999999 tokens is above the pool's"),
 ])
 def test_cli_bad_budget(models, tmp_path, args, message):
     result = _cli(models, tmp_path, *args)
@@ -192,17 +195,18 @@ def test_load_run_refuses_an_unfinished_folder(models, tmp_path):
 
 @pytest.mark.parametrize("method", ["random", "full"])
 def test_baselines_write_the_same_outputs_without_models(models, tmp_path, method):
-    s = settings(("missing-dense", "missing-pruned"), tmp_path / "a", method=method)
+    dense = models[0]  # the tokenizer counts tokens; no model is loaded, the pruned one need not exist
+    s = settings((dense, "missing-pruned"), tmp_path / "a", method=method)
     run = run_selection(s)
     selected = [json.loads(line) for line in (run / "selected.jsonl").read_text().splitlines()]
     assert len(selected) == (24 if method == "random" else 96)
     assert {"instruction", "output", "family", "paser_id", "paser_rank"} <= set(selected[0])
     assert not (run / "embeddings.npy").exists() and not (run / "degradation.parquet").exists()
     assert json.loads((run / "manifest.json").read_text())["settings"]["select"]["method"] == method
-    again = run_selection(settings(("missing-dense", "missing-pruned"), tmp_path / "b", method=method))
+    again = run_selection(settings((dense, "missing-pruned"), tmp_path / "b", method=method))
     assert (again / "selected.jsonl").read_text() == (run / "selected.jsonl").read_text()
     if method == "random":
-        other = run_selection(settings(("x", "y"), tmp_path / "c", method=method, seed=1))
+        other = run_selection(settings((dense, "y"), tmp_path / "c", method=method, seed=1))
         assert (other / "selected.jsonl").read_text() != (run / "selected.jsonl").read_text()
 
 
@@ -227,3 +231,84 @@ def test_ablations_change_what_they_name(models, tmp_path):
         table = pd.read_parquet(run / "scores.parquet")
         chosen = table[table["status"] == "selected"].sort_values("rank")
         assert all(g[key].is_monotonic_decreasing for _, g in chosen.groupby("cluster"))
+
+
+def _lines(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_token_budget_end_to_end(models, tmp_path):
+    run = run_selection(settings(models, tmp_path / "run", budget="0.2tok"))
+    tokens = pd.read_parquet(run / "tokens.parquet")
+    summary = json.loads((run / "clusters.json").read_text())
+    budget = int(0.2 * tokens["n_tokens"].sum() + 0.5)
+    assert summary["budget_unit"] == "tokens" and summary["budget"] == budget
+    selected = _lines(run / "selected.jsonl")
+    spent = sum(r["paser_tokens"] for r in selected)
+    assert spent == summary["selected_tokens"] == sum(c["selected_tokens"] for c in summary["clusters"])
+    assert budget - tokens["n_tokens"].max() < spent <= budget
+    assert summary["selected"] == len(selected) and summary["selected_response_tokens"] > 0
+    scores = pd.read_parquet(run / "scores.parquet")
+    assert (scores["n_tokens"] == scores["n_prompt"] + scores["n_response"]).all()
+    report = (run / "report.md").read_text()
+    assert f"budget: {budget} tokens; selected {len(selected)} records, {spent:,} tokens" in report
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["selection"]["selected_tokens"] == spent and manifest["selection"]["budget_unit"] == "tokens"
+    # a record budget on the same folder re-runs only the selection, and reports tokens too
+    again = run_selection(settings(models, tmp_path / "run", budget=10))
+    summary = json.loads((again / "clusters.json").read_text())
+    assert summary["budget_unit"] == "records" and summary["selected"] == 10 and summary["selected_tokens"] > 0
+
+
+def test_loss_gap_signal_reuses_the_scores(models, tmp_path):
+    run_selection(settings(models, tmp_path / "run"))
+    s = settings(models, tmp_path / "run")
+    s.score.signal = "loss_gap"
+    run = run_selection(s)
+    assert json.loads((run / "timings.json").read_text())["score"]["reused"]
+    summary = json.loads((run / "clusters.json").read_text())
+    scores = pd.read_parquet(run / "scores.parquet")
+    assert summary["signal"] == "loss_gap"
+    np.testing.assert_allclose(scores["loss_gap"], scores["nll_pruned"] - scores["nll_dense"], atol=1e-9)
+    cds = scores.groupby("cluster")["loss_gap"].mean()
+    np.testing.assert_allclose([c["cds"] for c in summary["clusters"]], cds.to_numpy(), atol=1e-9)
+    assert "paser_loss_gap" in _lines(run / "selected.jsonl")[0]
+
+
+@pytest.mark.parametrize("budget", [20, "1200tok"])
+@pytest.mark.parametrize("method", ["random", "longest", "shortest", "pruned_loss"])
+def test_baselines_take_their_order_while_the_next_fits(models, tmp_path, method, budget):
+    run = run_selection(settings(models, tmp_path / "run", method=method, budget=budget))
+    scores = pd.read_parquet(run / "scores.parquet")
+    summary = json.loads((run / "clusters.json").read_text())
+    chosen = scores[scores["status"] == "selected"].sort_values("rank")
+    rest = scores[scores["status"] == "unvisited"]
+    tokens = isinstance(budget, str)
+    if tokens:
+        assert chosen["n_tokens"].sum() <= 1200 and summary["budget_unit"] == "tokens"
+    else:
+        assert len(chosen) == 20 and summary["budget_unit"] == "records"
+    assert summary["selected_tokens"] == chosen["n_tokens"].sum()
+    if method == "random":  # the seeded permutation, cut where the next record no longer fits
+        order = np.random.default_rng(0).permutation(len(scores))
+        assert list(chosen.index) == list(order[:len(chosen)])
+        nxt = order[len(chosen)]
+    else:
+        key, descending = {"longest": ("n_response", True), "shortest": ("n_tokens", False),
+                           "pruned_loss": ("nll_pruned", True)}[method]
+        if descending:
+            assert chosen[key].min() >= rest[key].max()
+            assert chosen[key].is_monotonic_decreasing
+        else:
+            assert chosen[key].max() <= rest[key].min()
+            assert chosen[key].is_monotonic_increasing
+        nxt = None
+    if tokens and nxt is not None:
+        assert chosen["n_tokens"].sum() + scores.loc[nxt, "n_tokens"] > 1200
+    assert (run / "degradation.parquet").exists() == (method == "pruned_loss")
+    assert not (run / "embeddings.npy").exists()
+    report = (run / "report.md").read_text()
+    assert f"selected {len(chosen)} records" in report and method in report
+    if method == "pruned_loss":
+        degradation = pd.read_parquet(run / "degradation.parquet")
+        np.testing.assert_allclose(scores["nll_pruned"], degradation["nll_pruned"])
