@@ -220,6 +220,9 @@ def recover(
     learning_rate: Annotated[float | None, typer.Option(help="Peak learning rate (default 1e-4).")] = None,
     batch_size: Annotated[int | None, typer.Option(help="Effective batch size (default 64).")] = None,
     micro_batch_size: Annotated[int | None, typer.Option(help="Records per forward pass (default 4).")] = None,
+    batch_tokens: Annotated[int | None, typer.Option(help="Form each optimizer step from about this many tokens "
+                                                          "(prompt + response) instead of --batch-size records: "
+                                                          "equal tokens give equal steps.")] = None,
     lora_r: Annotated[int | None, typer.Option(help="LoRA rank (default 8).")] = None,
     lora_alpha: Annotated[int | None, typer.Option(help="LoRA alpha (default 16).")] = None,
     cutoff: Annotated[int | None, typer.Option(help="Token cutoff (default 256).")] = None,
@@ -227,7 +230,8 @@ def recover(
                                                         "0.05).")] = None,
     dtype: Annotated[str | None, typer.Option(help="float32 (default) or bfloat16.")] = None,
     merge: Annotated[bool | None, typer.Option("--merge/--no-merge", help="Also save the merged model.")] = None,
-    seed: Annotated[int | None, typer.Option(help="Seed (default 0).")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed of the LoRA initialisation, dropout and record order "
+                                                  "(default 0); the validation split has its own (val_seed).")] = None,
     restart: Annotated[bool, typer.Option(help="Discard a checkpoint in --out instead of resuming.")] = False,
     trust_pickle: Annotated[bool, typer.Option(help="Allow an LLM-Pruner pickle checkpoint.")] = False,
     flow: Annotated[bool, typer.Option("--flow/--no-flow", help="Run through the Prefect flow (default) or "
@@ -240,8 +244,8 @@ def recover(
 
     _offline_defaults()
     overrides = dict(epochs=epochs, max_steps=max_steps, learning_rate=learning_rate, batch_size=batch_size,
-                     micro_batch_size=micro_batch_size, r=lora_r, alpha=lora_alpha, cutoff=cutoff,
-                     val_size=val_size, dtype=dtype, merge=merge, seed=seed)
+                     micro_batch_size=micro_batch_size, batch_tokens=batch_tokens, r=lora_r, alpha=lora_alpha,
+                     cutoff=cutoff, val_size=val_size, dtype=dtype, merge=merge, seed=seed)
     try:
         cfg = load_config(RecoverConfig, config, "recover", overrides)
         if flow:
@@ -261,7 +265,8 @@ def recover(
     if done["resumed_from_step"]:
         typer.echo(f"resumed from step {done['resumed_from_step']}")
     val = f", validation loss {done['val_loss']:.4f}" if done["val_loss"] is not None else ""
-    typer.echo(f"{done['steps']} steps in {done['seconds']:.1f} s: loss {done['first_loss']:.4f} -> "
+    typer.echo(f"{done['steps']} steps of {done['tokens_per_step']['mean']:.0f} tokens on average "
+               f"({done['batch_unit']} batches) in {done['seconds']:.1f} s: loss {done['first_loss']:.4f} -> "
                f"{done['last_loss']:.4f}{val}")
     typer.echo(f"adapter: {out / 'adapter'}")
 

@@ -64,6 +64,13 @@ class RecoverConfig:
     """Effective batch: records per optimizer step."""
     micro_batch_size: int = 4
     """Records per forward pass; batch_size / micro_batch_size steps of gradient accumulation."""
+    batch_tokens: int | None = None
+    """Form each optimizer step from about this many tokens (prompt + response, as a token budget
+    counts them) instead of ``batch_size`` records: each epoch has round(its tokens / batch_tokens)
+    steps (fewer if a record were longer than a step), and its records, in the epoch's order, are
+    cut into that many consecutive groups of equal tokens up to one record. Records are grouped,
+    not packed: no record attends to another, prompts stay masked. Two subsets with the same
+    tokens then get the same number of steps of the same size."""
     warmup_ratio: float = 0.05
     """Share of the steps with a linearly rising learning rate (then linear decay to 0)."""
     weight_decay: float = 0.0
@@ -84,7 +91,11 @@ class RecoverConfig:
     device: str | None = None
     """Default: CUDA when available, else CPU."""
     seed: int = 0
-    """Seeds the adapter initialisation, the validation split and the record order."""
+    """Seeds the adapter initialisation, LoRA dropout and the record order: another seed, same data,
+    measures training noise."""
+    val_seed: int = 0
+    """Seeds the validation split (apart from ``seed``, so that changing ``seed`` keeps the
+    training records)."""
     merge: bool = False
     """Also save the model with the adapter merged in (merged/)."""
     progress: bool = True
@@ -105,6 +116,8 @@ class RecoverConfig:
             raise ValueError(f"max_steps must be positive, got {self.max_steps}")
         if self.val_size < 0:
             raise ValueError(f"val_size must be >= 0, got {self.val_size}")
+        if self.batch_tokens is not None and self.batch_tokens < 1:
+            raise ValueError(f"batch_tokens must be positive, got {self.batch_tokens}")
 
 
 @dataclass
@@ -176,7 +189,7 @@ def split_validation(records: list, config: RecoverConfig) -> tuple[list, list]:
     if n_val >= len(records):
         raise ConfigError(f"val_size {config.val_size} leaves no training records out of {len(records)}")
     order = list(range(len(records)))
-    random.Random(config.seed).shuffle(order)
+    random.Random(config.val_seed).shuffle(order)
     held = set(order[:n_val])
     return [r for i, r in enumerate(records) if i not in held], [records[i] for i in sorted(held)]
 
@@ -188,15 +201,41 @@ def epoch_order(n: int, epoch: int, seed: int) -> list[int]:
     return order
 
 
-def step_batches(n: int, config: RecoverConfig) -> list[list[int]]:
-    """Record indices of every optimizer step, over all epochs (the last batch of an epoch may be short)."""
+def token_steps(order: list[int], lengths, batch_tokens: int) -> list[list[int]]:
+    """``order`` cut into consecutive steps of about ``batch_tokens`` tokens each.
+
+    The number of steps is round(total / batch_tokens), lowered until a step (total / steps) holds
+    the longest record; each record goes to the step its middle token falls in. So every step is
+    non-empty and holds total / steps tokens up to one record, and the step count depends only on
+    the total and the longest record, not on which records they are."""
+    total = sum(int(lengths[i]) for i in order)
+    longest = max((int(lengths[i]) for i in order), default=0)
+    n_steps = max(1, math.floor(total / batch_tokens + 0.5))
+    while n_steps > 1 and total / n_steps < longest:
+        n_steps -= 1
+    width = total / n_steps
+    steps: list[list[int]] = [[] for _ in range(n_steps)]
+    start = 0
+    for i in order:
+        steps[min(n_steps - 1, int((start + int(lengths[i]) / 2) // width))].append(i)
+        start += int(lengths[i])
+    return steps
+
+
+def step_batches(n: int, config: RecoverConfig, lengths=None) -> list[list[int]]:
+    """Record indices of every optimizer step, over all epochs: ``batch_size`` records a step (the
+    last of an epoch may be short), or with ``batch_tokens`` steps of equal tokens (``lengths``:
+    each record's tokens)."""
     steps = []
     full = math.floor(config.epochs)
     for epoch in range(math.ceil(config.epochs)):
         order = epoch_order(n, epoch, config.seed)
         if epoch >= full:  # a fractional last epoch
             order = order[:max(1, int(round((config.epochs - full) * n)))]
-        steps += [order[lo:lo + config.batch_size] for lo in range(0, len(order), config.batch_size)]
+        if config.batch_tokens is not None:
+            steps += token_steps(order, lengths, config.batch_tokens)
+        else:
+            steps += [order[lo:lo + config.batch_size] for lo in range(0, len(order), config.batch_size)]
     return steps[:config.max_steps] if config.max_steps else steps
 
 
@@ -299,6 +338,7 @@ class RecoveryResult:
     seconds: float
     resumed_from: int
     train_tokens: int = 0  # response tokens the loss is taken on, one epoch
+    tokens_per_step: float = 0.0  # prompt + response tokens of the mean optimizer step
 
 
 def recover(model: str, data: str, out: str | Path = "runs/recover", config: RecoverConfig | None = None, *,
@@ -335,7 +375,7 @@ def recover(model: str, data: str, out: str | Path = "runs/recover", config: Rec
     peft_model.train()
     params = [p for p in peft_model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
-    steps = step_batches(len(train_ex), config)
+    steps = step_batches(len(train_ex), config, [len(e.ids) for e in train_ex])
     scheduler = _scheduler(optimizer, len(steps), int(config.warmup_ratio * len(steps)))
     out.mkdir(parents=True, exist_ok=True)
     ckpt_dir = out / "checkpoint"
@@ -394,12 +434,18 @@ def recover(model: str, data: str, out: str | Path = "runs/recover", config: Rec
     if config.merge:
         save_merged(peft_model, tokenizer, loaded.kind, out / "merged", zeros)
     val_losses = [e["val_loss"] for e in log if "val_loss" in e]
+    step_tokens = [sum(len(train_ex[i].ids) for i in step) for step in steps]
+    mean_step = sum(step_tokens) / max(1, len(steps))
     result = RecoveryResult(out, len(steps), log[0]["loss"] if log else math.nan, log[-1]["loss"] if log else math.nan,
                             val_losses[-1] if val_losses else None, seconds, start_step,
-                            sum(scored_tokens(e) for e in train_ex))
+                            sum(scored_tokens(e) for e in train_ex), mean_step)
     (out / "recovery.json").write_text(json.dumps({
         "model": str(model), "model_kind": loaded.kind, "data": str(data), "train_records": len(train),
         "val_records": len(val), "train_tokens": result.train_tokens,
+        "batch_unit": "tokens" if config.batch_tokens else "records",
+        "tokens_per_step": {"mean": round(mean_step, 1), "min": min(step_tokens, default=0),
+                            "max": max(step_tokens, default=0)},
+        "records_per_step": round(sum(len(b) for b in steps) / max(1, len(steps)), 2),
         "settings": {k: v for k, v in vars(config).items()},
         "steps": len(steps), "resumed_from_step": start_step, "first_loss": result.first_loss,
         "last_loss": result.last_loss, "val_loss": result.val_loss, "seconds": round(seconds, 2),

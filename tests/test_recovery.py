@@ -138,3 +138,71 @@ def test_checkpoint_from_other_settings_is_refused(tiny_model_dir, train_file, t
         recover(str(tiny_model_dir), train_file, tmp_path / "rec", max_steps=3, **(FAST | {"learning_rate": 1e-3}))
     assert recover(str(tiny_model_dir), train_file, tmp_path / "rec", max_steps=3, restart=True,
                    **(FAST | {"learning_rate": 1e-3})).resumed_from == 0
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_token_steps_equal_for_subsets_of_equal_tokens(seed):
+    import random
+
+    from paser.recovery import token_steps
+
+    rng = random.Random(seed)
+    # two subsets with the same tokens: one of few long records, one of many short ones
+    a = [rng.randint(60, 120) for _ in range(40)]
+    b, left = [], sum(a)
+    while left > 0:
+        b.append(min(left, rng.randint(8, 40)))
+        left -= b[-1]
+    assert sum(a) == sum(b)
+    sa = token_steps(list(range(len(a))), a, 512)
+    sb = token_steps(list(range(len(b))), b, 512)
+    assert len(sa) == len(sb) == round(sum(a) / 512)
+    for steps, lengths in ((sa, a), (sb, b)):
+        assert sorted(i for s in steps for i in s) == list(range(len(lengths)))  # each record once, in order
+        assert [i for s in steps for i in s] == list(range(len(lengths)))
+        width = sum(lengths) / len(steps)
+        assert all(abs(sum(lengths[i] for i in s) - width) <= max(lengths) for s in steps)
+
+
+def test_token_steps_never_leave_a_step_empty():
+    from paser.recovery import token_steps
+
+    # a record longer than the asked step: fewer, larger steps instead of empty ones
+    steps = token_steps([0, 1, 2, 3], [250, 10, 10, 250], 100)
+    assert all(steps) and len(steps) == 2
+
+
+def test_recovery_with_token_batches(tiny_model_dir, train_file, tmp_path):
+    from paser.data import load_pool
+    from paser.models import load_model
+    from paser.recovery import split_validation, step_batches
+
+    out = tmp_path / "rec"
+    result = recover(str(tiny_model_dir), train_file, out, epochs=1, **(FAST | {"batch_tokens": 600}))
+    done = json.loads((out / "recovery.json").read_text())
+    config = RecoverConfig(**(FAST | {"batch_tokens": 600, "epochs": 1}))
+    train, _ = split_validation(load_pool(train_file).records, config)
+    examples = encode_for_training(load_model(str(tiny_model_dir)).tokenizer, train, config)
+    lengths = [len(e.ids) for e in examples]
+    assert result.steps == done["steps"] == round(sum(lengths) / 600) == len(step_batches(len(train), config, lengths))
+    assert done["batch_unit"] == "tokens"
+    assert done["tokens_per_step"]["mean"] == pytest.approx(sum(lengths) / result.steps, abs=0.1)
+    assert done["tokens_per_step"]["max"] - done["tokens_per_step"]["min"] <= 2 * max(lengths)
+
+
+def test_recovery_seed_changes_training_noise_only(tiny_model_dir, train_file, tmp_path):
+    from safetensors.torch import load_file
+
+    def adapter(name, seed):
+        result = recover(str(tiny_model_dir), train_file, tmp_path / name, max_steps=3, seed=seed, **FAST)
+        done = json.loads((tmp_path / name / "recovery.json").read_text())
+        return load_file(tmp_path / name / "adapter" / "adapter_model.safetensors"), done, result
+
+    a, done_a, _ = adapter("a", 0)
+    b, _, _ = adapter("b", 0)
+    c, done_c, _ = adapter("c", 1)
+    assert all(torch.equal(a[k], b[k]) for k in a)  # same seed, same adapter
+    assert any(not torch.equal(a[k], c[k]) for k in a)  # another seed, another adapter
+    # ... trained on the same records: the validation split has its own seed
+    assert done_a["train_records"] == done_c["train_records"] and done_a["fingerprint"] != done_c["fingerprint"]
+    assert done_a["train_tokens"] == done_c["train_tokens"]
