@@ -46,10 +46,15 @@ def pipeline_flow(dense: str = "smollm2-135m-instruct", pruned: str | None = Non
                          trust_pickle=trust_pickle, overrides=select_sections)
     recovered = recovery_flow(pruned, str(Path(run) / "selected.jsonl"), str(root / "recover"),
                               overrides=sections.get("recover"), trust_pickle=trust_pickle)
+    # the held-out suite shares no prompt with the pool selected from; the recovered model's
+    # evaluation also reports the share of each family's dense-vs-pruned gap it closed
+    evaluate = {"suite_exclude": [run]} | dict(sections.get("evaluate") or {})
+    references = {"reference_dense": str(root / "eval" / "dense"), "reference_pruned": str(root / "eval" / "pruned")}
     results = {}
     for name, model, adapter in (("dense", dense, None), ("pruned", pruned, None),
                                  ("recovered", pruned, str(Path(recovered) / "adapter"))):
-        results[name] = evaluation_flow(model, adapter, str(root / "eval" / name), overrides=sections.get("evaluate"),
+        results[name] = evaluation_flow(model, adapter, str(root / "eval" / name),
+                                        overrides=evaluate | (references if name == "recovered" else {}),
                                         trust_pickle=trust_pickle)
     (root / "run.md").write_text(comparison_table(results))
     return str(root)

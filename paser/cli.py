@@ -280,8 +280,15 @@ def evaluate(
     config: Annotated[Path | None, typer.Option(help="YAML with an 'evaluate' section.")] = None,
     text: Annotated[str | None, typer.Option(help="Plain-text file for perplexity (e.g. WikiText-2 test).")] = None,
     heldout: Annotated[str | None, typer.Option(help="Held-out instruction records for response NLL.")] = None,
-    suite_size: Annotated[int | None, typer.Option(help="Capability-suite records for exact-match accuracy "
-                                                        "(default 240; 0 skips).")] = None,
+    suite_size: Annotated[int | None, typer.Option(help="Capability-suite records for answer NLL and accuracy "
+                                                        "per family (default 240; 0 skips).")] = None,
+    suite_exclude: Annotated[list[str] | None, typer.Option(
+        "--suite-exclude", help="Pool whose prompts are removed from the evaluation suite (repeatable): "
+                                "'embedded' (default), a paser select run folder, or an instruction file.")] = None,
+    reference_dense: Annotated[str | None, typer.Option(help="The dense model's eval.json (or folder): with "
+                                                             "--reference-pruned, report the share of each family's "
+                                                             "answer-NLL gap closed.")] = None,
+    reference_pruned: Annotated[str | None, typer.Option(help="The pruned model's eval.json (or folder).")] = None,
     window: Annotated[int | None, typer.Option(help="LLM-Pruner perplexity window (default 128).")] = None,
     long_window: Annotated[int | None, typer.Option(help="Long perplexity window (default: model context, "
                                                          "at most 2048).")] = None,
@@ -302,7 +309,9 @@ def evaluate(
     from paser.evaluation import evaluate as run_evaluate
 
     _offline_defaults()
-    overrides = dict(text=text, heldout=heldout, suite_size=suite_size, window=window, long_window=long_window,
+    overrides = dict(text=text, heldout=heldout, suite_size=suite_size, suite_exclude=suite_exclude or None,
+                     reference_dense=reference_dense, reference_pruned=reference_pruned, window=window,
+                     long_window=long_window,
                      batch_size=batch_size, dtype=dtype, lm_eval_tasks=lm_eval_task or None,
                      lm_eval_limit=lm_eval_limit)
     try:

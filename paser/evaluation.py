@@ -6,11 +6,15 @@
   Perplexity is exp of the mean next-token NLL over every predicted token of every full window.
 - Response NLL on held-out instruction records: mean NLL over response tokens under teacher
   forcing, with the prompt template of scoring and recovery (the recovery validation loss).
-- Accuracy per family on paser's capability suite, with a seed other than the default pool's:
-  greedy decoding, answer and prediction normalised (case, whitespace, surrounding quotes and
-  punctuation); a record counts when the expected answer occurs in the answer as a whole word or
-  number ("answer found": instruct models answer in sentences). Whole-answer exact match is
-  reported beside it.
+- Per family of paser's capability suite, with a seed other than the default pool's and every
+  record whose prompt (instruction + input) also occurs in the pool selected from removed: the
+  answer NLL (teacher forcing, the expected answer + eos as the response, mean over its tokens,
+  then over the family's records; macro average over families), which moves long before an
+  answer comes out right, and accuracy: greedy decoding, answer and prediction normalised (case,
+  whitespace, surrounding quotes and punctuation), a record counts when the expected answer occurs
+  in the answer as a whole word or number ("answer found": instruct models answer in sentences).
+  Whole-answer exact match is reported beside it. Given the dense and pruned models' evaluations,
+  the share of each family's dense-vs-pruned answer-NLL gap that the model closed.
 - lm-evaluation-harness tasks through ``paser.harness`` (accuracy and normalised accuracy).
 
     python -c "from paser.evaluation import normalise_answer; print(normalise_answer(' Paris. '))"
@@ -27,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 import torch
 
 from paser.errors import DataError
@@ -50,7 +55,17 @@ class EvalConfig:
     suite_seed: int = 12345
     """Seed of the evaluation suite; differs from the default pool's seed 0, so its records are
     not the ones selection and recovery saw (the exact prompts may still recur: the families are
-    small)."""
+    small, hence suite_exclude)."""
+    suite_exclude: list[str] = field(default_factory=lambda: ["embedded"])
+    """Pools whose prompts (instruction + input, exact text) are removed from the evaluation suite,
+    so that it shares none with the pool selected from: ``embedded`` (the embedded default pool:
+    1,000 suite records of seed 0), a ``paser select`` run folder (its pool.parquet), or an
+    instruction file. The count removed is reported."""
+    reference_dense: str | None = None
+    """eval.json (or its folder) of the dense model on the same suite: with reference_pruned, the
+    share of each family's dense-vs-pruned answer-NLL gap this model closed is reported."""
+    reference_pruned: str | None = None
+    """eval.json (or its folder) of the pruned model on the same suite."""
     max_new_tokens: int = 48
     """Tokens generated per suite answer."""
     batch_size: int = 8
@@ -72,6 +87,10 @@ class EvalConfig:
     """Few-shot examples per lm-eval prompt (the paper's protocol is zero-shot)."""
 
     def __post_init__(self):
+        if not all(isinstance(t, str) and t for t in self.suite_exclude):
+            raise ValueError(f"suite_exclude must be a list of pools, got {self.suite_exclude!r}")
+        if (self.reference_dense is None) != (self.reference_pruned is None):
+            raise ValueError("reference_dense and reference_pruned go together (the gap is between the two)")
         if not all(isinstance(t, str) and t for t in self.lm_eval_tasks):
             raise ValueError(f"lm_eval_tasks must be a list of task names or paths, got {self.lm_eval_tasks!r}")
         if self.lm_eval_limit is not None and self.lm_eval_limit < 1:
@@ -126,15 +145,33 @@ def perplexity(model, tokenizer, text: str, window: int, batch_size: int = 8) ->
     return {"window": window, "windows": n_windows, "tokens": count, "nll": mean, "ppl": math.exp(mean)}
 
 
-def response_nll(model, tokenizer, records, template: str = "alpaca", cutoff: int = 256, batch_size: int = 8) -> dict:
-    """Mean NLL over the response tokens of ``records`` (teacher forcing, prompt masked)."""
-    from paser.recovery import RecoverConfig, encode_for_training, scored_tokens, validation_loss
+def response_token_nll(model, tokenizer, records, template: str = "alpaca", cutoff: int = 256,
+                       batch_size: int = 8) -> tuple[np.ndarray, np.ndarray]:
+    """Per record: the summed NLL of its response tokens (+ eos) under teacher forcing with the
+    prompt masked, and how many there are (the recovery loss, record by record)."""
+    from paser.recovery import IGNORE, RecoverConfig, collate, encode_for_training
 
     examples = encode_for_training(tokenizer, records, RecoverConfig(template=template, cutoff=cutoff))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    mean = validation_loss(model, examples, pad, _device_of(model), batch_size)
-    count = sum(scored_tokens(e) for e in examples)
-    return {"records": len(examples), "tokens": count, "nll": mean, "ppl": math.exp(mean)}
+    sums, counts = np.zeros(len(examples)), np.zeros(len(examples), dtype=np.int64)
+    with torch.no_grad():
+        for lo in range(0, len(examples), batch_size):
+            batch = collate(examples[lo:lo + batch_size], pad, _device_of(model))
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+            targets = batch["labels"][:, 1:]
+            keep = targets != IGNORE
+            nll = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), targets.clamp(min=0),
+                                                    reduction="none") * keep
+            sums[lo:lo + batch_size] = nll.sum(1).double().cpu().numpy()
+            counts[lo:lo + batch_size] = keep.sum(1).cpu().numpy()
+    return sums, counts
+
+
+def response_nll(model, tokenizer, records, template: str = "alpaca", cutoff: int = 256, batch_size: int = 8) -> dict:
+    """Mean NLL over the response tokens of ``records`` (teacher forcing, prompt masked)."""
+    sums, counts = response_token_nll(model, tokenizer, records, template, cutoff, batch_size)
+    mean = float(sums.sum() / max(int(counts.sum()), 1))
+    return {"records": len(records), "tokens": int(counts.sum()), "nll": mean, "ppl": math.exp(mean)}
 
 
 _EDGES = " \t\n\"'`.,;:!?"
@@ -179,26 +216,102 @@ def generate_answers(model, tokenizer, records, template: str, max_new_tokens: i
     return answers
 
 
-def suite_accuracy(model, tokenizer, size: int, seed: int, template: str = "alpaca", max_new_tokens: int = 48,
-                   batch_size: int = 8) -> dict:
-    """Exact-match accuracy per family (and overall) on ``size`` generated suite records."""
+def pool_prompts(source: str) -> set[tuple[str, str]]:
+    """The (instruction, input) pairs of a pool: ``embedded`` (the embedded default pool), a
+    ``paser select`` run folder, or an instruction file."""
+    from paser.data import load_pool
     from paser.suite import suite_pool
 
-    pool = suite_pool(size, seed)
-    answers = generate_answers(model, tokenizer, pool.records, template, max_new_tokens, batch_size)
+    if source == "embedded":
+        records = suite_pool(1000, 0).records
+    elif (Path(source) / "pool.parquet").is_file():
+        import pandas as pd
+
+        frame = pd.read_parquet(Path(source) / "pool.parquet", columns=["instruction", "input"])
+        return set(zip(frame["instruction"], frame["input"]))
+    else:
+        records = load_pool(source).records
+    return {(r.instruction, r.input) for r in records}
+
+
+def held_out_suite(size: int, seed: int, exclude: list[str]) -> tuple[list, dict]:
+    """``size`` suite records of ``seed`` minus those whose prompt occurs in a pool of ``exclude``,
+    and what was removed."""
+    from paser.suite import suite_pool
+
+    records = suite_pool(size, seed).records
+    seen: set[tuple[str, str]] = set()
+    for source in exclude:
+        seen |= pool_prompts(source)
+    kept = [r for r in records if (r.instruction, r.input) not in seen]
+    if not kept:
+        raise DataError(f"every one of the {size} evaluation-suite records (seed {seed}) occurs in {exclude}; "
+                        "raise suite_size or change suite_seed")
+    return kept, {"generated": len(records), "removed_overlap": len(records) - len(kept), "excluded_from": exclude}
+
+
+def answer_nll(model, tokenizer, records, template: str = "alpaca", cutoff: int = 256, batch_size: int = 8) -> dict:
+    """Per family: the mean over its records of each expected answer's mean token NLL given the
+    prompt; the macro average over families."""
+    sums, counts = response_token_nll(model, tokenizer, records, template, cutoff, batch_size)
+    per_record = sums / np.maximum(counts, 1)
+    families: dict[str, list[float]] = {}
+    for record, value in zip(records, per_record):
+        families.setdefault(record.fields["family"], []).append(float(value))
+    per_family = {f: float(np.mean(v)) for f, v in sorted(families.items())}
+    return {"per_family": per_family, "macro": float(np.mean(list(per_family.values()))),
+            "records_per_family": {f: len(v) for f, v in sorted(families.items())}}
+
+
+def suite_accuracy(model, tokenizer, size: int, seed: int, template: str = "alpaca", max_new_tokens: int = 48,
+                   batch_size: int = 8, exclude: list[str] | None = None, cutoff: int = 256) -> dict:
+    """Answer NLL and answer-found accuracy per family (and overall) on the held-out suite: ``size``
+    generated records of ``seed`` minus those whose prompt occurs in a pool of ``exclude``."""
+    records, held = held_out_suite(size, seed, exclude or [])
+    nll = answer_nll(model, tokenizer, records, template, cutoff, batch_size)
+    answers = generate_answers(model, tokenizer, records, template, max_new_tokens, batch_size)
     per_family: dict[str, list[bool]] = {}
     exact = []
     examples = []
-    for record, answer in zip(pool.records, answers):
+    for record, answer in zip(records, answers):
         ok = answer_found(record.response, answer)
         exact.append(normalise_answer(answer) == normalise_answer(record.response))
         per_family.setdefault(record.fields["family"], []).append(ok)
         if len(examples) < 24:
             examples.append({"id": record.id, "expected": record.response, "answer": answer, "found": ok})
     flat = [ok for oks in per_family.values() for ok in oks]
-    return {"records": len(flat), "seed": seed, "accuracy": sum(flat) / len(flat),
+    return {"records": len(flat), "seed": seed, **held, "accuracy": sum(flat) / len(flat),
             "exact_match": sum(exact) / len(exact),
-            "per_family": {f: sum(oks) / len(oks) for f, oks in sorted(per_family.items())}, "examples": examples}
+            "per_family": {f: sum(oks) / len(oks) for f, oks in sorted(per_family.items())},
+            "answer_nll": nll, "examples": examples}
+
+
+def read_reference(path: str) -> dict:
+    """A saved evaluation (eval.json, or the folder holding it)."""
+    file = Path(path) / "eval.json" if Path(path).is_dir() else Path(path)
+    try:
+        return json.loads(file.read_text())
+    except OSError as err:
+        raise DataError(f"{file}: cannot read the reference evaluation: {err.strerror}") from None
+    except json.JSONDecodeError as err:
+        raise DataError(f"{file}: not an eval.json ({err.msg} at line {err.lineno})") from None
+
+
+def suite_gap_closed(suite: dict, dense: dict, pruned: dict, where: tuple[str, str] = ("dense", "pruned")) -> dict:
+    """The share of each family's dense-vs-pruned answer-NLL gap that ``suite`` closed, and of the
+    macro average's gap; the references must come from the same held-out suite."""
+    for ref, name in ((dense, where[0]), (pruned, where[1])):
+        if "answer_nll" not in (ref or {}):
+            raise DataError(f"{name}: its evaluation has no suite answer NLL (evaluate it with suite_size > 0)")
+        if (ref["seed"], ref["records"], ref["generated"]) != (suite["seed"], suite["records"], suite["generated"]):
+            raise DataError(f"{name}: evaluated on another suite (seed {ref['seed']}, {ref['records']} records "
+                            f"of {ref['generated']}) than this one (seed {suite['seed']}, {suite['records']} "
+                            f"of {suite['generated']}); use the same suite_size, suite_seed and suite_exclude")
+    d, p, m = dense["answer_nll"], pruned["answer_nll"], suite["answer_nll"]
+    return {"per_family": {f: gap_recovered(d["per_family"][f], p["per_family"][f], v)
+                           for f, v in m["per_family"].items()},
+            "macro": gap_recovered(d["macro"], p["macro"], m["macro"]),
+            "dense_macro": d["macro"], "pruned_macro": p["macro"]}
 
 
 def evaluate(model: str, adapter: str | None = None, out: str | Path | None = None, config: EvalConfig | None = None,
@@ -218,6 +331,12 @@ def evaluate(model: str, adapter: str | None = None, out: str | Path | None = No
         except UnicodeDecodeError as err:
             raise DataError(f"{config.text}: not UTF-8 text (byte {err.start})") from None
     heldout = load_pool(config.heldout).records if config.heldout is not None else None
+    references = None
+    if config.reference_dense is not None:
+        references = (read_reference(config.reference_dense), read_reference(config.reference_pruned))
+    for source in config.suite_exclude if config.suite_size else []:
+        if source != "embedded" and not Path(source).exists():
+            raise DataError(f"{source}: no such pool to remove from the evaluation suite (suite_exclude)")
     harness_tasks = scratch = None
     if config.lm_eval_tasks:
         from paser.harness import prepare_tasks
@@ -243,7 +362,12 @@ def evaluate(model: str, adapter: str | None = None, out: str | Path | None = No
                                               config.batch_size)
     if config.suite_size:
         result["suite"] = suite_accuracy(net, tokenizer, config.suite_size, config.suite_seed, config.template,
-                                         config.max_new_tokens, config.batch_size)
+                                         config.max_new_tokens, config.batch_size, config.suite_exclude,
+                                         config.cutoff)
+        if references is not None:
+            result["suite"]["answer_nll_gap_closed"] = suite_gap_closed(
+                result["suite"], references[0].get("suite"), references[1].get("suite"),
+                (config.reference_dense, config.reference_pruned))
     if harness_tasks is not None:
         from paser.harness import lm_eval_scores
 
@@ -271,6 +395,13 @@ def markdown_table(result: dict) -> str:
         lines.append(f"| held-out response perplexity | {r['ppl']:.3f} |")
     if "suite" in result:
         s = result["suite"]
+        lines.append(f"| capability-suite answer NLL, macro average ({s['records']} records, seed {s['seed']}, "
+                     f"{s['removed_overlap']} removed as in the pool) | {s['answer_nll']['macro']:.4f} |")
+        lines += [f"| capability-suite answer NLL, {f} | {v:.4f} |" for f, v in s["answer_nll"]["per_family"].items()]
+        gap = s.get("answer_nll_gap_closed")
+        if gap is not None:
+            lines.append(f"| answer-NLL gap closed, macro average | {_share(gap['macro'])} |")
+            lines += [f"| answer-NLL gap closed, {f} | {_share(v)} |" for f, v in gap["per_family"].items()]
         lines.append(f"| capability-suite accuracy (answer found), all ({s['records']} records, seed {s['seed']}) | "
                      f"{s['accuracy']:.3f} |")
         lines.append(f"| capability-suite exact match (whole answer), all | {s['exact_match']:.3f} |")
@@ -281,6 +412,10 @@ def markdown_table(result: dict) -> str:
                 lines.append(f"| lm-eval {task} ({scores['samples']} records, {result['settings']['lm_eval_fewshot']}"
                              f"-shot), {label} | {scores[metric]:.4f} ± {scores[metric + '_stderr']:.4f} |")
     return "\n".join(lines) + "\n"
+
+
+def _share(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.1%}"
 
 
 def gap_recovered(dense: float, pruned: float, recovered: float) -> float | None:
@@ -300,6 +435,11 @@ def comparison_table(results: dict[str, dict]) -> str:
     if "response_nll" in first:
         rows.append(("held-out response NLL", [results[n]["response_nll"]["nll"] for n in names]))
     if "suite" in first:
+        rows.append(("capability-suite answer NLL, macro average", [results[n]["suite"]["answer_nll"]["macro"]
+                                                                    for n in names]))
+        rows += [(f"capability-suite answer NLL, {f}", [results[n]["suite"]["answer_nll"]["per_family"][f]
+                                                       for n in names])
+                 for f in first["suite"]["answer_nll"]["per_family"]]
         rows.append(("capability-suite accuracy (answer found)", [results[n]["suite"]["accuracy"] for n in names]))
     for task, scores in (first.get("lm_eval") or {}).items():
         rows += [(f"lm-eval {task}, {label}", [results[n]["lm_eval"][task][metric] for n in names])
@@ -310,6 +450,6 @@ def comparison_table(results: dict[str, dict]) -> str:
         cells = [f"{v:.4f}" for v in values]
         if len(head) > len(names) + 1:
             gap = gap_recovered(*(values[names.index(n)] for n in ("dense", "pruned", "recovered")))
-            cells.append("n/a" if gap is None else f"{gap:.1%}")
+            cells.append(_share(gap))
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(["# paser run: dense vs pruned vs recovered", "", *lines]) + "\n"

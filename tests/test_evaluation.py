@@ -65,9 +65,79 @@ def test_evaluate_writes_json_and_markdown(tiny_model_dir, tmp_path):
                       suite_size=24, max_new_tokens=6, window=32, long_window=64)
     saved = json.loads((tmp_path / "eval" / "eval.json").read_text())
     assert set(saved["perplexity"]) == {"llm-pruner (32-token windows)", "long (64-token windows)"}
-    assert saved["response_nll"]["records"] == 12 and saved["suite"]["records"] == 24
-    assert set(saved["suite"]["per_family"]) == {r["family"] for r in generate_suite(24)}
+    suite = saved["suite"]
+    assert saved["response_nll"]["records"] == 12 and suite["generated"] == 24
+    assert suite["removed_overlap"] > 0 and suite["records"] == 24 - suite["removed_overlap"]  # seed 0's prompts out
+    assert set(suite["per_family"]) == set(suite["answer_nll"]["per_family"])
     assert 0 <= result["suite"]["accuracy"] <= 1
     table = (tmp_path / "eval" / "eval.md").read_text()
     assert "perplexity, llm-pruner (32-token windows)" in table and "accuracy (answer found), all" in table
     assert result["suite"]["exact_match"] <= result["suite"]["accuracy"]  # an exact match is also found
+
+
+def test_held_out_suite_shares_no_prompt_with_the_pool(tmp_path):
+    from paser.evaluation import held_out_suite, pool_prompts
+
+    kept, info = held_out_suite(720, 12345, ["embedded"])
+    pool = {(r["instruction"], r["input"]) for r in generate_suite(1000, 0)}
+    assert not {(r.instruction, r.input) for r in kept} & pool
+    assert info["removed_overlap"] == 720 - len(kept) > 0 and info["generated"] == 720
+    # a pool given as a file, and as a selection run folder, remove exactly their own prompts
+    write_jsonl(tmp_path / "pool.jsonl", generate_suite(300, 0))
+    from_file, info_file = held_out_suite(720, 12345, [str(tmp_path / "pool.jsonl")])
+    assert info_file["removed_overlap"] == sum((r.instruction, r.input) in pool_prompts(str(tmp_path / "pool.jsonl"))
+                                               for r in suite_pool(720, 12345).records)
+    assert len(from_file) >= len(kept)
+    assert held_out_suite(24, 12345, [])[1]["removed_overlap"] == 0
+
+
+def test_answer_nll_equals_a_direct_computation(tiny_model_dir, tiny_tokenizer):
+    import numpy as np
+    from transformers import AutoModelForCausalLM
+
+    from paser.evaluation import answer_nll
+    from paser.prompts import tokenize_example
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    records = suite_pool(30, seed=11).records
+    got = answer_nll(model, tiny_tokenizer, records, batch_size=4)
+    per_family = {}
+    with torch.no_grad():
+        for r in records:
+            ids, n_prompt, _, _ = tokenize_example(tiny_tokenizer, r)
+            logp = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0].double(), -1)
+            nll = np.mean([-float(logp[i - 1, ids[i]]) for i in range(n_prompt, len(ids))])
+            per_family.setdefault(r.fields["family"], []).append(nll)
+    assert got["per_family"].keys() == per_family.keys()
+    for f, values in per_family.items():
+        assert math.isclose(got["per_family"][f], np.mean(values), rel_tol=1e-5)
+        assert got["records_per_family"][f] == len(values)
+    assert math.isclose(got["macro"], np.mean([np.mean(v) for v in per_family.values()]), rel_tol=1e-5)
+
+
+def test_gap_closed_against_reference_evaluations(tiny_model_dir, tmp_path):
+    import pytest
+
+    from paser.errors import DataError
+    from paser.evaluation import gap_recovered
+    from tests.conftest import build_model
+
+    other = tmp_path / "other"
+    from transformers import AutoTokenizer
+
+    build_model(AutoTokenizer.from_pretrained(tiny_model_dir), num_kv_heads=2, seed=3).save_pretrained(other)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(other)
+    kw = dict(suite_size=36, max_new_tokens=2)
+    evaluate(str(tiny_model_dir), out=tmp_path / "dense", **kw)
+    evaluate(str(other), out=tmp_path / "pruned", **kw)
+    result = evaluate(str(other), out=tmp_path / "mid", reference_dense=str(tmp_path / "dense"),
+                      reference_pruned=str(tmp_path / "pruned" / "eval.json"), **kw)
+    dense, pruned = (json.loads((tmp_path / n / "eval.json").read_text())["suite"]["answer_nll"] for n in ("dense", "pruned"))
+    gap = result["suite"]["answer_nll_gap_closed"]
+    for f, value in result["suite"]["answer_nll"]["per_family"].items():
+        assert gap["per_family"][f] == gap_recovered(dense["per_family"][f], pruned["per_family"][f], value)
+    assert gap["macro"] == 0.0  # the same model as the pruned reference closes nothing
+    assert "answer-NLL gap closed, macro average | 0.0%" in (tmp_path / "mid" / "eval.md").read_text()
+    with pytest.raises(DataError, match="evaluated on another suite"):
+        evaluate(str(other), reference_dense=str(tmp_path / "dense"), reference_pruned=str(tmp_path / "pruned"),
+                 suite_size=48, max_new_tokens=2)
