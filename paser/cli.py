@@ -265,9 +265,10 @@ def recover(
     if done["resumed_from_step"]:
         typer.echo(f"resumed from step {done['resumed_from_step']}")
     val = f", validation loss {done['val_loss']:.4f}" if done["val_loss"] is not None else ""
-    typer.echo(f"{done['steps']} steps of {done['tokens_per_step']['mean']:.0f} tokens on average "
-               f"({done['batch_unit']} batches) in {done['seconds']:.1f} s: loss {done['first_loss']:.4f} -> "
-               f"{done['last_loss']:.4f}{val}")
+    step = (f"about {done['settings']['batch_tokens']} tokens" if done["batch_unit"] == "tokens"
+            else f"{done['settings']['batch_size']} records")
+    typer.echo(f"{done['steps']} steps (batches of {step}; {done['tokens_per_step']['mean']:.0f} tokens per step "
+               f"on average) in {done['seconds']:.1f} s: loss {done['first_loss']:.4f} -> {done['last_loss']:.4f}{val}")
     typer.echo(f"adapter: {out / 'adapter'}")
 
 

@@ -114,11 +114,20 @@ def test_recover_and_evaluate_commands(tiny_model_dir, tmp_path):
                                  "--max-steps", "2", "--batch-size", "8", "--micro-batch-size", "4",
                                  "--val-size", "4", "--no-flow"])
     assert result.exit_code == 0, result.output
-    assert "2 steps in" in result.output and (tmp_path / "r" / "adapter" / "adapter_config.json").is_file()
+    assert "2 steps (batches of 8 records;" in result.output
+    assert (tmp_path / "r" / "adapter" / "adapter_config.json").is_file()
+    result = runner.invoke(app, ["recover", str(tiny_model_dir), "--data", str(data), "--out", str(tmp_path / "t"),
+                                 "--max-steps", "2", "--batch-tokens", "300", "--seed", "2", "--val-size", "4",
+                                 "--no-flow"])
+    assert result.exit_code == 0, result.output
+    done = json.loads((tmp_path / "t" / "recovery.json").read_text())
+    assert "(batches of about 300 tokens;" in result.output and done["settings"]["batch_tokens"] == 300
+    assert done["settings"]["seed"] == 2
     result = runner.invoke(app, ["evaluate", str(tiny_model_dir), "--adapter", str(tmp_path / "r" / "adapter"),
                                  "--suite-size", "12", "--out", str(tmp_path / "e")])
     assert result.exit_code == 0, result.output
     assert "capability-suite accuracy (answer found), all" in result.output
+    assert "capability-suite answer NLL, macro average" in result.output
     assert json.loads((tmp_path / "e" / "eval.json").read_text())["adapter"] == str(tmp_path / "r" / "adapter")
 
 

@@ -114,7 +114,9 @@ def test_cluster_table_artifact(models, tmp_path, harness):
     with get_client(sync_client=True) as client:
         found = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["paser-selection"])))
     latest = max(found, key=lambda a: a.created)
-    assert "| cluster | size | CDS | allocation | selected | rejected |" in latest.data
+    assert ("| cluster | size | CDS (jsd) | allocation (records) | selected | selected tokens | rejected |"
+            in latest.data)
+    assert "- budget: 24 records; selected 24 records," in latest.data
     assert (tmp_path / "run" / "selected.jsonl").resolve().as_uri() in latest.data
 
 
@@ -151,15 +153,31 @@ def test_whole_pipeline_flow_prunes_selects_recovers_and_evaluates(models, tmp_p
     assert (root / "recover" / "adapter" / "adapter_config.json").is_file()
     evals = {n: json.loads((root / "eval" / n / "eval.json").read_text()) for n in ("dense", "pruned", "recovered")}
     assert evals["recovered"]["adapter"] and evals["pruned"]["adapter"] is None
-    assert all(e["suite"]["records"] == 12 for e in evals.values())
-    assert "gap recovered" in (root / "run.md").read_text()
+    # the held-out suite leaves out the run's own pool (96 suite records of seed 0)
+    suites = [e["suite"] for e in evals.values()]
+    assert all(s["generated"] == 12 and s["excluded_from"] == [str(root / "select")] for s in suites)
+    assert len({s["records"] for s in suites}) == 1
+    gap = evals["recovered"]["suite"]["answer_nll_gap_closed"]
+    assert set(gap["per_family"]) == set(evals["recovered"]["suite"]["answer_nll"]["per_family"])
+    table = (root / "run.md").read_text()
+    assert "gap recovered" in table and "capability-suite answer NLL, macro average" in table
 
 
 def test_random_baseline_through_the_flow_needs_no_model(models, tmp_path, monkeypatch, harness):
     calls = _calls(monkeypatch)
-    run = _flow(settings(("no-dense", "no-pruned"), tmp_path / "run", method="random"))
+    run = _flow(settings((models[0], "no-pruned"), tmp_path / "run", method="random"))
     assert sum(1 for _ in (tmp_path / "run" / "selected.jsonl").open()) == 24
     assert (calls["embed"].n, calls["score"].n) == (0, 0) and run == str(tmp_path / "run")
+
+
+def test_pruned_loss_with_a_token_budget_through_the_flow(models, tmp_path, monkeypatch, harness):
+    calls = _calls(monkeypatch)
+    run = _flow(settings(models, tmp_path / "run", method="pruned_loss", budget="0.1tok"))
+    summary = json.loads((tmp_path / "run" / "clusters.json").read_text())
+    tokens = pd.read_parquet(tmp_path / "run" / "tokens.parquet")["n_tokens"]
+    assert summary["budget_unit"] == "tokens" and summary["selected_tokens"] <= summary["budget"]
+    assert summary["budget"] - summary["selected_tokens"] < tokens.max()
+    assert calls["embed"].n == 0 and calls["score"].n > 0 and run == str(tmp_path / "run")
 
 
 def test_transient_shard_failure_is_retried(models, tmp_path, monkeypatch, harness):
