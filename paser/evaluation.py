@@ -149,21 +149,16 @@ def response_token_nll(model, tokenizer, records, template: str = "alpaca", cuto
                        batch_size: int = 8) -> tuple[np.ndarray, np.ndarray]:
     """Per record: the summed NLL of its response tokens (+ eos) under teacher forcing with the
     prompt masked, and how many there are (the recovery loss, record by record)."""
-    from paser.recovery import IGNORE, RecoverConfig, collate, encode_for_training
+    from paser.recovery import RecoverConfig, collate, encode_for_training, token_losses
 
     examples = encode_for_training(tokenizer, records, RecoverConfig(template=template, cutoff=cutoff))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     sums, counts = np.zeros(len(examples)), np.zeros(len(examples), dtype=np.int64)
     with torch.no_grad():
         for lo in range(0, len(examples), batch_size):
-            batch = collate(examples[lo:lo + batch_size], pad, _device_of(model))
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
-            targets = batch["labels"][:, 1:]
-            keep = targets != IGNORE
-            nll = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), targets.clamp(min=0),
-                                                    reduction="none") * keep
-            sums[lo:lo + batch_size] = nll.sum(1).double().cpu().numpy()
-            counts[lo:lo + batch_size] = keep.sum(1).cpu().numpy()
+            row_sums, row_counts = token_losses(model, collate(examples[lo:lo + batch_size], pad, _device_of(model)))
+            sums[lo:lo + batch_size] = row_sums.double().cpu().numpy()
+            counts[lo:lo + batch_size] = row_counts.cpu().numpy()
     return sums, counts
 
 

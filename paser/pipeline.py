@@ -258,16 +258,25 @@ def read_input_pool(cfg: SelectConfig) -> Pool:
     return load_pool(cfg.data, layout=cfg.layout, field_map=cfg.field_map, strict=cfg.strict)
 
 
-def stage_data(settings: Settings, run: Path) -> Path:
-    """Validate the pool once and store it in the run folder."""
-    cfg = settings.select
-    path = run / "pool.parquet"
-    fp = stage_fingerprint("data", settings, run)
-    with _Stage(run, "data") as st:
+def _stage_output(settings: Settings, run: Path, stage: str, make) -> Path:
+    """The stage's output file in ``run``: reused when its fingerprint matches, else written by
+    ``make(path, fingerprint)`` and sealed with the fingerprint; timed either way."""
+    path = run / STAGE_OUTPUTS[stage]
+    fp = stage_fingerprint(stage, settings, run)
+    with _Stage(run, stage) as st:
         if _fresh(path, fp):
             st.reused = True
-            return path
-        pool = read_input_pool(cfg)
+        else:
+            make(path, fp)
+            _seal(path, fp)
+    return path
+
+
+def stage_data(settings: Settings, run: Path) -> Path:
+    """Validate the pool once and store it in the run folder."""
+
+    def make(path: Path, fp: str) -> None:
+        pool = read_input_pool(settings.select)
         frame = pd.DataFrame({
             "id": [r.id for r in pool.records],
             "instruction": [r.instruction for r in pool.records],
@@ -283,8 +292,8 @@ def stage_data(settings: Settings, run: Path) -> Path:
             "field_map": dataclasses.asdict(pool.field_map),
             "rejected": [dataclasses.asdict(r) for r in pool.rejected],
         }, indent=2))
-        _seal(path, fp)
-    return path
+
+    return _stage_output(settings, run, "data", make)
 
 
 def dense_tokenizer(settings: Settings):
@@ -300,27 +309,24 @@ def stage_tokens(settings: Settings, run: Path) -> Path:
     cutoff): what a token budget spends and what every method reports, models not needed."""
     from paser.degradation import token_table
 
-    path = run / "tokens.parquet"
-    fp = stage_fingerprint("tokens", settings, run)
-    with _Stage(run, "tokens") as st:
-        if _fresh(path, fp):
-            st.reused = True
-            return path
-        _atomic_parquet(token_table(dense_tokenizer(settings), read_run_pool(run), settings.score), path)
-        _seal(path, fp)
-    return path
+    return _stage_output(settings, run, "tokens", lambda path, fp: _atomic_parquet(
+        token_table(dense_tokenizer(settings), read_run_pool(run), settings.score), path))
 
 
-def resolve_run_budget(settings: Settings, run: Path) -> tuple[int, str]:
-    """The budget in its unit (records or tokens) for the run's pool; a clear error when the pool
-    cannot hold it or a token budget is below the shortest record."""
+def budget_for_pool(settings: Settings, tokens: pd.Series) -> tuple[int, str]:
+    """The budget in its unit (records or tokens) for a pool whose records have ``tokens``; a clear
+    error when the pool cannot hold it or a token budget is below the shortest record."""
     budget = parse_budget(settings.select.budget)
-    tokens = pd.read_parquet(run / "tokens.parquet", columns=["n_tokens"])["n_tokens"]
     amount = budget.resolve(len(tokens), int(tokens.sum()))
     if budget.tokens and len(tokens) and amount < int(tokens.min()):
         raise ValueError(f"budget of {amount} tokens is smaller than the shortest record "
                          f"({int(tokens.min())} tokens under the {settings.score.cutoff}-token cutoff)")
     return amount, budget.unit
+
+
+def resolve_run_budget(settings: Settings, run: Path) -> tuple[int, str]:
+    """``budget_for_pool`` for the run's pool (its tokens.parquet)."""
+    return budget_for_pool(settings, pd.read_parquet(run / "tokens.parquet", columns=["n_tokens"])["n_tokens"])
 
 
 def read_run_pool(run: Path) -> list[Record]:
@@ -340,28 +346,19 @@ def stage_embed(settings: Settings, run: Path, cache_dir: Path | None = None) ->
     from paser.embedding import SentenceEmbedder
 
     cfg = settings.embed
-    path = run / "embeddings.npy"
     embedder = SentenceEmbedder(cfg.model, cfg.batch_size, cfg.device, progress=settings.select.progress)
-    fp = stage_fingerprint("embed", settings, run)
-    with _Stage(run, "embed") as st:
-        if _fresh(path, fp):
-            st.reused = True
-            return path
+
+    def make(path: Path, fp: str) -> None:
         texts = instruction_texts(read_run_pool(run), cfg.include_input)
-        vectors = embed_texts(texts, cfg, cache_dir, embedder=embedder)
-        np.save(path, vectors)
-        _seal(path, fp)
-    return path
+        np.save(path, embed_texts(texts, cfg, cache_dir, embedder=embedder))
+
+    return _stage_output(settings, run, "embed", make)
 
 
 def stage_cluster(settings: Settings, run: Path) -> Path:
-    path = run / "clusters.parquet"
     seed = settings.select.seed
-    fp = stage_fingerprint("cluster", settings, run)
-    with _Stage(run, "cluster") as st:
-        if _fresh(path, fp):
-            st.reused = True
-            return path
+
+    def make(path: Path, fp: str) -> None:
         x = np.load(run / "embeddings.npy")
         coords, eigenvalues = learn_manifold(x, settings.manifold, random_state=seed)
         np.savez(run / "manifold.npz", coords=coords, eigenvalues=eigenvalues)
@@ -375,8 +372,8 @@ def stage_cluster(settings: Settings, run: Path) -> Path:
             "k_curve": clusterer.k_curve_, "eigenvalues": [float(v) for v in eigenvalues],
             "method": settings.cluster.method, "manifold": settings.manifold.method,
         }, indent=2))
-        _seal(path, fp)
-    return path
+
+    return _stage_output(settings, run, "cluster", make)
 
 
 # ---------------------------------------------------------------- degradation
@@ -705,8 +702,8 @@ def stage_select(settings: Settings, run: Path) -> Path:
 
 
 def baseline_order(settings: Settings, table: pd.DataFrame) -> np.ndarray:
-    """Row indices of ``table`` in the order a baseline takes them (records without a score last
-    out: pruned_loss leaves them aside). Ties go to the earlier record."""
+    """Row indices of ``table`` in the order a baseline takes them; ties go to the earlier record,
+    and pruned_loss leaves out the records it could not score."""
     method = settings.select.method
     index = np.arange(len(table))
     if method == "random":
@@ -740,7 +737,7 @@ def stage_baseline(settings: Settings, run: Path) -> Path:
         amount, unit = resolve_run_budget(settings, run)
         if method == "full":
             chosen = order.tolist()
-            amount, unit = int(table["n_tokens"].sum() if unit == "tokens" else len(table)), unit
+            amount = int(table["n_tokens"].sum()) if unit == "tokens" else len(table)
         else:
             cost = table["n_tokens"].to_numpy() if unit == "tokens" else np.ones(len(table), dtype=np.int64)
             chosen = take_in_order(order, cost, amount)
@@ -774,11 +771,7 @@ def preflight(settings: Settings) -> None:
     model_fingerprint(cfg.dense)
     dense_tok = load_tokenizer(cfg.dense)
     if budget.tokens and dense_tok is not None:
-        tokens = token_table(dense_tok, pool.records, settings.score)["n_tokens"]
-        amount = budget.resolve(len(tokens), int(tokens.sum()))
-        if amount < int(tokens.min()):
-            raise ValueError(f"budget of {amount} tokens is smaller than the shortest record "
-                             f"({int(tokens.min())} tokens under the {settings.score.cutoff}-token cutoff)")
+        budget_for_pool(settings, token_table(dense_tok, pool.records, settings.score)["n_tokens"])
     if settings.baseline:
         return  # random, full, longest and shortest use the tokenizer only
     if cfg.pruned is not None:

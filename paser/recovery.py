@@ -158,14 +158,21 @@ def collate(batch: list[Example], pad_id: int, device) -> dict[str, torch.Tensor
     return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device)}
 
 
-def token_loss_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-    """Summed next-token cross-entropy over the labelled (response) tokens, and their count."""
+def token_losses(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row of the batch: the summed next-token cross-entropy over its labelled (response)
+    tokens, and their count. Only the labelled positions are taken to fp32."""
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     targets = batch["labels"][:, 1:]
     keep = targets != IGNORE
-    picked = logits[:, :-1][keep].float()
-    loss = torch.nn.functional.cross_entropy(picked, targets[keep], reduction="sum")
-    return loss, int(keep.sum())
+    nll = torch.nn.functional.cross_entropy(logits[:, :-1][keep].float(), targets[keep], reduction="none")
+    rows = keep.nonzero()[:, 0]
+    return torch.zeros(len(keep), dtype=nll.dtype, device=nll.device).index_add(0, rows, nll), keep.sum(1)
+
+
+def token_loss_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """Summed next-token cross-entropy over the labelled (response) tokens, and their count."""
+    sums, counts = token_losses(model, batch)
+    return sums.sum(), int(counts.sum())
 
 
 def validation_loss(model, examples: list[Example], pad_id: int, device, batch_size: int) -> float:

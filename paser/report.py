@@ -123,7 +123,7 @@ def cluster_table(summary: dict) -> list[str]:
 
 def selection_line(summary: dict) -> str:
     """The budget in its unit and the selection in records and tokens, as one report line."""
-    budget = (f"{summary['budget']} {summary.get('budget_unit', 'records')}" if summary["method"] != "full"
+    budget = (f"{summary['budget']:,} {summary.get('budget_unit', 'records')}" if summary["method"] != "full"
               else "none (every record)")
     return (f"- budget: {budget}; selected {summary['selected']} records, {summary['selected_tokens']:,} tokens "
             f"(prompt + response, {summary['selected_response_tokens']:,} of them response tokens)")

@@ -132,7 +132,8 @@ def test_gap_closed_against_reference_evaluations(tiny_model_dir, tmp_path):
     evaluate(str(other), out=tmp_path / "pruned", **kw)
     result = evaluate(str(other), out=tmp_path / "mid", reference_dense=str(tmp_path / "dense"),
                       reference_pruned=str(tmp_path / "pruned" / "eval.json"), **kw)
-    dense, pruned = (json.loads((tmp_path / n / "eval.json").read_text())["suite"]["answer_nll"] for n in ("dense", "pruned"))
+    dense, pruned = (json.loads((tmp_path / n / "eval.json").read_text())["suite"]["answer_nll"]
+                     for n in ("dense", "pruned"))
     gap = result["suite"]["answer_nll_gap_closed"]
     for f, value in result["suite"]["answer_nll"]["per_family"].items():
         assert gap["per_family"][f] == gap_recovered(dense["per_family"][f], pruned["per_family"][f], value)

@@ -111,6 +111,15 @@ def test_cli_select(models, tmp_path):
     assert sum(1 for _ in (tmp_path / "run" / "selected.jsonl").open()) == 12
 
 
+def test_cli_select_token_budget_and_signal(models, tmp_path):
+    result = _cli(models, tmp_path, "--budget", "1500tok", "--signal", "loss_gap", "--method", "no_cost")
+    assert result.exit_code == 0, result.output
+    summary = json.loads((tmp_path / "run" / "clusters.json").read_text())
+    assert summary["signal"] == "loss_gap" and summary["budget"] == 1500 and summary["selected_tokens"] <= 1500
+    assert (f"selected {summary['selected']} records, {summary['selected_tokens']} tokens" in result.output
+            and "budget 1500 tokens" in result.output)
+
+
 @pytest.mark.parametrize("args, message", [
     (["--budget", "0"], "budget must be positive"),
     (["--budget", "-5"], "budget must be positive"),
@@ -251,7 +260,7 @@ def test_token_budget_end_to_end(models, tmp_path):
     scores = pd.read_parquet(run / "scores.parquet")
     assert (scores["n_tokens"] == scores["n_prompt"] + scores["n_response"]).all()
     report = (run / "report.md").read_text()
-    assert f"budget: {budget} tokens; selected {len(selected)} records, {spent:,} tokens" in report
+    assert f"budget: {budget:,} tokens; selected {len(selected)} records, {spent:,} tokens" in report
     manifest = json.loads((run / "manifest.json").read_text())
     assert manifest["selection"]["selected_tokens"] == spent and manifest["selection"]["budget_unit"] == "tokens"
     # a record budget on the same folder re-runs only the selection, and reports tokens too
