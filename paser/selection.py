@@ -94,7 +94,8 @@ class Selector:
         amount = budget.resolve(len(t), int(t["n_tokens"].sum()))
         labels = t["cluster"].to_numpy()
         k = int(labels.max()) + 1 if len(t) else 0
-        degradation = t[self.signal].to_numpy(dtype=float)
+        degradation = t[self.signal].to_numpy(dtype=float, copy=True)
+        degradation[~np.isfinite(degradation)] = np.nan  # fp16 overflow gives inf: never selectable
         t["ies"] = importance_efficiency(degradation, t["n_tokens"])
         eligible = ~np.isnan(degradation)
         if budget.tokens and eligible.any() and amount < cost[eligible].min():
