@@ -68,6 +68,9 @@ class EvalConfig:
     """eval.json (or its folder) of the pruned model on the same suite."""
     max_new_tokens: int = 48
     """Tokens generated per suite answer."""
+    suite_generate: bool = True
+    """Generate the suite's answers for accuracy (one greedy decode per record, the slow part);
+    False reports the answer NLL alone."""
     batch_size: int = 8
     """Sequences per forward pass."""
     template: Literal["alpaca", "chat"] = "alpaca"
@@ -166,7 +169,8 @@ def response_nll(model, tokenizer, records, template: str = "alpaca", cutoff: in
     """Mean NLL over the response tokens of ``records`` (teacher forcing, prompt masked)."""
     sums, counts = response_token_nll(model, tokenizer, records, template, cutoff, batch_size)
     mean = float(sums.sum() / max(int(counts.sum()), 1))
-    return {"records": len(records), "tokens": int(counts.sum()), "nll": mean, "ppl": math.exp(mean)}
+    return {"records": len(records), "tokens": int(counts.sum()), "nll": mean, "ppl": math.exp(mean),
+            "per_record": {"id": [r.id for r in records], "nll_sum": sums.tolist(), "tokens": counts.tolist()}}
 
 
 _EDGES = " \t\n\"'`.,;:!?"
@@ -255,15 +259,21 @@ def answer_nll(model, tokenizer, records, template: str = "alpaca", cutoff: int 
         families.setdefault(record.fields["family"], []).append(float(value))
     per_family = {f: float(np.mean(v)) for f, v in sorted(families.items())}
     return {"per_family": per_family, "macro": float(np.mean(list(per_family.values()))),
-            "records_per_family": {f: len(v) for f, v in sorted(families.items())}}
+            "records_per_family": {f: len(v) for f, v in sorted(families.items())},
+            "per_record": {"id": [r.id for r in records], "family": [r.fields["family"] for r in records],
+                           "nll": per_record.tolist()}}
 
 
 def suite_accuracy(model, tokenizer, size: int, seed: int, template: str = "alpaca", max_new_tokens: int = 48,
-                   batch_size: int = 8, exclude: list[str] | None = None, cutoff: int = 256) -> dict:
+                   batch_size: int = 8, exclude: list[str] | None = None, cutoff: int = 256,
+                   generate: bool = True) -> dict:
     """Answer NLL and answer-found accuracy per family (and overall) on the held-out suite: ``size``
-    generated records of ``seed`` minus those whose prompt occurs in a pool of ``exclude``."""
+    generated records of ``seed`` minus those whose prompt occurs in a pool of ``exclude``
+    (accuracy only when ``generate``)."""
     records, held = held_out_suite(size, seed, exclude or [])
     nll = answer_nll(model, tokenizer, records, template, cutoff, batch_size)
+    if not generate:
+        return {"records": len(records), "seed": seed, **held, "answer_nll": nll}
     answers = generate_answers(model, tokenizer, records, template, max_new_tokens, batch_size)
     per_family: dict[str, list[bool]] = {}
     exact = []
@@ -358,7 +368,7 @@ def evaluate(model: str, adapter: str | None = None, out: str | Path | None = No
     if config.suite_size:
         result["suite"] = suite_accuracy(net, tokenizer, config.suite_size, config.suite_seed, config.template,
                                          config.max_new_tokens, config.batch_size, config.suite_exclude,
-                                         config.cutoff)
+                                         config.cutoff, config.suite_generate)
         if references is not None:
             result["suite"]["answer_nll_gap_closed"] = suite_gap_closed(
                 result["suite"], references[0].get("suite"), references[1].get("suite"),
@@ -397,10 +407,12 @@ def markdown_table(result: dict) -> str:
         if gap is not None:
             lines.append(f"| answer-NLL gap closed, macro average | {_share(gap['macro'])} |")
             lines += [f"| answer-NLL gap closed, {f} | {_share(v)} |" for f, v in gap["per_family"].items()]
-        lines.append(f"| capability-suite accuracy (answer found), all ({s['records']} records, seed {s['seed']}) | "
-                     f"{s['accuracy']:.3f} |")
-        lines.append(f"| capability-suite exact match (whole answer), all | {s['exact_match']:.3f} |")
-        lines += [f"| capability-suite accuracy (answer found), {f} | {a:.3f} |" for f, a in s["per_family"].items()]
+        if "accuracy" in s:
+            lines.append(f"| capability-suite accuracy (answer found), all ({s['records']} records, seed "
+                         f"{s['seed']}) | {s['accuracy']:.3f} |")
+            lines.append(f"| capability-suite exact match (whole answer), all | {s['exact_match']:.3f} |")
+            lines += [f"| capability-suite accuracy (answer found), {f} | {a:.3f} |"
+                      for f, a in s["per_family"].items()]
     for task, scores in (result.get("lm_eval") or {}).items():
         for metric, label in METRIC_LABELS.items():
             if metric in scores:
@@ -435,7 +447,8 @@ def comparison_table(results: dict[str, dict]) -> str:
         rows += [(f"capability-suite answer NLL, {f}", [results[n]["suite"]["answer_nll"]["per_family"][f]
                                                        for n in names])
                  for f in first["suite"]["answer_nll"]["per_family"]]
-        rows.append(("capability-suite accuracy (answer found)", [results[n]["suite"]["accuracy"] for n in names]))
+        if "accuracy" in first["suite"]:
+            rows.append(("capability-suite accuracy (answer found)", [results[n]["suite"]["accuracy"] for n in names]))
     for task, scores in (first.get("lm_eval") or {}).items():
         rows += [(f"lm-eval {task}, {label}", [results[n]["lm_eval"][task][metric] for n in names])
                  for metric, label in METRIC_LABELS.items() if metric in scores]

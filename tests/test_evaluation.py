@@ -54,6 +54,8 @@ def test_response_nll_equals_a_direct_computation(tiny_model_dir, tiny_tokenizer
             nlls += [-float(logp[i - 1, ids[i]]) for i in range(n_prompt, len(ids))]
     assert got["tokens"] == len(nlls)
     assert math.isclose(got["nll"], sum(nlls) / len(nlls), rel_tol=1e-5)
+    assert sum(got["per_record"]["tokens"]) == len(nlls)
+    assert math.isclose(sum(got["per_record"]["nll_sum"]), sum(nlls), rel_tol=1e-5)
 
 
 def test_evaluate_writes_json_and_markdown(tiny_model_dir, tmp_path):
@@ -113,6 +115,12 @@ def test_answer_nll_equals_a_direct_computation(tiny_model_dir, tiny_tokenizer):
         assert math.isclose(got["per_family"][f], np.mean(values), rel_tol=1e-5)
         assert got["records_per_family"][f] == len(values)
     assert math.isclose(got["macro"], np.mean([np.mean(v) for v in per_family.values()]), rel_tol=1e-5)
+    assert got["per_record"]["id"] == [r.id for r in records] and len(got["per_record"]["nll"]) == len(records)
+
+
+def test_suite_without_generation_reports_answer_nll_only(tiny_model_dir):
+    result = evaluate(str(tiny_model_dir), suite_size=24, suite_generate=False)
+    assert "accuracy" not in result["suite"] and result["suite"]["answer_nll"]["macro"] > 0
 
 
 def test_gap_closed_against_reference_evaluations(tiny_model_dir, tmp_path):

@@ -1,0 +1,342 @@
+"""When does PASER beat random, at equal compute, on capabilities? (the decisive recovery experiment)
+
+    python bench/decisive_experiment.py                                  # every setting, every arm
+    python bench/decisive_experiment.py --settings suite-25 --arms rec:paser rec:random-0
+    python bench/decisive_experiment.py --smoke                          # minutes: tiny sizes, 2 steps
+
+Models: the bundled SmolLM2-135M-Instruct (dense) and its `paser prune` twins (Taylor, cached).
+
+Settings (decided before any result was seen):
+- ``suite-25`` / ``suite-15``: pool = the embedded default's 1,000 capability-suite records (seed
+  0); evaluation = --suite-heldout suite records of seed 12345 with every record whose
+  instruction + input also occurs in the pool removed (the count is reported); twin pruned 25% /
+  15%. Metric: per-family answer NLL, its macro average; answer-found accuracy beside it.
+- ``alpaca-25``: pool = the first --alpaca-pool positions of a permutation (numpy default_rng(0))
+  of ../shared/data/alpaca_5000.json, held out = the next --alpaca-heldout; twin 25%. Metric:
+  held-out response NLL; the suite's answer-NLL macro average as a second view.
+
+Arms (``UNIT:METHOD``): UNIT ``rec`` is a 20% record budget with record batches (--batch-size
+records a step), ``tok`` a 20% token budget (of the pool's tokens) and ``tok5`` (alpaca only) a
+5% one, both with token batches of --batch-size times the pool's mean record tokens. METHOD:
+``paser``, ``loss_gap`` (PASER with --signal loss_gap), ``no_cost``, ``uniform``,
+``random-0``..``random-4``, ``longest``, ``shortest``, ``pruned_loss``; and once per setting
+``none`` (the pruned model), ``dense`` and ``full`` (the whole pool, record batches). ``ARM#K``
+retrains ARM's subset with recovery seed K (training noise beside subset noise).
+
+Recovery, identical for every arm: LoRA r 8, alpha 16, dropout 0.05, 2 epochs, cutoff 256, lr
+3e-4, fp32, no validation split. Every finished arm's figures go to RESULTS/<setting>/<arm>.json at
+once (commit them: a rerun skips what is there); models, subsets and adapters live in --out.
+Timings taken beside other work on the same 2 cores are marked by --shared-machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from paser.data import load_pool, write_jsonl  # noqa: E402
+from paser.evaluation import EvalConfig, evaluate, gap_recovered  # noqa: E402
+from paser.pipeline import Settings, run_selection, twin_reference  # noqa: E402
+from paser.recovery import RecoverConfig, recover  # noqa: E402
+from paser.suite import generate_suite  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+SETTINGS = {"suite-25": ("suite", 0.25), "suite-15": ("suite", 0.15), "alpaca-25": ("alpaca", 0.25)}
+METHODS = ["paser", "loss_gap", "no_cost", "uniform", *[f"random-{s}" for s in range(5)], "longest", "shortest",
+           "pruned_loss"]
+BUDGETS = {"rec": 0.2, "tok": "0.2tok", "tok5": "0.05tok"}
+BOOTSTRAP = 2000
+
+
+def arms_of(setting: str) -> list[str]:
+    """Every arm of a setting, in the order they run: references, the question (PASER against
+    random), the other arms, the costly full pool last."""
+    arms = ["dense", "none"]
+    for unit in ("rec", "tok"):
+        arms += [f"{unit}:{m}" for m in METHODS]
+    if SETTINGS[setting][0] == "alpaca":
+        arms += [f"tok5:{m}" for m in ("paser", "loss_gap", *[f"random-{s}" for s in range(5)])]
+    return arms + ["full"]
+
+
+def prepare(setting: str, args, work: Path) -> dict:
+    """The setting's pool file, evaluation config and twin (written once)."""
+    kind, ratio = SETTINGS[setting]
+    work.mkdir(parents=True, exist_ok=True)
+    pool = work / "pool.jsonl"
+    heldout = None
+    if kind == "suite":
+        if not pool.is_file():
+            write_jsonl(pool, generate_suite(args.suite_pool, 0))
+    else:
+        heldout = work / "heldout.jsonl"
+        if not pool.is_file():
+            rows = [dict(r.fields) for r in load_pool(args.alpaca).records]
+            order = np.random.default_rng(0).permutation(len(rows))
+            write_jsonl(pool, [rows[i] for i in order[:args.alpaca_pool]])
+            write_jsonl(heldout, [rows[i] for i in order[args.alpaca_pool:args.alpaca_pool + args.alpaca_heldout]])
+    pruned = args.pruned or twin_reference(Settings.load(None, {"select": {"dense": args.dense, "prune_ratio": ratio}}))
+    evaluation = EvalConfig(heldout=str(heldout) if heldout else None, suite_size=args.suite_heldout,
+                            suite_exclude=[str(pool)], max_new_tokens=args.max_new_tokens, batch_size=16,
+                            suite_generate=kind == "suite")
+    return {"kind": kind, "pool": pool, "pruned": pruned, "eval": evaluation}
+
+
+def select_arm(arm: str, setup: dict, work: Path, args) -> tuple[Path, float]:
+    """The arm's subset and its selection's wall time. One run folder per setting, so every arm
+    reuses the pool's tokens, clusters and scores (an arm's time is then its increment)."""
+    unit, method = arm.split("#")[0].split(":") if ":" in arm else ("rec", arm)
+    seed = int(method.split("-")[1]) if method.startswith("random-") else 0
+    sections = {"select": {"data": str(setup["pool"]), "dense": args.dense, "pruned": setup["pruned"],
+                           "budget": BUDGETS[unit], "out": str(work / "select"), "seed": seed, "progress": False,
+                           "method": {"loss_gap": "paser"}.get(method, method.split("-")[0])},
+                "score": {"signal": "loss_gap" if method == "loss_gap" else "jsd"}}
+    start = time.perf_counter()
+    run = run_selection(Settings.load(None, sections))
+    seconds = time.perf_counter() - start
+    folder = work / "subsets"
+    folder.mkdir(exist_ok=True)
+    name = arm.split("#")[0].replace(":", "-")
+    for file in ("selected.jsonl", "clusters.json", "scores.parquet"):
+        shutil.copyfile(run / file, folder / f"{name}.{file}")
+    return folder / f"{name}.selected.jsonl", seconds
+
+
+def recovery_config(arm: str, setup: dict, args) -> RecoverConfig:
+    unit = arm.split(":")[0] if ":" in arm else "rec"
+    seed = int(arm.split("#")[1]) if "#" in arm else 0
+    batch_tokens = None
+    if unit.startswith("tok"):
+        tokens = pd.read_parquet(setup["work"] / "select" / "tokens.parquet")["n_tokens"]
+        batch_tokens = int(round(args.batch_size * tokens.mean()))
+    return RecoverConfig(epochs=args.epochs, batch_size=args.batch_size, micro_batch_size=args.micro_batch_size,
+                         batch_tokens=batch_tokens, learning_rate=args.learning_rate, max_steps=args.max_steps,
+                         val_size=0, seed=seed, progress=False)
+
+
+def run_arm(setting: str, arm: str, setup: dict, args) -> dict:
+    work = setup["work"]
+    row: dict = {"setting": setting, "arm": arm, "machine": f"{platform.processor() or platform.machine()}, "
+                 f"{os.cpu_count()} cores", "shared_machine": args.shared_machine,
+                 "date": time.strftime("%Y-%m-%d")}
+    if arm in ("dense", "none"):
+        model, adapter = (args.dense if arm == "dense" else setup["pruned"]), None
+    else:
+        subset, row["selection_s"] = select_arm(arm if arm != "full" else "rec:full", setup, work, args)
+        summary = json.loads(subset.with_name(subset.name.replace("selected.jsonl", "clusters.json")).read_text())
+        row |= {k: summary[k] for k in ("budget", "budget_unit", "selected", "selected_tokens",
+                                        "selected_response_tokens")}
+        result = recover(setup["pruned"], str(subset), work / "recover" / arm.replace(":", "-"),
+                         recovery_config(arm, setup, args))
+        done = json.loads((result.out / "recovery.json").read_text())
+        row |= {"recovery_s": result.seconds, "steps": result.steps, "tokens_per_step": done["tokens_per_step"],
+                "batch_unit": done["batch_unit"], "train_loss": [result.first_loss, result.last_loss]}
+        model, adapter = setup["pruned"], str(result.out / "adapter")
+    start = time.perf_counter()
+    ev = evaluate(model, adapter, work / "eval" / arm.replace(":", "-"), setup["eval"])
+    row["eval_s"] = time.perf_counter() - start
+    suite = ev["suite"]
+    row["suite"] = {k: suite[k] for k in ("records", "generated", "removed_overlap")} | {
+        "answer_nll_macro": suite["answer_nll"]["macro"], "answer_nll": suite["answer_nll"]["per_family"],
+        "per_record": suite["answer_nll"]["per_record"]}
+    if "accuracy" in suite:
+        row["suite"] |= {"accuracy": suite["accuracy"], "accuracy_per_family": suite["per_family"]}
+    if "response_nll" in ev:
+        r = ev["response_nll"]
+        row["heldout"] = {k: r[k] for k in ("nll", "records", "tokens", "per_record")}
+    return row
+
+
+# ---------------------------------------------------------------- report
+
+
+def _metric(row: dict, kind: str) -> float:
+    return row["heldout"]["nll"] if kind == "alpaca" else row["suite"]["answer_nll_macro"]
+
+
+def _per_record(row: dict, kind: str):
+    """The arm's per-record values the metric is made of: (nll_sum, tokens) for held-out NLL, and
+    (family, nll) for the suite's macro answer NLL."""
+    if kind == "alpaca":
+        return np.array(row["heldout"]["per_record"]["nll_sum"]), np.array(row["heldout"]["per_record"]["tokens"])
+    return np.array(row["suite"]["per_record"]["family"]), np.array(row["suite"]["per_record"]["nll"])
+
+
+def paired_bootstrap(arm: dict, randoms: list[dict], kind: str, by: str = "record", seed: int = 0):
+    """95% interval of (arm - mean of the random arms) in the setting's metric, resampling the
+    held-out records (per family, for the suite's macro average) or, with by="family", the families."""
+    rng = np.random.default_rng(seed)
+    if kind == "alpaca":
+        sums = np.stack([_per_record(r, kind)[0] for r in [arm, *randoms]])
+        tokens = _per_record(arm, kind)[1]
+        n = len(tokens)
+        diffs = []
+        for _ in range(BOOTSTRAP):
+            idx = rng.integers(0, n, n)
+            per_arm = sums[:, idx].sum(1) / tokens[idx].sum()
+            diffs.append(per_arm[0] - per_arm[1:].mean())
+        return tuple(np.percentile(diffs, [2.5, 97.5]))
+    families, _ = _per_record(arm, kind)
+    values = np.stack([_per_record(r, kind)[1] for r in [arm, *randoms]])
+    names = sorted(set(families))
+    groups = [np.flatnonzero(families == f) for f in names]
+    diff_per_family = np.array([values[0, g].mean() - values[1:, g].mean(1).mean() for g in groups])
+    diffs = []
+    for _ in range(BOOTSTRAP):
+        if by == "family":
+            diffs.append(diff_per_family[rng.integers(0, len(names), len(names))].mean())
+        else:
+            picks = [g[rng.integers(0, len(g), len(g))] for g in groups]
+            diffs.append(np.mean([values[0, p].mean() - values[1:, p].mean(1).mean() for p in picks]))
+    return tuple(np.percentile(diffs, [2.5, 97.5]))
+
+
+def family_table(setting: str, rows: dict, work: Path) -> list[str]:
+    """Suite settings: per family, PASER's degradation of the family (mean JSD of its pool
+    records), the records and tokens PASER gave it, and the gap it closed vs the random mean."""
+    scores_file = work / "subsets" / "rec-paser.scores.parquet"
+    if "rec:paser" not in rows or not scores_file.is_file():
+        return []
+    pool = pd.DataFrame([r.fields for r in load_pool(work / "pool.jsonl").records])
+    scores = pd.read_parquet(scores_file).merge(pool[["id", "family"]], on="id")
+    randoms = [r for a, r in rows.items() if a.startswith("rec:random-")]
+    dense, none = rows.get("dense"), rows.get("none")
+    if not randoms or dense is None or none is None:
+        return []
+    lines = ["", f"Per family ({setting}, record budget): degradation in the pool, PASER's share, gap closed",
+             "", "| family | mean JSD | mean loss gap | PASER records | PASER tokens | gap closed PASER | "
+             "gap closed random (mean) |", "|---|---:|---:|---:|---:|---:|---:|"]
+    for family, g in scores.groupby("family"):
+        chosen = g[g["status"] == "selected"]
+        d, p = dense["suite"]["answer_nll"][family], none["suite"]["answer_nll"][family]
+        mine = gap_recovered(d, p, rows["rec:paser"]["suite"]["answer_nll"][family])
+        rand = statistics.mean(gap_recovered(d, p, r["suite"]["answer_nll"][family]) or 0.0 for r in randoms)
+        lines.append(f"| {family} | {g['jsd'].mean():.4f} | {g['loss_gap'].mean():.3f} | {len(chosen)} | "
+                     f"{int(chosen['n_tokens'].sum())} | {'' if mine is None else f'{mine:.1%}'} | {rand:.1%} |")
+    return lines
+
+
+def report(setting: str, results: Path, work: Path) -> str:
+    kind = SETTINGS[setting][0]
+    rows = {}
+    for path in sorted((results / setting).glob("*.json")):
+        row = json.loads(path.read_text())
+        rows[row["arm"]] = row
+    if not {"dense", "none"} <= set(rows):
+        return f"## {setting}\n\n(references not finished yet)\n"
+    order = [a for a in arms_of(setting) if a in rows] + sorted(a for a in rows if a not in arms_of(setting))
+    dense, none = _metric(rows["dense"], kind), _metric(rows["none"], kind)
+    name = "held-out response NLL" if kind == "alpaca" else "suite answer NLL (macro)"
+    lines = [f"## {setting}", "", f"{name}: dense {dense:.4f}, pruned {none:.4f}; suite held-out "
+             f"{rows['none']['suite']['records']} records ({rows['none']['suite']['removed_overlap']} of "
+             f"{rows['none']['suite']['generated']} removed as in the pool)", "",
+             f"| arm | {name} | gap closed | records | tokens | steps | tokens/step | accuracy | "
+             "selection s | recovery s | eval s |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for arm in order:
+        r = rows[arm]
+        gap = gap_recovered(dense, none, _metric(r, kind))
+        acc = r["suite"].get("accuracy")
+        lines.append(f"| {arm} | {_metric(r, kind):.4f} | {'' if gap is None else f'{gap:.1%}'} | "
+                     f"{r.get('selected', '')} | {r.get('selected_tokens', '')} | {r.get('steps', '')} | "
+                     f"{r['tokens_per_step']['mean'] if 'tokens_per_step' in r else ''} | "
+                     f"{'' if acc is None else f'{acc:.3f}'} | {r.get('selection_s', 0):.1f} | "
+                     f"{r.get('recovery_s', 0):.1f} | {r['eval_s']:.1f} |")
+    for unit in ("rec", "tok", "tok5"):
+        randoms = [rows[a] for a in order if a.startswith(f"{unit}:random-") and "#" not in a]
+        if len(randoms) < 2:
+            continue
+        values = [_metric(r, kind) for r in randoms]
+        lines += ["", f"{unit}: random {statistics.mean(values):.4f} ± {statistics.stdev(values):.4f} "
+                      f"(mean ± sd over {len(randoms)} seeds)"]
+        for method in ("paser", "loss_gap", "no_cost", "uniform", "longest", "shortest", "pruned_loss"):
+            arm = rows.get(f"{unit}:{method}")
+            if arm is None:
+                continue
+            lo, hi = paired_bootstrap(arm, randoms, kind)
+            extra = ""
+            if kind == "suite":
+                flo, fhi = paired_bootstrap(arm, randoms, kind, by="family")
+                extra = f"; over families [{flo:+.4f}, {fhi:+.4f}]"
+            diff = _metric(arm, kind) - statistics.mean(values)
+            lines.append(f"- {unit}:{method} minus the random mean: {diff:+.4f} (paired bootstrap 95% over "
+                         f"held-out records [{lo:+.4f}, {hi:+.4f}]{extra}; lower is better)")
+    if kind == "suite":
+        lines += family_table(setting, rows, work)
+    shared = sorted({r["date"] for r in rows.values() if r.get("shared_machine")})
+    spent = sum(r.get(k, 0.0) for r in rows.values() for k in ("selection_s", "recovery_s", "eval_s"))
+    lines += ["", f"Time recorded by the arms: {spent / 60:.1f} min"
+                  + (f" (some taken beside other work on the same cores, on {', '.join(shared)})" if shared else "")]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+    ap.add_argument("--arms", nargs="+", default=None, help="arms to run, in this order (default: all)")
+    ap.add_argument("--out", default="runs/decisive", help="work folder: subsets, adapters, evaluations")
+    ap.add_argument("--results", default=str(ROOT / "bench" / "results" / "decisive"),
+                    help="one JSON per finished arm (commit them) and results.md")
+    ap.add_argument("--dense", default="smollm2-135m-instruct")
+    ap.add_argument("--pruned", default=None, help="a pruned model instead of paser's twin (tests)")
+    ap.add_argument("--alpaca", default=str(ROOT.parent / "shared" / "data" / "alpaca_5000.json"))
+    ap.add_argument("--suite-pool", type=int, default=1000)
+    ap.add_argument("--suite-heldout", type=int, default=480)
+    ap.add_argument("--alpaca-pool", type=int, default=2000)
+    ap.add_argument("--alpaca-heldout", type=int, default=200)
+    ap.add_argument("--epochs", type=float, default=2.0)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--micro-batch-size", type=int, default=8)
+    ap.add_argument("--learning-rate", type=float, default=3e-4)
+    ap.add_argument("--max-steps", type=int, default=None)
+    ap.add_argument("--max-new-tokens", type=int, default=24)
+    ap.add_argument("--shared-machine", action="store_true", help="mark the timings as taken beside other work")
+    ap.add_argument("--smoke", action="store_true", help="tiny sizes and 2 steps per arm, for a quick check")
+    args = ap.parse_args(argv)
+    if args.smoke:
+        args.suite_pool, args.suite_heldout, args.alpaca_pool, args.alpaca_heldout = 60, 36, 60, 12
+        args.max_steps, args.max_new_tokens = 2, 4
+    results, out = Path(args.results), Path(args.out)
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; settings "
+          f"{' '.join(args.settings)}", flush=True)
+    for setting in args.settings:
+        known = arms_of(setting)
+        wanted = args.arms or known
+        unknown = [a for a in wanted if a.split("#")[0] not in known]
+        if unknown:
+            raise SystemExit(f"{setting}: unknown arm(s) {unknown}; known: {known} (ARM#K for recovery seed K)")
+        todo = [a for a in ("dense", "none", *wanted) if not (results / setting / f"{_file(a)}.json").is_file()]
+        if not todo:
+            continue
+        setup = prepare(setting, args, out / setting) | {"work": out / setting}
+        for arm in dict.fromkeys(todo):
+            row = run_arm(setting, arm, setup, args)
+            (results / setting).mkdir(parents=True, exist_ok=True)
+            (results / setting / f"{_file(arm)}.json").write_text(json.dumps(row))
+            shown = row.get("heldout", {}).get("nll", row["suite"]["answer_nll_macro"])
+            print(f"{setting} {arm}: metric {shown:.4f}, records {row.get('selected', '')}, tokens "
+                  f"{row.get('selected_tokens', '')}, steps {row.get('steps', '')}, recovery "
+                  f"{row.get('recovery_s', 0):.0f} s, eval {row['eval_s']:.0f} s", flush=True)
+    text = "\n".join(report(s, results, out / s) for s in args.settings if (results / s).is_dir())
+    (results / "results.md").write_text(text)
+    print(text)
+
+
+def _file(arm: str) -> str:
+    return arm.replace(":", "-").replace("#", "-seed")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
