@@ -21,6 +21,11 @@ class UntrustedPickleError(ModelLoadError):
     """A pickle checkpoint refused because the user did not opt in to unpickling it."""
 
 
+class UnsafeCheckpointError(ModelLoadError):
+    """A pickle checkpoint that needs a global outside the allowlist of LLM-Pruner's layout; the
+    message names it. Nothing of the file has run."""
+
+
 class TokenizerMismatchError(PaserError):
     """A dense/pruned pair whose tokenizers differ, so their token distributions cannot be compared."""
 

@@ -7,8 +7,10 @@ A reference is any of
   shapes with zeros) and uniform Torch-Pruning outputs;
 - a folder written by ``paser prune`` (``paser_pruned.json`` beside the weights);
 - a ``.gguf`` file (converted once and cached, like the built-in);
-- an LLM-Pruner checkpoint (``torch.save({'model': ..., 'tokenizer': ...})``), loaded only when
-  the caller passes ``trust_pickle=True`` because unpickling can run arbitrary code.
+- an LLM-Pruner checkpoint (``torch.save({'model': ..., 'tokenizer': ...})``), read by
+  ``paser.llm_pruner`` with a restricted unpickler that runs nothing of the file and rebuilt once as
+  a paser pruned-model folder (cached); any other pickle is refused unless the caller passes
+  ``trust_pickle=True``, because unpickling it can run arbitrary code.
 
     python -c "from paser.models import load_model; print(load_model('smollm2-135m-instruct').describe())"
 """
@@ -25,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from paser.errors import ModelLoadError, TokenizerMismatchError, UntrustedPickleError
+from paser.errors import ModelLoadError, TokenizerMismatchError, UnsafeCheckpointError, UntrustedPickleError
 from paser.layers import PRUNED_MARKER, count_parameters, load_pruned_folder
 
 # Built-in names: package holding the file, file name inside it.
@@ -49,7 +51,7 @@ class LoadedModel:
     model: torch.nn.Module
     tokenizer: object
     reference: str
-    kind: str  # builtin | hf-folder | paser-pruned | gguf | llm-pruner-pickle
+    kind: str  # builtin | hf-folder | paser-pruned | gguf | llm-pruner | pickle
     path: Path
 
     def describe(self) -> str:
@@ -205,14 +207,8 @@ def _load_hf_folder(folder: Path, dtype: torch.dtype | None):
     return model, tokenizer, "hf-folder"
 
 
-def _load_pickle(path: Path, trust_pickle: bool, dtype: torch.dtype | None):
-    if not trust_pickle:
-        raise UntrustedPickleError(
-            f"{path}: refusing to load an LLM-Pruner pickle checkpoint. Loading it needs "
-            "torch.load(weights_only=False), which can run arbitrary code hidden in the file. "
-            "If you trust where this file came from, opt in with --trust-pickle on the command "
-            "line or trust_pickle=True in Python."
-        )
+def _load_pickle(path: Path, dtype: torch.dtype | None):
+    """A whole pickle, unpickled as it is: only for a file the user trusts (``trust_pickle``)."""
     try:
         obj = torch.load(path, map_location="cpu", weights_only=False)
     except ModuleNotFoundError as err:
@@ -235,9 +231,13 @@ def _load_pickle(path: Path, trust_pickle: bool, dtype: torch.dtype | None):
     return model, tokenizer
 
 
-def _resolve(reference: str | Path) -> tuple[str, Path, Path]:
+def _resolve(reference: str | Path, trust_pickle: bool = False,
+             tokenizer_from: str | Path | None = None) -> tuple[str, Path, Path]:
     """(kind, the user's file or folder, what to load from): a built-in name or GGUF file resolves
-    to its converted safetensors folder. Kind: builtin | folder | gguf | llm-pruner-pickle."""
+    to its converted safetensors folder, an LLM-Pruner checkpoint to its imported paser folder
+    (``tokenizer_from``: the model whose tokenizer to use when the checkpoint's cannot be rebuilt).
+    A pickle the restricted reader refuses is loaded whole only with ``trust_pickle``.
+    Kind: builtin | folder | gguf | llm-pruner | pickle."""
     ref = str(reference)
     if ref in BUILTIN_MODELS:
         path = builtin_path(ref)
@@ -260,34 +260,43 @@ def _resolve(reference: str | Path) -> tuple[str, Path, Path]:
     if kind == "gguf":
         return kind, path, gguf_to_folder(path)
     if kind == "llm-pruner-pickle":
-        return kind, path, path
+        from paser.llm_pruner import import_checkpoint
+
+        try:
+            return "llm-pruner", path, import_checkpoint(path, tokenizer_from)
+        except UnsafeCheckpointError as err:
+            if not trust_pickle:
+                raise UntrustedPickleError(f"{err} (a pickle can run arbitrary code when loaded whole)") from None
+            return "pickle", path, path
     raise ModelLoadError(
         f"{path}: not a model (expected a folder with config.json, a .gguf file or an "
         f"LLM-Pruner torch.save checkpoint; this file is neither GGUF nor a torch archive)"
     )
 
 
-def check_reference(reference: str | Path, trust_pickle: bool = False) -> str:
+def check_reference(reference: str | Path, trust_pickle: bool = False,
+                    tokenizer_from: str | Path | None = None) -> str:
     """Fail now, with the loader's message, if ``reference`` is not a model paser can load (or is
-    a pickle without ``trust_pickle``); returns its kind. Reads no weights (a GGUF is converted
-    once, as loading would)."""
-    kind, path, _ = _resolve(reference)
-    if kind == "llm-pruner-pickle" and not trust_pickle:
-        _load_pickle(path, trust_pickle, None)
-    return kind
+    a pickle the restricted reader refuses, without ``trust_pickle``); returns its kind. A GGUF
+    file is converted and an LLM-Pruner checkpoint imported once, as loading would; a folder's
+    weights are not read."""
+    return _resolve(reference, trust_pickle, tokenizer_from)[0]
 
 
 def load_model(reference: str | Path, *, dtype: str | torch.dtype | None = None,
-               trust_pickle: bool = False, device: str | None = None) -> LoadedModel:
+               trust_pickle: bool = False, device: str | None = None,
+               tokenizer_from: str | Path | None = None) -> LoadedModel:
     """Load any model reference paser supports (see the module docstring).
 
     ``dtype``: ``float32``/``bfloat16``/``float16`` or None/``auto`` to keep the stored one.
-    Raises ``ModelLoadError`` (a ``PaserError``) naming the file and what was expected.
+    ``tokenizer_from``: for an LLM-Pruner checkpoint whose tokenizer paser cannot rebuild, the
+    model to take it from (the dense one). Raises ``ModelLoadError`` (a ``PaserError``) naming the
+    file and what was expected.
     """
     torch_dtype = resolve_dtype(dtype)
-    kind, path, source = _resolve(reference)
-    if kind == "llm-pruner-pickle":
-        model, tokenizer = _load_pickle(path, trust_pickle, torch_dtype)
+    kind, path, source = _resolve(reference, trust_pickle, tokenizer_from)
+    if kind == "pickle":
+        model, tokenizer = _load_pickle(path, torch_dtype)
         tokenizer = _with_pad(tokenizer)
     else:
         model, tokenizer, folder_kind = _load_hf_folder(source, torch_dtype)
@@ -332,15 +341,15 @@ def check_same_tokenizer(a, b, name_a: str = "dense", name_b: str = "pruned") ->
         )
 
 
-def load_tokenizer(reference: str | Path):
-    """The tokenizer alone, or None for a pickle checkpoint (its tokenizer is inside the pickle)."""
-    kind, _, source = _resolve(reference)
-    return None if kind == "llm-pruner-pickle" else _folder_tokenizer(source)
+def load_tokenizer(reference: str | Path, trust_pickle: bool = False, tokenizer_from: str | Path | None = None):
+    """The tokenizer alone, or None for a trusted whole pickle (its tokenizer is inside the pickle)."""
+    kind, _, source = _resolve(reference, trust_pickle, tokenizer_from)
+    return None if kind == "pickle" else _folder_tokenizer(source)
 
 
 def load_pair(dense: str | Path, pruned: str | Path, **kwargs) -> tuple[LoadedModel, LoadedModel]:
     """Load a dense model and its pruned twin, refusing the pair if their tokenizers differ."""
     dense_m = load_model(dense, **kwargs)
-    pruned_m = load_model(pruned, **kwargs)
+    pruned_m = load_model(pruned, tokenizer_from=dense, **kwargs)
     check_same_tokenizer(dense_m.tokenizer, pruned_m.tokenizer, str(dense), str(pruned))
     return dense_m, pruned_m

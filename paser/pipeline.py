@@ -301,7 +301,8 @@ def dense_tokenizer(settings: Settings):
     from paser.models import load_model, load_tokenizer
 
     cfg = settings.select
-    return load_tokenizer(cfg.dense) or load_model(cfg.dense, trust_pickle=cfg.trust_pickle).tokenizer
+    return (load_tokenizer(cfg.dense, cfg.trust_pickle)
+            or load_model(cfg.dense, trust_pickle=cfg.trust_pickle).tokenizer)
 
 
 def stage_tokens(settings: Settings, run: Path) -> Path:
@@ -532,12 +533,12 @@ def _score_two_pass(settings: Settings, plan: ScoringPlan) -> dict:
     described = {}
 
     def load(which: str, reference: str):
-        loaded = load_model(reference, **kwargs)
+        loaded = load_model(reference, **kwargs, tokenizer_from=plan.dense if which == "pruned" else None)
         described[which] = loaded.describe()
         return loaded.model
 
-    tokenizer = load_tokenizer(plan.dense) or load_model(plan.dense, **kwargs).tokenizer
-    pruned_tok = load_tokenizer(plan.pruned)
+    tokenizer = load_tokenizer(plan.dense, cfg.trust_pickle) or load_model(plan.dense, **kwargs).tokenizer
+    pruned_tok = load_tokenizer(plan.pruned, cfg.trust_pickle, tokenizer_from=plan.dense)
     if pruned_tok is not None:
         check_same_tokenizer(tokenizer, pruned_tok, plan.dense, plan.pruned)
     score_pool_two_pass(lambda: load("dense", plan.dense), lambda: load("pruned", plan.pruned), tokenizer,
@@ -761,22 +762,23 @@ def preflight(settings: Settings) -> None:
     pool's tokens and its shortest record), the model references, and (when the pruned model is
     given) that the two tokenizers match."""
     from paser.degradation import token_table
-    from paser.models import check_same_tokenizer, load_tokenizer, model_fingerprint
+    from paser.models import check_reference, check_same_tokenizer, load_tokenizer
 
     cfg = settings.select
     pool = read_input_pool(cfg)
     budget = parse_budget(cfg.budget)
     if not budget.tokens:
         budget.resolve(len(pool))
-    model_fingerprint(cfg.dense)
-    dense_tok = load_tokenizer(cfg.dense)
+    check_reference(cfg.dense, cfg.trust_pickle)
+    dense_tok = load_tokenizer(cfg.dense, cfg.trust_pickle)
     if budget.tokens and dense_tok is not None:
         budget_for_pool(settings, token_table(dense_tok, pool.records, settings.score)["n_tokens"])
     if settings.baseline:
         return  # random, full, longest and shortest use the tokenizer only
     if cfg.pruned is not None:
-        model_fingerprint(cfg.pruned)
-        pruned_tok = load_tokenizer(cfg.pruned)
+        # an LLM-Pruner checkpoint is imported here (once, cached), so a refusal comes before any stage
+        check_reference(cfg.pruned, cfg.trust_pickle, tokenizer_from=cfg.dense)
+        pruned_tok = load_tokenizer(cfg.pruned, cfg.trust_pickle, tokenizer_from=cfg.dense)
         if dense_tok is not None and pruned_tok is not None:
             check_same_tokenizer(dense_tok, pruned_tok, cfg.dense, cfg.pruned)
 

@@ -50,13 +50,22 @@ def test_missing_model_exits_nonzero(tmp_path):
 
 
 def test_pickle_without_trust_flag(tmp_path, tiny_tokenizer):
+    import datetime
+
+    import torch
+
     from paser.pruning import export_llm_pruner_pickle
     from tests.conftest import build_model
 
     path = export_llm_pruner_pickle(build_model(tiny_tokenizer), tiny_tokenizer, tmp_path / "m.bin")
-    _one_line_error(runner.invoke(app, ["prune", str(path), "--out", str(tmp_path / "o")]),
-                    "refusing to load an LLM-Pruner pickle", "--trust-pickle")
-    ok = runner.invoke(app, ["prune", str(path), "--out", str(tmp_path / "o"), "--trust-pickle",
+    ok = runner.invoke(app, ["prune", str(path), "--out", str(tmp_path / "o"), "--importance", "l2"])
+    assert ok.exit_code == 0, ok.output  # LLM-Pruner's layout: read safely, no flag needed
+    other = tmp_path / "other.bin"
+    torch.save({"model": build_model(tiny_tokenizer), "tokenizer": tiny_tokenizer, "day": datetime.date.today()},
+               other)
+    _one_line_error(runner.invoke(app, ["prune", str(other), "--out", str(tmp_path / "p")]),
+                    "needs datetime.date, which is outside the allowlist", "--trust-pickle")
+    ok = runner.invoke(app, ["prune", str(other), "--out", str(tmp_path / "p"), "--trust-pickle",
                              "--importance", "l2"])
     assert ok.exit_code == 0, ok.output
 

@@ -81,19 +81,29 @@ def pickle_path(tmp_path, tiny_tokenizer):
     return export_llm_pruner_pickle(model, tiny_tokenizer, tmp_path / "pytorch_model.bin"), model
 
 
-def test_pickle_refused_without_trust(pickle_path):
-    path, _ = pickle_path
+def test_llm_pruner_layout_loads_without_trust(pickle_path, batch):
+    path, model = pickle_path
+    loaded = load_model(path)  # read by the restricted unpickler: nothing of the file runs
+    assert loaded.kind == "llm-pruner"
+    with torch.no_grad():
+        assert torch.equal(loaded.model(**batch).logits, model(**batch).logits)
+
+
+def test_other_pickles_need_trust(pickle_path, tmp_path, batch):
+    import datetime
+
+    _, model = pickle_path
+    from tests.conftest import build_tokenizer
+
+    path = tmp_path / "other.bin"
+    torch.save({"model": model, "tokenizer": build_tokenizer(), "saved": datetime.date(2024, 1, 1)}, path)
     with pytest.raises(UntrustedPickleError) as info:
         load_model(path)
     msg = str(info.value)
-    assert str(path) in msg and "arbitrary code" in msg
-    assert "--trust-pickle" in msg and "trust_pickle=True" in msg
-
-
-def test_pickle_loads_with_trust(pickle_path, batch):
-    path, model = pickle_path
-    loaded = load_model(path, trust_pickle=True)
-    assert loaded.kind == "llm-pruner-pickle"
+    assert str(path) in msg and "datetime.date" in msg and "outside the allowlist" in msg
+    assert "--trust-pickle" in msg and "arbitrary code" in msg
+    loaded = load_model(path, trust_pickle=True)  # the user vouches for it: unpickled whole
+    assert loaded.kind == "pickle"
     with torch.no_grad():
         assert torch.equal(loaded.model(**batch).logits, model(**batch).logits)
 
@@ -103,7 +113,7 @@ def test_pickle_with_wrong_layout(tmp_path):
     torch.save({"state_dict": {}}, path)
     with pytest.raises(ModelLoadError, match=r"expected LLM-Pruner's layout, a dict with 'model' "
                                              r"and 'tokenizer', found \['state_dict'\]"):
-        load_model(path, trust_pickle=True)
+        load_model(path)
 
 
 def test_pair_with_same_tokenizer(tiny_model_dir):

@@ -170,8 +170,8 @@ def test_prune_api_writes_folder_and_pickle(tiny_model_dir, batch, tmp_path):
                    attn_layers=(0, 4), export_pickle=tmp_path / "ckpt.bin")
     assert (tmp_path / "out" / "paser_pruned.json").is_file()
     from_folder = load_model(tmp_path / "out").model
-    from_pickle = load_model(tmp_path / "ckpt.bin", trust_pickle=True)
-    assert from_pickle.kind == "llm-pruner-pickle"
+    from_pickle = load_model(tmp_path / "ckpt.bin")
+    assert from_pickle.kind == "llm-pruner"
     with torch.no_grad():
         assert torch.equal(from_folder(**batch).logits, from_pickle.model(**batch).logits)
     assert result.params_after == sum(p.numel() for p in from_folder.parameters())
