@@ -22,14 +22,23 @@ from flows.recovery import evaluation_flow, recovery_flow  # noqa: E402
 from flows.selection import selection_flow  # noqa: E402
 from paser.config import read_yaml  # noqa: E402
 from paser.evaluation import comparison_table  # noqa: E402
+from paser.models import DEFAULT_MODEL  # noqa: E402
+
+
+def run_models(dense: str | None, pruned: str | None, sections: dict) -> tuple[str, str | None]:
+    """The run's dense and pruned models: the ones given, else the config's ``select`` section's,
+    else the bundled default and paser's own prune of it (None)."""
+    select = sections.get("select") or {}
+    return dense or select.get("dense") or DEFAULT_MODEL, pruned or select.get("pruned")
 
 
 @flow(name="paser-run")
-def pipeline_flow(dense: str = "smollm2-135m-instruct", pruned: str | None = None, data: str | None = None,
+def pipeline_flow(dense: str | None = None, pruned: str | None = None, data: str | None = None,
                   budget: str | None = None, out: str = "runs/run", config: str | None = None,
                   overrides: dict | None = None, trust_pickle: bool = False) -> str:
     """Prune ``dense`` (unless ``pruned`` is given), select ``budget`` records of ``data``, LoRA-recover
-    the pruned model on them, and evaluate dense, pruned and recovered models alike.
+    the pruned model on them, and evaluate dense, pruned and recovered models alike. Models left
+    as None come from the config's ``select`` section, else the defaults.
 
     ``config`` is one YAML file for every stage (sections of paser select, plus prune, recover and
     evaluate); ``overrides`` sets any key as ``{section: {key: value}}``.
@@ -38,6 +47,7 @@ def pipeline_flow(dense: str = "smollm2-135m-instruct", pruned: str | None = Non
     sections = {k: dict(v or {}) for k, v in (read_yaml(config) if config else {}).items()}
     for key, values in (overrides or {}).items():
         sections[key] = sections.get(key, {}) | dict(values or {})
+    dense, pruned = run_models(dense, pruned, sections)
     if pruned is None:
         pruned = str(root / "pruned")
         prune_flow(dense, pruned, config, sections.get("prune"), trust_pickle=trust_pickle)

@@ -44,8 +44,19 @@ def _layer_range(text: str | None, option: str) -> tuple[int, int] | None:
 
 
 @app.callback()
-def _group() -> None:
+def _group(debug: Annotated[bool, typer.Option("--debug", help="Show Prefect's full logs, tracebacks of "
+                                                                "input errors included.")] = False) -> None:
     """Select the instruction samples that repair a pruned LLM, and recover it."""
+    if debug:
+        os.environ["PASER_DEBUG"] = "1"
+
+
+def _quiet_flows() -> None:
+    """Errors the user can fix reach the terminal as one line, not as Prefect's tracebacks."""
+    from flows import hide_user_errors
+    from flows.selection import selection_flow  # noqa: F401  (sets up Prefect's logging)
+
+    hide_user_errors()
 
 
 @app.command()
@@ -95,6 +106,7 @@ def prune(
         cfg = load_config(PruneConfig, config, "prune", overrides)
         typer.echo(f"pruning {model} ...", err=True)
         if flow:
+            _quiet_flows()
             from flows.prune import prune_flow
             from paser.models import check_reference
 
@@ -185,6 +197,8 @@ def select(
         "allocate": {"method": allocation},
     }
     try:
+        if flow:
+            _quiet_flows()
         run = run_select(data=data, dense=dense, pruned=pruned, prune_ratio=prune_ratio, budget=budget, out=out,
                          config=config, trust_pickle=trust_pickle or None, seed=seed, engine=engine,
                          address=address, workers=workers, use_flow=flow, overrides=overrides)
@@ -249,6 +263,7 @@ def recover(
     try:
         cfg = load_config(RecoverConfig, config, "recover", overrides)
         if flow:
+            _quiet_flows()
             from flows.recovery import recovery_flow
             from paser.models import check_reference
 
@@ -318,6 +333,7 @@ def evaluate(
     try:
         cfg = load_config(EvalConfig, config, "evaluate", overrides)
         if flow:
+            _quiet_flows()
             from flows.recovery import evaluation_flow
             from paser.models import check_reference
 
@@ -333,9 +349,10 @@ def evaluate(
 
 @app.command()
 def run(
-    dense: Annotated[str, typer.Option(help="The dense model.")] = "smollm2-135m-instruct",
-    pruned: Annotated[str | None, typer.Option(help="A pruned model (default: paser prunes the dense one into "
-                                                    "OUT/pruned).")] = None,
+    dense: Annotated[str | None, typer.Option(help="The dense model (default: the config's, else "
+                                                   "smollm2-135m-instruct).")] = None,
+    pruned: Annotated[str | None, typer.Option(help="A pruned model (default: the config's, else paser prunes "
+                                                    "the dense one into OUT/pruned).")] = None,
     data: Annotated[str | None, typer.Option(help="Instruction pool (default: the generated suite).")] = None,
     budget: Annotated[str | None, typer.Option(help="Records to select (default 0.2).")] = None,
     out: Annotated[Path, typer.Option(help="Run folder.")] = Path("runs/run"),
@@ -349,11 +366,14 @@ def run(
         from paser.api import build_settings
         from paser.models import check_reference
 
+        settings = build_settings(data=data, dense=dense, pruned=pruned, budget=budget, config=config)
+        dense, pruned = settings.select.dense, settings.select.pruned  # the config's unless given here
         check_reference(dense, trust_pickle)
         if pruned is not None:
-            check_reference(pruned, trust_pickle)
-        build_settings(data=data, dense=dense, pruned=pruned, budget=budget, config=config)  # validates early
+            check_reference(pruned, trust_pickle, tokenizer_from=dense)
         from flows.pipeline import pipeline_flow
+
+        _quiet_flows()
 
         folder = pipeline_flow(dense, pruned, data, budget, str(out), str(config) if config else None,
                                trust_pickle=trust_pickle)

@@ -124,7 +124,10 @@ class Selector:
         status = np.array(["unvisited"] * len(t), dtype=object)
         status[~eligible] = "unscored"
         reason = np.array([""] * len(t), dtype=object)
-        reason[~eligible] = f"no {self.signal} score (no scored tokens within the cutoff, or not finite)"
+        no_tokens = t["n_scored"].to_numpy() == 0 if "n_scored" in t else np.zeros(len(t), dtype=bool)
+        reason[~eligible] = np.where(no_tokens[~eligible], "no scored tokens within the cutoff",
+                                     f"{self.signal} is not finite (an overflow: score in float32 or bfloat16, "
+                                     "not float16)")
         conflict_a = np.array([""] * len(t), dtype=object)
         conflict_b = np.array([""] * len(t), dtype=object)
         graph = ConceptGraph()

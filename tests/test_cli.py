@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import sys
+
+import pytest
 from typer.testing import CliRunner
 
 from paser.cli import app
@@ -147,3 +150,63 @@ def test_recover_bad_inputs_are_one_line(tiny_model_dir, tmp_path):
                                         "--no-flow"]), "none.json")
     _one_line_error(runner.invoke(app, ["evaluate", str(tiny_model_dir), "--adapter", str(tmp_path),
                                         "--no-flow"]), "not a LoRA adapter folder")
+
+
+def test_run_takes_its_models_from_the_config(tmp_path):
+    from flows.pipeline import run_models
+
+    sections = {"select": {"dense": "d", "pruned": "p"}}
+    assert run_models(None, None, sections) == ("d", "p")
+    assert run_models("D", None, sections) == ("D", "p")
+    assert run_models(None, None, {}) == ("smollm2-135m-instruct", None)
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(f"select:\n  dense: {tmp_path / 'my-dense'}\n")
+    _one_line_error(runner.invoke(app, ["run", "--config", str(cfg), "--out", str(tmp_path / "r")]),
+                    f"{tmp_path / 'my-dense'}: no such file or folder")
+
+
+def test_prefect_console_hides_user_errors_and_keeps_bugs():
+    import logging
+
+    from flows import HideUserErrors
+    from paser.errors import DataError
+
+    def record(exc, message="Task run failed with exception"):
+        return logging.LogRecord("prefect.task_runs", logging.ERROR, __file__, 1, message, None,
+                                 (type(exc), exc, None))
+
+    f = HideUserErrors()
+    assert not f.filter(record(DataError("bad record")))
+    assert f.filter(record(RuntimeError("a bug")))
+    finished = logging.LogRecord("prefect.flow_runs", logging.ERROR, __file__, 1,
+                                 "Finished in state Failed('Task run encountered an exception DataError: x')", None,
+                                 None)
+    assert not f.filter(finished)
+
+
+_INJECT = """
+import sys
+from paser import pipeline
+from paser.errors import DataError
+def fail(*args, **kwargs):
+    raise DataError("pool.jsonl: line 3: field 'output': raised inside a task")
+pipeline.stage_embed = fail
+sys.argv = ["paser", *sys.argv[1:]]
+from paser.cli import main
+main()
+"""
+
+
+@pytest.mark.slow
+def test_user_error_inside_a_flow_is_one_line(tiny_pair, tmp_path):
+    import subprocess
+
+    dense, pruned = tiny_pair
+    args = ["select", "--dense", dense, "--pruned", pruned, "--suite-size", "40", "--out", str(tmp_path / "run")]
+    quiet = subprocess.run([sys.executable, "-c", _INJECT, *args], capture_output=True, text=True, timeout=300)
+    lines = [line for line in quiet.stderr.splitlines() if "it/s]" not in line and line.strip()]
+    assert quiet.returncode == 2 and "Traceback" not in quiet.stderr, quiet.stderr
+    assert lines == ["error: pool.jsonl: line 3: field 'output': raised inside a task"], lines
+    loud = subprocess.run([sys.executable, "-c", _INJECT, "--debug", *args], capture_output=True, text=True,
+                          timeout=300)
+    assert loud.returncode == 2 and "Traceback" in loud.stderr

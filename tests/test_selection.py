@@ -78,6 +78,18 @@ def test_unscored_records_are_never_selected():
     r = Selector(budget=18, use_concepts=False).fit(t).result_
     assert len(r.selected) == 16
     assert r.table.loc[0, "status"] == r.table.loc[7, "status"] == "unscored"
+    t["n_scored"] = 5
+    t.loc[0, "n_scored"] = 0
+    reasons = Selector(budget=18, use_concepts=False).fit(t).result_.table["reason"]
+    assert reasons[0] == "no scored tokens within the cutoff" and "jsd is not finite" in reasons[7]
+
+
+def test_floor_allocation_is_not_topped_up_by_cds():
+    t = table(n_per=(6, 6, 6), jsd=(0.5, 0.2, 0.1))
+    t["jsd"] = t["cluster"].map({0: 0.5, 1: 0.2, 2: 0.1})
+    r = Selector(budget=9, allocation="floor", use_concepts=False).fit(t).result_
+    assert list(r.allocation) == [5, 2, 1]  # the paper's floor ends below the budget ...
+    assert len(r.selected) == 8  # ... and no shortfall goes back by CDS
 
 
 def test_deterministic_and_random_order_ablation():
