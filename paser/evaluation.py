@@ -68,9 +68,9 @@ class EvalConfig:
     """eval.json (or its folder) of the pruned model on the same suite."""
     max_new_tokens: int = 48
     """Tokens generated per suite answer."""
-    suite_generate: bool = True
-    """Generate the suite's answers for accuracy (one greedy decode per record, the slow part);
-    False reports the answer NLL alone."""
+    suite_accuracy_per_family: int | None = None
+    """Records per family whose answers are generated for accuracy (the first of each family; one
+    greedy decode per record is the slow part); None: all, 0: none (answer NLL alone)."""
     batch_size: int = 8
     """Sequences per forward pass."""
     template: Literal["alpaca", "chat"] = "alpaca"
@@ -266,14 +266,20 @@ def answer_nll(model, tokenizer, records, template: str = "alpaca", cutoff: int 
 
 def suite_accuracy(model, tokenizer, size: int, seed: int, template: str = "alpaca", max_new_tokens: int = 48,
                    batch_size: int = 8, exclude: list[str] | None = None, cutoff: int = 256,
-                   generate: bool = True) -> dict:
-    """Answer NLL and answer-found accuracy per family (and overall) on the held-out suite: ``size``
-    generated records of ``seed`` minus those whose prompt occurs in a pool of ``exclude``
-    (accuracy only when ``generate``)."""
+                   accuracy_per_family: int | None = None) -> dict:
+    """Answer NLL per family on the held-out suite (``size`` generated records of ``seed`` minus
+    those whose prompt occurs in a pool of ``exclude``), and answer-found accuracy per family (and
+    overall) on all of them or on the first ``accuracy_per_family`` of each family."""
     records, held = held_out_suite(size, seed, exclude or [])
     nll = answer_nll(model, tokenizer, records, template, cutoff, batch_size)
-    if not generate:
-        return {"records": len(records), "seed": seed, **held, "answer_nll": nll}
+    result = {"records": len(records), "seed": seed, **held, "answer_nll": nll}
+    if accuracy_per_family is not None:
+        by_family: dict[str, list] = {}
+        for r in records:
+            by_family.setdefault(r.fields["family"], []).append(r)
+        records = [r for r in records if by_family[r.fields["family"]].index(r) < accuracy_per_family]
+    if not records:
+        return result
     answers = generate_answers(model, tokenizer, records, template, max_new_tokens, batch_size)
     per_family: dict[str, list[bool]] = {}
     exact = []
@@ -285,10 +291,10 @@ def suite_accuracy(model, tokenizer, size: int, seed: int, template: str = "alpa
         if len(examples) < 24:
             examples.append({"id": record.id, "expected": record.response, "answer": answer, "found": ok})
     flat = [ok for oks in per_family.values() for ok in oks]
-    return {"records": len(flat), "seed": seed, **held, "accuracy": sum(flat) / len(flat),
-            "exact_match": sum(exact) / len(exact),
-            "per_family": {f: sum(oks) / len(oks) for f, oks in sorted(per_family.items())},
-            "answer_nll": nll, "examples": examples}
+    return result | {"accuracy_records": len(flat), "accuracy": sum(flat) / len(flat),
+                     "exact_match": sum(exact) / len(exact),
+                     "per_family": {f: sum(oks) / len(oks) for f, oks in sorted(per_family.items())},
+                     "examples": examples}
 
 
 def read_reference(path: str) -> dict:
@@ -368,7 +374,7 @@ def evaluate(model: str, adapter: str | None = None, out: str | Path | None = No
     if config.suite_size:
         result["suite"] = suite_accuracy(net, tokenizer, config.suite_size, config.suite_seed, config.template,
                                          config.max_new_tokens, config.batch_size, config.suite_exclude,
-                                         config.cutoff, config.suite_generate)
+                                         config.cutoff, config.suite_accuracy_per_family)
         if references is not None:
             result["suite"]["answer_nll_gap_closed"] = suite_gap_closed(
                 result["suite"], references[0].get("suite"), references[1].get("suite"),
@@ -408,7 +414,7 @@ def markdown_table(result: dict) -> str:
             lines.append(f"| answer-NLL gap closed, macro average | {_share(gap['macro'])} |")
             lines += [f"| answer-NLL gap closed, {f} | {_share(v)} |" for f, v in gap["per_family"].items()]
         if "accuracy" in s:
-            lines.append(f"| capability-suite accuracy (answer found), all ({s['records']} records, seed "
+            lines.append(f"| capability-suite accuracy (answer found), all ({s['accuracy_records']} records, seed "
                          f"{s['seed']}) | {s['accuracy']:.3f} |")
             lines.append(f"| capability-suite exact match (whole answer), all | {s['exact_match']:.3f} |")
             lines += [f"| capability-suite accuracy (answer found), {f} | {a:.3f} |"

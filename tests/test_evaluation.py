@@ -69,6 +69,7 @@ def test_evaluate_writes_json_and_markdown(tiny_model_dir, tmp_path):
     assert set(saved["perplexity"]) == {"llm-pruner (32-token windows)", "long (64-token windows)"}
     suite = saved["suite"]
     assert saved["response_nll"]["records"] == 12 and suite["generated"] == 24
+    assert suite["accuracy_records"] == suite["records"]
     assert suite["removed_overlap"] > 0 and suite["records"] == 24 - suite["removed_overlap"]  # seed 0's prompts out
     assert set(suite["per_family"]) == set(suite["answer_nll"]["per_family"])
     assert 0 <= result["suite"]["accuracy"] <= 1
@@ -118,9 +119,11 @@ def test_answer_nll_equals_a_direct_computation(tiny_model_dir, tiny_tokenizer):
     assert got["per_record"]["id"] == [r.id for r in records] and len(got["per_record"]["nll"]) == len(records)
 
 
-def test_suite_without_generation_reports_answer_nll_only(tiny_model_dir):
-    result = evaluate(str(tiny_model_dir), suite_size=24, suite_generate=False)
-    assert "accuracy" not in result["suite"] and result["suite"]["answer_nll"]["macro"] > 0
+def test_suite_accuracy_on_a_few_records_per_family(tiny_model_dir):
+    none = evaluate(str(tiny_model_dir), suite_size=24, suite_accuracy_per_family=0)
+    assert "accuracy" not in none["suite"] and none["suite"]["answer_nll"]["macro"] > 0
+    some = evaluate(str(tiny_model_dir), suite_size=48, suite_accuracy_per_family=1, max_new_tokens=2)["suite"]
+    assert some["accuracy_records"] == len(some["per_family"]) == 12 < some["records"]
 
 
 def test_gap_closed_against_reference_evaluations(tiny_model_dir, tmp_path):
