@@ -305,6 +305,9 @@ def evaluate(
                                                              "--reference-pruned, report the share of each family's "
                                                              "answer-NLL gap closed.")] = None,
     reference_pruned: Annotated[str | None, typer.Option(help="The pruned model's eval.json (or folder).")] = None,
+    suite_accuracy_per_family: Annotated[int | None, typer.Option(help="Suite records per family whose answers "
+                                                                       "are generated for accuracy (default: "
+                                                                       "all; 0: answer NLL only).")] = None,
     window: Annotated[int | None, typer.Option(help="LLM-Pruner perplexity window (default 128).")] = None,
     long_window: Annotated[int | None, typer.Option(help="Long perplexity window (default: model context, "
                                                          "at most 2048).")] = None,
@@ -326,7 +329,8 @@ def evaluate(
 
     _offline_defaults()
     overrides = dict(text=text, heldout=heldout, suite_size=suite_size, suite_exclude=suite_exclude or None,
-                     reference_dense=reference_dense, reference_pruned=reference_pruned, window=window,
+                     reference_dense=reference_dense, reference_pruned=reference_pruned,
+                     suite_accuracy_per_family=suite_accuracy_per_family, window=window,
                      long_window=long_window,
                      batch_size=batch_size, dtype=dtype, lm_eval_tasks=lm_eval_task or None,
                      lm_eval_limit=lm_eval_limit)
