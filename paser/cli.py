@@ -33,6 +33,10 @@ def _fail(err: Exception) -> typer.Exit:
     return typer.Exit(code=2)
 
 
+TRUST_HELP = ("Unpickle whole a pickle that paser's restricted reader refuses (it can run code hidden in the file); "
+              "LLM-Pruner checkpoints need no flag.")
+
+
 def _layer_range(text: str | None, option: str) -> tuple[int, int] | None:
     if text is None:
         return None
@@ -85,8 +89,7 @@ def prune(
                                                      "given here override it.")] = None,
     export_pickle: Annotated[Path | None, typer.Option(help="Also write LLM-Pruner's pickle layout "
                                                             "to this file.")] = None,
-    trust_pickle: Annotated[bool, typer.Option(help="Allow loading an LLM-Pruner pickle checkpoint "
-                                                    "(unpickling can run arbitrary code).")] = False,
+    trust_pickle: Annotated[bool, typer.Option(help=TRUST_HELP)] = False,
     dtype: Annotated[str, typer.Option(help="Weights dtype while pruning and saving.")] = "float32",
     flow: Annotated[bool, typer.Option("--flow/--no-flow", help="Run through the Prefect flow (default) or "
                                        "call the library directly.")] = True,
@@ -173,8 +176,7 @@ def select(
     method: Annotated[str | None, typer.Option(help="paser (default); baselines random, full, longest, "
                                                     "shortest, pruned_loss; ablations uniform, random_order, "
                                                     "no_cost, no_ccg, kmeans.")] = None,
-    trust_pickle: Annotated[bool, typer.Option(help="Allow LLM-Pruner pickle checkpoints (unpickling can "
-                                                    "run arbitrary code).")] = False,
+    trust_pickle: Annotated[bool, typer.Option(help=TRUST_HELP)] = False,
     engine: Annotated[str | None, typer.Option(help="Where degradation shards run: local, dask or ray "
                                                     "(default local).")] = None,
     address: Annotated[str | None, typer.Option(help="Dask scheduler or Ray cluster address (default: start "
@@ -247,7 +249,7 @@ def recover(
     seed: Annotated[int | None, typer.Option(help="Seed of the LoRA initialisation, dropout and record order "
                                                   "(default 0); the validation split has its own (val_seed).")] = None,
     restart: Annotated[bool, typer.Option(help="Discard a checkpoint in --out instead of resuming.")] = False,
-    trust_pickle: Annotated[bool, typer.Option(help="Allow an LLM-Pruner pickle checkpoint.")] = False,
+    trust_pickle: Annotated[bool, typer.Option(help=TRUST_HELP)] = False,
     flow: Annotated[bool, typer.Option("--flow/--no-flow", help="Run through the Prefect flow (default) or "
                                        "call the library directly.")] = True,
 ) -> None:
@@ -318,7 +320,7 @@ def evaluate(
                                "seven zero-shot tasks, an lm-eval task name, a local multiple-choice JSONL file "
                                "(query, choices, gold) or a task YAML.")] = None,
     lm_eval_limit: Annotated[int | None, typer.Option(help="Records per lm-eval task (default: all).")] = None,
-    trust_pickle: Annotated[bool, typer.Option(help="Allow an LLM-Pruner pickle checkpoint.")] = False,
+    trust_pickle: Annotated[bool, typer.Option(help=TRUST_HELP)] = False,
     flow: Annotated[bool, typer.Option("--flow/--no-flow", help="Run through the Prefect flow (default) or "
                                        "call the library directly.")] = True,
 ) -> None:
@@ -362,7 +364,7 @@ def run(
     out: Annotated[Path, typer.Option(help="Run folder.")] = Path("runs/run"),
     config: Annotated[Path | None, typer.Option(help="One YAML for every stage (select sections, prune, "
                                                      "recover, evaluate).")] = None,
-    trust_pickle: Annotated[bool, typer.Option(help="Allow LLM-Pruner pickle checkpoints.")] = False,
+    trust_pickle: Annotated[bool, typer.Option(help=TRUST_HELP)] = False,
 ) -> None:
     """The whole pipeline: prune (optional) -> select -> recover -> evaluate dense, pruned and recovered."""
     _offline_defaults()

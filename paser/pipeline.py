@@ -90,7 +90,8 @@ class SelectConfig:
     out: str = "runs/select"
     """The run folder."""
     trust_pickle: bool = False
-    """Allow LLM-Pruner pickle checkpoints (unpickling can run code)."""
+    """Unpickle whole a pickle the restricted reader refuses (it can run code); LLM-Pruner
+    checkpoints need no flag."""
     seed: int = 0
     """Seed for every random choice: the same inputs and seed give the same selection."""
     progress: bool = True
