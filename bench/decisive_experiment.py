@@ -3,6 +3,7 @@
     python bench/decisive_experiment.py                                  # every setting, every arm
     python bench/decisive_experiment.py --settings suite-25 --arms rec:paser rec:random-0
     python bench/decisive_experiment.py --smoke                          # minutes: tiny sizes, 2 steps
+    python bench/decisive_experiment.py --report-only                    # results.md from the finished arms
 
 Models: the bundled SmolLM2-135M-Instruct (dense) and its `paser prune` twins (Taylor, cached).
 
@@ -317,6 +318,7 @@ def main(argv=None) -> None:
                     help="suite records per family whose answers are generated for accuracy")
     ap.add_argument("--shared-machine", action="store_true", help="mark the timings as taken beside other work")
     ap.add_argument("--smoke", action="store_true", help="tiny sizes and 2 steps per arm, for a quick check")
+    ap.add_argument("--report-only", action="store_true", help="write results.md from the finished arms, run none")
     args = ap.parse_args(argv)
     if args.smoke:
         args.suite_pool, args.suite_heldout, args.alpaca_pool, args.alpaca_heldout = 60, 36, 60, 12
@@ -324,7 +326,7 @@ def main(argv=None) -> None:
     results, out = Path(args.results), Path(args.out)
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; settings "
           f"{' '.join(args.settings)}", flush=True)
-    for setting in args.settings:
+    for setting in [] if args.report_only else args.settings:
         known = arms_of(setting)
         wanted = args.arms or known
         unknown = [a for a in wanted if a.split("#")[0] not in known]
