@@ -244,6 +244,9 @@ def recover(
     cutoff: Annotated[int | None, typer.Option(help="Token cutoff (default 256).")] = None,
     val_size: Annotated[float | None, typer.Option(help="Held-out validation fraction or count (default "
                                                         "0.05).")] = None,
+    patience: Annotated[int | None, typer.Option(help="Stop once the validation loss has not improved for this "
+                                                      "many evaluations (every eval_every steps) and keep the "
+                                                      "best adapter (default: train every step).")] = None,
     dtype: Annotated[str | None, typer.Option(help="float32 (default) or bfloat16.")] = None,
     merge: Annotated[bool | None, typer.Option("--merge/--no-merge", help="Also save the merged model.")] = None,
     seed: Annotated[int | None, typer.Option(help="Seed of the LoRA initialisation, dropout and record order "
@@ -261,7 +264,7 @@ def recover(
     _offline_defaults()
     overrides = dict(epochs=epochs, max_steps=max_steps, learning_rate=learning_rate, batch_size=batch_size,
                      micro_batch_size=micro_batch_size, batch_tokens=batch_tokens, r=lora_r, alpha=lora_alpha,
-                     cutoff=cutoff, val_size=val_size, dtype=dtype, merge=merge, seed=seed)
+                     cutoff=cutoff, val_size=val_size, patience=patience, dtype=dtype, merge=merge, seed=seed)
     try:
         cfg = load_config(RecoverConfig, config, "recover", overrides)
         if flow:

@@ -83,6 +83,10 @@ class RecoverConfig:
     """Held-out validation records: a fraction of the training file (< 1) or a count; 0: none."""
     eval_every: int = 20
     """Optimizer steps between validation losses (and at the end)."""
+    patience: int | None = None
+    """Stop once the validation loss has not improved for this many evaluations in a row, and keep
+    the adapter of the best one (train until the validation loss stops improving); needs a
+    validation set. None: train every step."""
     save_every: int = 20
     """Optimizer steps between checkpoints."""
     dtype: Literal["float32", "bfloat16"] = "float32"
@@ -116,6 +120,8 @@ class RecoverConfig:
             raise ValueError(f"max_steps must be positive, got {self.max_steps}")
         if self.val_size < 0:
             raise ValueError(f"val_size must be >= 0, got {self.val_size}")
+        if self.patience is not None and self.patience < 1:
+            raise ValueError(f"patience must be positive, got {self.patience}")
         if self.batch_tokens is not None and self.batch_tokens < 1:
             raise ValueError(f"batch_tokens must be positive, got {self.batch_tokens}")
 
@@ -269,15 +275,16 @@ def _fingerprint(config: RecoverConfig, model_fp: str, train_ids: list[str]) -> 
     return h.hexdigest()[:16]
 
 
-def _save_checkpoint(folder: Path, model, optimizer, scheduler, step: int, fp: str, log: list[dict]) -> None:
+def _save_checkpoint(folder: Path, model, optimizer, scheduler, step: int, fp: str, log: list[dict],
+                     best: dict | None = None) -> None:
     from peft import get_peft_model_state_dict
 
     tmp = folder.with_name(f".{folder.name}.{os.getpid()}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     torch.save({"adapter": get_peft_model_state_dict(model), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "step": step, "fingerprint": fp, "log": log},
-               tmp / "state.pt")
+                "scheduler": scheduler.state_dict(), "step": step, "fingerprint": fp, "log": log,
+                "best": best or {}}, tmp / "state.pt")
     old = folder.with_name(f".{folder.name}.old")
     shutil.rmtree(old, ignore_errors=True)
     if folder.exists():
@@ -388,21 +395,28 @@ def recover(model: str, data: str, out: str | Path = "runs/recover", config: Rec
     ckpt_dir = out / "checkpoint"
     if restart:
         shutil.rmtree(ckpt_dir, ignore_errors=True)
+    if config.patience is not None and not val_ex:
+        raise ConfigError("patience stops on the validation loss: give a validation set (val_size > 0 or val_data)")
     state = _load_checkpoint(ckpt_dir, fp)
     start_step, log = 0, []
-    if state is not None:
-        from peft import set_peft_model_state_dict
+    # early stopping: the best validation loss so far, its step and adapter, evaluations since, stopped
+    best = {"loss": math.inf, "step": 0, "adapter": None, "since": 0, "stopped": False}
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
+    if state is not None:
         set_peft_model_state_dict(peft_model, state["adapter"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         start_step, log = state["step"], state["log"]
+        best |= state.get("best") or {}
 
     from tqdm.auto import tqdm
 
     t0 = time.perf_counter()
     bar = tqdm(total=len(steps), initial=start_step, desc="LoRA recovery", unit="step", disable=not config.progress)
     for step in range(start_step, len(steps)):
+        if best["stopped"]:
+            break
         # a per-step seed keeps dropout identical on a resumed run
         torch.manual_seed(config.seed * 1_000_003 + step)
         chosen = [train_ex[i] for i in steps[step]]
@@ -422,39 +436,52 @@ def recover(model: str, data: str, out: str | Path = "runs/recover", config: Rec
         last = step + 1 == len(steps)
         if val_ex and ((step + 1) % config.eval_every == 0 or last):
             entry["val_loss"] = validation_loss(peft_model, val_ex, pad_id, device, config.micro_batch_size)
+            if config.patience is not None:
+                if entry["val_loss"] < best["loss"]:
+                    adapter = get_peft_model_state_dict(peft_model)
+                    best |= {"loss": entry["val_loss"], "step": step + 1, "since": 0,
+                             "adapter": {k: v.detach().clone() for k, v in adapter.items()}}
+                else:
+                    best["since"] += 1
+                    best["stopped"] = best["since"] >= config.patience
         log.append(entry)
         bar.set_postfix(loss=f"{entry['loss']:.3f}")
         bar.update(1)
-        if (step + 1) % config.save_every == 0 and not last:
-            _save_checkpoint(ckpt_dir, peft_model, optimizer, scheduler, step + 1, fp, log)
+        if ((step + 1) % config.save_every == 0 or best["stopped"]) and not last:
+            _save_checkpoint(ckpt_dir, peft_model, optimizer, scheduler, step + 1, fp, log, best)
             with (out / "train_log.jsonl").open("w") as fh:
                 fh.writelines(json.dumps(e) + "\n" for e in log)
     bar.close()
     seconds = time.perf_counter() - t0
+    if best["adapter"] is not None:  # early stopping keeps the adapter of the best validation loss
+        set_peft_model_state_dict(peft_model, best["adapter"])
 
     peft_model.save_pretrained(out / "adapter")
     tokenizer.save_pretrained(out / "adapter")
     with (out / "train_log.jsonl").open("w") as fh:
         fh.writelines(json.dumps(e) + "\n" for e in log)
     training_curve(log, out / "training_curve.png")
-    _save_checkpoint(ckpt_dir, peft_model, optimizer, scheduler, len(steps), fp, log)
+    _save_checkpoint(ckpt_dir, peft_model, optimizer, scheduler, len(log), fp, log, best)
     if config.merge:
         save_merged(peft_model, tokenizer, loaded.kind, out / "merged", zeros)
     val_losses = [e["val_loss"] for e in log if "val_loss" in e]
-    step_tokens = [sum(len(train_ex[i].ids) for i in step) for step in steps]
-    mean_step = sum(step_tokens) / max(1, len(steps))
-    result = RecoveryResult(out, len(steps), log[0]["loss"] if log else math.nan, log[-1]["loss"] if log else math.nan,
-                            val_losses[-1] if val_losses else None, seconds, start_step,
-                            sum(scored_tokens(e) for e in train_ex), mean_step)
+    done = steps[:len(log)]  # fewer than planned when early stopping ended the run
+    step_tokens = [sum(len(train_ex[i].ids) for i in step) for step in done]
+    mean_step = sum(step_tokens) / max(1, len(done))
+    kept_val = best["loss"] if best["adapter"] is not None else (val_losses[-1] if val_losses else None)
+    result = RecoveryResult(out, len(done), log[0]["loss"] if log else math.nan, log[-1]["loss"] if log else math.nan,
+                            kept_val, seconds, start_step, sum(scored_tokens(e) for e in train_ex), mean_step)
     (out / "recovery.json").write_text(json.dumps({
         "model": str(model), "model_kind": loaded.kind, "data": str(data), "train_records": len(train),
         "val_records": len(val), "train_tokens": result.train_tokens,
         "batch_unit": "tokens" if config.batch_tokens else "records",
         "tokens_per_step": {"mean": round(mean_step, 1), "min": min(step_tokens, default=0),
                             "max": max(step_tokens, default=0)},
-        "records_per_step": round(sum(len(b) for b in steps) / max(1, len(steps)), 2),
+        "records_per_step": round(sum(len(b) for b in done) / max(1, len(done)), 2),
         "settings": {k: v for k, v in vars(config).items()},
-        "steps": len(steps), "resumed_from_step": start_step, "first_loss": result.first_loss,
+        "steps": len(done), "planned_steps": len(steps), "stopped_early": bool(best["stopped"]),
+        "best_step": best["step"] if best["adapter"] is not None else None,
+        "resumed_from_step": start_step, "first_loss": result.first_loss,
         "last_loss": result.last_loss, "val_loss": result.val_loss, "seconds": round(seconds, 2),
         "fingerprint": fp}, indent=2, default=str))
     return result

@@ -206,3 +206,39 @@ def test_recovery_seed_changes_training_noise_only(tiny_model_dir, train_file, t
     # ... trained on the same records: the validation split has its own seed
     assert done_a["train_records"] == done_c["train_records"] and done_a["fingerprint"] != done_c["fingerprint"]
     assert done_a["train_tokens"] == done_c["train_tokens"]
+
+
+def test_early_stopping_keeps_the_best_adapter_and_stays_stopped(tiny_model_dir, train_file, tmp_path):
+    from safetensors.torch import load_file
+
+    from paser.data import load_pool
+    from paser.errors import ConfigError
+    from paser.evaluation import response_nll
+    from paser.recovery import split_validation
+
+    # a learning rate too high for the tiny model: the validation loss soon stops improving
+    settings = FAST | {"learning_rate": 0.2, "eval_every": 1, "patience": 2, "epochs": 20}
+    result = recover(str(tiny_model_dir), train_file, tmp_path / "rec", **settings)
+    done = json.loads((tmp_path / "rec" / "recovery.json").read_text())
+    log = [json.loads(line) for line in (tmp_path / "rec" / "train_log.jsonl").read_text().splitlines()]
+    assert done["stopped_early"] and result.steps == len(log) < done["planned_steps"]
+    val = [e["val_loss"] for e in log]
+    best = min(range(len(val)), key=val.__getitem__)
+    assert done["best_step"] == best + 1 and len(val) - 1 - best == 2  # two evaluations without improvement
+    # the saved adapter is the best one: its validation loss is the best logged
+    from peft import PeftModel
+
+    from paser.models import load_model
+
+    loaded = load_model(str(tiny_model_dir))
+    adapted = PeftModel.from_pretrained(loaded.model, tmp_path / "rec" / "adapter").eval()
+    _, held = split_validation(load_pool(train_file).records, RecoverConfig(**settings))
+    assert response_nll(adapted, loaded.tokenizer, held, batch_size=4)["nll"] == pytest.approx(val[best], rel=1e-5)
+    assert result.val_loss == pytest.approx(val[best])
+    # the same command again trains nothing more and keeps the same adapter
+    before = load_file(tmp_path / "rec" / "adapter" / "adapter_model.safetensors")
+    again = recover(str(tiny_model_dir), train_file, tmp_path / "rec", **settings)
+    after = load_file(tmp_path / "rec" / "adapter" / "adapter_model.safetensors")
+    assert again.steps == result.steps and all(torch.equal(before[k], after[k]) for k in before)
+    with pytest.raises(ConfigError, match="give a validation set"):
+        recover(str(tiny_model_dir), train_file, tmp_path / "noval", **(settings | {"val_size": 0}))
