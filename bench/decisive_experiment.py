@@ -29,7 +29,9 @@ records a step), ``tok`` a 20% token budget (of the pool's tokens) and ``tok5`` 
 ``paser``, ``loss_gap`` (PASER with --signal loss_gap), ``no_cost``, ``uniform``,
 ``random-0``..``random-4``, ``longest``, ``shortest``, ``pruned_loss``; and once per setting
 ``none`` (the pruned model), ``dense`` and ``full`` (the whole pool, record batches). ``ARM#K``
-retrains ARM's subset with recovery seed K (training noise beside subset noise).
+retrains ARM's subset with recovery seed K (training noise beside subset noise); ``ARM~conv``
+retrains it until the validation loss (10% of the subset held out) has not improved for
+--conv-patience evaluations, at most --conv-epochs epochs (does the ranking survive convergence?).
 
 Recovery, identical for every arm: LoRA r 8, alpha 16, dropout 0.05, 2 epochs, cutoff 256, lr
 3e-4, fp32, no validation split. Every finished arm's figures go to RESULTS/<setting>/<arm>.json at
@@ -103,10 +105,15 @@ def prepare(setting: str, args, work: Path) -> dict:
     return {"kind": kind, "pool": pool, "pruned": pruned, "eval": evaluation}
 
 
+def base_arm(arm: str) -> str:
+    """``UNIT:METHOD`` of an arm written ``UNIT:METHOD[#SEED][~conv]``."""
+    return arm.split("~")[0].split("#")[0]
+
+
 def select_arm(arm: str, setup: dict, work: Path, args) -> tuple[Path, float]:
     """The arm's subset and its selection's wall time. One run folder per setting, so every arm
     reuses the pool's tokens, clusters and scores (an arm's time is then its increment)."""
-    unit, method = arm.split("#")[0].split(":") if ":" in arm else ("rec", arm)
+    unit, method = base_arm(arm).split(":") if ":" in arm else ("rec", arm)
     seed = int(method.split("-")[1]) if method.startswith("random-") else 0
     sections = {"select": {"data": str(setup["pool"]), "dense": args.dense, "pruned": setup["pruned"],
                            "budget": BUDGETS[unit], "out": str(work / "select"), "seed": seed, "progress": False,
@@ -117,7 +124,7 @@ def select_arm(arm: str, setup: dict, work: Path, args) -> tuple[Path, float]:
     seconds = time.perf_counter() - start
     folder = work / "subsets"
     folder.mkdir(exist_ok=True)
-    name = arm.split("#")[0].replace(":", "-")
+    name = base_arm(arm).replace(":", "-")
     for file in ("selected.jsonl", "clusters.json", "scores.parquet"):
         shutil.copyfile(run / file, folder / f"{name}.{file}")
     return folder / f"{name}.selected.jsonl", seconds
@@ -125,11 +132,16 @@ def select_arm(arm: str, setup: dict, work: Path, args) -> tuple[Path, float]:
 
 def recovery_config(arm: str, setup: dict, args) -> RecoverConfig:
     unit = arm.split(":")[0] if ":" in arm else "rec"
-    seed = int(arm.split("#")[1]) if "#" in arm else 0
+    seed = int(arm.split("#")[1].split("~")[0]) if "#" in arm else 0
     batch_tokens = None
     if unit.startswith("tok"):
         tokens = pd.read_parquet(setup["work"] / "select" / "tokens.parquet")["n_tokens"]
         batch_tokens = int(round(args.batch_size * tokens.mean()))
+    if arm.endswith("~conv"):  # the convergence check: until the validation loss stops improving
+        return RecoverConfig(epochs=args.conv_epochs, batch_size=args.batch_size,
+                             micro_batch_size=args.micro_batch_size, batch_tokens=batch_tokens,
+                             learning_rate=args.learning_rate, max_steps=args.max_steps, val_size=0.1,
+                             eval_every=args.conv_eval_every, patience=args.conv_patience, seed=seed, progress=False)
     return RecoverConfig(epochs=args.epochs, batch_size=args.batch_size, micro_batch_size=args.micro_batch_size,
                          batch_tokens=batch_tokens, learning_rate=args.learning_rate, max_steps=args.max_steps,
                          val_size=0, seed=seed, progress=False)
@@ -147,14 +159,15 @@ def run_arm(setting: str, arm: str, setup: dict, args) -> dict:
         summary = json.loads(subset.with_name(subset.name.replace("selected.jsonl", "clusters.json")).read_text())
         row |= {k: summary[k] for k in ("budget", "budget_unit", "selected", "selected_tokens",
                                         "selected_response_tokens")}
-        result = recover(setup["pruned"], str(subset), work / "recover" / arm.replace(":", "-"),
-                         recovery_config(arm, setup, args))
+        result = recover(setup["pruned"], str(subset), work / "recover" / _file(arm), recovery_config(arm, setup, args))
         done = json.loads((result.out / "recovery.json").read_text())
         row |= {"recovery_s": result.seconds, "steps": result.steps, "tokens_per_step": done["tokens_per_step"],
                 "batch_unit": done["batch_unit"], "train_loss": [result.first_loss, result.last_loss]}
+        if arm.endswith("~conv"):
+            row |= {k: done[k] for k in ("planned_steps", "stopped_early", "best_step", "val_loss")}
         model, adapter = setup["pruned"], str(result.out / "adapter")
     start = time.perf_counter()
-    ev = evaluate(model, adapter, work / "eval" / arm.replace(":", "-"), setup["eval"])
+    ev = evaluate(model, adapter, work / "eval" / _file(arm), setup["eval"])
     row["eval_s"] = time.perf_counter() - start
     suite = ev["suite"]
     row["suite"] = {k: suite[k] for k in ("records", "generated", "removed_overlap")} | {
@@ -314,6 +327,9 @@ def main(argv=None) -> None:
     ap.add_argument("--learning-rate", type=float, default=3e-4)
     ap.add_argument("--max-steps", type=int, default=None)
     ap.add_argument("--max-new-tokens", type=int, default=24)
+    ap.add_argument("--conv-epochs", type=float, default=10.0, help="~conv arms: most epochs")
+    ap.add_argument("--conv-eval-every", type=int, default=5, help="~conv arms: steps between validation losses")
+    ap.add_argument("--conv-patience", type=int, default=3, help="~conv arms: evaluations without improvement")
     ap.add_argument("--accuracy-per-family", type=int, default=10,
                     help="suite records per family whose answers are generated for accuracy")
     ap.add_argument("--shared-machine", action="store_true", help="mark the timings as taken beside other work")
@@ -329,7 +345,7 @@ def main(argv=None) -> None:
     for setting in [] if args.report_only else args.settings:
         known = arms_of(setting)
         wanted = args.arms or known
-        unknown = [a for a in wanted if a.split("#")[0] not in known]
+        unknown = [a for a in wanted if base_arm(a) not in known]
         if unknown:
             raise SystemExit(f"{setting}: unknown arm(s) {unknown}; known: {known} (ARM#K for recovery seed K)")
         todo = [a for a in ("dense", "none", *wanted) if not (results / setting / f"{_file(a)}.json").is_file()]
@@ -350,7 +366,7 @@ def main(argv=None) -> None:
 
 
 def _file(arm: str) -> str:
-    return arm.replace(":", "-").replace("#", "-seed")
+    return arm.replace(":", "-").replace("#", "-seed").replace("~", "-")
 
 
 if __name__ == "__main__":

@@ -19,15 +19,18 @@ def test_smoke_experiment_runs_resumes_and_reports(tiny_pair, tmp_path, capsys):
     dense, pruned = tiny_pair
     argv = ["--settings", "suite-25", "--dense", dense, "--pruned", pruned, "--smoke", "--out", str(tmp_path / "work"),
             "--results", str(tmp_path / "results"), "--arms", "rec:paser", "rec:random-0", "rec:random-1",
-            "tok:paser", "tok:random-0", "tok:random-1", "rec:paser#1"]
+            "tok:paser", "tok:random-0", "tok:random-1", "rec:paser#1", "rec:paser~conv"]
     exp.main(argv)
     files = sorted(p.name for p in (tmp_path / "results" / "suite-25").glob("*.json"))
     assert files == sorted(["dense.json", "none.json", "rec-paser.json", "rec-random-0.json", "rec-random-1.json",
-                            "tok-paser.json", "tok-random-0.json", "tok-random-1.json", "rec-paser-seed1.json"])
+                            "tok-paser.json", "tok-random-0.json", "tok-random-1.json", "rec-paser-seed1.json",
+                            "rec-paser-conv.json"])
     row = json.loads((tmp_path / "results" / "suite-25" / "tok-paser.json").read_text())
     assert row["budget_unit"] == "tokens" and row["selected_tokens"] <= row["budget"]
     assert row["batch_unit"] == "tokens" and row["steps"] == 2
     assert row["suite"]["removed_overlap"] > 0  # the held-out suite leaves out the pool's prompts
+    conv = json.loads((tmp_path / "results" / "suite-25" / "rec-paser-conv.json").read_text())
+    assert conv["val_loss"] is not None and "stopped_early" in conv
     text = (tmp_path / "results" / "results.md").read_text()
     assert "rec:paser minus the random mean" in text and "tok:paser minus the random mean" in text
     assert "paired bootstrap 95%" in text and "Per family (suite-25" in text
