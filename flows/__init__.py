@@ -12,6 +12,7 @@ its UI still get every log. ``PASER_DEBUG=1`` (``paser --debug``) shows everythi
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from pathlib import Path
@@ -33,7 +34,8 @@ def configure_prefect(home: str | Path | None = None) -> None:
     Path(os.environ["PREFECT_HOME"]).expanduser().mkdir(parents=True, exist_ok=True)
 
 
-def _user_error_names() -> set[str]:
+@functools.cache
+def _user_error_names() -> frozenset[str]:
     from paser.errors import PaserError
 
     names, todo = set(), [PaserError]
@@ -41,7 +43,7 @@ def _user_error_names() -> set[str]:
         cls = todo.pop()
         names.add(cls.__name__)
         todo += cls.__subclasses__()
-    return names
+    return frozenset(names)
 
 
 class HideUserErrors(logging.Filter):

@@ -57,8 +57,10 @@ def _group(debug: Annotated[bool, typer.Option("--debug", help="Show Prefect's f
 
 def _quiet_flows() -> None:
     """Errors the user can fix reach the terminal as one line, not as Prefect's tracebacks."""
-    from flows import hide_user_errors
-    from flows.selection import selection_flow  # noqa: F401  (sets up Prefect's logging)
+    from flows import configure_prefect, hide_user_errors
+
+    configure_prefect()
+    import prefect.main  # noqa: F401  (sets up Prefect's logging handlers)
 
     hide_user_errors()
 

@@ -219,15 +219,13 @@ def pool_prompts(source: str) -> set[tuple[str, str]]:
     """The (instruction, input) pairs of a pool: ``embedded`` (the embedded default pool), a
     ``paser select`` run folder, or an instruction file."""
     from paser.data import load_pool
+    from paser.pipeline import read_run_pool
     from paser.suite import suite_pool
 
     if source == "embedded":
         records = suite_pool(1000, 0).records
     elif (Path(source) / "pool.parquet").is_file():
-        import pandas as pd
-
-        frame = pd.read_parquet(Path(source) / "pool.parquet", columns=["instruction", "input"])
-        return set(zip(frame["instruction"], frame["input"]))
+        records = read_run_pool(Path(source))
     else:
         records = load_pool(source).records
     return {(r.instruction, r.input) for r in records}

@@ -33,12 +33,8 @@ from __future__ import annotations
 import codecs
 import collections
 import dataclasses
-import hashlib
 import json
-import os
 import pickle
-import shutil
-import tempfile
 import types
 from pathlib import Path
 
@@ -223,12 +219,10 @@ def import_checkpoint(path: str | Path, tokenizer_from: str | None = None) -> Pa
     from transformers import AutoConfig
 
     from paser.layers import FORMAT_VERSION, PRUNED_MARKER, WEIGHTS_FILE
-    from paser.models import cache_dir, load_tokenizer
+    from paser.models import converted_folder, load_tokenizer, write_folder
 
     path = Path(path)
-    stat = path.stat()
-    key = hashlib.sha256(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
-    target = cache_dir() / "models" / f"{path.stem}-llm-pruner-{key}"
+    target = converted_folder(path, "llm-pruner-")
     if (target / PRUNED_MARKER).is_file():
         return target
     obj = restricted_load(path)
@@ -261,20 +255,15 @@ def import_checkpoint(path: str | Path, tokenizer_from: str | None = None) -> Pa
     keep = {n: t.contiguous() for n, t in tensors.items() if not n.endswith("rotary_emb.inv_freq")}
     if config.tie_word_embeddings:
         keep.pop("lm_head.weight", None)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
-        config.save_pretrained(tmp)
-        save_file(keep, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
-        tokenizer.save_pretrained(tmp)
-        (tmp / PRUNED_MARKER).write_text(json.dumps({
+
+    def write(folder: Path) -> None:
+        config.save_pretrained(folder)
+        save_file(keep, str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
+        tokenizer.save_pretrained(folder)
+        (folder / PRUNED_MARKER).write_text(json.dumps({
             "format": "paser-pruned", "version": FORMAT_VERSION,
             "layers": [dataclasses.asdict(s) for s in shapes], "imported_from": str(path),
             "source": "LLM-Pruner checkpoint", "tokenizer_from": tokenizer_source}, indent=2) + "\n")
-        os.replace(tmp, target)
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not (target / PRUNED_MARKER).is_file():
-            raise
-    return target
+
+    return write_folder(target, write, PRUNED_MARKER)
 

@@ -134,16 +134,34 @@ def _require_gguf(path: Path) -> None:
         ) from None
 
 
-def gguf_to_folder(path: Path) -> Path:
-    """Convert a GGUF file to a safetensors folder once; later calls return the cached folder.
-
-    The cache key is the file's name, size and modification time; the conversion is written to a
-    temporary folder and renamed into place, so an interrupted conversion leaves nothing behind.
-    """
-    _require_gguf(path)
+def converted_folder(path: Path, label: str = "") -> Path:
+    """Where a model file's one-time conversion is cached: keyed by the file's resolved path, size
+    and modification time."""
     stat = path.stat()
     key = hashlib.sha256(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
-    target = cache_dir() / "models" / f"{path.stem}-{key}"
+    return cache_dir() / "models" / f"{path.stem}-{label}{key}"
+
+
+def write_folder(target: Path, write, marker: str) -> Path:
+    """``write(folder)`` into a temporary folder renamed to ``target`` when done, so an interrupted
+    conversion leaves nothing behind; ``marker`` is the file a finished folder has (another
+    process may have won the race)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        write(tmp)
+        os.replace(tmp, target)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (target / marker).is_file():
+            raise
+    return target
+
+
+def gguf_to_folder(path: Path) -> Path:
+    """Convert a GGUF file to a safetensors folder once; later calls return the cached folder."""
+    _require_gguf(path)
+    target = converted_folder(path)
     if (target / "config.json").is_file():
         return target
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -159,17 +177,12 @@ def gguf_to_folder(path: Path) -> Path:
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        os.replace(tmp, target)
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not (target / "config.json").is_file():  # another process won the race otherwise
-            raise
-    return target
+
+    def write(folder: Path) -> None:
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+
+    return write_folder(target, write, "config.json")
 
 
 def _one_line(err: BaseException) -> str:

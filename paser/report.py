@@ -94,10 +94,11 @@ def rejections_figure(clusters: list[dict]):
     return fig
 
 
-def _plots(run: Path, scores: pd.DataFrame, summary: dict, signal: str) -> list[str]:
+def _plots(run: Path, scores: pd.DataFrame, summary: dict) -> list[str]:
     import matplotlib
 
     matplotlib.use("Agg")
+    signal = summary["signal"]
     figures = {
         "cluster_map.png": map_figure(np.load(run / "manifold.npz")["coords"], scores["cluster"], scores[signal],
                                       signal),
@@ -204,7 +205,7 @@ def write_report(settings, run: Path) -> Path:
     manifest = _manifest_base(settings, data, timings, summary) | {"models": models,
                                                                    "adjusted_rand_index_vs_family": ari}
     (run / "manifest.json").write_text(json.dumps(manifest, indent=2))
-    plots = _plots(run, scores, summary, summary["signal"])
+    plots = _plots(run, scores, summary)
 
     status = scores["status"].value_counts().to_dict()
     truncated = int(scores["truncated"].sum())
