@@ -315,20 +315,20 @@ def stage_tokens(settings: Settings, run: Path) -> Path:
         token_table(dense_tokenizer(settings), read_run_pool(run), settings.score), path))
 
 
-def budget_for_pool(settings: Settings, tokens: pd.Series) -> tuple[int, str]:
-    """The budget in its unit (records or tokens) for a pool whose records have ``tokens``; a clear
-    error when the pool cannot hold it or a token budget is below the shortest record."""
-    budget = parse_budget(settings.select.budget)
-    amount = budget.resolve(len(tokens), int(tokens.sum()))
-    if budget.tokens and len(tokens) and amount < int(tokens.min()):
-        raise ValueError(f"budget of {amount} tokens is smaller than the shortest record "
-                         f"({int(tokens.min())} tokens under the {settings.score.cutoff}-token cutoff)")
-    return amount, budget.unit
-
-
 def resolve_run_budget(settings: Settings, run: Path) -> tuple[int, str]:
-    """``budget_for_pool`` for the run's pool (its tokens.parquet)."""
-    return budget_for_pool(settings, pd.read_parquet(run / "tokens.parquet", columns=["n_tokens"])["n_tokens"])
+    """The budget in its unit (records or tokens) for the run's pool (its tokens.parquet); a
+    ConfigError when the pool cannot hold it or a token budget is below the shortest record. Runs
+    right after the token count, before any embedding or model."""
+    budget = parse_budget(settings.select.budget)
+    tokens = pd.read_parquet(run / "tokens.parquet", columns=["n_tokens"])["n_tokens"]
+    try:
+        amount = budget.resolve(len(tokens), int(tokens.sum()))
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    if budget.tokens and len(tokens) and amount < int(tokens.min()):
+        raise ConfigError(f"budget of {amount} tokens is smaller than the shortest record "
+                          f"({int(tokens.min())} tokens under the {settings.score.cutoff}-token cutoff)")
+    return amount, budget.unit
 
 
 def read_run_pool(run: Path) -> list[Record]:
@@ -759,26 +759,22 @@ def stage_baseline(settings: Settings, run: Path) -> Path:
 
 def preflight(settings: Settings) -> None:
     """Check what can be checked cheaply before any stage starts, so a bad input fails in a
-    second with one clear message: the pool, the budget against its size (in tokens: against the
-    pool's tokens and its shortest record), the model references, and (when the pruned model is
-    given) that the two tokenizers match."""
-    from paser.degradation import token_table
-    from paser.models import check_reference, check_same_tokenizer, load_tokenizer
+    second with one clear message: the pool, a record budget against its size, the model
+    references, and (when the pruned model is given) that the two tokenizers match. A token budget
+    is checked once the tokens are counted, the stage right after the data."""
+    from paser.models import check_same_tokenizer, load_tokenizer
 
     cfg = settings.select
     pool = read_input_pool(cfg)
     budget = parse_budget(cfg.budget)
     if not budget.tokens:
         budget.resolve(len(pool))
-    check_reference(cfg.dense, cfg.trust_pickle)
+    # loading a tokenizer resolves its model reference: a missing or refused model fails here
     dense_tok = load_tokenizer(cfg.dense, cfg.trust_pickle)
-    if budget.tokens and dense_tok is not None:
-        budget_for_pool(settings, token_table(dense_tok, pool.records, settings.score)["n_tokens"])
     if settings.baseline:
         return  # random, full, longest and shortest use the tokenizer only
     if cfg.pruned is not None:
         # an LLM-Pruner checkpoint is imported here (once, cached), so a refusal comes before any stage
-        check_reference(cfg.pruned, cfg.trust_pickle, tokenizer_from=cfg.dense)
         pruned_tok = load_tokenizer(cfg.pruned, cfg.trust_pickle, tokenizer_from=cfg.dense)
         if dense_tok is not None and pruned_tok is not None:
             check_same_tokenizer(dense_tok, pruned_tok, cfg.dense, cfg.pruned)
