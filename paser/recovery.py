@@ -35,6 +35,7 @@ from typing import Literal
 
 import torch
 
+from paser.distill import DIVERGENCES, OBJECTIVES, TopKCache, cache_fingerprint, divergence, in_memory_targets
 from paser.errors import ConfigError, DataError
 from paser.prompts import tokenize_example
 
@@ -102,6 +103,24 @@ class RecoverConfig:
     training records)."""
     merge: bool = False
     """Also save the model with the adapter merged in (merged/)."""
+    objective: Literal["sft", "distill", "mix"] = "sft"
+    """What the pruned model learns at each response position: sft, the reference response's next
+    token (cross-entropy); distill, the teacher's (dense model's) next-token distribution
+    (``divergence``); mix, mix_weight * sft + (1 - mix_weight) * distill. See paser.distill."""
+    teacher: str | None = None
+    """The teacher of distill and mix: any model reference paser loads. Default: the dense model of
+    the selection run whose selected.jsonl is the training data."""
+    divergence: Literal["kl", "jsd"] = "kl"
+    """Distillation divergence: kl, forward KL(teacher || student); jsd, as scoring measures it."""
+    temperature: float = 1.0
+    """Softens both distributions before the divergence (the loss is scaled by its square)."""
+    mix_weight: float = 0.5
+    """The SFT share of the mix objective."""
+    teacher_top_k: int | None = None
+    """None: the teacher stays in memory beside the student (exact). k: the teacher runs alone
+    first and its top-k log-probabilities per response token are cached on disk (teacher_topk/),
+    for pairs that do not fit together; the divergence then merges every other token into one
+    bucket (exact when k is the vocabulary, a lower bound otherwise)."""
     progress: bool = True
     """Progress bar with the loss."""
 
@@ -124,6 +143,16 @@ class RecoverConfig:
             raise ValueError(f"patience must be positive, got {self.patience}")
         if self.batch_tokens is not None and self.batch_tokens < 1:
             raise ValueError(f"batch_tokens must be positive, got {self.batch_tokens}")
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
+        if self.divergence not in DIVERGENCES:
+            raise ValueError(f"divergence must be one of {DIVERGENCES}, got {self.divergence!r}")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be positive, got {self.temperature}")
+        if not 0 <= self.mix_weight <= 1:
+            raise ValueError(f"mix_weight must be in [0, 1], got {self.mix_weight}")
+        if self.teacher_top_k is not None and self.teacher_top_k < 1:
+            raise ValueError(f"teacher_top_k must be positive, got {self.teacher_top_k}")
 
 
 @dataclass
@@ -164,21 +193,44 @@ def collate(batch: list[Example], pad_id: int, device) -> dict[str, torch.Tensor
     return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device)}
 
 
-def token_losses(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per row of the batch: the summed next-token cross-entropy over its labelled (response)
-    tokens, and their count. Only the labelled positions are taken to fp32."""
+def _labelled(model, batch: dict[str, torch.Tensor]):
+    """(logits at the positions that predict a labelled token [M, V], per-row NLL sums [B], per-row
+    counts [B]), rows in row-major order. Only the labelled positions are taken to fp32."""
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     targets = batch["labels"][:, 1:]
     keep = targets != IGNORE
-    nll = torch.nn.functional.cross_entropy(logits[:, :-1][keep].float(), targets[keep], reduction="none")
+    kept = logits[:, :-1][keep]
+    nll = torch.nn.functional.cross_entropy(kept.float(), targets[keep], reduction="none")
     rows = keep.nonzero()[:, 0]
-    return torch.zeros(len(keep), dtype=nll.dtype, device=nll.device).index_add(0, rows, nll), keep.sum(1)
+    return kept, torch.zeros(len(keep), dtype=nll.dtype, device=nll.device).index_add(0, rows, nll), keep.sum(1)
+
+
+def token_losses(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row of the batch: the summed next-token cross-entropy over its labelled (response)
+    tokens, and their count."""
+    _, sums, counts = _labelled(model, batch)
+    return sums, counts
 
 
 def token_loss_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
     """Summed next-token cross-entropy over the labelled (response) tokens, and their count."""
     sums, counts = token_losses(model, batch)
     return sums.sum(), int(counts.sum())
+
+
+def objective_loss_sum(model, batch: dict[str, torch.Tensor], config: RecoverConfig,
+                       targets=None) -> tuple[torch.Tensor, float, float | None]:
+    """(the summed training loss of ``config.objective`` over the labelled tokens, to divide by
+    the step's token count; its summed NLL; its summed divergence from the teacher's ``targets``,
+    None for sft)."""
+    if config.objective == "sft":
+        loss, _ = token_loss_sum(model, batch)
+        return loss, float(loss.detach()), None
+    kept, sums, _ = _labelled(model, batch)
+    nll = sums.sum()
+    div = divergence(targets, kept, config.divergence, config.temperature).sum()
+    loss = div if config.objective == "distill" else config.mix_weight * nll + (1 - config.mix_weight) * div
+    return loss, float(nll.detach()), float(div.detach())
 
 
 def validation_loss(model, examples: list[Example], pad_id: int, device, batch_size: int) -> float:
@@ -266,9 +318,14 @@ def lora_model(model, config: RecoverConfig):
     return get_peft_model(model, lora)
 
 
+DISTILL_FIELDS = ("objective", "teacher", "divergence", "temperature", "mix_weight", "teacher_top_k")
+
+
 def _fingerprint(config: RecoverConfig, model_fp: str, train_ids: list[str]) -> str:
-    keep = {k: v for k, v in vars(config).items() if k not in ("progress", "merge", "device", "eval_every",
-                                                                 "save_every")}
+    # sft leaves the distillation fields out, so checkpoints made before they existed still resume
+    skip = ("progress", "merge", "device", "eval_every", "save_every") + (
+        DISTILL_FIELDS if config.objective == "sft" else ())
+    keep = {k: v for k, v in vars(config).items() if k not in skip}
     h = hashlib.sha256(json.dumps([keep, model_fp], sort_keys=True, default=str).encode())
     for rid in train_ids:
         h.update(rid.encode() + b"\x00")
@@ -355,6 +412,62 @@ class RecoveryResult:
     tokens_per_step: float = 0.0  # prompt + response tokens of the mean optimizer step
 
 
+def resolve_teacher(config: RecoverConfig, data: str) -> str:
+    """The teacher of distill and mix: ``config.teacher``, else the dense model of the selection
+    run that wrote ``data`` (its models.json, else its manifest)."""
+    if config.teacher is not None:
+        return config.teacher
+    from paser.models import DEFAULT_MODEL
+
+    run = Path(data).parent
+    if (run / "models.json").is_file():
+        return json.loads((run / "models.json").read_text())["dense"]["reference"]
+    if (run / "manifest.json").is_file():
+        return json.loads((run / "manifest.json").read_text())["settings"]["select"].get("dense") or DEFAULT_MODEL
+    raise ConfigError(f"objective {config.objective!r} learns from a teacher: give one (--teacher, recover.teacher), "
+                      f"or train on a selection run's selected.jsonl, whose dense model is the default; {data} is "
+                      "not in a run folder")
+
+
+def _teacher(reference: str, tokenizer, student: str, examples: list[Example], pad_id: int, device,
+             config: RecoverConfig, out: Path, trust_pickle: bool):
+    """(the teacher in memory, None), or with ``teacher_top_k`` (None, its finished top-k cache):
+    the teacher then runs alone, once per training record, and is released."""
+    from paser.models import check_same_tokenizer, load_model, model_fingerprint
+
+    loaded = load_model(reference, dtype=config.dtype, trust_pickle=trust_pickle, device=device)
+    check_same_tokenizer(loaded.tokenizer, tokenizer, str(reference), str(student))
+    teacher = loaded.model.requires_grad_(False)
+    if config.teacher_top_k is None:
+        return teacher, None
+    cache = TopKCache(out / "teacher_topk", cache_fingerprint(model_fingerprint(reference), config.teacher_top_k,
+                                                              config.temperature, examples))
+    from tqdm.auto import tqdm
+
+    with tqdm(total=len(examples), desc="teacher top-k", unit="rec", disable=not config.progress) as bar:
+        cache.build(teacher, examples, collate, pad_id, device, config.teacher_top_k, config.temperature,
+                    config.micro_batch_size, bar.update)
+    cache.vocab_size = _vocab_size(teacher)
+    del teacher, loaded
+    if str(device).startswith("cuda"):
+        torch.cuda.empty_cache()
+    cache.load(len(examples))
+    return None, cache
+
+
+def _vocab_size(model) -> int:
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return head.weight.shape[0] if head is not None else int(model.config.vocab_size)
+
+
+def _check_vocab(teacher, student, teacher_ref: str, student_ref: str) -> None:
+    """The teacher's and the student's next-token distributions must range over the same ids."""
+    size = teacher.vocab_size if isinstance(teacher, TopKCache) else _vocab_size(teacher)
+    if size != _vocab_size(student):
+        raise ConfigError(f"the teacher {teacher_ref} predicts over {size} token ids and the student {student_ref} "
+                          f"over {_vocab_size(student)}; distillation needs the same vocabulary")
+
+
 def recover(model: str, data: str, out: str | Path = "runs/recover", config: RecoverConfig | None = None, *,
             val_data: str | None = None, trust_pickle: bool = False, restart: bool = False,
             **overrides) -> RecoveryResult:
@@ -366,10 +479,9 @@ def recover(model: str, data: str, out: str | Path = "runs/recover", config: Rec
     """
     from paser.config import config_with
     from paser.data import load_pool
-    from paser.models import load_model, model_fingerprint
+    from paser.models import load_model, load_tokenizer, model_fingerprint
 
     config = config_with(config or RecoverConfig(), overrides)
-    out = Path(out)
     records = load_pool(data).records
     train, val = split_validation(records, config)
     if val_data is not None:
@@ -377,12 +489,30 @@ def recover(model: str, data: str, out: str | Path = "runs/recover", config: Rec
     if not train:
         raise DataError(f"{data}: no training records")
     device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    loaded = load_model(model, dtype=config.dtype, trust_pickle=trust_pickle, device=device)
-    tokenizer = loaded.tokenizer
+    teacher_ref = resolve_teacher(config, data) if config.objective != "sft" else None
+    out = Path(out)
+    # with a top-k cache the teacher runs before the student is loaded, so only the tokenizer first
+    tokenizer = load_tokenizer(model, trust_pickle, teacher_ref) if teacher_ref and config.teacher_top_k else None
+    loaded = None if tokenizer is not None else load_model(model, dtype=config.dtype, trust_pickle=trust_pickle,
+                                                           device=device, tokenizer_from=teacher_ref)
+    tokenizer = tokenizer or loaded.tokenizer
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     train_ex = encode_for_training(tokenizer, train, config)
     val_ex = encode_for_training(tokenizer, val, config)
-    fp = _fingerprint(config, model_fingerprint(model), [r.id for r in train])
+    model_fp = model_fingerprint(model) + (f"+teacher:{model_fingerprint(teacher_ref)}" if teacher_ref else "")
+    fp = _fingerprint(config, model_fp, [r.id for r in train])
+    teacher = cache = None
+    teacher_seconds = 0.0
+    if teacher_ref is not None:
+        start = time.perf_counter()
+        teacher, cache = _teacher(teacher_ref, tokenizer, model, train_ex, pad_id, device, config, out,
+                                  trust_pickle)
+        teacher_seconds = time.perf_counter() - start
+    if loaded is None:
+        loaded = load_model(model, dtype=config.dtype, trust_pickle=trust_pickle, device=device,
+                            tokenizer_from=teacher_ref)
+    if teacher_ref is not None:
+        _check_vocab(teacher if teacher is not None else cache, loaded.model, teacher_ref, model)
 
     zeros = sparsity(loaded.model)
     peft_model = lora_model(loaded.model, config)
@@ -421,15 +551,23 @@ def recover(model: str, data: str, out: str | Path = "runs/recover", config: Rec
         torch.manual_seed(config.seed * 1_000_003 + step)
         chosen = [train_ex[i] for i in steps[step]]
         n_tokens = sum(scored_tokens(e) for e in chosen)
-        total = 0.0
+        total = nll = div = 0.0
         for lo in range(0, len(chosen), config.micro_batch_size):
-            loss, _ = token_loss_sum(peft_model, collate(chosen[lo:lo + config.micro_batch_size], pad_id, device))
+            batch = collate(chosen[lo:lo + config.micro_batch_size], pad_id, device)
+            targets = None
+            if cache is not None:
+                targets = cache.targets(steps[step][lo:lo + config.micro_batch_size], device)
+            elif teacher is not None:
+                targets = in_memory_targets(teacher, batch, config.temperature)
+            loss, part_nll, part_div = objective_loss_sum(peft_model, batch, config, targets)
             (loss / n_tokens).backward()
-            total += float(loss.detach())
+            total, nll, div = total + float(loss.detach()), nll + part_nll, div + (part_div or 0.0)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         entry = {"step": step + 1, "loss": total / n_tokens, "lr": scheduler.get_last_lr()[0]}
+        if config.objective != "sft":
+            entry |= {"nll": nll / n_tokens, "divergence": div / n_tokens}
         if not math.isfinite(entry["loss"]):
             raise FloatingPointError(f"step {step + 1}: loss is {entry['loss']}; lower the learning rate or "
                                      "train in float32")
@@ -479,6 +617,11 @@ def recover(model: str, data: str, out: str | Path = "runs/recover", config: Rec
                             "max": max(step_tokens, default=0)},
         "records_per_step": round(sum(len(b) for b in done) / max(1, len(done)), 2),
         "settings": {k: v for k, v in vars(config).items()},
+        "objective": config.objective if teacher_ref is None else {
+            "objective": config.objective, "teacher": str(teacher_ref), "divergence": config.divergence,
+            "temperature": config.temperature, "mix_weight": config.mix_weight if config.objective == "mix" else None,
+            "teacher_targets": "in memory (exact)" if cache is None else f"top-{config.teacher_top_k} cache on disk",
+            "teacher_seconds": round(teacher_seconds, 2)},
         "steps": len(done), "planned_steps": len(steps), "stopped_early": bool(best["stopped"]),
         "best_step": best["step"] if best["adapter"] is not None else None,
         "resumed_from_step": start_step, "first_loss": result.first_loss,
