@@ -63,8 +63,9 @@ def pipeline_flow(dense: str | None = None, pruned: str | None = None, data: str
     results = {}
     for name, model, adapter in (("dense", dense, None), ("pruned", pruned, None),
                                  ("recovered", pruned, str(Path(recovered) / "adapter"))):
-        results[name] = evaluation_flow(model, adapter, str(root / "eval" / name),
-                                        overrides=evaluate | (references if name == "recovered" else {}),
+        # how far the pruned and the recovered model's distributions are from the dense one's
+        extra = ({} if name == "dense" else {"divergence_from": dense}) | (references if name == "recovered" else {})
+        results[name] = evaluation_flow(model, adapter, str(root / "eval" / name), overrides=evaluate | extra,
                                         trust_pickle=trust_pickle)
     (root / "run.md").write_text(comparison_table(results))
     return str(root)

@@ -253,6 +253,18 @@ def recover(
     merge: Annotated[bool | None, typer.Option("--merge/--no-merge", help="Also save the merged model.")] = None,
     seed: Annotated[int | None, typer.Option(help="Seed of the LoRA initialisation, dropout and record order "
                                                   "(default 0); the validation split has its own (val_seed).")] = None,
+    objective: Annotated[str | None, typer.Option(help="sft (default): learn the reference responses; distill: "
+                                                       "learn the teacher's next-token distribution on them; mix: "
+                                                       "both (--mix-weight is the sft share).")] = None,
+    teacher: Annotated[str | None, typer.Option(help="Teacher of distill/mix (default: the dense model of the "
+                                                     "selection run whose selected.jsonl is --data).")] = None,
+    divergence: Annotated[str | None, typer.Option(help="Distillation divergence: kl (default, forward "
+                                                        "KL(teacher||student)) or jsd.")] = None,
+    temperature: Annotated[float | None, typer.Option(help="Distillation temperature (default 1).")] = None,
+    mix_weight: Annotated[float | None, typer.Option(help="SFT share of --objective mix (default 0.5).")] = None,
+    teacher_top_k: Annotated[int | None, typer.Option(help="Run the teacher alone first and cache its top-k "
+                                                           "log-probabilities on disk (for pairs that do not fit "
+                                                           "together; default: teacher in memory).")] = None,
     restart: Annotated[bool, typer.Option(help="Discard a checkpoint in --out instead of resuming.")] = False,
     trust_pickle: Annotated[bool, typer.Option(help=TRUST_HELP)] = False,
     flow: Annotated[bool, typer.Option("--flow/--no-flow", help="Run through the Prefect flow (default) or "
@@ -266,7 +278,9 @@ def recover(
     _offline_defaults()
     overrides = dict(epochs=epochs, max_steps=max_steps, learning_rate=learning_rate, batch_size=batch_size,
                      micro_batch_size=micro_batch_size, batch_tokens=batch_tokens, r=lora_r, alpha=lora_alpha,
-                     cutoff=cutoff, val_size=val_size, patience=patience, dtype=dtype, merge=merge, seed=seed)
+                     cutoff=cutoff, val_size=val_size, patience=patience, dtype=dtype, merge=merge, seed=seed,
+                     objective=objective, teacher=teacher, divergence=divergence, temperature=temperature,
+                     mix_weight=mix_weight, teacher_top_k=teacher_top_k)
     try:
         cfg = load_config(RecoverConfig, config, "recover", overrides)
         if flow:
@@ -289,8 +303,13 @@ def recover(
     val = f", validation loss {done['val_loss']:.4f}" if done["val_loss"] is not None else ""
     step = (f"about {done['settings']['batch_tokens']} tokens" if done["batch_unit"] == "tokens"
             else f"{done['settings']['batch_size']} records")
+    kind = done["objective"]
+    if isinstance(kind, dict):
+        kind = (f"{kind['objective']} from {kind['teacher']} ({kind['divergence']}, temperature "
+                f"{kind['temperature']}, teacher {kind['teacher_targets']})")
     typer.echo(f"{done['steps']} steps (batches of {step}; {done['tokens_per_step']['mean']:.0f} tokens per step "
-               f"on average) in {done['seconds']:.1f} s: loss {done['first_loss']:.4f} -> {done['last_loss']:.4f}{val}")
+               f"on average) in {done['seconds']:.1f} s: {kind} loss {done['first_loss']:.4f} -> "
+               f"{done['last_loss']:.4f}{val}")
     typer.echo(f"adapter: {out / 'adapter'}")
 
 
@@ -312,6 +331,9 @@ def evaluate(
                                                              "--reference-pruned, report the share of each family's "
                                                              "answer-NLL gap closed.")] = None,
     reference_pruned: Annotated[str | None, typer.Option(help="The pruned model's eval.json (or folder).")] = None,
+    divergence_from: Annotated[str | None, typer.Option(help="A model (the dense one): report the mean token JSD "
+                                                             "to it on the held-out responses and suite answers "
+                                                             "(0: the same distributions).")] = None,
     suite_accuracy_per_family: Annotated[int | None, typer.Option(help="Suite records per family whose answers "
                                                                        "are generated for accuracy (default: "
                                                                        "all; 0: answer NLL only).")] = None,
@@ -337,8 +359,8 @@ def evaluate(
     _offline_defaults()
     overrides = dict(text=text, heldout=heldout, suite_size=suite_size, suite_exclude=suite_exclude or None,
                      reference_dense=reference_dense, reference_pruned=reference_pruned,
-                     suite_accuracy_per_family=suite_accuracy_per_family, window=window,
-                     long_window=long_window,
+                     divergence_from=divergence_from, suite_accuracy_per_family=suite_accuracy_per_family,
+                     window=window, long_window=long_window,
                      batch_size=batch_size, dtype=dtype, lm_eval_tasks=lm_eval_task or None,
                      lm_eval_limit=lm_eval_limit)
     try:
@@ -369,6 +391,8 @@ def run(
     out: Annotated[Path, typer.Option(help="Run folder.")] = Path("runs/run"),
     config: Annotated[Path | None, typer.Option(help="One YAML for every stage (select sections, prune, "
                                                      "recover, evaluate).")] = None,
+    objective: Annotated[str | None, typer.Option(help="Recovery objective: sft (default), distill (from the "
+                                                       "dense model) or mix; overrides recover.objective.")] = None,
     trust_pickle: Annotated[bool, typer.Option(help=TRUST_HELP)] = False,
 ) -> None:
     """The whole pipeline: prune (optional) -> select -> recover -> evaluate dense, pruned and recovered."""
@@ -386,7 +410,12 @@ def run(
 
         _quiet_flows()
 
+        if objective is not None:
+            from paser.recovery import RecoverConfig
+
+            RecoverConfig(objective=objective)  # a bad name fails here, before any stage
         folder = pipeline_flow(dense, pruned, data, budget, str(out), str(config) if config else None,
+                               overrides={"recover": {"objective": objective}} if objective else None,
                                trust_pickle=trust_pickle)
     except (PaserError, ValueError) as err:
         raise _fail(err) from None

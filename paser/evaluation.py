@@ -66,6 +66,10 @@ class EvalConfig:
     share of each family's dense-vs-pruned answer-NLL gap this model closed is reported."""
     reference_pruned: str | None = None
     """eval.json (or its folder) of the pruned model on the same suite."""
+    divergence_from: str | None = None
+    """A model (the dense one) whose next-token distributions this model's are compared with: the
+    mean token JSD on the held-out records' responses and on the suite's answers, per record,
+    per family and overall (how much of the dense behaviour came back; 0 = the same)."""
     max_new_tokens: int = 48
     """Tokens generated per suite answer."""
     suite_accuracy_per_family: int | None = None
@@ -295,6 +299,26 @@ def suite_accuracy(model, tokenizer, size: int, seed: int, template: str = "alpa
                      "examples": examples}
 
 
+def jsd_to(reference, model, tokenizer, records, template: str = "alpaca", cutoff: int = 256,
+           batch_size: int = 8) -> dict:
+    """Per record: the mean token JSD between ``reference``'s and ``model``'s next-token
+    distributions on its response (as degradation scoring measures it); their mean, and per family
+    for suite records."""
+    from paser.degradation import ScoreConfig, score_shard
+
+    config = ScoreConfig(template=template, cutoff=cutoff, batch_size=batch_size, share_prefix=False)
+    values = score_shard(reference, model, tokenizer, records, config)["jsd"].to_numpy()
+    out = {"records": len(records), "mean": float(np.nanmean(values)),
+           "per_record": {"id": [r.id for r in records], "jsd": values.tolist()}}
+    if records and "family" in records[0].fields:
+        families: dict[str, list[float]] = {}
+        for record, value in zip(records, values):
+            families.setdefault(record.fields["family"], []).append(float(value))
+        out["per_family"] = {f: float(np.nanmean(v)) for f, v in sorted(families.items())}
+        out["macro"] = float(np.mean(list(out["per_family"].values())))
+    return out
+
+
 def read_reference(path: str) -> dict:
     """A saved evaluation (eval.json, or the folder holding it)."""
     file = Path(path) / "eval.json" if Path(path).is_dir() else Path(path)
@@ -377,6 +401,9 @@ def evaluate(model: str, adapter: str | None = None, out: str | Path | None = No
             result["suite"]["answer_nll_gap_closed"] = suite_gap_closed(
                 result["suite"], references[0].get("suite"), references[1].get("suite"),
                 (config.reference_dense, config.reference_pruned))
+    if config.divergence_from is not None:
+        result["jsd_to_reference"] = _divergences(config, net, tokenizer, heldout, result.get("suite"),
+                                                  device, trust_pickle)
     if harness_tasks is not None:
         from paser.harness import lm_eval_scores
 
@@ -391,6 +418,23 @@ def evaluate(model: str, adapter: str | None = None, out: str | Path | None = No
         (out / "eval.json").write_text(json.dumps(result, indent=2, default=str))
         (out / "eval.md").write_text(markdown_table(result))
     return result
+
+
+def _divergences(config: EvalConfig, net, tokenizer, heldout, suite: dict | None, device, trust_pickle: bool) -> dict:
+    """The JSD to ``config.divergence_from`` on the held-out records and the suite's records."""
+    from paser.models import check_same_tokenizer, load_model
+
+    reference = load_model(config.divergence_from, dtype=config.dtype, trust_pickle=trust_pickle, device=device)
+    check_same_tokenizer(reference.tokenizer, tokenizer, config.divergence_from, "the evaluated model")
+    out: dict = {"reference": config.divergence_from}
+    if heldout is not None:
+        out["heldout"] = jsd_to(reference.model, net, tokenizer, heldout, config.template, config.cutoff,
+                                config.batch_size)
+    if suite is not None:
+        records, _ = held_out_suite(config.suite_size, config.suite_seed, config.suite_exclude)
+        out["suite"] = jsd_to(reference.model, net, tokenizer, records, config.template, config.cutoff,
+                              config.batch_size)
+    return out
 
 
 def markdown_table(result: dict) -> str:
@@ -417,6 +461,11 @@ def markdown_table(result: dict) -> str:
             lines.append(f"| capability-suite exact match (whole answer), all | {s['exact_match']:.3f} |")
             lines += [f"| capability-suite accuracy (answer found), {f} | {a:.3f} |"
                       for f, a in s["per_family"].items()]
+    jsd = result.get("jsd_to_reference")
+    for where, label in (("heldout", "held-out responses"), ("suite", "capability-suite answers")):
+        if jsd and where in jsd:
+            lines.append(f"| mean token JSD to {jsd['reference']}, {label} ({jsd[where]['records']} records) | "
+                         f"{jsd[where]['mean']:.4f} |")
     for task, scores in (result.get("lm_eval") or {}).items():
         for metric, label in METRIC_LABELS.items():
             if metric in scores:
@@ -453,6 +502,11 @@ def comparison_table(results: dict[str, dict]) -> str:
                  for f in first["suite"]["answer_nll"]["per_family"]]
         if "accuracy" in first["suite"]:
             rows.append(("capability-suite accuracy (answer found)", [results[n]["suite"]["accuracy"] for n in names]))
+    for where, label in (("heldout", "held-out responses"), ("suite", "capability-suite answers")):
+        # the dense model is its own reference: 0
+        if all(where in (results[n].get("jsd_to_reference") or {}) for n in names if n != "dense"):
+            rows.append((f"mean token JSD to the dense model, {label}",
+                         [0.0 if n == "dense" else results[n]["jsd_to_reference"][where]["mean"] for n in names]))
     for task, scores in (first.get("lm_eval") or {}).items():
         rows += [(f"lm-eval {task}, {label}", [results[n]["lm_eval"][task][metric] for n in names])
                  for metric, label in METRIC_LABELS.items() if metric in scores]

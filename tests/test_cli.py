@@ -143,6 +143,25 @@ def test_recover_and_evaluate_commands(tiny_model_dir, tmp_path):
     assert json.loads((tmp_path / "e" / "eval.json").read_text())["adapter"] == str(tmp_path / "r" / "adapter")
 
 
+def test_recover_distill_through_the_flow(tiny_pair, tmp_path):
+    import json
+
+    from paser.data import write_jsonl
+    from paser.suite import generate_suite
+
+    dense, pruned = tiny_pair
+    data = tmp_path / "train.jsonl"
+    write_jsonl(data, generate_suite(16, seed=3))
+    args = ["recover", pruned, "--data", str(data), "--max-steps", "2", "--batch-size", "8", "--micro-batch-size",
+            "4", "--val-size", "0", "--objective", "distill"]
+    _one_line_error(runner.invoke(app, [*args, "--out", str(tmp_path / "x")]), "learns from a teacher", "--teacher")
+    result = runner.invoke(app, [*args, "--out", str(tmp_path / "d"), "--teacher", dense, "--divergence", "jsd",
+                                 "--temperature", "2", "--teacher-top-k", "32"])
+    assert result.exit_code == 0, result.output
+    assert f"distill from {dense} (jsd, temperature 2.0, teacher top-32 cache on disk) loss" in result.output
+    assert json.loads((tmp_path / "d" / "recovery.json").read_text())["settings"]["temperature"] == 2.0
+
+
 def test_recover_bad_inputs_are_one_line(tiny_model_dir, tmp_path):
     _one_line_error(runner.invoke(app, ["recover", str(tmp_path / "missing"), "--data", "x.json"]),
                     "no such file or folder")

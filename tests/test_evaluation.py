@@ -154,3 +154,28 @@ def test_gap_closed_against_reference_evaluations(tiny_model_dir, tmp_path):
     with pytest.raises(DataError, match="evaluated on another suite"):
         evaluate(str(other), reference_dense=str(tmp_path / "dense"), reference_pruned=str(tmp_path / "pruned"),
                  suite_size=48, max_new_tokens=2)
+
+
+def test_jsd_to_a_reference_model(tiny_pair, tmp_path):
+    import numpy as np
+
+    from paser.degradation import ScoreConfig, score_shard
+    from paser.models import load_model
+
+    dense, pruned = tiny_pair
+    heldout = tmp_path / "heldout.jsonl"
+    write_jsonl(heldout, generate_suite(10, seed=9))
+    kw = dict(heldout=str(heldout), suite_size=24, suite_accuracy_per_family=0, divergence_from=dense)
+    same = evaluate(dense, **kw)["jsd_to_reference"]
+    assert same["heldout"]["mean"] < 1e-6 and same["suite"]["mean"] < 1e-6
+    result = evaluate(pruned, out=tmp_path / "e", **kw)["jsd_to_reference"]
+    suite = result["suite"]
+    assert result["reference"] == dense and suite["records"] == len(suite["per_record"]["jsd"])
+    assert set(suite["per_family"]) and suite["macro"] == np.mean(list(suite["per_family"].values()))
+    # the same values as degradation scoring of the pair
+    from paser.data import load_pool
+
+    d, p = load_model(dense), load_model(pruned)
+    direct = score_shard(d.model, p.model, d.tokenizer, load_pool(str(heldout)).records, ScoreConfig())["jsd"]
+    np.testing.assert_allclose(result["heldout"]["per_record"]["jsd"], direct, rtol=1e-5, atol=1e-7)
+    assert "mean token JSD to" in (tmp_path / "e" / "eval.md").read_text()

@@ -143,7 +143,7 @@ def test_whole_pipeline_flow_prunes_selects_recovers_and_evaluates(models, tmp_p
     s["select"] = {k: v for k, v in s["select"].items() if k not in ("dense", "pruned", "out")}
     overrides = s | {"prune": {"importance": "l2", "attn_layers": [0, 4]},
                      "recover": {"max_steps": 2, "batch_size": 8, "micro_batch_size": 4, "val_size": 4,
-                                 "progress": False},
+                                 "progress": False, "objective": "mix"},
                      "evaluate": {"suite_size": 12, "max_new_tokens": 4}}
     out = pipeline_flow(dense=dense, out=str(tmp_path / "run"), overrides=overrides)
     root = tmp_path / "run"
@@ -151,6 +151,8 @@ def test_whole_pipeline_flow_prunes_selects_recovers_and_evaluates(models, tmp_p
     assert (root / "pruned" / "paser_pruned.json").is_file()
     assert sum(1 for _ in (root / "select" / "selected.jsonl").open()) == 24
     assert (root / "recover" / "adapter" / "adapter_config.json").is_file()
+    # distillation's teacher defaults to the run's dense model
+    assert json.loads((root / "recover" / "recovery.json").read_text())["objective"]["teacher"] == dense
     evals = {n: json.loads((root / "eval" / n / "eval.json").read_text()) for n in ("dense", "pruned", "recovered")}
     assert evals["recovered"]["adapter"] and evals["pruned"]["adapter"] is None
     # the held-out suite leaves out the run's own pool (96 suite records of seed 0)
@@ -161,6 +163,8 @@ def test_whole_pipeline_flow_prunes_selects_recovers_and_evaluates(models, tmp_p
     assert set(gap["per_family"]) == set(evals["recovered"]["suite"]["answer_nll"]["per_family"])
     table = (root / "run.md").read_text()
     assert "gap recovered" in table and "capability-suite answer NLL, macro average" in table
+    assert "mean token JSD to the dense model, capability-suite answers | 0.0000 |" in table
+    assert evals["pruned"]["jsd_to_reference"]["suite"]["mean"] > 0
 
 
 def test_random_baseline_through_the_flow_needs_no_model(models, tmp_path, monkeypatch, harness):
