@@ -32,6 +32,11 @@ records a step), ``tok`` a 20% token budget (of the pool's tokens) and ``tok5`` 
 retrains ARM's subset with recovery seed K (training noise beside subset noise); ``ARM~conv``
 retrains it until the validation loss (10% of the subset held out) has not improved for
 --conv-patience evaluations, at most --conv-epochs epochs (does the ranking survive convergence?).
+``ARM@distill`` trains ARM's subset with the distillation objective (forward KL to the dense
+model's next-token distribution, temperature 1, teacher in memory) instead of SFT, same steps and
+batches. Every arm also reports the mean token JSD to the dense model on the held-out records
+(suite answers; Alpaca held-out responses): how much of the dense behaviour came back.
+--add-jsd computes it for finished arms that lack it (from their saved adapters).
 
 Recovery, identical for every arm: LoRA r 8, alpha 16, dropout 0.05, 2 epochs, cutoff 256, lr
 3e-4, fp32, no validation split. Every finished arm's figures go to RESULTS/<setting>/<arm>.json at
@@ -42,6 +47,7 @@ Timings taken beside other work on the same 2 cores are marked by --shared-machi
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -101,13 +107,18 @@ def prepare(setting: str, args, work: Path) -> dict:
     pruned = args.pruned or twin_reference(Settings.load(None, {"select": {"dense": args.dense, "prune_ratio": ratio}}))
     evaluation = EvalConfig(heldout=str(heldout) if heldout else None, suite_size=args.suite_heldout,
                             suite_exclude=[str(pool)], max_new_tokens=args.max_new_tokens, batch_size=16,
-                            suite_accuracy_per_family=args.accuracy_per_family if kind == "suite" else 0)
+                            suite_accuracy_per_family=args.accuracy_per_family if kind == "suite" else 0,
+                            divergence_from=args.dense)
     return {"kind": kind, "pool": pool, "pruned": pruned, "eval": evaluation}
 
 
 def base_arm(arm: str) -> str:
-    """``UNIT:METHOD`` of an arm written ``UNIT:METHOD[#SEED][~conv]``."""
-    return arm.split("~")[0].split("#")[0]
+    """``UNIT:METHOD`` of an arm written ``UNIT:METHOD[@OBJECTIVE][#SEED][~conv]``."""
+    return arm.split("~")[0].split("#")[0].split("@")[0]
+
+
+def objective_of(arm: str) -> str:
+    return arm.split("@")[1].split("#")[0].split("~")[0] if "@" in arm else "sft"
 
 
 def select_arm(arm: str, setup: dict, work: Path, args) -> tuple[Path, float]:
@@ -133,6 +144,7 @@ def select_arm(arm: str, setup: dict, work: Path, args) -> tuple[Path, float]:
 def recovery_config(arm: str, setup: dict, args) -> RecoverConfig:
     unit = arm.split(":")[0] if ":" in arm else "rec"
     seed = int(arm.split("#")[1].split("~")[0]) if "#" in arm else 0
+    objective = {"objective": objective_of(arm), "teacher": args.dense if "@" in arm else None}
     batch_tokens = None
     if unit.startswith("tok"):
         tokens = pd.read_parquet(setup["work"] / "select" / "tokens.parquet")["n_tokens"]
@@ -141,10 +153,11 @@ def recovery_config(arm: str, setup: dict, args) -> RecoverConfig:
         return RecoverConfig(epochs=args.conv_epochs, batch_size=args.batch_size,
                              micro_batch_size=args.micro_batch_size, batch_tokens=batch_tokens,
                              learning_rate=args.learning_rate, max_steps=args.max_steps, val_size=0.1,
-                             eval_every=args.conv_eval_every, patience=args.conv_patience, seed=seed, progress=False)
+                             eval_every=args.conv_eval_every, patience=args.conv_patience, seed=seed, progress=False,
+                             **objective)
     return RecoverConfig(epochs=args.epochs, batch_size=args.batch_size, micro_batch_size=args.micro_batch_size,
                          batch_tokens=batch_tokens, learning_rate=args.learning_rate, max_steps=args.max_steps,
-                         val_size=0, seed=seed, progress=False)
+                         val_size=0, seed=seed, progress=False, **objective)
 
 
 def run_arm(setting: str, arm: str, setup: dict, args) -> dict:
@@ -179,7 +192,37 @@ def run_arm(setting: str, arm: str, setup: dict, args) -> dict:
     if "response_nll" in ev:
         r = ev["response_nll"]
         row["heldout"] = {k: r[k] for k in ("nll", "records", "tokens", "per_record")}
+    if "jsd_to_reference" in ev:
+        row["jsd"] = _jsd_summary(ev["jsd_to_reference"])
     return row
+
+
+def _jsd_summary(found: dict) -> dict:
+    return {where: {k: v for k, v in found[where].items() if k in ("mean", "macro", "per_family", "per_record")}
+            for where in ("heldout", "suite") if where in found}
+
+
+def add_jsd(setting: str, results: Path, setup: dict, args, arms: list[str] | None = None) -> None:
+    """The mean token JSD to the dense model for finished arms (of ``arms``, default all) that
+    lack it, from their adapters."""
+    from paser.evaluation import evaluate as run_evaluate
+
+    for path in sorted((results / setting).glob("*.json")):
+        row = json.loads(path.read_text())
+        if "jsd" in row or (arms is not None and row["arm"] not in arms):
+            continue
+        arm = row["arm"]
+        model = args.dense if arm == "dense" else setup["pruned"]
+        adapter = None if arm in ("dense", "none") else str(setup["work"] / "recover" / _file(arm) / "adapter")
+        if adapter is not None and not Path(adapter).is_dir():
+            print(f"{setting} {arm}: no adapter at {adapter}; JSD left out", flush=True)
+            continue
+        start = time.perf_counter()
+        config = dataclasses.replace(setup["eval"], suite_accuracy_per_family=0)
+        row["jsd"] = _jsd_summary(run_evaluate(model, adapter, None, config)["jsd_to_reference"])
+        row["jsd_s"] = time.perf_counter() - start
+        path.write_text(json.dumps(row))
+        print(f"{setting} {arm}: JSD to dense added ({row['jsd_s']:.0f} s)", flush=True)
 
 
 # ---------------------------------------------------------------- report
@@ -226,6 +269,50 @@ def paired_bootstrap(arm: dict, randoms: list[dict], kind: str, by: str = "recor
     return tuple(np.percentile(diffs, [2.5, 97.5]))
 
 
+def _jsd(row: dict, kind: str) -> float | None:
+    """The arm's mean token JSD to the dense model on the setting's held-out records."""
+    where = "heldout" if kind == "alpaca" else "suite"
+    return row.get("jsd", {}).get(where, {}).get("mean")
+
+
+def _jsd_interval(arm: dict, randoms: list[dict], kind: str, seed: int = 0) -> tuple[float, float]:
+    """95% paired bootstrap interval over held-out records of (arm - random mean) in mean JSD."""
+    where = "heldout" if kind == "alpaca" else "suite"
+    values = np.stack([np.asarray(r["jsd"][where]["per_record"]["jsd"], dtype=float) for r in [arm, *randoms]])
+    rng = np.random.default_rng(seed)
+    n = values.shape[1]
+    diffs = [np.nanmean(values[0, i]) - np.nanmean(values[1:, i], axis=1).mean()
+             for i in (rng.integers(0, n, n) for _ in range(BOOTSTRAP))]
+    return tuple(np.percentile(diffs, [2.5, 97.5]))
+
+
+def distill_lines(rows: dict, kind: str) -> list[str]:
+    """Does distillation make the selection matter? Per budget unit: PASER minus the random mean
+    under SFT and under distillation, on the same random seeds, in the metric and in JSD."""
+    lines = []
+    for unit in ("rec", "tok", "tok5"):
+        seeds = [s for s in range(5) if f"{unit}:random-{s}@distill" in rows and f"{unit}:random-{s}" in rows]
+        if f"{unit}:paser@distill" not in rows or f"{unit}:paser" not in rows or len(seeds) < 2:
+            continue
+        lines += ["", f"{unit}: distillation against SFT (random seeds {seeds}; lower is better, paired bootstrap "
+                      "95% over held-out records)"]
+        for suffix, label in (("", "SFT"), ("@distill", "distill")):
+            arm = rows[f"{unit}:paser{suffix}"]
+            randoms = [rows[f"{unit}:random-{s}{suffix}"] for s in seeds]
+            values = [_metric(r, kind) for r in randoms]
+            lo, hi = paired_bootstrap(arm, randoms, kind)
+            diff = _metric(arm, kind) - statistics.mean(values)
+            text = (f"- {label}: PASER {_metric(arm, kind):.4f}, random {statistics.mean(values):.4f} ± "
+                    f"{statistics.stdev(values):.4f}; PASER minus random {diff:+.4f} [{lo:+.4f}, {hi:+.4f}]")
+            if all(_jsd(r, kind) is not None for r in [arm, *randoms]):
+                jlo, jhi = _jsd_interval(arm, randoms, kind)
+                jsds = [_jsd(r, kind) for r in randoms]
+                text += (f"; JSD to dense: PASER {_jsd(arm, kind):.4f}, random {statistics.mean(jsds):.4f}, "
+                         f"PASER minus random {_jsd(arm, kind) - statistics.mean(jsds):+.4f} [{jlo:+.4f}, {jhi:+.4f}]")
+            lines.append(text)
+    return lines
+
+
 def family_table(setting: str, rows: dict, work: Path) -> list[str]:
     """Suite settings: per family, PASER's degradation of the family (mean JSD of its pool
     records), the records and tokens PASER gave it, and the gap it closed vs the random mean."""
@@ -268,19 +355,21 @@ def report(setting: str, results: Path, work: Path) -> str:
     lines = [f"## {setting}", "", f"{name}: dense {dense:.4f}, pruned {none:.4f}; suite held-out "
              f"{held['records']} records ({held['removed_overlap']} of {held['generated']} removed as in the "
              f"pool){accuracy}", "",
-             f"| arm | {name} | gap closed | records | tokens | steps | tokens/step | accuracy | "
-             "selection s | recovery s | eval s |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             f"| arm | {name} | gap closed | JSD to dense | records | tokens | steps | tokens/step | accuracy | "
+             "selection s | recovery s | eval s |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for arm in order:
         r = rows[arm]
         gap = gap_recovered(dense, none, _metric(r, kind))
         acc = r["suite"].get("accuracy")
+        jsd = _jsd(r, kind)
         lines.append(f"| {arm} | {_metric(r, kind):.4f} | {'' if gap is None else f'{gap:.1%}'} | "
+                     f"{'' if jsd is None else f'{jsd:.4f}'} | "
                      f"{r.get('selected', '')} | {r.get('selected_tokens', '')} | {r.get('steps', '')} | "
                      f"{r['tokens_per_step']['mean'] if 'tokens_per_step' in r else ''} | "
                      f"{'' if acc is None else f'{acc:.3f}'} | {r.get('selection_s', 0):.1f} | "
                      f"{r.get('recovery_s', 0):.1f} | {r['eval_s']:.1f} |")
     for unit in ("rec", "tok", "tok5"):
-        randoms = [rows[a] for a in order if a.startswith(f"{unit}:random-") and "#" not in a]
+        randoms = [rows[a] for a in order if a.startswith(f"{unit}:random-") and a == base_arm(a)]
         if len(randoms) < 2:
             continue
         values = [_metric(r, kind) for r in randoms]
@@ -298,6 +387,7 @@ def report(setting: str, results: Path, work: Path) -> str:
             diff = _metric(arm, kind) - statistics.mean(values)
             lines.append(f"- {unit}:{method} minus the random mean: {diff:+.4f} (paired bootstrap 95% over "
                          f"held-out records [{lo:+.4f}, {hi:+.4f}]{extra}; lower is better)")
+    lines += distill_lines(rows, kind)
     if kind == "suite":
         lines += family_table(setting, rows, work)
     shared = sorted({r["date"] for r in rows.values() if r.get("shared_machine")})
@@ -335,6 +425,8 @@ def main(argv=None) -> None:
     ap.add_argument("--shared-machine", action="store_true", help="mark the timings as taken beside other work")
     ap.add_argument("--smoke", action="store_true", help="tiny sizes and 2 steps per arm, for a quick check")
     ap.add_argument("--report-only", action="store_true", help="write results.md from the finished arms, run none")
+    ap.add_argument("--add-jsd", action="store_true", help="compute the JSD to the dense model for finished arms "
+                    "(of --arms, and the references) that lack it, then run the arms asked for")
     args = ap.parse_args(argv)
     if args.smoke:
         args.suite_pool, args.suite_heldout, args.alpaca_pool, args.alpaca_heldout = 60, 36, 60, 12
@@ -349,9 +441,11 @@ def main(argv=None) -> None:
         if unknown:
             raise SystemExit(f"{setting}: unknown arm(s) {unknown}; known: {known} (ARM#K for recovery seed K)")
         todo = [a for a in ("dense", "none", *wanted) if not (results / setting / f"{_file(a)}.json").is_file()]
-        if not todo:
+        if not todo and not args.add_jsd:
             continue
         setup = prepare(setting, args, out / setting) | {"work": out / setting}
+        if args.add_jsd:
+            add_jsd(setting, results, setup, args, ["dense", "none", *args.arms] if args.arms else None)
         for arm in dict.fromkeys(todo):
             row = run_arm(setting, arm, setup, args)
             (results / setting).mkdir(parents=True, exist_ok=True)
@@ -366,7 +460,7 @@ def main(argv=None) -> None:
 
 
 def _file(arm: str) -> str:
-    return arm.replace(":", "-").replace("#", "-seed").replace("~", "-")
+    return arm.replace(":", "-").replace("#", "-seed").replace("~", "-").replace("@", "-")
 
 
 if __name__ == "__main__":

@@ -19,12 +19,14 @@ def test_smoke_experiment_runs_resumes_and_reports(tiny_pair, tmp_path, capsys):
     dense, pruned = tiny_pair
     argv = ["--settings", "suite-25", "--dense", dense, "--pruned", pruned, "--smoke", "--out", str(tmp_path / "work"),
             "--results", str(tmp_path / "results"), "--arms", "rec:paser", "rec:random-0", "rec:random-1",
-            "tok:paser", "tok:random-0", "tok:random-1", "rec:paser#1", "rec:paser~conv"]
+            "tok:paser", "tok:random-0", "tok:random-1", "rec:paser#1", "rec:paser~conv", "tok:paser@distill",
+            "tok:random-0@distill", "tok:random-1@distill"]
     exp.main(argv)
     files = sorted(p.name for p in (tmp_path / "results" / "suite-25").glob("*.json"))
     assert files == sorted(["dense.json", "none.json", "rec-paser.json", "rec-random-0.json", "rec-random-1.json",
                             "tok-paser.json", "tok-random-0.json", "tok-random-1.json", "rec-paser-seed1.json",
-                            "rec-paser-conv.json"])
+                            "rec-paser-conv.json", "tok-paser-distill.json", "tok-random-0-distill.json",
+                            "tok-random-1-distill.json"])
     row = json.loads((tmp_path / "results" / "suite-25" / "tok-paser.json").read_text())
     assert row["budget_unit"] == "tokens" and row["selected_tokens"] <= row["budget"]
     assert row["batch_unit"] == "tokens" and row["steps"] == 2
@@ -34,6 +36,18 @@ def test_smoke_experiment_runs_resumes_and_reports(tiny_pair, tmp_path, capsys):
     text = (tmp_path / "results" / "results.md").read_text()
     assert "rec:paser minus the random mean" in text and "tok:paser minus the random mean" in text
     assert "paired bootstrap 95%" in text and "Per family (suite-25" in text
+    assert "tok: distillation against SFT" in text and "JSD to dense: PASER" in text
+    kd = json.loads((tmp_path / "results" / "suite-25" / "tok-paser-distill.json").read_text())
+    assert kd["steps"] == row["steps"] and kd["selected_tokens"] == row["selected_tokens"]
+    assert kd["jsd"]["suite"]["mean"] > 0 and len(kd["jsd"]["suite"]["per_record"]["jsd"]) == kd["suite"]["records"]
     capsys.readouterr()
     exp.main(argv)  # every arm is on file: nothing runs again
     assert "metric" not in capsys.readouterr().out
+    # an arm finished before the JSD was measured gets it from its saved adapter
+    path = tmp_path / "results" / "suite-25" / "tok-random-0.json"
+    before = json.loads(path.read_text())
+    path.write_text(json.dumps({k: v for k, v in before.items() if k != "jsd"}))
+    exp.main([*argv, "--add-jsd"])
+    assert json.loads(path.read_text())["jsd"]["suite"]["mean"] == pytest.approx(before["jsd"]["suite"]["mean"],
+                                                                                 rel=1e-5)
+    assert capsys.readouterr().out.count("JSD to dense added") == 1
