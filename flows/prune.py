@@ -21,20 +21,21 @@ from paser.pruning import prune as prune_model  # noqa: E402
 
 @task(name="prune", cache_policy=NO_CACHE)
 def prune(model: str, out: str, config: PruneConfig, export_pickle: str | None, trust_pickle: bool,
-          dtype: str) -> PruneResult:
-    return prune_model(model, out, config, export_pickle=export_pickle, trust_pickle=trust_pickle, dtype=dtype)
+          dtype: str, device: str | None) -> PruneResult:
+    return prune_model(model, out, config, export_pickle=export_pickle, trust_pickle=trust_pickle, dtype=dtype,
+                       device=device)
 
 
 @flow(name="paser-prune")
 def prune_flow(model: str = "smollm2-135m-instruct", out: str = "runs/pruned", config: str | None = None,
                overrides: dict | None = None, export_pickle: str | None = None, trust_pickle: bool = False,
-               dtype: str = "float32") -> PruneResult:
+               dtype: str = "float32", device: str | None = None) -> PruneResult:
     """Prune attention heads and MLP channels of ``model`` (LLM-Pruner block-wise) into ``out``.
 
     ``config`` is a YAML file whose ``prune`` section is read; ``overrides`` are PruneConfig fields on top.
     """
     cfg = load_config(PruneConfig, config, "prune", overrides)
-    return prune(model, str(Path(out)), cfg, export_pickle, trust_pickle, dtype)
+    return prune(model, str(Path(out)), cfg, export_pickle, trust_pickle, dtype, device)
 
 
 if __name__ == "__main__":

@@ -23,9 +23,23 @@ def _require(module: str, extra: str, engine: str):
 def gpus_per_shard(cfg: DistributeConfig) -> float:
     if cfg.gpus_per_shard is not None:
         return cfg.gpus_per_shard
-    import torch
+    from paser.devices import visible_gpus
 
-    return 1.0 if torch.cuda.is_available() else 0.0
+    return 1.0 if visible_gpus() else 0.0
+
+
+def local_dask_cluster(cfg: DistributeConfig) -> dict:
+    """Arguments of the local Dask cluster: on GPUs one worker per visible GPU (or as many as
+    asked, never more), each offering one GPU resource; numbered workers pick their own GPU (see
+    ``paser.pipeline.scoring_device``)."""
+    from paser.devices import local_workers, visible_gpus
+
+    gpus = gpus_per_shard(cfg)
+    kwargs = {"n_workers": local_workers(cfg.workers, visible_gpus(), bool(gpus)), "threads_per_worker": 1,
+              "processes": True, "dashboard_address": None}
+    if gpus:
+        kwargs["resources"] = {"GPU": 1}
+    return kwargs
 
 
 def task_runner(cfg: DistributeConfig):
@@ -39,17 +53,12 @@ def task_runner(cfg: DistributeConfig):
         prefect_dask = _require("prefect_dask", "dask", "dask")
         if cfg.address:
             return prefect_dask.DaskTaskRunner(address=cfg.address)
-        gpus = gpus_per_shard(cfg)
-        kwargs = {"n_workers": cfg.workers, "threads_per_worker": 1, "processes": True,
-                  "dashboard_address": None}
-        if gpus:
-            kwargs["resources"] = {"GPU": 1}
-        return prefect_dask.DaskTaskRunner(cluster_kwargs=kwargs)
+        return prefect_dask.DaskTaskRunner(cluster_kwargs=local_dask_cluster(cfg))
     if cfg.engine == "ray":
         prefect_ray = _require("prefect_ray", "ray", "ray")
         if cfg.address:
             return prefect_ray.RayTaskRunner(address=cfg.address)
-        return prefect_ray.RayTaskRunner(init_kwargs={"num_cpus": cfg.workers, "include_dashboard": False})
+        return prefect_ray.RayTaskRunner(init_kwargs={"num_cpus": cfg.workers or 2, "include_dashboard": False})
     raise ConfigError(f"distribute.engine must be local, dask or ray, got {cfg.engine!r}")
 
 

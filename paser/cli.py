@@ -93,6 +93,8 @@ def prune(
                                                             "to this file.")] = None,
     trust_pickle: Annotated[bool, typer.Option(help=TRUST_HELP)] = False,
     dtype: Annotated[str, typer.Option(help="Weights dtype while pruning and saving.")] = "float32",
+    device: Annotated[str | None, typer.Option(help="Device of the calibration passes and pruning: cpu "
+                                                    "(default), cuda or cuda:K.")] = None,
     flow: Annotated[bool, typer.Option("--flow/--no-flow", help="Run through the Prefect flow (default) or "
                                        "call the library directly.")] = True,
 ) -> None:
@@ -118,10 +120,10 @@ def prune(
             check_reference(model, trust_pickle)  # bad input fails here in one line, before Prefect starts
 
             result = prune_flow(model, str(out), str(config) if config else None, overrides,
-                                str(export_pickle) if export_pickle else None, trust_pickle, dtype)
+                                str(export_pickle) if export_pickle else None, trust_pickle, dtype, device)
         else:
             result = run_prune(model, out, cfg, export_pickle=export_pickle, trust_pickle=trust_pickle,
-                               dtype=dtype)
+                               dtype=dtype, device=device)
     except (PaserError, ValueError) as err:
         raise _fail(err) from None
     before, after = result.shapes_before, result.shapes_after
@@ -161,7 +163,9 @@ def select(
     strict: Annotated[bool | None, typer.Option("--strict/--lenient", help="Refuse records with an empty "
                                                 "instruction or response instead of setting them aside.")] = None,
     suite_size: Annotated[int | None, typer.Option(help="Records of the generated suite (default 1000).")] = None,
-    dtype: Annotated[str | None, typer.Option(help="Scoring weights dtype: float32, bfloat16, float16.")] = None,
+    dtype: Annotated[str | None, typer.Option(help="Scoring weights dtype: auto (default: bfloat16 on a CUDA "
+                                                             "GPU with bf16, else float32), float32, bfloat16, "
+                                                             "float16.")] = None,
     batch_size: Annotated[int | None, typer.Option(help="Records per scoring forward pass.")] = None,
     template: Annotated[str | None, typer.Option(help="Prompt template: alpaca or chat.")] = None,
     cutoff: Annotated[int | None, typer.Option(help="Token cutoff of prompt + response (default 256).")] = None,
@@ -249,7 +253,8 @@ def recover(
     patience: Annotated[int | None, typer.Option(help="Stop once the validation loss has not improved for this "
                                                       "many evaluations (every eval_every steps) and keep the "
                                                       "best adapter (default: train every step).")] = None,
-    dtype: Annotated[str | None, typer.Option(help="float32 (default) or bfloat16.")] = None,
+    dtype: Annotated[str | None, typer.Option(help="auto (default: bfloat16 on a CUDA GPU with bf16, else "
+                                                       "float32), float32 or bfloat16.")] = None,
     merge: Annotated[bool | None, typer.Option("--merge/--no-merge", help="Also save the merged model.")] = None,
     seed: Annotated[int | None, typer.Option(help="Seed of the LoRA initialisation, dropout and record order "
                                                   "(default 0); the validation split has its own (val_seed).")] = None,
@@ -341,7 +346,8 @@ def evaluate(
     long_window: Annotated[int | None, typer.Option(help="Long perplexity window (default: model context, "
                                                          "at most 2048).")] = None,
     batch_size: Annotated[int | None, typer.Option(help="Sequences per forward pass (default 8).")] = None,
-    dtype: Annotated[str | None, typer.Option(help="float32 (default) or bfloat16.")] = None,
+    dtype: Annotated[str | None, typer.Option(help="auto (default: bfloat16 on a CUDA GPU with bf16, else "
+                                                       "float32), float32 or bfloat16.")] = None,
     lm_eval_task: Annotated[list[str] | None, typer.Option(
         "--lm-eval-task", help="lm-evaluation-harness task (repeatable; extra 'eval'): 'paper' for the paper's "
                                "seven zero-shot tasks, an lm-eval task name, a local multiple-choice JSONL file "

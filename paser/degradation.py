@@ -51,8 +51,10 @@ class ScoreConfig:
     """Records per forward pass."""
     shard_size: int = 256
     """Records per shard file; a resumed run skips finished shards."""
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    """Model weights dtype for scoring; the JSD itself is always computed in fp32."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Model weights dtype for scoring: auto is bfloat16 on a CUDA device with bf16 support, else
+    float32 (resolved when the settings are built, so the run records the dtype used); the JSD
+    itself is always computed in fp32."""
     device: str | None = None
     """Device for both models (default: CUDA when available, else CPU)."""
     jsd_chunk: int = 512
@@ -178,7 +180,7 @@ def _target_states(model, input_ids, attention_mask, rows, cols, prefix: SharedP
     model that does not expose its head. The vocabulary projection then runs on those rows only."""
     body, head = _split_model(model)
     if body is None:
-        return model(input_ids=input_ids, attention_mask=attention_mask).logits[rows, cols], None
+        return model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[rows, cols], None
     if prefix is not None and prefix.length:
         ones = torch.ones((input_ids.shape[0], prefix.length), dtype=attention_mask.dtype,
                           device=attention_mask.device)
@@ -186,7 +188,7 @@ def _target_states(model, input_ids, attention_mask, rows, cols, prefix: SharedP
         hidden = body(input_ids=input_ids[:, prefix.length:], attention_mask=mask,
                       cache=prefix.for_batch(input_ids.shape[0]), use_cache=True).last_hidden_state
         return hidden[rows, cols - prefix.length], head  # [M, H]
-    hidden = body(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # [B, T, H]
+    hidden = body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state  # [B,T,H]
     return hidden[rows, cols], head
 
 
@@ -399,7 +401,7 @@ def score_unbatched(dense, pruned, tokenizer, records, config: ScoreConfig) -> n
     out = []
     for e in encode_records(tokenizer, records, config):
         ids = torch.tensor([e.ids], device=next(dense.parameters()).device)
-        lp, lq = dense(input_ids=ids).logits[0], pruned(input_ids=ids).logits[0]
+        lp, lq = dense(input_ids=ids, use_cache=False).logits[0], pruned(input_ids=ids, use_cache=False).logits[0]
         t = torch.tensor(list(e.targets(config.positions)), dtype=torch.long, device=ids.device) - 1
         if len(t) == 0:
             out.append(float("nan"))

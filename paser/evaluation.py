@@ -22,6 +22,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
@@ -34,6 +35,7 @@ from typing import Literal
 import numpy as np
 import torch
 
+from paser.devices import default_device, resolve_dtype
 from paser.errors import DataError
 from paser.harness import METRIC_LABELS
 
@@ -81,8 +83,8 @@ class EvalConfig:
     """Prompt template, as in scoring and recovery."""
     cutoff: int = 256
     """Token cutoff of prompt + response for response NLL."""
-    dtype: Literal["float32", "bfloat16"] = "float32"
-    """Model weights dtype."""
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    """Model weights dtype: auto is bfloat16 on a CUDA device with bf16 support, else float32."""
     device: str | None = None
     """Default: CUDA when available, else CPU."""
     lm_eval_tasks: list[str] = field(default_factory=list)
@@ -144,7 +146,7 @@ def perplexity(model, tokenizer, text: str, window: int, batch_size: int = 8) ->
     with torch.no_grad():
         for lo in range(0, n_windows, batch_size):
             batch = windows[lo:lo + batch_size].to(_device_of(model))
-            logits = model(input_ids=batch).logits[:, :-1].float()
+            logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()
             nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1),
                                                     reduction="sum")
             total, count = total + float(nll), count + batch[:, 1:].numel()
@@ -378,7 +380,8 @@ def evaluate(model: str, adapter: str | None = None, out: str | Path | None = No
         scratch = None if out is not None else tempfile.TemporaryDirectory(prefix="paser-lm-eval-")
         folder = Path(out) if out is not None else Path(scratch.name)
         harness_tasks = prepare_tasks(config.lm_eval_tasks, folder / "lm_eval_tasks")
-    device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = config.device or default_device()
+    config = dataclasses.replace(config, dtype=resolve_dtype(config.dtype, device))
     net, tokenizer, described = load_for_eval(model, adapter, config.dtype, device, trust_pickle)
     result: dict = {"model": str(model), "adapter": adapter, "description": described, "settings": vars(config)}
     start = time.perf_counter()

@@ -50,6 +50,7 @@ from paser.degradation import (
     shard_path,
     shard_ranges,
 )
+from paser.devices import resolve_dtype
 from paser.embedding import EmbedConfig, embed_texts, instruction_texts
 from paser.errors import ConfigError, DataError, PaserError, ShardError
 from paser.manifold import ManifoldConfig, learn_manifold
@@ -111,14 +112,15 @@ class DistributeConfig:
     """Dask scheduler (tcp://host:8786) or Ray cluster (ray://host:10001, auto) to use; None starts a
     local cluster of ``workers`` processes for the run. The run folder must be on storage the
     workers can read and write."""
-    workers: int = 2
-    """Worker processes of a local cluster (one per GPU when scoring on GPUs)."""
+    workers: int | None = None
+    """Worker processes of a local cluster. None: one per visible GPU when shards claim GPUs, else
+    2. On GPUs never more than the GPUs visible (each worker is pinned to its own)."""
     gpus_per_shard: float | None = None
     """GPUs each shard claims (Dask resource GPU, Ray num_gpus); None: 1 when CUDA is available
     here, else 0."""
 
     def __post_init__(self):
-        if self.workers < 1:
+        if self.workers is not None and self.workers < 1:
             raise ValueError(f"workers must be positive, got {self.workers}")
 
 
@@ -163,6 +165,8 @@ class Settings:
             settings.concepts.enabled = False
         elif method == "kmeans":
             settings.cluster.method = "kmeans"
+        if settings.score.dtype == "auto":  # resolved once, here: workers and fingerprints see the dtype used
+            settings.score.dtype = resolve_dtype("auto", scoring_device(settings.score))
         return settings
 
     @property
@@ -387,7 +391,15 @@ def _twin_folder(settings: Settings) -> Path:
     cfg = settings.select
     prune_cfg = dataclasses.replace(settings.prune, ratio=cfg.prune_ratio)
     key = _hash(model_fingerprint(cfg.dense), to_mapping(prune_cfg))
-    return cache_dir() / "twins" / f"{Path(str(cfg.dense)).name}-pruned-{key}"
+    # pruned on a GPU, float rounding may rank near-equal groups differently: a twin of its own
+    on = "" if twin_device(settings) == "cpu" else "-cuda"
+    return cache_dir() / "twins" / f"{Path(str(cfg.dense)).name}-pruned-{key}{on}"
+
+
+def twin_device(settings: Settings) -> str:
+    """Where paser prunes its own twin: the scoring device (GPU 0 of a GPU machine), else CPU."""
+    device = scoring_device(settings.score)
+    return "cuda" if device.startswith("cuda") and settings.score.device in (None, "cuda") else device
 
 
 def twin_reference(settings: Settings) -> str:
@@ -401,7 +413,7 @@ def twin_reference(settings: Settings) -> str:
         from paser.pruning import prune
 
         tmp = folder.with_name(f".{folder.name}.{os.getpid()}.partial")
-        prune(cfg.dense, tmp, prune_cfg, trust_pickle=cfg.trust_pickle)
+        prune(cfg.dense, tmp, prune_cfg, trust_pickle=cfg.trust_pickle, device=twin_device(settings))
         try:
             os.replace(tmp, folder)
         except OSError:
@@ -441,22 +453,21 @@ _LOADED_LOCK = threading.Lock()
 
 
 def scoring_device(config: ScoreConfig) -> str:
-    """The configured device, else CUDA when available, else CPU. On a local Dask cluster whose
-    workers are numbered, worker i takes GPU i modulo the GPUs it sees (Ray already narrows
-    CUDA_VISIBLE_DEVICES to the GPU it granted)."""
-    import torch
+    """The device of this scoring process (see ``paser.devices.worker_device``): ``cpu`` or
+    ``cuda:K`` as configured; otherwise, on a local Dask cluster whose workers are numbered, worker
+    i takes GPU i modulo the GPUs it sees, even with ``device: cuda`` (Ray already narrows
+    CUDA_VISIBLE_DEVICES to the GPU it granted); else CUDA when available, else CPU."""
+    from paser.devices import visible_gpus, worker_device
 
-    if config.device:
-        return config.device
-    if not torch.cuda.is_available():
-        return "cpu"
-    try:
-        from distributed import get_worker
+    name = None
+    if config.device in (None, "cuda") and visible_gpus():
+        try:
+            from distributed import get_worker
 
-        name = get_worker().name
-    except (ImportError, ValueError):
-        return "cuda"
-    return f"cuda:{name % torch.cuda.device_count()}" if isinstance(name, int) else "cuda"
+            name = get_worker().name
+        except (ImportError, ValueError):
+            pass
+    return worker_device(config.device, name)
 
 
 def loaded_pair(settings: Settings, plan: ScoringPlan):
@@ -466,12 +477,13 @@ def loaded_pair(settings: Settings, plan: ScoringPlan):
 
     scfg = settings.score
     device = scoring_device(scfg)
-    key = (model_fingerprint(plan.dense), model_fingerprint(plan.pruned), scfg.dtype, device,
+    dtype = resolve_dtype(scfg.dtype, device)
+    key = (model_fingerprint(plan.dense), model_fingerprint(plan.pruned), dtype, device,
            settings.select.trust_pickle)
     with _LOADED_LOCK:
         if key not in _LOADED:
             _LOADED.clear()
-            _LOADED[key] = load_pair(plan.dense, plan.pruned, dtype=scfg.dtype, device=device,
+            _LOADED[key] = load_pair(plan.dense, plan.pruned, dtype=dtype, device=device,
                                      trust_pickle=settings.select.trust_pickle)
         return _LOADED[key]
 
@@ -530,7 +542,8 @@ def _score_two_pass(settings: Settings, plan: ScoringPlan) -> dict:
     from paser.models import check_same_tokenizer, load_model, load_tokenizer
 
     cfg, scfg = settings.select, settings.score
-    kwargs = dict(dtype=scfg.dtype, trust_pickle=cfg.trust_pickle, device=scoring_device(scfg))
+    device = scoring_device(scfg)
+    kwargs = dict(dtype=resolve_dtype(scfg.dtype, device), trust_pickle=cfg.trust_pickle, device=device)
     described = {}
 
     def load(which: str, reference: str):
@@ -605,7 +618,9 @@ def stage_fingerprint(stage: str, settings: Settings, run: Path, pruned_ref: str
         from paser.models import model_fingerprint
 
         ids = pd.read_parquet(run / "pool.parquet", columns=["id"])["id"].tolist()
-        fp = scoring_fingerprint(settings.score, model_fingerprint(settings.select.dense),
+        score = dataclasses.replace(settings.score, dtype=resolve_dtype(settings.score.dtype,
+                                                                        scoring_device(settings.score)))
+        fp = scoring_fingerprint(score, model_fingerprint(settings.select.dense),
                                  model_fingerprint(pruned_ref), ids)
         return _hash(fp, _fp_of(run / "pool.parquet"))
     raise ValueError(f"no fingerprint for stage {stage!r}; known: {list(STAGE_OUTPUTS)}")

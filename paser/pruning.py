@@ -182,7 +182,7 @@ def accumulate_gradients(model: nn.Module, batches: list[dict[str, torch.Tensor]
             p.requires_grad_(True)
     for batch in batches:
         labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
-        loss = model(**batch, labels=labels).loss / len(batches)
+        loss = model(**batch, labels=labels, use_cache=False).loss / len(batches)
         loss.backward()
     for p in model.parameters():
         p.requires_grad_(False)
@@ -342,17 +342,20 @@ def export_llm_pruner_pickle(model: nn.Module, tokenizer, path: str | Path) -> P
 
 def prune(model: str = "smollm2-135m-instruct", out: str | Path = "runs/pruned",
           config: PruneConfig | None = None, *, export_pickle: str | Path | None = None,
-          trust_pickle: bool = False, dtype: str | None = "float32", **overrides) -> PruneResult:
+          trust_pickle: bool = False, dtype: str | None = "float32", device: str | None = None,
+          **overrides) -> PruneResult:
     """Load ``model``, prune it, save the result to ``out`` (and optionally an LLM-Pruner pickle).
 
     ``overrides`` are ``PruneConfig`` fields, e.g. ``prune("m", "out", ratio=0.2, importance="l2")``.
     Taylor importance runs in fp32 by default: bf16 gradients are too coarse to rank groups.
+    ``device``: where the calibration passes and the pruning run (default CPU; ``cuda`` is much
+    faster for Taylor importance on a large model).
     """
     from paser.config import config_with
     from paser.models import load_model
 
     config = config_with(config or PruneConfig(), overrides)
-    loaded = load_model(model, dtype=dtype, trust_pickle=trust_pickle)
+    loaded = load_model(model, dtype=dtype, trust_pickle=trust_pickle, device=device)
     result = prune_model(loaded.model, loaded.tokenizer, config)
     info = {
         "base_model": loaded.reference,

@@ -21,6 +21,7 @@ Output folder:
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -35,6 +36,7 @@ from typing import Literal
 
 import torch
 
+from paser.devices import default_device, resolve_dtype
 from paser.distill import DIVERGENCES, OBJECTIVES, TopKCache, cache_fingerprint, divergence, in_memory_targets
 from paser.errors import ConfigError, DataError
 from paser.prompts import tokenize_example
@@ -90,9 +92,10 @@ class RecoverConfig:
     validation set. None: train every step."""
     save_every: int = 20
     """Optimizer steps between checkpoints."""
-    dtype: Literal["float32", "bfloat16"] = "float32"
-    """Base model weights; adapters train in fp32. fp16 is not offered: it gives NaN losses on
-    Llama-2 for LLM-Pruner users."""
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    """Base model (and teacher) weights: auto is bfloat16 on a CUDA device with bf16 support, else
+    float32; adapters train in fp32. fp16 is not offered: it gives NaN losses on Llama-2 for
+    LLM-Pruner users. recovery.json records the dtype used."""
     device: str | None = None
     """Default: CUDA when available, else CPU."""
     seed: int = 0
@@ -196,7 +199,8 @@ def collate(batch: list[Example], pad_id: int, device) -> dict[str, torch.Tensor
 def _labelled(model, batch: dict[str, torch.Tensor]):
     """(logits at the positions that predict a labelled token [M, V], per-row NLL sums [B], per-row
     counts [B]), rows in row-major order. Only the labelled positions are taken to fp32."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    # no KV cache: nothing reads it, and at 7B it costs GBs per batch
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
     targets = batch["labels"][:, 1:]
     keep = targets != IGNORE
     kept = logits[:, :-1][keep]
@@ -488,7 +492,9 @@ def recover(model: str, data: str, out: str | Path = "runs/recover", config: Rec
         val = load_pool(val_data).records
     if not train:
         raise DataError(f"{data}: no training records")
-    device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = config.device or default_device()
+    # resolved before the fingerprint: a checkpoint records the precision it was trained in
+    config = dataclasses.replace(config, dtype=resolve_dtype(config.dtype, device))
     teacher_ref = resolve_teacher(config, data) if config.objective != "sft" else None
     out = Path(out)
     # with a top-k cache the teacher runs before the student is loaded, so only the tokenizer first

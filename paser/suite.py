@@ -226,3 +226,21 @@ def suite_pool(n: int = 1200, seed: int = 0):
     from paser.data import FieldMap, to_records
 
     return to_records(generate_suite(n, seed), None, FieldMap.for_layout("alpaca"), layout="alpaca")
+
+
+def suite_tokenizer(vocab_size: int = 320, extra_special: list[str] | None = None, eos: str = "</s>"):
+    """A small byte-level BPE tokenizer trained on 600 generated suite records: for tests and
+    benchmarks that build models from configs and must not download a tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<unk>", "<s>", "</s>", "<pad>"] + (extra_special or [])
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    corpus = [" ".join((r["instruction"], r["input"], r["output"])) for r in generate_suite(600, seed=1)]
+    tok.train_from_iterator(corpus, trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token=eos,
+                                   unk_token="<unk>", pad_token="<pad>")

@@ -10,33 +10,11 @@ import os
 
 import pytest
 
+from paser.suite import suite_tokenizer as build_tokenizer  # noqa: F401  (tests import it from here)
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-
-
-def build_tokenizer(extra_special: list[str] | None = None, vocab_size: int = 320,
-                    eos: str = "</s>"):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    from paser.suite import generate_suite
-
-    specials = ["<unk>", "<s>", "</s>", "<pad>"] + (extra_special or [])
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    corpus = [" ".join((r["instruction"], r["input"], r["output"])) for r in generate_suite(600, seed=1)]
-    tok.train_from_iterator(corpus, trainer=trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token=eos,
-                                   unk_token="<unk>", pad_token="<pad>")
-
-
-@pytest.fixture(scope="session")
-def tiny_tokenizer():
-    return build_tokenizer()
 
 
 def build_model(tokenizer, num_kv_heads: int = 8, seed: int = 0, tie: bool = False, layers: int = 4):

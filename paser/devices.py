@@ -1,0 +1,60 @@
+"""Devices and precision, decided in one place: which device a model runs on, in which dtype, and
+how many local scoring workers share the visible GPUs.
+
+``auto`` (the default dtype of scoring, recovery and evaluation) means bfloat16 on a CUDA device
+that supports it and float32 everywhere else: on CPUs without bf16 instructions bf16 is much
+slower than fp32, and fp16 is never chosen (NaN losses on Llama-2 for LLM-Pruner's users).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from paser.errors import ConfigError
+
+
+def visible_gpus() -> int:
+    """CUDA devices this process sees (0 without CUDA)."""
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def default_device() -> str:
+    return "cuda" if visible_gpus() else "cpu"
+
+
+def auto_dtype(device: str | torch.device) -> str:
+    """bfloat16 on a CUDA device with bf16 support, else float32."""
+    if str(device).startswith("cuda") and visible_gpus() and torch.cuda.is_bf16_supported():
+        return "bfloat16"
+    return "float32"
+
+
+def resolve_dtype(dtype: str | None, device: str | torch.device) -> str:
+    """``dtype`` itself, or for ``auto`` (and None) the one ``auto_dtype`` picks for ``device``."""
+    return auto_dtype(device) if dtype in (None, "auto") else dtype
+
+
+def worker_device(requested: str | None, worker: int | None = None, n_gpus: int | None = None) -> str:
+    """The device one scoring process uses. ``cpu`` and an indexed ``cuda:K`` are taken as given.
+    ``cuda`` or None: on the numbered worker ``worker`` of a local cluster, GPU ``worker`` modulo
+    the GPUs visible (each worker its own GPU), else ``cuda`` when any GPU is visible, else CPU."""
+    n_gpus = visible_gpus() if n_gpus is None else n_gpus
+    if requested not in (None, "cuda"):
+        return requested
+    if n_gpus == 0:
+        if requested == "cuda":
+            raise ConfigError("score.device is 'cuda' but no CUDA device is visible")
+        return "cpu"
+    return f"cuda:{worker % n_gpus}" if isinstance(worker, int) else "cuda"
+
+
+def local_workers(asked: int | None, n_gpus: int, on_gpus: bool) -> int:
+    """Worker processes of a local cluster: on GPUs one per visible GPU, or the number asked but
+    never more than the GPUs there are (two workers on one GPU would each load both models); on
+    CPUs the number asked, else 2."""
+    if not on_gpus:
+        return asked or 2
+    if n_gpus == 0:
+        raise ConfigError("shards claim GPUs (distribute.gpus_per_shard) but no CUDA device is visible; "
+                          "set distribute.gpus_per_shard: 0 to score on CPUs")
+    return min(asked or n_gpus, n_gpus)

@@ -1,0 +1,146 @@
+"""Devices and precision without a GPU: the auto dtype, worker-to-GPU mapping and local cluster
+sizes under faked device counts, and forward passes that build no KV cache."""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+import torch
+
+import paser.devices as devices
+from paser.errors import ConfigError
+
+
+@pytest.fixture()
+def gpus(monkeypatch):
+    """Pretend this machine has ``n`` CUDA devices with (or without) bf16 support."""
+
+    def fake(n: int, bf16: bool = True):
+        monkeypatch.setattr(devices, "visible_gpus", lambda: n)
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16)
+
+    return fake
+
+
+def test_auto_dtype_is_bf16_only_on_a_gpu_that_has_it(gpus):
+    assert devices.resolve_dtype("auto", "cpu") == "float32"  # this machine: no GPU
+    assert devices.resolve_dtype("bfloat16", "cpu") == "bfloat16"  # an explicit dtype is kept
+    gpus(2)
+    assert devices.resolve_dtype("auto", "cuda:1") == "bfloat16"
+    assert devices.resolve_dtype(None, "cuda") == "bfloat16"
+    assert devices.resolve_dtype("auto", "cpu") == "float32"
+    gpus(2, bf16=False)
+    assert devices.resolve_dtype("auto", "cuda") == "float32"
+
+
+def test_each_local_worker_takes_its_own_gpu(gpus):
+    assert devices.worker_device(None, worker=3, n_gpus=4) == "cuda:3"
+    assert devices.worker_device("cuda", worker=5, n_gpus=4) == "cuda:1"  # an unindexed cuda keeps the mapping
+    assert devices.worker_device("cuda:2", worker=0, n_gpus=4) == "cuda:2"  # an indexed one is the user's choice
+    assert devices.worker_device("cpu", worker=1, n_gpus=4) == "cpu"
+    assert devices.worker_device(None, worker=None, n_gpus=4) == "cuda"
+    assert devices.worker_device(None, worker=2, n_gpus=0) == "cpu"
+    with pytest.raises(ConfigError, match="no CUDA device"):
+        devices.worker_device("cuda", worker=0, n_gpus=0)
+
+
+def test_scoring_device_inside_a_numbered_dask_worker(gpus, monkeypatch):
+    import distributed
+
+    from paser.degradation import ScoreConfig
+    from paser.pipeline import scoring_device
+
+    gpus(4)
+    monkeypatch.setattr(distributed, "get_worker", lambda: types.SimpleNamespace(name=2))
+    assert scoring_device(ScoreConfig()) == "cuda:2"
+    assert scoring_device(ScoreConfig(device="cuda")) == "cuda:2"  # score.device: cuda no longer lands on cuda:0
+    assert scoring_device(ScoreConfig(device="cuda:0")) == "cuda:0"
+    assert scoring_device(ScoreConfig(device="cpu")) == "cpu"
+
+    def outside():
+        raise ValueError("No worker found")
+
+    monkeypatch.setattr(distributed, "get_worker", outside)
+    assert scoring_device(ScoreConfig()) == "cuda"
+
+
+def test_local_dask_cluster_has_one_worker_per_gpu_and_never_more(gpus):
+    from flows.runners import local_dask_cluster
+    from paser.pipeline import DistributeConfig
+
+    cpu = local_dask_cluster(DistributeConfig(engine="dask"))
+    assert cpu["n_workers"] == 2 and "resources" not in cpu
+    assert local_dask_cluster(DistributeConfig(engine="dask", workers=3))["n_workers"] == 3
+    gpus(4)
+    assert local_dask_cluster(DistributeConfig(engine="dask")) | {} == {
+        "n_workers": 4, "threads_per_worker": 1, "processes": True, "dashboard_address": None,
+        "resources": {"GPU": 1}}
+    assert local_dask_cluster(DistributeConfig(engine="dask", workers=8))["n_workers"] == 4
+    assert local_dask_cluster(DistributeConfig(engine="dask", workers=2))["n_workers"] == 2
+    gpus(0)
+    with pytest.raises(ConfigError, match="gpus_per_shard"):
+        local_dask_cluster(DistributeConfig(engine="dask", gpus_per_shard=1))
+
+
+def test_settings_record_the_dtype_scoring_uses(gpus):
+    from paser.pipeline import Settings, twin_device
+
+    settings = Settings.load(None, {})
+    assert settings.score.dtype == "float32" and twin_device(settings) == "cpu"
+    assert Settings.load(None, {"score": {"dtype": "float16"}}).score.dtype == "float16"
+    gpus(2)
+    settings = Settings.load(None, {})
+    assert settings.score.dtype == "bfloat16" and twin_device(settings) == "cuda"
+    assert twin_device(Settings.load(None, {"score": {"device": "cuda:1"}})) == "cuda:1"
+
+
+def test_twin_folder_of_a_gpu_prune_is_its_own(gpus):
+    from paser.pipeline import Settings, _twin_folder
+
+    cpu = _twin_folder(Settings.load(None, {}))
+    gpus(1)
+    gpu = _twin_folder(Settings.load(None, {}))
+    assert gpu.name == cpu.name + "-cuda"
+
+
+def test_forward_passes_build_no_kv_cache(tiny_pair, tiny_tokenizer, monkeypatch):
+    from transformers.cache_utils import DynamicCache
+
+    from paser.degradation import ScoreConfig, score_shard
+    from paser.evaluation import perplexity, response_nll
+    from paser.models import load_model
+    from paser.suite import suite_pool
+
+    built = []
+    original = DynamicCache.__init__
+
+    def counting(self, *args, **kwargs):
+        built.append(1)
+        original(self, *args, **kwargs)
+
+    monkeypatch.setattr(DynamicCache, "__init__", counting)
+    dense, pruned = (load_model(m).model for m in tiny_pair)
+    records = suite_pool(6, seed=3).records
+    score_shard(dense, pruned, tiny_tokenizer, records, ScoreConfig(share_prefix=False))
+    response_nll(pruned, tiny_tokenizer, records)
+    perplexity(dense, tiny_tokenizer, " ".join(r.instruction for r in records), window=16)
+    assert built == []
+    # the shared-prefix states are the one cache scoring builds on purpose
+    score_shard(dense, pruned, tiny_tokenizer, records, ScoreConfig(share_prefix=True))
+    assert built
+
+
+def test_recovery_and_evaluation_record_the_resolved_dtype(tiny_model_dir, tmp_path):
+    import json
+
+    from paser.data import write_jsonl
+    from paser.evaluation import evaluate
+    from paser.recovery import recover
+    from paser.suite import generate_suite
+
+    write_jsonl(tmp_path / "train.jsonl", generate_suite(8, seed=3))
+    result = recover(str(tiny_model_dir), str(tmp_path / "train.jsonl"), tmp_path / "r", max_steps=1, batch_size=4,
+                     val_size=0, progress=False)
+    assert json.loads((result.out / "recovery.json").read_text())["settings"]["dtype"] == "float32"
+    assert evaluate(str(tiny_model_dir), suite_size=12, suite_accuracy_per_family=0)["settings"]["dtype"] == "float32"
