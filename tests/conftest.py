@@ -17,6 +17,11 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    return build_tokenizer()
+
+
 def build_model(tokenizer, num_kv_heads: int = 8, seed: int = 0, tie: bool = False, layers: int = 4):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
