@@ -159,7 +159,11 @@ def select(
     config: Annotated[Path | None, typer.Option(help="YAML settings (sections select, embed, manifold, "
                                                      "cluster, score, allocate, concepts, prune, "
                                                      "distribute).")] = None,
-    layout: Annotated[str | None, typer.Option(help="alpaca, lamini or dolly (default: detected).")] = None,
+    layout: Annotated[str | None, typer.Option(help="alpaca, lamini, dolly, messages (chat turns) or sharegpt "
+                                                    "(conversations) (default: detected).")] = None,
+    fields: Annotated[str | None, typer.Option(help="Field names of another layout: ROLE=FIELD pairs, e.g. "
+                                                    "instruction=question,response=answer[,input=context,id=uid] "
+                                                    "or messages=dialog.")] = None,
     strict: Annotated[bool | None, typer.Option("--strict/--lenient", help="Refuse records with an empty "
                                                 "instruction or response instead of setting them aside.")] = None,
     suite_size: Annotated[int | None, typer.Option(help="Records of the generated suite (default 1000).")] = None,
@@ -193,10 +197,16 @@ def select(
 ) -> None:
     """Select the instruction samples that best repair the pruned model (PASER)."""
     from paser.api import select as run_select
+    from paser.data import parse_fields
 
     _offline_defaults()
+    try:
+        field_map = parse_fields(fields) if fields else None
+    except PaserError as err:
+        raise _fail(err) from None
     overrides = {
-        "select": {"layout": layout, "strict": strict, "suite_size": suite_size, "method": method},
+        "select": {"layout": layout, "strict": strict, "suite_size": suite_size, "method": method,
+                   "field_map": field_map},
         "score": {"dtype": dtype, "batch_size": batch_size, "template": template, "cutoff": cutoff,
                   "signal": signal},
         "cluster": {"n_clusters": clusters, "method": cluster_method},

@@ -1,8 +1,15 @@
 """Instruction pools: read, validate and write back records in the user's own layout.
 
 Layouts: Alpaca (``instruction``, ``input``, ``output``), LaMini (``instruction``, ``response``),
-Dolly (``instruction``, ``context``, ``response``, ``category``), or a user ``FieldMap``.
-Formats: JSON array, JSONL, CSV, Parquet, and ``datasets.save_to_disk`` folders.
+Dolly (``instruction``, ``context``, ``response``, ``category``), chat ``messages`` (a list of
+``{"role", "content"}`` turns, OpenAI/TRL style), ShareGPT ``conversations`` (``{"from",
+"value"}`` turns), or a user ``FieldMap``. Formats: JSON array, JSONL, CSV, Parquet, and
+``datasets.save_to_disk`` folders.
+
+A conversation becomes one record: the last assistant turn is the response, the user turn just
+before it the instruction, and every turn before that (a system message, earlier exchanges) the
+record's ``context``; turns after the last assistant turn have no answer to learn and are not
+part of the sample. The prompt template renders the context (see ``paser.prompts``).
 
 Every record gets a stable id (its own ``id`` field, else a hash of its content) and keeps all of
 its fields, so a selected subset is written back in the input's layout plus paser's fields.
@@ -29,6 +36,11 @@ LAYOUTS: dict[str, tuple[str, str | None, str]] = {
     "dolly": ("instruction", "context", "response"),
     "lamini": ("instruction", None, "response"),
 }
+# layout name -> the field holding the conversation
+CHAT_LAYOUTS: dict[str, str] = {"messages": "messages", "sharegpt": "conversations"}
+# turn speaker names (OpenAI "role", ShareGPT "from") -> role
+ROLES = {"system": "system", "user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant",
+         "chatgpt": "assistant", "bard": "assistant", "bing": "assistant", "model": "assistant"}
 
 
 @dataclass(frozen=True)
@@ -39,11 +51,17 @@ class FieldMap:
     input: str | None = "input"
     response: str = "output"
     id: str | None = "id"
+    messages: str | None = None
+    """A field holding the whole conversation (chat or ShareGPT turns); when set, instruction,
+    input and response come from its turns instead."""
 
     @classmethod
     def for_layout(cls, layout: str) -> FieldMap:
+        if layout in CHAT_LAYOUTS:
+            return cls(messages=CHAT_LAYOUTS[layout])
         if layout not in LAYOUTS:
-            raise DataError(f"unknown layout {layout!r}; choose one of {sorted(LAYOUTS)} or give a field map")
+            raise DataError(f"unknown layout {layout!r}; choose one of {sorted(LAYOUTS) + sorted(CHAT_LAYOUTS)} "
+                            "or give a field map")
         ins, inp, resp = LAYOUTS[layout]
         return cls(instruction=ins, input=inp, response=resp)
 
@@ -58,6 +76,9 @@ class Record:
     response: str
     fields: dict
     index: int  # position in the file, 0-based
+    context: tuple = ()
+    """Conversation turns before the instruction, as {"role", "content"} (system message,
+    earlier exchanges); empty for single-turn layouts."""
 
 
 @dataclass
@@ -116,13 +137,19 @@ def _read_jsonl(path: Path, text: str) -> list:
 
 
 def _read_table(path: Path, kind: str) -> list:
-    import pandas as pd
-
     try:
-        frame = pd.read_csv(path, dtype=str, keep_default_na=False) if kind == "csv" else pd.read_parquet(path)
+        if kind == "csv":
+            import pandas as pd
+
+            return pd.read_csv(path, dtype=str, keep_default_na=False).to_dict(orient="records")
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(path)
+        # a pandas index saved as a column is not a field of the records
+        table = table.drop([c for c in table.column_names if c.startswith("__index_level_")])
+        return table.to_pylist()  # plain lists and dicts, also for nested turns
     except Exception as err:
         raise DataError(f"{path}: cannot read as {kind.upper()}: {type(err).__name__}: {err}") from None
-    return frame.to_dict(orient="records")
 
 
 def _read_datasets_folder(path: Path) -> list:
@@ -183,6 +210,9 @@ def detect_layout(path: Path, rows: list) -> str:
     if first is None:
         raise DataError(f"{path}: no records to detect the layout from")
     keys = set(first)
+    for layout, name in CHAT_LAYOUTS.items():
+        if name in keys:
+            return layout
     if "output" in keys and "instruction" in keys:
         return "alpaca"
     if {"instruction", "context", "response"} <= keys:
@@ -192,7 +222,9 @@ def detect_layout(path: Path, rows: list) -> str:
     raise DataError(
         f"{path}: record 0 has fields {sorted(keys)[:8]}, which match no known layout "
         "(alpaca: instruction/input/output; lamini: instruction/response; "
-        "dolly: instruction/context/response); give a field map"
+        "dolly: instruction/context/response; chat: messages; sharegpt: conversations); name the fields "
+        "with --fields (e.g. --fields instruction=question,response=answer, or --fields messages=dialog) "
+        "or select.field_map in a YAML"
     )
 
 
@@ -205,6 +237,43 @@ def content_id(instruction: str, input_: str, response: str) -> str:
     return digest[:16]
 
 
+def render_context(context) -> str:
+    """Conversation turns as text, one "Role: content" paragraph each (the Alpaca template's
+    input, and what embedding reads)."""
+    return "\n\n".join(f"{turn['role'].capitalize()}: {turn['content']}" for turn in context)
+
+
+def conversation(where, i: int, name: str, turns) -> tuple[tuple, str, str] | str:
+    """(context, instruction, response) of a conversation (see the module docstring), or the
+    reason it has no sample (a string)."""
+    if not isinstance(turns, list | tuple):
+        raise DataError(f"{where}: record {i}: field '{name}' is {type(turns).__name__}, expected a list of turns")
+    parsed = []
+    for j, turn in enumerate(turns):
+        if not isinstance(turn, dict):
+            raise DataError(f"{where}: record {i}: {name}[{j}] is {type(turn).__name__}, expected an object "
+                            "with role/content (or from/value)")
+        speaker_key, text_key = ("role", "content") if "role" in turn else ("from", "value")
+        speaker, text = turn.get(speaker_key), turn.get(text_key)
+        if speaker is None or _is_missing(text):
+            raise DataError(f"{where}: record {i}: {name}[{j}] needs 'role' and 'content' (or 'from' and "
+                            f"'value'); it has {sorted(turn)[:6]}")
+        role = ROLES.get(str(speaker).lower())
+        if role is None:
+            raise DataError(f"{where}: record {i}: {name}[{j}]: unknown speaker {speaker!r}; paser reads "
+                            f"{sorted(ROLES)}")
+        if not isinstance(text, str):
+            raise DataError(f"{where}: record {i}: {name}[{j}].{text_key} is {type(text).__name__}, expected a "
+                            "string (text-only conversations)")
+        parsed.append({"role": role, "content": text})
+    last = max((j for j, t in enumerate(parsed) if t["role"] == "assistant"), default=None)
+    if last is None:
+        return "no assistant turn"
+    if last == 0 or parsed[last - 1]["role"] != "user":
+        return "no user turn before the last assistant turn"
+    return tuple(parsed[:last - 1]), parsed[last - 1]["content"], parsed[last]["content"]
+
+
 def to_records(rows: list, path: Path | None, fmap: FieldMap, strict: bool = False,
                layout: str = "custom") -> Pool:
     """Validate raw rows into records. See the module docstring for what is an error."""
@@ -213,10 +282,21 @@ def to_records(rows: list, path: Path | None, fmap: FieldMap, strict: bool = Fal
     for i, row in enumerate(rows):
         if not isinstance(row, dict):
             raise DataError(f"{where}: record {i} is a {type(row).__name__}, expected an object with fields")
-        values = {}
-        for role, name, required in (("instruction", fmap.instruction, True),
-                                     ("input", fmap.input, False),
-                                     ("response", fmap.response, True)):
+        values, context, reason = {}, (), None
+        if fmap.messages is not None:
+            turns = row.get(fmap.messages)
+            if _is_missing(turns):
+                raise DataError(f"{where}: record {i}: missing field '{fmap.messages}' (the conversation; "
+                                f"record has {sorted(row)[:8]})")
+            found = conversation(where, i, fmap.messages, turns)
+            if isinstance(found, str):
+                reason, found = found, ((), "", "")
+            context, values["instruction"], values["response"] = found
+            values["input"] = render_context(context)
+        for role, name, required in (() if fmap.messages is not None else
+                                     (("instruction", fmap.instruction, True),
+                                      ("input", fmap.input, False),
+                                      ("response", fmap.response, True))):
             if name is None:
                 values[role] = ""
                 continue
@@ -245,14 +325,14 @@ def to_records(rows: list, path: Path | None, fmap: FieldMap, strict: bool = Fal
                 rid, n = f"{base}-{n}", n + 1
         seen[rid] = i
         empty = [role for role in ("instruction", "response") if not values[role].strip()]
-        if empty:
-            reason = f"empty {' and '.join(empty)}"
+        if empty or reason:
+            reason = reason or f"empty {' and '.join(empty)}"
             if strict:
                 raise DataError(f"{where}: record {i}: {reason} (strict mode refuses it)")
             rejected.append(Rejected(index=i, id=rid, reason=reason))
             continue
         records.append(Record(id=rid, instruction=values["instruction"], input=values["input"],
-                              response=values["response"], fields=dict(row), index=i))
+                              response=values["response"], fields=dict(row), index=i, context=context))
     if not records:
         detail = f" ({len(rejected)} records rejected: {rejected[0].reason}, ...)" if rejected else ""
         raise DataError(f"{where}: the pool is empty{detail}")
@@ -263,8 +343,9 @@ def load_pool(path: str | Path, layout: str | None = None, field_map: dict | Fie
               strict: bool = False) -> Pool:
     """Read and validate an instruction pool.
 
-    ``layout``: alpaca, lamini or dolly (detected from the first record when omitted);
-    ``field_map``: explicit field names, overriding the layout (keys instruction/input/response/id).
+    ``layout``: alpaca, lamini, dolly, messages or sharegpt (detected from the first record when
+    omitted); ``field_map``: explicit field names, overriding the layout (keys
+    instruction/input/response/id, or messages for a conversation field).
     """
     path = Path(path).expanduser()
     rows = read_rows(path)
@@ -284,9 +365,23 @@ def _field_map_from_dict(path: Path, mapping: dict) -> FieldMap:
     unknown = sorted(set(mapping) - known)
     if unknown:
         raise DataError(f"field map for {path}: unknown key(s) {unknown}; known: {sorted(known)}")
+    if "messages" in mapping:
+        return FieldMap(**{"id": "id"} | mapping)
     if "instruction" not in mapping or "response" not in mapping:
-        raise DataError(f"field map for {path}: needs at least 'instruction' and 'response'")
+        raise DataError(f"field map for {path}: needs 'instruction' and 'response' (or 'messages')")
     return FieldMap(**{"input": None, "id": "id"} | mapping)
+
+
+def parse_fields(text: str) -> dict:
+    """``--fields instruction=question,response=answer`` as a field map."""
+    mapping = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        key, sep, value = part.partition("=")
+        if not sep or not key.strip() or not value.strip():
+            raise DataError(f"--fields {text!r}: expected ROLE=FIELD pairs separated by commas, e.g. "
+                            "instruction=question,response=answer")
+        mapping[key.strip()] = value.strip()
+    return mapping
 
 
 def write_jsonl(path: str | Path, rows: list[dict]) -> Path:

@@ -64,9 +64,11 @@ class SelectConfig:
     data: str | None = None
     """Instruction pool (JSON, JSONL, CSV, Parquet, datasets folder); None: the generated suite."""
     layout: str | None = None
-    """alpaca, lamini or dolly; detected from the first record when omitted."""
+    """alpaca, lamini, dolly, messages (chat turns) or sharegpt (conversations); detected from the
+    first record when omitted."""
     field_map: dict | None = None
-    """Explicit field names: {instruction, input, response, id}."""
+    """Explicit field names: {instruction, input, response, id}, or {messages} for a field holding
+    conversation turns (``--fields``)."""
     strict: bool = False
     """Refuse records with an empty instruction or response instead of setting them aside."""
     suite_size: int = 1000
@@ -289,6 +291,7 @@ def stage_data(settings: Settings, run: Path) -> Path:
             "response": [r.response for r in pool.records],
             "fields": [json.dumps(r.fields, ensure_ascii=False, default=str) for r in pool.records],
             "index": [r.index for r in pool.records],
+            "context": [json.dumps(list(r.context), ensure_ascii=False) for r in pool.records],
         })
         _atomic_parquet(frame, path)
         (run / "data.json").write_text(json.dumps({
@@ -337,8 +340,10 @@ def resolve_run_budget(settings: Settings, run: Path) -> tuple[int, str]:
 
 def read_run_pool(run: Path) -> list[Record]:
     frame = pd.read_parquet(run / "pool.parquet")
+    contexts = frame["context"] if "context" in frame else ["[]"] * len(frame)  # runs made before chat layouts
     return [Record(id=row.id, instruction=row.instruction, input=row.input, response=row.response,
-                   fields=json.loads(row.fields), index=int(row.index)) for row in frame.itertuples()]
+                   fields=json.loads(row.fields), index=int(row.index), context=tuple(json.loads(context)))
+            for row, context in zip(frame.itertuples(), contexts)]
 
 
 def _fp_of(path: Path) -> str:

@@ -28,7 +28,17 @@ class InstructionLike(Protocol):
 
 
 def format_prompt(record: InstructionLike, template: str = "alpaca", tokenizer=None) -> str:
-    """The prompt text for a record: everything the model reads before the response."""
+    """The prompt text for a record: everything the model reads before the response.
+
+    A conversation record (``context`` turns before its instruction) reads, under ``alpaca``,
+    its earlier turns as the input ("System: ...", "User: ...", "Assistant: ..." paragraphs),
+    and under ``chat`` the tokenizer's chat template over all its turns."""
+    context = getattr(record, "context", ())
+    if template == "chat" and context:
+        if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+            raise ValueError("template 'chat' needs a tokenizer that has a chat template")
+        return tokenizer.apply_chat_template([*context, {"role": "user", "content": record.instruction}],
+                                             tokenize=False, add_generation_prompt=True)
     if template == "alpaca":
         if record.input:
             return ALPACA_WITH_INPUT.format(instruction=record.instruction, input=record.input)

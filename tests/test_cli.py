@@ -229,3 +229,22 @@ def test_user_error_inside_a_flow_is_one_line(tiny_pair, tmp_path):
     loud = subprocess.run([sys.executable, "-c", _INJECT, "--debug", *args], capture_output=True, text=True,
                           timeout=300)
     assert loud.returncode == 2 and "Traceback" in loud.stderr
+
+
+def test_select_field_map_on_the_command_line(tiny_pair, tmp_path):
+    import json
+
+    from paser.data import write_jsonl
+    from paser.suite import generate_suite
+
+    dense, pruned = tiny_pair
+    data = tmp_path / "qa.jsonl"
+    write_jsonl(data, [{"question": r["instruction"], "answer": r["output"]} for r in generate_suite(40, seed=2)])
+    args = ["select", "--data", str(data), "--dense", dense, "--pruned", pruned, "--budget", "0.25",
+            "--clusters", "4", "--no-flow", "--out", str(tmp_path / "run")]
+    _one_line_error(runner.invoke(app, args), "qa.jsonl: record 0 has fields ['answer', 'question']", "--fields")
+    _one_line_error(runner.invoke(app, [*args, "--fields", "question"]), "ROLE=FIELD")
+    result = runner.invoke(app, [*args, "--fields", "instruction=question,response=answer"])
+    assert result.exit_code == 0, result.output
+    first = json.loads((tmp_path / "run" / "selected.jsonl").read_text().splitlines()[0])
+    assert {"question", "answer"} <= set(first) and "instruction" not in first
