@@ -161,6 +161,8 @@ def select(
                                                      "distribute).")] = None,
     layout: Annotated[str | None, typer.Option(help="alpaca, lamini, dolly, messages (chat turns) or sharegpt "
                                                     "(conversations) (default: detected).")] = None,
+    split: Annotated[str | None, typer.Option(help="Split of a Hugging Face dataset id given as --data "
+                                                   "(default train).")] = None,
     fields: Annotated[str | None, typer.Option(help="Field names of another layout: ROLE=FIELD pairs, e.g. "
                                                     "instruction=question,response=answer[,input=context,id=uid] "
                                                     "or messages=dialog.")] = None,
@@ -206,7 +208,7 @@ def select(
         raise _fail(err) from None
     overrides = {
         "select": {"layout": layout, "strict": strict, "suite_size": suite_size, "method": method,
-                   "field_map": field_map},
+                   "field_map": field_map, "split": split},
         "score": {"dtype": dtype, "batch_size": batch_size, "template": template, "cutoff": cutoff,
                   "signal": signal},
         "cluster": {"n_clusters": clusters, "method": cluster_method},

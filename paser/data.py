@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -166,8 +167,38 @@ def _read_datasets_folder(path: Path) -> list:
     return ds.to_list()
 
 
-def read_rows(path: str | Path) -> list:
-    """The raw rows of a file or datasets folder, as dicts (not validated)."""
+DATA_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet", ".pq", ".txt")
+
+
+def hub_id(text: str) -> bool:
+    """Whether ``text`` reads as a Hugging Face dataset id (``name`` or ``owner/name``) rather than
+    a path: no more than one slash, no leading dot or slash, no data-file suffix."""
+    text = str(text)
+    return (re.fullmatch(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?", text) is not None
+            and not text.lower().endswith(DATA_SUFFIXES))
+
+
+def hub_dataset(name: str, split: str = "train"):
+    """The ``split`` of the Hugging Face dataset ``name`` through ``datasets.load_dataset``, which
+    works offline from the user's datasets cache; a one-line DataError when it is not there."""
+    import datasets
+
+    try:
+        return datasets.load_dataset(name, split=split)
+    except ValueError as err:  # an unknown split names the ones there are
+        raise DataError(f"{name}: {err}") from None
+    except Exception as err:
+        cache = datasets.config.HF_DATASETS_CACHE
+        raise DataError(f"{name}: no such file or folder, and no Hugging Face dataset of that id in the datasets "
+                        f"cache ({cache}; {type(err).__name__}); paser runs offline: load it once with network "
+                        f"(datasets.load_dataset({name!r})) or give a file") from None
+
+
+def read_rows(path: str | Path, split: str = "train") -> list:
+    """The raw rows of a file, a datasets folder, or (when no such path exists) the ``split`` of
+    a Hugging Face dataset id from the datasets cache, as dicts (not validated)."""
+    if not Path(path).expanduser().exists() and hub_id(str(path)):
+        return hub_dataset(str(path), split).to_list()
     path = Path(path).expanduser()
     if not path.exists():
         raise DataError(f"{path}: no such file or folder")
@@ -340,15 +371,16 @@ def to_records(rows: list, path: Path | None, fmap: FieldMap, strict: bool = Fal
 
 
 def load_pool(path: str | Path, layout: str | None = None, field_map: dict | FieldMap | None = None,
-              strict: bool = False) -> Pool:
+              strict: bool = False, split: str = "train") -> Pool:
     """Read and validate an instruction pool.
 
-    ``layout``: alpaca, lamini, dolly, messages or sharegpt (detected from the first record when
+    ``path``: a file, a datasets folder, or a Hugging Face dataset id (its ``split``, from the
+    datasets cache). ``layout``: alpaca, lamini, dolly, messages or sharegpt (detected from the first record when
     omitted); ``field_map``: explicit field names, overriding the layout (keys
     instruction/input/response/id, or messages for a conversation field).
     """
+    rows = read_rows(path, split)
     path = Path(path).expanduser()
-    rows = read_rows(path)
     if not rows:
         raise DataError(f"{path}: the pool is empty (no records)")
     if field_map is not None:

@@ -40,7 +40,7 @@ from paser.budget import parse_budget, take_in_order
 from paser.clustering import ClusterConfig, SpectralClusterer
 from paser.concepts import ConceptConfig, record_concepts
 from paser.config import from_mapping, read_yaml, to_mapping
-from paser.data import Pool, Record, load_pool
+from paser.data import Pool, Record, hub_dataset, hub_id, load_pool
 from paser.degradation import (
     ScoreConfig,
     collect_shards,
@@ -62,7 +62,10 @@ class SelectConfig:
     """What to select from, with which models, and how much."""
 
     data: str | None = None
-    """Instruction pool (JSON, JSONL, CSV, Parquet, datasets folder); None: the generated suite."""
+    """Instruction pool (JSON, JSONL, CSV, Parquet, datasets folder, or a Hugging Face dataset id
+    read offline from the datasets cache); None: the generated suite."""
+    split: str = "train"
+    """The split of a Hugging Face dataset id."""
     layout: str | None = None
     """alpaca, lamini, dolly, messages (chat turns) or sharegpt (conversations); detected from the
     first record when omitted."""
@@ -242,6 +245,9 @@ class _Stage:
 def data_fingerprint(cfg: SelectConfig) -> str:
     if cfg.data is None:
         source = ("suite", cfg.suite_size, cfg.seed)
+    elif not Path(cfg.data).expanduser().exists() and hub_id(cfg.data):
+        # a Hugging Face dataset id: the cached Arrow data's own fingerprint
+        source = ("hub", cfg.data, cfg.split, hub_dataset(cfg.data, cfg.split)._fingerprint)
     else:
         path = Path(cfg.data).expanduser()
         if not path.exists():
@@ -262,7 +268,7 @@ def read_input_pool(cfg: SelectConfig) -> Pool:
         from paser.suite import suite_pool
 
         return suite_pool(cfg.suite_size, cfg.seed)
-    return load_pool(cfg.data, layout=cfg.layout, field_map=cfg.field_map, strict=cfg.strict)
+    return load_pool(cfg.data, layout=cfg.layout, field_map=cfg.field_map, strict=cfg.strict, split=cfg.split)
 
 
 def _stage_output(settings: Settings, run: Path, stage: str, make) -> Path:

@@ -149,3 +149,41 @@ def test_selection_of_a_chat_pool_is_written_back_in_its_layout(tiny_pair, tmp_p
     originals = {json.dumps(r["messages"]) for r in rows}
     assert all(json.dumps(s["messages"]) in originals and s["source"] == "suite" for s in selected)
     assert json.loads((run / "data.json").read_text())["layout"] == "messages"
+
+
+def _cache_hub_dataset(home, repo: str, rows: list[dict]) -> None:
+    """Put ``rows`` into the datasets cache under ``home`` as the Hugging Face dataset ``repo``
+    would be after one online load (the layout datasets reads offline)."""
+    import shutil
+
+    from datasets.packaged_modules.json.json import Json
+
+    owner, name = repo.split("/")
+    source = write_jsonl(home / "src" / "train.jsonl", rows)
+    builder = Json(cache_dir=str(home / "build"), dataset_name=name, data_files={"train": str(source)}, hash="0")
+    builder.download_and_prepare()
+    shutil.copytree(builder.cache_dir, home / "datasets" / f"{owner}___{name}" / "default" / "0.0.0" / "0")
+
+
+def test_hugging_face_dataset_ids_from_the_cache(tmp_path, monkeypatch):
+    import datasets
+
+    from paser.data import hub_id
+
+    assert hub_id("tatsu-lab/alpaca") and hub_id("imdb")
+    assert not hub_id("pool.json") and not hub_id("runs/a/b") and not hub_id("./x") and not hub_id("/abs")
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "datasets")
+    rows = chat_rows(6)
+    _cache_hub_dataset(tmp_path, "acme/chats", rows)
+    pool = load_pool("acme/chats")
+    assert pool.layout == "messages" and len(pool) == 6 and pool.records[0].fields == rows[0]
+    with pytest.raises(DataError, match=r"acme/chats: Unknown split \"test\""):
+        load_pool("acme/chats", split="test")
+    with pytest.raises(DataError, match=r"acme/missing: no such file or folder, and no Hugging Face dataset"):
+        load_pool("acme/missing")
+    from paser.pipeline import SelectConfig, data_fingerprint
+
+    first = data_fingerprint(SelectConfig(data="acme/chats"))
+    assert first == data_fingerprint(SelectConfig(data="acme/chats")) and len(first) == 16
+    with pytest.raises(DataError, match="acme/missing"):
+        data_fingerprint(SelectConfig(data="acme/missing"))
