@@ -93,9 +93,20 @@ def score_shard(settings: dict, plan: pipeline.ScoringPlan, index: int) -> dict:
 
 @flow(name="paser-score-shards")
 def score_shards(settings: dict, plan: pipeline.ScoringPlan) -> list[dict]:
-    """Every shard of ``plan``, mapped over the task runner; finished shards return at once."""
-    with shard_resources(_s(settings).distribute):
-        futures = score_shard.map(unmapped(settings), unmapped(plan), list(range(len(plan.shards))))
+    """Every shard of ``plan``, mapped over the task runner; finished shards return at once. One
+    progress display: batches of shards scored in this process, and every shard as it finishes."""
+    from prefect.futures import as_completed
+
+    with pipeline.scoring_progress(_s(settings), plan) as shown:
+        try:
+            with shard_resources(_s(settings).distribute):
+                futures = score_shard.map(unmapped(settings), unmapped(plan), list(range(len(plan.shards))))
+            for future in as_completed(futures):
+                report = future.result()
+                lo, hi = report["records"]
+                shown.shard_done(report["shard"], hi - lo, report["computed"])
+        finally:
+            pipeline.progress.register(plan.fingerprint, None)
     return [f.result() for f in futures]
 
 

@@ -49,10 +49,16 @@ def _layer_range(text: str | None, option: str) -> tuple[int, int] | None:
 
 @app.callback()
 def _group(debug: Annotated[bool, typer.Option("--debug", help="Show Prefect's full logs, tracebacks of "
-                                                                "input errors included.")] = False) -> None:
+                                                                "input errors included.")] = False,
+           quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No stage names and no progress bars; "
+                                                                    "results and errors only.")] = False) -> None:
     """Select the instruction samples that repair a pruned LLM, and recover it."""
+    from paser.progress import library_bars, set_quiet
+
     if debug:
         os.environ["PASER_DEBUG"] = "1"
+    set_quiet(quiet)
+    library_bars()
 
 
 def _quiet_flows() -> None:

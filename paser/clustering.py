@@ -123,7 +123,9 @@ class SpectralClusterer:
             sample = nonnegative(x[rows])
             from tqdm.auto import tqdm
 
-            for k in tqdm(range(k_min, k_max + 1), desc="choosing K", disable=not self.verbose):
+            from paser.progress import bar_enabled
+
+            for k in tqdm(range(k_min, k_max + 1), desc="choosing K", disable=not bar_enabled(self.verbose)):
                 self.k_curve_.append({"k": k, "error": _nmf(sample, k, self.random_state)[1]})
             self.knee_k_ = knee([p["k"] for p in self.k_curve_], [p["error"] for p in self.k_curve_])
         if self.n_clusters is not None:

@@ -14,7 +14,9 @@ print(extract_concepts('Explain how photosynthesis converts sunlight into chemic
 from __future__ import annotations
 
 import itertools
+import math
 import re
+from collections import Counter
 from dataclasses import dataclass
 
 from sklearn.feature_extraction.text import ENGLISH_STOP_WORDS
@@ -133,3 +135,26 @@ class ConceptGraph:
             self.add(concepts)
             return True, None
         return False, pair
+
+
+def cluster_names(clusters, concepts, n_words: int = 3) -> dict[int, str]:
+    """Each cluster named by its most distinctive concepts, e.g. "convert / minute / hour".
+
+    A concept's weight in a cluster is the number of the cluster's records that have it times
+    log(K / the number of clusters where it occurs) (class-based tf-idf: a concept of every
+    cluster weighs nothing and names none, unless a cluster has no other); the ``n_words``
+    heaviest are joined by " / ", ties by count, then alphabetically, so the names are
+    deterministic. A cluster whose records have no concept gets "".
+    """
+    counts: dict[int, Counter] = {}
+    for cluster, found in zip(clusters, concepts):
+        counts.setdefault(int(cluster), Counter()).update(set(found))
+    spread = Counter(c for counter in counts.values() for c in counter)
+    k = len(counts)
+    names = {}
+    for cluster, counter in counts.items():
+        weight = {c: n * math.log(k / spread[c]) for c, n in counter.items()}
+        distinctive = [c for c in weight if weight[c] > 0] or list(weight)
+        top = sorted(distinctive, key=lambda c: (-weight[c], -counter[c], c))[:n_words]
+        names[cluster] = " / ".join(top)
+    return names

@@ -307,8 +307,10 @@ def _frame(records, encoded: list[Encoded], stats: np.ndarray, positions: str) -
     })
 
 
-def score_shard(dense, pruned, tokenizer, records, config: ScoreConfig, device=None) -> pd.DataFrame:
-    """Scores of one shard of records, both models in memory."""
+def score_shard(dense, pruned, tokenizer, records, config: ScoreConfig, device=None,
+                on_batch=None) -> pd.DataFrame:
+    """Scores of one shard of records, both models in memory. ``on_batch(records, tokens)`` is
+    called after each batch (progress displays)."""
     device = torch.device(device or next(dense.parameters()).device)
     encoded, batches = _shard_batches(tokenizer, records, config)
     prefixes = _Prefixes((dense, pruned), config, device)
@@ -316,6 +318,8 @@ def score_shard(dense, pruned, tokenizer, records, config: ScoreConfig, device=N
     for idx in batches:
         batch = [encoded[i] for i in idx]
         stats[idx] = score_batch(dense, pruned, batch, config, _pad_id(tokenizer), device, prefixes.get(batch))
+        if on_batch is not None:
+            on_batch(len(batch), sum(len(e.ids) for e in batch))
     return _frame(records, encoded, stats, config.positions)
 
 
@@ -432,9 +436,12 @@ def shard_ranges(n: int, shard_size: int) -> list[tuple[int, int]]:
 
 
 def progress_bar(total: int, enabled: bool, desc: str):
+    """A records bar on a terminal (see ``paser.progress.bar_enabled``), else none."""
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc=desc, unit="rec", disable=not enabled)
+    from paser.progress import bar_enabled
+
+    return tqdm(total=total, desc=desc, unit="rec", disable=not bar_enabled(enabled))
 
 
 def _checked(frames: list[pd.DataFrame], records, shard_dir: Path) -> pd.DataFrame:
@@ -450,7 +457,7 @@ def shard_path(shard_dir: str | Path, index: int) -> Path:
 
 
 def score_pool_shard(dense, pruned, tokenizer, records, config: ScoreConfig, shard_dir: str | Path,
-                     index: int) -> bool:
+                     index: int, on_batch=None) -> bool:
     """Score shard ``index`` of ``records`` (the whole pool, in order) into its file in
     ``shard_dir``, unless that file exists already. Returns whether it computed anything."""
     path = shard_path(shard_dir, index)
@@ -458,7 +465,7 @@ def score_pool_shard(dense, pruned, tokenizer, records, config: ScoreConfig, sha
         return False
     lo, hi = shard_ranges(len(records), config.shard_size)[index]
     path.parent.mkdir(parents=True, exist_ok=True)
-    _write_atomic(score_shard(dense, pruned, tokenizer, records[lo:hi], config), path)
+    _write_atomic(score_shard(dense, pruned, tokenizer, records[lo:hi], config, on_batch=on_batch), path)
     return True
 
 

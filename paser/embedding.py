@@ -17,6 +17,7 @@ from typing import Protocol
 import numpy as np
 
 from paser.errors import ModelLoadError
+from paser.progress import bar_enabled
 
 
 @dataclass
@@ -76,7 +77,7 @@ class SentenceEmbedder:
 
     def encode(self, texts: list[str]) -> np.ndarray:
         vectors = self._load().encode(list(texts), batch_size=self.batch_size, normalize_embeddings=True,
-                                      convert_to_numpy=True, show_progress_bar=self.progress)
+                                      convert_to_numpy=True, show_progress_bar=bar_enabled(self.progress))
         return np.asarray(vectors, dtype=np.float32)  # [N, d], unit rows
 
     def fingerprint(self) -> str:

@@ -38,6 +38,7 @@ import torch
 from paser.devices import default_device, resolve_dtype
 from paser.errors import DataError
 from paser.harness import METRIC_LABELS
+from paser.progress import announce
 
 
 @dataclass
@@ -284,6 +285,7 @@ def suite_accuracy(model, tokenizer, size: int, seed: int, template: str = "alpa
         records = [r for r in records if by_family[r.fields["family"]].index(r) < accuracy_per_family]
     if not records:
         return result
+    announce(f"generating answers to {len(records)} suite records ({max_new_tokens} tokens at most)")
     answers = generate_answers(model, tokenizer, records, template, max_new_tokens, batch_size)
     per_family: dict[str, list[bool]] = {}
     exact = []
@@ -382,6 +384,7 @@ def evaluate(model: str, adapter: str | None = None, out: str | Path | None = No
         harness_tasks = prepare_tasks(config.lm_eval_tasks, folder / "lm_eval_tasks")
     device = config.device or default_device()
     config = dataclasses.replace(config, dtype=resolve_dtype(config.dtype, device))
+    announce(f"evaluating {model}" + (f" + {adapter}" if adapter else "") + f" on {device} ({config.dtype})")
     net, tokenizer, described = load_for_eval(model, adapter, config.dtype, device, trust_pickle)
     result: dict = {"model": str(model), "adapter": adapter, "description": described, "settings": vars(config)}
     start = time.perf_counter()

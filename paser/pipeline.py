@@ -35,10 +35,11 @@ from typing import Literal
 import numpy as np
 import pandas as pd
 
+from paser import progress
 from paser.allocation import AllocateConfig
 from paser.budget import parse_budget, take_in_order
 from paser.clustering import ClusterConfig, SpectralClusterer
-from paser.concepts import ConceptConfig, record_concepts
+from paser.concepts import ConceptConfig, cluster_names, record_concepts
 from paser.config import from_mapping, read_yaml, to_mapping
 from paser.data import Pool, Record, hub_dataset, hub_id, load_pool
 from paser.degradation import (
@@ -232,11 +233,22 @@ class _Stage:
 
     def __enter__(self):
         self.start = time.perf_counter()
+        if self.name in STAGE_NAMES:
+            progress.announce(f"{STAGE_NAMES[self.name]} ...")
         return self
 
     def __exit__(self, *exc):
         if exc[0] is None:
-            record_stage(self.run, self.name, time.perf_counter() - self.start, self.reused)
+            seconds = time.perf_counter() - self.start
+            record_stage(self.run, self.name, seconds, self.reused)
+            if self.reused and self.name in STAGE_NAMES:
+                progress.announce(f"{STAGE_NAMES[self.name]}: reused the run folder's result")
+
+
+# stages named as they start (the twin says when it prunes; scoring's display names itself)
+STAGE_NAMES = {"data": "reading the pool", "tokens": "counting tokens", "embed": "embedding the instructions",
+               "cluster": "finding capability clusters", "select": "allocating the budget, ranking and filtering",
+               "baseline": "baseline selection"}
 
 
 # ---------------------------------------------------------------- data
@@ -420,6 +432,8 @@ def twin_reference(settings: Settings) -> str:
         return cfg.pruned
     folder = _twin_folder(settings)
     if not (folder / "paser_pruned.json").is_file():
+        progress.announce(f"pruning {cfg.dense} by {cfg.prune_ratio:.0%} into paser's twin on "
+                          f"{twin_device(settings)} (once; cached in {folder.parent})")
         prune_cfg = dataclasses.replace(settings.prune, ratio=cfg.prune_ratio)
         from paser.pruning import prune
 
@@ -494,6 +508,7 @@ def loaded_pair(settings: Settings, plan: ScoringPlan):
     with _LOADED_LOCK:
         if key not in _LOADED:
             _LOADED.clear()
+            progress.announce(f"loading {plan.dense} and {plan.pruned} on {device} ({dtype})")
             _LOADED[key] = load_pair(plan.dense, plan.pruned, dtype=dtype, device=device,
                                      trust_pickle=settings.select.trust_pickle)
         return _LOADED[key]
@@ -514,10 +529,13 @@ def score_planned_shard(settings: Settings, plan: ScoringPlan, index: int) -> di
     if shard_path(plan.shard_dir, index).is_file():
         return report
     start = time.perf_counter()
+    shown = progress.active(plan.fingerprint)  # a display in this process (local engine, --no-flow)
+    on_batch = None if shown is None else (lambda n, tokens: shown.batch(index, n, tokens))
     try:
         dense, pruned = loaded_pair(settings, plan)
         records = read_run_pool(Path(plan.run))
-        score_pool_shard(dense.model, pruned.model, dense.tokenizer, records, settings.score, plan.shard_dir, index)
+        score_pool_shard(dense.model, pruned.model, dense.tokenizer, records, settings.score, plan.shard_dir, index,
+                         on_batch)
     except PaserError:
         raise
     except Exception as err:
@@ -578,10 +596,19 @@ def stage_twin(settings: Settings, run: Path) -> str:
         return twin_reference(settings)
 
 
+def scoring_progress(settings: Settings, plan: ScoringPlan) -> progress.ScoringProgress:
+    """The scoring display of ``plan``, registered so that shards scored in this process report
+    their batches to it (unregister with ``progress.register(plan.fingerprint, None)``)."""
+    total = plan.shards[-1][1] if plan.shards else 0
+    progress.announce(f"scoring degradation of {total:,} records ({len(plan.shards)} shards, engine "
+                      f"{settings.distribute.engine})")
+    shown = progress.ScoringProgress(total, "degradation (JSD, both models)", settings.select.progress)
+    progress.register(plan.fingerprint, shown)
+    return shown
+
+
 def stage_score(settings: Settings, run: Path) -> Path:
     """Score every record in this process (the flow maps the same shards over workers instead)."""
-    from paser.degradation import progress_bar
-
     path = run / "degradation.parquet"
     pruned_ref = stage_twin(settings, run)
     with _Stage(run, "score") as st:
@@ -592,11 +619,13 @@ def stage_score(settings: Settings, run: Path) -> Path:
         if settings.score.two_pass:
             return finish_scoring(settings, plan, [], _score_two_pass(settings, plan))
         reports = []
-        with progress_bar(plan.shards[-1][1] if plan.shards else 0, settings.select.progress,
-                       "degradation (JSD)") as bar:
-            for i, (lo, hi) in enumerate(plan.shards):
-                reports.append(score_planned_shard(settings, plan, i))
-                bar.update(hi - lo)
+        with scoring_progress(settings, plan) as shown:
+            try:
+                for i, (lo, hi) in enumerate(plan.shards):
+                    reports.append(score_planned_shard(settings, plan, i))
+                    shown.shard_done(i, hi - lo, reports[-1]["computed"])
+            finally:
+                progress.register(plan.fingerprint, None)
         return finish_scoring(settings, plan, reports)
 
 
@@ -715,11 +744,13 @@ def stage_select(settings: Settings, run: Path) -> Path:
             "paser_cluster": int(row.cluster), "paser_jsd": float(row.jsd), "paser_loss_gap": float(row.loss_gap),
             "paser_ies": float(row.ies)})
         fit = json.loads((run / "cluster_fit.json").read_text())
+        names = cluster_names(out["cluster"], out["concepts"])
         (run / "clusters.json").write_text(json.dumps(
             selection_summary(settings.select.method, result.budget, result.unit, result.selected) | {
                 "signal": result.signal, "K": fit["k"], "n_clusters": fit["n_clusters"], "knee_k": fit["knee_k"],
                 "eigengap_k": fit["eigengap_k"], "k_curve": fit["k_curve"],
-                "clusters": [{"cluster": c, "size": int(result.sizes[c]), "cds": float(result.cds[c]),
+                "clusters": [{"cluster": c, "name": names.get(c, ""), "size": int(result.sizes[c]),
+                              "cds": float(result.cds[c]),
                               "allocation": int(result.allocation[c]),
                               "selected": int(result.selected_per_cluster[c]),
                               "selected_tokens": int(result.selected_tokens_per_cluster[c]),

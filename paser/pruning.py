@@ -35,6 +35,7 @@ from paser.layers import (
     set_attention_counts,
     sliced_linear,
 )
+from paser.progress import announce
 
 Importance = Literal["taylor", "l2", "random"]
 
@@ -309,6 +310,7 @@ def prune_model(model: nn.Module, tokenizer, config: PruneConfig | None = None) 
     if config.importance == "taylor":
         texts = calibration_texts(config.calibration, config.num_calibration, config.seed)
         device = next(model.parameters()).device
+        announce(f"Taylor importance: gradients of {len(texts)} calibration samples on {device}")
         accumulate_gradients(model, calibration_batches(tokenizer, texts, config.calibration_max_tokens,
                                                         device=device))
     scores = group_scores(model, config.importance, seed=config.seed)
@@ -321,6 +323,8 @@ def prune_model(model: nn.Module, tokenizer, config: PruneConfig | None = None) 
         m = mlp_ratio if mlp_range[0] <= i < mlp_range[1] else 0.0
         plans.append(plan_layer(shape, layer_scores, a, m, config.gqa, config.round_to)
                      if (a > 0 or m > 0) else None)
+    announce(f"removing {attn_ratio:.0%} of the attention heads and {mlp_ratio:.0%} of the MLP channels in layers "
+             f"{attn_range[0]}-{attn_range[1] - 1} / {mlp_range[0]}-{mlp_range[1] - 1}")
     apply_plan(model, plans)
     model.eval()
     return PruneResult(
@@ -355,6 +359,7 @@ def prune(model: str = "smollm2-135m-instruct", out: str | Path = "runs/pruned",
     from paser.models import load_model
 
     config = config_with(config or PruneConfig(), overrides)
+    announce(f"loading {model}")
     loaded = load_model(model, dtype=dtype, trust_pickle=trust_pickle, device=device)
     result = prune_model(loaded.model, loaded.tokenizer, config)
     info = {

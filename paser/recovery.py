@@ -39,6 +39,7 @@ import torch
 from paser.devices import default_device, resolve_dtype
 from paser.distill import DIVERGENCES, OBJECTIVES, TopKCache, cache_fingerprint, divergence, in_memory_targets
 from paser.errors import ConfigError, DataError
+from paser.progress import announce, bar_enabled
 from paser.prompts import tokenize_example
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -448,7 +449,9 @@ def _teacher(reference: str, tokenizer, student: str, examples: list[Example], p
                                                               config.temperature, examples))
     from tqdm.auto import tqdm
 
-    with tqdm(total=len(examples), desc="teacher top-k", unit="rec", disable=not config.progress) as bar:
+    announce(f"running the teacher {reference} alone over {len(examples)} records for its top-{config.teacher_top_k} "
+             f"cache in {cache.folder}")
+    with tqdm(total=len(examples), desc="teacher top-k", unit="rec", disable=not bar_enabled(config.progress)) as bar:
         cache.build(teacher, examples, collate, pad_id, device, config.teacher_top_k, config.temperature,
                     config.micro_batch_size, bar.update)
     cache.vocab_size = _vocab_size(teacher)
@@ -549,7 +552,10 @@ def recover(model: str, data: str, out: str | Path = "runs/recover", config: Rec
     from tqdm.auto import tqdm
 
     t0 = time.perf_counter()
-    bar = tqdm(total=len(steps), initial=start_step, desc="LoRA recovery", unit="step", disable=not config.progress)
+    announce(f"LoRA recovery of {model}: {len(steps)} steps ({config.objective}"
+             + (f", resuming at step {start_step})" if start_step else ")"))
+    bar = tqdm(total=len(steps), initial=start_step, desc="LoRA recovery", unit="step",
+               disable=not bar_enabled(config.progress))
     for step in range(start_step, len(steps)):
         if best["stopped"]:
             break

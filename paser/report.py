@@ -47,18 +47,67 @@ def _pyplot():
     return plt
 
 
-def map_figure(coords: np.ndarray, clusters, jsd, signal: str = "jsd"):
-    """The records on the first two spectral coordinates, coloured by cluster and by degradation."""
+MAP_POINTS = 5000  # records drawn on the cluster map at most (a seeded sample beyond)
+
+
+def map_layout(coords: np.ndarray, seed: int = 0, max_points: int = MAP_POINTS) -> tuple[np.ndarray, np.ndarray]:
+    """(record indices, their 2-D positions): t-SNE of the manifold coordinates, the space the
+    clusters were found in (its first two axes alone put most records on a few dots), on at most
+    ``max_points`` records; deterministic for a seed."""
+    from sklearn.manifold import TSNE
+
+    n = len(coords)
+    index = np.arange(n) if n <= max_points else np.sort(np.random.default_rng(seed).choice(n, max_points,
+                                                                                           replace=False))
+    points = np.asarray(coords, dtype=np.float64)[index]
+    if len(index) < 5 or points.shape[1] < 2:
+        xy = np.zeros((len(index), 2))
+        xy[:, :min(2, points.shape[1])] = points[:, :2]
+        return index, xy
+    tsne = TSNE(n_components=2, perplexity=min(30.0, (len(index) - 1) / 3), init="pca", max_iter=500,
+                random_state=seed)
+    return index, tsne.fit_transform(points)
+
+
+def map_figure(xy: np.ndarray, clusters, degradation, signal: str = "jsd", names: dict | None = None):
+    """The records on the 2-D map, coloured by cluster (each labelled at its centre with its
+    number and name) and by degradation."""
     plt = _pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.6))
-    xy = coords[:, :2] if coords.shape[1] >= 2 else np.hstack([coords, np.zeros_like(coords)])
-    axes[0].scatter(xy[:, 0], xy[:, 1], c=clusters, cmap="tab20", s=6)
-    axes[0].set_title("clusters (first two spectral coordinates)")
-    sc = axes[1].scatter(xy[:, 0], xy[:, 1], c=np.nan_to_num(np.asarray(jsd, dtype=float)), cmap="magma", s=6)
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5.6))
+    clusters = np.asarray(clusters)
+    palette = plt.get_cmap("tab20").colors  # one colour per cluster (they repeat past 20)
+    axes[0].scatter(xy[:, 0], xy[:, 1], c=[palette[int(c) % len(palette)] for c in clusters], s=6)
+    for cluster in np.unique(clusters):
+        members = xy[clusters == cluster]
+        # the label sits on the member nearest the cluster's median, on a blob of its own points
+        centre = members[np.argmin(((members - np.median(members, axis=0)) ** 2).sum(1))]
+        label = f"{cluster}: {names.get(int(cluster), '')}" if names else str(cluster)
+        axes[0].annotate(label, centre, fontsize=7, ha="center", weight="bold",
+                         bbox={"boxstyle": "round,pad=0.2", "fc": "white", "alpha": 0.7, "lw": 0})
+    axes[0].set_title("clusters (t-SNE of the manifold coordinates)")
+    sc = axes[1].scatter(xy[:, 0], xy[:, 1], c=np.nan_to_num(np.asarray(degradation, dtype=float)), cmap="magma",
+                         s=6)
     fig.colorbar(sc, ax=axes[1], label=signal)
     axes[1].set_title("degradation")
+    for ax in axes:
+        ax.set_xticks([])
+        ax.set_yticks([])
     fig.tight_layout()
     return fig
+
+
+def cluster_map(run: Path, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """The run's map layout (record indices and positions), computed once into cluster_map.npz."""
+    path = run / "cluster_map.npz"
+    stamp = run / "clusters.parquet.fp"  # the clustering stage's fingerprint covers the manifold
+    key = f"{stamp.read_text() if stamp.is_file() else ''}:{seed}"
+    if path.is_file():
+        saved = np.load(path)
+        if str(saved["key"]) == key:
+            return saved["index"], saved["xy"]
+    index, xy = map_layout(np.load(run / "manifold.npz")["coords"], seed)
+    np.savez(path, index=index, xy=xy, key=key)
+    return index, xy
 
 
 def allocation_figure(clusters: list[dict], unit: str = "records", signal: str = "jsd"):
@@ -94,14 +143,16 @@ def rejections_figure(clusters: list[dict]):
     return fig
 
 
-def _plots(run: Path, scores: pd.DataFrame, summary: dict) -> list[str]:
+def _plots(run: Path, scores: pd.DataFrame, summary: dict, seed: int = 0) -> list[str]:
     import matplotlib
 
     matplotlib.use("Agg")
     signal = summary["signal"]
+    index, xy = cluster_map(run, seed)
+    names = {c["cluster"]: c.get("name", "") for c in summary["clusters"]}
     figures = {
-        "cluster_map.png": map_figure(np.load(run / "manifold.npz")["coords"], scores["cluster"], scores[signal],
-                                      signal),
+        "cluster_map.png": map_figure(xy, scores["cluster"].to_numpy()[index], scores[signal].to_numpy()[index],
+                                      signal, names),
         "allocation.png": allocation_figure(summary["clusters"], summary["budget_unit"], signal),
         "rejections.png": rejections_figure(summary["clusters"]),
     }
@@ -114,10 +165,10 @@ def _plots(run: Path, scores: pd.DataFrame, summary: dict) -> list[str]:
 def cluster_table(summary: dict) -> list[str]:
     """The clusters as Markdown table lines, most degraded first."""
     unit = summary.get("budget_unit", "records")
-    lines = [f"| cluster | size | CDS ({summary.get('signal', 'jsd')}) | allocation ({unit}) | selected | "
-             "selected tokens | rejected |", "|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [f"| cluster | top concepts | size | CDS ({summary.get('signal', 'jsd')}) | allocation ({unit}) | "
+             "selected | selected tokens | rejected |", "|---:|---|---:|---:|---:|---:|---:|---:|"]
     for c in sorted(summary["clusters"], key=lambda c: -c["cds"]):
-        lines.append(f"| {c['cluster']} | {c['size']} | {c['cds']:.4f} | {c['allocation']} | "
+        lines.append(f"| {c['cluster']} | {c.get('name', '')} | {c['size']} | {c['cds']:.4f} | {c['allocation']} | "
                      f"{c['selected']} | {c.get('selected_tokens', '')} | {c['rejected']} |")
     return lines
 
@@ -205,7 +256,7 @@ def write_report(settings, run: Path) -> Path:
     manifest = _manifest_base(settings, data, timings, summary) | {"models": models,
                                                                    "adjusted_rand_index_vs_family": ari}
     (run / "manifest.json").write_text(json.dumps(manifest, indent=2))
-    plots = _plots(run, scores, summary)
+    plots = _plots(run, scores, summary, settings.select.seed)
 
     status = scores["status"].value_counts().to_dict()
     truncated = int(scores["truncated"].sum())
@@ -244,7 +295,7 @@ class RunView:
     """A finished selection run read back from its folder, for notebooks and scripts.
 
     ``records``: one row per record in pool order (id, instruction, input, response, cluster,
-    jsd, ies, status, reason, conflict_a/b, rank, x, y); ``clusters``: one row per cluster (size,
+    jsd, ies, status, reason, conflict_a/b, rank, and x, y on the cluster map); ``clusters``: one row per cluster (size,
     cds, allocation, selected, rejected); ``summary``: clusters.json.
     """
 
@@ -266,13 +317,16 @@ class RunView:
         pool = pd.read_parquet(self.folder / "pool.parquet", columns=["id", "instruction", "input", "response"])
         scores = pd.read_parquet(self.folder / "scores.parquet")
         records = pool.merge(scores, on="id", how="left", validate="one_to_one")
-        records["x"] = self.coords[:, 0]
-        records["y"] = self.coords[:, 1] if self.coords.shape[1] > 1 else 0.0
+        index, xy = cluster_map(self.folder, self.settings.select.seed)
+        records["x"], records["y"] = np.nan, np.nan  # records left off a sampled map have no position
+        records.loc[index, "x"], records.loc[index, "y"] = xy[:, 0], xy[:, 1]
         self.records = records
 
     def map_figure(self):
         signal = self.summary.get("signal", "jsd")
-        return map_figure(self.coords, self.records["cluster"], self.records[signal], signal)
+        shown = self.records.dropna(subset=["x"])
+        names = {c["cluster"]: c.get("name", "") for c in self.summary["clusters"]}
+        return map_figure(shown[["x", "y"]].to_numpy(), shown["cluster"], shown[signal], signal, names)
 
     def allocation_figure(self):
         return allocation_figure(self.summary["clusters"], self.summary.get("budget_unit", "records"),

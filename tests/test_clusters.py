@@ -88,3 +88,19 @@ def test_helpers():
     assert np.array_equal(nonnegative(x), [[1.0, 0.0, 0.0, 2.0]])
     with pytest.raises(ValueError):
         ClusterConfig(k_min=5, k_max=3)
+
+
+def test_map_layout_is_deterministic_and_sampled_beyond_its_cap():
+    from paser.report import map_layout
+
+    rng = np.random.default_rng(0)
+    coords = np.vstack([rng.normal(c, 0.1, size=(40, 6)) for c in (0.0, 3.0, 6.0)])
+    index, xy = map_layout(coords, seed=1)
+    again = map_layout(coords, seed=1)
+    assert np.array_equal(index, np.arange(120)) and xy.shape == (120, 2) and np.array_equal(xy, again[1])
+    # the three groups stay apart on the map: nearest neighbours share a group
+    group = np.repeat([0, 1, 2], 40)
+    nearest = np.argsort(((xy[:, None] - xy[None]) ** 2).sum(-1), axis=1)[:, 1]
+    assert (group[nearest] == group).mean() > 0.95
+    index, xy = map_layout(coords, seed=1, max_points=50)
+    assert len(index) == 50 and np.all(np.diff(index) > 0) and xy.shape == (50, 2)

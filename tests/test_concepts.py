@@ -35,3 +35,16 @@ def test_duplicates_in_a_record_are_ignored():
     g = ConceptGraph()
     g.add(["a", "a", "b"])
     assert g.conflict(["a", "b", "a"]) is None
+
+
+def test_cluster_names_are_distinctive_and_deterministic():
+    from paser.concepts import cluster_names
+
+    clusters = [0, 0, 0, 1, 1, 1]
+    concepts = [["convert", "minute", "task"], ["convert", "hour", "task"], ["minute", "task"],
+                ["capital", "city", "task"], ["capital", "country", "task"], ["city", "task"]]
+    names = cluster_names(clusters, concepts)
+    # "task" is in every record of both clusters: it names neither
+    assert names == {0: "convert / minute / hour", 1: "capital / city / country"}
+    assert cluster_names(clusters[::-1], concepts[::-1]) == names
+    assert cluster_names([0, 1], [["a"], []]) == {0: "a", 1: ""}

@@ -114,8 +114,8 @@ def test_cluster_table_artifact(models, tmp_path, harness):
     with get_client(sync_client=True) as client:
         found = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["paser-selection"])))
     latest = max(found, key=lambda a: a.created)
-    assert ("| cluster | size | CDS (jsd) | allocation (records) | selected | selected tokens | rejected |"
-            in latest.data)
+    assert ("| cluster | top concepts | size | CDS (jsd) | allocation (records) | selected | selected tokens | "
+            "rejected |" in latest.data)
     assert "- budget: 24 records; selected 24 records," in latest.data
     assert (tmp_path / "run" / "selected.jsonl").resolve().as_uri() in latest.data
 
@@ -199,3 +199,14 @@ def test_transient_shard_failure_is_retried(models, tmp_path, monkeypatch, harne
     _flow(s)  # shard 1 fails once with an I/O error, is retried, and the run completes
     assert failures == [1] and calls.n == 3
     assert sum(1 for _ in (tmp_path / "run" / "selected.jsonl").open()) == 24
+
+
+def test_the_flow_reports_every_scored_batch_to_one_display(models, tmp_path, monkeypatch, harness):
+    from flows.selection import selection_flow
+    from tests.test_progress import SECTIONS, record_progress
+
+    batches, shards = record_progress(monkeypatch)
+    dense, pruned = models
+    selection_flow(dense=dense, pruned=pruned, budget="12", out=str(tmp_path / "run"),
+                   overrides=SECTIONS | {"select": {"suite_size": 60}})
+    assert sum(n for _, n, _ in batches) == 60 and sorted(shards) == [(0, 32, True), (1, 28, True)]

@@ -49,6 +49,9 @@ def test_outputs_of_a_run(models, tmp_path):
     report = (run / "report.md").read_text()
     assert "adjusted Rand index" in report and "cluster_map.png" in report
     assert all((run / p).is_file() for p in ("cluster_map.png", "allocation.png", "rejections.png"))
+    # every cluster is named by its concepts, in clusters.json and in the report's table
+    names = [c["name"] for c in clusters["clusters"]]
+    assert all(names) and all(f"| {n} |" in report for n in names)
 
 
 def test_same_seed_same_selection(models, tmp_path):
@@ -196,8 +199,12 @@ def test_load_run_refuses_an_unfinished_folder(models, tmp_path):
 
     with pytest.raises(DataError, match="not a finished paser selection run"):
         load_run(tmp_path)
-    view = load_run(run_selection(settings(models, tmp_path / "run")))
+    run = run_selection(settings(models, tmp_path / "run"))
+    view = load_run(run)
     assert len(view.records) == 96 and view.clusters["allocation"].sum() == 24
+    # the map's positions come from the report's saved layout, one per record
+    saved = np.load(run / "cluster_map.npz")
+    assert np.array_equal(view.records[["x", "y"]].to_numpy(), saved["xy"]) and view.map_figure() is not None
     again = view.reselect(24)
     assert list(again.selected["id"]) == list(view.records.sort_values("rank").query("status == 'selected'")["id"])
 
