@@ -397,7 +397,8 @@ def stage_cluster(settings: Settings, run: Path) -> Path:
         _atomic_parquet(pd.DataFrame({"id": ids, "cluster": clusterer.labels_}), path)
         (run / "cluster_fit.json").write_text(json.dumps({
             "k": int(clusterer.k_), "n_clusters": int(clusterer.n_clusters_),
-            "knee_k": clusterer.knee_k_, "eigengap_k": clusterer.eigengap_k_,
+            "knee_k": clusterer.knee_k_, "knee_band": clusterer.knee_band_,
+            "k_selection": settings.cluster.k_selection, "eigengap_k": clusterer.eigengap_k_,
             "k_curve": clusterer.k_curve_, "eigenvalues": [float(v) for v in eigenvalues],
             "method": settings.cluster.method, "manifold": settings.manifold.method,
         }, indent=2))
@@ -748,6 +749,7 @@ def stage_select(settings: Settings, run: Path) -> Path:
         (run / "clusters.json").write_text(json.dumps(
             selection_summary(settings.select.method, result.budget, result.unit, result.selected) | {
                 "signal": result.signal, "K": fit["k"], "n_clusters": fit["n_clusters"], "knee_k": fit["knee_k"],
+                "knee_band": fit.get("knee_band"), "k_selection": fit.get("k_selection", "knee"),
                 "eigengap_k": fit["eigengap_k"], "k_curve": fit["k_curve"],
                 "clusters": [{"cluster": c, "name": names.get(c, ""), "size": int(result.sizes[c]),
                               "cds": float(result.cds[c]),

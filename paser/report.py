@@ -268,8 +268,10 @@ def write_report(settings, run: Path) -> Path:
         f"- pruned: {models['pruned']['description']}",
         f"- method: {summary['method']}; degradation signal: {summary['signal']}",
         selection_line(summary),
-        f"- clusters: K = {summary['K']} (knee of the NMF error curve: {summary['knee_k']}, "
-        f"eigengap: {summary['eigengap_k']})",
+        f"- clusters: K = {summary['K']} by {summary.get('k_selection', 'knee')} (NMF error curve: knee "
+        f"{summary['knee_k']}, K within {settings.cluster.knee_band:.0%} of the knee's height "
+        f"{summary.get('knee_band')}; eigengap: "
+        f"{summary['eigengap_k']})",
         f"- records cut at the {settings.score.cutoff}-token cutoff: {truncated}; without scored tokens: "
         f"{status.get('unscored', 0)}",
         f"- rejected by the concept filter: {status.get('rejected', 0)}",

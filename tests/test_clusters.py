@@ -104,3 +104,40 @@ def test_map_layout_is_deterministic_and_sampled_beyond_its_cap():
     assert (group[nearest] == group).mean() > 0.95
     index, xy = map_layout(coords, seed=1, max_points=50)
     assert len(index) == 50 and np.all(np.diff(index) > 0) and xy.shape == (50, 2)
+
+
+def test_knee_band_takes_the_far_end_of_a_flat_bend():
+    from paser.clustering import knee_band
+
+    ks = list(range(4, 21))
+    # NMF error curves of the embedded default's manifold, rows in pool order and permuted (seed 11):
+    # no sharp elbow, and the argmax moves from 11 to 10 while the band's far end stays at 13
+    ordered = [23.496, 21.878, 20.531, 19.148, 17.912, 16.521, 15.32, 14.032, 12.979, 11.871, 10.973, 10.113,
+               10.105, 8.186, 7.263, 6.362, 5.343]
+    permuted = [23.675, 22.221, 20.787, 19.36, 17.927, 16.475, 15.187, 14.138, 13.038, 11.868, 10.921, 10.014,
+                9.042, 8.175, 7.206, 6.244, 5.358]
+    assert (knee(ks, ordered), knee(ks, permuted)) == (11, 10)
+    assert knee_band(ks, ordered, 0.1) == (11, 13) and knee_band(ks, permuted, 0.1)[1] == 13
+    assert knee_band(ks, permuted, 0.0) == (10, 10)  # no tolerance: the paper's knee
+
+
+@pytest.mark.slow
+def test_k_is_stable_under_perturbations_that_do_not_change_the_data():
+    """The embedded default's instructions (1,000 suite records): K and the clusters' agreement
+    with the 12 task families under float noise of 1e-6 and row permutations."""
+    from paser.embedding import EmbedConfig, embed_texts, instruction_texts
+    from paser.suite import suite_pool
+
+    records = suite_pool(1000, 0).records
+    families = np.array([r.fields["family"] for r in records])
+    embeddings = embed_texts(instruction_texts(records, True), EmbedConfig())
+    found = []
+    for case in range(5):
+        rng = np.random.default_rng(case)
+        order = rng.permutation(len(records)) if case % 2 else np.arange(len(records))
+        x = embeddings[order] + (rng.normal(0, 1e-6, embeddings.shape) if case else 0.0)
+        coords, eigenvalues = learn_manifold(x.astype(np.float32), ManifoldConfig())
+        clusterer = SpectralClusterer().fit(coords, eigenvalues)
+        found.append((clusterer.k_, adjusted_rand_score(families[order], clusterer.labels_)))
+    assert len({k for k, _ in found}) == 1, found
+    assert min(a for _, a in found) >= 0.9, found
