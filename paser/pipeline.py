@@ -601,8 +601,8 @@ def scoring_progress(settings: Settings, plan: ScoringPlan) -> progress.ScoringP
     """The scoring display of ``plan``, registered so that shards scored in this process report
     their batches to it (unregister with ``progress.register(plan.fingerprint, None)``)."""
     total = plan.shards[-1][1] if plan.shards else 0
-    progress.announce(f"scoring degradation of {total:,} records ({len(plan.shards)} shards, engine "
-                      f"{settings.distribute.engine})")
+    shards = f"{len(plan.shards)} shard{'s' if len(plan.shards) != 1 else ''}"
+    progress.announce(f"scoring degradation of {total:,} records ({shards}, engine {settings.distribute.engine})")
     shown = progress.ScoringProgress(total, "degradation (JSD, both models)", settings.select.progress)
     progress.register(plan.fingerprint, shown)
     return shown
