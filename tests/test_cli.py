@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sys
 
 import pytest
@@ -223,9 +224,12 @@ def test_user_error_inside_a_flow_is_one_line(tiny_pair, tmp_path):
     dense, pruned = tiny_pair
     args = ["select", "--dense", dense, "--pruned", pruned, "--suite-size", "40", "--out", str(tmp_path / "run")]
     quiet = subprocess.run([sys.executable, "-c", _INJECT, *args], capture_output=True, text=True, timeout=300)
-    lines = [line for line in quiet.stderr.splitlines() if "it/s]" not in line and line.strip()]
+    # progress lines ("12:13:16 paser: reading the pool ...") come first; then the error alone
+    lines = [line for line in quiet.stderr.splitlines() if "it/s]" not in line and line.strip()
+             and not re.match(r"\d\d:\d\d:\d\d paser: ", line)]
     assert quiet.returncode == 2 and "Traceback" not in quiet.stderr, quiet.stderr
     assert lines == ["error: pool.jsonl: line 3: field 'output': raised inside a task"], lines
+    assert quiet.stderr.strip().splitlines()[-1] == lines[0]
     loud = subprocess.run([sys.executable, "-c", _INJECT, "--debug", *args], capture_output=True, text=True,
                           timeout=300)
     assert loud.returncode == 2 and "Traceback" in loud.stderr
