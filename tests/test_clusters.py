@@ -42,16 +42,30 @@ def test_diffusion_map_is_deterministic_and_sparse():
 
 
 PEAK_RSS = """
-import resource, sys
+import os, resource, sys, threading, time
 import numpy as np
 from paser.manifold import DiffusionMap
 n, block = int(sys.argv[1]), int(sys.argv[2])
 rng = np.random.default_rng(0)
 x = (rng.normal(size=(5, 32))[rng.integers(0, 5, n)] + rng.normal(size=(n, 32))).astype(np.float32)
 DiffusionMap(n_neighbors=15, n_components=8, block_size=256).fit(x[:300])  # libraries loaded and warm
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+page = os.sysconf("SC_PAGE_SIZE")
+def resident():
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * page
+peak, done = [resident()], threading.Event()
+def sample():  # the kernel's own peak (ru_maxrss) can lag behind a short-lived block; sample too
+    while not done.is_set():
+        peak[0] = max(peak[0], resident())
+        time.sleep(0.002)
+before, before_max = resident(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+watcher = threading.Thread(target=sample)
+watcher.start()
 DiffusionMap(n_neighbors=15, n_components=8, block_size=block).fit(x)
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)
+done.set()
+watcher.join()
+after_max = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+print(max(peak[0] - before, after_max - before_max))
 """
 
 
@@ -63,14 +77,14 @@ def _peak_growth(n: int, block: int) -> int:
 
     out = subprocess.run([sys.executable, "-c", PEAK_RSS, str(n), str(block)], capture_output=True, text=True,
                          check=True, timeout=600)
-    return int(out.stdout.split()[-1]) * 1024  # ru_maxrss is in KiB on Linux
+    return int(out.stdout.split()[-1])
 
 
-@pytest.mark.skipif(__import__("sys").platform != "linux", reason="ru_maxrss units differ by platform")
+@pytest.mark.skipif(__import__("sys").platform != "linux", reason="reads /proc/self/statm")
 def test_diffusion_map_never_allocates_n_by_n():
     n = 12_000  # a dense n x n float32 matrix: 576 MB
     dense = n * n * 4
-    assert _peak_growth(n, 256) < dense / 4
+    assert _peak_growth(n, 256) < dense / 3  # measured here: about 0.2 of it (graph, eigensolver, one block)
     assert _peak_growth(n, n) > dense * 0.9  # the same measurement sees one block of every row
 
 
