@@ -24,7 +24,7 @@ The teacher's targets come from one of two places:
   its side's exact remaining mass (the teacher's computed from its full distribution when
   cached, the student's from its own at training time). This equals the full divergence when
   k is the vocabulary and is otherwise a lower bound of it (merging tokens never increases KL or
-  JSD); with k = 64 the tokens left out carry little of a trained model's mass.
+  JSD).
 """
 
 from __future__ import annotations
