@@ -98,15 +98,12 @@ def score_shards(settings: dict, plan: pipeline.ScoringPlan) -> list[dict]:
     from prefect.futures import as_completed
 
     with pipeline.scoring_progress(_s(settings), plan) as shown:
-        try:
-            with shard_resources(_s(settings).distribute):
-                futures = score_shard.map(unmapped(settings), unmapped(plan), list(range(len(plan.shards))))
-            for future in as_completed(futures):
-                report = future.result()
-                lo, hi = report["records"]
-                shown.shard_done(report["shard"], hi - lo, report["computed"])
-        finally:
-            pipeline.progress.register(plan.fingerprint, None)
+        with shard_resources(_s(settings).distribute):
+            futures = score_shard.map(unmapped(settings), unmapped(plan), list(range(len(plan.shards))))
+        for future in as_completed(futures):
+            report = future.result()
+            lo, hi = report["records"]
+            shown.shard_done(report["shard"], hi - lo, report["computed"])
     return [f.result() for f in futures]
 
 

@@ -599,7 +599,7 @@ def stage_twin(settings: Settings, run: Path) -> str:
 
 def scoring_progress(settings: Settings, plan: ScoringPlan) -> progress.ScoringProgress:
     """The scoring display of ``plan``, registered so that shards scored in this process report
-    their batches to it (unregister with ``progress.register(plan.fingerprint, None)``)."""
+    their batches to it until it is closed."""
     total = plan.shards[-1][1] if plan.shards else 0
     shards = f"{len(plan.shards)} shard{'s' if len(plan.shards) != 1 else ''}"
     progress.announce(f"scoring degradation of {total:,} records ({shards}, engine {settings.distribute.engine})")
@@ -621,12 +621,9 @@ def stage_score(settings: Settings, run: Path) -> Path:
             return finish_scoring(settings, plan, [], _score_two_pass(settings, plan))
         reports = []
         with scoring_progress(settings, plan) as shown:
-            try:
-                for i, (lo, hi) in enumerate(plan.shards):
-                    reports.append(score_planned_shard(settings, plan, i))
-                    shown.shard_done(i, hi - lo, reports[-1]["computed"])
-            finally:
-                progress.register(plan.fingerprint, None)
+            for i, (lo, hi) in enumerate(plan.shards):
+                reports.append(score_planned_shard(settings, plan, i))
+                shown.shard_done(i, hi - lo, reports[-1]["computed"])
         return finish_scoring(settings, plan, reports)
 
 

@@ -147,6 +147,8 @@ class ScoringProgress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+        for key in [k for k, shown in _ACTIVE.items() if shown is self]:
+            del _ACTIVE[key]  # shards scored in this process stop reporting to a closed display
 
     def __enter__(self):
         return self
