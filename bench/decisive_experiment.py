@@ -65,8 +65,10 @@ import pandas as pd  # noqa: E402
 
 from paser.data import load_pool, write_jsonl  # noqa: E402
 from paser.evaluation import EvalConfig, evaluate, gap_recovered  # noqa: E402
-from paser.pipeline import Settings, run_selection, twin_reference  # noqa: E402
+from paser.pipeline import run_selection  # noqa: E402
 from paser.recovery import RecoverConfig, recover  # noqa: E402
+from paser.scoring import twin_reference  # noqa: E402
+from paser.settings import Settings  # noqa: E402
 from paser.suite import generate_suite  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -28,7 +28,9 @@ from memory import PeakRSS  # noqa: E402
 
 import paser  # noqa: E402
 from paser.budget import parse_budget  # noqa: E402
-from paser.pipeline import Settings, run_selection, twin_reference  # noqa: E402
+from paser.pipeline import run_selection  # noqa: E402
+from paser.scoring import twin_reference  # noqa: E402
+from paser.settings import Settings  # noqa: E402
 
 
 def main() -> None:

@@ -181,12 +181,12 @@ def check_dask() -> dict:
     except ImportError:
         return {"skipped": "the dask extra is not installed"}
     from flows.runners import local_dask_cluster
-    from paser.degradation import ScoreConfig as Config
-    from paser.pipeline import DistributeConfig, scoring_device
+    from paser.devices import scoring_device
+    from paser.settings import DistributeConfig
 
     kwargs = local_dask_cluster(DistributeConfig(engine="dask"))
     with LocalCluster(**kwargs) as cluster, Client(cluster) as client:
-        devices = client.run(lambda: scoring_device(Config()))
+        devices = client.run(lambda: scoring_device(None))
     return {"workers": kwargs["n_workers"], "devices": sorted(devices.values())}
 
 

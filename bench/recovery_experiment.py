@@ -42,8 +42,10 @@ import pandas as pd  # noqa: E402
 
 from paser.data import load_pool, write_jsonl  # noqa: E402
 from paser.evaluation import EvalConfig, evaluate, gap_recovered  # noqa: E402
-from paser.pipeline import Settings, run_selection, twin_reference  # noqa: E402
+from paser.pipeline import run_selection  # noqa: E402
 from paser.recovery import RecoverConfig, recover  # noqa: E402
+from paser.scoring import twin_reference  # noqa: E402
+from paser.settings import Settings  # noqa: E402
 
 DENSE = "smollm2-135m-instruct"
 ABLATIONS = ("uniform", "random_order", "no_cost", "no_ccg", "kmeans")

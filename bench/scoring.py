@@ -28,7 +28,8 @@ from memory import PeakRSS  # noqa: E402
 from paser.data import load_pool  # noqa: E402
 from paser.degradation import ScoreConfig, encode_records, score_shard, score_unbatched  # noqa: E402
 from paser.models import load_pair  # noqa: E402
-from paser.pipeline import Settings, twin_reference  # noqa: E402
+from paser.scoring import twin_reference  # noqa: E402
+from paser.settings import Settings  # noqa: E402
 
 
 def main() -> None:

@@ -22,14 +22,7 @@ from flows.recovery import evaluation_flow, recovery_flow  # noqa: E402
 from flows.selection import selection_flow  # noqa: E402
 from paser.config import read_yaml  # noqa: E402
 from paser.evaluation import comparison_table  # noqa: E402
-from paser.models import DEFAULT_MODEL  # noqa: E402
-
-
-def run_models(dense: str | None, pruned: str | None, sections: dict) -> tuple[str, str | None]:
-    """The run's dense and pruned models: the ones given, else the config's ``select`` section's,
-    else the bundled default and paser's own prune of it (None)."""
-    select = sections.get("select") or {}
-    return dense or select.get("dense") or DEFAULT_MODEL, pruned or select.get("pruned")
+from paser.settings import build_settings  # noqa: E402
 
 
 @flow(name="paser-run")
@@ -44,16 +37,20 @@ def pipeline_flow(dense: str | None = None, pruned: str | None = None, data: str
     evaluate); ``overrides`` sets any key as ``{section: {key: value}}``.
     """
     root = Path(out)
-    sections = {k: dict(v or {}) for k, v in (read_yaml(config) if config else {}).items()}
-    for key, values in (overrides or {}).items():
-        sections[key] = sections.get(key, {}) | dict(values or {})
-    dense, pruned = run_models(dense, pruned, sections)
+    overrides = {k: dict(v or {}) for k, v in (overrides or {}).items()}
+    # the selection's settings, built as every entry point builds them: the models given here, else
+    # the config's select section, else the bundled default and paser's own prune of it
+    settings = build_settings(data=data, dense=dense, pruned=pruned, budget=budget, out=str(root / "select"),
+                              config=config, trust_pickle=trust_pickle,
+                              overrides={k: v for k, v in overrides.items() if k not in ("recover", "evaluate")})
+    # recover and evaluate are other commands' sections: the config's, with the overrides on top
+    sections = {k: dict(v or {}) | overrides.get(k, {}) for k, v in (read_yaml(config) if config else {}).items()}
+    sections |= {k: v for k, v in overrides.items() if k not in sections}
+    dense, pruned = settings.select.dense, settings.select.pruned
     if pruned is None:
         pruned = str(root / "pruned")
         prune_flow(dense, pruned, config, sections.get("prune"), trust_pickle=trust_pickle)
-    select_sections = {k: v for k, v in sections.items() if k not in ("recover", "evaluate")}
-    run = selection_flow(data=data, dense=dense, pruned=pruned, budget=budget, out=str(root / "select"),
-                         trust_pickle=trust_pickle, overrides=select_sections)
+    run = selection_flow(pruned=pruned, overrides=settings.to_dict())
     recovered = recovery_flow(pruned, str(Path(run) / "selected.jsonl"), str(root / "recover"),
                               overrides=sections.get("recover"), trust_pickle=trust_pickle)
     # the held-out suite shares no prompt with the pool selected from; the recovered model's

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 
 from paser.errors import ConfigError
-from paser.pipeline import DistributeConfig
+from paser.settings import DistributeConfig
 
 
 def _require(module: str, extra: str, engine: str):
@@ -31,7 +31,7 @@ def gpus_per_shard(cfg: DistributeConfig) -> float:
 def local_dask_cluster(cfg: DistributeConfig) -> dict:
     """Arguments of the local Dask cluster: on GPUs one worker per visible GPU (or as many as
     asked, never more), each offering one GPU resource; numbered workers pick their own GPU (see
-    ``paser.pipeline.scoring_device``)."""
+    ``paser.devices.scoring_device``)."""
     from paser.devices import local_workers, visible_gpus
 
     gpus = gpus_per_shard(cfg)

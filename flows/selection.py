@@ -1,19 +1,20 @@
 """The PASER selection flow: the pipeline's table of contents, one task per stage.
 
-Tasks take the settings (a plain dict) and the run folder and return paths; every result lives in
-the run folder. The cached stages (data, embed, cluster, score) carry a Prefect cache key made of
-their fingerprint (data content, model files, stage config), with the result record kept in the
-run folder (``.prefect/``): re-running with another budget finds every one of them cached, and
-changing only the clustering settings re-runs clustering and what follows, nothing before it.
-Scoring is a subflow mapped over shards on the configured engine (this process, Dask or Ray); a
-failed shard fails with its record range, and a rerun scores only the shards that are missing.
+Every task calls the stage function of ``paser.pipeline`` that ``--no-flow`` calls, with the
+settings (a plain dict) and the run folder; every result lives in the run folder. The cached
+stages (data, embed, cluster) carry a Prefect cache key made of their fingerprint (data content,
+model files, stage config), with the result record kept in the run folder (``.prefect/``):
+re-running with another budget finds every one of them cached, and changing only the clustering
+settings re-runs clustering and what follows, nothing before it. Scoring is
+``pipeline.stage_score`` with its shards mapped by a subflow over the configured engine (this
+process, Dask or Ray); its table is reused from the run folder like every stage's, a failed shard
+fails with its record range, and a rerun scores only the shards that are missing.
 
     python -m flows.selection            # the embedded default, through Prefect
 """
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 from flows import configure_prefect
@@ -25,22 +26,23 @@ from prefect.artifacts import create_markdown_artifact  # noqa: E402
 from prefect.cache_policies import NO_CACHE  # noqa: E402
 
 from flows.runners import shard_resources, task_runner  # noqa: E402
-from paser import pipeline  # noqa: E402
-from paser.api import build_settings  # noqa: E402
+from paser import pipeline, runfolder  # noqa: E402
 from paser.errors import ShardError  # noqa: E402
 from paser.report import artifact_markdown, write_report  # noqa: E402
+from paser.scoring import ScoringPlan, score_planned_shard, scoring_progress  # noqa: E402
+from paser.settings import Settings, build_settings  # noqa: E402
 
 
-def _s(settings: dict) -> pipeline.Settings:
-    return pipeline.Settings.from_dict(settings)
+def _s(settings: dict) -> Settings:
+    return Settings.from_dict(settings)
 
 
 def _cached(stage_task, stage: str, settings: dict, run: str, state: tuple[str, bool] | None = None):
     """``stage_task`` keyed on the stage's fingerprint; a stale or missing output in the run folder
     refreshes the cache instead of trusting it. ``state``: (fingerprint, fresh) when already known."""
-    fp, fresh = state or pipeline.stage_state(stage, _s(settings), Path(run))
+    fp, fresh = state or runfolder.stage_state(stage, _s(settings), Path(run))
     if fresh:
-        pipeline.record_stage(Path(run), stage, 0.0, reused=True)
+        runfolder.record_stage(Path(run), stage, 0.0, reused=True)
     key = f"paser-{stage}-{fp}"
     return stage_task.with_options(cache_key_fn=lambda *_: key, refresh_cache=not fresh, persist_result=True,
                                    result_storage=Path(run).resolve() / ".prefect" / "results")
@@ -49,7 +51,7 @@ def _cached(stage_task, stage: str, settings: dict, run: str, state: tuple[str, 
 @task(name="check inputs", cache_policy=NO_CACHE)
 def check_inputs(settings: dict) -> str:
     pipeline.preflight(_s(settings))
-    return str(pipeline.run_folder(_s(settings)))
+    return str(runfolder.run_folder(_s(settings)))
 
 
 @task(name="load data")
@@ -87,17 +89,17 @@ def _transient(task, task_run, state) -> bool:
 
 @task(name="score shard", task_run_name="score shard {index}", cache_policy=NO_CACHE, retries=2,
       retry_delay_seconds=5, retry_condition_fn=_transient)
-def score_shard(settings: dict, plan: pipeline.ScoringPlan, index: int) -> dict:
-    return pipeline.score_planned_shard(_s(settings), plan, index)
+def score_shard(settings: dict, plan: ScoringPlan, index: int) -> dict:
+    return score_planned_shard(_s(settings), plan, index)
 
 
 @flow(name="paser-score-shards")
-def score_shards(settings: dict, plan: pipeline.ScoringPlan) -> list[dict]:
+def score_shards(settings: dict, plan: ScoringPlan) -> list[dict]:
     """Every shard of ``plan``, mapped over the task runner; finished shards return at once. One
     progress display: batches of shards scored in this process, and every shard as it finishes."""
     from prefect.futures import as_completed
 
-    with pipeline.scoring_progress(_s(settings), plan) as shown:
+    with scoring_progress(_s(settings), plan) as shown:
         with shard_resources(_s(settings).distribute):
             futures = score_shard.map(unmapped(settings), unmapped(plan), list(range(len(plan.shards))))
         for future in as_completed(futures):
@@ -105,11 +107,6 @@ def score_shards(settings: dict, plan: pipeline.ScoringPlan) -> list[dict]:
             lo, hi = report["records"]
             shown.shard_done(report["shard"], hi - lo, report["computed"])
     return [f.result() for f in futures]
-
-
-@task(name="collect scores")
-def collect_scores(settings: dict, plan: pipeline.ScoringPlan, reports: list[dict]) -> str:
-    return str(pipeline.finish_scoring(_s(settings), plan, reports))
 
 
 @task(name="allocate, rank and filter", cache_policy=NO_CACHE)
@@ -131,16 +128,10 @@ def report(settings: dict, run: str) -> str:
 
 
 def degradation(settings: dict, run: str, twin: str) -> str:
-    """Score degradation: the shards on the configured engine, then one table (cached)."""
+    """Score degradation (``pipeline.stage_score``), its shards mapped over the configured engine."""
     s = _s(settings)
-    plan = pipeline.plan_scoring(s, Path(run), twin)  # computes the scoring fingerprint once
-    fresh = pipeline.output_fresh("score", Path(run), plan.fingerprint)
-    reports: list[dict] = []
-    if not fresh:
-        start = time.perf_counter()
-        reports = score_shards.with_options(task_runner=task_runner(s.distribute))(settings, plan)
-        pipeline.record_stage(Path(run), "score", time.perf_counter() - start, reused=False)
-    return _cached(collect_scores, "score", settings, run, (plan.fingerprint, fresh))(settings, plan, reports)
+    engine = score_shards.with_options(task_runner=task_runner(s.distribute))
+    return str(pipeline.stage_score(s, Path(run), twin, map_shards=lambda _, plan: engine(settings, plan)))
 
 
 @flow(name="paser-select")

@@ -7,26 +7,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from paser.budget import parse_budget
 from paser.errors import ConfigError
-from paser.pipeline import Settings, preflight, run_selection
-
-
-def build_settings(data: str | None = None, dense: str | None = None, pruned: str | None = None,
-                   prune_ratio: float | None = None, budget: str | float | int | None = None,
-                   out: str | None = None, config: str | Path | None = None, trust_pickle: bool | None = None,
-                   seed: int | None = None, engine: str | None = None, address: str | None = None,
-                   workers: int | None = None, overrides: dict | None = None) -> Settings:
-    """The run's settings: defaults, then ``config``, then ``overrides``, then the named arguments
-    (those left as None keep what is below them)."""
-    top = {"data": data, "dense": dense, "pruned": pruned, "prune_ratio": prune_ratio,
-           "budget": parse_budget(budget).setting if budget is not None else None, "out": out,
-           "trust_pickle": trust_pickle, "seed": seed}
-    merged = {section: dict(values or {}) for section, values in (overrides or {}).items()}
-    merged["select"] = merged.get("select", {}) | {k: v for k, v in top.items() if v is not None}
-    distribute = {"engine": engine, "address": address, "workers": workers}
-    merged["distribute"] = merged.get("distribute", {}) | {k: v for k, v in distribute.items() if v is not None}
-    return Settings.load(config, merged)
+from paser.pipeline import preflight, run_selection
+from paser.settings import build_settings
 
 
 def select(data: str | None = None, dense: str | None = None, pruned: str | None = None,

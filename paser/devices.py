@@ -48,6 +48,22 @@ def worker_device(requested: str | None, worker: int | None = None, n_gpus: int 
     return f"cuda:{worker % n_gpus}" if isinstance(worker, int) else "cuda"
 
 
+def scoring_device(requested: str | None) -> str:
+    """The device of this scoring process for ``score.device`` = ``requested``: ``cpu`` or
+    ``cuda:K`` as given; otherwise, on a local Dask cluster whose workers are numbered, worker i
+    takes GPU i modulo the GPUs it sees, even with ``cuda`` (Ray already narrows
+    CUDA_VISIBLE_DEVICES to the GPU it granted); else CUDA when available, else CPU."""
+    name = None
+    if requested in (None, "cuda") and visible_gpus():
+        try:
+            from distributed import get_worker
+
+            name = get_worker().name
+        except (ImportError, ValueError):
+            pass
+    return worker_device(requested, name)
+
+
 def local_workers(asked: int | None, n_gpus: int, on_gpus: bool) -> int:
     """Worker processes of a local cluster: on GPUs one per visible GPU, or the number asked but
     never more than the GPUs there are (two workers on one GPU would each load both models); on

@@ -226,7 +226,7 @@ def pool_prompts(source: str) -> set[tuple[str, str]]:
     """The (instruction, input) pairs of a pool: ``embedded`` (the embedded default pool), a
     ``paser select`` run folder, or an instruction file."""
     from paser.data import load_pool
-    from paser.pipeline import read_run_pool
+    from paser.runfolder import read_run_pool
     from paser.suite import suite_pool
 
     if source == "embedded":

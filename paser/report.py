@@ -1,6 +1,6 @@
 """The run's manifest and human report: what was selected, from which clusters, and why.
 
-    python -c "from paser.pipeline import Settings; from paser.report import write_report; \
+    python -c "from paser.settings import Settings; from paser.report import write_report; \
 write_report(Settings(), __import__('pathlib').Path('runs/select'))"
 """
 
@@ -302,7 +302,7 @@ class RunView:
     """
 
     def __init__(self, folder: str | Path):
-        from paser.pipeline import Settings
+        from paser.settings import Settings
 
         self.folder = Path(folder)
         missing = [n for n in ("settings.json", "pool.parquet", "scores.parquet", "clusters.json", "manifold.npz")
@@ -353,7 +353,8 @@ class RunView:
 
     def reselect(self, budget: float | int | str):
         """Selection at another budget from the saved scores and clusters (no model, writes nothing)."""
-        from paser.pipeline import select_from, selection_table
+        from paser.runfolder import selection_table
+        from paser.selection import select_from
 
         return select_from(self.settings, selection_table(self.settings, self.folder)[1], budget)
 

@@ -14,6 +14,7 @@ candidate is left. Every rejection keeps its conflicting concept pair.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -21,6 +22,9 @@ import pandas as pd
 from paser.allocation import allocate_budget, cluster_degradation
 from paser.budget import parse_budget, record_costs
 from paser.concepts import ConceptGraph
+
+if TYPE_CHECKING:
+    from paser.settings import Settings
 
 
 def importance_efficiency(degradation, n_tokens) -> np.ndarray:
@@ -191,3 +195,12 @@ class Selector:
                                        budget=amount, unit=budget.unit,
                                        selected_tokens_per_cluster=tokens_per_cluster, signal=self.signal)
         return self
+
+
+def select_from(settings: Settings, table: pd.DataFrame, budget: float | int | str | None = None) -> SelectionResult:
+    """The selection ``settings`` ask for (PASER or an ablation of it) over a selection table, at
+    ``budget`` (default: the settings' budget); writes nothing."""
+    order = {"random_order": "random", "no_cost": "signal"}.get(settings.select.method, "ies")
+    return Selector(settings.select.budget if budget is None else budget, settings.allocate.method,
+                    use_concepts=settings.concepts.enabled, order=order, random_state=settings.select.seed,
+                    signal=settings.score.signal).fit(table).result_

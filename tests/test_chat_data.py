@@ -135,7 +135,8 @@ def test_chat_template_reads_every_turn(tmp_path, tiny_tokenizer):
 
 
 def test_selection_of_a_chat_pool_is_written_back_in_its_layout(tiny_pair, tmp_path):
-    from paser.pipeline import Settings, run_selection
+    from paser.pipeline import run_selection
+    from paser.settings import Settings
 
     rows = chat_rows(48)
     path = _write(tmp_path / "chat.jsonl", rows, "jsonl")
@@ -181,7 +182,8 @@ def test_hugging_face_dataset_ids_from_the_cache(tmp_path, monkeypatch):
         load_pool("acme/chats", split="test")
     with pytest.raises(DataError, match=r"acme/missing: no such file or folder, and no Hugging Face dataset"):
         load_pool("acme/missing")
-    from paser.pipeline import SelectConfig, data_fingerprint
+    from paser.runfolder import data_fingerprint
+    from paser.settings import SelectConfig
 
     first = data_fingerprint(SelectConfig(data="acme/chats"))
     assert first == data_fingerprint(SelectConfig(data="acme/chats")) and len(first) == 16

@@ -173,12 +173,16 @@ def test_recover_bad_inputs_are_one_line(tiny_model_dir, tmp_path):
 
 
 def test_run_takes_its_models_from_the_config(tmp_path):
-    from flows.pipeline import run_models
+    from paser.settings import build_settings
+
+    def models(dense, pruned, sections):  # as paser run and its flow resolve them
+        select = build_settings(dense=dense, pruned=pruned, overrides=sections).select
+        return select.dense, select.pruned
 
     sections = {"select": {"dense": "d", "pruned": "p"}}
-    assert run_models(None, None, sections) == ("d", "p")
-    assert run_models("D", None, sections) == ("D", "p")
-    assert run_models(None, None, {}) == ("smollm2-135m-instruct", None)
+    assert models(None, None, sections) == ("d", "p")
+    assert models("D", None, sections) == ("D", "p")
+    assert models(None, None, {}) == ("smollm2-135m-instruct", None)
     cfg = tmp_path / "run.yaml"
     cfg.write_text(f"select:\n  dense: {tmp_path / 'my-dense'}\n")
     _one_line_error(runner.invoke(app, ["run", "--config", str(cfg), "--out", str(tmp_path / "r")]),

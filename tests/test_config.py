@@ -41,7 +41,7 @@ def test_every_stage_config_is_a_known_section_and_recipes_load():
     from pathlib import Path
 
     from paser.config import SECTIONS
-    from paser.pipeline import STAGE_CONFIGS, Settings
+    from paser.settings import STAGE_CONFIGS, Settings
 
     assert tuple(STAGE_CONFIGS) == SECTIONS[:len(STAGE_CONFIGS)]
     root = Path(__file__).resolve().parents[1] / "configs"

@@ -48,26 +48,25 @@ def test_each_local_worker_takes_its_own_gpu(gpus):
 def test_scoring_device_inside_a_numbered_dask_worker(gpus, monkeypatch):
     import distributed
 
-    from paser.degradation import ScoreConfig
-    from paser.pipeline import scoring_device
+    from paser.devices import scoring_device
 
     gpus(4)
     monkeypatch.setattr(distributed, "get_worker", lambda: types.SimpleNamespace(name=2))
-    assert scoring_device(ScoreConfig()) == "cuda:2"
-    assert scoring_device(ScoreConfig(device="cuda")) == "cuda:2"  # score.device: cuda no longer lands on cuda:0
-    assert scoring_device(ScoreConfig(device="cuda:0")) == "cuda:0"
-    assert scoring_device(ScoreConfig(device="cpu")) == "cpu"
+    assert scoring_device(None) == "cuda:2"
+    assert scoring_device("cuda") == "cuda:2"  # score.device: cuda no longer lands on cuda:0
+    assert scoring_device("cuda:0") == "cuda:0"
+    assert scoring_device("cpu") == "cpu"
 
     def outside():
         raise ValueError("No worker found")
 
     monkeypatch.setattr(distributed, "get_worker", outside)
-    assert scoring_device(ScoreConfig()) == "cuda"
+    assert scoring_device(None) == "cuda"
 
 
 def test_local_dask_cluster_has_one_worker_per_gpu_and_never_more(gpus):
     from flows.runners import local_dask_cluster
-    from paser.pipeline import DistributeConfig
+    from paser.settings import DistributeConfig
 
     cpu = local_dask_cluster(DistributeConfig(engine="dask"))
     assert cpu["n_workers"] == 2 and "resources" not in cpu
@@ -84,7 +83,8 @@ def test_local_dask_cluster_has_one_worker_per_gpu_and_never_more(gpus):
 
 
 def test_settings_record_the_dtype_scoring_uses(gpus):
-    from paser.pipeline import Settings, twin_device
+    from paser.scoring import twin_device
+    from paser.settings import Settings
 
     settings = Settings.load(None, {})
     assert settings.score.dtype == "float32" and twin_device(settings) == "cpu"
@@ -96,11 +96,12 @@ def test_settings_record_the_dtype_scoring_uses(gpus):
 
 
 def test_twin_folder_of_a_gpu_prune_is_its_own(gpus):
-    from paser.pipeline import Settings, _twin_folder
+    from paser.scoring import twin_folder
+    from paser.settings import Settings
 
-    cpu = _twin_folder(Settings.load(None, {}))
+    cpu = twin_folder(Settings.load(None, {}))
     gpus(1)
-    gpu = _twin_folder(Settings.load(None, {}))
+    gpu = twin_folder(Settings.load(None, {}))
     assert gpu.name == cpu.name + "-cuda"
 
 

@@ -10,7 +10,8 @@ import pytest
 from typer.testing import CliRunner
 
 from paser.cli import app
-from paser.pipeline import Settings, run_selection
+from paser.pipeline import run_selection
+from paser.settings import Settings
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,227 @@
+"""Degradation scoring across engines: the pruned twin, the scoring plan, models loaded once per
+worker, shard scoring, the two-pass path, and collecting the shards into one table.
+
+A ``ScoringPlan`` (small and picklable) names the scoring fingerprint, the two models and the
+shards' record ranges. ``run_scoring`` scores a plan and collects it: the shards one after another
+in this process (``score_shards_here``), or mapped over workers by a function the caller passes
+(the Prefect flow maps them over its task runner: this process, Dask or Ray); either way every
+shard is ``score_planned_shard``, and scores do not depend on where it ran.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from paser import progress
+from paser.config import to_mapping
+from paser.degradation import collect_shards, score_pool_shard, score_pool_two_pass, shard_path, shard_ranges
+from paser.devices import resolve_dtype, scoring_device
+from paser.errors import PaserError, ShardError
+from paser.runfolder import atomic_parquet, fingerprint, read_run_pool, seal, stage_fingerprint
+from paser.settings import Settings
+
+
+def twin_folder(settings: Settings) -> Path:
+    from paser.models import cache_dir, model_fingerprint
+
+    cfg = settings.select
+    prune_cfg = dataclasses.replace(settings.prune, ratio=cfg.prune_ratio)
+    key = fingerprint(model_fingerprint(cfg.dense), to_mapping(prune_cfg))
+    # pruned on a GPU, float rounding may rank near-equal groups differently: a twin of its own
+    on = "" if twin_device(settings) == "cpu" else "-cuda"
+    return cache_dir() / "twins" / f"{Path(str(cfg.dense)).name}-pruned-{key}{on}"
+
+
+def twin_device(settings: Settings) -> str:
+    """Where paser prunes its own twin: the scoring device (GPU 0 of a GPU machine), else CPU."""
+    device = scoring_device(settings.score.device)
+    return "cuda" if device.startswith("cuda") and settings.score.device in (None, "cuda") else device
+
+
+def twin_reference(settings: Settings) -> str:
+    """The pruned model: given, or paser's own prune of the dense model (made once, cached)."""
+    cfg = settings.select
+    if cfg.pruned is not None:
+        return cfg.pruned
+    folder = twin_folder(settings)
+    if not (folder / "paser_pruned.json").is_file():
+        progress.announce(f"pruning {cfg.dense} by {cfg.prune_ratio:.0%} into paser's twin on "
+                          f"{twin_device(settings)} (once; cached in {folder.parent})")
+        prune_cfg = dataclasses.replace(settings.prune, ratio=cfg.prune_ratio)
+        from paser.pruning import prune
+
+        tmp = folder.with_name(f".{folder.name}.{os.getpid()}.partial")
+        prune(cfg.dense, tmp, prune_cfg, trust_pickle=cfg.trust_pickle, device=twin_device(settings))
+        try:
+            os.replace(tmp, folder)
+        except OSError:
+            # another process finished the same twin first: keep theirs
+            import shutil
+
+            shutil.rmtree(tmp, ignore_errors=True)
+            if not (folder / "paser_pruned.json").is_file():
+                raise
+    return str(folder)
+
+
+@dataclass
+class ScoringPlan:
+    """One scoring run: its fingerprint, the two model references and the shards' record ranges.
+    Small and picklable, so shards can be handed to Dask or Ray workers."""
+
+    run: str
+    fingerprint: str
+    dense: str
+    pruned: str
+    shards: list[tuple[int, int]]
+
+    @property
+    def shard_dir(self) -> Path:
+        return Path(self.run) / "scores" / self.fingerprint
+
+
+def plan_scoring(settings: Settings, run: Path, pruned_ref: str) -> ScoringPlan:
+    n = len(pd.read_parquet(run / "pool.parquet", columns=["id"]))
+    return ScoringPlan(str(run), stage_fingerprint("score", settings, run, pruned_ref), settings.select.dense,
+                       pruned_ref, shard_ranges(n, settings.score.shard_size))
+
+
+_LOADED: dict = {}
+_LOADED_LOCK = threading.Lock()
+
+
+def loaded_pair(settings: Settings, plan: ScoringPlan):
+    """The dense and pruned models of ``plan``, loaded once per process and reused for every shard
+    this process scores (a Dask or Ray worker keeps them between shards)."""
+    from paser.models import load_pair, model_fingerprint
+
+    scfg = settings.score
+    device = scoring_device(scfg.device)
+    dtype = resolve_dtype(scfg.dtype, device)
+    key = (model_fingerprint(plan.dense), model_fingerprint(plan.pruned), dtype, device,
+           settings.select.trust_pickle)
+    with _LOADED_LOCK:
+        if key not in _LOADED:
+            _LOADED.clear()
+            progress.announce(f"loading {plan.dense} and {plan.pruned} on {device} ({dtype})")
+            _LOADED[key] = load_pair(plan.dense, plan.pruned, dtype=dtype, device=device,
+                                     trust_pickle=settings.select.trust_pickle)
+        return _LOADED[key]
+
+
+def release_models() -> None:
+    """Drop the models ``loaded_pair`` keeps in this process."""
+    with _LOADED_LOCK:
+        _LOADED.clear()
+
+
+def score_planned_shard(settings: Settings, plan: ScoringPlan, index: int) -> dict:
+    """Score shard ``index`` of ``plan`` unless its file exists; returns a small report (record
+    range, worker, seconds). A failure raises ``ShardError`` naming the shard and its records."""
+    lo, hi = plan.shards[index]
+    report = {"shard": index, "records": [lo, hi], "worker": f"{socket.gethostname()}:{os.getpid()}",
+              "computed": False, "seconds": 0.0}
+    if shard_path(plan.shard_dir, index).is_file():
+        return report
+    start = time.perf_counter()
+    shown = progress.active(plan.fingerprint)  # a display in this process (local engine, --no-flow)
+    on_batch = None if shown is None else (lambda n, tokens: shown.batch(index, n, tokens))
+    try:
+        dense, pruned = loaded_pair(settings, plan)
+        records = read_run_pool(Path(plan.run))
+        score_pool_shard(dense.model, pruned.model, dense.tokenizer, records, settings.score, plan.shard_dir, index,
+                         on_batch)
+    except PaserError:
+        raise
+    except Exception as err:
+        ids = pd.read_parquet(Path(plan.run) / "pool.parquet", columns=["id"])["id"]
+        raise ShardError(f"{plan.run}: scoring shard {index} (records {lo}..{hi - 1}, ids {ids[lo]!r}.."
+                         f"{ids[hi - 1]!r}) failed: {type(err).__name__}: {err}",
+                         transient=isinstance(err, OSError)) from err
+    return report | {"computed": True, "seconds": round(time.perf_counter() - start, 3),
+                     "models": {"dense": dense.describe(), "pruned": pruned.describe()}}
+
+
+def finish_scoring(settings: Settings, plan: ScoringPlan, reports: list[dict], described: dict | None = None) -> Path:
+    """Collect the finished shards into degradation.parquet, with models.json and scoring.json."""
+    from paser.models import model_fingerprint
+
+    run = Path(plan.run)
+    scores = collect_shards(read_run_pool(run), settings.score, plan.shard_dir)
+    atomic_parquet(scores, run / "degradation.parquet")
+    computed = [r for r in reports if r.get("computed")]
+    described = described or (computed[0]["models"] if computed else {})
+    (run / "models.json").write_text(json.dumps({
+        which: {"reference": ref, "fingerprint": model_fingerprint(ref),
+                "description": described.get(which, "reused finished shards")}
+        for which, ref in (("dense", plan.dense), ("pruned", plan.pruned))}, indent=2))
+    (run / "scoring.json").write_text(json.dumps({
+        "fingerprint": plan.fingerprint, "shards": sorted(reports, key=lambda r: r["shard"])}, indent=2))
+    seal(run / "degradation.parquet", plan.fingerprint)
+    release_models()
+    return run / "degradation.parquet"
+
+
+def _score_two_pass(settings: Settings, plan: ScoringPlan) -> dict:
+    from paser.models import check_same_tokenizer, load_model, load_tokenizer
+
+    cfg, scfg = settings.select, settings.score
+    device = scoring_device(scfg.device)
+    kwargs = dict(dtype=resolve_dtype(scfg.dtype, device), trust_pickle=cfg.trust_pickle, device=device)
+    described = {}
+
+    def load(which: str, reference: str):
+        loaded = load_model(reference, **kwargs, tokenizer_from=plan.dense if which == "pruned" else None)
+        described[which] = loaded.describe()
+        return loaded.model
+
+    tokenizer = load_tokenizer(plan.dense, cfg.trust_pickle) or load_model(plan.dense, **kwargs).tokenizer
+    pruned_tok = load_tokenizer(plan.pruned, cfg.trust_pickle, tokenizer_from=plan.dense)
+    if pruned_tok is not None:
+        check_same_tokenizer(tokenizer, pruned_tok, plan.dense, plan.pruned)
+    score_pool_two_pass(lambda: load("dense", plan.dense), lambda: load("pruned", plan.pruned), tokenizer,
+                        read_run_pool(Path(plan.run)), scfg, plan.shard_dir, progress=cfg.progress)
+    return described
+
+
+def scoring_progress(settings: Settings, plan: ScoringPlan) -> progress.ScoringProgress:
+    """The scoring display of ``plan``, registered so that shards scored in this process report
+    their batches to it until it is closed."""
+    total = plan.shards[-1][1] if plan.shards else 0
+    shards = f"{len(plan.shards)} shard{'s' if len(plan.shards) != 1 else ''}"
+    progress.announce(f"scoring degradation of {total:,} records ({shards}, engine {settings.distribute.engine})")
+    shown = progress.ScoringProgress(total, "degradation (JSD, both models)", settings.select.progress)
+    progress.register(plan.fingerprint, shown)
+    return shown
+
+
+def score_shards_here(settings: Settings, plan: ScoringPlan) -> list[dict]:
+    """Every shard of ``plan`` in this process, one after another, on one progress display."""
+    reports = []
+    with scoring_progress(settings, plan) as shown:
+        for i, (lo, hi) in enumerate(plan.shards):
+            reports.append(score_planned_shard(settings, plan, i))
+            shown.shard_done(i, hi - lo, reports[-1]["computed"])
+    return reports
+
+
+ShardMap = Callable[[Settings, ScoringPlan], list[dict]]
+
+
+def run_scoring(settings: Settings, plan: ScoringPlan, map_shards: ShardMap | None = None) -> Path:
+    """Score ``plan`` and collect it into degradation.parquet. ``score.two_pass`` scores in this
+    process, one model loaded at a time; otherwise ``map_shards`` (default ``score_shards_here``)
+    scores the shards and returns their reports."""
+    if settings.score.two_pass:
+        return finish_scoring(settings, plan, [], _score_two_pass(settings, plan))
+    return finish_scoring(settings, plan, (map_shards or score_shards_here)(settings, plan))
