@@ -4,7 +4,11 @@ Default: a diffusion map on a sparse, symmetric k-nearest-neighbour graph (cosin
 bandwidth sigma_i = distance to the k-th neighbour; A_ij = exp(-d_ij^2 / (sigma_i sigma_j))).
 Coordinates are the top eigenvectors of D^-1/2 A D^-1/2 turned into diffusion coordinates
 psi_k = phi_k / phi_0, scaled by lambda_k^t, the trivial one dropped. Memory is O(N k): the
-neighbour search runs in row blocks. Option: UMAP (umap-learn; cosine; min_dist 0).
+neighbour search runs in row blocks. Neighbours are exact up to ``exact_max`` rows (the search
+costs O(N^2 d)); above it an inverted-file index (faiss IVF-Flat: seeded k-means lists, exact
+inner products inside the probed lists) finds them in about O(N sqrt(N) d), deterministically;
+``bench/neighbors.py`` measures its recall against the exact graph. Option: UMAP (umap-learn;
+cosine; min_dist 0).
 
     python -c "import numpy as np; from paser.manifold import DiffusionMap; \
 x = np.random.randn(500, 16); print(DiffusionMap(n_components=4).fit_transform(x).shape)"
@@ -35,6 +39,14 @@ class ManifoldConfig:
     """t in lambda^t scaling of diffusion coordinates."""
     block_size: int = 1024
     """Rows per block of the exact neighbour search (memory: block_size x N floats)."""
+    neighbors: Literal["auto", "exact", "ivf"] = "auto"
+    """Neighbour search: exact; ivf (faiss IVF-Flat, approximate); auto: exact up to exact_max rows,
+    ivf above."""
+    exact_max: int = 50_000
+    """Rows up to which auto searches exactly (50,000 x 384 takes about 30 s here; the exact search
+    grows with N^2)."""
+    ivf_probe: int = 32
+    """Lists of the IVF index searched per row (of about 4 sqrt(N)); more: higher recall, slower."""
 
 
 def knn_graph(x: np.ndarray, n_neighbors: int, block_size: int = 1024) -> tuple[np.ndarray, np.ndarray]:
@@ -60,11 +72,63 @@ def knn_graph(x: np.ndarray, n_neighbors: int, block_size: int = 1024) -> tuple[
         sim[torch.arange(hi - lo), torch.arange(lo, hi)] = -float("inf")  # no self-loops
         # one candidate more than needed, so a tie at the k-th place is settled by index below
         top = torch.topk(sim, min(k + 1, n - 1), dim=1)
-        vals, cand = top.values.numpy(), top.indices.numpy()
-        order = np.lexsort((cand, -vals), axis=1)[:, :k]
-        idx[lo:hi] = np.take_along_axis(cand, order, axis=1)
-        best = np.take_along_axis(vals, order, axis=1)
-        dist[lo:hi] = np.sqrt(np.clip(2.0 - 2.0 * best, 0.0, None))
+        idx[lo:hi], dist[lo:hi] = _nearest_first(top.indices.numpy(), top.values.numpy(), k)
+    return idx, dist
+
+
+def neighbour_search(n: int, config: ManifoldConfig) -> str:
+    """The search ``config`` uses for ``n`` rows: exact or ivf."""
+    if config.neighbors == "auto":
+        return "exact" if n <= config.exact_max else "ivf"
+    return config.neighbors
+
+
+def _nearest_first(cand: np.ndarray, sim: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The k most similar candidates of each row, ties by index (so the graph is the same on every
+    run), as (indices, distances ||x_i - x_j|| = sqrt(2 - 2 cos))."""
+    order = np.lexsort((cand, -sim), axis=1)[:, :k]
+    best = np.take_along_axis(sim, order, axis=1)
+    return np.take_along_axis(cand, order, axis=1), np.sqrt(np.clip(2.0 - 2.0 * best, 0.0, None))
+
+
+def knn_graph_ivf(x: np.ndarray, n_neighbors: int, n_probe: int = 32, seed: int = 0,
+                  n_lists: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Approximate cosine k-nearest neighbours of unit rows with faiss's IVF-Flat index: the rows
+    are split into ``n_lists`` (default 4 sqrt(N)) lists by seeded k-means on a seeded sample of 64
+    rows per list, and each row is compared exactly with the rows of its ``n_probe`` nearest lists.
+    Same contract as ``knn_graph``; the result does not depend on the thread count."""
+    try:
+        import faiss
+    except ImportError:
+        raise ValueError("approximate neighbours need faiss-cpu: pip install faiss-cpu "
+                         "(or manifold.neighbors: exact)") from None
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    n, d = x.shape
+    k = min(n_neighbors, n - 1)
+    if k < 1:
+        raise ValueError(f"a kNN graph needs at least 2 points, got {n}")
+    n_lists = max(1, min(n_lists or int(round(4 * np.sqrt(n))), n // 39 or 1))  # faiss wants 39 rows per list
+    quantizer = faiss.IndexFlatIP(d)
+    index = faiss.IndexIVFFlat(quantizer, d, n_lists, faiss.METRIC_INNER_PRODUCT)
+    index.cp.seed, index.cp.niter, index.cp.max_points_per_centroid = seed, 20, 64
+    sample = np.random.default_rng(seed).choice(n, size=min(n, 64 * n_lists), replace=False)
+    index.train(x[np.sort(sample)])
+    index.add(x)
+    index.nprobe = min(n_probe, n_lists)
+    want = min(k + 1, n)  # one more, since each row finds itself
+    idx = np.empty((n, k), dtype=np.int64)
+    dist = np.empty((n, k), dtype=np.float32)
+    for lo in range(0, n, 65536):
+        hi = min(n, lo + 65536)
+        sim, cand = index.search(x[lo:hi], want)
+        sim[cand == np.arange(lo, hi)[:, None]] = -np.inf  # no self-loops
+        sim[cand < 0] = -np.inf  # fewer than k+1 rows in the probed lists
+        short = np.flatnonzero(np.isfinite(sim).sum(axis=1) < k)
+        if len(short):
+            raise ValueError(f"row {lo + short[0]}: its {index.nprobe} probed lists hold fewer than {k} other rows; "
+                             "raise manifold.ivf_probe")
+        idx[lo:hi], dist[lo:hi] = _nearest_first(cand, sim, k)
     return idx, dist
 
 
@@ -105,20 +169,34 @@ class DiffusionMap:
     """Diffusion-map coordinates of points on a sparse kNN graph (scikit-learn style).
 
     Learned: ``embedding_`` [N, n_components], ``eigenvalues_`` (incl. the trivial 1.0),
-    ``affinity_`` (sparse N x N, O(N k) entries).
+    ``affinity_`` (sparse N x N, O(N k) entries), ``neighbors_`` (the search used: exact or ivf).
     """
 
     def __init__(self, n_neighbors: int = 15, n_components: int = 20, diffusion_time: int = 1,
-                 block_size: int = 1024, random_state: int = 0):
+                 block_size: int = 1024, random_state: int = 0, neighbors: str = "auto",
+                 exact_max: int = 50_000, ivf_probe: int = 32):
         self.n_neighbors = n_neighbors
         self.n_components = n_components
         self.diffusion_time = diffusion_time
         self.block_size = block_size
         self.random_state = random_state
+        self.neighbors = neighbors
+        self.exact_max = exact_max
+        self.ivf_probe = ivf_probe
+
+    def neighbours(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The kNN graph of ``x`` (indices, distances) by the search this map uses for its size."""
+        self.neighbors_ = neighbour_search(len(x), ManifoldConfig(neighbors=self.neighbors, exact_max=self.exact_max))
+        if self.neighbors_ == "exact":
+            return knn_graph(x, self.n_neighbors, self.block_size)
+        return knn_graph_ivf(x, self.n_neighbors, self.ivf_probe, self.random_state)
 
     def fit(self, x: np.ndarray) -> DiffusionMap:
-        n = x.shape[0]
-        idx, dist = knn_graph(x, self.n_neighbors, self.block_size)
+        return self.fit_graph(*self.neighbours(x))
+
+    def fit_graph(self, idx: np.ndarray, dist: np.ndarray) -> DiffusionMap:
+        """Fit on a kNN graph already found (``neighbours``)."""
+        n = idx.shape[0]
         a = affinity_matrix(idx, dist)
         deg = np.asarray(a.sum(axis=1)).ravel()
         inv_sqrt = 1.0 / np.sqrt(deg)
@@ -161,6 +239,6 @@ def learn_manifold(x: np.ndarray, config: ManifoldConfig, random_state: int = 0)
     """(coordinates [N, n_components], eigenvalues or an empty array for UMAP)."""
     if config.method == "umap":
         return umap_coordinates(x, config, random_state), np.array([])
-    dm = DiffusionMap(config.n_neighbors, config.n_components, config.diffusion_time,
-                      config.block_size, random_state).fit(x)
+    dm = DiffusionMap(config.n_neighbors, config.n_components, config.diffusion_time, config.block_size,
+                      random_state, config.neighbors, config.exact_max, config.ivf_probe).fit(x)
     return dm.embedding_, dm.eigenvalues_

@@ -23,7 +23,7 @@ from paser.concepts import cluster_names
 from paser.data import Pool, Record, load_pool
 from paser.embedding import embed_texts, instruction_texts
 from paser.errors import ConfigError
-from paser.manifold import learn_manifold
+from paser.manifold import learn_manifold, neighbour_search
 from paser.runfolder import (
     STAGE_OUTPUTS,
     Stage,
@@ -156,6 +156,8 @@ def stage_cluster(settings: Settings, run: Path) -> Path:
             "k_selection": settings.cluster.k_selection, "eigengap_k": clusterer.eigengap_k_,
             "k_curve": clusterer.k_curve_, "eigenvalues": [float(v) for v in eigenvalues],
             "method": settings.cluster.method, "manifold": settings.manifold.method,
+            "neighbors": neighbour_search(len(x), settings.manifold) if settings.manifold.method == "diffusion"
+            else None,
         }, indent=2))
 
     return stage_output(settings, run, "cluster", make)

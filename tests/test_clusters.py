@@ -7,7 +7,7 @@ import pytest
 from sklearn.metrics import adjusted_rand_score
 
 from paser.clustering import ClusterConfig, SpectralClusterer, eigengap_k, knee, nonnegative
-from paser.manifold import DiffusionMap, ManifoldConfig, knn_graph, learn_manifold
+from paser.manifold import DiffusionMap, ManifoldConfig, knn_graph, knn_graph_ivf, learn_manifold, neighbour_search
 
 
 def blobs(n_per: int = 80, k: int = 5, d: int = 32, seed: int = 0):
@@ -26,6 +26,42 @@ def test_knn_graph_is_exact():
     expected = np.sort(np.argsort(-sim, axis=1)[:, :5], axis=1)
     assert np.array_equal(np.sort(idx, axis=1), expected)
     assert np.all(np.diff(dist, axis=1) >= -1e-6)  # nearest first
+
+
+def test_ivf_neighbours_match_the_exact_graph_and_do_not_depend_on_threads():
+    import faiss
+
+    x, _ = blobs(300, 4, d=32)
+    exact, exact_dist = knn_graph(x, 10)
+    threads = faiss.omp_get_max_threads()
+    try:
+        faiss.omp_set_num_threads(1)
+        one = knn_graph_ivf(x, 10, n_probe=8, seed=3)
+        faiss.omp_set_num_threads(2)
+        two = knn_graph_ivf(x, 10, n_probe=8, seed=3)
+    finally:
+        faiss.omp_set_num_threads(threads)
+    assert np.array_equal(one[0], two[0]) and np.array_equal(one[1], two[1])
+    idx, dist = one
+    assert idx.shape == (1200, 10) and not (idx == np.arange(1200)[:, None]).any()
+    recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(idx, exact)])
+    assert recall > 0.95
+    assert np.all(np.diff(dist, axis=1) >= -1e-6)
+    # probing every list is an exhaustive search: the exact graph itself (up to float ties)
+    full, full_dist = knn_graph_ivf(x, 10, n_probe=10_000, seed=3)
+    assert np.mean(full == exact) > 0.999
+    np.testing.assert_allclose(full_dist, exact_dist, atol=1e-5)
+
+
+def test_auto_search_switches_to_ivf_above_the_threshold():
+    x, _ = blobs(100, 4, d=32)
+    exact = DiffusionMap(n_neighbors=10, n_components=4, exact_max=400).fit(x)
+    approx = DiffusionMap(n_neighbors=10, n_components=4, exact_max=399).fit(x)
+    assert (exact.neighbors_, approx.neighbors_) == ("exact", "ivf")
+    assert neighbour_search(10**6, ManifoldConfig()) == "ivf" and neighbour_search(50_000, ManifoldConfig()) == "exact"
+    assert neighbour_search(10**6, ManifoldConfig(neighbors="exact")) == "exact"
+    got = [SpectralClusterer(n_clusters=4).fit(dm.embedding_, dm.eigenvalues_).labels_ for dm in (exact, approx)]
+    assert adjusted_rand_score(got[0], got[1]) == 1.0  # the approximate graph clusters as the exact one
 
 
 def test_diffusion_map_is_deterministic_and_sparse():
