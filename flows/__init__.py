@@ -19,7 +19,7 @@ from pathlib import Path
 
 
 def configure_prefect(home: str | Path | None = None) -> None:
-    from paser.models import cache_dir
+    from paser.cache import cache_dir
 
     defaults = {
         "PREFECT_HOME": str(home or cache_dir() / "prefect"),

@@ -36,7 +36,9 @@ import dataclasses
 import json
 import pickle
 import types
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -212,14 +214,18 @@ def _layer_shapes(tensors: dict, n_layers: int, hd: int, where: Path):
     return shapes
 
 
-def import_checkpoint(path: str | Path, tokenizer_from: str | None = None) -> Path:
+def import_checkpoint(path: str | Path, tokenizer_from: str | None = None,
+                      load_tokenizer: Callable[[str], Any] | None = None) -> Path:
     """The checkpoint rebuilt as a paser pruned-model folder (made once, cached by the file's name,
-    size and modification time); see the module docstring."""
+    size and modification time); see the module docstring. When the checkpoint's tokenizer cannot
+    be rebuilt, ``tokenizer_from``'s is used, loaded by ``load_tokenizer`` (``paser.models`` passes
+    its own loader, which reads every model reference paser takes; default: a folder's
+    ``AutoTokenizer``)."""
     from safetensors.torch import save_file
-    from transformers import AutoConfig
+    from transformers import AutoConfig, AutoTokenizer
 
+    from paser.cache import converted_folder, write_folder
     from paser.layers import FORMAT_VERSION, PRUNED_MARKER, WEIGHTS_FILE
-    from paser.models import converted_folder, load_tokenizer, write_folder
 
     path = Path(path)
     target = converted_folder(path, "llm-pruner-")
@@ -246,7 +252,8 @@ def import_checkpoint(path: str | Path, tokenizer_from: str | None = None) -> Pa
     config.head_dim = hd
     tokenizer, tokenizer_source = rebuild_tokenizer(obj.get("tokenizer")), "the checkpoint"
     if tokenizer is None and tokenizer_from is not None:
-        tokenizer, tokenizer_source = load_tokenizer(tokenizer_from), str(tokenizer_from)
+        load = load_tokenizer or AutoTokenizer.from_pretrained
+        tokenizer, tokenizer_source = load(tokenizer_from), str(tokenizer_from)
     if tokenizer is None:
         kind = getattr(obj.get("tokenizer"), "global_name", type(obj.get("tokenizer")).__name__)
         raise ModelLoadError(f"{path}: its tokenizer ({kind}) is not a fast tokenizer paser can rebuild from the "

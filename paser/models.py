@@ -19,14 +19,12 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from paser.cache import converted_folder, write_folder
 from paser.errors import ModelLoadError, TokenizerMismatchError, UnsafeCheckpointError, UntrustedPickleError
 from paser.layers import PRUNED_MARKER, count_parameters, load_pruned_folder
 
@@ -57,14 +55,6 @@ class LoadedModel:
     def describe(self) -> str:
         return (f"{self.reference} ({self.kind}, {count_parameters(self.model):,} parameters, "
                 f"{next(self.model.parameters()).dtype})")
-
-
-def cache_dir() -> Path:
-    """Where paser keeps converted models: $PASER_CACHE_DIR, else $XDG_CACHE_HOME/paser, else ~/.cache/paser."""
-    if os.environ.get("PASER_CACHE_DIR"):
-        return Path(os.environ["PASER_CACHE_DIR"])
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "paser"
 
 
 def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
@@ -132,30 +122,6 @@ def _require_gguf(path: Path) -> None:
             f"{path}: reading a GGUF file needs the 'gguf' package, which is not installed; "
             "install it with: pip install gguf"
         ) from None
-
-
-def converted_folder(path: Path, label: str = "") -> Path:
-    """Where a model file's one-time conversion is cached: keyed by the file's resolved path, size
-    and modification time."""
-    stat = path.stat()
-    key = hashlib.sha256(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
-    return cache_dir() / "models" / f"{path.stem}-{label}{key}"
-
-
-def write_folder(target: Path, write, marker: str) -> Path:
-    """``write(folder)`` into a temporary folder renamed to ``target`` when done, so an interrupted
-    conversion leaves nothing behind; ``marker`` is the file a finished folder has (another
-    process may have won the race)."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
-        write(tmp)
-        os.replace(tmp, target)
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not (target / marker).is_file():
-            raise
-    return target
 
 
 def gguf_to_folder(path: Path) -> Path:
@@ -276,7 +242,7 @@ def _resolve(reference: str | Path, trust_pickle: bool = False,
         from paser.llm_pruner import import_checkpoint
 
         try:
-            return "llm-pruner", path, import_checkpoint(path, tokenizer_from)
+            return "llm-pruner", path, import_checkpoint(path, tokenizer_from, load_tokenizer)
         except UnsafeCheckpointError as err:
             if not trust_pickle:
                 raise UntrustedPickleError(f"{err} (a pickle can run arbitrary code when loaded whole)") from None

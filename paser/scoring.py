@@ -32,7 +32,8 @@ from paser.settings import Settings
 
 
 def twin_folder(settings: Settings) -> Path:
-    from paser.models import cache_dir, model_fingerprint
+    from paser.cache import cache_dir
+    from paser.models import model_fingerprint
 
     cfg = settings.select
     prune_cfg = dataclasses.replace(settings.prune, ratio=cfg.prune_ratio)
