@@ -249,7 +249,7 @@ def recover(
                                               "LLM-Pruner checkpoint or built-in name.")],
     data: Annotated[str, typer.Option(help="Training records: a run's selected.jsonl or any instruction "
                                            "file.")],
-    out: Annotated[Path, typer.Option(help="Output folder (adapter/, merged/, checkpoint/, logs).")] = Path(
+    out: Annotated[Path, typer.Option(help="Output folder (adapter/, merged/, checkpoints/, logs).")] = Path(
         "runs/recover"),
     config: Annotated[Path | None, typer.Option(help="YAML with a 'recover' section; options given here "
                                                      "override it.")] = None,
@@ -288,12 +288,18 @@ def recover(
     teacher_top_k: Annotated[int | None, typer.Option(help="Run the teacher alone first and cache its top-k "
                                                            "log-probabilities on disk (for pairs that do not fit "
                                                            "together; default: teacher in memory).")] = None,
+    max_grad_norm: Annotated[float | None, typer.Option(help="Clip gradients to this global norm (default 1; "
+                                                             "0: no clipping).")] = None,
+    gradient_checkpointing: Annotated[bool | None, typer.Option(
+        "--gradient-checkpointing/--no-gradient-checkpointing",
+        help="Recompute activations in the backward pass: less memory, more compute.")] = None,
     restart: Annotated[bool, typer.Option(help="Discard a checkpoint in --out instead of resuming.")] = False,
     trust_pickle: Annotated[bool, typer.Option(help=TRUST_HELP)] = False,
     flow: Annotated[bool, typer.Option("--flow/--no-flow", help="Run through the Prefect flow (default) or "
                                        "call the library directly.")] = True,
 ) -> None:
-    """LoRA-recover a pruned model on selected records (LLM-Pruner's recipe by default)."""
+    """LoRA-recover a pruned model on selected records (LLM-Pruner's recipe by default). On several
+    GPUs (or CPU processes): torchrun --nproc-per-node N --no-python paser recover ... --no-flow."""
     from paser.config import load_config
     from paser.recovery import RecoverConfig
     from paser.recovery import recover as run_recover
@@ -303,7 +309,8 @@ def recover(
                      micro_batch_size=micro_batch_size, batch_tokens=batch_tokens, r=lora_r, alpha=lora_alpha,
                      cutoff=cutoff, val_size=val_size, patience=patience, dtype=dtype, merge=merge, seed=seed,
                      objective=objective, teacher=teacher, divergence=divergence, temperature=temperature,
-                     mix_weight=mix_weight, teacher_top_k=teacher_top_k)
+                     mix_weight=mix_weight, teacher_top_k=teacher_top_k, max_grad_norm=max_grad_norm,
+                     gradient_checkpointing=gradient_checkpointing)
     try:
         cfg = load_config(RecoverConfig, config, "recover", overrides)
         if flow:
@@ -319,7 +326,10 @@ def recover(
     except (PaserError, ValueError) as err:
         raise _fail(err) from None
     import json
+    import os
 
+    if int(os.environ.get("RANK", "0")):  # one of several processes: the first one reports
+        return
     done = json.loads((out / "recovery.json").read_text())
     if done["resumed_from_step"]:
         typer.echo(f"resumed from step {done['resumed_from_step']}")
@@ -476,3 +486,7 @@ def main() -> None:  # pragma: no cover - console entry point
     except PaserError as err:
         typer.secho(f"error: {err}", err=True, fg=typer.colors.RED)
         sys.exit(2)
+
+
+if __name__ == "__main__":  # python -m paser.cli (accelerate launch -m paser.cli ...)
+    main()

@@ -4,14 +4,17 @@ Defaults follow LLM-Pruner's recipe: rank 8, alpha 16, dropout 0.05 on q/k/v/o/g
 learning rate 1e-4, 2 epochs, cutoff 256, effective batch 64 in micro-batches of 4, and the same
 prompt template as degradation scoring with the prompt tokens masked out of the loss. The loss of
 an optimizer step is the mean over every response token of its effective batch (token-weighted, so
-gradient accumulation gives the same step as one large batch). A checkpoint is written every
-``save_every`` steps (atomically); a killed run started again with the same settings continues
-from it and ends with the same adapter as an uninterrupted one.
+gradient accumulation, and data parallelism over processes, give the same step as one large
+batch). paser plans the steps; Hugging Face's Trainer runs them (``paser.trainer``): clipping,
+bf16 autocast on GPUs, gradient checkpointing, checkpoints, ``torchrun``. A checkpoint is written
+every ``save_every`` steps; a killed run started again with the same settings continues from the
+last complete one and ends with the same adapter as an uninterrupted one.
 
 Output folder:
   adapter/              the LoRA adapter (peft ``save_pretrained``)
   merged/               with ``merge``: the merged model (paser-pruned folder, or a Hugging Face folder)
-  checkpoint/           the latest checkpoint (adapter, optimizer, scheduler, step)
+  checkpoints/          the Trainer's latest checkpoints (adapter, optimizer, scheduler, RNG, step) with
+                        paser's state (settings fingerprint, log, best adapter)
   train_log.jsonl       one line per step: loss, learning rate, and the validation loss when measured
   training_curve.png    training and validation loss
   recovery.json         settings, data, model, steps, losses, wall time
@@ -27,7 +30,6 @@ import json
 import math
 import os
 import random
-import shutil
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -41,6 +43,15 @@ from paser.distill import DIVERGENCES, OBJECTIVES, TopKCache, cache_fingerprint,
 from paser.errors import ConfigError, DataError
 from paser.progress import announce, bar_enabled
 from paser.prompts import tokenize_example
+from paser.trainer import (
+    RecoveryTrainer,
+    StepData,
+    StepLog,
+    discard_checkpoints,
+    last_checkpoint,
+    micro_batches,
+    write_log,
+)
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 IGNORE = -100
@@ -93,6 +104,11 @@ class RecoverConfig:
     validation set. None: train every step."""
     save_every: int = 20
     """Optimizer steps between checkpoints."""
+    max_grad_norm: float = 1.0
+    """Gradients are clipped to this global norm before each optimizer step (0: no clipping)."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass instead of keeping them: less memory, about a
+    third more compute (for long cutoffs and large models)."""
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     """Base model (and teacher) weights: auto is bfloat16 on a CUDA device with bf16 support, else
     float32; adapters train in fp32. fp16 is not offered: it gives NaN losses on Llama-2 for
@@ -155,6 +171,8 @@ class RecoverConfig:
             raise ValueError(f"temperature must be positive, got {self.temperature}")
         if not 0 <= self.mix_weight <= 1:
             raise ValueError(f"mix_weight must be in [0, 1], got {self.mix_weight}")
+        if self.max_grad_norm < 0:
+            raise ValueError(f"max_grad_norm must be >= 0, got {self.max_grad_norm}")
         if self.teacher_top_k is not None and self.teacher_top_k < 1:
             raise ValueError(f"teacher_top_k must be positive, got {self.teacher_top_k}")
 
@@ -328,7 +346,7 @@ DISTILL_FIELDS = ("objective", "teacher", "divergence", "temperature", "mix_weig
 
 def _fingerprint(config: RecoverConfig, model_fp: str, train_ids: list[str]) -> str:
     # sft leaves the distillation fields out, so checkpoints made before they existed still resume
-    skip = ("progress", "merge", "device", "eval_every", "save_every") + (
+    skip = ("progress", "merge", "device", "eval_every", "save_every", "gradient_checkpointing") + (
         DISTILL_FIELDS if config.objective == "sft" else ())
     keep = {k: v for k, v in vars(config).items() if k not in skip}
     h = hashlib.sha256(json.dumps([keep, model_fp], sort_keys=True, default=str).encode())
@@ -337,36 +355,9 @@ def _fingerprint(config: RecoverConfig, model_fp: str, train_ids: list[str]) -> 
     return h.hexdigest()[:16]
 
 
-def _save_checkpoint(folder: Path, model, optimizer, scheduler, step: int, fp: str, log: list[dict],
-                     best: dict | None = None) -> None:
-    from peft import get_peft_model_state_dict
+def schedule(optimizer, total: int, warmup: int):
+    """Linear warm-up over ``warmup`` steps, then linear decay to 0 at ``total``."""
 
-    tmp = folder.with_name(f".{folder.name}.{os.getpid()}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    torch.save({"adapter": get_peft_model_state_dict(model), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "step": step, "fingerprint": fp, "log": log,
-                "best": best or {}}, tmp / "state.pt")
-    old = folder.with_name(f".{folder.name}.old")
-    shutil.rmtree(old, ignore_errors=True)
-    if folder.exists():
-        os.replace(folder, old)
-    os.replace(tmp, folder)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def _load_checkpoint(folder: Path, fp: str) -> dict | None:
-    path = folder / "state.pt"
-    if not path.is_file():
-        return None
-    state = torch.load(path, weights_only=True)
-    if state["fingerprint"] != fp:
-        raise ConfigError(f"{folder}: this checkpoint was made with other settings, data or model; "
-                          "use another output folder or pass restart=True (--restart) to discard it")
-    return state
-
-
-def _scheduler(optimizer, total: int, warmup: int):
     def factor(step: int) -> float:
         if step < warmup:
             return (step + 1) / (warmup + 1)
@@ -475,6 +466,33 @@ def _check_vocab(teacher, student, teacher_ref: str, student_ref: str) -> None:
                           f"over {_vocab_size(student)}; distillation needs the same vocabulary")
 
 
+def checkpointing_on(model) -> bool:
+    """Whether the model under the adapter recomputes activations in the backward pass."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    flag = getattr(type(base), "is_activation_checkpointing", None)
+    return bool(base.is_activation_checkpointing if flag is not None else getattr(base, "is_gradient_checkpointing",
+                                                                                   False))
+
+
+def training_arguments(config: RecoverConfig, folder: Path, steps: int, accumulation: int, device: str, world: int):
+    """The Trainer's arguments for paser's plan: ``steps`` optimizer steps of ``accumulation``
+    micro-batches per process, clipping, bf16 autocast when the weights are bf16 on a GPU, the
+    checkpoint cadence; logging and reporting stay paser's."""
+    from transformers import TrainingArguments
+
+    on_cpu = not str(device).startswith("cuda")
+    return TrainingArguments(
+        output_dir=str(folder), max_steps=steps, gradient_accumulation_steps=accumulation,
+        per_device_train_batch_size=1, learning_rate=config.learning_rate, weight_decay=config.weight_decay,
+        max_grad_norm=config.max_grad_norm, bf16=config.dtype == "bfloat16" and not on_cpu,
+        gradient_checkpointing=config.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if config.gradient_checkpointing else None,
+        save_strategy="steps", save_steps=config.save_every, save_total_limit=2, logging_strategy="no",
+        report_to="none", disable_tqdm=True, seed=config.seed, use_cpu=on_cpu,
+        ddp_backend="gloo" if on_cpu and world > 1 else None, average_tokens_across_devices=True,
+        remove_unused_columns=False, dataloader_num_workers=0)
+
+
 def recover(model: str, data: str, out: str | Path = "runs/recover", config: RecoverConfig | None = None, *,
             val_data: str | None = None, trust_pickle: bool = False, restart: bool = False,
             **overrides) -> RecoveryResult:
@@ -495,7 +513,10 @@ def recover(model: str, data: str, out: str | Path = "runs/recover", config: Rec
         val = load_pool(val_data).records
     if not train:
         raise DataError(f"{data}: no training records")
+    world = int(os.environ.get("WORLD_SIZE", "1"))  # processes started by torchrun or accelerate launch
     device = config.device or default_device()
+    if world > 1 and str(device).startswith("cuda"):
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"  # each process its own GPU
     # resolved before the fingerprint: a checkpoint records the precision it was trained in
     config = dataclasses.replace(config, dtype=resolve_dtype(config.dtype, device))
     teacher_ref = resolve_teacher(config, data) if config.objective != "sft" else None
@@ -525,93 +546,66 @@ def recover(model: str, data: str, out: str | Path = "runs/recover", config: Rec
 
     zeros = sparsity(loaded.model)
     peft_model = lora_model(loaded.model, config)
-    peft_model.train()
-    params = [p for p in peft_model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
     steps = step_batches(len(train_ex), config, [len(e.ids) for e in train_ex])
-    scheduler = _scheduler(optimizer, len(steps), int(config.warmup_ratio * len(steps)))
     out.mkdir(parents=True, exist_ok=True)
-    ckpt_dir = out / "checkpoint"
+    ckpt_dir = out / "checkpoints"
     if restart:
-        shutil.rmtree(ckpt_dir, ignore_errors=True)
+        discard_checkpoints(ckpt_dir)
     if config.patience is not None and not val_ex:
         raise ConfigError("patience stops on the validation loss: give a validation set (val_size > 0 or val_data)")
-    state = _load_checkpoint(ckpt_dir, fp)
-    start_step, log = 0, []
+    checkpoint, state = last_checkpoint(ckpt_dir, fp)
+    log = list(state["log"]) if state else []
+    start_step = len(log)
     # early stopping: the best validation loss so far, its step and adapter, evaluations since, stopped
     best = {"loss": math.inf, "step": 0, "adapter": None, "since": 0, "stopped": False}
-    from peft import get_peft_model_state_dict, set_peft_model_state_dict
+    best |= state["best"] if state else {}
+    batches, accumulation = micro_batches(steps, config.micro_batch_size, world)
 
-    if state is not None:
-        set_peft_model_state_dict(peft_model, state["adapter"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        start_step, log = state["step"], state["log"]
-        best |= state.get("best") or {}
+    def targets(batch, index):  # the teacher's next-token distributions of the batch (None for SFT)
+        if cache is not None:
+            return cache.targets(index, batch["input_ids"].device)
+        return None if teacher is None else in_memory_targets(teacher, batch, config.temperature)
 
+    def validate(net):
+        return validation_loss(net, val_ex, pad_id, net.device, config.micro_batch_size) if val_ex else None
+
+    data = StepData(batches, train_ex, lambda chosen: collate(chosen, pad_id, "cpu"), Example([pad_id], [IGNORE]))
+    trainer = RecoveryTrainer(model=peft_model, args=training_arguments(config, ckpt_dir, len(steps), accumulation,
+                                                                       device, world),
+                              config=config, data=data, loss_fn=objective_loss_sum, targets_fn=targets,
+                              schedule_fn=schedule)
     from tqdm.auto import tqdm
+    from transformers import PrinterCallback
 
+    bar = tqdm(total=len(steps), initial=start_step, desc="LoRA recovery", unit="step",
+               disable=not (bar_enabled(config.progress) and trainer.is_world_process_zero()))
+    plan_tokens = [sum(scored_tokens(train_ex[i]) for i in step) for step in steps]
+    trainer.add_callback(StepLog(trainer, plan_tokens, validate, fp, log, best, bar))
+    trainer.remove_callback(PrinterCallback)  # paser logs the steps itself
     t0 = time.perf_counter()
     announce(f"LoRA recovery of {model}: {len(steps)} steps ({config.objective}"
-             + (f", resuming at step {start_step})" if start_step else ")"))
-    bar = tqdm(total=len(steps), initial=start_step, desc="LoRA recovery", unit="step",
-               disable=not bar_enabled(config.progress))
-    for step in range(start_step, len(steps)):
-        if best["stopped"]:
-            break
-        # a per-step seed keeps dropout identical on a resumed run
-        torch.manual_seed(config.seed * 1_000_003 + step)
-        chosen = [train_ex[i] for i in steps[step]]
-        n_tokens = sum(scored_tokens(e) for e in chosen)
-        total = nll = div = 0.0
-        for lo in range(0, len(chosen), config.micro_batch_size):
-            batch = collate(chosen[lo:lo + config.micro_batch_size], pad_id, device)
-            targets = None
-            if cache is not None:
-                targets = cache.targets(steps[step][lo:lo + config.micro_batch_size], device)
-            elif teacher is not None:
-                targets = in_memory_targets(teacher, batch, config.temperature)
-            loss, part_nll, part_div = objective_loss_sum(peft_model, batch, config, targets)
-            (loss / n_tokens).backward()
-            total, nll, div = total + float(loss.detach()), nll + part_nll, div + (part_div or 0.0)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        entry = {"step": step + 1, "loss": total / n_tokens, "lr": scheduler.get_last_lr()[0]}
-        if config.objective != "sft":
-            entry |= {"nll": nll / n_tokens, "divergence": div / n_tokens}
-        if not math.isfinite(entry["loss"]):
-            raise FloatingPointError(f"step {step + 1}: loss is {entry['loss']}; lower the learning rate or "
-                                     "train in float32")
-        last = step + 1 == len(steps)
-        if val_ex and ((step + 1) % config.eval_every == 0 or last):
-            entry["val_loss"] = validation_loss(peft_model, val_ex, pad_id, device, config.micro_batch_size)
-            if config.patience is not None:
-                if entry["val_loss"] < best["loss"]:
-                    adapter = get_peft_model_state_dict(peft_model)
-                    best |= {"loss": entry["val_loss"], "step": step + 1, "since": 0,
-                             "adapter": {k: v.detach().clone() for k, v in adapter.items()}}
-                else:
-                    best["since"] += 1
-                    best["stopped"] = best["since"] >= config.patience
-        log.append(entry)
-        bar.set_postfix(loss=f"{entry['loss']:.3f}")
-        bar.update(1)
-        if ((step + 1) % config.save_every == 0 or best["stopped"]) and not last:
-            _save_checkpoint(ckpt_dir, peft_model, optimizer, scheduler, step + 1, fp, log, best)
-            with (out / "train_log.jsonl").open("w") as fh:
-                fh.writelines(json.dumps(e) + "\n" for e in log)
+             + (f", resuming at step {start_step})" if start_step else ")")
+             + (f" on {world} processes" if world > 1 else ""))
+    from peft import set_peft_model_state_dict
+
+    if state is None or not state["finished"]:
+        trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    else:  # a finished run: nothing to train, its adapter is in the checkpoint
+        from safetensors.torch import load_file
+
+        set_peft_model_state_dict(peft_model, load_file(checkpoint / "adapter_model.safetensors"))
     bar.close()
     seconds = time.perf_counter() - t0
     if best["adapter"] is not None:  # early stopping keeps the adapter of the best validation loss
         set_peft_model_state_dict(peft_model, best["adapter"])
+    if not trainer.is_world_process_zero():
+        return RecoveryResult(out, len(log), log[0]["loss"] if log else math.nan,
+                              log[-1]["loss"] if log else math.nan, None, seconds, start_step)
 
     peft_model.save_pretrained(out / "adapter")
     tokenizer.save_pretrained(out / "adapter")
-    with (out / "train_log.jsonl").open("w") as fh:
-        fh.writelines(json.dumps(e) + "\n" for e in log)
+    write_log(log, out / "train_log.jsonl")
     training_curve(log, out / "training_curve.png")
-    _save_checkpoint(ckpt_dir, peft_model, optimizer, scheduler, len(log), fp, log, best)
     if config.merge:
         save_merged(peft_model, tokenizer, loaded.kind, out / "merged", zeros)
     val_losses = [e["val_loss"] for e in log if "val_loss" in e]
@@ -636,7 +630,9 @@ def recover(model: str, data: str, out: str | Path = "runs/recover", config: Rec
             "teacher_seconds": round(teacher_seconds, 2)},
         "steps": len(done), "planned_steps": len(steps), "stopped_early": bool(best["stopped"]),
         "best_step": best["step"] if best["adapter"] is not None else None,
-        "resumed_from_step": start_step, "first_loss": result.first_loss,
+        "resumed_from_step": start_step, "processes": world, "accumulation": accumulation,
+        "activation_checkpointing": checkpointing_on(peft_model),
+        "first_loss": result.first_loss,
         "last_loss": result.last_loss, "val_loss": result.val_loss, "seconds": round(seconds, 2),
         "fingerprint": fp}, indent=2, default=str))
     return result

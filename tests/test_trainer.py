@@ -1,0 +1,83 @@
+"""Recovery on Hugging Face's Trainer: the micro-batch plan, and data parallelism over two CPU
+processes (torchrun, gloo) ending with the adapter of one process."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from paser.trainer import micro_batches
+from tests.test_recovery import FAST, train_file  # noqa: F401  (a fixture)
+
+
+def test_every_process_gets_the_same_number_of_micro_batches_per_step():
+    steps = [[0, 1, 2, 3, 4], [5, 6], [7]]
+    order, accumulation = micro_batches(steps, 2, 1)
+    assert accumulation == 3 and order == [[0, 1], [2, 3], [4], [5, 6], [], [], [7], [], []]
+    order, accumulation = micro_batches(steps, 2, 2)
+    # process p takes micro-batches p, p + 2, ...: two per step each, every record once
+    assert accumulation == 2 and len(order) == 3 * 2 * 2
+    for s, step in enumerate(steps):
+        chunk = order[4 * s:4 * s + 4]
+        assert sorted(i for part in chunk for i in part) == step
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_cpu_processes_end_with_the_adapter_of_one(tiny_model_dir, train_file, tmp_path):  # noqa: F811
+    """``torchrun --nproc-per-node 2 --no-python paser recover ... --no-flow``: each step's
+    micro-batches are split over two gloo processes; the token-weighted loss and gradient averaging
+    give the step of one process. Dropout off (its masks follow the micro-batch a process draws);
+    clipping on, so the float-order tolerance is Adam's on near-zero gradients."""
+    from safetensors.torch import load_file
+
+    from paser.recovery import recover
+
+    settings = dict(FAST, dropout=0.0, max_steps=4, val_size=0)
+    recover(str(tiny_model_dir), train_file, tmp_path / "one", **settings)
+    config = tmp_path / "recover.yaml"
+    config.write_text("recover:\n" + "".join(f"  {k}: {v}\n" for k, v in settings.items()))
+    cli = Path(sys.executable).parent / "paser"
+    args = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+            str(_free_port()), "--no-python", str(cli), "--quiet", "recover", str(tiny_model_dir), "--data",
+            train_file, "--out", str(tmp_path / "two"), "--no-flow", "--config", str(config)]
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    done = subprocess.run(args, capture_output=True, text=True, timeout=900, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads((tmp_path / "two" / "recovery.json").read_text())
+    assert summary["processes"] == 2 and summary["accumulation"] == 1 and summary["steps"] == 4
+    one = load_file(tmp_path / "one" / "adapter" / "adapter_model.safetensors")
+    two = load_file(tmp_path / "two" / "adapter" / "adapter_model.safetensors")
+    assert one.keys() == two.keys()
+    for key in one:
+        torch.testing.assert_close(two[key], one[key], atol=1e-4, rtol=1e-3)
+    logs = [[json.loads(line) for line in (tmp_path / f / "train_log.jsonl").read_text().splitlines()]
+            for f in ("one", "two")]
+    assert [e["loss"] for e in logs[1]] == pytest.approx([e["loss"] for e in logs[0]], rel=1e-5)
+
+
+def test_gradient_checkpointing_recomputes_activations_and_keeps_the_adapter(tiny_model_dir, train_file, tmp_path):  # noqa: F811
+    from safetensors.torch import load_file
+
+    from paser.recovery import recover
+
+    settings = dict(FAST, dropout=0.0, max_steps=2, val_size=0)
+    recover(str(tiny_model_dir), train_file, tmp_path / "plain", **settings)
+    recover(str(tiny_model_dir), train_file, tmp_path / "ckpt", gradient_checkpointing=True, **settings)
+    a, b = (load_file(tmp_path / f / "adapter" / "adapter_model.safetensors") for f in ("plain", "ckpt"))
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], atol=1e-5, rtol=1e-4)
+    summaries = [json.loads((tmp_path / f / "recovery.json").read_text()) for f in ("plain", "ckpt")]
+    assert [s["activation_checkpointing"] for s in summaries] == [False, True]
