@@ -51,20 +51,6 @@ def synthetic(n: int, d: int = 384, k: int = 20, seed: int = 0, chunk: int = 100
     return x, labels
 
 
-def exact_rows(x: np.ndarray, rows: np.ndarray, k: int) -> np.ndarray:
-    """Exact neighbours (self excluded) of ``rows`` only: the reference for recall@k."""
-    import torch
-
-    xt = torch.from_numpy(x)
-    out = []
-    for lo in range(0, len(rows), 256):
-        part = rows[lo:lo + 256]
-        sim = xt[torch.from_numpy(part)] @ xt.T
-        sim[torch.arange(len(part)), torch.from_numpy(part)] = -float("inf")
-        out.append(torch.topk(sim, k, dim=1).indices.numpy())
-    return np.concatenate(out)
-
-
 def timed(name: str, fn, rows: list):
     with PeakRSS() as mem:
         start = time.perf_counter()
@@ -90,7 +76,7 @@ def clustering_stages(x: np.ndarray, labels: np.ndarray | None, args) -> dict:
     found = {"stages": rows, "total": total, "peak": max(r[2] for r in rows), "k": int(c.k_),
              "search": dm.neighbors_}
     sample = np.sort(np.random.default_rng(1).choice(len(x), size=min(args.recall_sample, len(x)), replace=False))
-    truth = exact_rows(x, sample, mcfg.n_neighbors)
+    truth, _ = knn_graph(x, mcfg.n_neighbors, 256, rows=sample)
     found["recall"] = float(np.mean([len(set(a) & set(b)) / mcfg.n_neighbors for a, b in zip(idx[sample], truth)]))
     line = f"  total {total:.1f} s, peak RSS {found['peak']:.0f} MB, K = {c.k_}, search {dm.neighbors_}, " \
            f"recall@{mcfg.n_neighbors} {found['recall']:.4f} ({len(sample)} rows against exact)"

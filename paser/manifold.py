@@ -43,36 +43,46 @@ class ManifoldConfig:
     """Neighbour search: exact; ivf (faiss IVF-Flat, approximate); auto: exact up to exact_max rows,
     ivf above."""
     exact_max: int = 50_000
-    """Rows up to which auto searches exactly (50,000 x 384 takes about 30 s here; the exact search
-    grows with N^2)."""
+    """Rows up to which auto searches exactly (the exact search grows with N^2; its time at 50,000
+    and 200,000 rows is in docs/benchmarks.md, bench/scale.py)."""
     ivf_probe: int = 32
     """Lists of the IVF index searched per row (of about 4 sqrt(N)); more: higher recall, slower."""
 
 
-def knn_graph(x: np.ndarray, n_neighbors: int, block_size: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+def _unit_rows(x: np.ndarray, n_neighbors: int) -> tuple[np.ndarray, int]:
+    """``x`` as contiguous float32 unit rows (a copy: the input is left alone), and the neighbour
+    count it can have (k, at most N - 1)."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    k = min(n_neighbors, x.shape[0] - 1)
+    if k < 1:
+        raise ValueError(f"a kNN graph needs at least 2 points, got {x.shape[0]}")
+    return x, k
+
+
+def knn_graph(x: np.ndarray, n_neighbors: int, block_size: int = 1024,
+              rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Exact cosine k-nearest neighbours of unit rows, by blocks of rows.
 
     Returns (indices [N, k], distances [N, k]) with d = ||x_i - x_j|| = sqrt(2 - 2 cos), self
-    excluded, nearest first (ties by index, so the graph is the same on every run).
+    excluded, nearest first (ties by index, so the graph is the same on every run). ``rows``: the
+    neighbours of those rows only (against all of ``x``), in their order.
     """
     import torch
 
-    x = np.asarray(x, dtype=np.float32)
-    x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)  # a copy: the input is left alone
+    x, k = _unit_rows(x, n_neighbors)
     n = x.shape[0]
-    k = min(n_neighbors, n - 1)
-    if k < 1:
-        raise ValueError(f"a kNN graph needs at least 2 points, got {n}")
+    rows = np.arange(n) if rows is None else np.asarray(rows, dtype=np.int64)
     xt = torch.from_numpy(x)
-    idx = np.empty((n, k), dtype=np.int64)
-    dist = np.empty((n, k), dtype=np.float32)
-    for lo in range(0, n, block_size):
-        hi = min(n, lo + block_size)
-        sim = xt[lo:hi] @ xt.T  # [block, N]
-        sim[torch.arange(hi - lo), torch.arange(lo, hi)] = -float("inf")  # no self-loops
+    idx = np.empty((len(rows), k), dtype=np.int64)
+    dist = np.empty((len(rows), k), dtype=np.float32)
+    for lo in range(0, len(rows), block_size):
+        part = torch.from_numpy(rows[lo:lo + block_size])
+        sim = xt[part] @ xt.T  # [block, N]
+        sim[torch.arange(len(part)), part] = -float("inf")  # no self-loops
         # one candidate more than needed, so a tie at the k-th place is settled by index below
         top = torch.topk(sim, min(k + 1, n - 1), dim=1)
-        idx[lo:hi], dist[lo:hi] = _nearest_first(top.indices.numpy(), top.values.numpy(), k)
+        idx[lo:lo + len(part)], dist[lo:lo + len(part)] = _nearest_first(top.indices.numpy(), top.values.numpy(), k)
     return idx, dist
 
 
@@ -102,12 +112,8 @@ def knn_graph_ivf(x: np.ndarray, n_neighbors: int, n_probe: int = 32, seed: int 
     except ImportError:
         raise ValueError("approximate neighbours need faiss-cpu: pip install faiss-cpu "
                          "(or manifold.neighbors: exact)") from None
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    x, k = _unit_rows(x, n_neighbors)
     n, d = x.shape
-    k = min(n_neighbors, n - 1)
-    if k < 1:
-        raise ValueError(f"a kNN graph needs at least 2 points, got {n}")
     n_lists = max(1, min(n_lists or int(round(4 * np.sqrt(n))), n // 39 or 1))  # faiss wants 39 rows per list
     quantizer = faiss.IndexFlatIP(d)
     index = faiss.IndexIVFFlat(quantizer, d, n_lists, faiss.METRIC_INNER_PRODUCT)

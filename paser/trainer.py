@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 from pathlib import Path
 
 import torch
@@ -131,8 +130,8 @@ class StepLog(TrainerCallback):
             raise FloatingPointError(f"step {state.global_step}: loss is {entry['loss']}; lower the learning rate "
                                      "or train in float32")
         last = state.global_step == state.max_steps
-        model = trainer.accelerator.unwrap_model(trainer.model)
         if state.global_step % config.eval_every == 0 or last:
+            model = trainer.accelerator.unwrap_model(trainer.model)
             val_loss = self.validate(model)
             if val_loss is not None:
                 entry["val_loss"] = val_loss
@@ -188,7 +187,3 @@ def last_checkpoint(folder: Path, fingerprint: str) -> tuple[Path | None, dict |
         raise ConfigError(f"{done[-1]}: this checkpoint was made with other settings, data or model; "
                           "use another output folder or pass restart=True (--restart) to discard it")
     return done[-1], state
-
-
-def discard_checkpoints(folder: Path) -> None:
-    shutil.rmtree(folder, ignore_errors=True)

@@ -26,6 +26,9 @@ def test_knn_graph_is_exact():
     expected = np.sort(np.argsort(-sim, axis=1)[:, :5], axis=1)
     assert np.array_equal(np.sort(idx, axis=1), expected)
     assert np.all(np.diff(dist, axis=1) >= -1e-6)  # nearest first
+    some, some_dist = knn_graph(x, 5, block_size=2, rows=np.array([7, 0, 29]))  # those rows only
+    assert np.array_equal(some, idx[[7, 0, 29]])
+    np.testing.assert_allclose(some_dist, dist[[7, 0, 29]], atol=1e-6)  # other blocks, other float sums
 
 
 def test_ivf_neighbours_match_the_exact_graph_and_do_not_depend_on_threads():
