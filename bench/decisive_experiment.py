@@ -166,7 +166,7 @@ def run_arm(setting: str, arm: str, setup: dict, args) -> dict:
     work = setup["work"]
     row: dict = {"setting": setting, "arm": arm, "machine": f"{platform.processor() or platform.machine()}, "
                  f"{os.cpu_count()} cores", "shared_machine": args.shared_machine,
-                 "date": time.strftime("%Y-%m-%d")}
+                 "date": time.strftime("%Y-%m-%d"), "commit": _commit()}
     if arm in ("dense", "none"):
         model, adapter = (args.dense if arm == "dense" else setup["pruned"]), None
     else:
@@ -456,9 +456,20 @@ def main(argv=None) -> None:
             print(f"{setting} {arm}: metric {shown:.4f}, records {row.get('selected', '')}, tokens "
                   f"{row.get('selected_tokens', '')}, steps {row.get('steps', '')}, recovery "
                   f"{row.get('recovery_s', 0):.0f} s, eval {row['eval_s']:.0f} s", flush=True)
-    text = "\n".join(report(s, results, out / s) for s in args.settings if (results / s).is_dir())
+    # every setting with finished arms, not only those run now
+    text = "\n".join(report(s, results, out / s) for s in SETTINGS if (results / s).is_dir())
     (results / "results.md").write_text(text)
     print(text)
+
+
+def _commit() -> str | None:
+    """The commit of the code that ran the arm (None outside a git checkout)."""
+    import subprocess
+
+    found = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    if found.returncode != 0:
+        return None
+    return found.stdout.strip()
 
 
 def _file(arm: str) -> str:

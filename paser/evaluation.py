@@ -172,9 +172,31 @@ def response_token_nll(model, tokenizer, records, template: str = "alpaca", cuto
     return sums, counts
 
 
+def token_stats(model, tokenizer, records, template: str = "alpaca", cutoff: int = 256, batch_size: int = 8,
+                reference=None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Per record: the summed response NLL, its token count and, given a ``reference`` model, the
+    mean token JSD between the two models' next-token distributions on the response, all from one
+    forward pass of ``model`` (degradation scoring's pass, with ``reference`` as the dense side)."""
+    if reference is None:
+        return *response_token_nll(model, tokenizer, records, template, cutoff, batch_size), None
+    from paser.degradation import ScoreConfig, score_shard
+
+    config = ScoreConfig(template=template, cutoff=cutoff, batch_size=batch_size, share_prefix=False)
+    table = score_shard(reference, model, tokenizer, records, config)
+    empty = table.index[table["n_scored"] == 0]
+    if len(empty):
+        raise DataError(f"record {table['id'][empty[0]]!r}: its prompt fills the {cutoff}-token cutoff, so no "
+                        "response token is left to evaluate; raise cutoff or drop the record")
+    counts = table["n_scored"].to_numpy(dtype=np.int64)
+    return table["nll_pruned"].to_numpy() * counts, counts, table["jsd"].to_numpy()
+
+
 def response_nll(model, tokenizer, records, template: str = "alpaca", cutoff: int = 256, batch_size: int = 8) -> dict:
     """Mean NLL over the response tokens of ``records`` (teacher forcing, prompt masked)."""
-    sums, counts = response_token_nll(model, tokenizer, records, template, cutoff, batch_size)
+    return _nll_summary(records, *response_token_nll(model, tokenizer, records, template, cutoff, batch_size))
+
+
+def _nll_summary(records, sums: np.ndarray, counts: np.ndarray) -> dict:
     mean = float(sums.sum() / max(int(counts.sum()), 1))
     return {"records": len(records), "tokens": int(counts.sum()), "nll": mean, "ppl": math.exp(mean),
             "per_record": {"id": [r.id for r in records], "nll_sum": sums.tolist(), "tokens": counts.tolist()}}
@@ -257,27 +279,47 @@ def held_out_suite(size: int, seed: int, exclude: list[str]) -> tuple[list, dict
 def answer_nll(model, tokenizer, records, template: str = "alpaca", cutoff: int = 256, batch_size: int = 8) -> dict:
     """Per family: the mean over its records of each expected answer's mean token NLL given the
     prompt; the macro average over families."""
-    sums, counts = response_token_nll(model, tokenizer, records, template, cutoff, batch_size)
-    per_record = sums / np.maximum(counts, 1)
+    return _answer_summary(records, *response_token_nll(model, tokenizer, records, template, cutoff, batch_size))
+
+
+def _by_family(records, values) -> dict[str, float]:
     families: dict[str, list[float]] = {}
-    for record, value in zip(records, per_record):
+    for record, value in zip(records, values):
         families.setdefault(record.fields["family"], []).append(float(value))
-    per_family = {f: float(np.mean(v)) for f, v in sorted(families.items())}
+    return {f: float(np.nanmean(v)) for f, v in sorted(families.items())}
+
+
+def _answer_summary(records, sums: np.ndarray, counts: np.ndarray) -> dict:
+    per_record = sums / np.maximum(counts, 1)
+    per_family = _by_family(records, per_record)
     return {"per_family": per_family, "macro": float(np.mean(list(per_family.values()))),
-            "records_per_family": {f: len(v) for f, v in sorted(families.items())},
+            "records_per_family": {f: sum(r.fields["family"] == f for r in records) for f in per_family},
             "per_record": {"id": [r.id for r in records], "family": [r.fields["family"] for r in records],
                            "nll": per_record.tolist()}}
 
 
+def _jsd_summary(records, values: np.ndarray) -> dict:
+    """The mean token JSD per record, their mean, and per family for suite records."""
+    out = {"records": len(records), "mean": float(np.nanmean(values)),
+           "per_record": {"id": [r.id for r in records], "jsd": values.tolist()}}
+    if records and "family" in records[0].fields:
+        out["per_family"] = _by_family(records, values)
+        out["macro"] = float(np.mean(list(out["per_family"].values())))
+    return out
+
+
 def suite_accuracy(model, tokenizer, size: int, seed: int, template: str = "alpaca", max_new_tokens: int = 48,
                    batch_size: int = 8, exclude: list[str] | None = None, cutoff: int = 256,
-                   accuracy_per_family: int | None = None) -> dict:
+                   accuracy_per_family: int | None = None, reference=None) -> dict:
     """Answer NLL per family on the held-out suite (``size`` generated records of ``seed`` minus
     those whose prompt occurs in a pool of ``exclude``), and answer-found accuracy per family (and
-    overall) on all of them or on the first ``accuracy_per_family`` of each family."""
+    overall) on all of them or on the first ``accuracy_per_family`` of each family. Given a
+    ``reference`` model, also the answers' mean token JSD to it (``jsd``), from the same pass."""
     records, held = held_out_suite(size, seed, exclude or [])
-    nll = answer_nll(model, tokenizer, records, template, cutoff, batch_size)
-    result = {"records": len(records), "seed": seed, **held, "answer_nll": nll}
+    sums, counts, jsd = token_stats(model, tokenizer, records, template, cutoff, batch_size, reference)
+    result = {"records": len(records), "seed": seed, **held, "answer_nll": _answer_summary(records, sums, counts)}
+    if jsd is not None:
+        result["jsd"] = _jsd_summary(records, jsd)
     if accuracy_per_family is not None:
         by_family: dict[str, list] = {}
         for r in records:
@@ -301,26 +343,6 @@ def suite_accuracy(model, tokenizer, size: int, seed: int, template: str = "alpa
                      "exact_match": sum(exact) / len(exact),
                      "per_family": {f: sum(oks) / len(oks) for f, oks in sorted(per_family.items())},
                      "examples": examples}
-
-
-def jsd_to(reference, model, tokenizer, records, template: str = "alpaca", cutoff: int = 256,
-           batch_size: int = 8) -> dict:
-    """Per record: the mean token JSD between ``reference``'s and ``model``'s next-token
-    distributions on its response (as degradation scoring measures it); their mean, and per family
-    for suite records."""
-    from paser.degradation import ScoreConfig, score_shard
-
-    config = ScoreConfig(template=template, cutoff=cutoff, batch_size=batch_size, share_prefix=False)
-    values = score_shard(reference, model, tokenizer, records, config)["jsd"].to_numpy()
-    out = {"records": len(records), "mean": float(np.nanmean(values)),
-           "per_record": {"id": [r.id for r in records], "jsd": values.tolist()}}
-    if records and "family" in records[0].fields:
-        families: dict[str, list[float]] = {}
-        for record, value in zip(records, values):
-            families.setdefault(record.fields["family"], []).append(float(value))
-        out["per_family"] = {f: float(np.nanmean(v)) for f, v in sorted(families.items())}
-        out["macro"] = float(np.mean(list(out["per_family"].values())))
-    return out
 
 
 def read_reference(path: str) -> dict:
@@ -386,7 +408,15 @@ def evaluate(model: str, adapter: str | None = None, out: str | Path | None = No
     config = dataclasses.replace(config, dtype=resolve_dtype(config.dtype, device))
     announce(f"evaluating {model}" + (f" + {adapter}" if adapter else "") + f" on {device} ({config.dtype})")
     net, tokenizer, described = load_for_eval(model, adapter, config.dtype, device, trust_pickle)
+    reference = None
+    if config.divergence_from is not None and (heldout is not None or config.suite_size):
+        from paser.models import check_same_tokenizer, load_model
+
+        reference = load_model(config.divergence_from, dtype=config.dtype, trust_pickle=trust_pickle, device=device)
+        check_same_tokenizer(reference.tokenizer, tokenizer, config.divergence_from, "the evaluated model")
     result: dict = {"model": str(model), "adapter": adapter, "description": described, "settings": vars(config)}
+    if config.divergence_from is not None:
+        result["jsd_to_reference"] = {"reference": config.divergence_from}
     start = time.perf_counter()
     if text is not None:
         context = getattr(net.config, "max_position_embeddings", 2048) or 2048
@@ -396,20 +426,25 @@ def evaluate(model: str, adapter: str | None = None, out: str | Path | None = No
                                                                       config.batch_size),
             f"long ({long_window}-token windows)": perplexity(net, tokenizer, text, long_window, 1),
         }
+    # with a reference model, each NLL pass also gives the JSD to it (one pass of the evaluated model)
+    ref_model = reference.model if reference is not None else None
     if heldout is not None:
-        result["response_nll"] = response_nll(net, tokenizer, heldout, config.template, config.cutoff,
-                                              config.batch_size)
+        sums, counts, jsd = token_stats(net, tokenizer, heldout, config.template, config.cutoff, config.batch_size,
+                                        ref_model)
+        result["response_nll"] = _nll_summary(heldout, sums, counts)
+        if jsd is not None:
+            result["jsd_to_reference"]["heldout"] = _jsd_summary(heldout, jsd)
     if config.suite_size:
         result["suite"] = suite_accuracy(net, tokenizer, config.suite_size, config.suite_seed, config.template,
                                          config.max_new_tokens, config.batch_size, config.suite_exclude,
-                                         config.cutoff, config.suite_accuracy_per_family)
+                                         config.cutoff, config.suite_accuracy_per_family, ref_model)
+        if "jsd" in result["suite"]:
+            result["jsd_to_reference"]["suite"] = result["suite"].pop("jsd")
         if references is not None:
             result["suite"]["answer_nll_gap_closed"] = suite_gap_closed(
                 result["suite"], references[0].get("suite"), references[1].get("suite"),
                 (config.reference_dense, config.reference_pruned))
-    if config.divergence_from is not None:
-        result["jsd_to_reference"] = _divergences(config, net, tokenizer, heldout, result.get("suite"),
-                                                  device, trust_pickle)
+    del reference, ref_model
     if harness_tasks is not None:
         from paser.harness import lm_eval_scores
 
@@ -424,23 +459,6 @@ def evaluate(model: str, adapter: str | None = None, out: str | Path | None = No
         (out / "eval.json").write_text(json.dumps(result, indent=2, default=str))
         (out / "eval.md").write_text(markdown_table(result))
     return result
-
-
-def _divergences(config: EvalConfig, net, tokenizer, heldout, suite: dict | None, device, trust_pickle: bool) -> dict:
-    """The JSD to ``config.divergence_from`` on the held-out records and the suite's records."""
-    from paser.models import check_same_tokenizer, load_model
-
-    reference = load_model(config.divergence_from, dtype=config.dtype, trust_pickle=trust_pickle, device=device)
-    check_same_tokenizer(reference.tokenizer, tokenizer, config.divergence_from, "the evaluated model")
-    out: dict = {"reference": config.divergence_from}
-    if heldout is not None:
-        out["heldout"] = jsd_to(reference.model, net, tokenizer, heldout, config.template, config.cutoff,
-                                config.batch_size)
-    if suite is not None:
-        records, _ = held_out_suite(config.suite_size, config.suite_seed, config.suite_exclude)
-        out["suite"] = jsd_to(reference.model, net, tokenizer, records, config.template, config.cutoff,
-                              config.batch_size)
-    return out
 
 
 def markdown_table(result: dict) -> str:

@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 import math
 
+import pytest
 import torch
 
 from paser.data import write_jsonl
+from paser.errors import DataError
 from paser.evaluation import answer_found, evaluate, normalise_answer, perplexity, response_nll
 from paser.suite import generate_suite, suite_pool
 
@@ -179,3 +181,40 @@ def test_jsd_to_a_reference_model(tiny_pair, tmp_path):
     direct = score_shard(d.model, p.model, d.tokenizer, load_pool(str(heldout)).records, ScoreConfig())["jsd"]
     np.testing.assert_allclose(result["heldout"]["per_record"]["jsd"], direct, rtol=1e-5, atol=1e-7)
     assert "mean token JSD to" in (tmp_path / "e" / "eval.md").read_text()
+
+
+def test_jsd_and_nll_come_from_one_pass(tiny_pair, tmp_path, monkeypatch):
+    """With a reference model the NLLs come from the JSD pass (the evaluated model runs once over
+    each record set) and equal those of the NLL pass without one."""
+    import numpy as np
+
+    import paser.evaluation as ev
+
+    dense, pruned = tiny_pair
+    heldout = tmp_path / "heldout.jsonl"
+    write_jsonl(heldout, generate_suite(10, seed=9))
+    kw = dict(heldout=str(heldout), suite_size=24, suite_accuracy_per_family=0, batch_size=3)
+    alone = evaluate(pruned, **kw)
+
+    def no_second_pass(*args, **kwargs):
+        raise AssertionError("the NLL pass ran beside the JSD pass")
+
+    monkeypatch.setattr(ev, "response_token_nll", no_second_pass)
+    both = evaluate(pruned, divergence_from=dense, **kw)
+    for key in ("nll_sum", "tokens"):
+        np.testing.assert_allclose(both["response_nll"]["per_record"][key], alone["response_nll"]["per_record"][key],
+                                   rtol=1e-5)
+    assert both["response_nll"]["nll"] == pytest.approx(alone["response_nll"]["nll"], rel=1e-6)
+    got, want = both["suite"]["answer_nll"], alone["suite"]["answer_nll"]
+    assert got["records_per_family"] == want["records_per_family"] and "jsd" not in both["suite"]
+    np.testing.assert_allclose(list(got["per_family"].values()), list(want["per_family"].values()), rtol=1e-5)
+    assert both["jsd_to_reference"]["suite"]["records"] == both["suite"]["records"]
+
+
+def test_evaluation_refuses_a_record_without_response_tokens(tiny_pair, tmp_path):
+    dense, pruned = tiny_pair
+    heldout = tmp_path / "heldout.jsonl"
+    write_jsonl(heldout, [{"instruction": "word " * 40, "input": "", "output": "yes"}])
+    for reference in (None, dense):
+        with pytest.raises(DataError, match="no response token is left"):
+            evaluate(pruned, heldout=str(heldout), suite_size=0, cutoff=8, divergence_from=reference)
