@@ -257,8 +257,8 @@ def objective_loss_sum(model, batch: dict[str, torch.Tensor], config: RecoverCon
     return loss, float(nll.detach()), float(div.detach())
 
 
-def validation_loss(model, examples: list[Example], pad_id: int, device, batch_size: int) -> float:
-    """Mean response-token NLL over ``examples``."""
+def validation_sums(model, examples: list[Example], pad_id: int, device, batch_size: int) -> tuple[float, int]:
+    """Summed response-token NLL over ``examples`` and the number of those tokens."""
     total, count = 0.0, 0
     was_training = model.training
     model.eval()
@@ -267,7 +267,7 @@ def validation_loss(model, examples: list[Example], pad_id: int, device, batch_s
             loss, n = token_loss_sum(model, collate(examples[lo:lo + batch_size], pad_id, device))
             total, count = total + float(loss), count + n
     model.train(was_training)
-    return total / max(count, 1)
+    return total, count
 
 
 def split_validation(records: list, config: RecoverConfig) -> tuple[list, list]:
@@ -515,6 +515,7 @@ def recover(model: str, data: str, out: str | Path = "runs/recover", config: Rec
     if not train:
         raise DataError(f"{data}: no training records")
     world = int(os.environ.get("WORLD_SIZE", "1"))  # processes started by torchrun or accelerate launch
+    rank = int(os.environ.get("RANK", "0"))
     device = config.device or default_device()
     if world > 1 and str(device).startswith("cuda"):
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"  # each process its own GPU
@@ -567,8 +568,15 @@ def recover(model: str, data: str, out: str | Path = "runs/recover", config: Rec
             return cache.targets(index, batch["input_ids"].device)
         return None if teacher is None else in_memory_targets(teacher, batch, config.temperature)
 
-    def validate(net):
-        return validation_loss(net, val_ex, pad_id, net.device, config.micro_batch_size) if val_ex else None
+    def validate(net):  # with several processes each takes every world-th record; the sums are added
+        if not val_ex:
+            return None
+        total, count = validation_sums(net, val_ex[rank::world], pad_id, net.device, config.micro_batch_size)
+        if world > 1:
+            both = trainer.accelerator.reduce(torch.tensor([total, count], dtype=torch.float64, device=net.device),
+                                              reduction="sum")
+            total, count = float(both[0]), float(both[1])
+        return total / max(count, 1)
 
     data = StepData(batches, train_ex, lambda chosen: collate(chosen, pad_id, "cpu"), Example([pad_id], [IGNORE]))
     trainer = RecoveryTrainer(model=peft_model, args=training_arguments(config, ckpt_dir, len(steps), accumulation,

@@ -40,12 +40,13 @@ def test_two_cpu_processes_end_with_the_adapter_of_one(tiny_model_dir, train_fil
     """``torchrun --nproc-per-node 2 --no-python paser recover ... --no-flow``: each step's
     micro-batches are split over two gloo processes; the token-weighted loss and gradient averaging
     give the step of one process. Dropout off (its masks follow the micro-batch a process draws);
-    clipping on, so the float-order tolerance is Adam's on near-zero gradients."""
+    clipping on, so the float-order tolerance is Adam's on near-zero gradients. The validation
+    records are split between the processes (7: unequal shares) and give the loss of one."""
     from safetensors.torch import load_file
 
     from paser.recovery import recover
 
-    settings = dict(FAST, dropout=0.0, max_steps=4, val_size=0)
+    settings = dict(FAST, dropout=0.0, max_steps=4, val_size=7)
     recover(str(tiny_model_dir), train_file, tmp_path / "one", **settings)
     config = tmp_path / "recover.yaml"
     config.write_text("recover:\n" + "".join(f"  {k}: {v}\n" for k, v in settings.items()))
@@ -66,6 +67,9 @@ def test_two_cpu_processes_end_with_the_adapter_of_one(tiny_model_dir, train_fil
     logs = [[json.loads(line) for line in (tmp_path / f / "train_log.jsonl").read_text().splitlines()]
             for f in ("one", "two")]
     assert [e["loss"] for e in logs[1]] == pytest.approx([e["loss"] for e in logs[0]], rel=1e-5)
+    val = [[(e["step"], e["val_loss"]) for e in log if "val_loss" in e] for log in logs]
+    assert [s for s, _ in val[0]] == [2, 4] and [s for s, _ in val[1]] == [2, 4]
+    assert [v for _, v in val[1]] == pytest.approx([v for _, v in val[0]], rel=1e-5)
 
 
 def test_gradient_checkpointing_recomputes_activations_and_keeps_the_adapter(tiny_model_dir, train_file, tmp_path):  # noqa: F811
