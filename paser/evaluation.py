@@ -28,6 +28,7 @@ import math
 import re
 import tempfile
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -293,7 +294,7 @@ def _answer_summary(records, sums: np.ndarray, counts: np.ndarray) -> dict:
     per_record = sums / np.maximum(counts, 1)
     per_family = _by_family(records, per_record)
     return {"per_family": per_family, "macro": float(np.mean(list(per_family.values()))),
-            "records_per_family": {f: sum(r.fields["family"] == f for r in records) for f in per_family},
+            "records_per_family": dict(sorted(Counter(r.fields["family"] for r in records).items())),
             "per_record": {"id": [r.id for r in records], "family": [r.fields["family"] for r in records],
                            "nll": per_record.tolist()}}
 
