@@ -34,8 +34,10 @@ retrains it until the validation loss (10% of the subset held out) has not impro
 --conv-patience evaluations, at most --conv-epochs epochs (does the ranking survive convergence?).
 ``ARM@distill`` trains ARM's subset with the distillation objective (forward KL to the dense
 model's next-token distribution, temperature 1, teacher in memory) instead of SFT, same steps and
-batches. Every arm also reports the mean token JSD to the dense model on the held-out records
-(suite answers; Alpaca held-out responses): how much of the dense behaviour came back.
+batches; ``ARM@distill-jsd`` with the JSD instead of forward KL, ``ARM@distill-t2`` at temperature
+2 (the choice of distillation's defaults). Every arm also reports the mean token JSD to the dense
+model on the held-out records (suite answers; Alpaca held-out responses): how much of the dense
+behaviour came back.
 --add-jsd computes it for finished arms that lack it (from their saved adapters).
 
 Recovery, identical for every arm: LoRA r 8, alpha 16, dropout 0.05, 2 epochs, cutoff 256, lr
@@ -119,8 +121,21 @@ def base_arm(arm: str) -> str:
     return arm.split("~")[0].split("#")[0].split("@")[0]
 
 
-def objective_of(arm: str) -> str:
-    return arm.split("@")[1].split("#")[0].split("~")[0] if "@" in arm else "sft"
+def objective_of(arm: str) -> dict:
+    """The recovery objective of ``ARM@OBJECTIVE``: ``distill`` (forward KL, temperature 1),
+    ``distill-jsd`` (JSD) or ``distill-tN`` (forward KL at temperature N); SFT without ``@``."""
+    if "@" not in arm:
+        return {"objective": "sft"}
+    name, *options = arm.split("@")[1].split("#")[0].split("~")[0].split("-")
+    out: dict = {"objective": name}
+    for option in options:
+        if option == "jsd":
+            out["divergence"] = "jsd"
+        elif option.startswith("t") and option[1:].replace(".", "", 1).isdigit():
+            out["temperature"] = float(option[1:])
+        else:
+            raise SystemExit(f"{arm}: unknown objective option {option!r} (jsd, tN)")
+    return out
 
 
 def select_arm(arm: str, setup: dict, work: Path, args) -> tuple[Path, float]:
@@ -146,7 +161,7 @@ def select_arm(arm: str, setup: dict, work: Path, args) -> tuple[Path, float]:
 def recovery_config(arm: str, setup: dict, args) -> RecoverConfig:
     unit = arm.split(":")[0] if ":" in arm else "rec"
     seed = int(arm.split("#")[1].split("~")[0]) if "#" in arm else 0
-    objective = {"objective": objective_of(arm), "teacher": args.dense if "@" in arm else None}
+    objective = objective_of(arm) | {"teacher": args.dense if "@" in arm else None}
     batch_tokens = None
     if unit.startswith("tok"):
         tokens = pd.read_parquet(setup["work"] / "select" / "tokens.parquet")["n_tokens"]
@@ -242,32 +257,35 @@ def _per_record(row: dict, kind: str):
     return np.array(row["suite"]["per_record"]["family"]), np.array(row["suite"]["per_record"]["nll"])
 
 
-def paired_bootstrap(arm: dict, randoms: list[dict], kind: str, by: str = "record", seed: int = 0):
-    """95% interval of (arm - mean of the random arms) in the setting's metric, resampling the
-    held-out records (per family, for the suite's macro average) or, with by="family", the families."""
+def paired_bootstrap(arm: dict | list[dict], randoms: list[dict], kind: str, by: str = "record", seed: int = 0):
+    """95% interval of (mean of ``arm`` - mean of the random arms) in the setting's metric,
+    resampling the held-out records (per family, for the suite's macro average) or, with
+    by="family", the families. ``arm`` is one arm or several (their mean)."""
+    arms = arm if isinstance(arm, list) else [arm]
+    k = len(arms)
     rng = np.random.default_rng(seed)
     if kind == "alpaca":
-        sums = np.stack([_per_record(r, kind)[0] for r in [arm, *randoms]])
-        tokens = _per_record(arm, kind)[1]
+        sums = np.stack([_per_record(r, kind)[0] for r in [*arms, *randoms]])
+        tokens = _per_record(arms[0], kind)[1]
         n = len(tokens)
         diffs = []
         for _ in range(BOOTSTRAP):
             idx = rng.integers(0, n, n)
             per_arm = sums[:, idx].sum(1) / tokens[idx].sum()
-            diffs.append(per_arm[0] - per_arm[1:].mean())
+            diffs.append(per_arm[:k].mean() - per_arm[k:].mean())
         return tuple(np.percentile(diffs, [2.5, 97.5]))
-    families, _ = _per_record(arm, kind)
-    values = np.stack([_per_record(r, kind)[1] for r in [arm, *randoms]])
+    families, _ = _per_record(arms[0], kind)
+    values = np.stack([_per_record(r, kind)[1] for r in [*arms, *randoms]])
     names = sorted(set(families))
     groups = [np.flatnonzero(families == f) for f in names]
-    diff_per_family = np.array([values[0, g].mean() - values[1:, g].mean(1).mean() for g in groups])
+    diff_per_family = np.array([values[:k, g].mean(1).mean() - values[k:, g].mean(1).mean() for g in groups])
     diffs = []
     for _ in range(BOOTSTRAP):
         if by == "family":
             diffs.append(diff_per_family[rng.integers(0, len(names), len(names))].mean())
         else:
             picks = [g[rng.integers(0, len(g), len(g))] for g in groups]
-            diffs.append(np.mean([values[0, p].mean() - values[1:, p].mean(1).mean() for p in picks]))
+            diffs.append(np.mean([values[:k, p].mean(1).mean() - values[k:, p].mean(1).mean() for p in picks]))
     return tuple(np.percentile(diffs, [2.5, 97.5]))
 
 
@@ -277,13 +295,16 @@ def _jsd(row: dict, kind: str) -> float | None:
     return row.get("jsd", {}).get(where, {}).get("mean")
 
 
-def _jsd_interval(arm: dict, randoms: list[dict], kind: str, seed: int = 0) -> tuple[float, float]:
-    """95% paired bootstrap interval over held-out records of (arm - random mean) in mean JSD."""
+def _jsd_interval(arm: dict | list[dict], randoms: list[dict], kind: str, seed: int = 0) -> tuple[float, float]:
+    """95% paired bootstrap interval over held-out records of (mean of ``arm`` - random mean) in
+    mean JSD; ``arm`` is one arm or several."""
+    arms = arm if isinstance(arm, list) else [arm]
+    k = len(arms)
     where = "heldout" if kind == "alpaca" else "suite"
-    values = np.stack([np.asarray(r["jsd"][where]["per_record"]["jsd"], dtype=float) for r in [arm, *randoms]])
+    values = np.stack([np.asarray(r["jsd"][where]["per_record"]["jsd"], dtype=float) for r in [*arms, *randoms]])
     rng = np.random.default_rng(seed)
     n = values.shape[1]
-    diffs = [np.nanmean(values[0, i]) - np.nanmean(values[1:, i], axis=1).mean()
+    diffs = [np.nanmean(values[:k, i], axis=1).mean() - np.nanmean(values[k:, i], axis=1).mean()
              for i in (rng.integers(0, n, n) for _ in range(BOOTSTRAP))]
     return tuple(np.percentile(diffs, [2.5, 97.5]))
 
@@ -312,7 +333,32 @@ def distill_lines(rows: dict, kind: str) -> list[str]:
                 text += (f"; JSD to dense: PASER {_jsd(arm, kind):.4f}, random {statistics.mean(jsds):.4f}, "
                          f"PASER minus random {_jsd(arm, kind) - statistics.mean(jsds):+.4f} [{jlo:+.4f}, {jhi:+.4f}]")
             lines.append(text)
-    return lines
+    return lines + variant_lines(rows, kind)
+
+
+def variant_lines(rows: dict, kind: str) -> list[str]:
+    """Distillation's defaults: each variant (``@distill-jsd``, ``@distill-tN``) against forward
+    KL at temperature 1 (``@distill``) on the same random subsets, in the metric and in JSD."""
+    lines = []
+    variants = sorted({a.split("@")[1] for a in rows if "@distill-" in a and "#" not in a and "~" not in a})
+    for unit in ("rec", "tok", "tok5"):
+        for variant in variants:
+            seeds = [s for s in range(5) if f"{unit}:random-{s}@{variant}" in rows
+                     and f"{unit}:random-{s}@distill" in rows]
+            if not seeds:
+                continue
+            new = [rows[f"{unit}:random-{s}@{variant}"] for s in seeds]
+            base = [rows[f"{unit}:random-{s}@distill"] for s in seeds]
+            lo, hi = paired_bootstrap(new, base, kind)
+            mean_new, mean_base = (statistics.mean(_metric(r, kind) for r in g) for g in (new, base))
+            jlo, jhi = _jsd_interval(new, base, kind)
+            jsd_new, jsd_base = (statistics.mean(_jsd(r, kind) for r in g) for g in (new, base))
+            lines.append(f"- {unit}: @{variant} against @distill (forward KL, T 1) on random seeds {seeds}: metric "
+                         f"{mean_new:.4f} vs {mean_base:.4f}, difference {mean_new - mean_base:+.4f} [{lo:+.4f}, "
+                         f"{hi:+.4f}]; JSD to dense {jsd_new:.4f} vs {jsd_base:.4f}, difference "
+                         f"{jsd_new - jsd_base:+.4f} [{jlo:+.4f}, {jhi:+.4f}] (paired bootstrap 95% over held-out "
+                         "records; lower is better)")
+    return (["", "Distillation's defaults (same subsets, steps and batches):"] + lines) if lines else []
 
 
 def family_table(setting: str, rows: dict, work: Path) -> list[str]:
