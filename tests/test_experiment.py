@@ -51,3 +51,25 @@ def test_smoke_experiment_runs_resumes_and_reports(tiny_pair, tmp_path, capsys):
     assert json.loads(path.read_text())["jsd"]["suite"]["mean"] == pytest.approx(before["jsd"]["suite"]["mean"],
                                                                                  rel=1e-5)
     assert capsys.readouterr().out.count("JSD to dense added") == 1
+
+
+def test_arm_objectives_and_a_group_bootstrap():
+    import decisive_experiment as exp
+    import numpy as np
+
+    assert exp.objective_of("tok:paser") == {"objective": "sft"}
+    assert exp.objective_of("tok:random-0@distill") == {"objective": "distill"}
+    assert exp.objective_of("tok:random-1@distill-jsd#2") == {"objective": "distill", "divergence": "jsd"}
+    assert exp.objective_of("tok:random-1@distill-t2~conv") == {"objective": "distill", "temperature": 2.0}
+    with pytest.raises(SystemExit, match="unknown objective option"):
+        exp.objective_of("tok:paser@distill-kl2")
+
+    def row(values):  # a suite arm: two families, per-record answer NLL
+        return {"suite": {"per_record": {"family": ["a", "a", "b"], "nll": list(values)}}}
+
+    # several arms on one side: the interval is that of their mean, and a constant shift is exact
+    lo, hi = exp.paired_bootstrap([row([1, 2, 3]), row([3, 4, 5])], [row([0, 1, 2]), row([2, 3, 4])], "suite")
+    assert lo == pytest.approx(1.0) and hi == pytest.approx(1.0)
+    one = exp.paired_bootstrap(row([1, 2, 3]), [row([0, 1, 2])], "suite")
+    assert one == exp.paired_bootstrap([row([1, 2, 3])], [row([0, 1, 2])], "suite")
+    assert np.all(np.isfinite(one))
