@@ -403,16 +403,19 @@ def report(setting: str, results: Path, work: Path) -> str:
     lines = [f"## {setting}", "", f"{name}: dense {dense:.4f}, pruned {none:.4f}; suite held-out "
              f"{held['records']} records ({held['removed_overlap']} of {held['generated']} removed as in the "
              f"pool){accuracy}", "",
-             f"| arm | {name} | gap closed | JSD to dense | records | tokens | steps | tokens/step | accuracy | "
-             "selection s | recovery s | eval s |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             f"| arm | {name} | gap closed | JSD to dense | records | tokens | tokens/record | steps | tokens/step | "
+             "accuracy | selection s | recovery s | eval s |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for arm in order:
         r = rows[arm]
         gap = gap_recovered(dense, none, _metric(r, kind))
         acc = r["suite"].get("accuracy")
         jsd = _jsd(r, kind)
+        per_record = f"{r['selected_tokens'] / r['selected']:.1f}" if r.get("selected") else ""
         lines.append(f"| {arm} | {_metric(r, kind):.4f} | {'' if gap is None else f'{gap:.1%}'} | "
                      f"{'' if jsd is None else f'{jsd:.4f}'} | "
-                     f"{r.get('selected', '')} | {r.get('selected_tokens', '')} | {r.get('steps', '')} | "
+                     f"{r.get('selected', '')} | {r.get('selected_tokens', '')} | {per_record} | "
+                     f"{r.get('steps', '')} | "
                      f"{r['tokens_per_step']['mean'] if 'tokens_per_step' in r else ''} | "
                      f"{'' if acc is None else f'{acc:.3f}'} | {r.get('selection_s', 0):.1f} | "
                      f"{r.get('recovery_s', 0):.1f} | {r['eval_s']:.1f} |")
