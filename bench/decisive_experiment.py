@@ -88,7 +88,7 @@ def arms_of(setting: str) -> list[str]:
     for unit in ("rec", "tok"):
         arms += [f"{unit}:{m}" for m in METHODS]
     if SETTINGS[setting][0] == "alpaca":
-        arms += [f"tok5:{m}" for m in ("paser", "loss_gap", *[f"random-{s}" for s in range(5)])]
+        arms += [f"tok5:{m}" for m in METHODS]
     return arms + ["full"]
 
 
