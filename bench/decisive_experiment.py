@@ -361,25 +361,29 @@ def variant_lines(rows: dict, kind: str) -> list[str]:
     return (["", "Distillation's defaults (same subsets, steps and batches):"] + lines) if lines else []
 
 
-def family_table(setting: str, rows: dict, work: Path) -> list[str]:
+UNIT_NAMES = {"rec": "record budget", "tok": "20% token budget", "tok5": "5% token budget"}
+
+
+def family_table(setting: str, rows: dict, work: Path, unit: str = "rec") -> list[str]:
     """Suite settings: per family, PASER's degradation of the family (mean JSD of its pool
-    records), the records and tokens PASER gave it, and the gap it closed vs the random mean."""
-    scores_file = work / "subsets" / "rec-paser.scores.parquet"
-    if "rec:paser" not in rows or not scores_file.is_file():
+    records), the records and tokens PASER gave it at budget ``unit``, and the gap it closed vs the
+    random mean of the same unit."""
+    scores_file = work / "subsets" / f"{unit}-paser.scores.parquet"
+    if f"{unit}:paser" not in rows or not scores_file.is_file():
         return []
     pool = pd.DataFrame([r.fields for r in load_pool(work / "pool.jsonl").records])
     scores = pd.read_parquet(scores_file).merge(pool[["id", "family"]], on="id")
-    randoms = [r for a, r in rows.items() if a.startswith("rec:random-")]
+    randoms = [r for a, r in rows.items() if a.startswith(f"{unit}:random-") and a == base_arm(a)]
     dense, none = rows.get("dense"), rows.get("none")
     if not randoms or dense is None or none is None:
         return []
-    lines = ["", f"Per family ({setting}, record budget): degradation in the pool, PASER's share, gap closed",
+    lines = ["", f"Per family ({setting}, {UNIT_NAMES[unit]}): degradation in the pool, PASER's share, gap closed",
              "", "| family | mean JSD | mean loss gap | PASER records | PASER tokens | gap closed PASER | "
              "gap closed random (mean) |", "|---|---:|---:|---:|---:|---:|---:|"]
     for family, g in scores.groupby("family"):
         chosen = g[g["status"] == "selected"]
         d, p = dense["suite"]["answer_nll"][family], none["suite"]["answer_nll"][family]
-        mine = gap_recovered(d, p, rows["rec:paser"]["suite"]["answer_nll"][family])
+        mine = gap_recovered(d, p, rows[f"{unit}:paser"]["suite"]["answer_nll"][family])
         rand = statistics.mean(gap_recovered(d, p, r["suite"]["answer_nll"][family]) or 0.0 for r in randoms)
         lines.append(f"| {family} | {g['jsd'].mean():.4f} | {g['loss_gap'].mean():.3f} | {len(chosen)} | "
                      f"{int(chosen['n_tokens'].sum())} | {'' if mine is None else f'{mine:.1%}'} | {rand:.1%} |")
@@ -440,7 +444,8 @@ def report(setting: str, results: Path, work: Path) -> str:
                          f"held-out records [{lo:+.4f}, {hi:+.4f}]{extra}; lower is better)")
     lines += distill_lines(rows, kind)
     if kind == "suite":
-        lines += family_table(setting, rows, work)
+        for unit in ("rec", "tok"):
+            lines += family_table(setting, rows, work, unit)
     shared = sorted({r["date"] for r in rows.values() if r.get("shared_machine")})
     spent = sum(r.get(k, 0.0) for r in rows.values() for k in ("selection_s", "recovery_s", "eval_s"))
     lines += ["", f"Time recorded by the arms: {spent / 60:.1f} min"
