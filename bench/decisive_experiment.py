@@ -378,15 +378,19 @@ def family_table(setting: str, rows: dict, work: Path, unit: str = "rec") -> lis
     if not randoms or dense is None or none is None:
         return []
     lines = ["", f"Per family ({setting}, {UNIT_NAMES[unit]}): degradation in the pool, PASER's share, gap closed",
-             "", "| family | mean JSD | mean loss gap | PASER records | PASER tokens | gap closed PASER | "
-             "gap closed random (mean) |", "|---|---:|---:|---:|---:|---:|---:|"]
+             "", "| family | mean JSD | mean loss gap | PASER records | PASER tokens | answer NLL dense | "
+             "answer NLL pruned | PASER minus random (answer NLL) | gap closed PASER | gap closed random (mean) |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for family, g in scores.groupby("family"):
         chosen = g[g["status"] == "selected"]
         d, p = dense["suite"]["answer_nll"][family], none["suite"]["answer_nll"][family]
-        mine = gap_recovered(d, p, rows[f"{unit}:paser"]["suite"]["answer_nll"][family])
+        nll = rows[f"{unit}:paser"]["suite"]["answer_nll"][family]
+        mine = gap_recovered(d, p, nll)
         rand = statistics.mean(gap_recovered(d, p, r["suite"]["answer_nll"][family]) or 0.0 for r in randoms)
+        versus = nll - statistics.mean(r["suite"]["answer_nll"][family] for r in randoms)
         lines.append(f"| {family} | {g['jsd'].mean():.4f} | {g['loss_gap'].mean():.3f} | {len(chosen)} | "
-                     f"{int(chosen['n_tokens'].sum())} | {'' if mine is None else f'{mine:.1%}'} | {rand:.1%} |")
+                     f"{int(chosen['n_tokens'].sum())} | {d:.3f} | {p:.3f} | {versus:+.3f} | "
+                     f"{'' if mine is None else f'{mine:.1%}'} | {rand:.1%} |")
     return lines
 
 

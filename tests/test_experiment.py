@@ -37,6 +37,13 @@ def test_smoke_experiment_runs_resumes_and_reports(tiny_pair, tmp_path, capsys):
     assert "rec:paser minus the random mean" in text and "tok:paser minus the random mean" in text
     assert "paired bootstrap 95%" in text and "Per family (suite-25" in text
     assert "tok: distillation against SFT" in text and "JSD to dense: PASER" in text
+    # the token budget's per-family table: PASER against the SFT random arms only (not their @distill runs)
+    table = text.split("Per family (suite-25, 20% token budget)")[1].split("\n\n")[1].splitlines()[2:]
+    family, *cells = [c.strip() for c in table[0].strip("|").split("|")]
+    nll = {a: json.loads((tmp_path / "results" / "suite-25" / f"{a}.json").read_text())["suite"]["answer_nll"][family]
+           for a in ("tok-paser", "tok-random-0", "tok-random-1")}
+    expected = nll["tok-paser"] - (nll["tok-random-0"] + nll["tok-random-1"]) / 2
+    assert float(cells[6]) == pytest.approx(expected, abs=1e-3)
     kd = json.loads((tmp_path / "results" / "suite-25" / "tok-paser-distill.json").read_text())
     assert kd["steps"] == row["steps"] and kd["selected_tokens"] == row["selected_tokens"]
     assert kd["jsd"]["suite"]["mean"] > 0 and len(kd["jsd"]["suite"]["per_record"]["jsd"]) == kd["suite"]["records"]
