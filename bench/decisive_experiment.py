@@ -365,9 +365,9 @@ UNIT_NAMES = {"rec": "record budget", "tok": "20% token budget", "tok5": "5% tok
 
 
 def family_table(setting: str, rows: dict, work: Path, unit: str = "rec") -> list[str]:
-    """Suite settings: per family, PASER's degradation of the family (mean JSD of its pool
-    records), the records and tokens PASER gave it at budget ``unit``, and the gap it closed vs the
-    random mean of the same unit."""
+    """Suite settings: per family, its degradation in the pool (mean JSD and loss gap of its
+    records), the records and tokens PASER gave it at budget ``unit``, its dense and pruned answer
+    NLL, and PASER's answer NLL and gap closed against the mean of that unit's random arms."""
     scores_file = work / "subsets" / f"{unit}-paser.scores.parquet"
     if f"{unit}:paser" not in rows or not scores_file.is_file():
         return []
