@@ -361,23 +361,29 @@ def variant_lines(rows: dict, kind: str) -> list[str]:
     return (["", "Distillation's defaults (same subsets, steps and batches):"] + lines) if lines else []
 
 
-UNIT_NAMES = {"rec": "record budget", "tok": "20% token budget", "tok5": "5% token budget"}
+def random_arms(rows: dict, unit: str) -> list[dict]:
+    """The SFT random arms of budget ``unit`` (``UNIT:random-K``, no @objective, #seed or ~conv)."""
+    return [rows[a] for a in sorted(rows) if a.startswith(f"{unit}:random-") and a == base_arm(a)]
 
 
-def family_table(setting: str, rows: dict, work: Path, unit: str = "rec") -> list[str]:
+def unit_name(unit: str) -> str:
+    return "record budget" if unit == "rec" else f"{float(BUDGETS[unit].removesuffix('tok')):.0%} token budget"
+
+
+def family_table(setting: str, rows: dict, work: Path, families: pd.DataFrame, unit: str = "rec") -> list[str]:
     """Suite settings: per family, its degradation in the pool (mean JSD and loss gap of its
     records), the records and tokens PASER gave it at budget ``unit``, its dense and pruned answer
-    NLL, and PASER's answer NLL and gap closed against the mean of that unit's random arms."""
+    NLL, and PASER's answer NLL and gap closed against the mean of that unit's random arms.
+    ``families``: the pool's ``id`` and ``family`` columns."""
     scores_file = work / "subsets" / f"{unit}-paser.scores.parquet"
     if f"{unit}:paser" not in rows or not scores_file.is_file():
         return []
-    pool = pd.DataFrame([r.fields for r in load_pool(work / "pool.jsonl").records])
-    scores = pd.read_parquet(scores_file).merge(pool[["id", "family"]], on="id")
-    randoms = [r for a, r in rows.items() if a.startswith(f"{unit}:random-") and a == base_arm(a)]
+    scores = pd.read_parquet(scores_file).merge(families, on="id")
+    randoms = random_arms(rows, unit)
     dense, none = rows.get("dense"), rows.get("none")
     if not randoms or dense is None or none is None:
         return []
-    lines = ["", f"Per family ({setting}, {UNIT_NAMES[unit]}): degradation in the pool, PASER's share, gap closed",
+    lines = ["", f"Per family ({setting}, {unit_name(unit)}): degradation in the pool, PASER's share, gap closed",
              "", "| family | mean JSD | mean loss gap | PASER records | PASER tokens | answer NLL dense | "
              "answer NLL pruned | PASER minus random (answer NLL) | gap closed PASER | gap closed random (mean) |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
@@ -428,7 +434,7 @@ def report(setting: str, results: Path, work: Path) -> str:
                      f"{'' if acc is None else f'{acc:.3f}'} | {r.get('selection_s', 0):.1f} | "
                      f"{r.get('recovery_s', 0):.1f} | {r['eval_s']:.1f} |")
     for unit in ("rec", "tok", "tok5"):
-        randoms = [rows[a] for a in order if a.startswith(f"{unit}:random-") and a == base_arm(a)]
+        randoms = random_arms(rows, unit)
         if len(randoms) < 2:
             continue
         values = [_metric(r, kind) for r in randoms]
@@ -448,8 +454,9 @@ def report(setting: str, results: Path, work: Path) -> str:
                          f"held-out records [{lo:+.4f}, {hi:+.4f}]{extra}; lower is better)")
     lines += distill_lines(rows, kind)
     if kind == "suite":
+        families = pd.DataFrame([r.fields for r in load_pool(work / "pool.jsonl").records])[["id", "family"]]
         for unit in ("rec", "tok"):
-            lines += family_table(setting, rows, work, unit)
+            lines += family_table(setting, rows, work, families, unit)
     shared = sorted({r["date"] for r in rows.values() if r.get("shared_machine")})
     spent = sum(r.get(k, 0.0) for r in rows.values() for k in ("selection_s", "recovery_s", "eval_s"))
     lines += ["", f"Time recorded by the arms: {spent / 60:.1f} min"
