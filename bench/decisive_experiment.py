@@ -370,6 +370,78 @@ def unit_name(unit: str) -> str:
     return "record budget" if unit == "rec" else f"{float(BUDGETS[unit].removesuffix('tok')):.0%} token budget"
 
 
+def _families_interval(arm, randoms: list[dict], kind: str) -> str:
+    if kind != "suite":
+        return ""
+    lo, hi = paired_bootstrap(arm, randoms, kind, by="family")
+    return f"; over families [{lo:+.4f}, {hi:+.4f}]"
+
+
+def seed_lines(rows: dict, kind: str) -> list[str]:
+    """Training noise beside subset noise: every SFT arm retrained with recovery seeds (``ARM#K``),
+    its mean and sd over recovery seeds (seed 0 is ``ARM`` itself) beside the sd of the unit's
+    random subsets, and the seed mean minus the random mean."""
+    lines = []
+    for unit in BUDGETS:
+        randoms = random_arms(rows, unit)
+        retrained = sorted({a.split("#")[0] for a in rows if a.startswith(f"{unit}:") and "#" in a
+                            and "@" not in a and "~" not in a})
+        if len(randoms) < 2 or not retrained:
+            continue
+        values = [_metric(r, kind) for r in randoms]
+        lines += ["", f"{unit}: recovery seeds (the same subset retrained; random subsets "
+                      f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f} over {len(randoms)} subsets, "
+                      "recovery seed 0; lower is better)"]
+        for arm in retrained:
+            seeds = [0] * (arm in rows) + sorted(int(a.split("#")[1]) for a in rows if a.startswith(f"{arm}#"))
+            if len(seeds) < 2:
+                continue
+            runs = [rows[arm if s == 0 else f"{arm}#{s}"] for s in seeds]
+            mine = [_metric(r, kind) for r in runs]
+            lo, hi = paired_bootstrap(runs, randoms, kind)
+            lines.append(f"- {arm} over recovery seeds {seeds}: {statistics.mean(mine):.4f} ± "
+                         f"{statistics.stdev(mine):.4f} ({', '.join(f'{v:.4f}' for v in mine)}); its mean minus the "
+                         f"random mean {statistics.mean(mine) - statistics.mean(values):+.4f} (paired bootstrap 95% "
+                         f"over held-out records [{lo:+.4f}, {hi:+.4f}]{_families_interval(runs, randoms, kind)})")
+    return lines
+
+
+def convergence_lines(rows: dict, kind: str) -> list[str]:
+    """Does the ranking survive convergence? The ``ARM~conv`` arms (trained until their validation
+    loss stopped improving, the best adapter kept): each one's metric and steps beside the same
+    subset at the recipe's steps, and every non-random one minus the mean of the converged random
+    arms, at convergence and at the recipe's steps on the same random subsets."""
+    lines = []
+    for unit in BUDGETS:
+        conv = {a.removesuffix("~conv"): rows[a] for a in sorted(rows)
+                if a.startswith(f"{unit}:") and a.endswith("~conv") and "@" not in a and "#" not in a}
+        if not conv:
+            continue
+        lines += ["", f"{unit}: trained until the validation loss stopped improving (`~conv`; lower is better)"]
+        for arm, r in conv.items():
+            fixed = f"; at {rows[arm]['steps']} steps {_metric(rows[arm], kind):.4f}" if arm in rows else ""
+            how = "stopped early" if r.get("stopped_early") else "ran to the epoch limit"
+            lines.append(f"- {arm}~conv: {_metric(r, kind):.4f} after {r['steps']} of {r.get('planned_steps')} "
+                         f"planned steps ({how}; best validation loss {r.get('val_loss'):.4f} at step "
+                         f"{r.get('best_step')}, the adapter kept){fixed}")
+        randoms = [a for a in conv if a.split(":")[1].startswith("random-")]
+        if not randoms:
+            continue
+        for arm in (a for a in conv if a not in randoms):
+            lo, hi = paired_bootstrap(conv[arm], [conv[a] for a in randoms], kind)
+            diff = _metric(conv[arm], kind) - statistics.mean(_metric(conv[a], kind) for a in randoms)
+            text = (f"- {arm} minus the converged random mean ({', '.join(randoms)}): {diff:+.4f} (paired bootstrap "
+                    f"95% over held-out records [{lo:+.4f}, {hi:+.4f}]"
+                    f"{_families_interval(conv[arm], [conv[a] for a in randoms], kind)})")
+            if arm in rows and all(a in rows for a in randoms):
+                same = [rows[a] for a in randoms]
+                flo, fhi = paired_bootstrap(rows[arm], same, kind)
+                fdiff = _metric(rows[arm], kind) - statistics.mean(_metric(a, kind) for a in same)
+                text += f"; at the recipe's steps, the same subsets: {fdiff:+.4f} [{flo:+.4f}, {fhi:+.4f}]"
+            lines.append(text)
+    return lines
+
+
 def family_table(setting: str, rows: dict, work: Path, families: pd.DataFrame, unit: str = "rec") -> list[str]:
     """Suite settings: per family, its degradation in the pool (mean JSD and loss gap of its
     records), the records and tokens PASER gave it at budget ``unit``, its dense and pruned answer
@@ -445,14 +517,11 @@ def report(setting: str, results: Path, work: Path) -> str:
             if arm is None:
                 continue
             lo, hi = paired_bootstrap(arm, randoms, kind)
-            extra = ""
-            if kind == "suite":
-                flo, fhi = paired_bootstrap(arm, randoms, kind, by="family")
-                extra = f"; over families [{flo:+.4f}, {fhi:+.4f}]"
             diff = _metric(arm, kind) - statistics.mean(values)
             lines.append(f"- {unit}:{method} minus the random mean: {diff:+.4f} (paired bootstrap 95% over "
-                         f"held-out records [{lo:+.4f}, {hi:+.4f}]{extra}; lower is better)")
-    lines += distill_lines(rows, kind)
+                         f"held-out records [{lo:+.4f}, {hi:+.4f}]{_families_interval(arm, randoms, kind)}; "
+                         "lower is better)")
+    lines += seed_lines(rows, kind) + convergence_lines(rows, kind) + distill_lines(rows, kind)
     if kind == "suite":
         families = pd.DataFrame([r.fields for r in load_pool(work / "pool.jsonl").records])[["id", "family"]]
         for unit in ("rec", "tok"):

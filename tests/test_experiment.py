@@ -37,6 +37,7 @@ def test_smoke_experiment_runs_resumes_and_reports(tiny_pair, tmp_path, capsys):
     assert "rec:paser minus the random mean" in text and "tok:paser minus the random mean" in text
     assert "paired bootstrap 95%" in text and "Per family (suite-25" in text
     assert "tok: distillation against SFT" in text and "JSD to dense: PASER" in text
+    assert "- rec:paser over recovery seeds [0, 1]:" in text and "- rec:paser~conv: " in text
     # the token budget's per-family table: PASER against the SFT random arms only (not their @distill runs)
     table = text.split("Per family (suite-25, 20% token budget)")[1].split("\n\n")[1].splitlines()[2:]
     family, *cells = [c.strip() for c in table[0].strip("|").split("|")]
@@ -80,3 +81,31 @@ def test_arm_objectives_and_a_group_bootstrap():
     one = exp.paired_bootstrap(row([1, 2, 3]), [row([0, 1, 2])], "suite")
     assert one == exp.paired_bootstrap([row([1, 2, 3])], [row([0, 1, 2])], "suite")
     assert np.all(np.isfinite(one))
+
+
+def test_recovery_seed_and_convergence_lines():
+    import decisive_experiment as exp
+
+    def row(values, **extra):  # a suite arm: two families, per-record answer NLL, macro = mean of family means
+        macro = ((values[0] + values[1]) / 2 + values[2]) / 2
+        return {"suite": {"answer_nll_macro": macro, "per_record": {"family": ["a", "a", "b"], "nll": list(values)}},
+                "steps": 50} | extra
+
+    conv = {"planned_steps": 250, "stopped_early": True, "val_loss": 1.5, "best_step": 40}
+    rows = {"rec:random-0": row([2, 2, 2]), "rec:random-1": row([4, 4, 4]),
+            "rec:paser": row([1, 1, 1]), "rec:paser#1": row([2, 2, 2]), "rec:paser#2": row([3, 3, 3]),
+            "rec:paser@distill#1": row([9, 9, 9]),  # another objective: not one of the SFT recovery seeds
+            "rec:paser~conv": row([0, 0, 0], **conv), "rec:random-0~conv": row([1, 1, 1], **conv),
+            "rec:random-1~conv": row([3, 3, 3], **conv)}
+    seeds = exp.seed_lines(rows, "suite")
+    assert "random subsets 3.0000 ± 1.4142 over 2 subsets" in seeds[1]
+    assert seeds[2].startswith("- rec:paser over recovery seeds [0, 1, 2]: 2.0000 ± 1.0000 (1.0000, 2.0000, 3.0000)")
+    assert "mean minus the random mean -1.0000 (paired bootstrap 95% over held-out records [-1.0000, -1.0000]" \
+        in seeds[2]
+    assert len(seeds) == 3
+    lines = exp.convergence_lines(rows, "suite")
+    assert "- rec:paser~conv: 0.0000 after 50 of 250 planned steps (stopped early; best validation loss 1.5000 at " \
+           "step 40, the adapter kept); at 50 steps 1.0000" in lines
+    last = lines[-1]
+    assert last.startswith("- rec:paser minus the converged random mean (rec:random-0, rec:random-1): -2.0000")
+    assert "at the recipe's steps, the same subsets: -2.0000 [-2.0000, -2.0000]" in last
