@@ -533,9 +533,17 @@ def recover(model: str, data: str, out: str | Path = "runs/recover", config: Rec
     val_ex = encode_for_training(tokenizer, val, config)
     model_fp = model_fingerprint(model) + (f"+teacher:{model_fingerprint(teacher_ref)}" if teacher_ref else "")
     fp = _fingerprint(config, model_fp, [r.id for r in train])
+    if config.patience is not None and not val_ex:
+        raise ConfigError("patience stops on the validation loss: give a validation set (val_size > 0 or val_data)")
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt_dir = out / "checkpoints"
+    if restart:
+        shutil.rmtree(ckpt_dir, ignore_errors=True)
+    checkpoint, state = last_checkpoint(ckpt_dir, fp)
+    finished = state is not None and state["finished"]  # then neither the teacher nor a Trainer is needed
     teacher = cache = None
     teacher_seconds = 0.0
-    if teacher_ref is not None:
+    if teacher_ref is not None and not finished:
         start = time.perf_counter()
         teacher, cache = _teacher(teacher_ref, tokenizer, model, train_ex, pad_id, device, config, out,
                                   trust_pickle)
@@ -543,19 +551,12 @@ def recover(model: str, data: str, out: str | Path = "runs/recover", config: Rec
     if loaded is None:
         loaded = load_model(model, dtype=config.dtype, trust_pickle=trust_pickle, device=device,
                             tokenizer_from=teacher_ref)
-    if teacher_ref is not None:
+    if teacher_ref is not None and not finished:
         _check_vocab(teacher if teacher is not None else cache, loaded.model, teacher_ref, model)
 
     zeros = sparsity(loaded.model)
     peft_model = lora_model(loaded.model, config)
     steps = step_batches(len(train_ex), config, [len(e.ids) for e in train_ex])
-    out.mkdir(parents=True, exist_ok=True)
-    ckpt_dir = out / "checkpoints"
-    if restart:
-        shutil.rmtree(ckpt_dir, ignore_errors=True)
-    if config.patience is not None and not val_ex:
-        raise ConfigError("patience stops on the validation loss: give a validation set (val_size > 0 or val_data)")
-    checkpoint, state = last_checkpoint(ckpt_dir, fp)
     log = list(state["log"]) if state else []
     start_step = len(log)
     # early stopping: the best validation loss so far, its step and adapter, evaluations since, stopped
@@ -578,36 +579,37 @@ def recover(model: str, data: str, out: str | Path = "runs/recover", config: Rec
             total, count = float(both[0]), float(both[1])
         return total / max(count, 1)
 
-    data = StepData(batches, train_ex, lambda chosen: collate(chosen, pad_id, "cpu"), Example([pad_id], [IGNORE]))
-    trainer = RecoveryTrainer(model=peft_model, args=training_arguments(config, ckpt_dir, len(steps), accumulation,
-                                                                       device, world),
-                              config=config, data=data, loss_fn=objective_loss_sum, targets_fn=targets,
-                              schedule_fn=schedule)
-    from tqdm.auto import tqdm
-    from transformers import PrinterCallback
-
-    bar = tqdm(total=len(steps), initial=start_step, desc="LoRA recovery", unit="step",
-               disable=not (bar_enabled(config.progress) and trainer.is_world_process_zero()))
-    plan_tokens = [sum(scored_tokens(train_ex[i]) for i in step) for step in steps]
-    trainer.add_callback(StepLog(trainer, plan_tokens, validate, fp, log, best, bar))
-    trainer.remove_callback(PrinterCallback)  # paser logs the steps itself
-    t0 = time.perf_counter()
-    announce(f"LoRA recovery of {model}: {len(steps)} steps ({config.objective}"
-             + (f", resuming at step {start_step})" if start_step else ")")
-             + (f" on {world} processes" if world > 1 else ""))
     from peft import set_peft_model_state_dict
 
-    if state is None or not state["finished"]:
-        trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-    else:  # a finished run: nothing to train, its adapter is in the checkpoint
+    t0 = time.perf_counter()
+    if finished:  # nothing to train, its adapter is in the checkpoint
         from safetensors.torch import load_file
 
+        announce(f"LoRA recovery of {model}: finished in {ckpt_dir} ({len(log)} steps), nothing to train")
         set_peft_model_state_dict(peft_model, load_file(checkpoint / "adapter_model.safetensors"))
-    bar.close()
+    else:
+        from tqdm.auto import tqdm
+        from transformers import PrinterCallback
+
+        data = StepData(batches, train_ex, lambda chosen: collate(chosen, pad_id, "cpu"), Example([pad_id], [IGNORE]))
+        trainer = RecoveryTrainer(model=peft_model, args=training_arguments(config, ckpt_dir, len(steps),
+                                                                           accumulation, device, world),
+                                  config=config, data=data, loss_fn=objective_loss_sum, targets_fn=targets,
+                                  schedule_fn=schedule)
+        bar = tqdm(total=len(steps), initial=start_step, desc="LoRA recovery", unit="step",
+                   disable=not (bar_enabled(config.progress) and rank == 0))
+        plan_tokens = [sum(scored_tokens(train_ex[i]) for i in step) for step in steps]
+        trainer.add_callback(StepLog(trainer, plan_tokens, validate, fp, log, best, bar))
+        trainer.remove_callback(PrinterCallback)  # paser logs the steps itself
+        announce(f"LoRA recovery of {model}: {len(steps)} steps ({config.objective}"
+                 + (f", resuming at step {start_step})" if start_step else ")")
+                 + (f" on {world} processes" if world > 1 else ""))
+        trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+        bar.close()
     seconds = time.perf_counter() - t0
     if best["adapter"] is not None:  # early stopping keeps the adapter of the best validation loss
         set_peft_model_state_dict(peft_model, best["adapter"])
-    if not trainer.is_world_process_zero():
+    if rank != 0:
         return RecoveryResult(out, len(log), log[0]["loss"] if log else math.nan,
                               log[-1]["loss"] if log else math.nan, None, seconds, start_step)
 
@@ -635,7 +637,8 @@ def recover(model: str, data: str, out: str | Path = "runs/recover", config: Rec
         "objective": config.objective if teacher_ref is None else {
             "objective": config.objective, "teacher": str(teacher_ref), "divergence": config.divergence,
             "temperature": config.temperature, "mix_weight": config.mix_weight if config.objective == "mix" else None,
-            "teacher_targets": "in memory (exact)" if cache is None else f"top-{config.teacher_top_k} cache on disk",
+            "teacher_targets": ("in memory (exact)" if config.teacher_top_k is None
+                                else f"top-{config.teacher_top_k} cache on disk"),
             "teacher_seconds": round(teacher_seconds, 2)},
         "steps": len(done), "planned_steps": len(steps), "stopped_early": bool(best["stopped"]),
         "best_step": best["step"] if best["adapter"] is not None else None,

@@ -152,6 +152,16 @@ def test_killed_distillation_run_resumes_to_the_same_adapter(tiny_pair, train_fi
     assert result.resumed_from == 2 and [p.stat().st_mtime_ns for p in parts] == stamp  # the cache was reused
     a, b = _adapter(tmp_path / "whole"), _adapter(tmp_path / "killed")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # a finished run again: neither the teacher nor a Trainer runs, the adapter stays
+    def never(*args, **kwargs):
+        raise AssertionError("a finished run loaded the teacher or built a Trainer")
+
+    monkeypatch.setattr(rec, "_teacher", never)
+    monkeypatch.setattr(rec, "RecoveryTrainer", never)
+    again = recover(pruned, train_file, tmp_path / "whole", **run)
+    assert again.steps == 5 and all(torch.equal(a[k], _adapter(tmp_path / "whole")[k]) for k in a)
+    assert json.loads((tmp_path / "whole" / "recovery.json").read_text())["objective"]["teacher_targets"] \
+        .startswith("top-16")
 
 
 def test_the_teacher_defaults_to_the_dense_model_of_the_selection_run(tiny_pair, tmp_path):

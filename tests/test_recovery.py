@@ -210,7 +210,7 @@ def test_recovery_seed_changes_training_noise_only(tiny_model_dir, train_file, t
     assert done_a["train_tokens"] == done_c["train_tokens"]
 
 
-def test_early_stopping_keeps_the_best_adapter_and_stays_stopped(tiny_model_dir, train_file, tmp_path):
+def test_early_stopping_keeps_the_best_adapter_and_stays_stopped(tiny_model_dir, train_file, tmp_path, monkeypatch):
     from safetensors.torch import load_file
 
     from paser.data import load_pool
@@ -237,7 +237,13 @@ def test_early_stopping_keeps_the_best_adapter_and_stays_stopped(tiny_model_dir,
     _, held = split_validation(load_pool(train_file).records, RecoverConfig(**settings))
     assert response_nll(adapted, loaded.tokenizer, held, batch_size=4)["nll"] == pytest.approx(val[best], rel=1e-5)
     assert result.val_loss == pytest.approx(val[best])
-    # the same command again trains nothing more and keeps the same adapter
+    # the same command again trains nothing more (no Trainer is even built) and keeps the same adapter
+    import paser.recovery as rec
+
+    def no_trainer(*args, **kwargs):
+        raise AssertionError("a finished run built a Trainer")
+
+    monkeypatch.setattr(rec, "RecoveryTrainer", no_trainer)
     before = load_file(tmp_path / "rec" / "adapter" / "adapter_model.safetensors")
     again = recover(str(tiny_model_dir), train_file, tmp_path / "rec", **settings)
     after = load_file(tmp_path / "rec" / "adapter" / "adapter_model.safetensors")
