@@ -444,21 +444,25 @@ def convergence_lines(rows: dict, kind: str) -> list[str]:
 
 def family_table(setting: str, rows: dict, work: Path, families: pd.DataFrame, unit: str = "rec") -> list[str]:
     """Suite settings: per family, its degradation in the pool (mean JSD and loss gap of its
-    records), the records and tokens PASER gave it at budget ``unit``, its dense and pruned answer
-    NLL, and PASER's answer NLL and gap closed against the mean of that unit's random arms.
+    records, and the CDS of the clusters they fall in, averaged over its records: what PASER's
+    allocation sees), the records and tokens PASER gave it at budget ``unit``, its dense and pruned
+    answer NLL, and PASER's answer NLL and gap closed against the mean of that unit's random arms.
     ``families``: the pool's ``id`` and ``family`` columns."""
     scores_file = work / "subsets" / f"{unit}-paser.scores.parquet"
     if f"{unit}:paser" not in rows or not scores_file.is_file():
         return []
     scores = pd.read_parquet(scores_file).merge(families, on="id")
+    summary = json.loads(scores_file.with_name(scores_file.name.replace("scores.parquet", "clusters.json")).read_text())
+    scores["cds"] = scores["cluster"].map({c["cluster"]: c["cds"] for c in summary["clusters"]})
     randoms = random_arms(rows, unit)
     dense, none = rows.get("dense"), rows.get("none")
     if not randoms or dense is None or none is None:
         return []
     lines = ["", f"Per family ({setting}, {unit_name(unit)}): degradation in the pool, PASER's share, gap closed",
-             "", "| family | mean JSD | mean loss gap | PASER records | PASER tokens | answer NLL dense | "
-             "answer NLL pruned | PASER minus random (answer NLL) | gap closed PASER | gap closed random (mean) |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "", "| family | mean JSD | mean loss gap | CDS of its clusters | PASER records | PASER tokens | "
+             "answer NLL dense | answer NLL pruned | PASER minus random (answer NLL) | gap closed PASER | "
+             "gap closed random (mean) |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for family, g in scores.groupby("family"):
         chosen = g[g["status"] == "selected"]
         d, p = dense["suite"]["answer_nll"][family], none["suite"]["answer_nll"][family]
@@ -466,7 +470,8 @@ def family_table(setting: str, rows: dict, work: Path, families: pd.DataFrame, u
         mine = gap_recovered(d, p, nll)
         rand = statistics.mean(gap_recovered(d, p, r["suite"]["answer_nll"][family]) or 0.0 for r in randoms)
         versus = nll - statistics.mean(r["suite"]["answer_nll"][family] for r in randoms)
-        lines.append(f"| {family} | {g['jsd'].mean():.4f} | {g['loss_gap'].mean():.3f} | {len(chosen)} | "
+        lines.append(f"| {family} | {g['jsd'].mean():.4f} | {g['loss_gap'].mean():.3f} | {g['cds'].mean():.4f} | "
+                     f"{len(chosen)} | "
                      f"{int(chosen['n_tokens'].sum())} | {d:.3f} | {p:.3f} | {versus:+.3f} | "
                      f"{'' if mine is None else f'{mine:.1%}'} | {rand:.1%} |")
     return lines

@@ -44,7 +44,7 @@ def test_smoke_experiment_runs_resumes_and_reports(tiny_pair, tmp_path, capsys):
     nll = {a: json.loads((tmp_path / "results" / "suite-25" / f"{a}.json").read_text())["suite"]["answer_nll"][family]
            for a in ("tok-paser", "tok-random-0", "tok-random-1")}
     expected = nll["tok-paser"] - (nll["tok-random-0"] + nll["tok-random-1"]) / 2
-    assert float(cells[6]) == pytest.approx(expected, abs=1e-3)
+    assert float(cells[7]) == pytest.approx(expected, abs=1e-3)
     kd = json.loads((tmp_path / "results" / "suite-25" / "tok-paser-distill.json").read_text())
     assert kd["steps"] == row["steps"] and kd["selected_tokens"] == row["selected_tokens"]
     assert kd["jsd"]["suite"]["mean"] > 0 and len(kd["jsd"]["suite"]["per_record"]["jsd"]) == kd["suite"]["records"]
