@@ -377,6 +377,15 @@ def _families_interval(arm, randoms: list[dict], kind: str) -> str:
     return f"; over families [{lo:+.4f}, {hi:+.4f}]"
 
 
+def welch_interval(a: list[float], b: list[float]) -> tuple[float, float]:
+    """95% Welch t interval of mean(a) - mean(b), runs as samples: unlike the bootstrap over
+    held-out records it counts the spread between training runs and between subsets."""
+    from scipy import stats
+
+    found = stats.ttest_ind(a, b, equal_var=False).confidence_interval(0.95)
+    return float(found.low), float(found.high)
+
+
 def seed_lines(rows: dict, kind: str) -> list[str]:
     """Training noise beside subset noise: every SFT arm retrained with recovery seeds (``ARM#K``),
     its mean and sd over recovery seeds (seed 0 is ``ARM`` itself) beside the sd of the unit's
@@ -399,10 +408,13 @@ def seed_lines(rows: dict, kind: str) -> list[str]:
             runs = [rows[arm if s == 0 else f"{arm}#{s}"] for s in seeds]
             mine = [_metric(r, kind) for r in runs]
             lo, hi = paired_bootstrap(runs, randoms, kind)
+            runs_lo, runs_hi = welch_interval(mine, values)
             lines.append(f"- {arm} over recovery seeds {seeds}: {statistics.mean(mine):.4f} ± "
                          f"{statistics.stdev(mine):.4f} ({', '.join(f'{v:.4f}' for v in mine)}); its mean minus the "
                          f"random mean {statistics.mean(mine) - statistics.mean(values):+.4f} (paired bootstrap 95% "
-                         f"over held-out records [{lo:+.4f}, {hi:+.4f}]{_families_interval(runs, randoms, kind)})")
+                         f"over held-out records [{lo:+.4f}, {hi:+.4f}]{_families_interval(runs, randoms, kind)}; "
+                         f"over runs, Welch t 95% with the seeds and the random subsets as samples "
+                         f"[{runs_lo:+.4f}, {runs_hi:+.4f}])")
     return lines
 
 

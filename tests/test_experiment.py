@@ -102,6 +102,9 @@ def test_recovery_seed_and_convergence_lines():
     assert seeds[2].startswith("- rec:paser over recovery seeds [0, 1, 2]: 2.0000 ± 1.0000 (1.0000, 2.0000, 3.0000)")
     assert "mean minus the random mean -1.0000 (paired bootstrap 95% over held-out records [-1.0000, -1.0000]" \
         in seeds[2]
+    # seeds 1, 2, 3 against subsets 2, 4: difference -1, standard error sqrt(1/3 + 2/2), Welch's df
+    # (4/3)^2 / ((1/3)^2 / 2 + 1) = 1.684, t quantile 5.1765: -1 -+ 5.977
+    assert "over runs, Welch t 95% with the seeds and the random subsets as samples [-6.9770, +4.9770])" in seeds[2]
     assert len(seeds) == 3
     lines = exp.convergence_lines(rows, "suite")
     assert "- rec:paser~conv: 0.0000 after 50 of 250 planned steps (stopped early; best validation loss 1.5000 at " \
