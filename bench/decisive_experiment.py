@@ -390,19 +390,22 @@ def seed_lines(rows: dict, kind: str) -> list[str]:
     """Training noise beside subset noise: every SFT arm retrained with recovery seeds (``ARM#K``),
     its mean and sd over recovery seeds (seed 0 is ``ARM`` itself) beside the sd of the unit's
     random subsets, and the seed mean minus the random mean."""
+    retrained: dict[str, list[int]] = {}  # ARM -> its recovery seeds, 0 being ARM itself
+    for a in sorted(rows):
+        if "#" in a and "@" not in a and "~" not in a:
+            arm, seed = a.split("#")
+            retrained.setdefault(arm, [0] * (arm in rows)).append(int(seed))
     lines = []
     for unit in BUDGETS:
         randoms = random_arms(rows, unit)
-        retrained = sorted({a.split("#")[0] for a in rows if a.startswith(f"{unit}:") and "#" in a
-                            and "@" not in a and "~" not in a})
-        if len(randoms) < 2 or not retrained:
+        mine_here = {arm: sorted(seeds) for arm, seeds in sorted(retrained.items()) if arm.startswith(f"{unit}:")}
+        if len(randoms) < 2 or not mine_here:
             continue
         values = [_metric(r, kind) for r in randoms]
         lines += ["", f"{unit}: recovery seeds (the same subset retrained; random subsets "
                       f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f} over {len(randoms)} subsets, "
                       "recovery seed 0; lower is better)"]
-        for arm in retrained:
-            seeds = [0] * (arm in rows) + sorted(int(a.split("#")[1]) for a in rows if a.startswith(f"{arm}#"))
+        for arm, seeds in mine_here.items():
             if len(seeds) < 2:
                 continue
             runs = [rows[arm if s == 0 else f"{arm}#{s}"] for s in seeds]

@@ -95,6 +95,7 @@ def test_recovery_seed_and_convergence_lines():
     rows = {"rec:random-0": row([2, 2, 2]), "rec:random-1": row([4, 4, 4]),
             "rec:paser": row([1, 1, 1]), "rec:paser#1": row([2, 2, 2]), "rec:paser#2": row([3, 3, 3]),
             "rec:paser@distill#1": row([9, 9, 9]),  # another objective: not one of the SFT recovery seeds
+            "rec:paser#1~conv": row([8, 8, 8], **conv),  # re-seeded ~conv: not a recovery seed here
             "rec:paser~conv": row([0, 0, 0], **conv), "rec:random-0~conv": row([1, 1, 1], **conv),
             "rec:random-1~conv": row([3, 3, 3], **conv)}
     seeds = exp.seed_lines(rows, "suite")
