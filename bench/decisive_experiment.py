@@ -492,12 +492,61 @@ def family_table(setting: str, rows: dict, work: Path, families: pd.DataFrame, u
     return lines
 
 
-def report(setting: str, results: Path, work: Path) -> str:
-    kind = SETTINGS[setting][0]
+def comparisons(rows: dict, kind: str):
+    """Per budget unit with at least two random seeds: (unit, (random mean, sd, seeds), one dict
+    per other SFT method that ran: its arm, metric, difference from the random mean, paired
+    bootstrap 95% intervals over held-out records and (suite) over families, and where it lies
+    against the random seeds: "below all", "inside" or "above all")."""
+    for unit in BUDGETS:
+        randoms = random_arms(rows, unit)
+        if len(randoms) < 2:
+            continue
+        values = [_metric(r, kind) for r in randoms]
+        found = []
+        for method in (m for m in METHODS if not m.startswith("random-")):
+            arm = rows.get(f"{unit}:{method}")
+            if arm is None:
+                continue
+            metric = _metric(arm, kind)
+            place = "below all" if metric < min(values) else "above all" if metric > max(values) else "inside"
+            found.append({"arm": f"{unit}:{method}", "metric": metric, "diff": metric - statistics.mean(values),
+                          "records": paired_bootstrap(arm, randoms, kind),
+                          "families": paired_bootstrap(arm, randoms, kind, by="family") if kind == "suite" else None,
+                          "place": place})
+        yield unit, (statistics.mean(values), statistics.stdev(values), len(values)), found
+
+
+def load_rows(results: Path, setting: str) -> dict:
+    """The finished arms of a setting, by arm name."""
     rows = {}
     for path in sorted((results / setting).glob("*.json")):
         row = json.loads(path.read_text())
         rows[row["arm"]] = row
+    return rows
+
+
+def summary(results: Path) -> str:
+    """One table over every setting and budget unit: each method minus the mean of the random
+    seeds (SFT, the recipe's steps), the view the verdicts are read from."""
+    lines = ["## Summary: every method minus the random mean (SFT, the recipe's steps; lower is better)", "",
+             "| setting | budget | steps | random (mean ± sd, seeds) | arm | metric | minus random | 95% over "
+             "held-out records | 95% over families | against the random seeds |",
+             "|---|---|---:|---|---|---:|---:|---|---|---|"]
+    for setting, (kind, _) in SETTINGS.items():
+        rows = load_rows(results, setting)
+        for unit, (mean, sd, n), found in comparisons(rows, kind):
+            steps = "/".join(sorted({str(r.get("steps")) for r in random_arms(rows, unit)}))
+            for c in found:
+                families = "" if c["families"] is None else f"[{c['families'][0]:+.4f}, {c['families'][1]:+.4f}]"
+                lines.append(f"| {setting} | {unit_name(unit)} | {steps} | {mean:.4f} ± {sd:.4f} ({n}) | "
+                             f"{c['arm']} | {c['metric']:.4f} | {c['diff']:+.4f} | [{c['records'][0]:+.4f}, "
+                             f"{c['records'][1]:+.4f}] | {families} | {c['place']} |")
+    return "\n".join(lines) + "\n"
+
+
+def report(setting: str, results: Path, work: Path) -> str:
+    kind = SETTINGS[setting][0]
+    rows = load_rows(results, setting)
     if not {"dense", "none"} <= set(rows):
         return f"## {setting}\n\n(references not finished yet)\n"
     order = [a for a in arms_of(setting) if a in rows] + sorted(a for a in rows if a not in arms_of(setting))
@@ -525,21 +574,13 @@ def report(setting: str, results: Path, work: Path) -> str:
                      f"{r['tokens_per_step']['mean'] if 'tokens_per_step' in r else ''} | "
                      f"{'' if acc is None else f'{acc:.3f}'} | {r.get('selection_s', 0):.1f} | "
                      f"{r.get('recovery_s', 0):.1f} | {r['eval_s']:.1f} |")
-    for unit in ("rec", "tok", "tok5"):
-        randoms = random_arms(rows, unit)
-        if len(randoms) < 2:
-            continue
-        values = [_metric(r, kind) for r in randoms]
-        lines += ["", f"{unit}: random {statistics.mean(values):.4f} ± {statistics.stdev(values):.4f} "
-                      f"(mean ± sd over {len(randoms)} seeds)"]
-        for method in ("paser", "loss_gap", "no_cost", "uniform", "longest", "shortest", "pruned_loss"):
-            arm = rows.get(f"{unit}:{method}")
-            if arm is None:
-                continue
-            lo, hi = paired_bootstrap(arm, randoms, kind)
-            diff = _metric(arm, kind) - statistics.mean(values)
-            lines.append(f"- {unit}:{method} minus the random mean: {diff:+.4f} (paired bootstrap 95% over "
-                         f"held-out records [{lo:+.4f}, {hi:+.4f}]{_families_interval(arm, randoms, kind)}; "
+    for unit, (mean, sd, n), found in comparisons(rows, kind):
+        lines += ["", f"{unit}: random {mean:.4f} ± {sd:.4f} (mean ± sd over {n} seeds)"]
+        for c in found:
+            families = "" if c["families"] is None else f"; over families [{c['families'][0]:+.4f}, " \
+                                                         f"{c['families'][1]:+.4f}]"
+            lines.append(f"- {c['arm']} minus the random mean: {c['diff']:+.4f} (paired bootstrap 95% over "
+                         f"held-out records [{c['records'][0]:+.4f}, {c['records'][1]:+.4f}]{families}; "
                          "lower is better)")
     lines += seed_lines(rows, kind) + convergence_lines(rows, kind) + distill_lines(rows, kind)
     if kind == "suite":
@@ -611,7 +652,7 @@ def main(argv=None) -> None:
                   f"{row.get('selected_tokens', '')}, steps {row.get('steps', '')}, recovery "
                   f"{row.get('recovery_s', 0):.0f} s, eval {row['eval_s']:.0f} s", flush=True)
     # every setting with finished arms, not only those run now
-    text = "\n".join(report(s, results, out / s) for s in SETTINGS if (results / s).is_dir())
+    text = "\n".join([summary(results)] + [report(s, results, out / s) for s in SETTINGS if (results / s).is_dir()])
     (results / "results.md").write_text(text)
     print(text)
 

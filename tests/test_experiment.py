@@ -35,6 +35,7 @@ def test_smoke_experiment_runs_resumes_and_reports(tiny_pair, tmp_path, capsys):
     assert conv["val_loss"] is not None and "stopped_early" in conv
     text = (tmp_path / "results" / "results.md").read_text()
     assert "rec:paser minus the random mean" in text and "tok:paser minus the random mean" in text
+    assert text.startswith("## Summary: every method minus the random mean") and "| suite-25 | record budget |" in text
     assert "paired bootstrap 95%" in text and "Per family (suite-25" in text
     assert "tok: distillation against SFT" in text and "JSD to dense: PASER" in text
     assert "- rec:paser over recovery seeds [0, 1]:" in text and "- rec:paser~conv: " in text
@@ -50,7 +51,7 @@ def test_smoke_experiment_runs_resumes_and_reports(tiny_pair, tmp_path, capsys):
     assert kd["jsd"]["suite"]["mean"] > 0 and len(kd["jsd"]["suite"]["per_record"]["jsd"]) == kd["suite"]["records"]
     capsys.readouterr()
     exp.main(argv)  # every arm is on file: nothing runs again
-    assert "metric" not in capsys.readouterr().out
+    assert ": metric " not in capsys.readouterr().out
     # an arm finished before the JSD was measured gets it from its saved adapter
     path = tmp_path / "results" / "suite-25" / "tok-random-0.json"
     before = json.loads(path.read_text())
@@ -113,3 +114,26 @@ def test_recovery_seed_and_convergence_lines():
     last = lines[-1]
     assert last.startswith("- rec:paser minus the converged random mean (rec:random-0, rec:random-1): -2.0000")
     assert "at the recipe's steps, the same subsets: -2.0000 [-2.0000, -2.0000]" in last
+
+
+def test_summary_compares_every_method_with_the_random_mean(tmp_path):
+    import decisive_experiment as exp
+
+    def row(arm, values):  # a suite arm as in the test above
+        macro = ((values[0] + values[1]) / 2 + values[2]) / 2
+        return {"arm": arm, "steps": 50,
+                "suite": {"answer_nll_macro": macro, "per_record": {"family": ["a", "a", "b"], "nll": list(values)}}}
+
+    folder = tmp_path / "suite-25"
+    folder.mkdir()
+    for arm, values in (("rec:random-0", [2, 2, 2]), ("rec:random-1", [4, 4, 4]), ("rec:longest", [5, 5, 5]),
+                        ("rec:uniform", [3, 3, 3]), ("rec:paser", [1, 1, 1]), ("tok:paser", [1, 1, 1]),
+                        ("tok:random-0", [2, 2, 2])):  # one random seed: no comparison at this budget
+        (folder / f"{exp._file(arm)}.json").write_text(json.dumps(row(arm, values)))
+    table = exp.summary(tmp_path).splitlines()
+    body = [line for line in table if line.startswith("| suite-25")]
+    assert [line.split(" | ")[4] for line in body] == ["rec:paser", "rec:uniform", "rec:longest"]
+    assert body[0] == ("| suite-25 | record budget | 50 | 3.0000 ± 1.4142 (2) | rec:paser | 1.0000 | -2.0000 | "
+                       "[-2.0000, -2.0000] | [-2.0000, -2.0000] | below all |")
+    assert body[1].endswith("| +0.0000 | [+0.0000, +0.0000] | [+0.0000, +0.0000] | inside |")
+    assert body[2].endswith("| +2.0000 | [+2.0000, +2.0000] | [+2.0000, +2.0000] | above all |")
