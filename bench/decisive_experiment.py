@@ -525,16 +525,25 @@ def load_rows(results: Path, setting: str) -> dict:
     return rows
 
 
-def summary(results: Path) -> str:
-    """One table over every setting and budget unit: each method minus the mean of the random
-    seeds (SFT, the recipe's steps), the view the verdicts are read from."""
+def compare_all(results: Path) -> dict:
+    """Every setting's finished arms and comparisons, computed once for the summary and the
+    per-setting reports: setting -> (rows, list of ``comparisons``)."""
+    found = {}
+    for setting, (kind, _) in SETTINGS.items():
+        rows = load_rows(results, setting)
+        found[setting] = rows, list(comparisons(rows, kind))
+    return found
+
+
+def summary(compared: dict) -> str:
+    """One table over every setting and budget unit (``compare_all``'s output): each method minus
+    the mean of the random seeds (SFT, the recipe's steps), the view the verdicts are read from."""
     lines = ["## Summary: every method minus the random mean (SFT, the recipe's steps; lower is better)", "",
              "| setting | budget | steps | random (mean ± sd, seeds) | arm | metric | minus random | 95% over "
              "held-out records | 95% over families | against the random seeds |",
              "|---|---|---:|---|---|---:|---:|---|---|---|"]
-    for setting, (kind, _) in SETTINGS.items():
-        rows = load_rows(results, setting)
-        for unit, (mean, sd, n), found in comparisons(rows, kind):
+    for setting, (rows, compared_here) in compared.items():
+        for unit, (mean, sd, n), found in compared_here:
             steps = "/".join(sorted({str(r.get("steps")) for r in random_arms(rows, unit)}))
             for c in found:
                 families = "" if c["families"] is None else f"[{c['families'][0]:+.4f}, {c['families'][1]:+.4f}]"
@@ -544,9 +553,9 @@ def summary(results: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
-def report(setting: str, results: Path, work: Path) -> str:
+def report(setting: str, work: Path, rows: dict, compared: list) -> str:
+    """The setting's printed block from its finished arms and their ``comparisons``."""
     kind = SETTINGS[setting][0]
-    rows = load_rows(results, setting)
     if not {"dense", "none"} <= set(rows):
         return f"## {setting}\n\n(references not finished yet)\n"
     order = [a for a in arms_of(setting) if a in rows] + sorted(a for a in rows if a not in arms_of(setting))
@@ -574,7 +583,7 @@ def report(setting: str, results: Path, work: Path) -> str:
                      f"{r['tokens_per_step']['mean'] if 'tokens_per_step' in r else ''} | "
                      f"{'' if acc is None else f'{acc:.3f}'} | {r.get('selection_s', 0):.1f} | "
                      f"{r.get('recovery_s', 0):.1f} | {r['eval_s']:.1f} |")
-    for unit, (mean, sd, n), found in comparisons(rows, kind):
+    for unit, (mean, sd, n), found in compared:
         lines += ["", f"{unit}: random {mean:.4f} ± {sd:.4f} (mean ± sd over {n} seeds)"]
         for c in found:
             families = "" if c["families"] is None else f"; over families [{c['families'][0]:+.4f}, " \
@@ -652,7 +661,9 @@ def main(argv=None) -> None:
                   f"{row.get('selected_tokens', '')}, steps {row.get('steps', '')}, recovery "
                   f"{row.get('recovery_s', 0):.0f} s, eval {row['eval_s']:.0f} s", flush=True)
     # every setting with finished arms, not only those run now
-    text = "\n".join([summary(results)] + [report(s, results, out / s) for s in SETTINGS if (results / s).is_dir()])
+    compared = compare_all(results)
+    text = "\n".join([summary(compared)] + [report(s, out / s, *compared[s]) for s in SETTINGS
+                                             if (results / s).is_dir()])
     (results / "results.md").write_text(text)
     print(text)
 

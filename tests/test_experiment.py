@@ -130,7 +130,7 @@ def test_summary_compares_every_method_with_the_random_mean(tmp_path):
                         ("rec:uniform", [3, 3, 3]), ("rec:paser", [1, 1, 1]), ("tok:paser", [1, 1, 1]),
                         ("tok:random-0", [2, 2, 2])):  # one random seed: no comparison at this budget
         (folder / f"{exp._file(arm)}.json").write_text(json.dumps(row(arm, values)))
-    table = exp.summary(tmp_path).splitlines()
+    table = exp.summary(exp.compare_all(tmp_path)).splitlines()
     body = [line for line in table if line.startswith("| suite-25")]
     assert [line.split(" | ")[4] for line in body] == ["rec:paser", "rec:uniform", "rec:longest"]
     assert body[0] == ("| suite-25 | record budget | 50 | 3.0000 ± 1.4142 (2) | rec:paser | 1.0000 | -2.0000 | "
