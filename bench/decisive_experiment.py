@@ -66,6 +66,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from paser.data import load_pool, write_jsonl  # noqa: E402
+from paser.embedding import EmbedConfig, embed_texts, instruction_texts  # noqa: E402
 from paser.evaluation import EvalConfig, evaluate, gap_recovered  # noqa: E402
 from paser.pipeline import run_selection  # noqa: E402
 from paser.recovery import RecoverConfig, recover  # noqa: E402
@@ -492,6 +493,85 @@ def family_table(setting: str, rows: dict, work: Path, families: pd.DataFrame, u
     return lines
 
 
+def _restrict(row: dict, idx: np.ndarray) -> dict:
+    """An Alpaca arm's held-out per-record values on records ``idx`` only (for a group's bootstrap)."""
+    per = row["heldout"]["per_record"]
+    return {"heldout": {"per_record": {k: list(np.asarray(per[k])[idx]) for k in ("nll_sum", "tokens")}}}
+
+
+def heldout_nll(row: dict, idx: np.ndarray) -> float:
+    """Held-out response NLL of an Alpaca arm over records ``idx`` (summed NLL over summed tokens)."""
+    sums, tokens = _per_record(row, "alpaca")
+    return float(sums[idx].sum() / tokens[idx].sum())
+
+
+def cluster_lines(paser: dict, randoms: list[dict], where: np.ndarray, cds: dict,
+                  paser_tokens: dict, random_tokens: dict) -> list[str]:
+    """Per PASER cluster: CDS, held-out records (``where``: each held-out record's cluster), tokens
+    PASER and (mean) the random subsets put in it, and PASER minus the random mean on its held-out
+    records; then the *favoured* clusters (more PASER tokens than the random mean) against the
+    *starved* ones, each with a paired bootstrap 95% interval over its held-out records."""
+    lines = ["| cluster | CDS | held-out records | PASER tokens | random tokens (mean) | "
+             "PASER minus random (held-out NLL) |", "|---:|---:|---:|---:|---:|---:|"]
+    favoured = []
+    for c in sorted(cds, key=lambda c: -cds[c]):
+        idx = np.flatnonzero(where == c)
+        mine, theirs = paser_tokens.get(c, 0), random_tokens.get(c, 0.0)
+        if mine > theirs:
+            favoured.append(c)
+        versus = "" if not len(idx) else \
+            f"{heldout_nll(paser, idx) - statistics.mean(heldout_nll(r, idx) for r in randoms):+.4f}"
+        lines.append(f"| {c} | {cds[c]:.4f} | {len(idx)} | {mine} | {theirs:.1f} | {versus} |")
+    lines.append("")
+    for name, group in (("favoured", favoured), ("starved", [c for c in cds if c not in favoured])):
+        idx = np.flatnonzero(np.isin(where, group))
+        if not len(idx):
+            lines.append(f"- {name} clusters {sorted(group)}: no held-out record")
+            continue
+        diff = heldout_nll(paser, idx) - statistics.mean(heldout_nll(r, idx) for r in randoms)
+        lo, hi = paired_bootstrap(_restrict(paser, idx), [_restrict(r, idx) for r in randoms], "alpaca")
+        lines.append(f"- {name} clusters {sorted(group)} ({len(idx)} held-out records): PASER minus the random "
+                     f"mean {diff:+.4f} (paired bootstrap 95% over their held-out records [{lo:+.4f}, {hi:+.4f}])")
+    return lines
+
+
+def heldout_clusters(work: Path, cluster_of: pd.Series) -> np.ndarray:
+    """Each Alpaca held-out record's cluster: that of its nearest pool record, cosine over the
+    selection's embeddings, the held-out instructions embedded by the same (default) model."""
+    pool_ids = pd.read_parquet(work / "select" / "pool.parquet", columns=["id"])["id"]
+    pool = np.load(work / "select" / "embeddings.npy")
+    texts = instruction_texts(load_pool(work / "heldout.jsonl").records)
+    held = embed_texts(texts, EmbedConfig(), cache_dir=work / "embed-cache")
+    return cluster_of.loc[pool_ids.iloc[(held @ pool.T).argmax(1)]].to_numpy()
+
+
+def cluster_table(setting: str, rows: dict, work: Path, unit: str) -> list[str]:
+    """Alpaca: where PASER's allocation helps, per cluster of its subset at budget ``unit``
+    (``cluster_lines``)."""
+    scores_file = work / "subsets" / f"{unit}-paser.scores.parquet"
+    randoms = random_arms(rows, unit)
+    if f"{unit}:paser" not in rows or not scores_file.is_file() or not randoms:
+        return []
+    scores = pd.read_parquet(scores_file, columns=["id", "cluster", "n_tokens", "status"])
+    summary = json.loads(scores_file.with_name(f"{unit}-paser.clusters.json").read_text())
+    cluster_of = scores.set_index("id")["cluster"]
+
+    def tokens_per_cluster(name: str) -> pd.Series:
+        chosen = pd.read_parquet(work / "subsets" / f"{name}.scores.parquet", columns=["id", "status"])
+        chosen = chosen[chosen["status"] == "selected"]
+        return scores.set_index("id").loc[chosen["id"]].groupby("cluster")["n_tokens"].sum()
+
+    paser_tokens = {int(c): int(t) for c, t in tokens_per_cluster(f"{unit}-paser").items()}
+    per_random = [tokens_per_cluster(_file(r["arm"])) for r in randoms]
+    random_tokens = {int(c): statistics.mean(float(t.get(c, 0)) for t in per_random)
+                     for c in set().union(*(t.index for t in per_random))}
+    where = heldout_clusters(work, cluster_of)
+    return ["", f"Per cluster ({setting}, {unit_name(unit)}): held-out records by the PASER cluster of their "
+                "nearest pool record, PASER against the random mean", "",
+            *cluster_lines(rows[f"{unit}:paser"], randoms, where,
+                           {c["cluster"]: c["cds"] for c in summary["clusters"]}, paser_tokens, random_tokens)]
+
+
 def comparisons(rows: dict, kind: str):
     """Per budget unit with at least two random seeds: (unit, (random mean, sd, seeds), one dict
     per other SFT method that ran: its arm, metric, difference from the random mean, paired
@@ -596,6 +676,9 @@ def report(setting: str, work: Path, rows: dict, compared: list) -> str:
         families = pd.DataFrame([r.fields for r in load_pool(work / "pool.jsonl").records])[["id", "family"]]
         for unit in ("rec", "tok"):
             lines += family_table(setting, rows, work, families, unit)
+    else:
+        for unit in ("tok", "rec", "tok5"):
+            lines += cluster_table(setting, rows, work, unit)
     shared = sorted({r["date"] for r in rows.values() if r.get("shared_machine")})
     spent = sum(r.get(k, 0.0) for r in rows.values() for k in ("selection_s", "recovery_s", "eval_s"))
     lines += ["", f"Time recorded by the arms: {spent / 60:.1f} min"

@@ -62,6 +62,31 @@ def test_smoke_experiment_runs_resumes_and_reports(tiny_pair, tmp_path, capsys):
     assert capsys.readouterr().out.count("JSD to dense added") == 1
 
 
+@pytest.mark.slow
+def test_alpaca_smoke_reports_where_paser_put_its_tokens(tiny_pair, tmp_path):
+    import decisive_experiment as exp
+
+    from paser.data import write_jsonl
+    from paser.suite import generate_suite
+
+    dense, pruned = tiny_pair
+    alpaca = tmp_path / "alpaca.jsonl"  # Alpaca-layout records (the suite's, without id and family)
+    write_jsonl(alpaca, [{k: r[k] for k in ("instruction", "input", "output")} for r in generate_suite(80, 3)])
+    exp.main(["--settings", "alpaca-25", "--dense", dense, "--pruned", pruned, "--smoke", "--alpaca", str(alpaca),
+              "--out", str(tmp_path / "work"), "--results", str(tmp_path / "results"),
+              "--arms", "tok:paser", "tok:random-0", "tok:random-1"])
+    text = (tmp_path / "results" / "results.md").read_text()
+    block = text.split("Per cluster (alpaca-25, 20% token budget)")[1].split("\n\n")
+    table = block[1].splitlines()[2:]
+    clusters = json.loads((tmp_path / "work" / "alpaca-25" / "subsets" / "tok-paser.clusters.json").read_text())
+    assert len(table) == len(clusters["clusters"])
+    # each cluster's PASER tokens are those its subset took there; the held-out records are all assigned
+    taken = {c["cluster"]: c["selected_tokens"] for c in clusters["clusters"]}
+    assert {int(r.split(" | ")[0][2:]): int(r.split(" | ")[3]) for r in table} == taken
+    assert sum(int(r.split(" | ")[2]) for r in table) == 12
+    assert "- favoured clusters [" in block[2] and "- starved clusters [" in block[2]
+
+
 def test_arm_objectives_and_a_group_bootstrap():
     import decisive_experiment as exp
     import numpy as np
@@ -137,3 +162,27 @@ def test_summary_compares_every_method_with_the_random_mean(tmp_path):
                        "[-2.0000, -2.0000] | [-2.0000, -2.0000] | below all |")
     assert body[1].endswith("| +0.0000 | [+0.0000, +0.0000] | [+0.0000, +0.0000] | inside |")
     assert body[2].endswith("| +2.0000 | [+2.0000, +2.0000] | [+2.0000, +2.0000] | above all |")
+
+
+@pytest.mark.slow
+def test_cluster_lines_split_favoured_and_starved_clusters():
+    import decisive_experiment as exp
+    import numpy as np
+
+    def row(nll):  # an Alpaca arm: per held-out record its summed NLL over 2 tokens
+        return {"heldout": {"per_record": {"nll_sum": [2 * v for v in nll], "tokens": [2] * len(nll)}}}
+
+    where = np.array([0, 0, 1, 1, 2])  # the five held-out records' clusters
+    paser = row([1.0, 1.0, 3.0, 3.0, 2.0])  # better than random on cluster 0, worse on 1, level on 2
+    randoms = [row([2.0, 2.0, 2.0, 2.0, 2.0]), row([2.0, 2.0, 2.0, 2.0, 2.0])]
+    lines = exp.cluster_lines(paser, randoms, where, {0: 0.1, 1: 0.3, 2: 0.2},
+                              paser_tokens={0: 50, 1: 10}, random_tokens={0: 20.0, 1: 30.0, 2: 5.0})
+    table = [line for line in lines if line.startswith("| ") and line[2].isdigit()]
+    assert [line.split(" | ")[0] for line in table] == ["| 1", "| 2", "| 0"]  # by CDS, highest first
+    assert table[0] == "| 1 | 0.3000 | 2 | 10 | 30.0 | +1.0000 |"
+    assert table[1] == "| 2 | 0.2000 | 1 | 0 | 5.0 | +0.0000 |"
+    assert table[2] == "| 0 | 0.1000 | 2 | 50 | 20.0 | -1.0000 |"
+    favoured, starved = (line for line in lines if line.startswith("- "))
+    assert favoured.startswith("- favoured clusters [0] (2 held-out records): PASER minus the random mean -1.0000")
+    assert favoured.endswith("[-1.0000, -1.0000])")
+    assert starved.startswith("- starved clusters [1, 2] (3 held-out records): PASER minus the random mean +0.6667")
