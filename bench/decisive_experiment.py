@@ -44,6 +44,10 @@ Recovery, identical for every arm: LoRA r 8, alpha 16, dropout 0.05, 2 epochs, c
 3e-4, fp32, no validation split. Every finished arm's figures go to RESULTS/<setting>/<arm>.json at
 once (commit them: a rerun skips what is there); models, subsets and adapters live in --out.
 Timings taken beside other work on the same 2 cores are marked by --shared-machine.
+
+The report compares every method with the mean of the random subsets of its budget; per family on
+the suite (the family's degradation, PASER's share, gap closed), per PASER cluster on Alpaca
+(held-out records by their nearest pool record's cluster; favoured against starved clusters).
 """
 
 from __future__ import annotations
