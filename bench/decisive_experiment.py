@@ -539,37 +539,36 @@ def cluster_lines(paser: dict, randoms: list[dict], where: np.ndarray, cds: dict
     return lines
 
 
-def heldout_clusters(work: Path, cluster_of: pd.Series) -> np.ndarray:
-    """Each Alpaca held-out record's cluster: that of its nearest pool record, cosine over the
-    selection's embeddings, the held-out instructions embedded by the same (default) model."""
+def nearest_pool_records(work: Path) -> pd.Series:
+    """Each Alpaca held-out record's nearest pool record (its id), cosine over the selection's
+    embeddings, the held-out instructions embedded by the same (default) model. Computed once per
+    report: every budget's PASER subset maps these ids to its own clusters."""
     pool_ids = pd.read_parquet(work / "select" / "pool.parquet", columns=["id"])["id"]
     pool = np.load(work / "select" / "embeddings.npy")
     texts = instruction_texts(load_pool(work / "heldout.jsonl").records)
     held = embed_texts(texts, EmbedConfig(), cache_dir=work / "embed-cache")
-    return cluster_of.loc[pool_ids.iloc[(held @ pool.T).argmax(1)]].to_numpy()
+    return pool_ids.iloc[(held @ pool.T).argmax(1)]
 
 
-def cluster_table(setting: str, rows: dict, work: Path, unit: str) -> list[str]:
+def cluster_table(setting: str, rows: dict, work: Path, unit: str, nearest: pd.Series) -> list[str]:
     """Alpaca: where PASER's allocation helps, per cluster of its subset at budget ``unit``
-    (``cluster_lines``)."""
+    (``cluster_lines``); ``nearest``: ``nearest_pool_records``."""
     scores_file = work / "subsets" / f"{unit}-paser.scores.parquet"
     randoms = random_arms(rows, unit)
     if f"{unit}:paser" not in rows or not scores_file.is_file() or not randoms:
         return []
-    scores = pd.read_parquet(scores_file, columns=["id", "cluster", "n_tokens", "status"])
+    scores = pd.read_parquet(scores_file, columns=["id", "cluster", "n_tokens", "status"]).set_index("id")
     summary = json.loads(scores_file.with_name(f"{unit}-paser.clusters.json").read_text())
-    cluster_of = scores.set_index("id")["cluster"]
 
     def tokens_per_cluster(name: str) -> pd.Series:
         chosen = pd.read_parquet(work / "subsets" / f"{name}.scores.parquet", columns=["id", "status"])
-        chosen = chosen[chosen["status"] == "selected"]
-        return scores.set_index("id").loc[chosen["id"]].groupby("cluster")["n_tokens"].sum()
+        return scores.loc[chosen.loc[chosen["status"] == "selected", "id"]].groupby("cluster")["n_tokens"].sum()
 
     paser_tokens = {int(c): int(t) for c, t in tokens_per_cluster(f"{unit}-paser").items()}
     per_random = [tokens_per_cluster(_file(r["arm"])) for r in randoms]
     random_tokens = {int(c): statistics.mean(float(t.get(c, 0)) for t in per_random)
                      for c in set().union(*(t.index for t in per_random))}
-    where = heldout_clusters(work, cluster_of)
+    where = scores["cluster"].loc[nearest].to_numpy()
     return ["", f"Per cluster ({setting}, {unit_name(unit)}): held-out records by the PASER cluster of their "
                 "nearest pool record, PASER against the random mean", "",
             *cluster_lines(rows[f"{unit}:paser"], randoms, where,
@@ -680,9 +679,10 @@ def report(setting: str, work: Path, rows: dict, compared: list) -> str:
         families = pd.DataFrame([r.fields for r in load_pool(work / "pool.jsonl").records])[["id", "family"]]
         for unit in ("rec", "tok"):
             lines += family_table(setting, rows, work, families, unit)
-    else:
+    elif (work / "select" / "embeddings.npy").is_file():
+        nearest = nearest_pool_records(work)
         for unit in ("tok", "rec", "tok5"):
-            lines += cluster_table(setting, rows, work, unit)
+            lines += cluster_table(setting, rows, work, unit, nearest)
     shared = sorted({r["date"] for r in rows.values() if r.get("shared_machine")})
     spent = sum(r.get(k, 0.0) for r in rows.values() for k in ("selection_s", "recovery_s", "eval_s"))
     lines += ["", f"Time recorded by the arms: {spent / 60:.1f} min"
