@@ -122,8 +122,18 @@ def token_table(tokenizer, records, config: ScoreConfig) -> pd.DataFrame:
                          "n_tokens": n_prompt + n_response, "truncated": [e.truncated for e in encoded]})
 
 
-def _split_model(model):
-    """(decoder body, vocabulary head) when the model exposes them, else (None, None)."""
+def body_and_head(model):
+    """(decoder body, vocabulary head) when the model exposes them and its logits are the head's
+    output as it is, else (None, None). A peft model gives its base model's; a data-parallel wrapper
+    gives none (its forward must run for the gradients to be synchronised). The vocabulary
+    projection can then run on the positions that need it only."""
+    if isinstance(model, (torch.nn.DataParallel, torch.nn.parallel.DistributedDataParallel)):
+        return None, None
+    if hasattr(model, "get_base_model"):  # peft: the adapters live inside the base model's layers
+        model = model.get_base_model()
+    config = getattr(model, "config", None)
+    if getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None) not in (None, 1, 1.0):
+        return None, None  # the forward transforms the head's output: only it gives the logits
     get_decoder = getattr(model, "get_decoder", None)
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     body = get_decoder() if callable(get_decoder) else None
@@ -144,7 +154,7 @@ class SharedPrefix:
     def __init__(self, model, prefix: list[int], device: torch.device):
         self.length = len(prefix)
         self.layers = None
-        body, _ = _split_model(model)
+        body, _ = body_and_head(model)
         if body is None or not prefix:
             self.length = 0
             return
@@ -178,7 +188,7 @@ def common_prefix(encoded: list[Encoded], positions: str) -> list[int]:
 def _target_states(model, input_ids, attention_mask, rows, cols, prefix: SharedPrefix | None):
     """(states at the scored positions [M, H], vocabulary head) — or (logits [M, V], None) for a
     model that does not expose its head. The vocabulary projection then runs on those rows only."""
-    body, head = _split_model(model)
+    body, head = body_and_head(model)
     if body is None:
         return model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[rows, cols], None
     if prefix is not None and prefix.length:

@@ -39,6 +39,7 @@ from typing import Literal
 
 import torch
 
+from paser.degradation import body_and_head
 from paser.devices import default_device, resolve_dtype
 from paser.distill import DIVERGENCES, OBJECTIVES, TopKCache, cache_fingerprint, divergence, in_memory_targets
 from paser.errors import ConfigError, DataError
@@ -79,6 +80,12 @@ class RecoverConfig:
     """Effective batch: records per optimizer step."""
     micro_batch_size: int = 4
     """Records per forward pass; batch_size / micro_batch_size steps of gradient accumulation."""
+    micro_batch_tokens: int | None = None
+    """Cap on a forward pass's padded tokens (records x the longest of them): a step's records are
+    sorted by length and cut into micro-batches of at most ``micro_batch_size`` records within this
+    cap, so that short records are not padded to long ones (on CPUs about 1.7x faster at 768 than
+    one micro-batch per step; docs/benchmarks.md). None: ``micro_batch_size`` records a pass, still
+    grouped by length. Changes no step's gradient, only the float order (and dropout's masks)."""
     batch_tokens: int | None = None
     """Form each optimizer step from about this many tokens (prompt + response, as a token budget
     counts them) instead of ``batch_size`` records: each epoch has round(its tokens / batch_tokens)
@@ -162,6 +169,8 @@ class RecoverConfig:
             raise ValueError(f"val_size must be >= 0, got {self.val_size}")
         if self.patience is not None and self.patience < 1:
             raise ValueError(f"patience must be positive, got {self.patience}")
+        if self.micro_batch_tokens is not None and self.micro_batch_tokens < 1:
+            raise ValueError(f"micro_batch_tokens must be positive, got {self.micro_batch_tokens}")
         if self.batch_tokens is not None and self.batch_tokens < 1:
             raise ValueError(f"batch_tokens must be positive, got {self.batch_tokens}")
         if self.objective not in OBJECTIVES:
@@ -219,11 +228,17 @@ def collate(batch: list[Example], pad_id: int, device) -> dict[str, torch.Tensor
 def _labelled(model, batch: dict[str, torch.Tensor]):
     """(logits at the positions that predict a labelled token [M, V], per-row NLL sums [B], per-row
     counts [B]), rows in row-major order. Only the labelled positions are taken to fp32."""
-    # no KV cache: nothing reads it, and at 7B it costs GBs per batch
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
     targets = batch["labels"][:, 1:]
     keep = targets != IGNORE
-    kept = logits[:, :-1][keep]
+    body, head = body_and_head(model)
+    # no KV cache: nothing reads it, and at 7B it costs GBs per batch
+    if body is not None:  # the vocabulary projection on the labelled positions only (a quarter of a 135M's work)
+        hidden = body(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                      use_cache=False).last_hidden_state  # [B, T, H]
+        kept = head(hidden[:, :-1][keep])  # [M, V]
+    else:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+        kept = logits[:, :-1][keep]
     nll = torch.nn.functional.cross_entropy(kept.float(), targets[keep], reduction="none")
     rows = keep.nonzero()[:, 0]
     return kept, torch.zeros(len(keep), dtype=nll.dtype, device=nll.device).index_add(0, rows, nll), keep.sum(1)
@@ -562,7 +577,8 @@ def recover(model: str, data: str, out: str | Path = "runs/recover", config: Rec
     # early stopping: the best validation loss so far, its step and adapter, evaluations since, stopped
     best = {"loss": math.inf, "step": 0, "adapter": None, "since": 0, "stopped": False}
     best |= state["best"] if state else {}
-    batches, accumulation = micro_batches(steps, config.micro_batch_size, world)
+    batches, accumulation = micro_batches(steps, config.micro_batch_size, world, [len(e.ids) for e in train_ex],
+                                          config.micro_batch_tokens)
 
     def targets(batch, index):  # the teacher's next-token distributions of the batch (None for SFT)
         if cache is not None:
@@ -591,10 +607,11 @@ def recover(model: str, data: str, out: str | Path = "runs/recover", config: Rec
         from tqdm.auto import tqdm
         from transformers import PrinterCallback
 
-        data = StepData(batches, train_ex, lambda chosen: collate(chosen, pad_id, "cpu"), Example([pad_id], [IGNORE]))
+        step_data = StepData(batches, train_ex, lambda chosen: collate(chosen, pad_id, "cpu"),
+                             Example([pad_id], [IGNORE]))
         trainer = RecoveryTrainer(model=peft_model, args=training_arguments(config, ckpt_dir, len(steps),
                                                                            accumulation, device, world),
-                                  config=config, data=data, loss_fn=objective_loss_sum, targets_fn=targets,
+                                  config=config, data=step_data, loss_fn=objective_loss_sum, targets_fn=targets,
                                   schedule_fn=schedule)
         bar = tqdm(total=len(steps), initial=start_step, desc="LoRA recovery", unit="step",
                    disable=not (bar_enabled(config.progress) and rank == 0))

@@ -28,15 +28,36 @@ from transformers import Trainer, TrainerCallback
 STATE = "paser_state.pt"  # in each checkpoint folder, written once the Trainer's own files are complete
 
 
-def micro_batches(steps: list[list[int]], micro: int, world: int) -> tuple[list[list[int]], int]:
+def micro_batches(steps: list[list[int]], micro: int, world: int, lengths=None,
+                  max_tokens: int | None = None) -> tuple[list[list[int]], int]:
     """The micro-batches of every step in the order the processes take them (micro-batch i goes to
-    process i % world), and how many each process runs per step. An empty list is a filler."""
-    per_step = [[step[lo:lo + micro] for lo in range(0, len(step), micro)] for step in steps]
+    process i % world), and how many each process runs per step. An empty list is a filler.
+
+    Without ``lengths`` each step is cut in its order into micro-batches of ``micro`` records. With
+    each record's ``lengths`` (tokens), a step's records are sorted longest first and cut into
+    micro-batches of at most ``micro`` records that pad to at most ``max_tokens`` tokens (records x
+    the longest; a longer record goes alone): records of like length share a forward pass, so less
+    of it is padding. The step's gradient is the same either way (the loss is a sum over tokens)."""
+    per_step = [_cut(step, micro, lengths, max_tokens) for step in steps]
     accumulation = max(1, max((math.ceil(len(chunks) / world) for chunks in per_step), default=1))
     order = []
     for chunks in per_step:
         order += chunks + [[] for _ in range(accumulation * world - len(chunks))]
     return order, accumulation
+
+
+def _cut(step: list[int], micro: int, lengths, max_tokens: int | None) -> list[list[int]]:
+    if lengths is None:
+        return [step[lo:lo + micro] for lo in range(0, len(step), micro)]
+    chunks: list[list[int]] = []
+    for i in sorted(step, key=lambda i: (-int(lengths[i]), i)):
+        chunk = chunks[-1] if chunks else None
+        if chunk is None or len(chunk) == micro or (
+                max_tokens is not None and (len(chunk) + 1) * int(lengths[chunk[0]]) > max_tokens):
+            chunks.append([i])
+        else:
+            chunk.append(i)
+    return chunks
 
 
 class StepData(torch.utils.data.Dataset):

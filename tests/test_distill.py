@@ -98,7 +98,9 @@ def test_top_k_cache_of_the_whole_vocabulary_equals_the_teacher_in_memory(tiny_p
     logs = [[json.loads(line) for line in (tmp_path / f / "train_log.jsonl").read_text().splitlines()]
             for f in ("memory", "cache")]
     for x, y in zip(*logs):
-        assert x["divergence"] == pytest.approx(y["divergence"], rel=1e-5)
+        # the cache's teacher passes pad records to other widths than training's length-sorted
+        # micro-batches, so its logits differ in the float order: 1e-4 of a divergence near 1e-3
+        assert x["divergence"] == pytest.approx(y["divergence"], rel=1e-4)
     a, b = _adapter(tmp_path / "memory"), _adapter(tmp_path / "cache")
     assert a.keys() == b.keys()
     for key in a:  # Adam's normalisation magnifies float-rounding differences of near-zero gradients

@@ -44,7 +44,9 @@ def test_accumulated_micro_batches_give_the_full_batch_step(tiny_model_dir, trai
     4 ends with the same adapter (dropout off, whose masks depend on the micro-batch shapes;
     clipping off, which rescales every gradient by a norm summed in another float order, and Adam
     magnifies that rounding on near-zero gradients: tests/test_trainer.py checks it on with a
-    tolerance of that size)."""
+    tolerance of that size). Records are sorted by length inside a step, so each micro-batch size
+    sums in its own float order: 3e-5 is 0.6% of one step's update at this learning rate, while
+    weighting micro-batches wrongly (a mean per micro-batch, not per token) turns the gradient."""
     from safetensors.torch import load_file
 
     run = dict(FAST, dropout=0.0, max_steps=3, val_size=0, max_grad_norm=0.0)
@@ -56,7 +58,7 @@ def test_accumulated_micro_batches_give_the_full_batch_step(tiny_model_dir, trai
     for other in adapters[1:]:
         assert other.keys() == adapters[0].keys()
         for key in other:
-            torch.testing.assert_close(other[key], adapters[0][key], atol=1e-5, rtol=1e-4)
+            torch.testing.assert_close(other[key], adapters[0][key], atol=3e-5, rtol=1e-4)
 
 
 def test_a_few_steps_reduce_the_loss_and_the_adapter_round_trips(tiny_model_dir, train_file, tmp_path):
