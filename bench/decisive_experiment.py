@@ -16,6 +16,9 @@ Settings (decided before any result was seen):
 - ``alpaca-25``: pool = the first --alpaca-pool (1,000) positions of a permutation (numpy
   default_rng(0)) of ../shared/data/alpaca_5000.json, held out = the next --alpaca-heldout (200);
   twin 25%. Metric: held-out response NLL; the suite's answer-NLL macro average as a second view.
+- ``alpaca4800-25``: pool = every record of ../shared/data/alpaca_5000.json outside alpaca-25's
+  held-out 200 (4,800, in the permutation's order), held out = the same 200; twin 25%; the budget
+  unit ``tok4`` (4% of the pool's tokens, the paper's LaMini ratio): selection has more to choose from.
 
 Sized for the 2-core machine after its first two arms (dense and pruned evaluations took 237 s
 and 457 s beside other work, almost all of it generating answers for 480 records): accuracy is
@@ -24,8 +27,9 @@ generated for 10 records per family, not all, and the Alpaca pool is 1,000 recor
 arm time; it resumes where it stopped.
 
 Arms (``UNIT:METHOD``): UNIT ``rec`` is a 20% record budget with record batches (--batch-size
-records a step), ``tok`` a 20% token budget (of the pool's tokens) and ``tok5`` (alpaca only) a
-5% one, both with token batches of --batch-size times the pool's mean record tokens. METHOD:
+records a step), ``tok`` a 20% token budget (of the pool's tokens), ``tok5`` (alpaca-25 only) a
+5% one and ``tok4`` (alpaca4800-25 only) a 4% one, all with token batches of --batch-size times the
+pool's mean record tokens. METHOD:
 ``paser``, ``loss_gap`` (PASER with --signal loss_gap), ``no_cost``, ``uniform``,
 ``random-0``..``random-4``, ``longest``, ``shortest``, ``pruned_loss``; and once per setting
 ``none`` (the pruned model), ``dense`` and ``full`` (the whole pool, record batches). ``ARM#K``
@@ -79,10 +83,12 @@ from paser.settings import Settings  # noqa: E402
 from paser.suite import generate_suite  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-SETTINGS = {"suite-25": ("suite", 0.25), "suite-15": ("suite", 0.15), "alpaca-25": ("alpaca", 0.25)}
+SETTINGS = {"suite-25": ("suite", 0.25), "suite-15": ("suite", 0.15), "alpaca-25": ("alpaca", 0.25),
+            "alpaca4800-25": ("alpaca", 0.25)}
+WHOLE_POOL = {"alpaca4800-25"}  # the pool is every record outside the held-out ones
 METHODS = ["paser", "loss_gap", "no_cost", "uniform", *[f"random-{s}" for s in range(5)], "longest", "shortest",
            "pruned_loss"]
-BUDGETS = {"rec": 0.2, "tok": "0.2tok", "tok5": "0.05tok"}
+BUDGETS = {"rec": 0.2, "tok": "0.2tok", "tok5": "0.05tok", "tok4": "0.04tok"}
 BOOTSTRAP = 2000
 
 
@@ -90,6 +96,8 @@ def arms_of(setting: str) -> list[str]:
     """Every arm of a setting, in the order they run: references, the question (PASER against
     random), the other arms, the costly full pool last."""
     arms = ["dense", "none"]
+    if setting in WHOLE_POOL:  # 4% of the tokens, the paper's LaMini ratio
+        return arms + [f"tok4:{m}" for m in METHODS]
     for unit in ("rec", "tok"):
         arms += [f"{unit}:{m}" for m in METHODS]
     if SETTINGS[setting][0] == "alpaca":
@@ -111,8 +119,10 @@ def prepare(setting: str, args, work: Path) -> dict:
         if not pool.is_file():
             rows = [dict(r.fields) for r in load_pool(args.alpaca).records]
             order = np.random.default_rng(0).permutation(len(rows))
-            write_jsonl(pool, [rows[i] for i in order[:args.alpaca_pool]])
-            write_jsonl(heldout, [rows[i] for i in order[args.alpaca_pool:args.alpaca_pool + args.alpaca_heldout]])
+            end = args.alpaca_pool + args.alpaca_heldout
+            kept = [*order[:args.alpaca_pool], *order[end:]] if setting in WHOLE_POOL else order[:args.alpaca_pool]
+            write_jsonl(pool, [rows[i] for i in kept])
+            write_jsonl(heldout, [rows[i] for i in order[args.alpaca_pool:end]])
     pruned = args.pruned or twin_reference(Settings.load(None, {"select": {"dense": args.dense, "prune_ratio": ratio}}))
     evaluation = EvalConfig(heldout=str(heldout) if heldout else None, suite_size=args.suite_heldout,
                             suite_exclude=[str(pool)], max_new_tokens=args.max_new_tokens, batch_size=16,
@@ -173,12 +183,14 @@ def recovery_config(arm: str, setup: dict, args) -> RecoverConfig:
         batch_tokens = int(round(args.batch_size * tokens.mean()))
     if arm.endswith("~conv"):  # the convergence check: until the validation loss stops improving
         return RecoverConfig(epochs=args.conv_epochs, batch_size=args.batch_size,
-                             micro_batch_size=args.micro_batch_size, batch_tokens=batch_tokens,
+                             micro_batch_size=args.micro_batch_size, micro_batch_tokens=args.micro_batch_tokens,
+                             batch_tokens=batch_tokens,
                              learning_rate=args.learning_rate, max_steps=args.max_steps, val_size=0.1,
                              eval_every=args.conv_eval_every, patience=args.conv_patience, seed=seed, progress=False,
                              **objective)
     return RecoverConfig(epochs=args.epochs, batch_size=args.batch_size, micro_batch_size=args.micro_batch_size,
-                         batch_tokens=batch_tokens, learning_rate=args.learning_rate, max_steps=args.max_steps,
+                         micro_batch_tokens=args.micro_batch_tokens, batch_tokens=batch_tokens,
+                         learning_rate=args.learning_rate, max_steps=args.max_steps,
                          val_size=0, seed=seed, progress=False, **objective)
 
 
@@ -318,7 +330,7 @@ def distill_lines(rows: dict, kind: str) -> list[str]:
     """Does distillation make the selection matter? Per budget unit: PASER minus the random mean
     under SFT and under distillation, on the same random seeds, in the metric and in JSD."""
     lines = []
-    for unit in ("rec", "tok", "tok5"):
+    for unit in BUDGETS:
         seeds = [s for s in range(5) if f"{unit}:random-{s}@distill" in rows and f"{unit}:random-{s}" in rows]
         if f"{unit}:paser@distill" not in rows or f"{unit}:paser" not in rows or len(seeds) < 2:
             continue
@@ -346,7 +358,7 @@ def variant_lines(rows: dict, kind: str) -> list[str]:
     KL at temperature 1 (``@distill``) on the same random subsets, in the metric and in JSD."""
     lines = []
     variants = sorted({a.split("@")[1] for a in rows if "@distill-" in a and "#" not in a and "~" not in a})
-    for unit in ("rec", "tok", "tok5"):
+    for unit in BUDGETS:
         for variant in variants:
             seeds = [s for s in range(5) if f"{unit}:random-{s}@{variant}" in rows
                      and f"{unit}:random-{s}@distill" in rows]
@@ -681,7 +693,7 @@ def report(setting: str, work: Path, rows: dict, compared: list) -> str:
             lines += family_table(setting, rows, work, families, unit)
     elif (work / "select" / "embeddings.npy").is_file():
         nearest = nearest_pool_records(work)
-        for unit in ("tok", "rec", "tok5"):
+        for unit in ("tok", "rec", "tok5", "tok4"):
             lines += cluster_table(setting, rows, work, unit, nearest)
     shared = sorted({r["date"] for r in rows.values() if r.get("shared_machine")})
     spent = sum(r.get(k, 0.0) for r in rows.values() for k in ("selection_s", "recovery_s", "eval_s"))
@@ -707,6 +719,8 @@ def main(argv=None) -> None:
     ap.add_argument("--epochs", type=float, default=2.0)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--micro-batch-size", type=int, default=8)
+    ap.add_argument("--micro-batch-tokens", type=int, default=None,
+                    help="padded tokens per forward pass (records sorted by length; speed only, see RecoverConfig)")
     ap.add_argument("--learning-rate", type=float, default=3e-4)
     ap.add_argument("--max-steps", type=int, default=None)
     ap.add_argument("--max-new-tokens", type=int, default=24)
