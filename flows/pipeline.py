@@ -9,6 +9,7 @@ logs), eval/{dense,pruned,recovered}/ and run.md comparing the three.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from flows import configure_prefect
@@ -22,6 +23,7 @@ from flows.recovery import evaluation_flow, recovery_flow  # noqa: E402
 from flows.selection import selection_flow  # noqa: E402
 from paser.config import read_yaml  # noqa: E402
 from paser.evaluation import comparison_table  # noqa: E402
+from paser.ledger import parts_table  # noqa: E402
 from paser.settings import build_settings  # noqa: E402
 
 
@@ -64,7 +66,12 @@ def pipeline_flow(dense: str | None = None, pruned: str | None = None, data: str
         extra = ({} if name == "dense" else {"divergence_from": dense}) | (references if name == "recovered" else {})
         results[name] = evaluation_flow(model, adapter, str(root / "eval" / name), overrides=evaluate | extra,
                                         trust_pickle=trust_pickle)
-    (root / "run.md").write_text(comparison_table(results))
+    recovery = json.loads((Path(recovered) / "recovery.json").read_text())
+    selection = json.loads((Path(run) / "manifest.json").read_text())
+    parts = {"selection": selection["compute"], "recovery": recovery["compute"]} | {
+        f"evaluation of the {name} model": result["compute"] for name, result in results.items()}
+    (root / "run.md").write_text("\n".join([comparison_table(results), "## Compute (paser's counting rule, "
+                                                                       "paser.ledger)", "", *parts_table(parts), ""]))
     return str(root)
 
 

@@ -155,7 +155,7 @@ def selection_flow(data: str | None = None, dense: str | None = None, pruned: st
     if s.clustered:  # PASER and its ablations; the baselines need no clusters
         _cached(embed, "embed", settings, run)(settings, run)
         _cached(cluster, "cluster", settings, run)(settings, run)
-    if not s.baseline:  # random, full, longest and shortest need no model
+    if s.scored:  # random, full, longest, shortest and strat at temperature 0 need no model
         degradation(settings, run, pruned_twin(settings, run))
     if s.clustered:
         select(settings, run)

@@ -163,8 +163,8 @@ def select(
     out: Annotated[str | None, typer.Option(help="Run folder (default runs/select). Re-running on an existing "
                                                  "folder reuses every unchanged stage.")] = None,
     config: Annotated[Path | None, typer.Option(help="YAML settings (sections select, embed, manifold, "
-                                                     "cluster, score, allocate, concepts, prune, "
-                                                     "distribute).")] = None,
+                                                     "cluster, score, allocate, sample, adaptive, concepts, "
+                                                     "prune, distribute).")] = None,
     layout: Annotated[str | None, typer.Option(help="alpaca, lamini, dolly, messages (chat turns) or sharegpt "
                                                     "(conversations) (default: detected).")] = None,
     split: Annotated[str | None, typer.Option(help="Split of a Hugging Face dataset id given as --data "
@@ -191,9 +191,19 @@ def select(
     signal: Annotated[str | None, typer.Option(help="Degradation that CDS and IES use: jsd (the paper, default) "
                                                     "or loss_gap (pruned minus dense response NLL).")] = None,
     seed: Annotated[int | None, typer.Option(help="Seed (default 0).")] = None,
-    method: Annotated[str | None, typer.Option(help="paser (default); baselines random, full, longest, "
-                                                    "shortest, pruned_loss; ablations uniform, random_order, "
-                                                    "no_cost, no_ccg, kmeans.")] = None,
+    method: Annotated[str | None, typer.Option(help="paser (default); strat (tempered stratified: "
+                                                    "--cds-temperature, --ies-temperature, --dedup); adaptive "
+                                                    "(rounds of recovery, the adaptive section); baselines "
+                                                    "random, full, longest, shortest, pruned_loss; ablations "
+                                                    "uniform, random_order, no_cost, no_ccg, kmeans.")] = None,
+    cds_temperature: Annotated[float | None, typer.Option(help="strat: cluster shares ~ size x (CDS / mean "
+                                                               "CDS)^T (default 0: by size alone).")] = None,
+    ies_temperature: Annotated[float | None, typer.Option(help="strat: records drawn ~ (IES / cluster mean)^T "
+                                                               "(default 0: uniformly).")] = None,
+    dedup: Annotated[float | None, typer.Option(help="strat: skip a record whose instruction has cosine >= this "
+                                                     "with one already taken (default: keep all).")] = None,
+    per_cluster: Annotated[int | None, typer.Option(help="Score only this many records per cluster (strat with "
+                                                         "--ies-temperature 0; CDS with a 95% interval).")] = None,
     trust_pickle: Annotated[bool, typer.Option(help=TRUST_HELP)] = False,
     engine: Annotated[str | None, typer.Option(help="Where degradation shards run: local, dask or ray "
                                                     "(default local).")] = None,
@@ -216,7 +226,8 @@ def select(
         "select": {"layout": layout, "strict": strict, "suite_size": suite_size, "method": method,
                    "field_map": field_map, "split": split},
         "score": {"dtype": dtype, "batch_size": batch_size, "template": template, "cutoff": cutoff,
-                  "signal": signal},
+                  "signal": signal, "per_cluster": per_cluster},
+        "sample": {"cds_temperature": cds_temperature, "ies_temperature": ies_temperature, "dedup": dedup},
         "cluster": {"n_clusters": clusters, "method": cluster_method},
         "manifold": {"method": manifold},
         "concepts": {"max_concepts": max_concepts, "enabled": concepts},
@@ -240,6 +251,9 @@ def select(
                f"{summary['budget_unit']}")
     typer.echo("stage seconds: " + ", ".join(f"{k} {v['seconds']:.1f}{' (reused)' if v['reused'] else ''}"
                                              for k, v in timings.items()))
+    from paser.ledger import Ledger
+
+    typer.echo(Ledger.from_dict(json.loads((run / "manifest.json").read_text())["compute"]).line())
     typer.echo(f"run folder: {run} (selected.jsonl, scores.parquet, clusters.json, manifest.json, report.md)")
 
 
@@ -263,6 +277,14 @@ def recover(
     batch_tokens: Annotated[int | None, typer.Option(help="Form each optimizer step from about this many tokens "
                                                           "(prompt + response) instead of --batch-size records: "
                                                           "equal tokens give equal steps.")] = None,
+    micro_batch_tokens: Annotated[int | None, typer.Option(help="Padded tokens per forward pass at most (records "
+                                                                "sorted by length into passes; speed only).")] = None,
+    token_weighting: Annotated[float | None, typer.Option(help="Token-weighted SFT, lambda in [0, 1]: each response "
+                                                              "token's loss weighted (1 - lambda) + lambda x its "
+                                                              "signal / the step's mean (default 0: plain SFT).")
+                               ] = None,
+    token_signal: Annotated[str | None, typer.Option(help="Token weighting's signal: excess (pruned minus dense "
+                                                          "NLL, default) or jsd.")] = None,
     lora_r: Annotated[int | None, typer.Option(help="LoRA rank (default 8).")] = None,
     lora_alpha: Annotated[int | None, typer.Option(help="LoRA alpha (default 16).")] = None,
     cutoff: Annotated[int | None, typer.Option(help="Token cutoff (default 256).")] = None,
@@ -310,7 +332,8 @@ def recover(
                      cutoff=cutoff, val_size=val_size, patience=patience, dtype=dtype, merge=merge, seed=seed,
                      objective=objective, teacher=teacher, divergence=divergence, temperature=temperature,
                      mix_weight=mix_weight, teacher_top_k=teacher_top_k, max_grad_norm=max_grad_norm,
-                     gradient_checkpointing=gradient_checkpointing)
+                     gradient_checkpointing=gradient_checkpointing, micro_batch_tokens=micro_batch_tokens,
+                     token_weighting=token_weighting, token_signal=token_signal)
     try:
         cfg = load_config(RecoverConfig, config, "recover", overrides)
         if flow:
@@ -340,9 +363,19 @@ def recover(
     if isinstance(kind, dict):
         kind = (f"{kind['objective']} from {kind['teacher']} ({kind['divergence']}, temperature "
                 f"{kind['temperature']}, teacher {kind['teacher_targets']})")
+    if done.get("token_weighting"):
+        weighting = done["token_weighting"]
+        kind += f", token-weighted by {weighting['signal']} (lambda {weighting['strength']})"
     typer.echo(f"{done['steps']} steps (batches of {step}; {done['tokens_per_step']['mean']:.0f} tokens per step "
                f"on average) in {done['seconds']:.1f} s: {kind} loss {done['first_loss']:.4f} -> "
                f"{done['last_loss']:.4f}{val}")
+    if done.get("adaptive"):
+        rounds = done["adaptive"]["rounds"]
+        typer.echo(f"adaptive: {len(rounds)} rounds of " + ", ".join(f"{r['records']}" for r in rounds)
+                   + " records; shares of the last round " + " ".join(f"{x:.2f}" for x in rounds[-1]["shares"]))
+    from paser.ledger import Ledger
+
+    typer.echo(Ledger.from_dict(done["compute"]).line())
     typer.echo(f"adapter: {out / 'adapter'}")
 
 
@@ -411,7 +444,10 @@ def evaluate(
             result = run_evaluate(model, adapter, out, cfg, trust_pickle=trust_pickle)
     except (PaserError, ValueError) as err:
         raise _fail(err) from None
+    from paser.ledger import Ledger
+
     typer.echo(markdown_table(result))
+    typer.echo(Ledger.from_dict(result["compute"]).line())
 
 
 @app.command()
@@ -427,6 +463,8 @@ def run(
                                                      "recover, evaluate).")] = None,
     objective: Annotated[str | None, typer.Option(help="Recovery objective: sft (default), distill (from the "
                                                        "dense model) or mix; overrides recover.objective.")] = None,
+    method: Annotated[str | None, typer.Option(help="Selection method (paser select --method), e.g. adaptive: "
+                                                    "recovery in rounds; overrides select.method.")] = None,
     trust_pickle: Annotated[bool, typer.Option(help=TRUST_HELP)] = False,
 ) -> None:
     """The whole pipeline: prune (optional) -> select -> recover -> evaluate dense, pruned and recovered."""
@@ -435,7 +473,8 @@ def run(
         from paser.api import build_settings
         from paser.models import check_reference
 
-        settings = build_settings(data=data, dense=dense, pruned=pruned, budget=budget, config=config)
+        settings = build_settings(data=data, dense=dense, pruned=pruned, budget=budget, config=config,
+                                  overrides={"select": {"method": method}})
         dense, pruned = settings.select.dense, settings.select.pruned  # the config's unless given here
         check_reference(dense, trust_pickle)
         if pruned is not None:
@@ -448,9 +487,10 @@ def run(
             from paser.recovery import RecoverConfig
 
             RecoverConfig(objective=objective)  # a bad name fails here, before any stage
+        overrides = ({"recover": {"objective": objective}} if objective else {}) | (
+            {"select": {"method": method}} if method else {})
         folder = pipeline_flow(dense, pruned, data, budget, str(out), str(config) if config else None,
-                               overrides={"recover": {"objective": objective}} if objective else None,
-                               trust_pickle=trust_pickle)
+                               overrides=overrides or None, trust_pickle=trust_pickle)
     except (PaserError, ValueError) as err:
         raise _fail(err) from None
     typer.echo((Path(folder) / "run.md").read_text())

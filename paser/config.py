@@ -18,8 +18,8 @@ from pathlib import Path
 from paser.errors import ConfigError
 
 # Top-level sections a paser YAML may hold; each is one stage's config.
-SECTIONS = ("select", "embed", "manifold", "cluster", "score", "allocate", "concepts", "prune", "distribute",
-            "recover", "evaluate")
+SECTIONS = ("select", "embed", "manifold", "cluster", "score", "allocate", "sample", "adaptive", "concepts",
+            "prune", "distribute", "recover", "evaluate")
 
 
 def _check(value, hint, where: str):

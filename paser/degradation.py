@@ -34,7 +34,9 @@ LN2 = math.log(2.0)
 SCORE_COLUMNS = ["id", "jsd", "nll_dense", "nll_pruned", "loss_gap", "n_prompt", "n_response", "n_scored",
                  "truncated"]
 SHARD_FORMAT = 2  # 2: shards also hold nll_dense, nll_pruned and loss_gap
-SCORE_INDEPENDENT = ("signal",)  # settings that choose among the scores, not how they are computed
+# settings that choose among the scores, not how they are computed (per_cluster chooses which records
+# are scored: the fingerprint has their ids)
+SCORE_INDEPENDENT = ("signal", "per_cluster")
 
 
 @dataclass
@@ -71,11 +73,18 @@ class ScoreConfig:
     """The per-record degradation that CDS and IES use: jsd (the paper), or loss_gap = mean
     response NLL under the pruned model minus under the dense model. Both are computed by every
     scoring run, so switching re-scores nothing."""
+    per_cluster: int | None = None
+    """Score only a seeded sample of this many records per cluster (all of a smaller cluster) when
+    the method needs each cluster's CDS but not every record's score (``--method strat`` with
+    ``sample.ies_temperature`` 0): a small share of the full scoring pass, CDS with a 95% interval
+    in clusters.json and the report. None: every record. Methods that rank every record refuse it."""
 
     def __post_init__(self):
         for name in ("cutoff", "batch_size", "shard_size", "jsd_chunk", "top_k"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.per_cluster is not None and self.per_cluster < 2:
+            raise ValueError(f"per_cluster must be at least 2 (an interval needs two records), got {self.per_cluster}")
 
 
 def jsd_from_logits(logits_p: torch.Tensor, logits_q: torch.Tensor) -> torch.Tensor:

@@ -80,6 +80,15 @@ class SentenceEmbedder:
                                       convert_to_numpy=True, show_progress_bar=bar_enabled(self.progress))
         return np.asarray(vectors, dtype=np.float32)  # [N, d], unit rows
 
+    def cost(self, texts: list[str]) -> dict:
+        """What embedding ``texts`` costs by the ledger's rule (paser.ledger): the encoder's
+        parameter counts and the tokens it reads (its tokenizer, cut at its maximum length)."""
+        from paser.ledger import encoder_params
+
+        model = self._load()
+        tokens = model.tokenizer(list(texts), truncation=True, max_length=model.max_seq_length)["input_ids"]
+        return {"model": self.model_path, "params": encoder_params(model), "tokens": int(sum(map(len, tokens)))}
+
     def fingerprint(self) -> str:
         """Identifies the model's weights: path plus size and mtime of its files."""
         h = hashlib.sha256(str(Path(self.model_path).resolve()).encode())

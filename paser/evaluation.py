@@ -192,6 +192,38 @@ def token_stats(model, tokenizer, records, template: str = "alpaca", cutoff: int
     return table["nll_pruned"].to_numpy() * counts, counts, table["jsd"].to_numpy()
 
 
+def input_tokens(tokenizer, records, template: str = "alpaca", cutoff: int = 256) -> int:
+    """Prompt + response tokens of ``records`` under the template and cutoff: what a teacher-forced
+    pass over them reads (the compute ledger's)."""
+    from paser.degradation import ScoreConfig, token_table
+
+    return int(token_table(tokenizer, records, ScoreConfig(template=template, cutoff=cutoff))["n_tokens"].sum())
+
+
+def evaluation_ledger(result: dict, params: dict, reference: dict | None, model: str, ref_name: str | None):
+    """What ``evaluate`` computed (paser.ledger), from its result: perplexity windows, the held-out
+    and suite passes (and the reference model's beside them), the greedy answers (prompts read,
+    tokens generated). lm-eval's own passes are not counted."""
+    from paser.ledger import Ledger
+
+    ledger = Ledger()
+    for name, p in result.get("perplexity", {}).items():
+        tokens = p["windows"] * p["window"]
+        ledger.forward("perplexity", model, params, tokens, tokens, what=f"forward ({name})")
+    passes = {"held-out NLL": result.get("response_nll", {}).get("compute"),
+              "suite answer NLL": result.get("suite", {}).get("compute")}
+    for stage, found in passes.items():
+        if found:
+            ledger.forward(stage, model, params, found["tokens"], found["positions"])
+            if reference is not None:
+                ledger.forward(stage, ref_name, reference, found["tokens"], found["positions"])
+    generated = result.get("suite", {}).get("compute", {}).get("generation")
+    if generated:
+        ledger.forward("suite answers", model, params, generated["prompt_tokens"] + generated["new_tokens"],
+                       generated["new_tokens"], what="greedy generation")
+    return ledger
+
+
 def response_nll(model, tokenizer, records, template: str = "alpaca", cutoff: int = 256, batch_size: int = 8) -> dict:
     """Mean NLL over the response tokens of ``records`` (teacher forcing, prompt masked)."""
     return _nll_summary(records, *response_token_nll(model, tokenizer, records, template, cutoff, batch_size))
@@ -225,8 +257,10 @@ def answer_found(expected: str, answer: str) -> bool:
     return re.search(before + re.escape(want) + after, normalise_answer(answer)) is not None
 
 
-def generate_answers(model, tokenizer, records, template: str, max_new_tokens: int, batch_size: int) -> list[str]:
-    """Greedy answers to the records' prompts (left-padded batches, stopped at eos)."""
+def generate_answers(model, tokenizer, records, template: str, max_new_tokens: int, batch_size: int,
+                     counted: dict | None = None) -> list[str]:
+    """Greedy answers to the records' prompts (left-padded batches, stopped at eos). ``counted``
+    gets the prompt tokens read and the tokens generated (the compute ledger's)."""
     from paser.prompts import format_prompt
 
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -239,7 +273,13 @@ def generate_answers(model, tokenizer, records, template: str, max_new_tokens: i
             enc = tokenizer(prompts, return_tensors="pt", padding=True).to(_device_of(model))
             with torch.no_grad():
                 out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad)
-            answers += tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+            new = out[:, enc["input_ids"].shape[1]:]
+            answers += tokenizer.batch_decode(new, skip_special_tokens=True)
+            if counted is not None:  # each row generates until its eos (padding after it is not work it needed)
+                done = (new == tokenizer.eos_token_id).int().cumsum(1)
+                counted["prompt_tokens"] = counted.get("prompt_tokens", 0) + int(enc["attention_mask"].sum())
+                counted["new_tokens"] = counted.get("new_tokens", 0) + int(((done == 0) | (
+                    (done == 1) & (new == tokenizer.eos_token_id))).sum())
     finally:
         tokenizer.padding_side = side
     return answers
@@ -318,7 +358,9 @@ def suite_accuracy(model, tokenizer, size: int, seed: int, template: str = "alpa
     ``reference`` model, also the answers' mean token JSD to it (``jsd``), from the same pass."""
     records, held = held_out_suite(size, seed, exclude or [])
     sums, counts, jsd = token_stats(model, tokenizer, records, template, cutoff, batch_size, reference)
-    result = {"records": len(records), "seed": seed, **held, "answer_nll": _answer_summary(records, sums, counts)}
+    result = {"records": len(records), "seed": seed, **held, "answer_nll": _answer_summary(records, sums, counts),
+              "compute": {"tokens": input_tokens(tokenizer, records, template, cutoff),
+                          "positions": int(counts.sum())}}
     if jsd is not None:
         result["jsd"] = _jsd_summary(records, jsd)
     if accuracy_per_family is not None:
@@ -329,7 +371,8 @@ def suite_accuracy(model, tokenizer, size: int, seed: int, template: str = "alpa
     if not records:
         return result
     announce(f"generating answers to {len(records)} suite records ({max_new_tokens} tokens at most)")
-    answers = generate_answers(model, tokenizer, records, template, max_new_tokens, batch_size)
+    answers = generate_answers(model, tokenizer, records, template, max_new_tokens, batch_size,
+                               result["compute"].setdefault("generation", {}))
     per_family: dict[str, list[bool]] = {}
     exact = []
     examples = []
@@ -433,6 +476,8 @@ def evaluate(model: str, adapter: str | None = None, out: str | Path | None = No
         sums, counts, jsd = token_stats(net, tokenizer, heldout, config.template, config.cutoff, config.batch_size,
                                         ref_model)
         result["response_nll"] = _nll_summary(heldout, sums, counts)
+        result["response_nll"]["compute"] = {"tokens": input_tokens(tokenizer, heldout, config.template,
+                                                                    config.cutoff), "positions": int(counts.sum())}
         if jsd is not None:
             result["jsd_to_reference"]["heldout"] = _jsd_summary(heldout, jsd)
     if config.suite_size:
@@ -445,6 +490,10 @@ def evaluate(model: str, adapter: str | None = None, out: str | Path | None = No
             result["suite"]["answer_nll_gap_closed"] = suite_gap_closed(
                 result["suite"], references[0].get("suite"), references[1].get("suite"),
                 (config.reference_dense, config.reference_pruned))
+    from paser.ledger import flop_params
+
+    result["compute"] = evaluation_ledger(result, flop_params(net), flop_params(ref_model) if ref_model is not None
+                                          else None, str(model), config.divergence_from).to_dict()
     del reference, ref_model
     if harness_tasks is not None:
         from paser.harness import lm_eval_scores

@@ -32,6 +32,7 @@ from paser.runfolder import (
     read_run_pool,
     run_folder,
     seal,
+    selection_embeddings,
     selection_table,
     stage_fingerprint,
 )
@@ -135,6 +136,7 @@ def stage_embed(settings: Settings, run: Path, cache_dir: Path | None = None) ->
     def make(path: Path, fp: str) -> None:
         texts = instruction_texts(read_run_pool(run), cfg.include_input)
         np.save(path, embed_texts(texts, cfg, cache_dir, embedder=embedder))
+        (run / "embed_cost.json").write_text(json.dumps(embedder.cost(texts), indent=2))  # the compute ledger's line
 
     return stage_output(settings, run, "embed", make)
 
@@ -215,7 +217,13 @@ def stage_select(settings: Settings, run: Path) -> Path:
     """Allocation, IES ranking and the concept filter over the saved scores; writes the outputs."""
     with Stage(run, "select"):
         records, table = selection_table(settings, run)
-        result = select_from(settings, table)
+        if settings.select.method == "adaptive":
+            result = first_round(settings, run, table)
+        else:
+            from paser.adaptive import PLAN
+
+            (run / PLAN).unlink(missing_ok=True)  # an earlier adaptive run's plan would say this one has rounds
+            result = select_from(settings, table, embeddings=selection_embeddings(settings, run))
         out = result.table
         atomic_parquet(out.assign(concepts=out["concepts"].map(list)), run / "scores.parquet")
         _write_selected(run, records, result.selected, lambda row: {
@@ -227,9 +235,9 @@ def stage_select(settings: Settings, run: Path) -> Path:
             selection_summary(settings.select.method, result.budget, result.unit, result.selected) | {
                 "signal": result.signal, "K": fit["k"], "n_clusters": fit["n_clusters"], "knee_k": fit["knee_k"],
                 "knee_band": fit.get("knee_band"), "k_selection": fit.get("k_selection", "knee"),
-                "eigengap_k": fit["eigengap_k"], "k_curve": fit["k_curve"],
+                "eigengap_k": fit["eigengap_k"], "k_curve": fit["k_curve"], **rounds_summary(settings, run),
                 "clusters": [{"cluster": c, "name": names.get(c, ""), "size": int(result.sizes[c]),
-                              "cds": float(result.cds[c]),
+                              "cds": float(result.cds[c]), **cds_interval(out, c, result.signal),
                               "allocation": int(result.allocation[c]),
                               "selected": int(result.selected_per_cluster[c]),
                               "selected_tokens": int(result.selected_tokens_per_cluster[c]),
@@ -237,6 +245,53 @@ def stage_select(settings: Settings, run: Path) -> Path:
                              for c in range(len(result.sizes))],
             }, indent=2))
     return run / "selected.jsonl"
+
+
+def first_round(settings: Settings, run: Path, table: pd.DataFrame):
+    """``--method adaptive``: the rounds' plan (rounds.json: probe, amounts, size shares) and the
+    first round's draw, as a selection result over every record (probe records marked so)."""
+    from paser.adaptive import PLAN, draw_round, make_plan, round_seed
+
+    amount, unit = resolve_run_budget(settings, run)
+    try:
+        plan = make_plan(run, table, amount, unit, settings.adaptive, settings.select.seed)
+        result = draw_round(table, plan["base_shares"], plan["amounts"][0], unit, set(plan["probe"]),
+                            round_seed(settings.select.seed, 0))
+    except ValueError as err:
+        raise ConfigError(f"{run}: {err}") from None
+    probe = table[table["id"].isin(set(plan["probe"]))].assign(
+        n_tokens=lambda t: t["n_prompt"] + t["n_response"], ies=np.nan, status="probe",
+        reason="probe of the adaptive rounds (never trained on)", rank=0, conflict_a="", conflict_b="")
+    result.table = pd.concat([result.table, probe[result.table.columns]], ignore_index=True).set_index("id").loc[
+        table["id"]].reset_index()
+    (run / PLAN).write_text(json.dumps(plan, indent=2))
+    return result
+
+
+def rounds_summary(settings: Settings, run: Path) -> dict:
+    """For ``--method adaptive``, what clusters.json says of the rounds (the selection above is the
+    first round's): their number, the whole budget and each round's part, the probe's size."""
+    if settings.select.method != "adaptive":
+        return {}
+    from paser.adaptive import PLAN
+
+    plan = json.loads((run / PLAN).read_text())
+    return {"rounds": {"rounds": len(plan["amounts"]), "budget": plan["budget"], "unit": plan["unit"],
+                       "amounts": plan["amounts"], "probe_records": len(plan["probe"])}}
+
+
+def cds_interval(table: pd.DataFrame, cluster: int, signal: str) -> dict:
+    """How many of ``cluster``'s records were scored, and a 95% t interval of its CDS (the mean of
+    their ``signal``) from them: the sampling error of a CDS measured on a sample (per_cluster),
+    or of the cluster's mean in general. None where fewer than two were scored."""
+    from scipy import stats
+
+    values = table.loc[table["cluster"] == cluster, signal].to_numpy(dtype=float)
+    values = values[np.isfinite(values)]
+    if len(values) < 2:
+        return {"cds_scored": int(len(values)), "cds_ci": None}
+    half = stats.t.ppf(0.975, len(values) - 1) * values.std(ddof=1) / np.sqrt(len(values))
+    return {"cds_scored": int(len(values)), "cds_ci": [float(values.mean() - half), float(values.mean() + half)]}
 
 
 def baseline_order(settings: Settings, table: pd.DataFrame) -> np.ndarray:
@@ -307,8 +362,8 @@ def preflight(settings: Settings) -> None:
         budget.resolve(len(pool))
     # loading a tokenizer resolves its model reference: a missing or refused model fails here
     dense_tok = load_tokenizer(cfg.dense, cfg.trust_pickle)
-    if settings.baseline:
-        return  # random, full, longest and shortest use the tokenizer only
+    if not settings.scored:
+        return  # random, full, longest, shortest and strat at temperature 0 use the tokenizer only
     if cfg.pruned is not None:
         # an LLM-Pruner checkpoint is imported here (once, cached), so a refusal comes before any stage
         pruned_tok = load_tokenizer(cfg.pruned, cfg.trust_pickle, tokenizer_from=cfg.dense)
@@ -327,7 +382,7 @@ def run_selection(settings: Settings, cache_dir: Path | None = None) -> Path:
     if settings.clustered:
         stage_embed(settings, run, cache_dir)
         stage_cluster(settings, run)
-    if not settings.baseline:
+    if settings.scored:
         stage_score(settings, run)
     (stage_select if settings.clustered else stage_baseline)(settings, run)
     write_report(settings, run)

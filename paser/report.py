@@ -165,11 +165,15 @@ def _plots(run: Path, scores: pd.DataFrame, summary: dict, seed: int = 0) -> lis
 def cluster_table(summary: dict) -> list[str]:
     """The clusters as Markdown table lines, most degraded first."""
     unit = summary.get("budget_unit", "records")
-    lines = [f"| cluster | top concepts | size | CDS ({summary.get('signal', 'jsd')}) | allocation ({unit}) | "
-             "selected | selected tokens | rejected |", "|---:|---|---:|---:|---:|---:|---:|---:|"]
+    lines = [f"| cluster | top concepts | size | CDS ({summary.get('signal', 'jsd')}) | CDS 95% (records scored) | "
+             f"allocation ({unit}) | selected | selected tokens | rejected |",
+             "|---:|---|---:|---:|---|---:|---:|---:|---:|"]
     for c in sorted(summary["clusters"], key=lambda c: -c["cds"]):
-        lines.append(f"| {c['cluster']} | {c.get('name', '')} | {c['size']} | {c['cds']:.4f} | {c['allocation']} | "
-                     f"{c['selected']} | {c.get('selected_tokens', '')} | {c['rejected']} |")
+        ci = c.get("cds_ci")
+        interval = (f"[{ci[0]:.4f}, {ci[1]:.4f}] ({c['cds_scored']})" if ci else
+                    f"({c['cds_scored']})" if "cds_scored" in c else "")
+        lines.append(f"| {c['cluster']} | {c.get('name', '')} | {c['size']} | {c['cds']:.4f} | {interval} | "
+                     f"{c['allocation']} | {c['selected']} | {c.get('selected_tokens', '')} | {c['rejected']} |")
     return lines
 
 
@@ -223,9 +227,52 @@ BASELINE_HOW = {
 }
 
 
+def selection_ledger(settings, run: Path):
+    """What the selection cost (paser.ledger): the embedding model over the instructions, and each
+    model of the pair over every scored record's prompt + response (the head on its scored
+    positions); stages reused from the run folder are marked so."""
+    from paser.ledger import Ledger
+
+    ledger = Ledger()
+    timings = json.loads((run / "timings.json").read_text()) if (run / "timings.json").is_file() else {}
+    seconds = {stage: t.get("seconds") for stage, t in timings.items()}
+    reused = {stage: t.get("reused", False) for stage, t in timings.items()}
+    if settings.clustered and (run / "embed_cost.json").is_file():
+        cost = json.loads((run / "embed_cost.json").read_text())
+        ledger.forward("embed", Path(cost["model"]).name, cost["params"], cost["tokens"], 0, seconds.get("embed"),
+                       reused.get("embed", False))
+    if settings.scored and (run / "degradation.parquet").is_file() and (run / "models.json").is_file():
+        scores = pd.read_parquet(run / "degradation.parquet", columns=["n_prompt", "n_response", "n_scored"])
+        tokens, positions = int((scores["n_prompt"] + scores["n_response"]).sum()), int(scores["n_scored"].sum())
+        models = json.loads((run / "models.json").read_text())
+        for i, which in enumerate(("dense", "pruned")):
+            params = models[which].get("flop_params")
+            if params:  # the stage's wall time covers both models: it stands on the first line
+                ledger.forward("score", models[which]["reference"], params, tokens, positions,
+                               seconds.get("score") if i == 0 else None, reused.get("score", False))
+    return ledger
+
+
+def compute_lines(ledger) -> list[str]:
+    """The report's compute section: one row per ledger entry, then the total."""
+    from paser.ledger import human
+
+    if not ledger.entries:
+        return ["", "## Compute", "", "No model ran: the selection used the tokenizer only."]
+    lines = ["", "## Compute", "", "FLOPs by paser's counting rule (forward 2 x non-embedding parameters x tokens + "
+             "2 x hidden x vocabulary at the projected positions; paser.ledger).", "",
+             "| stage | model | tokens | head positions | FLOPs | seconds | reused |",
+             "|---|---|---:|---:|---:|---:|---|"]
+    for e in ledger.entries:
+        lines.append(f"| {e.stage} | {e.model} | {e.tokens:,} | {e.positions:,} | {human(e.flops)} | "
+                     f"{'' if e.seconds is None else f'{e.seconds:.1f}'} | {'yes' if e.reused else 'no'} |")
+    return lines + ["", f"- total: {human(ledger.total)} ({human(ledger.spent)} computed in this run)"]
+
+
 def _baseline_report(settings, run: Path, summary: dict, data: dict, timings: dict) -> Path:
     """manifest.json and a short report.md for the baselines (no clustering; a model only for pruned_loss)."""
-    manifest = _manifest_base(settings, data, timings, summary)
+    ledger = selection_ledger(settings, run)
+    manifest = _manifest_base(settings, data, timings, summary) | {"compute": ledger.to_dict()}
     models = json.loads((run / "models.json").read_text()) if summary["method"] == "pruned_loss" else None
     if models is not None:
         manifest["models"] = models
@@ -238,9 +285,28 @@ def _baseline_report(settings, run: Path, summary: dict, data: dict, timings: di
              f"- method: {summary['method']}: {how}; uses {used}", selection_line(summary), ""]
     if models is not None:
         lines[4:4] = [f"- dense: {models['dense']['description']}", f"- pruned: {models['pruned']['description']}"]
+    lines += compute_lines(ledger)
     path = run / "report.md"
     path.write_text("\n".join(lines))
     return path
+
+
+def strat_line(settings) -> str:
+    """How ``--method strat`` or ``adaptive`` drew, for the report's method line (empty for others)."""
+    if settings.select.method == "adaptive":
+        a = settings.adaptive
+        return (f"; the budget in {a.rounds} rounds of recovery, this selection being the first (sizes' shares); "
+                f"later rounds drawn by `paser recover` from the gaps left on a probe of {a.probe_per_cluster} "
+                f"records per cluster (step {a.step:g}, floor {a.floor:g}; rounds.json)")
+    if settings.select.method != "strat":
+        return ""
+    c = settings.sample
+    scored = ("every record scored" if c.needs_every_score else
+              f"CDS from {settings.score.per_cluster} scored records per cluster" if settings.sampled_scores else
+              "every record scored" if c.needs_cds else "no record scored")
+    return (f"; cluster shares ~ size x (CDS / mean)^{c.cds_temperature:g}, records drawn ~ "
+            f"(IES / cluster mean)^{c.ies_temperature:g}, near-duplicates "
+            f"{'at cosine >= ' + format(c.dedup, 'g') if c.dedup is not None else 'kept'}; {scored}")
 
 
 def write_report(settings, run: Path) -> Path:
@@ -251,22 +317,26 @@ def write_report(settings, run: Path) -> Path:
     timings = json.loads((run / "timings.json").read_text())
     if not settings.clustered:
         return _baseline_report(settings, run, summary, data, timings)
-    models = json.loads((run / "models.json").read_text())
+    # strat at temperature 0 loads no model
+    models = json.loads((run / "models.json").read_text()) if settings.scored else None
     ari = family_ari(run)
+    ledger = selection_ledger(settings, run)
     manifest = _manifest_base(settings, data, timings, summary) | {"models": models,
-                                                                   "adjusted_rand_index_vs_family": ari}
+                                                                   "adjusted_rand_index_vs_family": ari,
+                                                                   "compute": ledger.to_dict()}
     (run / "manifest.json").write_text(json.dumps(manifest, indent=2))
     plots = _plots(run, scores, summary, settings.select.seed)
 
     status = scores["status"].value_counts().to_dict()
     truncated = int(scores["truncated"].sum())
+    filter_name = "near-duplicate filter" if settings.select.method == "strat" else "concept filter"
     lines = [
         "# paser selection report", "",
         f"- pool: {data['source']} ({data['records']} records, {data['layout']} layout; "
         f"{len(data['rejected'])} set aside on load)",
-        f"- dense: {models['dense']['description']}",
-        f"- pruned: {models['pruned']['description']}",
-        f"- method: {summary['method']}; degradation signal: {summary['signal']}",
+        *([f"- dense: {models['dense']['description']}", f"- pruned: {models['pruned']['description']}"]
+          if models else ["- models: none loaded (no degradation score needed)"]),
+        f"- method: {summary['method']}; degradation signal: {summary['signal']}" + strat_line(settings),
         selection_line(summary),
         f"- clusters: K = {summary['K']} by {summary.get('k_selection', 'knee')} (NMF error curve: knee "
         f"{summary['knee_k']}, K within {settings.cluster.knee_band:.0%} of the knee's height "
@@ -274,7 +344,7 @@ def write_report(settings, run: Path) -> Path:
         f"{summary['eigengap_k']})",
         f"- records cut at the {settings.score.cutoff}-token cutoff: {truncated}; without scored tokens: "
         f"{status.get('unscored', 0)}",
-        f"- rejected by the concept filter: {status.get('rejected', 0)}",
+        f"- rejected by the {filter_name}: {status.get('rejected', 0)}",
     ]
     if ari is not None:
         lines.append(f"- adjusted Rand index of the clusters against the task families: {ari:.3f}")
@@ -282,11 +352,17 @@ def write_report(settings, run: Path) -> Path:
     lines += ["", "## Stage times", "", "| stage | seconds | reused |", "|---|---:|---|"]
     for name, t in timings.items():
         lines.append(f"| {name} | {t['seconds']:.1f} | {'yes' if t['reused'] else 'no'} |")
+    lines += compute_lines(ledger)
     rejected = scores[scores["status"] == "rejected"].head(10)
     if len(rejected):
-        lines += ["", "## First rejections", "", "| id | cluster | conflicting concepts |", "|---|---:|---|"]
-        for row in rejected.itertuples():
-            lines.append(f"| {row.id} | {row.cluster} | {row.conflict_a} / {row.conflict_b} |")
+        if settings.select.method == "strat":
+            lines += ["", "## First rejections", "", "| id | cluster | why | near-duplicate of |", "|---|---:|---|---|"]
+            for row in rejected.itertuples():
+                lines.append(f"| {row.id} | {row.cluster} | {row.reason} | {row.conflict_a} |")
+        else:
+            lines += ["", "## First rejections", "", "| id | cluster | conflicting concepts |", "|---|---:|---|"]
+            for row in rejected.itertuples():
+                lines.append(f"| {row.id} | {row.cluster} | {row.conflict_a} / {row.conflict_b} |")
     lines += [""] + [f"![{p}]({p})" for p in plots] + [""]
     path = run / "report.md"
     path.write_text("\n".join(lines))
@@ -353,10 +429,11 @@ class RunView:
 
     def reselect(self, budget: float | int | str):
         """Selection at another budget from the saved scores and clusters (no model, writes nothing)."""
-        from paser.runfolder import selection_table
+        from paser.runfolder import selection_embeddings, selection_table
         from paser.selection import select_from
 
-        return select_from(self.settings, selection_table(self.settings, self.folder)[1], budget)
+        return select_from(self.settings, selection_table(self.settings, self.folder)[1], budget,
+                           selection_embeddings(self.settings, self.folder))
 
 
 def load_run(folder: str | Path) -> RunView:

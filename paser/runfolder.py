@@ -30,6 +30,7 @@ import os
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from paser import progress
@@ -164,12 +165,28 @@ def stage_fingerprint(stage: str, settings: Settings, run: Path, pruned_ref: str
     if stage == "score":
         from paser.models import model_fingerprint
 
-        ids = pd.read_parquet(run / "pool.parquet", columns=["id"])["id"].tolist()
+        ids = pd.read_parquet(run / "pool.parquet", columns=["id"])["id"]
+        rows = scored_rows(settings, run)
+        ids = (ids if rows is None else ids.iloc[rows]).tolist()
         score = dataclasses.replace(settings.score, dtype=resolve_dtype(settings.score.dtype,
                                                                         scoring_device(settings.score.device)))
         fp = scoring_fingerprint(score, model_fingerprint(settings.select.dense),
                                  model_fingerprint(pruned_ref), ids)
         return fingerprint(fp, pool_fp)
+
+
+def scored_rows(settings: Settings, run: Path) -> list[int] | None:
+    """The pool positions degradation scoring covers: every record (None), or with
+    ``score.per_cluster`` m a seeded sample of m records per cluster (all of a smaller one), in
+    pool order."""
+    if not settings.sampled_scores:
+        return None
+    labels = pd.read_parquet(run / "clusters.parquet", columns=["cluster"])["cluster"].to_numpy()
+    rng = np.random.default_rng(settings.select.seed)
+    m = settings.score.per_cluster
+    rows = [rng.choice(members, m, replace=False) if len(members) > m else members
+            for members in (np.flatnonzero(labels == c) for c in np.unique(labels))]
+    return sorted(int(i) for i in np.concatenate(rows))
 
 
 def stage_state(stage: str, settings: Settings, run: Path, pruned_ref: str | None = None) -> tuple[str, bool]:
@@ -197,14 +214,37 @@ def record_concepts_cached(run: Path, records: list[Record], config: ConceptConf
 
 
 def selection_table(settings: Settings, run: Path) -> tuple[list[Record], pd.DataFrame]:
-    """The run's records and the table selection works on: degradation, cluster and concepts per record."""
+    """The run's records and the table selection works on: degradation, cluster and concepts per
+    record. Records that were not scored (a per-cluster sample, or a method that scores none) have
+    no degradation values (NaN) and their token counts from the token stage."""
+    from paser.degradation import SCORE_COLUMNS
+
     records = read_run_pool(run)
-    table = pd.read_parquet(run / "degradation.parquet").merge(
-        pd.read_parquet(run / "clusters.parquet"), on="id", how="left", validate="one_to_one")
+    tokens = pd.read_parquet(run / "tokens.parquet")
+    if settings.scored:
+        scores = pd.read_parquet(run / "degradation.parquet")
+        table = tokens[["id"]].merge(scores, on="id", how="left", validate="one_to_one")
+        unscored = table["n_prompt"].isna()
+        if unscored.any():  # token counts and truncation come from the token stage, as scoring counts them
+            for column in ("n_prompt", "n_response", "truncated"):
+                table[column] = table[column].where(~unscored, tokens[column])
+            table = table.astype({"n_prompt": "int64", "n_response": "int64", "truncated": bool})
+    else:
+        table = tokens[["id", "n_prompt", "n_response", "truncated"]].assign(
+            **{c: np.nan for c in SCORE_COLUMNS if c not in tokens}).reindex(columns=SCORE_COLUMNS)
+    table = table.merge(pd.read_parquet(run / "clusters.parquet"), on="id", how="left", validate="one_to_one")
     if table["cluster"].isna().any() or len(table) != len(records):
         raise PaserError(f"{run}: scores and clusters cover different records; rerun without --out reuse")
     table["concepts"] = record_concepts_cached(run, records, settings.concepts)
     return records, table
+
+
+def selection_embeddings(settings: Settings, run: Path) -> np.ndarray | None:
+    """The instruction embeddings when the method compares records by them (strat's near-duplicate
+    removal), else None."""
+    if settings.select.method == "strat" and settings.sample.dedup is not None:
+        return np.load(run / "embeddings.npy")
+    return None
 
 
 def run_folder(settings: Settings) -> Path:

@@ -27,7 +27,7 @@ from paser.config import to_mapping
 from paser.degradation import collect_shards, score_pool_shard, score_pool_two_pass, shard_path, shard_ranges
 from paser.devices import resolve_dtype, scoring_device
 from paser.errors import PaserError, ShardError
-from paser.runfolder import atomic_parquet, fingerprint, read_run_pool, seal, stage_fingerprint
+from paser.runfolder import atomic_parquet, fingerprint, read_run_pool, scored_rows, seal, stage_fingerprint
 from paser.settings import Settings
 
 
@@ -85,16 +85,25 @@ class ScoringPlan:
     dense: str
     pruned: str
     shards: list[tuple[int, int]]
+    rows: list[int] | None = None
+    """The pool positions scored, in order (``score.per_cluster``); None: every record. Shard
+    ranges index this list."""
 
     @property
     def shard_dir(self) -> Path:
         return Path(self.run) / "scores" / self.fingerprint
 
+    def records(self) -> list:
+        """The records this plan scores, in order (shard ranges index them)."""
+        records = read_run_pool(Path(self.run))
+        return records if self.rows is None else [records[i] for i in self.rows]
+
 
 def plan_scoring(settings: Settings, run: Path, pruned_ref: str) -> ScoringPlan:
-    n = len(pd.read_parquet(run / "pool.parquet", columns=["id"]))
+    rows = scored_rows(settings, run)
+    n = len(pd.read_parquet(run / "pool.parquet", columns=["id"])) if rows is None else len(rows)
     return ScoringPlan(str(run), stage_fingerprint("score", settings, run, pruned_ref), settings.select.dense,
-                       pruned_ref, shard_ranges(n, settings.score.shard_size))
+                       pruned_ref, shard_ranges(n, settings.score.shard_size), rows)
 
 
 _LOADED: dict = {}
@@ -139,32 +148,43 @@ def score_planned_shard(settings: Settings, plan: ScoringPlan, index: int) -> di
     on_batch = None if shown is None else (lambda n, tokens: shown.batch(index, n, tokens))
     try:
         dense, pruned = loaded_pair(settings, plan)
-        records = read_run_pool(Path(plan.run))
-        score_pool_shard(dense.model, pruned.model, dense.tokenizer, records, settings.score, plan.shard_dir, index,
-                         on_batch)
+        score_pool_shard(dense.model, pruned.model, dense.tokenizer, plan.records(), settings.score, plan.shard_dir,
+                         index, on_batch)
     except PaserError:
         raise
     except Exception as err:
         ids = pd.read_parquet(Path(plan.run) / "pool.parquet", columns=["id"])["id"]
+        if plan.rows is not None:
+            ids = ids.iloc[plan.rows].reset_index(drop=True)
         raise ShardError(f"{plan.run}: scoring shard {index} (records {lo}..{hi - 1}, ids {ids[lo]!r}.."
                          f"{ids[hi - 1]!r}) failed: {type(err).__name__}: {err}",
                          transient=isinstance(err, OSError)) from err
+    from paser.ledger import flop_params
+
     return report | {"computed": True, "seconds": round(time.perf_counter() - start, 3),
-                     "models": {"dense": dense.describe(), "pruned": pruned.describe()}}
+                     "models": {"dense": dense.describe(), "pruned": pruned.describe()},
+                     "flop_params": {"dense": flop_params(dense.model), "pruned": flop_params(pruned.model)}}
 
 
-def finish_scoring(settings: Settings, plan: ScoringPlan, reports: list[dict], described: dict | None = None) -> Path:
+def finish_scoring(settings: Settings, plan: ScoringPlan, reports: list[dict], described: dict | None = None,
+                   counted: dict | None = None) -> Path:
     """Collect the finished shards into degradation.parquet, with models.json and scoring.json."""
     from paser.models import model_fingerprint
 
     run = Path(plan.run)
-    scores = collect_shards(read_run_pool(run), settings.score, plan.shard_dir)
+    scores = collect_shards(plan.records(), settings.score, plan.shard_dir)
     atomic_parquet(scores, run / "degradation.parquet")
     computed = [r for r in reports if r.get("computed")]
     described = described or (computed[0]["models"] if computed else {})
+    # the ledger's parameter counts: from this run's models, else from an earlier models.json of the same models
+    counted = counted or (computed[0].get("flop_params", {}) if computed else {})
+    earlier = json.loads((run / "models.json").read_text()) if (run / "models.json").is_file() else {}
     (run / "models.json").write_text(json.dumps({
         which: {"reference": ref, "fingerprint": model_fingerprint(ref),
-                "description": described.get(which, "reused finished shards")}
+                "description": described.get(which, "reused finished shards"),
+                "flop_params": counted.get(which) or (earlier.get(which, {}).get("flop_params")
+                                                     if earlier.get(which, {}).get("fingerprint")
+                                                     == model_fingerprint(ref) else None)}
         for which, ref in (("dense", plan.dense), ("pruned", plan.pruned))}, indent=2))
     (run / "scoring.json").write_text(json.dumps({
         "fingerprint": plan.fingerprint, "shards": sorted(reports, key=lambda r: r["shard"])}, indent=2))
@@ -179,11 +199,13 @@ def _score_two_pass(settings: Settings, plan: ScoringPlan) -> dict:
     cfg, scfg = settings.select, settings.score
     device = scoring_device(scfg.device)
     kwargs = dict(dtype=resolve_dtype(scfg.dtype, device), trust_pickle=cfg.trust_pickle, device=device)
-    described = {}
+    described, counted = {}, {}
 
     def load(which: str, reference: str):
+        from paser.ledger import flop_params
+
         loaded = load_model(reference, **kwargs, tokenizer_from=plan.dense if which == "pruned" else None)
-        described[which] = loaded.describe()
+        described[which], counted[which] = loaded.describe(), flop_params(loaded.model)
         return loaded.model
 
     tokenizer = load_tokenizer(plan.dense, cfg.trust_pickle) or load_model(plan.dense, **kwargs).tokenizer
@@ -191,8 +213,8 @@ def _score_two_pass(settings: Settings, plan: ScoringPlan) -> dict:
     if pruned_tok is not None:
         check_same_tokenizer(tokenizer, pruned_tok, plan.dense, plan.pruned)
     score_pool_two_pass(lambda: load("dense", plan.dense), lambda: load("pruned", plan.pruned), tokenizer,
-                        read_run_pool(Path(plan.run)), scfg, plan.shard_dir, progress=cfg.progress)
-    return described
+                        plan.records(), scfg, plan.shard_dir, progress=cfg.progress)
+    return described, counted
 
 
 def scoring_progress(settings: Settings, plan: ScoringPlan) -> progress.ScoringProgress:
@@ -224,5 +246,5 @@ def run_scoring(settings: Settings, plan: ScoringPlan, map_shards: ShardMap | No
     process, one model loaded at a time; otherwise ``map_shards`` (default ``score_shards_here``)
     scores the shards and returns their reports."""
     if settings.score.two_pass:
-        return finish_scoring(settings, plan, [], _score_two_pass(settings, plan))
+        return finish_scoring(settings, plan, [], *_score_two_pass(settings, plan))
     return finish_scoring(settings, plan, (map_shards or score_shards_here)(settings, plan))

@@ -6,7 +6,9 @@ is needed, so re-selecting at another budget takes seconds. The budget is in rec
 (``paser.budget``). Clusters are visited most degraded first; inside a cluster records go by
 IES = degradation / ln(L^2). A cluster left short by rejections gives its
 shortfall to clusters that still have candidates (by CDS), until the budget is met or no
-candidate is left. Every rejection keeps its conflicting concept pair.
+candidate is left. Every rejection keeps its conflicting concept pair. ``StratifiedSelector``
+(``--method strat``, paser.stratified) runs the same budget loop with tempered size shares,
+tempered random draws and near-duplicate removal instead.
 
     python -c "from paser.selection import importance_efficiency; print(importance_efficiency([0.2], [100]))"
 """
@@ -22,6 +24,7 @@ import pandas as pd
 from paser.allocation import allocate_budget, cluster_degradation
 from paser.budget import parse_budget, record_costs
 from paser.concepts import ConceptGraph
+from paser.stratified import NearDuplicates, SampleConfig, cluster_weights, draw_keys
 
 if TYPE_CHECKING:
     from paser.settings import Settings
@@ -86,7 +89,9 @@ class Selector:
         self.random_state = random_state
         self.signal = signal
 
-    def fit(self, table: pd.DataFrame) -> Selector:
+    def fit(self, table: pd.DataFrame, embeddings: np.ndarray | None = None) -> Selector:
+        """Select from ``table``; ``embeddings`` (one row per record, unit norm) are used by
+        selectors that skip near-duplicates."""
         if self.order not in ORDERS:
             raise ValueError(f"order must be one of {ORDERS}, got {self.order!r}")
         if self.signal not in table:
@@ -101,29 +106,17 @@ class Selector:
         degradation = t[self.signal].to_numpy(dtype=float, copy=True)
         degradation[~np.isfinite(degradation)] = np.nan  # fp16 overflow gives inf: never selectable
         t["ies"] = importance_efficiency(degradation, t["n_tokens"])
-        eligible = ~np.isnan(degradation)
+        eligible = self._eligible(degradation)
         if budget.tokens and eligible.any() and amount < cost[eligible].min():
             raise ValueError(f"budget of {amount} tokens is smaller than the shortest scored record "
                              f"({int(cost[eligible].min())} tokens)")
         sizes = np.bincount(labels[eligible], minlength=k)
         room_of = lambda mask: np.bincount(labels[mask], weights=cost[mask], minlength=k).astype(np.int64)  # noqa: E731
         cds = cluster_degradation(labels, degradation, k)
-        # a cluster that pruning did not hurt on average (loss_gap can be negative) gets no CDS share
-        weights = np.clip(cds, 0.0, None)
+        weights = self._cluster_weights(cds, room_of(eligible))
         target = min(amount, int(room_of(eligible).sum()))
         quota = allocate_budget(weights, room_of(eligible), target, self.allocation)
-
-        # candidates per cluster in visiting order
-        rng = np.random.default_rng(self.random_state)
-        queues: list[list[int]] = []
-        for c in range(k):
-            members = np.flatnonzero((labels == c) & eligible)
-            if self.order == "random":
-                members = rng.permutation(members)
-            else:
-                key = (degradation if self.order == "signal" else t["ies"].to_numpy())[members]
-                members = members[np.lexsort((members, -key))]
-            queues.append(members.tolist())
+        queues = self._queues(t, labels, eligible, degradation, k)
         cursor = [0] * k
         status = np.array(["unvisited"] * len(t), dtype=object)
         status[~eligible] = "unscored"
@@ -134,8 +127,7 @@ class Selector:
                                      "not float16)")
         conflict_a = np.array([""] * len(t), dtype=object)
         conflict_b = np.array([""] * len(t), dtype=object)
-        graph = ConceptGraph()
-        concepts = t["concepts"].tolist() if self.use_concepts else None
+        offer = self._filter(t, embeddings)
         chosen: list[int] = []
         taken = np.zeros(k, dtype=np.int64)
         spent = np.zeros(k, dtype=np.int64)  # in the budget's unit
@@ -144,14 +136,14 @@ class Selector:
         def visit(c: int) -> None:
             i = queues[c][cursor[c]]
             cursor[c] += 1
-            ok, pair = (True, None) if concepts is None else graph.offer(list(concepts[i]))
+            ok, why, pair = offer(i)
             if ok:
                 status[i] = "selected"
                 chosen.append(i)
                 taken[c] += 1
                 spent[c] += cost[i]
             else:
-                status[i], reason[i] = "rejected", "concept conflict"
+                status[i], reason[i] = "rejected", why
                 conflict_a[i], conflict_b[i] = pair
                 rejected[c] += 1
 
@@ -196,11 +188,108 @@ class Selector:
                                        selected_tokens_per_cluster=tokens_per_cluster, signal=self.signal)
         return self
 
+    # ---- the parts a variant changes (see StratifiedSelector)
 
-def select_from(settings: Settings, table: pd.DataFrame, budget: float | int | str | None = None) -> SelectionResult:
-    """The selection ``settings`` ask for (PASER or an ablation of it) over a selection table, at
-    ``budget`` (default: the settings' budget); writes nothing."""
+    def _eligible(self, degradation: np.ndarray) -> np.ndarray:
+        """Records that may be selected: those with a finite score (IES needs one)."""
+        return ~np.isnan(degradation)
+
+    def _cluster_weights(self, cds: np.ndarray, room: np.ndarray) -> np.ndarray:
+        """Each cluster's share of the budget before capping: its CDS (a cluster that pruning did
+        not hurt on average, loss_gap being negative, gets no share); ``allocation`` may then
+        ignore it (uniform)."""
+        return np.clip(cds, 0.0, None)
+
+    def _queues(self, t: pd.DataFrame, labels, eligible, degradation, k: int) -> list[list[int]]:
+        """Each cluster's candidates in visiting order: IES (or the signal alone, or a seeded
+        random order) descending, ties to the earlier record."""
+        rng = np.random.default_rng(self.random_state)
+        queues = []
+        for c in range(k):
+            members = np.flatnonzero((labels == c) & eligible)
+            if self.order == "random":
+                members = rng.permutation(members)
+            else:
+                key = (degradation if self.order == "signal" else t["ies"].to_numpy())[members]
+                members = members[np.lexsort((members, -key))]
+            queues.append(members.tolist())
+        return queues
+
+    def _filter(self, t: pd.DataFrame, embeddings):
+        """``offer(i) -> (accepted, reason, (a, b))``: the concept consistency graph, or none."""
+        if not self.use_concepts:
+            return lambda i: (True, "", ("", ""))
+        graph, concepts = ConceptGraph(), t["concepts"].tolist()
+
+        def offer(i: int):
+            ok, pair = graph.offer(list(concepts[i]))
+            return (True, "", ("", "")) if ok else (False, "concept conflict", pair)
+
+        return offer
+
+
+class StratifiedSelector(Selector):
+    """``Selector`` with tempered stratified shares, tempered random draws inside clusters and
+    near-duplicate removal instead of CDS shares, IES order and the concept filter (see the module
+    docstring). ``fit(table, embeddings)``: ``table`` as for ``Selector`` (the signal may be missing
+    on records that were not scored when ``ies_temperature`` is 0); ``embeddings`` only with
+    ``dedup``; ``shares``: the clusters' weights, given (adaptive rounds). Learned as ``Selector``,
+    plus ``weights_`` (the clusters' shares before capping)."""
+
+    def __init__(self, budget, config: SampleConfig | None = None, random_state: int = 0, signal: str = "jsd",
+                 shares=None):
+        super().__init__(budget, use_concepts=False, random_state=random_state, signal=signal)
+        self.config = config or SampleConfig()
+        self.shares = shares  # given cluster shares instead of the tempered sizes (adaptive rounds)
+
+    def fit(self, table: pd.DataFrame, embeddings: np.ndarray | None = None) -> StratifiedSelector:
+        if self.config.dedup is not None and embeddings is None:
+            raise ValueError("dedup compares instruction embeddings: pass embeddings to fit")
+        return super().fit(table, embeddings)
+
+    def _eligible(self, degradation: np.ndarray) -> np.ndarray:
+        if self.config.needs_every_score:
+            return ~np.isnan(degradation)
+        return np.ones(len(degradation), dtype=bool)  # drawn without a score
+
+    def _cluster_weights(self, cds: np.ndarray, room: np.ndarray) -> np.ndarray:
+        if self.shares is not None:  # clusters past the table's last label have no candidate left
+            self.weights_ = np.asarray(self.shares, dtype=float)[:len(room)]
+        else:
+            self.weights_ = cluster_weights(room, cds, self.config.cds_temperature)
+        return self.weights_
+
+    def _queues(self, t: pd.DataFrame, labels, eligible, degradation, k: int) -> list[list[int]]:
+        tau = self.config.ies_temperature
+        weights = np.ones(len(t))
+        if tau > 0:
+            ies = np.clip(t["ies"].to_numpy(dtype=float), 0.0, None)
+            for c in range(k):
+                members = (labels == c) & eligible
+                mean = ies[members].mean() if members.any() else 0.0
+                weights[members] = (ies[members] / mean) ** tau if mean > 0 else 1.0
+        keys = draw_keys(weights, np.random.default_rng(self.random_state))
+        queues = []
+        for c in range(k):
+            members = np.flatnonzero((labels == c) & eligible)
+            queues.append(members[np.lexsort((members, -keys[members]))].tolist())
+        return queues
+
+    def _filter(self, t: pd.DataFrame, embeddings):
+        if self.config.dedup is None:
+            return lambda i: (True, "", ("", ""))
+        return NearDuplicates(embeddings, t["id"], self.config.dedup).offer
+
+
+def select_from(settings: Settings, table: pd.DataFrame, budget: float | int | str | None = None,
+                embeddings: np.ndarray | None = None) -> SelectionResult:
+    """The selection ``settings`` ask for (PASER, an ablation of it, or strat) over a selection
+    table, at ``budget`` (default: the settings' budget); ``embeddings``: the records'
+    instruction embeddings, for strat's near-duplicate removal. Writes nothing."""
+    budget = settings.select.budget if budget is None else budget
+    if settings.select.method == "strat":
+        return StratifiedSelector(budget, settings.sample, random_state=settings.select.seed,
+                                  signal=settings.score.signal).fit(table, embeddings).result_
     order = {"random_order": "random", "no_cost": "signal"}.get(settings.select.method, "ies")
-    return Selector(settings.select.budget if budget is None else budget, settings.allocate.method,
-                    use_concepts=settings.concepts.enabled, order=order, random_state=settings.select.seed,
-                    signal=settings.score.signal).fit(table).result_
+    return Selector(budget, settings.allocate.method, use_concepts=settings.concepts.enabled, order=order,
+                    random_state=settings.select.seed, signal=settings.score.signal).fit(table).result_

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from paser.adaptive import AdaptiveConfig
 from paser.allocation import AllocateConfig
 from paser.budget import parse_budget
 from paser.clustering import ClusterConfig
@@ -22,6 +23,7 @@ from paser.embedding import EmbedConfig
 from paser.errors import ConfigError
 from paser.manifold import ManifoldConfig
 from paser.pruning import PruneConfig
+from paser.stratified import SampleConfig
 
 
 @dataclass
@@ -52,13 +54,18 @@ class SelectConfig:
     budget: float | str = 0.2
     """What to select: records as a count (100) or a fraction of the pool (0.2), or tokens as an
     amount ("40000tok") or a fraction of the pool's tokens ("0.2tok"); see paser.budget."""
-    method: Literal["paser", "random", "full", "longest", "shortest", "pruned_loss", "uniform", "random_order",
-                    "no_cost", "no_ccg", "kmeans"] = "paser"
-    """paser; the baselines random (seeded), full (every record), longest (longest responses
-    first), shortest (fewest tokens first), pruned_loss (highest response NLL under the pruned
-    model first); or an ablation of PASER: uniform allocation, random order inside clusters instead
-    of IES, degradation order inside clusters (IES without its compute-cost denominator), no
-    concept filter, k-means clusters instead of NMF. An ablation sets its stage's option
+    method: Literal["paser", "strat", "adaptive", "random", "full", "longest", "shortest", "pruned_loss",
+                    "uniform", "random_order", "no_cost", "no_ccg", "kmeans"] = "paser"
+    """paser; strat, tempered stratified selection (cluster shares by size and tempered CDS, records
+    drawn by tempered IES, near-duplicates skipped: the ``sample`` section, paser.stratified);
+    adaptive, the budget spent in rounds of recovery whose cluster shares follow the gaps that
+    remain (the ``adaptive`` section, paser.adaptive: selection plans the rounds and draws the
+    first, ``paser recover`` on its selected.jsonl trains them and draws the rest); the
+    baselines random (seeded), full (every record), longest (longest responses first), shortest
+    (fewest tokens first), pruned_loss (highest response NLL under the pruned model first); or an
+    ablation of PASER: uniform allocation, random order inside clusters instead of IES,
+    degradation order inside clusters (IES without its compute-cost denominator), no concept
+    filter, k-means clusters instead of NMF. An ablation sets its stage's option
     (allocate.method, concepts.enabled, cluster.method) whatever the config says."""
     out: str = "runs/select"
     """The run folder."""
@@ -100,8 +107,9 @@ BASELINES = ("random", "full", "longest", "shortest")  # need the tokenizer, no 
 SCORED_BASELINES = ("pruned_loss",)  # need the scoring passes, no clusters
 
 STAGE_CONFIGS = {"select": SelectConfig, "embed": EmbedConfig, "manifold": ManifoldConfig,
-            "cluster": ClusterConfig, "score": ScoreConfig, "allocate": AllocateConfig,
-            "concepts": ConceptConfig, "prune": PruneConfig, "distribute": DistributeConfig}
+            "cluster": ClusterConfig, "score": ScoreConfig, "allocate": AllocateConfig, "sample": SampleConfig,
+            "adaptive": AdaptiveConfig, "concepts": ConceptConfig, "prune": PruneConfig,
+            "distribute": DistributeConfig}
 
 
 @dataclass
@@ -114,6 +122,8 @@ class Settings:
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     score: ScoreConfig = field(default_factory=ScoreConfig)
     allocate: AllocateConfig = field(default_factory=AllocateConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    adaptive: AdaptiveConfig = field(default_factory=AdaptiveConfig)
     concepts: ConceptConfig = field(default_factory=ConceptConfig)
     prune: PruneConfig = field(default_factory=PruneConfig)
     distribute: DistributeConfig = field(default_factory=DistributeConfig)
@@ -135,6 +145,9 @@ class Settings:
             settings.concepts.enabled = False
         elif method == "kmeans":
             settings.cluster.method = "kmeans"
+        if settings.score.per_cluster is not None and settings.scored and not settings.sampled_scores:
+            raise ConfigError(f"{where}: score.per_cluster scores a sample of each cluster, but --method {method} "
+                              "needs every record's score; it serves --method strat with sample.ies_temperature 0")
         if settings.score.dtype == "auto":  # resolved once, here: workers and fingerprints see the dtype used
             settings.score.dtype = resolve_dtype("auto", scoring_device(settings.score.device))
         return settings
@@ -147,8 +160,22 @@ class Settings:
 
     @property
     def clustered(self) -> bool:
-        """A method that runs every stage (PASER and its ablations), not a baseline."""
+        """A method that finds clusters (PASER, its ablations, strat), not a baseline."""
         return self.select.method not in BASELINES + SCORED_BASELINES
+
+    @property
+    def scored(self) -> bool:
+        """A method that runs degradation scoring: every method but the model-free baselines and
+        strat at temperature 0 on both sides."""
+        if self.select.method == "strat":
+            return self.sample.needs_cds or self.sample.needs_every_score
+        return not self.baseline and self.select.method != "adaptive"  # adaptive measures its gaps in recovery
+
+    @property
+    def sampled_scores(self) -> bool:
+        """Whether scoring covers a per-cluster sample (``score.per_cluster``) instead of every record."""
+        return (self.score.per_cluster is not None and self.select.method == "strat"
+                and not self.sample.needs_every_score)
 
     @classmethod
     def load(cls, path: str | Path | None = None, overrides: dict | None = None) -> Settings:

@@ -63,10 +63,12 @@ def _cut(step: list[int], micro: int, lengths, max_tokens: int | None) -> list[l
 class StepData(torch.utils.data.Dataset):
     """The planned micro-batches as tensors made by ``collate(examples)`` (``index``: the records'
     positions in the training set, -1 for a filler, which collates ``filler``: an example without
-    a label)."""
+    a label; ``weights``: each micro-batch's token weights, row-major over its labelled tokens, for
+    token-weighted SFT)."""
 
-    def __init__(self, batches: list[list[int]], examples: list, collate, filler):
+    def __init__(self, batches: list[list[int]], examples: list, collate, filler, weights=None):
         self.batches, self.examples, self.collate, self.filler = batches, examples, collate, filler
+        self.weights = weights
 
     def __len__(self) -> int:
         return len(self.batches)
@@ -75,7 +77,10 @@ class StepData(torch.utils.data.Dataset):
         chosen = self.batches[i]
         if not chosen:
             return self.collate([self.filler]) | {"index": torch.tensor([-1])}
-        return self.collate([self.examples[j] for j in chosen]) | {"index": torch.tensor(chosen)}
+        out = self.collate([self.examples[j] for j in chosen]) | {"index": torch.tensor(chosen)}
+        if self.weights is not None:
+            out["weights"] = torch.from_numpy(self.weights[i])
+        return out
 
 
 class RecoveryTrainer(Trainer):
@@ -128,11 +133,13 @@ class StepLog(TrainerCallback):
     loss), early stopping, and paser's state in every checkpoint (fingerprint, log, best adapter)."""
 
     def __init__(self, trainer: RecoveryTrainer, plan_tokens: list[int], validate, fingerprint: str,
-                 log: list[dict], best: dict, bar=None):
+                 log: list[dict], best: dict, bar=None, stop_at: int | None = None):
         """``plan_tokens``: the labelled tokens of each step; ``validate(model)``: the validation
-        loss, or None without a validation set."""
+        loss, or None without a validation set; ``stop_at``: end this training (with a checkpoint)
+        after that step, before the schedule's end (a round of adaptive recovery)."""
         self.trainer, self.plan_tokens, self.validate = trainer, plan_tokens, validate
         self.fingerprint, self.log, self.best, self.bar = fingerprint, log, best, bar
+        self.stop_at = stop_at
 
     def on_step_begin(self, args, state, control, **kwargs):
         # a per-step seed keeps dropout identical on a resumed run
@@ -147,6 +154,8 @@ class StepLog(TrainerCallback):
                  "lr": trainer.lr_scheduler.get_last_lr()[0]}
         if config.objective != "sft":
             entry |= {"nll": float(sums[1]) / n_tokens, "divergence": float(sums[2]) / n_tokens}
+        elif config.token_weighting > 0:  # the loss is weighted; the plain NLL beside it
+            entry["nll"] = float(sums[1]) / n_tokens
         if not math.isfinite(entry["loss"]):
             raise FloatingPointError(f"step {state.global_step}: loss is {entry['loss']}; lower the learning rate "
                                      "or train in float32")
@@ -162,7 +171,7 @@ class StepLog(TrainerCallback):
         if self.bar is not None:
             self.bar.set_postfix(loss=f"{entry['loss']:.3f}")
             self.bar.update(1)
-        if self.best["stopped"] or last:
+        if self.best["stopped"] or last or state.global_step == self.stop_at:
             control.should_training_stop = True
             control.should_save = True
         return control

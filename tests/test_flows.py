@@ -114,8 +114,8 @@ def test_cluster_table_artifact(models, tmp_path, harness):
     with get_client(sync_client=True) as client:
         found = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["paser-selection"])))
     latest = max(found, key=lambda a: a.created)
-    assert ("| cluster | top concepts | size | CDS (jsd) | allocation (records) | selected | selected tokens | "
-            "rejected |" in latest.data)
+    assert ("| cluster | top concepts | size | CDS (jsd) | CDS 95% (records scored) | allocation (records) | "
+            "selected | selected tokens | rejected |" in latest.data)
     assert "- budget: 24 records; selected 24 records," in latest.data
     assert (tmp_path / "run" / "selected.jsonl").resolve().as_uri() in latest.data
 
@@ -165,6 +165,25 @@ def test_whole_pipeline_flow_prunes_selects_recovers_and_evaluates(models, tmp_p
     assert "gap recovered" in table and "capability-suite answer NLL, macro average" in table
     assert "mean token JSD to the dense model, capability-suite answers | 0.0000 |" in table
     assert evals["pruned"]["jsd_to_reference"]["suite"]["mean"] > 0
+    # what every part computed, by the ledger's rule, and the sum
+    assert "## Compute" in table and "| selection |" in table and "| recovery |" in table and "| all |" in table
+
+
+@pytest.mark.slow
+def test_the_pipeline_flow_recovers_in_adaptive_rounds(models, tmp_path, harness):
+    from flows.pipeline import pipeline_flow
+
+    dense, pruned = models
+    s = settings(models, tmp_path / "unused").to_dict()
+    s["select"] = {k: v for k, v in s["select"].items() if k not in ("dense", "pruned", "out")} | {
+        "method": "adaptive"}
+    overrides = s | {"adaptive": {"rounds": 2, "probe_per_cluster": 2},
+                     "recover": {"batch_size": 8, "micro_batch_size": 4, "epochs": 1, "progress": False},
+                     "evaluate": {"suite_size": 12, "max_new_tokens": 4}}
+    pipeline_flow(dense=dense, pruned=pruned, out=str(tmp_path / "run"), overrides=overrides)
+    done = json.loads((tmp_path / "run" / "recover" / "recovery.json").read_text())
+    assert [r["round"] for r in done["adaptive"]["rounds"]] == [1, 2]
+    assert sum(r["records"] for r in done["adaptive"]["rounds"]) == 24  # the budget, in records
 
 
 def test_random_baseline_through_the_flow_needs_no_model(models, tmp_path, monkeypatch, harness):

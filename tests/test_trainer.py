@@ -85,3 +85,17 @@ def test_gradient_checkpointing_recomputes_activations_and_keeps_the_adapter(tin
         torch.testing.assert_close(b[key], a[key], atol=1e-5, rtol=1e-4)
     summaries = [json.loads((tmp_path / f / "recovery.json").read_text()) for f in ("plain", "ckpt")]
     assert [s["activation_checkpointing"] for s in summaries] == [False, True]
+
+
+def test_recovery_uses_the_current_checkpointing_names(tiny_model_dir, train_file, tmp_path):  # noqa: F811
+    """transformers 5 renamed gradient checkpointing to activation checkpointing and warns on the old
+    names; a recovery, with checkpointing on, warns about neither."""
+    import warnings
+
+    from paser.recovery import recover
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*checkpointing.*", category=FutureWarning)
+        result = recover(str(tiny_model_dir), train_file, tmp_path / "run", **dict(FAST, max_steps=2, val_size=0,
+                                                                                   gradient_checkpointing=True))
+    assert json.loads((result.out / "recovery.json").read_text())["activation_checkpointing"] is True
