@@ -88,6 +88,14 @@ SETTINGS = {"suite-25": ("suite", 0.25), "suite-15": ("suite", 0.15), "alpaca-25
 WHOLE_POOL = {"alpaca4800-25"}  # the pool is every record outside the held-out ones
 METHODS = ["paser", "loss_gap", "no_cost", "uniform", *[f"random-{s}" for s in range(5)], "longest", "shortest",
            "pruned_loss"]
+# the recovery-cost experiment's strat sweep (suite-15): tau_c, tau_i, near-duplicate removal at 0.95,
+# each with sampling seeds 0 and 1; ``strat`` alone is the configuration frozen from it (SampleConfig's defaults)
+STRAT_SWEEP = [f"strat-{cfg}-{seed}" for cfg in ("c0i0", "c0i0d", "c1i0d", "c0i1d", "c1i1d") for seed in (0, 1)]
+NEW_METHODS = ["strat", *STRAT_SWEEP, "adaptive", "rounds"]
+STRAT_PER_CLUSTER = 16  # records scored per cluster when strat needs CDS but not every record's score
+TOKW_STRENGTH = 0.5  # lambda of the @tokw arms, fixed in the registration
+# the adaptive arms' rounds as registered; ``rounds`` is the same with the shares frozen (step 0)
+ADAPTIVE = {"rounds": 4, "probe_per_cluster": 8, "step": 1.0, "floor": 0.25}
 BUDGETS = {"rec": 0.2, "tok": "0.2tok", "tok5": "0.05tok", "tok4": "0.04tok"}
 BOOTSTRAP = 2000
 
@@ -97,9 +105,9 @@ def arms_of(setting: str) -> list[str]:
     random), the other arms, the costly full pool last."""
     arms = ["dense", "none"]
     if setting in WHOLE_POOL:  # 4% of the tokens, the paper's LaMini ratio
-        return arms + [f"tok4:{m}" for m in METHODS]
+        return arms + [f"tok4:{m}" for m in METHODS + NEW_METHODS]
     for unit in ("rec", "tok"):
-        arms += [f"{unit}:{m}" for m in METHODS]
+        arms += [f"{unit}:{m}" for m in METHODS + (NEW_METHODS if unit == "tok" else [])]
     if SETTINGS[setting][0] == "alpaca":
         arms += [f"tok5:{m}" for m in METHODS]
     return arms + ["full"]
@@ -138,10 +146,15 @@ def base_arm(arm: str) -> str:
 
 def objective_of(arm: str) -> dict:
     """The recovery objective of ``ARM@OBJECTIVE``: ``distill`` (forward KL, temperature 1),
-    ``distill-jsd`` (JSD) or ``distill-tN`` (forward KL at temperature N); SFT without ``@``."""
+    ``distill-jsd`` (JSD) or ``distill-tN`` (forward KL at temperature N), ``tokw`` (token-weighted
+    SFT: excess loss, lambda 0.5); SFT without ``@``."""
     if "@" not in arm:
         return {"objective": "sft"}
     name, *options = arm.split("@")[1].split("#")[0].split("~")[0].split("-")
+    if name == "tokw":  # token-weighted SFT, as registered: excess loss, lambda 0.5
+        if options:
+            raise SystemExit(f"{arm}: @tokw takes no options")
+        return {"objective": "sft", "token_weighting": TOKW_STRENGTH, "token_signal": "excess"}
     out: dict = {"objective": name}
     for option in options:
         if option == "jsd":
@@ -157,20 +170,43 @@ def select_arm(arm: str, setup: dict, work: Path, args) -> tuple[Path, float]:
     """The arm's subset and its selection's wall time. One run folder per setting, so every arm
     reuses the pool's tokens, clusters and scores (an arm's time is then its increment)."""
     unit, method = base_arm(arm).split(":") if ":" in arm else ("rec", arm)
-    seed = int(method.split("-")[1]) if method.startswith("random-") else 0
+    seed = int(method.split("-")[-1]) if method.split("-")[-1].isdigit() else 0  # random-K, strat[-CFG]-K
     sections = {"select": {"data": str(setup["pool"]), "dense": args.dense, "pruned": setup["pruned"],
                            "budget": BUDGETS[unit], "out": str(work / "select"), "seed": seed, "progress": False,
                            "method": {"loss_gap": "paser"}.get(method, method.split("-")[0])},
                 "score": {"signal": "loss_gap" if method == "loss_gap" else "jsd"}}
+    if method.startswith("strat"):
+        sections |= strat_sections(method)
+    if method in ("adaptive", "rounds"):
+        sections["select"]["method"] = "adaptive"
+        sections["adaptive"] = ADAPTIVE | ({"step": 0.0} if method == "rounds" else {})
     start = time.perf_counter()
     run = run_selection(Settings.load(None, sections))
     seconds = time.perf_counter() - start
     folder = work / "subsets"
     folder.mkdir(exist_ok=True)
     name = base_arm(arm).replace(":", "-")
-    for file in ("selected.jsonl", "clusters.json", "scores.parquet"):
-        shutil.copyfile(run / file, folder / f"{name}.{file}")
+    for file in ("selected.jsonl", "clusters.json", "scores.parquet", "manifest.json", "rounds.json"):
+        if (run / file).is_file():  # rounds.json: an adaptive arm's plan, found beside its selected.jsonl
+            shutil.copyfile(run / file, folder / f"{name}.{file}")
     return folder / f"{name}.selected.jsonl", seconds
+
+
+def strat_sections(method: str) -> dict:
+    """The ``sample`` and ``score`` settings of ``strat[-cCiId][-K]``: cC the CDS temperature, iI
+    the IES temperature, d near-duplicate removal at cosine 0.95; without a configuration the
+    frozen defaults. A per-cluster sample is scored when CDS is needed but not every score."""
+    import re
+
+    from paser.stratified import SampleConfig
+
+    found = re.fullmatch(r"strat(?:-c([0-9.]+)i([0-9.]+)(d?))?(?:-[0-9]+)?", method)
+    if found is None:
+        raise SystemExit(f"{method}: not strat[-cCiI[d]][-K]")
+    sample = (SampleConfig() if found.group(1) is None else
+              SampleConfig(float(found.group(1)), float(found.group(2)), 0.95 if found.group(3) else None))
+    per_cluster = STRAT_PER_CLUSTER if sample.needs_cds and not sample.needs_every_score else None
+    return {"sample": dataclasses.asdict(sample), "score": {"signal": "jsd", "per_cluster": per_cluster}}
 
 
 def recovery_config(arm: str, setup: dict, args) -> RecoverConfig:
@@ -188,9 +224,10 @@ def recovery_config(arm: str, setup: dict, args) -> RecoverConfig:
                              learning_rate=args.learning_rate, max_steps=args.max_steps, val_size=0.1,
                              eval_every=args.conv_eval_every, patience=args.conv_patience, seed=seed, progress=False,
                              **objective)
+    rounds = base_arm(arm).split(":")[-1] in ("adaptive", "rounds")  # the rounds fix their own steps
     return RecoverConfig(epochs=args.epochs, batch_size=args.batch_size, micro_batch_size=args.micro_batch_size,
                          micro_batch_tokens=args.micro_batch_tokens, batch_tokens=batch_tokens,
-                         learning_rate=args.learning_rate, max_steps=args.max_steps,
+                         learning_rate=args.learning_rate, max_steps=None if rounds else args.max_steps,
                          val_size=0, seed=seed, progress=False, **objective)
 
 
@@ -210,6 +247,14 @@ def run_arm(setting: str, arm: str, setup: dict, args) -> dict:
         done = json.loads((result.out / "recovery.json").read_text())
         row |= {"recovery_s": result.seconds, "steps": result.steps, "tokens_per_step": done["tokens_per_step"],
                 "batch_unit": done["batch_unit"], "train_loss": [result.first_loss, result.last_loss]}
+        manifest = json.loads(subset.with_name(subset.name.replace("selected.jsonl", "manifest.json")).read_text())
+        row["compute"] = {"selection": manifest["compute"], "recovery": done["compute"]}
+        if "adaptive" in done:  # every round's records, not the first round's alone
+            rounds = done["adaptive"]["rounds"]
+            row |= {"selected": sum(r["records"] for r in rounds), "selected_tokens": sum(r["tokens"] for r in rounds),
+                    "adaptive": rounds}
+        if done.get("token_weighting"):
+            row["token_weighting"] = done["token_weighting"]
         if arm.endswith("~conv"):
             row |= {k: done[k] for k in ("planned_steps", "stopped_early", "best_step", "val_loss")}
         model, adapter = setup["pruned"], str(result.out / "adapter")
@@ -264,6 +309,14 @@ def add_jsd(setting: str, results: Path, setup: dict, args, arms: list[str] | No
 
 def _metric(row: dict, kind: str) -> float:
     return row["heldout"]["nll"] if kind == "alpaca" else row["suite"]["answer_nll_macro"]
+
+
+def second_metric(row: dict, kind: str) -> float:
+    """The setting's second view: the suite's macro answer NLL on Alpaca, accuracy on the suite
+    (NaN where it was not generated)."""
+    if kind == "alpaca":
+        return row["suite"]["answer_nll_macro"]
+    return row["suite"].get("accuracy", float("nan"))
 
 
 def _per_record(row: dict, kind: str):
@@ -598,17 +651,47 @@ def comparisons(rows: dict, kind: str):
             continue
         values = [_metric(r, kind) for r in randoms]
         found = []
-        for method in (m for m in METHODS if not m.startswith("random-")):
-            arm = rows.get(f"{unit}:{method}")
-            if arm is None:
+        candidates = [(f"{unit}:{m}", rows.get(f"{unit}:{m}")) for m in METHODS + NEW_METHODS
+                      if not m.startswith("random-")]
+        weighted = [rows[f"{unit}:random-{k}@tokw"] for k in range(5) if f"{unit}:random-{k}@tokw" in rows]
+        if weighted:  # token weighting on the random subsets: its mean over them is the arm
+            candidates.append((f"{unit}:random@tokw ({len(weighted)} subsets)", weighted))
+        candidates.append((f"{unit}:paser@tokw", rows.get(f"{unit}:paser@tokw")))
+        for name, arm in candidates:
+            if not arm:
                 continue
-            metric = _metric(arm, kind)
+            group = arm if isinstance(arm, list) else [arm]
+            metric = statistics.mean(_metric(r, kind) for r in group)
             place = "below all" if metric < min(values) else "above all" if metric > max(values) else "inside"
-            found.append({"arm": f"{unit}:{method}", "metric": metric, "diff": metric - statistics.mean(values),
+            found.append({"arm": name, "metric": metric, "diff": metric - statistics.mean(values),
                           "records": paired_bootstrap(arm, randoms, kind),
                           "families": paired_bootstrap(arm, randoms, kind, by="family") if kind == "suite" else None,
-                          "place": place})
+                          "place": place, "jsd": jsd_difference(group, randoms, kind),
+                          "compute": compute_ratio(group, randoms)})
         yield unit, (statistics.mean(values), statistics.stdev(values), len(values)), found
+
+
+def jsd_difference(group: list[dict], randoms: list[dict], kind: str):
+    """(mean JSD to dense of ``group`` minus the random mean, its paired 95% interval), or None
+    when some arm lacks the JSD."""
+    if not all(_jsd(r, kind) is not None for r in [*group, *randoms]):
+        return None
+    diff = statistics.mean(_jsd(r, kind) for r in group) - statistics.mean(_jsd(r, kind) for r in randoms)
+    return diff, _jsd_interval(group, randoms, kind)
+
+
+def total_flops(row: dict) -> float | None:
+    """An arm's selection + recovery FLOPs by paser's ledger (None for arms run before it)."""
+    found = row.get("compute")
+    return None if found is None else found["selection"]["flops_total"] + found["recovery"]["flops_total"]
+
+
+def compute_ratio(group: list[dict], randoms: list[dict]) -> float | None:
+    """The mean selection + recovery compute of ``group`` over that of the random arms."""
+    mine, theirs = [total_flops(r) for r in group], [total_flops(r) for r in randoms]
+    if None in mine or None in theirs:
+        return None
+    return statistics.mean(mine) / statistics.mean(theirs)
 
 
 def load_rows(results: Path, setting: str) -> dict:
@@ -635,16 +718,20 @@ def summary(compared: dict) -> str:
     the mean of the random seeds (SFT, the recipe's steps), the view the verdicts are read from."""
     lines = ["## Summary: every method minus the random mean (SFT, the recipe's steps; lower is better)", "",
              "| setting | budget | steps | random (mean ± sd, seeds) | arm | metric | minus random | 95% over "
-             "held-out records | 95% over families | against the random seeds |",
-             "|---|---|---:|---|---|---:|---:|---|---|---|"]
+             "held-out records | 95% over families | against the random seeds | JSD to dense minus random [95%] | "
+             "compute (selection + recovery) / random's |",
+             "|---|---|---:|---|---|---:|---:|---|---|---|---|---:|"]
     for setting, (rows, compared_here) in compared.items():
         for unit, (mean, sd, n), found in compared_here:
             steps = "/".join(sorted({str(r.get("steps")) for r in random_arms(rows, unit)}))
             for c in found:
                 families = "" if c["families"] is None else f"[{c['families'][0]:+.4f}, {c['families'][1]:+.4f}]"
+                jsd = ("" if c.get("jsd") is None else
+                       f"{c['jsd'][0]:+.4f} [{c['jsd'][1][0]:+.4f}, {c['jsd'][1][1]:+.4f}]")
+                ratio = "" if c.get("compute") is None else f"{c['compute']:.2f}"
                 lines.append(f"| {setting} | {unit_name(unit)} | {steps} | {mean:.4f} ± {sd:.4f} ({n}) | "
                              f"{c['arm']} | {c['metric']:.4f} | {c['diff']:+.4f} | [{c['records'][0]:+.4f}, "
-                             f"{c['records'][1]:+.4f}] | {families} | {c['place']} |")
+                             f"{c['records'][1]:+.4f}] | {families} | {c['place']} | {jsd} | {ratio} |")
     return "\n".join(lines) + "\n"
 
 
@@ -656,28 +743,31 @@ def report(setting: str, work: Path, rows: dict, compared: list) -> str:
     order = [a for a in arms_of(setting) if a in rows] + sorted(a for a in rows if a not in arms_of(setting))
     dense, none = _metric(rows["dense"], kind), _metric(rows["none"], kind)
     name = "held-out response NLL" if kind == "alpaca" else "suite answer NLL (macro)"
+    second = "suite answer NLL (macro)" if kind == "alpaca" else "answer-found accuracy"
     held = rows["none"]["suite"]
     accuracy = (f"; accuracy on {held['accuracy_records']} of them (the first of each family)"
                 if "accuracy_records" in held else "")
     lines = [f"## {setting}", "", f"{name}: dense {dense:.4f}, pruned {none:.4f}; suite held-out "
              f"{held['records']} records ({held['removed_overlap']} of {held['generated']} removed as in the "
              f"pool){accuracy}", "",
-             f"| arm | {name} | gap closed | JSD to dense | records | tokens | tokens/record | steps | tokens/step | "
-             "accuracy | selection s | recovery s | eval s |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             f"| arm | {name} | gap closed | JSD to dense | {second} | records | tokens | tokens/record | steps | "
+             "tokens/step | TFLOP selection | TFLOP recovery | selection s | recovery s | eval s |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for arm in order:
         r = rows[arm]
         gap = gap_recovered(dense, none, _metric(r, kind))
-        acc = r["suite"].get("accuracy")
         jsd = _jsd(r, kind)
         per_record = f"{r['selected_tokens'] / r['selected']:.1f}" if r.get("selected") else ""
+        flops = r.get("compute", {})
+        tflop = {part: f"{flops[part]['flops_total'] / 1e12:.2f}" if part in flops else ""
+                 for part in ("selection", "recovery")}
         lines.append(f"| {arm} | {_metric(r, kind):.4f} | {'' if gap is None else f'{gap:.1%}'} | "
-                     f"{'' if jsd is None else f'{jsd:.4f}'} | "
+                     f"{'' if jsd is None else f'{jsd:.4f}'} | {second_metric(r, kind):.3f} | "
                      f"{r.get('selected', '')} | {r.get('selected_tokens', '')} | {per_record} | "
                      f"{r.get('steps', '')} | "
                      f"{r['tokens_per_step']['mean'] if 'tokens_per_step' in r else ''} | "
-                     f"{'' if acc is None else f'{acc:.3f}'} | {r.get('selection_s', 0):.1f} | "
-                     f"{r.get('recovery_s', 0):.1f} | {r['eval_s']:.1f} |")
+                     f"{tflop['selection']} | {tflop['recovery']} | "
+                     f"{r.get('selection_s', 0):.1f} | {r.get('recovery_s', 0):.1f} | {r['eval_s']:.1f} |")
     for unit, (mean, sd, n), found in compared:
         lines += ["", f"{unit}: random {mean:.4f} ± {sd:.4f} (mean ± sd over {n} seeds)"]
         for c in found:

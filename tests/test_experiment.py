@@ -97,6 +97,12 @@ def test_arm_objectives_and_a_group_bootstrap():
     assert exp.objective_of("tok:random-1@distill-t2~conv") == {"objective": "distill", "temperature": 2.0}
     with pytest.raises(SystemExit, match="unknown objective option"):
         exp.objective_of("tok:paser@distill-kl2")
+    assert exp.objective_of("tok:random-3@tokw") == {"objective": "sft", "token_weighting": 0.5,
+                                                     "token_signal": "excess"}
+    assert exp.strat_sections("strat-c1i0d-1")["score"]["per_cluster"] == exp.STRAT_PER_CLUSTER
+    assert exp.strat_sections("strat-c0i1d-0") == {"sample": {"cds_temperature": 0.0, "ies_temperature": 1.0,
+                                                              "dedup": 0.95}, "score": {"signal": "jsd",
+                                                                                        "per_cluster": None}}
 
     def row(values):  # a suite arm: two families, per-record answer NLL
         return {"suite": {"per_record": {"family": ["a", "a", "b"], "nll": list(values)}}}
@@ -144,24 +150,30 @@ def test_recovery_seed_and_convergence_lines():
 def test_summary_compares_every_method_with_the_random_mean(tmp_path):
     import decisive_experiment as exp
 
-    def row(arm, values):  # a suite arm as in the test above
+    def row(arm, values, selection=0.0):  # a suite arm as in the test above, its JSD and compute
         macro = ((values[0] + values[1]) / 2 + values[2]) / 2
         return {"arm": arm, "steps": 50,
-                "suite": {"answer_nll_macro": macro, "per_record": {"family": ["a", "a", "b"], "nll": list(values)}}}
+                "suite": {"answer_nll_macro": macro, "per_record": {"family": ["a", "a", "b"], "nll": list(values)}},
+                "jsd": {"suite": {"mean": values[0] / 8, "per_record": {"jsd": [v / 8 for v in values]}}},
+                "compute": {"selection": {"flops_total": selection}, "recovery": {"flops_total": 10.0}}}
 
     folder = tmp_path / "suite-25"
     folder.mkdir()
-    for arm, values in (("rec:random-0", [2, 2, 2]), ("rec:random-1", [4, 4, 4]), ("rec:longest", [5, 5, 5]),
-                        ("rec:uniform", [3, 3, 3]), ("rec:paser", [1, 1, 1]), ("tok:paser", [1, 1, 1]),
-                        ("tok:random-0", [2, 2, 2])):  # one random seed: no comparison at this budget
-        (folder / f"{exp._file(arm)}.json").write_text(json.dumps(row(arm, values)))
+    for arm, values, selection in (("rec:random-0", [2, 2, 2], 0), ("rec:random-1", [4, 4, 4], 0),
+                                   ("rec:longest", [5, 5, 5], 0), ("rec:uniform", [3, 3, 3], 25),
+                                   ("rec:paser", [1, 1, 1], 25), ("tok:paser", [1, 1, 1], 25),
+                                   ("tok:random-0", [2, 2, 2], 0)):  # one random seed: no comparison at this budget
+        (folder / f"{exp._file(arm)}.json").write_text(json.dumps(row(arm, values, selection)))
     table = exp.summary(exp.compare_all(tmp_path)).splitlines()
     body = [line for line in table if line.startswith("| suite-25")]
     assert [line.split(" | ")[4] for line in body] == ["rec:paser", "rec:uniform", "rec:longest"]
+    # JSD 0.125 against 0.375; selection 25 + recovery 10 against random's 0 + 10
     assert body[0] == ("| suite-25 | record budget | 50 | 3.0000 ± 1.4142 (2) | rec:paser | 1.0000 | -2.0000 | "
-                       "[-2.0000, -2.0000] | [-2.0000, -2.0000] | below all |")
-    assert body[1].endswith("| +0.0000 | [+0.0000, +0.0000] | [+0.0000, +0.0000] | inside |")
-    assert body[2].endswith("| +2.0000 | [+2.0000, +2.0000] | [+2.0000, +2.0000] | above all |")
+                       "[-2.0000, -2.0000] | [-2.0000, -2.0000] | below all | -0.2500 [-0.2500, -0.2500] | 3.50 |")
+    assert body[1].endswith("| +0.0000 | [+0.0000, +0.0000] | [+0.0000, +0.0000] | inside | +0.0000 [+0.0000, "
+                            "+0.0000] | 3.50 |")
+    assert body[2].endswith("| +2.0000 | [+2.0000, +2.0000] | [+2.0000, +2.0000] | above all | +0.2500 [+0.2500, "
+                            "+0.2500] | 1.00 |")
 
 
 @pytest.mark.slow
@@ -186,3 +198,33 @@ def test_cluster_lines_split_favoured_and_starved_clusters():
     assert favoured.startswith("- favoured clusters [0] (2 held-out records): PASER minus the random mean -1.0000")
     assert favoured.endswith("[-1.0000, -1.0000])")
     assert starved.startswith("- starved clusters [1, 2] (3 held-out records): PASER minus the random mean +0.6667")
+
+
+@pytest.mark.slow
+def test_recovery_cost_arms_run_and_report_compute(tiny_pair, tmp_path):
+    """The recovery-cost experiment's arms at smoke size: a strat sweep arm (CDS from a per-cluster
+    sample), token weighting on random subsets and on PASER's, adaptive rounds and their frozen
+    control; each arm records its compute, and the report compares them with random."""
+    import decisive_experiment as exp
+
+    dense, pruned = tiny_pair
+    arms = ["tok:random-0", "tok:random-1", "tok:paser", "tok:strat-c1i0d-0", "tok:random-0@tokw",
+            "tok:random-1@tokw", "tok:paser@tokw", "tok:adaptive", "tok:rounds"]
+    exp.main(["--settings", "suite-25", "--dense", dense, "--pruned", pruned, "--smoke", "--out",
+              str(tmp_path / "work"), "--results", str(tmp_path / "results"), "--micro-batch-tokens", "256",
+              "--arms", *arms])
+    folder = tmp_path / "results" / "suite-25"
+    rows = {a: json.loads((folder / f"{exp._file(a)}.json").read_text()) for a in arms}
+    assert all(r["compute"]["recovery"]["flops_total"] > 0 for r in rows.values())
+    assert rows["tok:random-0"]["compute"]["selection"]["flops_total"] == 0  # random needs no model
+    # 16 records a cluster: at smoke size every cluster is smaller, so the sample is the whole pool
+    assert rows["tok:paser"]["compute"]["selection"]["flops_total"] >= rows["tok:strat-c1i0d-0"]["compute"][
+        "selection"]["flops_total"] > 0
+    assert rows["tok:random-0@tokw"]["token_weighting"]["strength"] == exp.TOKW_STRENGTH
+    assert rows["tok:random-0@tokw"]["steps"] == rows["tok:random-0"]["steps"]
+    assert len(rows["tok:adaptive"]["adaptive"]) == exp.ADAPTIVE["rounds"]
+    shares = [r["shares"] for r in rows["tok:rounds"]["adaptive"]]
+    assert all(s == shares[0] for s in shares)  # the control's shares never move
+    text = (tmp_path / "results" / "results.md").read_text()
+    assert "tok:random@tokw (2 subsets)" in text and "| tok:paser@tokw |" in text and "| tok:adaptive |" in text
+    assert "compute (selection + recovery) / random's" in text
