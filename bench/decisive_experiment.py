@@ -304,6 +304,27 @@ def add_jsd(setting: str, results: Path, setup: dict, args, arms: list[str] | No
         print(f"{setting} {arm}: JSD to dense added ({row['jsd_s']:.0f} s)", flush=True)
 
 
+def add_compute(setting: str, results: Path, setup: dict, args) -> None:
+    """The selection and recovery compute of finished arms that ran before the ledger existed: the
+    selection re-run (its stages reused, deterministic) and ``recover`` on the finished folder (it
+    trains nothing and counts the steps of its log)."""
+    for path in sorted((results / setting).glob("*.json")):
+        row = json.loads(path.read_text())
+        arm = row["arm"]
+        if "compute" in row or arm in ("dense", "none"):
+            continue
+        subset, _ = select_arm(arm if arm != "full" else "rec:full", setup, setup["work"], args)
+        manifest = json.loads(subset.with_name(subset.name.replace("selected.jsonl", "manifest.json")).read_text())
+        result = recover(setup["pruned"], str(subset), setup["work"] / "recover" / _file(arm),
+                         recovery_config(arm, setup, args))
+        if result.steps != row["steps"]:
+            raise SystemExit(f"{setting} {arm}: its folder holds {result.steps} steps, its result {row['steps']}")
+        done = json.loads((result.out / "recovery.json").read_text())
+        row["compute"] = {"selection": manifest["compute"], "recovery": done["compute"]}
+        path.write_text(json.dumps(row))
+        print(f"{setting} {arm}: compute added", flush=True)
+
+
 # ---------------------------------------------------------------- report
 
 
@@ -824,6 +845,8 @@ def main(argv=None) -> None:
     ap.add_argument("--report-only", action="store_true", help="write results.md from the finished arms, run none")
     ap.add_argument("--add-jsd", action="store_true", help="compute the JSD to the dense model for finished arms "
                     "(of --arms, and the references) that lack it, then run the arms asked for")
+    ap.add_argument("--add-compute", action="store_true", help="record the selection and recovery compute of "
+                    "finished arms that lack it (from their run and recovery folders), then run the arms asked for")
     args = ap.parse_args(argv)
     if args.smoke:
         args.suite_pool, args.suite_heldout, args.alpaca_pool, args.alpaca_heldout = 60, 36, 60, 12
@@ -838,11 +861,13 @@ def main(argv=None) -> None:
         if unknown:
             raise SystemExit(f"{setting}: unknown arm(s) {unknown}; known: {known} (ARM#K for recovery seed K)")
         todo = [a for a in ("dense", "none", *wanted) if not (results / setting / f"{_file(a)}.json").is_file()]
-        if not todo and not args.add_jsd:
+        if not todo and not args.add_jsd and not args.add_compute:
             continue
         setup = prepare(setting, args, out / setting) | {"work": out / setting}
         if args.add_jsd:
             add_jsd(setting, results, setup, args, ["dense", "none", *args.arms] if args.arms else None)
+        if args.add_compute:
+            add_compute(setting, results, setup, args)
         for arm in dict.fromkeys(todo):
             row = run_arm(setting, arm, setup, args)
             (results / setting).mkdir(parents=True, exist_ok=True)

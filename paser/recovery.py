@@ -818,13 +818,16 @@ class Job:
         done = steps[:len(self.log)]
         tokens = sum(len(train_ex[i].ids) for step in done for i in step)
         positions = sum(scored_tokens(train_ex[i]) for step in done for i in step)
+        earlier = {}
         if self.finished and (self.out / "recovery.json").is_file():  # trained by an earlier invocation
-            earlier = json.loads((self.out / "recovery.json").read_text()).get("compute")
-            if earlier:
-                return Ledger([dataclasses.replace(e, reused=True) for e in Ledger.from_dict(earlier).entries])
+            earlier = json.loads((self.out / "recovery.json").read_text())
+            if earlier.get("compute"):
+                entries = Ledger.from_dict(earlier["compute"]).entries
+                return Ledger([dataclasses.replace(e, reused=True) for e in entries])
         ledger = Ledger(list(self.ledger.entries))
         ledger.training("recovery", self.model, self.student_params, tokens, positions,
-                        checkpointing_on(self.peft_model), seconds)
+                        checkpointing_on(self.peft_model), earlier.get("seconds", seconds))
+        ledger.entries[-1].reused = self.finished  # counted from the plan of a run trained before the ledger
         if self.teacher is not None:  # the teacher in memory ran beside the student on every step
             ledger.forward("teacher", str(self.reference), self.teacher_params, tokens, positions)
         checks = sum(1 for e in self.log if "val_loss" in e)

@@ -228,3 +228,15 @@ def test_recovery_cost_arms_run_and_report_compute(tiny_pair, tmp_path):
     text = (tmp_path / "results" / "results.md").read_text()
     assert "tok:random@tokw (2 subsets)" in text and "| tok:paser@tokw |" in text and "| tok:adaptive |" in text
     assert "compute (selection + recovery) / random's" in text
+    # an arm that ran before the ledger gets its compute counted from its folders, the same figures
+    recovery_json = tmp_path / "work" / "suite-25" / "recover" / "tok-paser" / "recovery.json"
+    done = json.loads(recovery_json.read_text())
+    recovery_json.write_text(json.dumps({k: v for k, v in done.items() if k != "compute"}))
+    row = rows["tok:paser"]
+    (folder / "tok-paser.json").write_text(json.dumps({k: v for k, v in row.items() if k != "compute"}))
+    exp.main(["--settings", "suite-25", "--dense", dense, "--pruned", pruned, "--smoke", "--out",
+              str(tmp_path / "work"), "--results", str(tmp_path / "results"), "--micro-batch-tokens", "256",
+              "--arms", *arms, "--add-compute"])
+    again = json.loads((folder / "tok-paser.json").read_text())["compute"]
+    assert again["selection"]["flops_total"] == pytest.approx(row["compute"]["selection"]["flops_total"])
+    assert again["recovery"]["flops_total"] == pytest.approx(row["compute"]["recovery"]["flops_total"])
