@@ -23,10 +23,19 @@ def default_device() -> str:
 
 
 def auto_dtype(device: str | torch.device) -> str:
-    """bfloat16 on a CUDA device with bf16 support, else float32."""
-    if str(device).startswith("cuda") and visible_gpus() and torch.cuda.is_bf16_supported():
-        return "bfloat16"
-    return "float32"
+    """bfloat16 on a CUDA device with native bf16 (compute capability 8.0 and up: Ampere, Hopper,
+    ...), else float32. The device asked for is the one checked, not the current one, and
+    emulated bf16 (V100, T4: torch's ``is_bf16_supported`` says yes by default) does not count:
+    there it is slower than float32."""
+    if not str(device).startswith("cuda") or not visible_gpus():
+        return "float32"
+    index = torch.device(device).index
+    index = torch.cuda.current_device() if index is None else index
+    if getattr(torch.version, "hip", None):  # ROCm: its capability numbers are not NVIDIA's
+        native = torch.cuda.is_bf16_supported(including_emulation=False)
+    else:
+        native = torch.cuda.get_device_capability(index) >= (8, 0)
+    return "bfloat16" if native else "float32"
 
 
 def resolve_dtype(dtype: str | None, device: str | torch.device) -> str:

@@ -228,8 +228,10 @@ def calibration_texts(source: str | None, count: int, seed: int) -> list[str]:
 def _lowest(scores: torch.Tensor, n_remove: int) -> set[int]:
     if n_remove <= 0:
         return set()
-    # stable: ties broken by index, so the plan is deterministic
-    order = sorted(range(len(scores)), key=lambda i: (float(scores[i]), i))
+    # stable: ties broken by index, so the plan is deterministic; one copy to the host, not one
+    # device sync per element (an MLP of 11,008 channels on a GPU)
+    values = scores.detach().float().cpu().tolist()
+    order = sorted(range(len(values)), key=lambda i: (values[i], i))
     return set(order[:n_remove])
 
 

@@ -14,11 +14,17 @@ from paser.errors import ConfigError
 
 @pytest.fixture()
 def gpus(monkeypatch):
-    """Pretend this machine has ``n`` CUDA devices with (or without) bf16 support."""
+    """Pretend this machine has ``n`` CUDA devices, device i of compute capability
+    ``capabilities[i]`` (default 8.0, Ampere); torch's own bf16 check answers as it does on such
+    a machine: yes with emulation (every device from Volta on), about the current device (0)."""
 
-    def fake(n: int, bf16: bool = True):
+    def fake(n: int, capabilities: list[tuple[int, int]] | None = None):
+        caps = capabilities or [(8, 0)] * n
         monkeypatch.setattr(devices, "visible_gpus", lambda: n)
-        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16)
+        monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i=None: caps[0 if i is None else i])
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported",
+                            lambda including_emulation=True: including_emulation or caps[0] >= (8, 0))
 
     return fake
 
@@ -30,8 +36,15 @@ def test_auto_dtype_is_bf16_only_on_a_gpu_that_has_it(gpus):
     assert devices.resolve_dtype("auto", "cuda:1") == "bfloat16"
     assert devices.resolve_dtype(None, "cuda") == "bfloat16"
     assert devices.resolve_dtype("auto", "cpu") == "float32"
-    gpus(2, bf16=False)
+
+
+def test_auto_dtype_refuses_emulated_bf16_and_checks_the_device_asked_for(gpus):
+    gpus(2, [(7, 0), (7, 5)])  # V100, T4: bf16 only emulated, slower than float32
     assert devices.resolve_dtype("auto", "cuda") == "float32"
+    assert devices.resolve_dtype("auto", "cuda:1") == "float32"
+    gpus(2, [(7, 0), (9, 0)])  # a V100 beside an H100: the device asked for decides, not the current one
+    assert devices.resolve_dtype("auto", "cuda:1") == "bfloat16"
+    assert devices.resolve_dtype("auto", "cuda:0") == "float32"
 
 
 def test_each_local_worker_takes_its_own_gpu(gpus):

@@ -200,3 +200,20 @@ def test_layer_range_past_depth_is_refused(tiny_model_dir):
     loaded = load_model(tiny_model_dir)
     with pytest.raises(ValueError, match="past the model's 4 layers"):
         prune_model(loaded.model, loaded.tokenizer, PruneConfig(attn_layers=(0, 9)))
+
+
+def test_the_plan_reads_a_layers_scores_in_one_copy_not_element_by_element():
+    """On a GPU each element read is a device sync (hundreds of thousands for a 7B's MLP channels):
+    the plan copies a layer's scores to the host once."""
+    from paser.pruning import _lowest
+
+    class Counting(torch.Tensor):
+        reads = 0
+
+        def __getitem__(self, index):
+            Counting.reads += 1
+            return super().__getitem__(index)
+
+    scores = torch.tensor([0.5, 0.1, 0.9, 0.1, 0.3]).as_subclass(Counting)
+    assert _lowest(scores, 2) == {1, 3}  # ties to the lower index
+    assert Counting.reads == 0
