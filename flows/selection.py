@@ -25,7 +25,7 @@ from prefect import flow, task, unmapped  # noqa: E402
 from prefect.artifacts import create_markdown_artifact  # noqa: E402
 from prefect.cache_policies import NO_CACHE  # noqa: E402
 
-from flows.runners import shard_resources, task_runner  # noqa: E402
+from flows.runners import release_workers, shard_resources, task_runner, worker_dtype  # noqa: E402
 from paser import pipeline, runfolder  # noqa: E402
 from paser.errors import ShardError  # noqa: E402
 from paser.report import artifact_markdown, write_report  # noqa: E402
@@ -131,7 +131,10 @@ def degradation(settings: dict, run: str, twin: str) -> str:
     """Score degradation (``pipeline.stage_score``), its shards mapped over the configured engine."""
     s = _s(settings)
     engine = score_shards.with_options(task_runner=task_runner(s.distribute))
-    return str(pipeline.stage_score(s, Path(run), twin, map_shards=lambda _, plan: engine(settings, plan)))
+    try:
+        return str(pipeline.stage_score(s, Path(run), twin, map_shards=lambda _, plan: engine(settings, plan)))
+    finally:
+        release_workers(s.distribute)  # a remote cluster's workers keep no model after the run
 
 
 @flow(name="paser-select")
@@ -146,8 +149,11 @@ def selection_flow(data: str | None = None, dense: str | None = None, pruned: st
     (``config``), else the embedded default. ``overrides`` sets any other key as
     ``{section: {key: value}}``.
     """
-    settings = build_settings(data, dense, pruned, prune_ratio, budget, out, config, trust_pickle, seed,
-                              engine, address, workers, overrides).to_dict()
+    built = build_settings(data, dense, pruned, prune_ratio, budget, out, config, trust_pickle, seed,
+                           engine, address, workers, overrides)
+    if built.score.dtype == "auto" and built.scored:  # a remote cluster: its workers say what auto means
+        built.score.dtype = worker_dtype(built.distribute, built.score.device)
+    settings = built.to_dict()
     run = check_inputs(settings)
     s = _s(settings)
     _cached(load_data, "data", settings, run)(settings, run)

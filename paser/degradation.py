@@ -16,6 +16,7 @@ print(jsd_from_logits(torch.randn(3, 10), torch.randn(3, 10)))"
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -37,6 +38,7 @@ SHARD_FORMAT = 2  # 2: shards also hold nll_dense, nll_pruned and loss_gap
 # settings that choose among the scores, not how they are computed (per_cluster chooses which records
 # are scored: the fingerprint has their ids)
 SCORE_INDEPENDENT = ("signal", "per_cluster")
+LATER_OPTIONS = ("batch_tokens",)  # in a fingerprint only when set (earlier shards stay valid)
 
 
 @dataclass
@@ -50,7 +52,11 @@ class ScoreConfig:
     positions: Literal["response", "prompt", "all", "instruction_sum"] = "response"
     """Scored tokens: the response (default), the prompt, all, or the authors' instruction-only sum."""
     batch_size: int = 32
-    """Records per forward pass."""
+    """Records per forward pass (at most)."""
+    batch_tokens: int | None = None
+    """Padded tokens per forward pass at most (records x the longest, records sorted by length):
+    batches of like length as large as a GPU holds, short records many to a batch. None: batches
+    of ``batch_size`` records."""
     shard_size: int = 256
     """Records per shard file; a resumed run skips finished shards."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
@@ -83,6 +89,8 @@ class ScoreConfig:
         for name in ("cutoff", "batch_size", "shard_size", "jsd_chunk", "top_k"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.batch_tokens is not None and self.batch_tokens < 1:
+            raise ValueError(f"batch_tokens must be positive, got {self.batch_tokens}")
         if self.per_cluster is not None and self.per_cluster < 2:
             raise ValueError(f"per_cluster must be at least 2 (an interval needs two records), got {self.per_cluster}")
 
@@ -153,6 +161,20 @@ def _cache_of(output):
     return getattr(output, "cache", None) or getattr(output, "past_key_values", None)
 
 
+@functools.cache
+def _prefix_only_layer():
+    from transformers.cache_utils import DynamicLayer
+
+    class PrefixOnlyLayer(DynamicLayer):
+        """A cache layer that holds the shared prefix and returns prefix + new states without
+        storing them (see ``SharedPrefix.for_batch``)."""
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            return torch.cat([self.keys, key_states], dim=-2), torch.cat([self.values, value_states], dim=-2)
+
+    return PrefixOnlyLayer
+
+
 class SharedPrefix:
     """Key/value states of the token prefix that every prompt in a shard starts with.
 
@@ -173,10 +195,16 @@ class SharedPrefix:
         self.layers = [(layer.keys, layer.values) for layer in cache.layers]
 
     def for_batch(self, size: int):
+        """A cache holding the prefix for ``size`` rows (expanded views, no copy) that gives each
+        layer the prefix followed by the batch's own states and keeps none of them: each layer's
+        keys and values are freed once its attention has run, as in a forward without a cache (a
+        cache that kept them would hold every layer's, about 2 GB a model at 32 x 256 tokens of a 7B)."""
         from transformers import DynamicCache
 
-        # expanded views: the cache appends new states with torch.cat, leaving these untouched
-        return DynamicCache([(k.expand(size, -1, -1, -1), v.expand(size, -1, -1, -1)) for k, v in self.layers])
+        cache = DynamicCache([(k.expand(size, -1, -1, -1), v.expand(size, -1, -1, -1)) for k, v in self.layers])
+        for layer in cache.layers:
+            layer.__class__ = _prefix_only_layer()
+        return cache
 
 
 def common_prefix(encoded: list[Encoded], positions: str) -> list[int]:
@@ -282,14 +310,31 @@ def score_batch(dense, pruned, batch: list[Encoded], config: ScoreConfig, pad_id
     return _sample_stats(torch.cat(jsd), torch.cat(nll_p), torch.cat(nll_q), r, len(batch), config.positions)
 
 
+TEMPLATE_VARIANTS = 4  # more distinct tokens past the common prefix than this: they are content, not template
+
+
 def _shard_batches(tokenizer, records, config: ScoreConfig):
-    """Encoded samples and the batches to score them in: similar lengths together, and with
-    share_prefix first grouped by template variant (the tokens just past the shard's common
-    prefix), so each batch shares the longest possible preamble. Deterministic for the records."""
+    """Encoded samples and the batches to score them in: longest first, and with share_prefix first
+    grouped by template variant (the tokens just past the shard's common prefix, when they take at
+    most TEMPLATE_VARIANTS forms, as Alpaca's with and without input do; a chat template's are the
+    user's words, and grouping by them would mix lengths), so each batch shares the longest possible
+    preamble. A batch holds at most ``batch_size`` records and, with ``batch_tokens``, at most that
+    many padded tokens. Deterministic for the records."""
     encoded = encode_records(tokenizer, records, config)
     probe = len(common_prefix(encoded, config.positions)) + 8 if config.share_prefix else 0
+    if len({tuple(e.ids[:probe]) for e in encoded}) > TEMPLATE_VARIANTS:
+        probe = 0
     order = sorted(range(len(encoded)), key=lambda i: (encoded[i].ids[:probe], -len(encoded[i].ids), i))
-    return encoded, [order[lo:lo + config.batch_size] for lo in range(0, len(order), config.batch_size)]
+    batches: list[list[int]] = []
+    for i in order:
+        batch = batches[-1] if batches else None
+        width = len(encoded[batch[0]].ids) if batch else 0  # the first is the longest of its variant
+        if (batch is None or len(batch) == config.batch_size or encoded[i].ids[:probe] != encoded[batch[0]].ids[:probe]
+                or (config.batch_tokens is not None and (len(batch) + 1) * width > config.batch_tokens)):
+            batches.append([i])
+        else:
+            batch.append(i)
+    return encoded, batches
 
 
 class _Prefixes:
@@ -436,7 +481,9 @@ def score_unbatched(dense, pruned, tokenizer, records, config: ScoreConfig) -> n
 
 def scoring_fingerprint(config: ScoreConfig, dense_fp: str, pruned_fp: str, ids: list[str]) -> str:
     """What the shards of a scoring run depend on: config, both models, the records in order."""
-    what = {k: v for k, v in asdict(config).items() if k not in SCORE_INDEPENDENT}
+    # an option added later counts only when set, so earlier runs' shards keep their fingerprint
+    what = {k: v for k, v in asdict(config).items()
+            if k not in SCORE_INDEPENDENT and not (k in LATER_OPTIONS and v is None)}
     h = hashlib.sha256(json.dumps(what | {"dense": dense_fp, "pruned": pruned_fp, "format": SHARD_FORMAT},
                                   sort_keys=True).encode())
     for rid in ids:
@@ -479,12 +526,17 @@ def score_pool_shard(dense, pruned, tokenizer, records, config: ScoreConfig, sha
                      index: int, on_batch=None) -> bool:
     """Score shard ``index`` of ``records`` (the whole pool, in order) into its file in
     ``shard_dir``, unless that file exists already. Returns whether it computed anything."""
-    path = shard_path(shard_dir, index)
+    lo, hi = shard_ranges(len(records), config.shard_size)[index]
+    return score_shard_file(dense, pruned, tokenizer, records[lo:hi], config, shard_path(shard_dir, index), on_batch)
+
+
+def score_shard_file(dense, pruned, tokenizer, records, config: ScoreConfig, path: Path, on_batch=None) -> bool:
+    """Score one shard's ``records`` into ``path`` (atomically), unless it exists already. Returns
+    whether it computed anything."""
     if path.is_file():
         return False
-    lo, hi = shard_ranges(len(records), config.shard_size)[index]
     path.parent.mkdir(parents=True, exist_ok=True)
-    _write_atomic(score_shard(dense, pruned, tokenizer, records[lo:hi], config, on_batch=on_batch), path)
+    _write_atomic(score_shard(dense, pruned, tokenizer, records, config, on_batch=on_batch), path)
     return True
 
 

@@ -59,18 +59,31 @@ def worker_device(requested: str | None, worker: int | None = None, n_gpus: int 
 
 def scoring_device(requested: str | None) -> str:
     """The device of this scoring process for ``score.device`` = ``requested``: ``cpu`` or
-    ``cuda:K`` as given; otherwise, on a local Dask cluster whose workers are numbered, worker i
-    takes GPU i modulo the GPUs it sees, even with ``cuda`` (Ray already narrows
-    CUDA_VISIBLE_DEVICES to the GPU it granted); else CUDA when available, else CPU."""
-    name = None
-    if requested in (None, "cuda") and visible_gpus():
-        try:
-            from distributed import get_worker
+    ``cuda:K`` as given; otherwise, inside a Dask worker that sees several GPUs, its own one: worker
+    i of a local cluster (numbered) takes GPU i, a worker of a remote cluster (named by its address)
+    the GPU of its rank among the workers on its host, both modulo the GPUs it sees (a worker whose
+    CUDA_VISIBLE_DEVICES holds one GPU, as dask-cuda and Ray arrange, takes that one); else CUDA
+    when available, else CPU."""
+    index = None
+    if requested in (None, "cuda") and visible_gpus() > 1:
+        index = dask_worker_index()
+    return worker_device(requested, index)
 
-            name = get_worker().name
-        except (ImportError, ValueError):
-            pass
-    return worker_device(requested, name)
+
+def dask_worker_index() -> int | None:
+    """This process's index among the Dask workers that share its GPUs: its number on a local
+    cluster, else its rank by address among the workers on its host; None outside a Dask worker."""
+    try:
+        from distributed import get_client, get_worker
+
+        worker = get_worker()
+    except (ImportError, ValueError):
+        return None
+    if isinstance(worker.name, int):
+        return worker.name
+    workers = get_client().scheduler_info()["workers"]
+    host = workers[worker.address]["host"]
+    return sorted(a for a, w in workers.items() if w["host"] == host).index(worker.address)
 
 
 def local_workers(asked: int | None, n_gpus: int, on_gpus: bool) -> int:

@@ -24,6 +24,7 @@ Output folder:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -506,11 +507,22 @@ def resolve_teacher(config: RecoverConfig, data: str) -> str:
                       f"selected.jsonl, whose dense model is the default; {data} is not in a run folder")
 
 
+def rank_zero_first(world: int, device) -> contextlib.AbstractContextManager:
+    """Under torchrun (``world`` processes), the first process runs the block before the others,
+    which then find its files (a cache built once, not by every process into one folder)."""
+    if world <= 1:
+        return contextlib.nullcontext()
+    from accelerate import PartialState
+
+    # the process group the Trainer joins next (gloo on CPUs, as training_arguments asks for)
+    return PartialState(cpu=not str(device).startswith("cuda")).main_process_first()
+
+
 def _teacher(reference: str, tokenizer, student: str, examples: list[Example], pad_id: int, device,
-             config: RecoverConfig, out: Path, trust_pickle: bool):
+             config: RecoverConfig, out: Path, trust_pickle: bool, world: int = 1):
     """(the teacher in memory, None, its parameter counts), or with ``teacher_top_k`` (None, its
-    finished top-k cache, its counts): the teacher then runs alone, once per training record, and is
-    released."""
+    finished top-k cache, its counts): the teacher then runs alone, once per training record (in the
+    first of ``world`` processes), and is released."""
     from paser.models import check_same_tokenizer, load_model, model_fingerprint
 
     loaded = load_model(reference, dtype=config.dtype, trust_pickle=trust_pickle, device=device)
@@ -523,11 +535,14 @@ def _teacher(reference: str, tokenizer, student: str, examples: list[Example], p
                                                               config.temperature, examples))
     from tqdm.auto import tqdm
 
-    announce(f"running the teacher {reference} alone over {len(examples)} records for its top-{config.teacher_top_k} "
-             f"cache in {cache.folder}")
-    with tqdm(total=len(examples), desc="teacher top-k", unit="rec", disable=not bar_enabled(config.progress)) as bar:
-        cache.build(teacher, examples, collate, pad_id, device, config.teacher_top_k, config.temperature,
-                    config.micro_batch_size, bar.update)
+    with rank_zero_first(world, device):
+        if cache.missing(len(examples)):
+            announce(f"running the teacher {reference} alone over {len(examples)} records for its "
+                     f"top-{config.teacher_top_k} cache in {cache.folder}")
+            with tqdm(total=len(examples), desc="teacher top-k", unit="rec",
+                      disable=not bar_enabled(config.progress)) as bar:
+                cache.build(teacher, examples, collate, pad_id, device, config.teacher_top_k, config.temperature,
+                            config.micro_batch_size, bar.update)
     cache.vocab_size = _vocab_size(teacher)
     del teacher, loaded
     if str(device).startswith("cuda"):
@@ -574,7 +589,7 @@ def training_arguments(config: RecoverConfig, folder: Path, steps: int, accumula
     from transformers import TrainingArguments
 
     on_cpu = not str(device).startswith("cuda")
-    return TrainingArguments(
+    args = TrainingArguments(
         output_dir=str(folder), max_steps=steps, gradient_accumulation_steps=accumulation,
         per_device_train_batch_size=1, learning_rate=config.learning_rate, weight_decay=config.weight_decay,
         max_grad_norm=config.max_grad_norm, bf16=config.dtype == "bfloat16" and not on_cpu,
@@ -583,6 +598,16 @@ def training_arguments(config: RecoverConfig, folder: Path, steps: int, accumula
         report_to="none", disable_tqdm=True, seed=config.seed, use_cpu=on_cpu,
         ddp_backend="gloo" if on_cpu and world > 1 else None, average_tokens_across_devices=True,
         remove_unused_columns=False, dataloader_num_workers=0)
+    return one_device(args, world)
+
+
+def one_device(args, world: int):
+    """A single process trains on one GPU: the Trainer would wrap the model in ``nn.DataParallel``
+    over every visible GPU (moving a teacher's batches off its device, and splitting micro-batches
+    the step plan sized); several GPUs are for ``torchrun`` (one process each)."""
+    if world == 1 and args.n_gpu > 1:
+        args._n_gpu = 1
+    return args
 
 
 def recover(model: str, data: str, out: str | Path = "runs/recover", config: RecoverConfig | None = None, *,
@@ -624,8 +649,10 @@ def recover(model: str, data: str, out: str | Path = "runs/recover", config: Rec
     else:
         job.train(train_ex, val_ex, steps, len(steps))
     seconds = time.perf_counter() - t0
-    return job.finish(train_ex, val_ex, steps, seconds, data_summary={"data": str(data), "train_records": len(train),
-                                                                      "val_records": len(val)})
+    result = job.finish(train_ex, val_ex, steps, seconds, data_summary={"data": str(data), "train_records": len(train),
+                                                                        "val_records": len(val)})
+    job.release()
+    return result
 
 
 class Job:
@@ -641,6 +668,12 @@ class Job:
         device = config.device or default_device()
         if self.world > 1 and str(device).startswith("cuda"):
             device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"  # each process its own GPU
+        elif str(device).startswith("cuda:") and torch.device(device).index != 0:
+            # the Trainer of a single process trains on cuda:0 (of the visible ones) and would move
+            # the student there, away from a teacher on the device asked for
+            raise ConfigError(f"recover.device {device}: one process trains on the first visible GPU; choose the "
+                              f"GPU with CUDA_VISIBLE_DEVICES={torch.device(device).index} and device cuda, or "
+                              "train on several with torchrun")
         self.device = device
         # resolved before the fingerprint: a checkpoint records the precision it was trained in
         self.config = dataclasses.replace(config, dtype=resolve_dtype(config.dtype, device))
@@ -707,7 +740,7 @@ class Job:
             start = time.perf_counter()
             self.teacher, self.cache, self.teacher_params = _teacher(
                 ref, self.tokenizer, self.model, train_ex, self.pad_id, self.device, config, self.out,
-                self.trust_pickle)
+                self.trust_pickle, self.world)
             self.teacher_seconds = time.perf_counter() - start
             if self.cache is not None:  # the teacher ran once over every training record
                 self.ledger.forward("teacher top-k cache", ref, self.teacher_params, sum(len(e.ids) for e in train_ex),
@@ -728,9 +761,10 @@ class Job:
                 model_fingerprint(ref), model_fingerprint(self.model), config.token_signal, train_ex))
             announce(f"token weighting: {config.token_signal} of {ref} against {self.model} over {len(train_ex)} "
                      f"records ({cache.folder})")
-            self.signal = cache.build(dense.model.requires_grad_(False), self.loaded.model, train_ex, collate,
-                                      self.pad_id, self.device, config.token_signal, config.micro_batch_size,
-                                      _labelled)
+            with rank_zero_first(self.world, self.device):  # one process computes the signal, the others read it
+                self.signal = cache.build(dense.model.requires_grad_(False), self.loaded.model, train_ex, collate,
+                                          self.pad_id, self.device, config.token_signal, config.micro_batch_size,
+                                          _labelled)
             tokens, positions = sum(len(e.ids) for e in train_ex), sum(scored_tokens(e) for e in train_ex)
             seconds = time.perf_counter() - start
             self.ledger.forward("token signal", ref, flop_params(dense.model), tokens, positions, seconds)
@@ -743,6 +777,17 @@ class Job:
         self.zeros = sparsity(self.loaded.model)
         self.peft_model = lora_model(self.loaded.model, self.config)
         self.student_params = flop_params(self.peft_model)
+
+    def release(self) -> None:
+        """Drop the student, its optimizer's Trainer and the teacher now, not at the next garbage
+        collection (the Trainer and its step callback hold each other): ``paser run`` evaluates in the
+        same process next, and on a GPU their memory must be free for it."""
+        import gc
+
+        self.teacher = self.cache = self.peft_model = self.loaded = None
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
     def load_checkpoint_adapter(self) -> None:
         """The adapter of the last complete checkpoint (a run resumed between two of its parts)."""
@@ -1004,11 +1049,13 @@ def recover_in_rounds(model: str, data: str, out: Path, config: RecoverConfig, p
     rounds = [{"round": h["round"], "records": len(h["ids"]),
                "tokens": int(sum(len(e.ids) for e in job.encode([by_id[i] for i in h["ids"]]))),
                "shares": h["shares"], "rho": h.get("rho")} for h in history["rounds"]]
-    return job.finish(train_ex, val_ex, steps, seconds,
-                      data_summary={"data": str(data), "train_records": len(train_ex), "val_records": len(val)},
+    result = job.finish(train_ex, val_ex, steps, seconds,
+                        data_summary={"data": str(data), "train_records": len(train_ex), "val_records": len(val)},
                       extra={"adaptive": {"plan": str(plan_path(data)), "rounds": rounds,
                                           "probe_records": len(probe_ex), "dense_probe_nll": history["dense"],
                                           "pruned_probe_nll": history["pruned"]}})
+    job.release()
+    return result
 
 
 def _check_rounds(config: RecoverConfig, plan: dict) -> None:

@@ -123,9 +123,27 @@ def data_fingerprint(cfg: SelectConfig) -> str:
     return fingerprint(source, cfg.layout, cfg.field_map, cfg.strict)
 
 
-def read_run_pool(run: Path) -> list[Record]:
-    """The validated records the data stage stored in ``run``."""
-    frame = pd.read_parquet(run / "pool.parquet")
+_POOL_FRAMES: dict = {}  # this process's copy of a run's pool.parquet, by path and sealed fingerprint
+
+
+def _pool_frame(run: Path) -> pd.DataFrame:
+    """The run's pool table, read once per process and pool (a scoring worker reads it once for all
+    the shards it scores, not once per shard)."""
+    path = Path(run).resolve() / "pool.parquet"
+    marker = path.with_name("pool.parquet.fp")
+    key = (str(path), marker.read_text() if marker.is_file() else None, path.stat().st_mtime_ns)
+    if key not in _POOL_FRAMES:
+        _POOL_FRAMES.clear()
+        _POOL_FRAMES[key] = pd.read_parquet(path)
+    return _POOL_FRAMES[key]
+
+
+def read_run_pool(run: Path, rows=None) -> list[Record]:
+    """The validated records the data stage stored in ``run``; with ``rows`` (pool positions) only
+    those, in that order."""
+    frame = _pool_frame(run)
+    if rows is not None:
+        frame = frame.iloc[list(rows)]
     contexts = frame["context"] if "context" in frame else ["[]"] * len(frame)  # runs made before chat layouts
     return [Record(id=row.id, instruction=row.instruction, input=row.input, response=row.response,
                    fields=json.loads(row.fields), index=int(row.index), context=tuple(json.loads(context)))

@@ -24,7 +24,7 @@ import pandas as pd
 
 from paser import progress
 from paser.config import to_mapping
-from paser.degradation import collect_shards, score_pool_shard, score_pool_two_pass, shard_path, shard_ranges
+from paser.degradation import collect_shards, score_pool_two_pass, score_shard_file, shard_path, shard_ranges
 from paser.devices import resolve_dtype, scoring_device
 from paser.errors import PaserError, ShardError
 from paser.runfolder import atomic_parquet, fingerprint, read_run_pool, scored_rows, seal, stage_fingerprint
@@ -62,7 +62,19 @@ def twin_reference(settings: Settings) -> str:
         from paser.pruning import prune
 
         tmp = folder.with_name(f".{folder.name}.{os.getpid()}.partial")
-        prune(cfg.dense, tmp, prune_cfg, trust_pickle=cfg.trust_pickle, device=twin_device(settings))
+        device = twin_device(settings)
+        on_gpu = device.startswith("cuda")
+        # pruned on a GPU, the twin is saved in the dtype scoring loads it in (bf16: half the disk and
+        # host memory of fp32), and the device is emptied for the scoring workers that come next
+        prune(cfg.dense, tmp, prune_cfg, trust_pickle=cfg.trust_pickle, device=device,
+              save_dtype=settings.score.dtype if on_gpu and settings.score.dtype != "auto" else None)
+        if on_gpu:
+            import gc
+
+            import torch
+
+            gc.collect()
+            torch.cuda.empty_cache()
         try:
             os.replace(tmp, folder)
         except OSError:
@@ -95,8 +107,12 @@ class ScoringPlan:
 
     def records(self) -> list:
         """The records this plan scores, in order (shard ranges index them)."""
-        records = read_run_pool(Path(self.run))
-        return records if self.rows is None else [records[i] for i in self.rows]
+        return read_run_pool(Path(self.run), self.rows)
+
+    def shard_records(self, index: int) -> list:
+        """The records of shard ``index`` alone (a worker parses only the shards it scores)."""
+        lo, hi = self.shards[index]
+        return read_run_pool(Path(self.run), self.rows[lo:hi] if self.rows is not None else range(lo, hi))
 
 
 def plan_scoring(settings: Settings, run: Path, pruned_ref: str) -> ScoringPlan:
@@ -130,9 +146,13 @@ def loaded_pair(settings: Settings, plan: ScoringPlan):
 
 
 def release_models() -> None:
-    """Drop the models ``loaded_pair`` keeps in this process."""
+    """Drop the models ``loaded_pair`` keeps in this process, and the CUDA memory they held."""
     with _LOADED_LOCK:
         _LOADED.clear()
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def score_planned_shard(settings: Settings, plan: ScoringPlan, index: int) -> dict:
@@ -148,8 +168,8 @@ def score_planned_shard(settings: Settings, plan: ScoringPlan, index: int) -> di
     on_batch = None if shown is None else (lambda n, tokens: shown.batch(index, n, tokens))
     try:
         dense, pruned = loaded_pair(settings, plan)
-        score_pool_shard(dense.model, pruned.model, dense.tokenizer, plan.records(), settings.score, plan.shard_dir,
-                         index, on_batch)
+        score_shard_file(dense.model, pruned.model, dense.tokenizer, plan.shard_records(index), settings.score,
+                         shard_path(plan.shard_dir, index), on_batch)
     except PaserError:
         raise
     except Exception as err:

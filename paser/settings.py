@@ -148,7 +148,9 @@ class Settings:
         if settings.score.per_cluster is not None and settings.scored and not settings.sampled_scores:
             raise ConfigError(f"{where}: score.per_cluster scores a sample of each cluster, but --method {method} "
                               "needs every record's score; it serves --method strat with sample.ies_temperature 0")
-        if settings.score.dtype == "auto":  # resolved once, here: workers and fingerprints see the dtype used
+        # resolved once, here, where this machine scores (workers and fingerprints see the dtype used);
+        # for a remote cluster the flow asks one of its workers (flows.runners.worker_dtype)
+        if settings.score.dtype == "auto" and not settings.remote_scoring:
             settings.score.dtype = resolve_dtype("auto", scoring_device(settings.score.device))
         return settings
 
@@ -162,6 +164,11 @@ class Settings:
     def clustered(self) -> bool:
         """A method that finds clusters (PASER, its ablations, strat), not a baseline."""
         return self.select.method not in BASELINES + SCORED_BASELINES
+
+    @property
+    def remote_scoring(self) -> bool:
+        """Whether shards are scored on a remote cluster (Dask or Ray at ``distribute.address``)."""
+        return self.distribute.engine != "local" and self.distribute.address is not None
 
     @property
     def scored(self) -> bool:

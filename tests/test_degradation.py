@@ -229,3 +229,36 @@ def test_two_pass_loads_each_model_only_when_needed_and_resumes(pair, tiny_token
                                   cfg, tmp_path / "b")
     assert loads == ["pruned"]  # nothing left for the dense model to do
     pd.testing.assert_frame_equal(full, resumed)
+
+
+def test_batches_group_by_length_not_by_the_users_words(monkeypatch):
+    """Past the shared preamble a chat template's next tokens are the user's words: grouping by them
+    mixed lengths in a batch; only a few template variants (Alpaca's with and without input) group."""
+    import paser.degradation as deg
+
+    rng = np.random.default_rng(0)
+    preamble = [1, 2, 3, 4]
+    chat = [deg.Encoded(preamble + rng.integers(10, 500, size=n).tolist(), 4 + n // 2, n - n // 2, False)
+            for n in rng.integers(6, 60, size=40)]
+    monkeypatch.setattr(deg, "encode_records", lambda tokenizer, records, config: chat)
+    _, batches = deg._shard_batches(None, range(40), ScoreConfig(batch_size=8))
+    lengths = [len(chat[i].ids) for batch in batches for i in batch]
+    assert lengths == sorted(lengths, reverse=True)  # one length order across the shard
+    # two template variants: each batch holds one, longest first inside each
+    alpaca = [deg.Encoded(preamble + [7 + (i % 2)] * 9 + list(range(10, 10 + n)), 14, n - 1, False)
+              for i, n in enumerate(rng.integers(4, 40, size=30))]
+    monkeypatch.setattr(deg, "encode_records", lambda tokenizer, records, config: alpaca)
+    _, batches = deg._shard_batches(None, range(30), ScoreConfig(batch_size=8))
+    assert all(len({alpaca[i].ids[4] for i in batch}) == 1 for batch in batches)
+
+
+def test_a_token_budget_fills_batches_of_like_length(monkeypatch):
+    import paser.degradation as deg
+
+    records = [deg.Encoded(list(range(n)), 2, n - 2, False) for n in (100, 90, 30, 30, 28, 25, 20, 20, 10, 10)]
+    monkeypatch.setattr(deg, "encode_records", lambda tokenizer, r, config: records)
+    _, batches = deg._shard_batches(None, range(10), ScoreConfig(batch_size=32, batch_tokens=200, share_prefix=False))
+    for batch in batches:
+        assert len(batch) * max(len(records[i].ids) for i in batch) <= 200 or len(batch) == 1
+    assert [len(b) for b in batches] == [2, 6, 2]  # 100+90; six of 30..20 (6 x 30 = 180); the two of 10
+    assert sorted(i for b in batches for i in b) == list(range(10))

@@ -77,6 +77,28 @@ def test_scoring_device_inside_a_numbered_dask_worker(gpus, monkeypatch):
     assert scoring_device(None) == "cuda"
 
 
+def test_each_worker_of_a_remote_cluster_takes_its_own_gpu(gpus, monkeypatch):
+    """Workers of a remote cluster are named by their address, not numbered: each takes the GPU of
+    its rank among the workers of its host; a worker narrowed to one GPU (CUDA_VISIBLE_DEVICES per
+    worker) takes that one."""
+    import distributed
+
+    from paser.devices import scoring_device
+
+    workers = {f"tcp://10.0.0.{h}:{port}": {"host": f"10.0.0.{h}"} for h in (1, 2) for port in (4001, 4002, 4003)}
+    monkeypatch.setattr(distributed, "get_client",
+                        lambda: types.SimpleNamespace(scheduler_info=lambda: {"workers": workers}))
+    gpus(4)
+    found = {}
+    for address in workers:
+        monkeypatch.setattr(distributed, "get_worker", lambda a=address: types.SimpleNamespace(name=a, address=a))
+        found[address] = scoring_device(None)
+    assert [found[f"tcp://10.0.0.{h}:{p}"] for h in (1, 2) for p in (4001, 4002, 4003)] == [
+        "cuda:0", "cuda:1", "cuda:2"] * 2
+    gpus(1)  # CUDA_VISIBLE_DEVICES holds this worker's GPU alone
+    assert scoring_device(None) == "cuda"
+
+
 def test_local_dask_cluster_has_one_worker_per_gpu_and_never_more(gpus):
     from flows.runners import local_dask_cluster
     from paser.settings import DistributeConfig
@@ -145,6 +167,29 @@ def test_forward_passes_build_no_kv_cache(tiny_pair, tiny_tokenizer, monkeypatch
     assert built
 
 
+def test_the_shared_prefix_cache_keeps_nothing_of_the_batch(tiny_pair, tiny_tokenizer, monkeypatch):
+    """The template's preamble is computed once and shared; each layer gets preamble + batch states
+    but the cache keeps only the preamble, so no batch's keys and values outlive their layer."""
+    from paser.degradation import ScoreConfig, SharedPrefix, score_shard
+    from paser.models import load_model
+    from paser.suite import suite_pool
+
+    caches = []
+    original = SharedPrefix.for_batch
+
+    def kept(self, size):
+        cache = original(self, size)
+        caches.append((self.length, cache))
+        return cache
+
+    monkeypatch.setattr(SharedPrefix, "for_batch", kept)
+    dense, pruned = (load_model(m).model for m in tiny_pair)
+    score_shard(dense, pruned, tiny_tokenizer, suite_pool(6, seed=3).records, ScoreConfig(share_prefix=True))
+    assert caches and all(length > 0 for length, _ in caches)
+    for length, cache in caches:
+        assert all(layer.keys.shape[-2] == length and layer.values.shape[-2] == length for layer in cache.layers)
+
+
 def test_recovery_and_evaluation_record_the_resolved_dtype(tiny_model_dir, tmp_path):
     import json
 
@@ -158,3 +203,92 @@ def test_recovery_and_evaluation_record_the_resolved_dtype(tiny_model_dir, tmp_p
                      val_size=0, progress=False)
     assert json.loads((result.out / "recovery.json").read_text())["settings"]["dtype"] == "float32"
     assert evaluate(str(tiny_model_dir), suite_size=12, suite_accuracy_per_family=0)["settings"]["dtype"] == "float32"
+
+
+def test_a_local_ray_cluster_offers_every_gpu(gpus):
+    from flows.runners import local_ray_cluster
+    from paser.settings import DistributeConfig
+
+    assert local_ray_cluster(DistributeConfig(engine="ray")) == {"num_cpus": 2, "include_dashboard": False}
+    gpus(8)
+    found = local_ray_cluster(DistributeConfig(engine="ray"))
+    assert found["num_gpus"] == 8 and found["num_cpus"] >= 8  # 8 shards at once, one per GPU
+
+
+def test_ray_gpu_shards_keep_their_worker_and_its_models(gpus):
+    """A Ray GPU task runs in a fresh process per call by default (max_calls=1), reloading both
+    models for every shard; paser's shards ask to keep the process."""
+    from prefect_ray.context import RemoteOptionsContext
+
+    from flows.runners import shard_resources
+    from paser.settings import DistributeConfig
+
+    gpus(2)
+    with shard_resources(DistributeConfig(engine="ray")):
+        options = RemoteOptionsContext.get().current_remote_options
+    assert options == {"num_gpus": 1.0, "max_calls": 0}
+
+
+@pytest.mark.slow
+def test_shards_claim_gpus_when_the_remote_workers_have_them():
+    """Launched from this CPU machine against a cluster whose workers offer GPUs, every shard claims
+    one (the launcher's own devices do not decide)."""
+    from distributed import LocalCluster
+
+    from flows.runners import gpus_per_shard
+    from paser.settings import DistributeConfig
+
+    with LocalCluster(n_workers=1, processes=False, resources={"GPU": 1}, dashboard_address=None) as cluster:
+        assert gpus_per_shard(DistributeConfig(engine="dask", address=cluster.scheduler_address)) == 1.0
+    with LocalCluster(n_workers=1, processes=False, dashboard_address=None) as cluster:
+        assert gpus_per_shard(DistributeConfig(engine="dask", address=cluster.scheduler_address)) == 0.0
+
+
+@pytest.mark.slow
+def test_auto_dtype_is_decided_on_the_remote_workers_not_the_launcher(tmp_path):
+    """This CPU launcher would pick float32; the cluster's worker (a process that, by its preload,
+    sees one Hopper GPU) is asked instead, and the settings every shard gets carry its answer."""
+    from distributed import LocalCluster
+
+    from flows.runners import worker_dtype
+    from paser.devices import resolve_dtype
+    from paser.settings import DistributeConfig, Settings
+
+    fake = tmp_path / "one_hopper_gpu.py"
+    fake.write_text("import torch\nimport paser.devices as d\nd.visible_gpus = lambda: 1\n"
+                    "torch.cuda.current_device = lambda: 0\ntorch.cuda.get_device_capability = lambda i=None: (9, 0)\n")
+    with LocalCluster(n_workers=1, processes=True, threads_per_worker=1, resources={"GPU": 1},
+                      dashboard_address=None, preload=[str(fake)]) as cluster:
+        remote = DistributeConfig(engine="dask", address=cluster.scheduler_address)
+        assert resolve_dtype("auto", "cpu") == "float32"
+        assert worker_dtype(remote, None) == "bfloat16"
+    # settings for a remote cluster keep "auto" until the flow has asked
+    held = Settings.load(None, {"distribute": {"engine": "dask", "address": "tcp://sched:8786"}})
+    assert held.score.dtype == "auto" and Settings.load(None, {}).score.dtype == "float32"
+
+
+@pytest.mark.slow
+def test_remote_dask_workers_drop_their_models_after_the_run():
+    from distributed import LocalCluster
+
+    from flows.runners import release_workers
+    from paser.settings import DistributeConfig
+
+    def keep():  # what a worker holds after scoring shards: its loaded pair
+        import paser.scoring
+
+        paser.scoring._LOADED["pair"] = object()
+
+    def held():
+        import paser.scoring
+
+        return len(paser.scoring._LOADED)
+
+    with LocalCluster(n_workers=2, processes=True, threads_per_worker=1, dashboard_address=None) as cluster:
+        from distributed import Client
+
+        with Client(cluster) as client:
+            client.run(keep)
+            assert set(client.run(held).values()) == {1}
+            release_workers(DistributeConfig(engine="dask", address=cluster.scheduler_address))
+            assert set(client.run(held).values()) == {0}

@@ -329,3 +329,40 @@ def test_baselines_take_their_order_while_the_next_fits(models, tmp_path, method
     if method == "pruned_loss":
         degradation = pd.read_parquet(run / "degradation.parquet")
         np.testing.assert_allclose(scores["nll_pruned"], degradation["nll_pruned"])
+
+
+def test_a_scoring_process_reads_the_pool_once_and_parses_only_its_shards(models, tmp_path, monkeypatch):
+    """Each shard used to re-read and re-parse the whole pool (pool size x shards: about 3,900 full
+    reads at a million records): a process now reads the pool file once and builds only the records
+    of the shards it scores."""
+    import paser.runfolder as runfolder
+    from paser.pipeline import stage_cluster, stage_data, stage_embed, stage_score, stage_tokens
+
+    s = settings(models, tmp_path / "run")
+    s.score.shard_size = 20  # 96 records: 5 shards
+    run = tmp_path / "run"
+    run.mkdir()
+    for stage in (stage_data, stage_tokens, stage_embed, stage_cluster):
+        stage(s, run)
+    runfolder._POOL_FRAMES.clear()
+    reads, built = [], []
+    read = pd.read_parquet
+
+    def counted(path, *args, **kwargs):
+        if str(path).endswith("pool.parquet") and "columns" not in kwargs:
+            reads.append(path)
+        return read(path, *args, **kwargs)
+
+    original = runfolder.read_run_pool
+
+    def parsed(run_folder, rows=None):
+        records = original(run_folder, rows)
+        built.append(len(records))
+        return records
+
+    monkeypatch.setattr(runfolder.pd, "read_parquet", counted)
+    monkeypatch.setattr("paser.scoring.read_run_pool", parsed)
+    stage_score(s, run)
+    assert len(reads) == 1
+    # five shards of 20 (16) records, then the whole pool once to collect them
+    assert built == [20, 20, 20, 20, 16, 96]

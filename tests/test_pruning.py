@@ -217,3 +217,44 @@ def test_the_plan_reads_a_layers_scores_in_one_copy_not_element_by_element():
     scores = torch.tensor([0.5, 0.1, 0.9, 0.1, 0.3]).as_subclass(Counting)
     assert _lowest(scores, 2) == {1, 3}  # ties to the lower index
     assert Counting.reads == 0
+
+
+@pytest.mark.parametrize("importance", ["taylor"])
+def test_offloaded_gradients_give_the_same_scores_and_leave_the_device_as_made(tiny_tokenizer, importance):
+    """On a GPU the calibration gradients go to the host as the backward pass makes them (the
+    device holds the weights once, not twice): the same fp32 sums, bitwise the same scores, and at
+    no moment more than a layer's gradients held on the model."""
+    from paser.pruning import accumulate_gradients, calibration_batches, calibration_texts, decoder_layers, group_scores
+    from tests.conftest import build_model
+
+    model = build_model(tiny_tokenizer, num_kv_heads=2)
+    batches = calibration_batches(tiny_tokenizer, calibration_texts(None, 6, 0), 64, batch_size=2)
+    accumulate_gradients(model, batches)
+    kept = group_scores(model, importance)
+    per_layer = max(sum(1 for _ in layer.parameters()) for layer in decoder_layers(model))
+    held = []
+
+    def count(_):
+        held.append(sum(1 for p in model.parameters() if p.grad is not None))
+
+    hooks = [p.requires_grad_(True).register_post_accumulate_grad_hook(count) for layer in decoder_layers(model)
+             for p in layer.parameters()]
+    accumulate_gradients(model, batches, offload=True)
+    for hook in hooks:
+        hook.remove()
+    offloaded = group_scores(model, importance)
+    assert all(p.grad is None for p in model.parameters())
+    assert held and max(held) <= per_layer
+    for a, b in zip(kept, offloaded):
+        for name in a:
+            assert torch.equal(a[name], b[name])
+
+
+def test_a_twin_pruned_for_gpu_scoring_is_saved_in_the_scoring_dtype(tiny_model_dir, tmp_path):
+    from safetensors import safe_open
+
+    from paser.pruning import prune
+
+    prune(str(tiny_model_dir), tmp_path / "p", ratio=0.5, importance="l2", save_dtype="bfloat16")
+    with safe_open(next((tmp_path / "p").glob("*.safetensors")), "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}

@@ -252,3 +252,29 @@ def test_early_stopping_keeps_the_best_adapter_and_stays_stopped(tiny_model_dir,
     assert again.steps == result.steps and all(torch.equal(before[k], after[k]) for k in before)
     with pytest.raises(ConfigError, match="give a validation set"):
         recover(str(tiny_model_dir), train_file, tmp_path / "noval", **(settings | {"val_size": 0}))
+
+
+def test_the_trained_model_is_freed_when_recover_returns(tiny_model_dir, train_file, tmp_path, monkeypatch):
+    """The Trainer and its step callback hold each other, so without an explicit collection the
+    student (and on a GPU its memory) outlives recover() until some later garbage collection;
+    paser run evaluates next in the same process."""
+    import gc
+    import weakref
+
+    import paser.recovery as rec
+
+    made = []
+    original = rec.lora_model
+
+    def watched(model, config):
+        wrapped = original(model, config)
+        made.append(weakref.ref(wrapped))
+        return wrapped
+
+    monkeypatch.setattr(rec, "lora_model", watched)
+    gc.disable()  # the check is that recover() frees it, not that a collection happened to run meanwhile
+    try:
+        recover(str(tiny_model_dir), train_file, tmp_path / "run", **dict(FAST, max_steps=2, val_size=0))
+        assert made and made[0]() is None
+    finally:
+        gc.enable()

@@ -99,3 +99,57 @@ def test_recovery_uses_the_current_checkpointing_names(tiny_model_dir, train_fil
         result = recover(str(tiny_model_dir), train_file, tmp_path / "run", **dict(FAST, max_steps=2, val_size=0,
                                                                                    gradient_checkpointing=True))
     assert json.loads((result.out / "recovery.json").read_text())["activation_checkpointing"] is True
+
+
+def test_one_process_on_a_machine_of_several_gpus_does_not_wrap_in_data_parallel(tmp_path):
+    """Simulated: the Trainer of one process seeing four GPUs would wrap the model in
+    nn.DataParallel; paser's arguments keep it on one."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from paser.recovery import RecoverConfig, one_device, training_arguments
+    from paser.trainer import RecoveryTrainer
+
+    model = get_peft_model(LlamaForCausalLM(LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                                        num_attention_heads=2, vocab_size=64)),
+                           LoraConfig(r=2, target_modules=["q_proj"]))
+    args = training_arguments(RecoverConfig(), tmp_path, 2, 1, "cpu", 1)
+
+    def wrapped(gpus: int, fix: bool):
+        args._n_gpu = gpus  # as a single process seeing `gpus` devices has it
+        if fix:
+            one_device(args, 1)
+        trainer = RecoveryTrainer(model=model, args=args, config=RecoverConfig(), data=None, loss_fn=None,
+                                  targets_fn=None, schedule_fn=None)
+        return trainer._wrap_model(model)
+
+    assert isinstance(wrapped(4, fix=False), torch.nn.DataParallel)  # what the Trainer does on its own
+    assert wrapped(4, fix=True) is model
+
+
+def test_a_single_process_refuses_a_gpu_other_than_the_first(tiny_model_dir, train_file, tmp_path):  # noqa: F811
+    from paser.errors import ConfigError
+    from paser.recovery import recover
+
+    with pytest.raises(ConfigError, match="CUDA_VISIBLE_DEVICES=1"):
+        recover(str(tiny_model_dir), train_file, tmp_path / "run", **dict(FAST, device="cuda:1"))
+
+
+@pytest.mark.slow
+def test_under_torchrun_the_teacher_cache_is_built_once(tiny_pair, train_file, tmp_path):  # noqa: F811
+    """Two gloo processes distilling from a top-k cache: the first builds it, the second waits and
+    reads it (it used to build the same parts into the same folder, and a stale fingerprint could
+    delete the folder under the other's feet)."""
+    dense, pruned = tiny_pair
+    settings = dict(FAST, dropout=0.0, max_steps=2, val_size=0, objective="distill", teacher=dense,
+                    teacher_top_k=16)
+    config = tmp_path / "recover.yaml"
+    config.write_text("recover:\n" + "".join(f"  {k}: {v}\n" for k, v in settings.items()))
+    cli = Path(sys.executable).parent / "paser"
+    args = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+            str(_free_port()), "--no-python", str(cli), "recover", pruned, "--data", train_file, "--out",
+            str(tmp_path / "two"), "--no-flow", "--config", str(config)]
+    done = subprocess.run(args, capture_output=True, text=True, timeout=900, env=os.environ | {"OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stderr.count("alone over") == 1, done.stderr[-3000:]
+    assert json.loads((tmp_path / "two" / "recovery.json").read_text())["processes"] == 2
