@@ -1,26 +1,28 @@
-"""Every GPU check of paser in one command: a 7B-shaped Llama pair with random weights, built from
-its config on the device (no weight file travels), pruned, scored, recovered.
+"""Every GPU check of paser in one command, through paser's own code paths: a Llama-2-7B-shaped
+dense model with random weights built on the device and saved, paser's twin pruned from it on the
+GPU, degradation scoring of the saved pair as ``paser select`` runs it (one process, token-budget
+batches, two-pass, and a 2-worker local Dask cluster sharing the GPU), and LoRA recovery on the
+Trainer path (SFT and distillation, the auto dtype).
 
-    python bench/gpu_check.py --out $OUT/gpu_check.json      # on a GPU machine (Llama-2-7B shapes, bf16)
-    python bench/gpu_check.py --smoke                        # anywhere: tiny shapes, same code path
+    python bench/gpu_check.py --out $OUT/gpu_check.json      # on a GPU machine: 7B shapes, bf16, < 8 minutes
+    python bench/gpu_check.py --smoke                        # anywhere: tiny shapes, the same code paths
 
-Figures (printed, and written as JSON to --out):
-- the dtype ``auto`` resolves to on this device;
-- pruning (``paser prune --device``): Taylor importance on calibration samples in fp32, then the
-  20% structural prune: seconds, parameters before and after, peak device memory;
-- scoring (``paser select``'s degradation stage, both models in memory, the auto dtype): for
-  each batch size, records/s, tokens/s (prompt + response tokens through each model), MFU
-  against the card's bf16 dense peak (--peak-tflops, else looked up by name; forward FLOPs
-  counted as 2 x parameters per token per model, attention left out, so it is a lower bound),
-  peak device memory; and the KV cache's cost, by one batch with ``use_cache`` left on, the
-  way paser ran before (peak memory of both);
-- recovery steps (LoRA r 8 on the pruned model, micro-batch 4, cutoff 256): SFT and distillation
-  from the dense model in memory, tokens/s and peak memory;
-- with the dask extra installed, a local Dask cluster sized by paser (one worker per visible
-  GPU) reports the device each worker scores on.
-The records are paser's generated capability suite (short prompts and answers); the tokenizer is a
-small BPE trained on it, so token ids cover only part of the 32,000-row vocabulary projection,
-whose cost is the same whatever the ids.
+Figures (printed as they come, and written as JSON to --out):
+- ``auto`` dtype on this device;
+- twin: ``paser.scoring.twin_reference`` (Taylor on calibration samples in fp32, gradients kept on
+  the host, saved in the scoring dtype): seconds and peak device memory;
+- scoring: ``paser.pipeline.run_selection``'s degradation stage on the saved folders, per
+  configuration: seconds, records/s, tokens/s, FLOPs by paser's ledger (what the run's manifest
+  says it computed: 2 x non-embedding parameters per token read, the vocabulary head at the scored
+  positions only, the shared preamble counted for every record), MFU against the card's bf16 dense
+  peak (--peak-tflops, else by name), peak device memory;
+- recovery: ``paser.recovery.recover`` (Hugging Face's Trainer, bf16 autocast where the weights
+  are bf16), SFT and distillation from the dense model in memory: seconds, tokens/s, peak memory,
+  and the ledger's FLOPs;
+- Dask: the same scoring through the flow on a local 2-worker cluster, each shard claiming half of
+  the one GPU: seconds, the device each worker scored on.
+Records are paser's generated capability suite, tokenized by a small BPE trained on it (token ids
+cover part of the vocabulary; the projection's cost does not depend on which).
 """
 
 from __future__ import annotations
@@ -29,7 +31,9 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -37,12 +41,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from paser.degradation import ScoreConfig, encode_records, score_shard  # noqa: E402
 from paser.devices import default_device, resolve_dtype, visible_gpus  # noqa: E402
-from paser.layers import count_parameters  # noqa: E402
-from paser.models import resolve_dtype as torch_dtype  # noqa: E402
-from paser.pruning import PruneConfig, prune_model  # noqa: E402
-from paser.suite import suite_pool, suite_tokenizer  # noqa: E402
+from paser.suite import suite_tokenizer  # noqa: E402
 
 # bf16 dense tensor-core peak in TFLOP/s (vendor figures, no sparsity)
 PEAK_BF16 = {"H200": 989.0, "H100 SXM": 989.0, "H100 PCIe": 756.0, "H100": 989.0, "A100": 312.0,
@@ -53,16 +53,31 @@ TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_atte
             num_key_value_heads=8, vocab_size=512, max_position_embeddings=512)
 
 
-def build(shape: dict, tokenizer, device: str, dtype: torch.dtype, seed: int = 0):
-    """A Llama of ``shape`` with random weights, made directly on ``device`` in ``dtype``."""
+def save_dense(shape: dict, tokenizer, folder: Path, device: str, dtype: str) -> Path:
+    """A Llama of ``shape`` with random weights, made on ``device`` in ``dtype`` and saved (a
+    Hugging Face folder, as a user's dense model is)."""
     from transformers import LlamaConfig, LlamaForCausalLM
+
+    from paser.models import resolve_dtype as torch_dtype
 
     config = LlamaConfig(**shape, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                          pad_token_id=tokenizer.pad_token_id)
-    torch.manual_seed(seed)
+    torch.manual_seed(0)
     with torch.device(device):
-        model = LlamaForCausalLM(config).to(dtype)
-    return model.eval()
+        model = LlamaForCausalLM(config).to(torch_dtype(dtype))
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    del model
+    release(device)
+    return folder
+
+
+def release(device: str) -> None:
+    import gc
+
+    gc.collect()
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
 
 
 def peak_tflops(device: str, given: float | None) -> float | None:
@@ -73,11 +88,10 @@ def peak_tflops(device: str, given: float | None) -> float | None:
 
 
 class Memory:
-    """Peak device memory of a block (CUDA), in GiB; None on CPU."""
+    """Peak device memory allocated inside a block (CUDA), in GiB; None on CPU."""
 
     def __init__(self, device: str):
-        self.cuda = device.startswith("cuda")
-        self.peak = None
+        self.cuda, self.peak = device.startswith("cuda"), None
 
     def __enter__(self):
         if self.cuda:
@@ -91,121 +105,106 @@ class Memory:
             self.peak = round(torch.cuda.max_memory_allocated() / 2**30, 2)
 
 
-def sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
+def settings_for(work: Path, dense: Path, records: int, name: str, score: dict, distribute: dict | None = None):
+    from paser.settings import Settings
+
+    return Settings.load(None, {
+        "select": {"dense": str(dense), "suite_size": records, "budget": 0.2, "out": str(work / name),
+                   "prune_ratio": 0.2, "progress": False},
+        "prune": {"num_calibration": 10},
+        "score": score, "cluster": {"k_max": 8}, "distribute": distribute or {}})
 
 
-def check_prune(shape, tokenizer, device, records) -> tuple[object, dict]:
-    """The dense model rebuilt in fp32 and pruned 20% on the device (Taylor, 10 calibration samples)."""
-    model = build(shape, tokenizer, device, torch.float32)
+def check_twin(work: Path, dense: Path, records: int, device: str) -> tuple[str, dict]:
+    """paser's own twin of the dense model, pruned on the scoring device."""
+    from paser.scoring import twin_reference
+
     with Memory(device) as mem:
         start = time.perf_counter()
-        result = prune_model(model, tokenizer, PruneConfig(ratio=0.2, num_calibration=10))
-        sync(device)
+        pruned = twin_reference(settings_for(work, dense, records, "twin", {}))
         seconds = time.perf_counter() - start
-    return result.model, {"seconds": round(seconds, 2), "params_before": result.params_before,
-                          "params_after": result.params_after, "peak_gib": mem.peak}
+    return pruned, {"seconds": round(seconds, 2), "peak_gib": mem.peak, "folder": pruned}
 
 
-def check_scoring(dense, pruned, tokenizer, device, records, batch_sizes, peak) -> list[dict]:
-    params = count_parameters(dense) + count_parameters(pruned)
-    tokens = sum(len(e.ids) for e in encode_records(tokenizer, records, ScoreConfig()))
-    score_shard(dense, pruned, tokenizer, records[:8], ScoreConfig(batch_size=8), device)  # warm-up
-    rows = []
-    for batch_size in batch_sizes:
-        with Memory(device) as mem:
-            start = time.perf_counter()
-            score_shard(dense, pruned, tokenizer, records, ScoreConfig(batch_size=batch_size), device)
-            sync(device)
-            seconds = time.perf_counter() - start
-        flops = 2.0 * params * tokens / seconds
-        rows.append({"batch_size": batch_size, "records_per_s": round(len(records) / seconds, 1),
-                     "tokens_per_s": round(tokens / seconds, 1), "seconds": round(seconds, 2),
-                     "mfu": round(flops / (peak * 1e12), 4) if peak else None, "peak_gib": mem.peak})
-    return rows
+def check_scoring(work: Path, dense: Path, pruned: str, records: int, device: str, name: str, score: dict,
+                  peak: float | None) -> dict:
+    """The selection pipeline on the saved pair with ``score`` settings: its degradation stage's
+    time, FLOPs by the run's own ledger, and peak device memory."""
+    from paser.pipeline import run_selection
+
+    settings = settings_for(work, dense, records, name, score)
+    settings.select.pruned = pruned
+    with Memory(device) as mem:
+        run = run_selection(settings)
+    seconds = json.loads((run / "timings.json").read_text())["score"]["seconds"]
+    compute = json.loads((run / "manifest.json").read_text())["compute"]
+    lines = [e for e in compute["entries"] if e["stage"] == "score"]
+    flops, tokens = sum(e["flops"] for e in lines), lines[0]["tokens"]
+    return {"name": name, "score": score, "seconds": round(seconds, 2), "records_per_s": round(records / seconds, 1),
+            "tokens_per_s": round(tokens / seconds, 1), "ledger_flops": flops,
+            "mfu": round(flops / seconds / (peak * 1e12), 4) if peak else None, "peak_gib": mem.peak}
 
 
-def check_kv_cache(dense, tokenizer, device, records, batch_size) -> dict:
-    """Peak memory of one scoring batch forward with and without a KV cache built."""
-    from paser.recovery import RecoverConfig, collate, encode_for_training
-
-    examples = encode_for_training(tokenizer, records[:batch_size], RecoverConfig())
-    batch = collate(examples, tokenizer.pad_token_id, device)
-    out = {}
-    for use_cache in (False, True):
-        with torch.no_grad(), Memory(device) as mem:
-            dense(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=use_cache)
-        out[f"use_cache_{str(use_cache).lower()}_peak_gib"] = mem.peak
-    return out
-
-
-def check_recovery(dense, pruned, tokenizer, device, records, dtype, steps: int) -> list[dict]:
-    """Tokens/s and peak memory of LoRA steps (micro-batch 4), SFT and distillation."""
-    from paser.distill import in_memory_targets
-    from paser.recovery import RecoverConfig, collate, encode_for_training, lora_model, objective_loss_sum
+def check_recovery(work: Path, dense: Path, pruned: str, selected: Path, device: str, steps: int) -> list[dict]:
+    """``paser recover`` on the twin: SFT, then distillation from the dense model in memory."""
+    from paser.recovery import recover
 
     rows = []
-    model = lora_model(pruned, RecoverConfig(dtype=dtype))
-    model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-4)
-    examples = encode_for_training(tokenizer, records, RecoverConfig())
     for objective in ("sft", "distill"):
-        config = RecoverConfig(objective=objective, dtype=dtype)
-        tokens = 0
         with Memory(device) as mem:
-            start = time.perf_counter()
-            for step in range(steps):
-                chosen = examples[step * 4:(step + 1) * 4]
-                batch = collate(chosen, tokenizer.pad_token_id, device)
-                targets = in_memory_targets(dense, batch) if objective == "distill" else None
-                with torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16,
-                                    enabled=dtype == "bfloat16"):
-                    loss, _, _ = objective_loss_sum(model, batch, config, targets)
-                (loss / max(1, int((batch["labels"] != -100).sum()))).backward()
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                tokens += sum(len(e.ids) for e in chosen)
-            sync(device)
-            seconds = time.perf_counter() - start
-        rows.append({"objective": objective, "steps": steps, "tokens_per_s": round(tokens / seconds, 1),
-                     "seconds": round(seconds, 2), "peak_gib": mem.peak})
+            result = recover(pruned, str(selected), work / f"recover-{objective}", max_steps=steps, batch_size=16,
+                             micro_batch_size=4, val_size=0, objective=objective, teacher=str(dense),
+                             save_every=10 ** 6, progress=False)
+        done = json.loads((result.out / "recovery.json").read_text())
+        tokens = done["tokens_per_step"]["mean"] * done["steps"]
+        rows.append({"objective": objective, "steps": done["steps"], "dtype": done["settings"]["dtype"],
+                     "seconds": done["seconds"], "tokens_per_s": round(tokens / done["seconds"], 1),
+                     "ledger_flops": done["compute"]["flops_total"], "peak_gib": mem.peak})
+        release(device)
     return rows
 
 
-def check_dask() -> dict:
-    """The device each worker of paser's local Dask cluster scores on."""
+def check_dask(work: Path, dense: Path, pruned: str, records: int, device: str) -> dict:
+    """Scoring through the flow on a local Dask cluster of two workers sharing the one GPU."""
     try:
-        from distributed import Client, LocalCluster
+        import distributed  # noqa: F401
     except ImportError:
         return {"skipped": "the dask extra is not installed"}
-    from flows.runners import local_dask_cluster
-    from paser.devices import scoring_device
-    from paser.settings import DistributeConfig
+    import paser
 
-    kwargs = local_dask_cluster(DistributeConfig(engine="dask"))
-    with LocalCluster(**kwargs) as cluster, Client(cluster) as client:
-        devices = client.run(lambda: scoring_device(None))
-    return {"workers": kwargs["n_workers"], "devices": sorted(devices.values())}
+    # four shards, so that both workers score some
+    settings = settings_for(work, dense, records, "dask", {"shard_size": max(1, records // 4)},
+                            {"engine": "dask", "workers": 2, "gpus_per_shard": 0.5 if device.startswith("cuda") else 0})
+    settings.select.pruned = pruned
+    start = time.perf_counter()
+    run = paser.select(out=str(work / "dask"), engine="dask", workers=2, overrides=settings.to_dict())
+    seconds = time.perf_counter() - start
+    shards = json.loads((run / "scoring.json").read_text())["shards"]
+    models = json.loads((run / "models.json").read_text())
+    return {"workers": len({s["worker"] for s in shards if s["computed"]}), "shards": len(shards),
+            "seconds_with_flow": round(seconds, 2), "dense": models["dense"]["description"]}
 
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on the default device, quickly")
-    ap.add_argument("--records", type=int, default=512, help="suite records scored per batch size")
-    ap.add_argument("--batch-sizes", type=int, nargs="+", default=[16, 32, 64])
+    ap.add_argument("--records", type=int, default=512, help="suite records in the pool scored")
+    ap.add_argument("--batch-tokens", type=int, nargs="+", default=[8192, 32768],
+                    help="score.batch_tokens configurations measured beside the default batches")
     ap.add_argument("--recovery-steps", type=int, default=10)
     ap.add_argument("--peak-tflops", type=float, default=None, help="the card's bf16 dense peak (default: by name)")
+    ap.add_argument("--no-dask", action="store_true", help="leave out the 2-worker Dask check")
+    ap.add_argument("--work", default=None, help="folder for the models and runs (default: a temporary one)")
     ap.add_argument("--out", default=None, help="JSON file for the figures")
     args = ap.parse_args(argv)
     if args.smoke:
-        args.records, args.batch_sizes, args.recovery_steps = 24, [8], 2
+        args.records, args.batch_tokens, args.recovery_steps = 48, [512], 2
     shape = TINY if args.smoke else LLAMA_7B
     device = default_device()
     dtype = resolve_dtype("auto", device)
+    work = Path(args.work or tempfile.mkdtemp(prefix="paser-gpu-check-"))
+    os.environ.setdefault("PASER_CACHE_DIR", str(work / "cache"))  # the twin and converted models live here
     tokenizer = suite_tokenizer(vocab_size=min(shape["vocab_size"], 2048))
-    records = suite_pool(args.records, seed=5).records
     peak = peak_tflops(device, args.peak_tflops)
     report: dict = {"command": " ".join(["python bench/gpu_check.py", *(argv or sys.argv[1:])]),
                     "date": time.strftime("%Y-%m-%d"), "machine": platform.node(), "device": device,
@@ -214,23 +213,28 @@ def main(argv=None) -> None:
                     "shape": shape, "peak_bf16_tflops": peak, "torch": torch.__version__}
     print(json.dumps({k: v for k, v in report.items() if k != "shape"}), flush=True)
 
-    pruned, report["prune"] = check_prune(shape, tokenizer, device, records)
-    pruned = pruned.to(torch_dtype(dtype))
-    print("prune:", json.dumps(report["prune"]), flush=True)
-    dense = build(shape, tokenizer, device, torch_dtype(dtype))
-    report["scoring"] = check_scoring(dense, pruned, tokenizer, device, records, args.batch_sizes, peak)
-    for row in report["scoring"]:
-        print("scoring:", json.dumps(row), flush=True)
-    report["kv_cache"] = check_kv_cache(dense, tokenizer, device, records, max(args.batch_sizes))
-    print("kv cache:", json.dumps(report["kv_cache"]), flush=True)
-    report["recovery"] = check_recovery(dense, pruned, tokenizer, device, records, dtype, args.recovery_steps)
-    for row in report["recovery"]:
-        print("recovery:", json.dumps(row), flush=True)
-    report["dask"] = check_dask()
-    print("dask:", json.dumps(report["dask"]), flush=True)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(report, indent=2))
+    def emit(name: str, value) -> None:
+        report[name] = value
+        print(f"{name}:", json.dumps(value), flush=True)
+        if args.out:  # what finished is kept even if a later check fails or the time runs out
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(json.dumps(report, indent=2))
+
+    start = time.perf_counter()
+    dense = save_dense(shape, tokenizer, work / "dense", device, dtype)
+    emit("dense_saved_s", round(time.perf_counter() - start, 2))
+    pruned, twin = check_twin(work, dense, args.records, device)
+    emit("twin", twin)
+    configs = [("default", {})] + [(f"batch-tokens-{t}", {"batch_tokens": t}) for t in args.batch_tokens]
+    configs.append(("two-pass", {"two_pass": True}))
+    emit("scoring", [check_scoring(work, dense, pruned, args.records, device, name, score, peak)
+                     for name, score in configs])
+    emit("recovery", check_recovery(work, dense, pruned, work / "default" / "selected.jsonl", device,
+                                    args.recovery_steps))
+    if not args.no_dask:
+        emit("dask", check_dask(work, dense, pruned, args.records, device))
+    if not args.work:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":
