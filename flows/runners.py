@@ -39,9 +39,18 @@ def cluster_gpus(cfg: DistributeConfig) -> float:
     with ``--resources GPU=1``), Ray's cluster resources."""
     if cfg.engine == "dask":
         distributed = _require("distributed", "dask", "dask")
+        from paser.devices import visible_gpus
+
         with distributed.Client(cfg.address, timeout=30) as client:
             workers = client.scheduler_info()["workers"].values()
-        return float(sum(w.get("resources", {}).get("GPU", 0) for w in workers))
+            declared = float(sum(w.get("resources", {}).get("GPU", 0) for w in workers))
+            if not declared and any(client.run(visible_gpus).values()):
+                # without the resource no shard claims a GPU, and a worker's threads would score
+                # several shards on one GPU at once
+                raise ConfigError(f"the Dask workers at {cfg.address} see GPUs but declare no GPU resource: start "
+                                  "each with --resources GPU=1 (one per GPU), or set distribute.gpus_per_shard: 0 "
+                                  "to score on their CPUs")
+        return declared
     ray = _require("ray", "ray", "ray")
     ray.init(address=cfg.address, ignore_reinit_error=True, include_dashboard=False)
     try:

@@ -245,6 +245,23 @@ def test_shards_claim_gpus_when_the_remote_workers_have_them():
 
 
 @pytest.mark.slow
+def test_gpu_workers_that_declare_no_gpu_resource_are_refused(tmp_path):
+    """A worker that sees GPUs but offers no GPU resource would run several shards on one GPU at
+    once (its threads); the launcher says how to start it instead."""
+    from distributed import LocalCluster
+
+    from flows.runners import gpus_per_shard
+    from paser.settings import DistributeConfig
+
+    fake = tmp_path / "two_gpus.py"
+    fake.write_text("import paser.devices as d\nd.visible_gpus = lambda: 2\n")
+    with LocalCluster(n_workers=1, processes=True, threads_per_worker=2, dashboard_address=None,
+                      preload=[str(fake)]) as cluster:
+        with pytest.raises(ConfigError, match="--resources GPU=1"):
+            gpus_per_shard(DistributeConfig(engine="dask", address=cluster.scheduler_address))
+
+
+@pytest.mark.slow
 def test_auto_dtype_is_decided_on_the_remote_workers_not_the_launcher(tmp_path):
     """This CPU launcher would pick float32; the cluster's worker (a process that, by its preload,
     sees one Hopper GPU) is asked instead, and the settings every shard gets carry its answer."""
