@@ -256,3 +256,18 @@ def test_select_field_map_on_the_command_line(tiny_pair, tmp_path):
     assert result.exit_code == 0, result.output
     first = json.loads((tmp_path / "run" / "selected.jsonl").read_text().splitlines()[0])
     assert {"question", "answer"} <= set(first) and "instruction" not in first
+
+
+def test_every_command_keeps_its_options():
+    """The option sets of every command, as they were before the CLI was built from the configs
+    (tests/data/cli_options.json): generating the options must neither add nor lose one."""
+    import json
+    from pathlib import Path
+
+    import typer
+
+    expected = json.loads((Path(__file__).parent / "data" / "cli_options.json").read_text())
+    commands = typer.main.get_command(app).commands
+    found = {name: sorted({o for p in cmd.params for o in (*p.opts, *p.secondary_opts)})
+             for name, cmd in sorted(commands.items())}
+    assert found == expected
