@@ -16,10 +16,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from sklearn.metrics import adjusted_rand_score  # noqa: E402
 
-from paser.clustering import SpectralClusterer  # noqa: E402
-from paser.embedding import EmbedConfig, embed_texts, instruction_texts  # noqa: E402
-from paser.manifold import DiffusionMap  # noqa: E402
-from paser.suite import suite_pool  # noqa: E402
+from paser.data.suite import suite_pool  # noqa: E402
+from paser.selection.clustering import SpectralClusterer  # noqa: E402
+from paser.selection.embedding import EmbedConfig, embed_texts, instruction_texts  # noqa: E402
+from paser.selection.manifold import DiffusionMap  # noqa: E402
 
 
 def main() -> None:

@@ -23,8 +23,8 @@ import numpy as np  # noqa: E402
 from memory import PeakRSS  # noqa: E402
 from sklearn.metrics import adjusted_rand_score  # noqa: E402
 
-from paser.clustering import SpectralClusterer  # noqa: E402
-from paser.manifold import DiffusionMap  # noqa: E402
+from paser.selection.clustering import SpectralClusterer  # noqa: E402
+from paser.selection.manifold import DiffusionMap  # noqa: E402
 
 
 def synthetic(n: int, d: int = 384, k: int = 20, seed: int = 0):

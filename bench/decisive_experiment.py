@@ -73,14 +73,15 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from paser.data import load_pool, write_jsonl  # noqa: E402
-from paser.embedding import EmbedConfig, embed_texts, instruction_texts  # noqa: E402
-from paser.evaluation import EvalConfig, evaluate, gap_recovered  # noqa: E402
-from paser.pipeline import run_selection  # noqa: E402
+from paser.data.pools import load_pool, write_jsonl  # noqa: E402
+from paser.data.suite import generate_suite  # noqa: E402
+from paser.evaluation import EvalConfig, evaluate  # noqa: E402
+from paser.evaluation.suite import gap_recovered  # noqa: E402
 from paser.recovery import RecoverConfig, recover  # noqa: E402
-from paser.scoring import twin_reference  # noqa: E402
-from paser.settings import Settings  # noqa: E402
-from paser.suite import generate_suite  # noqa: E402
+from paser.selection.embedding import EmbedConfig, embed_texts, instruction_texts  # noqa: E402
+from paser.selection.pipeline import run_selection  # noqa: E402
+from paser.selection.scoring import twin_reference  # noqa: E402
+from paser.selection.settings import Settings  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SETTINGS = {"suite-25": ("suite", 0.25), "suite-15": ("suite", 0.15), "alpaca-25": ("alpaca", 0.25),
@@ -198,7 +199,7 @@ def strat_sections(method: str) -> dict:
     frozen defaults. A per-cluster sample is scored when CDS is needed but not every score."""
     import re
 
-    from paser.stratified import SampleConfig
+    from paser.selection.stratified import SampleConfig
 
     found = re.fullmatch(r"strat(?:-c([0-9.]+)i([0-9.]+)(d?))?(?:-[0-9]+)?", method)
     if found is None:
@@ -272,11 +273,11 @@ def run_arm(setting: str, arm: str, setup: dict, args) -> dict:
         r = ev["response_nll"]
         row["heldout"] = {k: r[k] for k in ("nll", "records", "tokens", "per_record")}
     if "jsd_to_reference" in ev:
-        row["jsd"] = _jsd_summary(ev["jsd_to_reference"])
+        row["jsd"] = jsd_summary(ev["jsd_to_reference"])
     return row
 
 
-def _jsd_summary(found: dict) -> dict:
+def jsd_summary(found: dict) -> dict:
     return {where: {k: v for k, v in found[where].items() if k in ("mean", "macro", "per_family", "per_record")}
             for where in ("heldout", "suite") if where in found}
 
@@ -298,7 +299,7 @@ def add_jsd(setting: str, results: Path, setup: dict, args, arms: list[str] | No
             continue
         start = time.perf_counter()
         config = dataclasses.replace(setup["eval"], suite_accuracy_per_family=0)
-        row["jsd"] = _jsd_summary(run_evaluate(model, adapter, None, config)["jsd_to_reference"])
+        row["jsd"] = jsd_summary(run_evaluate(model, adapter, None, config)["jsd_to_reference"])
         row["jsd_s"] = time.perf_counter() - start
         path.write_text(json.dumps(row))
         print(f"{setting} {arm}: JSD to dense added ({row['jsd_s']:.0f} s)", flush=True)

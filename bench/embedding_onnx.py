@@ -85,8 +85,8 @@ def main() -> None:
     ap.add_argument("--alpaca", required=True)
     ap.add_argument("--n", type=int, default=1000)
     args = ap.parse_args()
-    from paser.data import load_pool
-    from paser.embedding import SentenceEmbedder, default_model_path, instruction_texts
+    from paser.data.pools import load_pool
+    from paser.selection.embedding import SentenceEmbedder, default_model_path, instruction_texts
 
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
           f"{time.strftime('%Y-%m-%d')}", flush=True)

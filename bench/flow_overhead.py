@@ -27,10 +27,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from memory import PeakRSS  # noqa: E402
 
 import paser  # noqa: E402
-from paser.budget import parse_budget  # noqa: E402
-from paser.pipeline import run_selection  # noqa: E402
-from paser.scoring import twin_reference  # noqa: E402
-from paser.settings import Settings  # noqa: E402
+from paser.selection.budget import parse_budget  # noqa: E402
+from paser.selection.pipeline import run_selection  # noqa: E402
+from paser.selection.scoring import twin_reference  # noqa: E402
+from paser.selection.settings import Settings  # noqa: E402
 
 
 def main() -> None:

@@ -9,9 +9,9 @@ Trainer path (SFT and distillation, the auto dtype).
 
 Figures (printed as they come, and written as JSON to --out):
 - ``auto`` dtype on this device;
-- twin: ``paser.scoring.twin_reference`` (Taylor on calibration samples in fp32, gradients kept on
+- twin: ``paser.selection.scoring.twin_reference`` (Taylor on calibration samples in fp32, gradients kept on
   the host, saved in the scoring dtype): seconds and peak device memory;
-- scoring: ``paser.pipeline.run_selection``'s degradation stage on the saved folders, per
+- scoring: ``paser.selection.pipeline.run_selection``'s degradation stage on the saved folders, per
   configuration: seconds, records/s, tokens/s, FLOPs by paser's ledger (what the run's manifest
   says it computed: 2 x non-embedding parameters per token read, the vocabulary head at the scored
   positions only, the shared preamble counted for every record), MFU against the card's bf16 dense
@@ -41,8 +41,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
+from paser.data.suite import suite_tokenizer  # noqa: E402
 from paser.devices import default_device, resolve_dtype, visible_gpus  # noqa: E402
-from paser.suite import suite_tokenizer  # noqa: E402
 
 # bf16 dense tensor-core peak in TFLOP/s (vendor figures, no sparsity)
 PEAK_BF16 = {"H200": 989.0, "H100 SXM": 989.0, "H100 PCIe": 756.0, "H100": 989.0, "A100": 312.0,
@@ -58,7 +58,7 @@ def save_dense(shape: dict, tokenizer, folder: Path, device: str, dtype: str) ->
     Hugging Face folder, as a user's dense model is)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from paser.models import resolve_dtype as torch_dtype
+    from paser.models.load import resolve_dtype as torch_dtype
 
     config = LlamaConfig(**shape, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                          pad_token_id=tokenizer.pad_token_id)
@@ -106,7 +106,7 @@ class Memory:
 
 
 def settings_for(work: Path, dense: Path, records: int, name: str, score: dict, distribute: dict | None = None):
-    from paser.settings import Settings
+    from paser.selection.settings import Settings
 
     return Settings.load(None, {
         "select": {"dense": str(dense), "suite_size": records, "budget": 0.2, "out": str(work / name),
@@ -117,7 +117,7 @@ def settings_for(work: Path, dense: Path, records: int, name: str, score: dict, 
 
 def check_twin(work: Path, dense: Path, records: int, device: str) -> tuple[str, dict]:
     """paser's own twin of the dense model, pruned on the scoring device."""
-    from paser.scoring import twin_reference
+    from paser.selection.scoring import twin_reference
 
     with Memory(device) as mem:
         start = time.perf_counter()
@@ -130,7 +130,7 @@ def check_scoring(work: Path, dense: Path, pruned: str, records: int, device: st
                   peak: float | None) -> dict:
     """The selection pipeline on the saved pair with ``score`` settings: its degradation stage's
     time, FLOPs by the run's own ledger, and peak device memory."""
-    from paser.pipeline import run_selection
+    from paser.selection.pipeline import run_selection
 
     settings = settings_for(work, dense, records, name, score)
     settings.select.pruned = pruned

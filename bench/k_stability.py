@@ -26,10 +26,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np  # noqa: E402
 from sklearn.metrics import adjusted_rand_score  # noqa: E402
 
-from paser.clustering import CURVE_MAX_ITER, CURVE_TOL, _nmf, knee, knee_band, nonnegative, spectral_rows  # noqa: E402
-from paser.embedding import EmbedConfig, embed_texts, instruction_texts  # noqa: E402
-from paser.manifold import ManifoldConfig, learn_manifold  # noqa: E402
-from paser.suite import suite_pool  # noqa: E402
+from paser.data.suite import suite_pool  # noqa: E402
+from paser.selection.clustering import CURVE_MAX_ITER, CURVE_TOL, _nmf, knee, knee_band, nonnegative, spectral_rows  # noqa: E402
+from paser.selection.embedding import EmbedConfig, embed_texts, instruction_texts  # noqa: E402
+from paser.selection.manifold import ManifoldConfig, learn_manifold  # noqa: E402
 
 RULES = ("knee, tol 1e-4", "knee, converged", "knee_band 0.1, converged")
 

@@ -40,12 +40,13 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from paser.data import load_pool, write_jsonl  # noqa: E402
-from paser.evaluation import EvalConfig, evaluate, gap_recovered  # noqa: E402
-from paser.pipeline import run_selection  # noqa: E402
+from paser.data.pools import load_pool, write_jsonl  # noqa: E402
+from paser.evaluation import EvalConfig, evaluate  # noqa: E402
+from paser.evaluation.suite import gap_recovered  # noqa: E402
 from paser.recovery import RecoverConfig, recover  # noqa: E402
-from paser.scoring import twin_reference  # noqa: E402
-from paser.settings import Settings  # noqa: E402
+from paser.selection.pipeline import run_selection  # noqa: E402
+from paser.selection.scoring import twin_reference  # noqa: E402
+from paser.selection.settings import Settings  # noqa: E402
 
 DENSE = "smollm2-135m-instruct"
 ABLATIONS = ("uniform", "random_order", "no_cost", "no_ccg", "kmeans")

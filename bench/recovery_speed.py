@@ -43,11 +43,13 @@ def main(argv=None) -> None:
     ap.add_argument("--steps", type=int, default=8)
     args = ap.parse_args(argv)
 
-    import paser.recovery as recovery
-    from paser.data import load_pool, write_jsonl
-    from paser.pipeline import run_selection
-    from paser.scoring import twin_reference
-    from paser.settings import Settings
+    import paser.recovery.job as job
+    import paser.recovery.losses as losses
+    from paser.data.pools import load_pool, write_jsonl
+    from paser.recovery import recover
+    from paser.selection.pipeline import run_selection
+    from paser.selection.scoring import twin_reference
+    from paser.selection.settings import Settings
 
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch "
           f"{torch.__version__}, {torch.get_num_threads()} threads", flush=True)
@@ -62,7 +64,7 @@ def main(argv=None) -> None:
     mean = pd.read_parquet(run / "tokens.parquet")["n_tokens"].mean()
     base = dict(epochs=2, batch_size=8, micro_batch_size=8, batch_tokens=int(round(8 * mean)), learning_rate=3e-4,
                 val_size=0, max_steps=args.steps, progress=False)
-    keep_split, keep_cut = recovery.body_and_head, recovery.micro_batches
+    keep_split, keep_cut = losses.body_and_head, job.micro_batches
 
     def before_head(model):  # the full logits, as before
         return None, None
@@ -73,17 +75,16 @@ def main(argv=None) -> None:
     results = {}
     for name, patch, extra in (("before", True, {}), ("head", False, {}),
                                ("head + 768", False, {"micro_batch_tokens": 768})):
-        recovery.body_and_head, recovery.micro_batches = (before_head, plan_order) if patch else (keep_split,
-                                                                                                   keep_cut)
+        losses.body_and_head, job.micro_batches = (before_head, plan_order) if patch else (keep_split, keep_cut)
         out = work / name.replace(" ", "")
         start = time.perf_counter()
-        recovery.recover(pruned, str(run / "selected.jsonl"), out, **(base | extra))
+        recover(pruned, str(run / "selected.jsonl"), out, **(base | extra))
         log = pd.read_json(out / "train_log.jsonl", lines=True)
         seconds = time.perf_counter() - start
         results[name] = seconds
         print(f"{name:>11}: {args.steps} steps in {seconds:.1f} s ({seconds / args.steps:.2f} s/step; loss "
               f"{log['loss'].iloc[0]:.3f} -> {log['loss'].iloc[-1]:.3f})", flush=True)
-    recovery.body_and_head, recovery.micro_batches = keep_split, keep_cut
+    losses.body_and_head, job.micro_batches = keep_split, keep_cut
     for name, seconds in results.items():
         print(f"{name:>11}: {results['before'] / seconds:.2f}x the speed of before")
     print(f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2:.2f} GB")

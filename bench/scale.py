@@ -32,8 +32,8 @@ import numpy as np  # noqa: E402
 from memory import PeakRSS  # noqa: E402
 from sklearn.metrics import adjusted_rand_score  # noqa: E402
 
-from paser.clustering import ClusterConfig, SpectralClusterer  # noqa: E402
-from paser.manifold import DiffusionMap, ManifoldConfig, knn_graph, knn_graph_ivf  # noqa: E402
+from paser.selection.clustering import ClusterConfig, SpectralClusterer  # noqa: E402
+from paser.selection.manifold import DiffusionMap, ManifoldConfig, knn_graph, knn_graph_ivf  # noqa: E402
 
 LARGER_POOLS = {"Alpaca (52,002)": 52_002, "LaMini-instruction (2,585,615)": 2_585_615}
 
@@ -152,8 +152,8 @@ def synthetic_runs(args) -> None:
 
 
 def alpaca_run(args) -> None:
-    from paser.data import load_pool
-    from paser.embedding import EmbedConfig, SentenceEmbedder, embed_texts, instruction_texts
+    from paser.data.pools import load_pool
+    from paser.selection.embedding import EmbedConfig, SentenceEmbedder, embed_texts, instruction_texts
 
     pool = load_pool(args.alpaca)
     texts = instruction_texts(pool.records, EmbedConfig().include_input)

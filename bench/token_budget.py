@@ -30,8 +30,8 @@ import pandas as pd  # noqa: E402
 from memory import PeakRSS  # noqa: E402
 
 import paser  # noqa: E402
-from paser.scoring import twin_reference  # noqa: E402
-from paser.settings import Settings  # noqa: E402
+from paser.selection.scoring import twin_reference  # noqa: E402
+from paser.selection.settings import Settings  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 

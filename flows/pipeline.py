@@ -22,9 +22,9 @@ from flows.prune import prune_flow  # noqa: E402
 from flows.recovery import evaluation_flow, recovery_flow  # noqa: E402
 from flows.selection import selection_flow  # noqa: E402
 from paser.config import read_yaml  # noqa: E402
-from paser.evaluation import comparison_table  # noqa: E402
+from paser.evaluation.report import comparison_table  # noqa: E402
 from paser.ledger import parts_table  # noqa: E402
-from paser.settings import build_settings  # noqa: E402
+from paser.selection.settings import build_settings  # noqa: E402
 
 
 @flow(name="paser-run")

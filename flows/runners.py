@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 
 from paser.errors import ConfigError
-from paser.settings import DistributeConfig
+from paser.selection.settings import DistributeConfig
 
 
 def _require(module: str, extra: str, engine: str):
@@ -152,7 +152,7 @@ def release_workers(cfg: DistributeConfig) -> None:
     if cfg.engine != "dask" or not cfg.address:
         return
     distributed = _require("distributed", "dask", "dask")
-    from paser.scoring import release_models
+    from paser.selection.scoring import release_models
 
     with distributed.Client(cfg.address, timeout=30) as client:
         client.run(release_models)

@@ -1,6 +1,6 @@
 """The PASER selection flow: the pipeline's table of contents, one task per stage.
 
-Every task calls the stage function of ``paser.pipeline`` that ``--no-flow`` calls, with the
+Every task calls the stage function of ``paser.selection.pipeline`` that ``--no-flow`` calls, with the
 settings (a plain dict) and the run folder; every result lives in the run folder. The cached
 stages (data, embed, cluster) carry a Prefect cache key made of their fingerprint (data content,
 model files, stage config), with the result record kept in the run folder (``.prefect/``):
@@ -26,11 +26,11 @@ from prefect.artifacts import create_markdown_artifact  # noqa: E402
 from prefect.cache_policies import NO_CACHE  # noqa: E402
 
 from flows.runners import release_workers, shard_resources, task_runner, worker_dtype  # noqa: E402
-from paser import pipeline, runfolder  # noqa: E402
 from paser.errors import ShardError  # noqa: E402
-from paser.report import artifact_markdown, write_report  # noqa: E402
-from paser.scoring import ScoringPlan, score_planned_shard, scoring_progress  # noqa: E402
-from paser.settings import Settings, build_settings  # noqa: E402
+from paser.selection import pipeline, runfolder  # noqa: E402
+from paser.selection.report import artifact_markdown, write_report  # noqa: E402
+from paser.selection.scoring import ScoringPlan, score_planned_shard, scoring_progress  # noqa: E402
+from paser.selection.settings import Settings, build_settings  # noqa: E402
 
 
 def _s(settings: dict) -> Settings:

@@ -8,8 +8,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from paser.errors import ConfigError
-from paser.pipeline import preflight, run_selection
-from paser.settings import build_settings
+from paser.selection.pipeline import preflight, run_selection
+from paser.selection.settings import build_settings
 
 
 def select(data: str | None = None, dense: str | None = None, pruned: str | None = None,

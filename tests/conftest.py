@@ -10,7 +10,7 @@ import os
 
 import pytest
 
-from paser.suite import suite_tokenizer as build_tokenizer  # noqa: F401  (tests import it from here)
+from paser.data.suite import suite_tokenizer as build_tokenizer  # noqa: F401  (tests import it from here)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -58,8 +58,8 @@ def tiny_model_dir(request, tmp_path_factory, tiny_tokenizer):
 @pytest.fixture()
 def batch(tiny_tokenizer):
     """A fixed batch of prompt+response texts for loss comparisons."""
-    from paser.prompts import format_example
-    from paser.suite import suite_pool
+    from paser.data.prompts import format_example
+    from paser.data.suite import suite_pool
 
     texts = ["".join(format_example(r)) for r in suite_pool(8, seed=3).records]
     enc = tiny_tokenizer(texts, return_tensors="pt", padding=True)
@@ -68,7 +68,7 @@ def batch(tiny_tokenizer):
 
 def make_pair(tmp_path_factory, tiny_tokenizer) -> tuple[str, str]:
     """A tiny dense GQA Llama and its paser-pruned twin, saved as folders."""
-    from paser.pruning import PruneConfig, prune
+    from paser.models.pruning import PruneConfig, prune
 
     root = tmp_path_factory.mktemp("pair")
     build_model(tiny_tokenizer, num_kv_heads=2).save_pretrained(root / "dense")

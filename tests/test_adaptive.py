@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from paser.adaptive import AdaptiveConfig, make_plan, remaining_gap, round_amounts, round_steps, update_shares
+from paser.selection.adaptive import AdaptiveConfig, make_plan, remaining_gap, round_amounts, round_steps, update_shares
 
 
 def test_shares_move_towards_the_clusters_whose_gap_remains():
@@ -53,8 +53,8 @@ def models(tiny_pair):
 
 
 def _select(models, out, step=1.0):
-    from paser.pipeline import run_selection
-    from paser.settings import Settings
+    from paser.selection.pipeline import run_selection
+    from paser.selection.settings import Settings
 
     dense, pruned = models
     return run_selection(Settings.load(None, {
@@ -98,21 +98,22 @@ def test_rounds_train_the_budget_and_follow_the_gaps(models, tmp_path):
 
 
 def test_an_adaptive_run_whose_gaps_never_change_draws_the_static_schedule(models, tmp_path, monkeypatch):
-    import paser.recovery as rec
+    import paser.recovery.rounds as rounds
+    from paser.recovery import recover
 
     _, pruned = models
     adaptive = _select(models, tmp_path / "a", step=1.0)
     static = _select(models, tmp_path / "s", step=0.0)
-    rec.recover(pruned, str(static / "selected.jsonl"), tmp_path / "static", **RUN)
+    recover(pruned, str(static / "selected.jsonl"), tmp_path / "static", **RUN)
     first = {}
-    original = rec.validation_rows
+    original = rounds.validation_rows
 
     def frozen(model, examples, *args):  # every measurement returns the pruned model's: no gap moves
         found = original(model, examples, *args)
         return first.setdefault(len(examples), found)
 
-    monkeypatch.setattr(rec, "validation_rows", frozen)
-    rec.recover(pruned, str(adaptive / "selected.jsonl"), tmp_path / "adaptive", **RUN)
+    monkeypatch.setattr(rounds, "validation_rows", frozen)
+    recover(pruned, str(adaptive / "selected.jsonl"), tmp_path / "adaptive", **RUN)
     drawn = [[h["ids"] for h in json.loads((tmp_path / f / "rounds.json").read_text())["rounds"]]
              for f in ("static", "adaptive")]
     assert drawn[0] == drawn[1]
@@ -121,12 +122,13 @@ def test_an_adaptive_run_whose_gaps_never_change_draws_the_static_schedule(model
 def test_a_killed_adaptive_run_resumes_to_the_same_adapter(models, tmp_path, monkeypatch):
     from safetensors.torch import load_file
 
-    import paser.recovery as rec
+    import paser.recovery.job as rec
+    from paser.recovery import recover
 
     _, pruned = models
     run = _select(models, tmp_path / "sel")
     data = str(run / "selected.jsonl")
-    rec.recover(pruned, data, tmp_path / "whole", **RUN)
+    recover(pruned, data, tmp_path / "whole", **RUN)
     calls = {"n": 0}
     original = rec.objective_loss_sum
 
@@ -138,9 +140,9 @@ def test_a_killed_adaptive_run_resumes_to_the_same_adapter(models, tmp_path, mon
 
     monkeypatch.setattr(rec, "objective_loss_sum", dies_late)
     with pytest.raises(KeyboardInterrupt):
-        rec.recover(pruned, data, tmp_path / "killed", **RUN)
+        recover(pruned, data, tmp_path / "killed", **RUN)
     monkeypatch.setattr(rec, "objective_loss_sum", original)
-    rec.recover(pruned, data, tmp_path / "killed", **RUN)
+    recover(pruned, data, tmp_path / "killed", **RUN)
     a, b = (load_file(tmp_path / f / "adapter" / "adapter_model.safetensors") for f in ("whole", "killed"))
     for key in a:
         np.testing.assert_allclose(a[key].numpy(), b[key].numpy(), atol=1e-6)

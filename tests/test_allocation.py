@@ -7,8 +7,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from paser.allocation import allocate_budget, cluster_degradation
-from paser.selection import importance_efficiency
+from paser.selection.allocation import allocate_budget, cluster_degradation
+from paser.selection.selector import importance_efficiency
 
 
 @settings(max_examples=300, deadline=None)

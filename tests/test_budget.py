@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from paser.budget import Budget, parse_budget, take_in_order
+from paser.selection.budget import Budget, parse_budget, take_in_order
 
 
 @pytest.mark.parametrize("text, amount, unit", [

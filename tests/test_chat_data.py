@@ -8,10 +8,10 @@ import json
 
 import pytest
 
-from paser.data import load_pool, parse_fields, write_jsonl
+from paser.data.pools import load_pool, parse_fields, write_jsonl
+from paser.data.prompts import format_prompt
+from paser.data.suite import generate_suite
 from paser.errors import DataError
-from paser.prompts import format_prompt
-from paser.suite import generate_suite
 
 SYSTEM = "You are a careful assistant."
 
@@ -135,8 +135,8 @@ def test_chat_template_reads_every_turn(tmp_path, tiny_tokenizer):
 
 
 def test_selection_of_a_chat_pool_is_written_back_in_its_layout(tiny_pair, tmp_path):
-    from paser.pipeline import run_selection
-    from paser.settings import Settings
+    from paser.selection.pipeline import run_selection
+    from paser.selection.settings import Settings
 
     rows = chat_rows(48)
     path = _write(tmp_path / "chat.jsonl", rows, "jsonl")
@@ -169,7 +169,7 @@ def _cache_hub_dataset(home, repo: str, rows: list[dict]) -> None:
 def test_hugging_face_dataset_ids_from_the_cache(tmp_path, monkeypatch):
     import datasets
 
-    from paser.data import hub_id
+    from paser.data.pools import hub_id
 
     assert hub_id("tatsu-lab/alpaca") and hub_id("imdb")
     assert not hub_id("pool.json") and not hub_id("runs/a/b") and not hub_id("./x") and not hub_id("/abs")
@@ -182,8 +182,8 @@ def test_hugging_face_dataset_ids_from_the_cache(tmp_path, monkeypatch):
         load_pool("acme/chats", split="test")
     with pytest.raises(DataError, match=r"acme/missing: no such file or folder, and no Hugging Face dataset"):
         load_pool("acme/missing")
-    from paser.runfolder import data_fingerprint
-    from paser.settings import SelectConfig
+    from paser.selection.runfolder import data_fingerprint
+    from paser.selection.settings import SelectConfig
 
     first = data_fingerprint(SelectConfig(data="acme/chats"))
     assert first == data_fingerprint(SelectConfig(data="acme/chats")) and len(first) == 16

@@ -58,7 +58,7 @@ def test_pickle_without_trust_flag(tmp_path, tiny_tokenizer):
 
     import torch
 
-    from paser.pruning import export_llm_pruner_pickle
+    from paser.models.pruning import export_llm_pruner_pickle
     from tests.conftest import build_model
 
     path = export_llm_pruner_pickle(build_model(tiny_tokenizer), tiny_tokenizer, tmp_path / "m.bin")
@@ -118,8 +118,8 @@ def test_prune_no_flow_gives_the_same_model(tiny_model_dir, tmp_path):
 def test_recover_and_evaluate_commands(tiny_model_dir, tmp_path):
     import json
 
-    from paser.data import write_jsonl
-    from paser.suite import generate_suite
+    from paser.data.pools import write_jsonl
+    from paser.data.suite import generate_suite
 
     data = tmp_path / "train.jsonl"
     write_jsonl(data, generate_suite(24, seed=3))
@@ -147,8 +147,8 @@ def test_recover_and_evaluate_commands(tiny_model_dir, tmp_path):
 def test_recover_distill_through_the_flow(tiny_pair, tmp_path):
     import json
 
-    from paser.data import write_jsonl
-    from paser.suite import generate_suite
+    from paser.data.pools import write_jsonl
+    from paser.data.suite import generate_suite
 
     dense, pruned = tiny_pair
     data = tmp_path / "train.jsonl"
@@ -173,7 +173,7 @@ def test_recover_bad_inputs_are_one_line(tiny_model_dir, tmp_path):
 
 
 def test_run_takes_its_models_from_the_config(tmp_path):
-    from paser.settings import build_settings
+    from paser.selection.settings import build_settings
 
     def models(dense, pruned, sections):  # as paser run and its flow resolve them
         select = build_settings(dense=dense, pruned=pruned, overrides=sections).select
@@ -210,7 +210,7 @@ def test_prefect_console_hides_user_errors_and_keeps_bugs():
 
 _INJECT = """
 import sys
-from paser import pipeline
+from paser.selection import pipeline
 from paser.errors import DataError
 def fail(*args, **kwargs):
     raise DataError("pool.jsonl: line 3: field 'output': raised inside a task")
@@ -242,8 +242,8 @@ def test_user_error_inside_a_flow_is_one_line(tiny_pair, tmp_path):
 def test_select_field_map_on_the_command_line(tiny_pair, tmp_path):
     import json
 
-    from paser.data import write_jsonl
-    from paser.suite import generate_suite
+    from paser.data.pools import write_jsonl
+    from paser.data.suite import generate_suite
 
     dense, pruned = tiny_pair
     data = tmp_path / "qa.jsonl"

@@ -6,8 +6,15 @@ import numpy as np
 import pytest
 from sklearn.metrics import adjusted_rand_score
 
-from paser.clustering import ClusterConfig, SpectralClusterer, eigengap_k, knee, nonnegative
-from paser.manifold import DiffusionMap, ManifoldConfig, knn_graph, knn_graph_ivf, learn_manifold, neighbour_search
+from paser.selection.clustering import ClusterConfig, SpectralClusterer, eigengap_k, knee, nonnegative
+from paser.selection.manifold import (
+    DiffusionMap,
+    ManifoldConfig,
+    knn_graph,
+    knn_graph_ivf,
+    learn_manifold,
+    neighbour_search,
+)
 
 
 def blobs(n_per: int = 80, k: int = 5, d: int = 32, seed: int = 0):
@@ -83,7 +90,7 @@ def test_diffusion_map_is_deterministic_and_sparse():
 PEAK_RSS = """
 import os, resource, sys, threading, time
 import numpy as np
-from paser.manifold import DiffusionMap
+from paser.selection.manifold import DiffusionMap
 n, block = int(sys.argv[1]), int(sys.argv[2])
 rng = np.random.default_rng(0)
 x = (rng.normal(size=(5, 32))[rng.integers(0, 5, n)] + rng.normal(size=(n, 32))).astype(np.float32)
@@ -165,7 +172,7 @@ def test_helpers():
 
 
 def test_map_layout_is_deterministic_and_sampled_beyond_its_cap():
-    from paser.report import map_layout
+    from paser.selection.report import map_layout
 
     rng = np.random.default_rng(0)
     coords = np.vstack([rng.normal(c, 0.1, size=(40, 6)) for c in (0.0, 3.0, 6.0)])
@@ -181,7 +188,7 @@ def test_map_layout_is_deterministic_and_sampled_beyond_its_cap():
 
 
 def test_knee_band_takes_the_far_end_of_a_flat_bend():
-    from paser.clustering import knee_band
+    from paser.selection.clustering import knee_band
 
     ks = list(range(4, 21))
     # NMF error curves of the embedded default's manifold, rows in pool order and permuted (seed 11):
@@ -199,8 +206,8 @@ def test_knee_band_takes_the_far_end_of_a_flat_bend():
 def test_k_is_stable_under_perturbations_that_do_not_change_the_data():
     """The embedded default's instructions (1,000 suite records): K and the clusters' agreement
     with the 12 task families under float noise of 1e-6 and row permutations."""
-    from paser.embedding import EmbedConfig, embed_texts, instruction_texts
-    from paser.suite import suite_pool
+    from paser.data.suite import suite_pool
+    from paser.selection.embedding import EmbedConfig, embed_texts, instruction_texts
 
     records = suite_pool(1000, 0).records
     families = np.array([r.fields["family"] for r in records])

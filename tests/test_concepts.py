@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from paser.concepts import ConceptGraph, candidate_phrases, extract_concepts
+from paser.selection.concepts import ConceptGraph, candidate_phrases, extract_concepts
 
 
 def test_phrases_split_on_stop_words_and_punctuation():
@@ -38,7 +38,7 @@ def test_duplicates_in_a_record_are_ignored():
 
 
 def test_cluster_names_are_distinctive_and_deterministic():
-    from paser.concepts import cluster_names
+    from paser.selection.concepts import cluster_names
 
     clusters = [0, 0, 0, 1, 1, 1]
     concepts = [["convert", "minute", "task"], ["convert", "hour", "task"], ["minute", "task"],

@@ -7,7 +7,7 @@ import json
 import pandas as pd
 import pytest
 
-from paser.data import FieldMap, load_pool, read_text_samples
+from paser.data.pools import FieldMap, load_pool, read_text_samples
 from paser.errors import DataError
 
 ALPACA = [

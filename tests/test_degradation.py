@@ -9,18 +9,12 @@ import pandas as pd
 import pytest
 import torch
 
-from paser.degradation import (
-    ScoreConfig,
-    common_prefix,
-    encode_records,
-    jsd_from_logits,
-    score_pool,
-    score_shard,
-    score_unbatched,
-)
-from paser.models import load_model
-from paser.pruning import PruneConfig, prune_model
-from paser.suite import suite_pool
+from paser.data.suite import suite_pool
+from paser.models.load import load_model
+from paser.models.pruning import PruneConfig, prune_model
+from paser.selection.degradation import ScoreConfig, encode_records, jsd_from_logits
+from paser.selection.passes import common_prefix, score_shard, score_unbatched
+from paser.selection.shards import score_pool
 
 
 def test_jsd_properties():
@@ -170,7 +164,7 @@ def test_bf16_scores_match_fp32_scores_of_a_pair(tiny_pair, tiny_tokenizer):
 
 
 def test_two_pass_with_full_vocabulary_equals_one_pass(pair, tiny_tokenizer, tmp_path):
-    from paser.degradation import score_pool_two_pass
+    from paser.selection.shards import score_pool_two_pass
 
     recs = suite_pool(20, seed=6).records
     one = score_shard(*pair, tiny_tokenizer, recs, ScoreConfig(batch_size=6))
@@ -183,7 +177,7 @@ def test_two_pass_with_full_vocabulary_equals_one_pass(pair, tiny_tokenizer, tmp
 
 
 def test_two_pass_top_k_is_a_close_lower_bound(pair, tiny_tokenizer, tmp_path):
-    from paser.degradation import score_pool_two_pass
+    from paser.selection.shards import score_pool_two_pass
 
     recs = suite_pool(12, seed=7).records
     exact = score_shard(*pair, tiny_tokenizer, recs, ScoreConfig())["jsd"].to_numpy()
@@ -198,7 +192,7 @@ def test_two_pass_top_k_is_a_close_lower_bound(pair, tiny_tokenizer, tmp_path):
 
 
 def test_two_pass_loads_each_model_only_when_needed_and_resumes(pair, tiny_tokenizer, tmp_path):
-    from paser.degradation import score_pool_two_pass
+    from paser.selection.shards import score_pool_two_pass
 
     recs = suite_pool(20).records
     cfg = ScoreConfig(shard_size=8, two_pass=True, top_k=16)
@@ -234,30 +228,30 @@ def test_two_pass_loads_each_model_only_when_needed_and_resumes(pair, tiny_token
 def test_batches_group_by_length_not_by_the_users_words(monkeypatch):
     """Past the shared preamble a chat template's next tokens are the user's words: grouping by them
     mixed lengths in a batch; only a few template variants (Alpaca's with and without input) group."""
-    import paser.degradation as deg
+    import paser.selection.passes as deg
 
     rng = np.random.default_rng(0)
     preamble = [1, 2, 3, 4]
     chat = [deg.Encoded(preamble + rng.integers(10, 500, size=n).tolist(), 4 + n // 2, n - n // 2, False)
             for n in rng.integers(6, 60, size=40)]
     monkeypatch.setattr(deg, "encode_records", lambda tokenizer, records, config: chat)
-    _, batches = deg._shard_batches(None, range(40), ScoreConfig(batch_size=8))
+    _, batches = deg.shard_batches(None, range(40), ScoreConfig(batch_size=8))
     lengths = [len(chat[i].ids) for batch in batches for i in batch]
     assert lengths == sorted(lengths, reverse=True)  # one length order across the shard
     # two template variants: each batch holds one, longest first inside each
     alpaca = [deg.Encoded(preamble + [7 + (i % 2)] * 9 + list(range(10, 10 + n)), 14, n - 1, False)
               for i, n in enumerate(rng.integers(4, 40, size=30))]
     monkeypatch.setattr(deg, "encode_records", lambda tokenizer, records, config: alpaca)
-    _, batches = deg._shard_batches(None, range(30), ScoreConfig(batch_size=8))
+    _, batches = deg.shard_batches(None, range(30), ScoreConfig(batch_size=8))
     assert all(len({alpaca[i].ids[4] for i in batch}) == 1 for batch in batches)
 
 
 def test_a_token_budget_fills_batches_of_like_length(monkeypatch):
-    import paser.degradation as deg
+    import paser.selection.passes as deg
 
     records = [deg.Encoded(list(range(n)), 2, n - 2, False) for n in (100, 90, 30, 30, 28, 25, 20, 20, 10, 10)]
     monkeypatch.setattr(deg, "encode_records", lambda tokenizer, r, config: records)
-    _, batches = deg._shard_batches(None, range(10), ScoreConfig(batch_size=32, batch_tokens=200, share_prefix=False))
+    _, batches = deg.shard_batches(None, range(10), ScoreConfig(batch_size=32, batch_tokens=200, share_prefix=False))
     for batch in batches:
         assert len(batch) * max(len(records[i].ids) for i in batch) <= 200 or len(batch) == 1
     assert [len(b) for b in batches] == [2, 6, 2]  # 100+90; six of 30..20 (6 x 30 = 180); the two of 10

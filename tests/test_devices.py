@@ -101,7 +101,7 @@ def test_each_worker_of_a_remote_cluster_takes_its_own_gpu(gpus, monkeypatch):
 
 def test_local_dask_cluster_has_one_worker_per_gpu_and_never_more(gpus):
     from flows.runners import local_dask_cluster
-    from paser.settings import DistributeConfig
+    from paser.selection.settings import DistributeConfig
 
     cpu = local_dask_cluster(DistributeConfig(engine="dask"))
     assert cpu["n_workers"] == 2 and "resources" not in cpu
@@ -118,8 +118,8 @@ def test_local_dask_cluster_has_one_worker_per_gpu_and_never_more(gpus):
 
 
 def test_settings_record_the_dtype_scoring_uses(gpus):
-    from paser.scoring import twin_device
-    from paser.settings import Settings
+    from paser.selection.scoring import twin_device
+    from paser.selection.settings import Settings
 
     settings = Settings.load(None, {})
     assert settings.score.dtype == "float32" and twin_device(settings) == "cpu"
@@ -131,8 +131,8 @@ def test_settings_record_the_dtype_scoring_uses(gpus):
 
 
 def test_twin_folder_of_a_gpu_prune_is_its_own(gpus):
-    from paser.scoring import twin_folder
-    from paser.settings import Settings
+    from paser.selection.scoring import twin_folder
+    from paser.selection.settings import Settings
 
     cpu = twin_folder(Settings.load(None, {}))
     gpus(1)
@@ -143,10 +143,11 @@ def test_twin_folder_of_a_gpu_prune_is_its_own(gpus):
 def test_forward_passes_build_no_kv_cache(tiny_pair, tiny_tokenizer, monkeypatch):
     from transformers.cache_utils import DynamicCache
 
-    from paser.degradation import ScoreConfig, score_shard
-    from paser.evaluation import perplexity, response_nll
-    from paser.models import load_model
-    from paser.suite import suite_pool
+    from paser.data.suite import suite_pool
+    from paser.evaluation.metrics import perplexity, response_nll
+    from paser.models.load import load_model
+    from paser.selection.degradation import ScoreConfig
+    from paser.selection.passes import score_shard
 
     built = []
     original = DynamicCache.__init__
@@ -170,9 +171,10 @@ def test_forward_passes_build_no_kv_cache(tiny_pair, tiny_tokenizer, monkeypatch
 def test_the_shared_prefix_cache_keeps_nothing_of_the_batch(tiny_pair, tiny_tokenizer, monkeypatch):
     """The template's preamble is computed once and shared; each layer gets preamble + batch states
     but the cache keeps only the preamble, so no batch's keys and values outlive their layer."""
-    from paser.degradation import ScoreConfig, SharedPrefix, score_shard
-    from paser.models import load_model
-    from paser.suite import suite_pool
+    from paser.data.suite import suite_pool
+    from paser.models.load import load_model
+    from paser.selection.degradation import ScoreConfig
+    from paser.selection.passes import SharedPrefix, score_shard
 
     caches = []
     original = SharedPrefix.for_batch
@@ -193,10 +195,10 @@ def test_the_shared_prefix_cache_keeps_nothing_of_the_batch(tiny_pair, tiny_toke
 def test_recovery_and_evaluation_record_the_resolved_dtype(tiny_model_dir, tmp_path):
     import json
 
-    from paser.data import write_jsonl
+    from paser.data.pools import write_jsonl
+    from paser.data.suite import generate_suite
     from paser.evaluation import evaluate
     from paser.recovery import recover
-    from paser.suite import generate_suite
 
     write_jsonl(tmp_path / "train.jsonl", generate_suite(8, seed=3))
     result = recover(str(tiny_model_dir), str(tmp_path / "train.jsonl"), tmp_path / "r", max_steps=1, batch_size=4,
@@ -207,7 +209,7 @@ def test_recovery_and_evaluation_record_the_resolved_dtype(tiny_model_dir, tmp_p
 
 def test_a_local_ray_cluster_offers_every_gpu(gpus):
     from flows.runners import local_ray_cluster
-    from paser.settings import DistributeConfig
+    from paser.selection.settings import DistributeConfig
 
     assert local_ray_cluster(DistributeConfig(engine="ray")) == {"num_cpus": 2, "include_dashboard": False}
     gpus(8)
@@ -221,7 +223,7 @@ def test_ray_gpu_shards_keep_their_worker_and_its_models(gpus):
     from prefect_ray.context import RemoteOptionsContext
 
     from flows.runners import shard_resources
-    from paser.settings import DistributeConfig
+    from paser.selection.settings import DistributeConfig
 
     gpus(2)
     with shard_resources(DistributeConfig(engine="ray")):
@@ -236,7 +238,7 @@ def test_shards_claim_gpus_when_the_remote_workers_have_them():
     from distributed import LocalCluster
 
     from flows.runners import gpus_per_shard
-    from paser.settings import DistributeConfig
+    from paser.selection.settings import DistributeConfig
 
     with LocalCluster(n_workers=1, processes=False, resources={"GPU": 1}, dashboard_address=None) as cluster:
         assert gpus_per_shard(DistributeConfig(engine="dask", address=cluster.scheduler_address)) == 1.0
@@ -251,7 +253,7 @@ def test_gpu_workers_that_declare_no_gpu_resource_are_refused(tmp_path):
     from distributed import LocalCluster
 
     from flows.runners import gpus_per_shard
-    from paser.settings import DistributeConfig
+    from paser.selection.settings import DistributeConfig
 
     fake = tmp_path / "two_gpus.py"
     fake.write_text("import paser.devices as d\nd.visible_gpus = lambda: 2\n")
@@ -269,7 +271,7 @@ def test_auto_dtype_is_decided_on_the_remote_workers_not_the_launcher(tmp_path):
 
     from flows.runners import worker_dtype
     from paser.devices import resolve_dtype
-    from paser.settings import DistributeConfig, Settings
+    from paser.selection.settings import DistributeConfig, Settings
 
     fake = tmp_path / "one_hopper_gpu.py"
     fake.write_text("import torch\nimport paser.devices as d\nd.visible_gpus = lambda: 1\n"
@@ -289,17 +291,17 @@ def test_remote_dask_workers_drop_their_models_after_the_run():
     from distributed import LocalCluster
 
     from flows.runners import release_workers
-    from paser.settings import DistributeConfig
+    from paser.selection.settings import DistributeConfig
 
     def keep():  # what a worker holds after scoring shards: its loaded pair
-        import paser.scoring
+        import paser.selection.scoring
 
-        paser.scoring._LOADED["pair"] = object()
+        paser.selection.scoring._LOADED["pair"] = object()
 
     def held():
-        import paser.scoring
+        import paser.selection.scoring
 
-        return len(paser.scoring._LOADED)
+        return len(paser.selection.scoring._LOADED)
 
     with LocalCluster(n_workers=2, processes=True, threads_per_worker=1, dashboard_address=None) as cluster:
         from distributed import Client

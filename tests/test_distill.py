@@ -10,11 +10,12 @@ import shutil
 import pytest
 import torch
 
-from paser.data import write_jsonl
-from paser.distill import in_memory_targets
+from paser.data.pools import write_jsonl
+from paser.data.suite import generate_suite, suite_pool
 from paser.errors import ConfigError, TokenizerMismatchError
-from paser.recovery import IGNORE, RecoverConfig, collate, encode_for_training, objective_loss_sum, recover
-from paser.suite import generate_suite, suite_pool
+from paser.recovery import RecoverConfig, recover
+from paser.recovery.distill import in_memory_targets
+from paser.recovery.losses import IGNORE, collate, encode_for_training, objective_loss_sum
 from tests.conftest import build_model, build_tokenizer
 
 FAST = dict(batch_size=8, micro_batch_size=4, learning_rate=5e-3, val_size=0, save_every=2, progress=False)
@@ -28,7 +29,7 @@ def train_file(tmp_path):
 
 
 def _models(tiny_pair):
-    from paser.models import load_model
+    from paser.models.load import load_model
 
     dense, pruned = tiny_pair
     return load_model(dense).model, load_model(pruned).model
@@ -130,7 +131,7 @@ def test_distillation_reduces_the_divergence_and_the_sft_path_is_unchanged(tiny_
 
 
 def test_killed_distillation_run_resumes_to_the_same_adapter(tiny_pair, train_file, tmp_path, monkeypatch):
-    import paser.recovery as rec
+    import paser.recovery.job as rec
 
     dense, pruned = tiny_pair
     run = dict(FAST, objective="mix", teacher=dense, teacher_top_k=16, max_steps=5)
@@ -158,7 +159,7 @@ def test_killed_distillation_run_resumes_to_the_same_adapter(tiny_pair, train_fi
     def never(*args, **kwargs):
         raise AssertionError("a finished run loaded the teacher or built a Trainer")
 
-    monkeypatch.setattr(rec, "_teacher", never)
+    monkeypatch.setattr(rec, "load_teacher", never)
     monkeypatch.setattr(rec, "RecoveryTrainer", never)
     again = recover(pruned, train_file, tmp_path / "whole", **run)
     assert again.steps == 5 and all(torch.equal(a[k], _adapter(tmp_path / "whole")[k]) for k in a)

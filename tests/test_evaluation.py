@@ -8,10 +8,11 @@ import math
 import pytest
 import torch
 
-from paser.data import write_jsonl
+from paser.data.pools import write_jsonl
+from paser.data.suite import generate_suite, suite_pool
 from paser.errors import DataError
-from paser.evaluation import answer_found, evaluate, normalise_answer, perplexity, response_nll
-from paser.suite import generate_suite, suite_pool
+from paser.evaluation import evaluate
+from paser.evaluation.metrics import answer_found, normalise_answer, perplexity, response_nll
 
 
 def test_normalise_answer_and_answer_found():
@@ -43,7 +44,7 @@ def test_perplexity_equals_a_direct_computation(tiny_model_dir, tiny_tokenizer):
 def test_response_nll_equals_a_direct_computation(tiny_model_dir, tiny_tokenizer):
     from transformers import AutoModelForCausalLM
 
-    from paser.prompts import tokenize_example
+    from paser.data.prompts import tokenize_example
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
     records = suite_pool(5, seed=6).records
@@ -81,7 +82,7 @@ def test_evaluate_writes_json_and_markdown(tiny_model_dir, tmp_path):
 
 
 def test_held_out_suite_shares_no_prompt_with_the_pool(tmp_path):
-    from paser.evaluation import held_out_suite, pool_prompts
+    from paser.evaluation.suite import held_out_suite, pool_prompts
 
     kept, info = held_out_suite(720, 12345, ["embedded"])
     pool = {(r["instruction"], r["input"]) for r in generate_suite(1000, 0)}
@@ -100,8 +101,8 @@ def test_answer_nll_equals_a_direct_computation(tiny_model_dir, tiny_tokenizer):
     import numpy as np
     from transformers import AutoModelForCausalLM
 
-    from paser.evaluation import answer_nll
-    from paser.prompts import tokenize_example
+    from paser.data.prompts import tokenize_example
+    from paser.evaluation.suite import answer_nll
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
     records = suite_pool(30, seed=11).records
@@ -133,7 +134,7 @@ def test_gap_closed_against_reference_evaluations(tiny_model_dir, tmp_path):
     import pytest
 
     from paser.errors import DataError
-    from paser.evaluation import gap_recovered
+    from paser.evaluation.suite import gap_recovered
     from tests.conftest import build_model
 
     other = tmp_path / "other"
@@ -161,8 +162,9 @@ def test_gap_closed_against_reference_evaluations(tiny_model_dir, tmp_path):
 def test_jsd_to_a_reference_model(tiny_pair, tmp_path):
     import numpy as np
 
-    from paser.degradation import ScoreConfig, score_shard
-    from paser.models import load_model
+    from paser.models.load import load_model
+    from paser.selection.degradation import ScoreConfig
+    from paser.selection.passes import score_shard
 
     dense, pruned = tiny_pair
     heldout = tmp_path / "heldout.jsonl"
@@ -175,7 +177,7 @@ def test_jsd_to_a_reference_model(tiny_pair, tmp_path):
     assert result["reference"] == dense and suite["records"] == len(suite["per_record"]["jsd"])
     assert set(suite["per_family"]) and suite["macro"] == np.mean(list(suite["per_family"].values()))
     # the same values as degradation scoring of the pair
-    from paser.data import load_pool
+    from paser.data.pools import load_pool
 
     d, p = load_model(dense), load_model(pruned)
     direct = score_shard(d.model, p.model, d.tokenizer, load_pool(str(heldout)).records, ScoreConfig())["jsd"]
@@ -188,7 +190,7 @@ def test_jsd_and_nll_come_from_one_pass(tiny_pair, tmp_path, monkeypatch):
     each record set) and equal those of the NLL pass without one."""
     import numpy as np
 
-    import paser.evaluation as ev
+    import paser.evaluation.metrics as ev
 
     dense, pruned = tiny_pair
     heldout = tmp_path / "heldout.jsonl"

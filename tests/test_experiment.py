@@ -66,8 +66,8 @@ def test_smoke_experiment_runs_resumes_and_reports(tiny_pair, tmp_path, capsys):
 def test_alpaca_smoke_reports_where_paser_put_its_tokens(tiny_pair, tmp_path):
     import decisive_experiment as exp
 
-    from paser.data import write_jsonl
-    from paser.suite import generate_suite
+    from paser.data.pools import write_jsonl
+    from paser.data.suite import generate_suite
 
     dense, pruned = tiny_pair
     alpaca = tmp_path / "alpaca.jsonl"  # Alpaca-layout records (the suite's, without id and family)

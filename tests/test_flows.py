@@ -9,8 +9,8 @@ import pandas as pd
 import pytest
 
 import paser
-from paser import degradation, pipeline
 from paser.errors import ShardError
+from paser.selection import pipeline, shards
 from tests.test_pipeline import settings
 
 
@@ -52,7 +52,7 @@ def _flow(s: pipeline.Settings, **kwargs):
 def _calls(monkeypatch):
     return {"embed": Calls(monkeypatch, pipeline, "embed_texts"),
             "manifold": Calls(monkeypatch, pipeline, "learn_manifold"),
-            "score": Calls(monkeypatch, degradation, "score_shard")}
+            "score": Calls(monkeypatch, shards, "score_shard")}
 
 
 def test_second_run_is_served_from_the_cache(models, tmp_path, monkeypatch, harness):
@@ -95,7 +95,7 @@ def test_failed_shard_names_its_records_and_a_rerun_resumes(models, tmp_path, mo
     pool = pipeline.read_input_pool(s.select)
     bad = pool.records[45].id  # in shard 1: records 40..79
 
-    Calls(monkeypatch, degradation, "score_shard", fail_on=lambda d, p, t, records, *a: bad in {r.id for r in records})
+    Calls(monkeypatch, shards, "score_shard", fail_on=lambda d, p, t, records, *a: bad in {r.id for r in records})
     with pytest.raises(ShardError, match=r"shard 1 \(records 40\.\.79.*injected failure"):
         _flow(s)
     calls = _calls(monkeypatch)
@@ -214,7 +214,7 @@ def test_transient_shard_failure_is_retried(models, tmp_path, monkeypatch, harne
             return True
         return False
 
-    calls = Calls(monkeypatch, degradation, "score_shard", fail_on=once, error=OSError)
+    calls = Calls(monkeypatch, shards, "score_shard", fail_on=once, error=OSError)
     _flow(s)  # shard 1 fails once with an I/O error, is retried, and the run completes
     assert failures == [1] and calls.n == 3
     assert sum(1 for _ in (tmp_path / "run" / "selected.jsonl").open()) == 24

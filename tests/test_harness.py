@@ -60,7 +60,8 @@ def direct_accuracy(model, tokenizer) -> tuple[float, float]:
 def test_local_jsonl_task_equals_direct_computation(tmp_path, tiny_tokenizer, choice_file, with_adapter):
     from peft import LoraConfig, PeftModel, get_peft_model
 
-    from paser.evaluation import evaluate, load_for_eval
+    from paser.evaluation import evaluate
+    from paser.evaluation.metrics import load_for_eval
     from tests.conftest import build_model
 
     folder = tmp_path / "model"
@@ -102,7 +103,7 @@ def test_local_jsonl_task_equals_direct_computation(tmp_path, tiny_tokenizer, ch
     ('{"query": "q", "choices": ["a", "b"], "gold": true}', "gold"),
 ])
 def test_bad_choice_record_names_file_line_and_field(tmp_path, line, field):
-    from paser.harness import resolve_tasks
+    from paser.evaluation.harness import resolve_tasks
 
     path = tmp_path / "bad.jsonl"
     path.write_text('{"query": "q", "choices": ["a", "b"], "gold": 1}\n' + line + "\n")
@@ -111,7 +112,7 @@ def test_bad_choice_record_names_file_line_and_field(tmp_path, line, field):
 
 
 def test_task_specs_resolve(tmp_path, choice_file):
-    from paser.harness import PAPER_TASKS, resolve_tasks
+    from paser.evaluation.harness import PAPER_TASKS, resolve_tasks
 
     yaml_task = tmp_path / "own" / "own.yaml"
     yaml_task.parent.mkdir()
@@ -130,7 +131,7 @@ def test_task_specs_resolve(tmp_path, choice_file):
 @pytest.mark.slow
 def test_builtin_task_offline_and_unknown_task_fail_before_the_model_loads(tmp_path, monkeypatch):
     from paser.evaluation import evaluate
-    from paser.harness import prepare_tasks
+    from paser.evaluation.harness import prepare_tasks
 
     with pytest.raises(DataError, match=r"lm-eval task 'arc_esy': unknown; did you mean .*arc_easy"):
         prepare_tasks(["arc_esy"], tmp_path)

@@ -14,10 +14,28 @@ ROOT = Path(__file__).resolve().parents[1]
 def _modules() -> dict[str, Path]:
     found = {}
     for package in ("paser", "flows"):
-        for path in (ROOT / package).glob("*.py"):
-            name = f"{package}.{path.stem}" if path.stem != "__init__" else package
-            found[name] = path
+        for path in (ROOT / package).rglob("*.py"):
+            parts = path.relative_to(ROOT).with_suffix("").parts
+            found[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
     return found
+
+
+# paser's phases, lowest first: a module may import its own phase and those below, never one above.
+# The helpers every phase uses (errors, progress, config, devices, cache, ledger) import no phase;
+# the flows orchestrate the library, and the faces (the CLI and the API) sit on top of both.
+PHASES = ["helpers", "data", "models", "selection", "recovery", "evaluation", "flows", "faces"]
+HELPERS = {"paser.errors", "paser.progress", "paser.config", "paser.devices", "paser.cache", "paser.ledger"}
+
+
+def phase(module: str) -> str:
+    if module.startswith("flows"):
+        return "flows"
+    if module in HELPERS:
+        return "helpers"
+    parts = module.split(".")
+    if len(parts) > 1 and parts[1] in PHASES:
+        return parts[1]
+    return "faces"  # paser (its __init__), paser.api, paser.cli and its modules
 
 
 def _imports(tree: ast.Module, deferred: bool):
@@ -81,8 +99,8 @@ def test_the_cycle_finder_sees_a_circle():
 
 def test_no_import_circle():
     graph = import_graph(_modules(), deferred=True)
-    assert "paser.scoring" in graph["paser.pipeline"]  # the graph is read, not empty
-    assert "paser.settings" in graph["paser.report"]  # an import inside a function is counted
+    assert "paser.selection.scoring" in graph["paser.selection.pipeline"]  # the graph is read, not empty
+    assert "paser.selection.settings" in graph["paser.selection.report"]  # an import inside a function is counted
     assert cycle(graph) is None
 
 
@@ -91,3 +109,39 @@ def test_the_library_does_not_import_the_flows_when_imported():
     upward = sorted((m, d) for m, deps in graph.items() if m.startswith("paser") for d in deps
                     if d.startswith("flows"))
     assert upward == []
+
+
+def upward_imports(graph: dict[str, set[str]]) -> list[tuple[str, str]]:
+    """(module, what it imports) for every import that runs upward between phases."""
+    rank = {p: i for i, p in enumerate(PHASES)}
+    return sorted((m, d) for m, deps in graph.items() for d in deps if rank[phase(d)] > rank[phase(m)])
+
+
+def test_the_layering_check_sees_an_upward_import():
+    graph = {"paser.data.pools": {"paser.selection.scoring"}, "paser.selection.scoring": {"paser.data.pools"},
+             "paser.ledger": {"paser.models.load"}}
+    assert upward_imports(graph) == [("paser.data.pools", "paser.selection.scoring"),
+                                     ("paser.ledger", "paser.models.load")]
+
+
+def test_imports_run_only_downward_between_phases():
+    graph = import_graph(_modules(), deferred=True)
+    assert {phase(m) for m in graph} == set(PHASES)  # every phase is a folder (or the helpers) and is read
+    assert upward_imports(graph) == []
+
+
+def test_no_module_of_the_library_is_over_450_lines():
+    long = {str(p.relative_to(ROOT)): n for p in (ROOT / "paser").rglob("*.py")
+            if (n := len(p.read_text().splitlines())) > 450}
+    assert long == {}
+
+
+def test_no_private_name_is_imported_across_modules():
+    """A leading underscore means "this module's own": another module of the library or the flows
+    that imports it reaches into a room that is not its."""
+    found = []
+    for name, path in _modules().items():
+        for node in _imports(ast.parse(path.read_text()), deferred=True):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith(("paser", "flows")):
+                found += [f"{name}: {node.module}.{a.name}" for a in node.names if a.name.startswith("_")]
+    assert found == []

@@ -46,8 +46,8 @@ def models(tiny_pair):
 
 
 def test_a_selection_reports_what_it_computed(models, tmp_path):
-    from paser.pipeline import run_selection
-    from paser.settings import Settings
+    from paser.selection.pipeline import run_selection
+    from paser.selection.settings import Settings
 
     dense, pruned = models
     settings = Settings.load(None, {"select": {"dense": dense, "pruned": pruned, "suite_size": 60, "budget": 0.25,
@@ -73,8 +73,8 @@ def test_a_selection_reports_what_it_computed(models, tmp_path):
 
 
 def test_random_selection_computes_nothing(models, tmp_path):
-    from paser.pipeline import run_selection
-    from paser.settings import Settings
+    from paser.selection.pipeline import run_selection
+    from paser.selection.settings import Settings
 
     dense, _ = models
     run = run_selection(Settings.load(None, {"select": {"dense": dense, "suite_size": 40, "budget": 0.25,

@@ -13,10 +13,11 @@ import pytest
 import torch
 from torch import nn
 
-from paser.degradation import ScoreConfig, score_shard
+from paser.data.suite import suite_pool
 from paser.errors import ModelLoadError, UntrustedPickleError
-from paser.models import load_model
-from paser.suite import suite_pool
+from paser.models.load import load_model
+from paser.selection.degradation import ScoreConfig
+from paser.selection.passes import score_shard
 
 MODULE = "LLMPruner.models.hf_llama.modeling_llama"
 
@@ -115,7 +116,7 @@ def _save_llm_pruner_checkpoint(path, source_model, tokenizer):
 @pytest.fixture(scope="module")
 def pruned_source(tmp_path_factory, tiny_pair):
     """A tiny GQA model pruned unevenly: heads in layers 1-2 only, MLP channels in layers 0-1."""
-    from paser.pruning import PruneConfig, prune
+    from paser.models.pruning import PruneConfig, prune
 
     dense = tiny_pair[0]
     folder = tmp_path_factory.mktemp("uneven") / "pruned"
@@ -133,7 +134,7 @@ def _reference(folder):
 
 
 def test_checkpoint_of_llm_pruner_classes_scores_like_the_same_weights(pruned_source, tmp_path):
-    from paser.layers import layer_shapes
+    from paser.models.layers import layer_shapes
 
     dense, folder = pruned_source
     source = load_model(folder)
@@ -160,7 +161,7 @@ def test_checkpoint_of_llm_pruner_classes_scores_like_the_same_weights(pruned_so
 
 
 def test_transformers_classes_and_a_cached_import(pruned_source, tmp_path):
-    from paser.pruning import export_llm_pruner_pickle
+    from paser.models.pruning import export_llm_pruner_pickle
 
     _, folder = pruned_source
     source = load_model(folder)
@@ -170,13 +171,13 @@ def test_transformers_classes_and_a_cached_import(pruned_source, tmp_path):
         ids = torch.tensor([[4, 8, 15, 16, 23, 42]])
         assert torch.equal(first.model(input_ids=ids).logits, _reference(folder)(input_ids=ids).logits)
     assert first.tokenizer.get_vocab() == source.tokenizer.get_vocab()  # rebuilt from the file's state
-    from paser.llm_pruner import import_checkpoint
+    from paser.models.llm_pruner import import_checkpoint
 
     assert import_checkpoint(path) == import_checkpoint(path)  # converted once
 
 
 def test_sentencepiece_tokenizer_comes_from_the_dense_model(pruned_source, tmp_path):
-    from paser.models import load_pair
+    from paser.models.load import load_pair
 
     dense, folder = pruned_source
     path = tmp_path / "sp.bin"

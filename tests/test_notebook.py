@@ -8,7 +8,7 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
-from paser.pipeline import run_selection
+from paser.selection.pipeline import run_selection
 from tests.test_pipeline import settings
 
 NOTEBOOKS = sorted((Path(__file__).parents[1] / "notebooks").glob("*.ipynb"))

@@ -10,8 +10,8 @@ import pytest
 from typer.testing import CliRunner
 
 from paser.cli import app
-from paser.pipeline import run_selection
-from paser.settings import Settings
+from paser.selection.pipeline import run_selection
+from paser.selection.settings import Settings
 
 
 @pytest.fixture(scope="module")
@@ -196,7 +196,7 @@ def test_engines_other_than_local_need_the_flow(models, tmp_path):
 
 def test_load_run_refuses_an_unfinished_folder(models, tmp_path):
     from paser.errors import DataError
-    from paser.report import load_run
+    from paser.selection.report import load_run
 
     with pytest.raises(DataError, match="not a finished paser selection run"):
         load_run(tmp_path)
@@ -335,8 +335,8 @@ def test_a_scoring_process_reads_the_pool_once_and_parses_only_its_shards(models
     """Each shard used to re-read and re-parse the whole pool (pool size x shards: about 3,900 full
     reads at a million records): a process now reads the pool file once and builds only the records
     of the shards it scores."""
-    import paser.runfolder as runfolder
-    from paser.pipeline import stage_cluster, stage_data, stage_embed, stage_score, stage_tokens
+    import paser.selection.runfolder as runfolder
+    from paser.selection.pipeline import stage_cluster, stage_data, stage_embed, stage_score, stage_tokens
 
     s = settings(models, tmp_path / "run")
     s.score.shard_size = 20  # 96 records: 5 shards
@@ -361,7 +361,7 @@ def test_a_scoring_process_reads_the_pool_once_and_parses_only_its_shards(models
         return records
 
     monkeypatch.setattr(runfolder.pd, "read_parquet", counted)
-    monkeypatch.setattr("paser.scoring.read_run_pool", parsed)
+    monkeypatch.setattr("paser.selection.scoring.read_run_pool", parsed)
     stage_score(s, run)
     assert len(reads) == 1
     # five shards of 20 (16) records, then the whole pool once to collect them

@@ -65,9 +65,9 @@ def test_every_scored_batch_is_reported_and_a_resumed_run_counts_its_finished_sh
                                                                                       monkeypatch, capsys):
     import os
 
-    from paser.pipeline import run_selection
-    from paser.scoring import plan_scoring
-    from paser.settings import Settings
+    from paser.selection.pipeline import run_selection
+    from paser.selection.scoring import plan_scoring
+    from paser.selection.settings import Settings
 
     batches, shards = record_progress(monkeypatch)
     dense, pruned = tiny_pair

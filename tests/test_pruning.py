@@ -7,9 +7,9 @@ import copy
 import pytest
 import torch
 
-from paser.layers import layer_shapes, load_pruned_folder, save_pruned_folder
-from paser.models import load_model
-from paser.pruning import (
+from paser.models.layers import layer_shapes, load_pruned_folder, save_pruned_folder
+from paser.models.load import load_model
+from paser.models.pruning import (
     PruneConfig,
     accumulate_gradients,
     apply_plan,
@@ -205,7 +205,7 @@ def test_layer_range_past_depth_is_refused(tiny_model_dir):
 def test_the_plan_reads_a_layers_scores_in_one_copy_not_element_by_element():
     """On a GPU each element read is a device sync (hundreds of thousands for a 7B's MLP channels):
     the plan copies a layer's scores to the host once."""
-    from paser.pruning import _lowest
+    from paser.models.pruning import _lowest
 
     class Counting(torch.Tensor):
         reads = 0
@@ -224,7 +224,13 @@ def test_offloaded_gradients_give_the_same_scores_and_leave_the_device_as_made(t
     """On a GPU the calibration gradients go to the host as the backward pass makes them (the
     device holds the weights once, not twice): the same fp32 sums, bitwise the same scores, and at
     no moment more than a layer's gradients held on the model."""
-    from paser.pruning import accumulate_gradients, calibration_batches, calibration_texts, decoder_layers, group_scores
+    from paser.models.pruning import (
+        accumulate_gradients,
+        calibration_batches,
+        calibration_texts,
+        decoder_layers,
+        group_scores,
+    )
     from tests.conftest import build_model
 
     model = build_model(tiny_tokenizer, num_kv_heads=2)
@@ -253,7 +259,7 @@ def test_offloaded_gradients_give_the_same_scores_and_leave_the_device_as_made(t
 def test_a_twin_pruned_for_gpu_scoring_is_saved_in_the_scoring_dtype(tiny_model_dir, tmp_path):
     from safetensors import safe_open
 
-    from paser.pruning import prune
+    from paser.models.pruning import prune
 
     prune(str(tiny_model_dir), tmp_path / "p", ratio=0.5, importance="l2", save_dtype="bfloat16")
     with safe_open(next((tmp_path / "p").glob("*.safetensors")), "pt") as f:

@@ -43,7 +43,7 @@ def test_prune_smollm2_25_percent(tmp_path, _user_cache):
 
 
 def test_builtin_converts_once_then_reuses_cache(_user_cache):
-    from paser.models import builtin_path, gguf_to_folder, load_model
+    from paser.models.load import builtin_path, gguf_to_folder, load_model
 
     loaded = load_model("smollm2-135m-instruct")  # converts once if needed
     assert loaded.kind == "builtin" and loaded.tokenizer.chat_template

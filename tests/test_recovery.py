@@ -8,9 +8,10 @@ import json
 import pytest
 import torch
 
-from paser.data import write_jsonl
-from paser.recovery import IGNORE, RecoverConfig, collate, encode_for_training, recover
-from paser.suite import generate_suite, suite_pool
+from paser.data.pools import write_jsonl
+from paser.data.suite import generate_suite, suite_pool
+from paser.recovery import RecoverConfig, recover
+from paser.recovery.losses import IGNORE, collate, encode_for_training
 
 
 @pytest.fixture()
@@ -25,7 +26,7 @@ FAST = dict(batch_size=8, micro_batch_size=4, learning_rate=5e-3, val_size=8, ev
 
 
 def test_loss_mask_covers_exactly_the_response(tiny_tokenizer):
-    from paser.prompts import format_prompt
+    from paser.data.prompts import format_prompt
 
     records = suite_pool(6, seed=2).records
     for record, ex in zip(records, encode_for_training(tiny_tokenizer, records, RecoverConfig())):
@@ -64,7 +65,7 @@ def test_accumulated_micro_batches_give_the_full_batch_step(tiny_model_dir, trai
 def test_a_few_steps_reduce_the_loss_and_the_adapter_round_trips(tiny_model_dir, train_file, tmp_path):
     from peft import PeftModel
 
-    from paser.models import load_model
+    from paser.models.load import load_model
 
     out = tmp_path / "rec"
     result = recover(str(tiny_model_dir), train_file, out, epochs=3, merge=True, **FAST)
@@ -85,8 +86,8 @@ def test_a_few_steps_reduce_the_loss_and_the_adapter_round_trips(tiny_model_dir,
     assert not torch.allclose(a, b, atol=1e-4)  # the adapter changed the model
 
     # the trained-token count: labelled response tokens of the training records, one epoch
-    from paser.data import load_pool
-    from paser.recovery import split_validation
+    from paser.data.pools import load_pool
+    from paser.recovery.plan import split_validation
 
     config = RecoverConfig(**FAST)
     train, _ = split_validation(load_pool(train_file).records, config)
@@ -96,9 +97,9 @@ def test_a_few_steps_reduce_the_loss_and_the_adapter_round_trips(tiny_model_dir,
 
 
 def test_merged_pruned_model_keeps_its_layer_widths(tiny_model_dir, train_file, tmp_path):
-    from paser.layers import layer_shapes
-    from paser.models import load_model
-    from paser.pruning import PruneConfig, prune
+    from paser.models.layers import layer_shapes
+    from paser.models.load import load_model
+    from paser.models.pruning import PruneConfig, prune
 
     prune(str(tiny_model_dir), tmp_path / "pruned", PruneConfig(importance="l2", attn_layers=(1, 3)))
     recover(str(tmp_path / "pruned"), train_file, tmp_path / "rec", max_steps=2, merge=True, **FAST)
@@ -110,7 +111,7 @@ def test_merged_pruned_model_keeps_its_layer_widths(tiny_model_dir, train_file, 
 def test_killed_run_resumes_to_the_same_adapter(tiny_model_dir, train_file, tmp_path, monkeypatch):
     from safetensors.torch import load_file
 
-    import paser.recovery as rec
+    import paser.recovery.losses as rec
 
     recover(str(tiny_model_dir), train_file, tmp_path / "whole", max_steps=6, **FAST)
     calls = {"n": 0}
@@ -148,7 +149,7 @@ def test_checkpoint_from_other_settings_is_refused(tiny_model_dir, train_file, t
 def test_token_steps_equal_for_subsets_of_equal_tokens(seed):
     import random
 
-    from paser.recovery import token_steps
+    from paser.recovery.plan import token_steps
 
     rng = random.Random(seed)
     # two subsets with the same tokens: one of few long records, one of many short ones
@@ -169,7 +170,7 @@ def test_token_steps_equal_for_subsets_of_equal_tokens(seed):
 
 
 def test_token_steps_never_leave_a_step_empty():
-    from paser.recovery import token_steps
+    from paser.recovery.plan import token_steps
 
     # a record longer than the asked step: fewer, larger steps instead of empty ones
     steps = token_steps([0, 1, 2, 3], [250, 10, 10, 250], 100)
@@ -177,9 +178,9 @@ def test_token_steps_never_leave_a_step_empty():
 
 
 def test_recovery_with_token_batches(tiny_model_dir, train_file, tmp_path):
-    from paser.data import load_pool
-    from paser.models import load_model
-    from paser.recovery import split_validation, step_batches
+    from paser.data.pools import load_pool
+    from paser.models.load import load_model
+    from paser.recovery.plan import split_validation, step_batches
 
     out = tmp_path / "rec"
     result = recover(str(tiny_model_dir), train_file, out, epochs=1, **(FAST | {"batch_tokens": 600}))
@@ -215,10 +216,10 @@ def test_recovery_seed_changes_training_noise_only(tiny_model_dir, train_file, t
 def test_early_stopping_keeps_the_best_adapter_and_stays_stopped(tiny_model_dir, train_file, tmp_path, monkeypatch):
     from safetensors.torch import load_file
 
-    from paser.data import load_pool
+    from paser.data.pools import load_pool
     from paser.errors import ConfigError
-    from paser.evaluation import response_nll
-    from paser.recovery import split_validation
+    from paser.evaluation.metrics import response_nll
+    from paser.recovery.plan import split_validation
 
     # a learning rate too high for the tiny model: the validation loss soon stops improving
     settings = FAST | {"learning_rate": 0.2, "eval_every": 1, "patience": 2, "epochs": 20}
@@ -232,7 +233,7 @@ def test_early_stopping_keeps_the_best_adapter_and_stays_stopped(tiny_model_dir,
     # the saved adapter is the best one: its validation loss is the best logged
     from peft import PeftModel
 
-    from paser.models import load_model
+    from paser.models.load import load_model
 
     loaded = load_model(str(tiny_model_dir))
     adapted = PeftModel.from_pretrained(loaded.model, tmp_path / "rec" / "adapter").eval()
@@ -240,7 +241,7 @@ def test_early_stopping_keeps_the_best_adapter_and_stays_stopped(tiny_model_dir,
     assert response_nll(adapted, loaded.tokenizer, held, batch_size=4)["nll"] == pytest.approx(val[best], rel=1e-5)
     assert result.val_loss == pytest.approx(val[best])
     # the same command again trains nothing more (no Trainer is even built) and keeps the same adapter
-    import paser.recovery as rec
+    import paser.recovery.job as rec
 
     def no_trainer(*args, **kwargs):
         raise AssertionError("a finished run built a Trainer")
@@ -261,7 +262,7 @@ def test_the_trained_model_is_freed_when_recover_returns(tiny_model_dir, train_f
     import gc
     import weakref
 
-    import paser.recovery as rec
+    import paser.recovery.job as rec
 
     made = []
     original = rec.lora_model

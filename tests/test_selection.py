@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from paser.selection import Selector
+from paser.selection.selector import Selector
 
 
 def table(n_per=(6, 6, 6), jsd=(0.3, 0.2, 0.1), concepts=None, seed=0):

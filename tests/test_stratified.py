@@ -9,9 +9,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from paser.allocation import allocate_budget
-from paser.selection import StratifiedSelector
-from paser.stratified import NearDuplicates, SampleConfig, cluster_weights, draw_keys
+from paser.selection.allocation import allocate_budget
+from paser.selection.selector import StratifiedSelector
+from paser.selection.stratified import NearDuplicates, SampleConfig, cluster_weights, draw_keys
 from tests.test_selection import table
 
 
@@ -80,7 +80,7 @@ def models(tiny_pair):
 
 
 def _settings(models, out, method="strat", sample=None, per_cluster=None):
-    from paser.settings import Settings
+    from paser.selection.settings import Settings
 
     dense, pruned = models
     return Settings.load(None, {
@@ -91,7 +91,7 @@ def _settings(models, out, method="strat", sample=None, per_cluster=None):
 
 
 def test_strat_at_temperature_zero_needs_no_model(models, tmp_path):
-    from paser.pipeline import run_selection
+    from paser.selection.pipeline import run_selection
 
     dense, _ = models
     settings = _settings((dense, str(tmp_path / "no-such-model")), tmp_path / "run", sample={"dedup": 0.98})
@@ -104,7 +104,7 @@ def test_strat_at_temperature_zero_needs_no_model(models, tmp_path):
 
 
 def test_a_per_cluster_sample_of_every_record_gives_the_full_cds(models, tmp_path):
-    from paser.pipeline import run_selection
+    from paser.selection.pipeline import run_selection
 
     full = run_selection(_settings(models, tmp_path / "full", method="paser"))
     every = run_selection(_settings(models, tmp_path / "every", sample={"cds_temperature": 1.0}, per_cluster=96))

@@ -7,7 +7,7 @@ import re
 from collections import Counter
 from datetime import date
 
-from paser.suite import FAMILIES, generate_suite, suite_pool
+from paser.data.suite import FAMILIES, generate_suite, suite_pool
 
 
 def test_deterministic_and_balanced():

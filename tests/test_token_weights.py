@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from paser.recovery import IGNORE, RecoverConfig, collate, encode_for_training, objective_loss_sum, recover
-from paser.suite import suite_pool
-from paser.token_weights import SignalCache, step_weights
+from paser.data.suite import suite_pool
+from paser.recovery import RecoverConfig, recover
+from paser.recovery.losses import IGNORE, collate, encode_for_training, objective_loss_sum
+from paser.recovery.token_weights import SignalCache, step_weights
 from tests.test_recovery import FAST, train_file  # noqa: F401  (a fixture)
 
 
@@ -59,18 +60,19 @@ def test_weights_average_one_over_each_step_whatever_the_micro_batches():
 
 
 def test_the_signal_cache_reads_finished_parts_back_without_a_model(tiny_tokenizer, tmp_path):
-    from paser.recovery import _labelled
+    from paser.recovery.losses import labelled_logits
     from tests.conftest import build_model
 
     dense, pruned = build_model(tiny_tokenizer, seed=0), build_model(tiny_tokenizer, seed=1)
     examples = encode_for_training(tiny_tokenizer, suite_pool(7, seed=5).records, RecoverConfig())
     cache = SignalCache(tmp_path, "fp")
-    first = cache.build(dense, pruned, examples, collate, tiny_tokenizer.pad_token_id, "cpu", "excess", 3, _labelled)
-    again = cache.build(None, None, examples, collate, tiny_tokenizer.pad_token_id, "cpu", "excess", 3, _labelled)
+    pad = tiny_tokenizer.pad_token_id
+    first = cache.build(dense, pruned, examples, collate, pad, "cpu", "excess", 3, labelled_logits)
+    again = cache.build(None, None, examples, collate, pad, "cpu", "excess", 3, labelled_logits)
     assert [len(v) for v in first] == [sum(1 for t in e.labels[1:] if t != IGNORE) for e in examples]
     assert all(np.array_equal(a, b) for a, b in zip(first, again)) and all((v >= 0).all() for v in first)
     jsd = SignalCache(tmp_path, "jsd").build(dense, pruned, examples, collate, tiny_tokenizer.pad_token_id, "cpu",
-                                             "jsd", 3, _labelled)
+                                             "jsd", 3, labelled_logits)
     assert all(((v >= 0) & (v <= np.log(2) + 1e-6)).all() for v in jsd)
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from paser.trainer import micro_batches
+from paser.recovery.trainer import micro_batches
 from tests.test_recovery import FAST, train_file  # noqa: F401  (a fixture)
 
 
@@ -107,8 +107,9 @@ def test_one_process_on_a_machine_of_several_gpus_does_not_wrap_in_data_parallel
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from paser.recovery import RecoverConfig, one_device, training_arguments
-    from paser.trainer import RecoveryTrainer
+    from paser.recovery import RecoverConfig
+    from paser.recovery.lora import one_device, training_arguments
+    from paser.recovery.trainer import RecoveryTrainer
 
     model = get_peft_model(LlamaForCausalLM(LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                                                         num_attention_heads=2, vocab_size=64)),

@@ -1,0 +1,189 @@
+"""``evaluate``: every evaluation a config asks for, on a base, adapted or merged model, written to
+eval.json and eval.md.
+
+    python -c "from paser.evaluation.evaluate import EvalConfig; print(EvalConfig())"
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from paser.devices import default_device, resolve_dtype
+from paser.errors import DataError
+from paser.evaluation.metrics import input_tokens, load_for_eval, nll_summary, perplexity, token_stats
+from paser.evaluation.report import evaluation_ledger, markdown_table
+from paser.evaluation.suite import jsd_summary, read_reference, suite_accuracy, suite_gap_closed
+from paser.progress import announce
+
+
+@dataclass
+class EvalConfig:
+    """What to evaluate and how."""
+
+    text: str | None = None
+    """Plain-text file for perplexity (skipped when None)."""
+    window: int = 128
+    """Window of LLM-Pruner's perplexity protocol."""
+    long_window: int | None = None
+    """Window of the long protocol; None: the model's context, at most 2,048."""
+    heldout: str | None = None
+    """Instruction records for response NLL (skipped when None)."""
+    suite_size: int = 240
+    """Capability-suite records for accuracy (20 per family); 0 skips it."""
+    suite_seed: int = 12345
+    """Seed of the evaluation suite; differs from the default pool's seed 0, so its records are
+    not the ones selection and recovery saw (the exact prompts may still recur: the families are
+    small, hence suite_exclude)."""
+    suite_exclude: list[str] = field(default_factory=lambda: ["embedded"])
+    """Pools whose prompts (instruction + input, exact text) are removed from the evaluation suite,
+    so that it shares none with the pool selected from: ``embedded`` (the embedded default pool:
+    1,000 suite records of seed 0), a ``paser select`` run folder (its pool.parquet), or an
+    instruction file. The count removed is reported."""
+    reference_dense: str | None = None
+    """eval.json (or its folder) of the dense model on the same suite: with reference_pruned, the
+    share of each family's dense-vs-pruned answer-NLL gap this model closed is reported."""
+    reference_pruned: str | None = None
+    """eval.json (or its folder) of the pruned model on the same suite."""
+    divergence_from: str | None = None
+    """A model (the dense one) whose next-token distributions this model's are compared with: the
+    mean token JSD on the held-out records' responses and on the suite's answers, per record,
+    per family and overall (how much of the dense behaviour came back; 0 = the same)."""
+    max_new_tokens: int = 48
+    """Tokens generated per suite answer."""
+    suite_accuracy_per_family: int | None = None
+    """Records per family whose answers are generated for accuracy (the first of each family; one
+    greedy decode per record is the slow part); None: all, 0: none (answer NLL alone)."""
+    batch_size: int = 8
+    """Sequences per forward pass."""
+    template: Literal["alpaca", "chat"] = "alpaca"
+    """Prompt template, as in scoring and recovery."""
+    cutoff: int = 256
+    """Token cutoff of prompt + response for response NLL."""
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    """Model weights dtype: auto is bfloat16 on a CUDA device with bf16 support, else float32."""
+    device: str | None = None
+    """Default: CUDA when available, else CPU."""
+    lm_eval_tasks: list[str] = field(default_factory=list)
+    """lm-evaluation-harness tasks (extra ``eval``): ``paper`` for the paper's seven zero-shot tasks,
+    lm-eval task names, local multiple-choice JSONL files or task YAML files (see paser.evaluation.harness)."""
+    lm_eval_limit: int | None = None
+    """Records per lm-eval task (None: all)."""
+    lm_eval_fewshot: int = 0
+    """Few-shot examples per lm-eval prompt (the paper's protocol is zero-shot)."""
+
+    def __post_init__(self):
+        if not all(isinstance(t, str) and t for t in self.suite_exclude):
+            raise ValueError(f"suite_exclude must be a list of pools, got {self.suite_exclude!r}")
+        if (self.reference_dense is None) != (self.reference_pruned is None):
+            raise ValueError("reference_dense and reference_pruned go together (the gap is between the two)")
+        if not all(isinstance(t, str) and t for t in self.lm_eval_tasks):
+            raise ValueError(f"lm_eval_tasks must be a list of task names or paths, got {self.lm_eval_tasks!r}")
+        if self.lm_eval_limit is not None and self.lm_eval_limit < 1:
+            raise ValueError(f"lm_eval_limit must be positive, got {self.lm_eval_limit}")
+        if self.lm_eval_fewshot < 0:
+            raise ValueError(f"lm_eval_fewshot must be >= 0, got {self.lm_eval_fewshot}")
+        for name in ("window", "suite_size", "max_new_tokens", "batch_size", "cutoff"):
+            if getattr(self, name) < (0 if name == "suite_size" else 1):
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.window < 2 or (self.long_window is not None and self.long_window < 2):
+            raise ValueError("perplexity windows need at least 2 tokens")
+
+
+def evaluate(model: str, adapter: str | None = None, out: str | Path | None = None, config: EvalConfig | None = None,
+             *, trust_pickle: bool = False, **overrides) -> dict:
+    """Every evaluation ``config`` asks for, on ``model`` (+ ``adapter``); writes eval.json and
+    eval.md into ``out`` when given and returns the same dictionary."""
+    from paser.config import config_with
+    from paser.data.pools import load_pool
+
+    config = config_with(config or EvalConfig(), overrides)
+    text = None
+    if config.text is not None:
+        try:
+            text = Path(config.text).read_text(encoding="utf-8")
+        except OSError as err:
+            raise DataError(f"{config.text}: cannot read the perplexity text: {err.strerror}") from None
+        except UnicodeDecodeError as err:
+            raise DataError(f"{config.text}: not UTF-8 text (byte {err.start})") from None
+    heldout = load_pool(config.heldout).records if config.heldout is not None else None
+    references = None
+    if config.reference_dense is not None:
+        references = (read_reference(config.reference_dense), read_reference(config.reference_pruned))
+    for source in config.suite_exclude if config.suite_size else []:
+        if source != "embedded" and not Path(source).exists():
+            raise DataError(f"{source}: no such pool to remove from the evaluation suite (suite_exclude)")
+    harness_tasks = scratch = None
+    if config.lm_eval_tasks:
+        from paser.evaluation.harness import prepare_tasks
+
+        # the generated task YAMLs go to the output folder, else to a folder removed afterwards
+        scratch = None if out is not None else tempfile.TemporaryDirectory(prefix="paser-lm-eval-")
+        folder = Path(out) if out is not None else Path(scratch.name)
+        harness_tasks = prepare_tasks(config.lm_eval_tasks, folder / "lm_eval_tasks")
+    device = config.device or default_device()
+    config = dataclasses.replace(config, dtype=resolve_dtype(config.dtype, device))
+    announce(f"evaluating {model}" + (f" + {adapter}" if adapter else "") + f" on {device} ({config.dtype})")
+    net, tokenizer, described = load_for_eval(model, adapter, config.dtype, device, trust_pickle)
+    reference = None
+    if config.divergence_from is not None and (heldout is not None or config.suite_size):
+        from paser.models.load import check_same_tokenizer, load_model
+
+        reference = load_model(config.divergence_from, dtype=config.dtype, trust_pickle=trust_pickle, device=device)
+        check_same_tokenizer(reference.tokenizer, tokenizer, config.divergence_from, "the evaluated model")
+    result: dict = {"model": str(model), "adapter": adapter, "description": described, "settings": vars(config)}
+    if config.divergence_from is not None:
+        result["jsd_to_reference"] = {"reference": config.divergence_from}
+    start = time.perf_counter()
+    if text is not None:
+        context = getattr(net.config, "max_position_embeddings", 2048) or 2048
+        long_window = config.long_window or min(2048, context)
+        result["perplexity"] = {
+            f"llm-pruner ({config.window}-token windows)": perplexity(net, tokenizer, text, config.window,
+                                                                      config.batch_size),
+            f"long ({long_window}-token windows)": perplexity(net, tokenizer, text, long_window, 1),
+        }
+    # with a reference model, each NLL pass also gives the JSD to it (one pass of the evaluated model)
+    ref_model = reference.model if reference is not None else None
+    if heldout is not None:
+        sums, counts, jsd = token_stats(net, tokenizer, heldout, config.template, config.cutoff, config.batch_size,
+                                        ref_model)
+        result["response_nll"] = nll_summary(heldout, sums, counts)
+        result["response_nll"]["compute"] = {"tokens": input_tokens(tokenizer, heldout, config.template,
+                                                                    config.cutoff), "positions": int(counts.sum())}
+        if jsd is not None:
+            result["jsd_to_reference"]["heldout"] = jsd_summary(heldout, jsd)
+    if config.suite_size:
+        result["suite"] = suite_accuracy(net, tokenizer, config.suite_size, config.suite_seed, config.template,
+                                         config.max_new_tokens, config.batch_size, config.suite_exclude,
+                                         config.cutoff, config.suite_accuracy_per_family, ref_model)
+        if "jsd" in result["suite"]:
+            result["jsd_to_reference"]["suite"] = result["suite"].pop("jsd")
+        if references is not None:
+            result["suite"]["answer_nll_gap_closed"] = suite_gap_closed(
+                result["suite"], references[0].get("suite"), references[1].get("suite"),
+                (config.reference_dense, config.reference_pruned))
+    from paser.ledger import flop_params
+
+    result["compute"] = evaluation_ledger(result, flop_params(net), flop_params(ref_model) if ref_model is not None
+                                          else None, str(model), config.divergence_from).to_dict()
+    del reference, ref_model
+    if harness_tasks is not None:
+        from paser.evaluation.harness import lm_eval_scores
+
+        result["lm_eval"] = lm_eval_scores(net, tokenizer, harness_tasks, batch_size=config.batch_size,
+                                           limit=config.lm_eval_limit, num_fewshot=config.lm_eval_fewshot)
+        if scratch is not None:
+            scratch.cleanup()
+    result["seconds"] = round(time.perf_counter() - start, 2)
+    if out is not None:
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "eval.json").write_text(json.dumps(result, indent=2, default=str))
+        (out / "eval.md").write_text(markdown_table(result))
+    return result

@@ -1,0 +1,142 @@
+"""Stage 4: per-sample degradation, the Jensen-Shannon divergence between the dense and pruned
+next-token distributions on the response, under teacher forcing.
+
+JSD(P||Q) = 1/2 KL(P||M) + 1/2 KL(Q||M), M = (P+Q)/2, natural log (at most ln 2), in fp32 from
+log-softmax. A sample's score is the mean over its response tokens (cut at the training cutoff).
+The same passes also give each sample's mean NLL of the true next token under either model
+(``nll_dense``, ``nll_pruned``) and their difference ``loss_gap``, the second signal.
+Each model runs once per sample: records are batched by similar length with padding and an
+attention mask, and only the positions that predict scored tokens go through the vocabulary
+projection. Scores are written shard by shard (atomically), so a killed run resumes from the
+finished shards and ends with the same scores as an uninterrupted one.
+
+    python -c "from paser.selection.degradation import jsd_from_logits; import torch; \
+print(jsd_from_logits(torch.randn(3, 10), torch.randn(3, 10)))"
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+import torch
+
+from paser.data.prompts import tokenize_example
+
+LN2 = math.log(2.0)
+
+
+SCORE_COLUMNS = ["id", "jsd", "nll_dense", "nll_pruned", "loss_gap", "n_prompt", "n_response", "n_scored",
+                 "truncated"]
+
+
+SHARD_FORMAT = 2  # 2: shards also hold nll_dense, nll_pruned and loss_gap
+
+
+# settings that choose among the scores, not how they are computed (per_cluster chooses which records
+# are scored: the fingerprint has their ids)
+SCORE_INDEPENDENT = ("signal", "per_cluster")
+
+
+LATER_OPTIONS = ("batch_tokens",)  # in a fingerprint only when set (earlier shards stay valid)
+
+
+@dataclass
+class ScoreConfig:
+    """How degradation is measured."""
+
+    template: Literal["alpaca", "chat"] = "alpaca"
+    """Prompt template, shared with recovery training."""
+    cutoff: int = 256
+    """Tokens of prompt + response kept (the training cutoff)."""
+    positions: Literal["response", "prompt", "all", "instruction_sum"] = "response"
+    """Scored tokens: the response (default), the prompt, all, or the authors' instruction-only sum."""
+    batch_size: int = 32
+    """Records per forward pass (at most)."""
+    batch_tokens: int | None = None
+    """Padded tokens per forward pass at most (records x the longest, records sorted by length):
+    batches of like length as large as a GPU holds, short records many to a batch. None: batches
+    of ``batch_size`` records."""
+    shard_size: int = 256
+    """Records per shard file; a resumed run skips finished shards."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Model weights dtype for scoring: auto is bfloat16 on a CUDA device with bf16 support, else
+    float32 (resolved when the settings are built, so the run records the dtype used); the JSD
+    itself is always computed in fp32."""
+    device: str | None = None
+    """Device for both models (default: CUDA when available, else CPU)."""
+    jsd_chunk: int = 512
+    """Positions whose vocabulary projection and JSD are computed at once (bounds peak memory)."""
+    share_prefix: bool = True
+    """Compute the token prefix shared by every prompt of a shard once (the template's preamble)."""
+    two_pass: bool = False
+    """For pairs that do not fit on one device together: run the dense model alone first, caching
+    its top-k log-probabilities per shard on disk, then the pruned model alone. The JSD is then
+    taken over the top-k tokens plus one bucket for the rest (exact when top_k is the vocabulary)."""
+    top_k: int = 64
+    """Dense log-probabilities kept per position in two-pass mode."""
+    signal: Literal["jsd", "loss_gap"] = "jsd"
+    """The per-record degradation that CDS and IES use: jsd (the paper), or loss_gap = mean
+    response NLL under the pruned model minus under the dense model. Both are computed by every
+    scoring run, so switching re-scores nothing."""
+    per_cluster: int | None = None
+    """Score only a seeded sample of this many records per cluster (all of a smaller cluster) when
+    the method needs each cluster's CDS but not every record's score (``--method strat`` with
+    ``sample.ies_temperature`` 0): a small share of the full scoring pass, CDS with a 95% interval
+    in clusters.json and the report. None: every record. Methods that rank every record refuse it."""
+
+    def __post_init__(self):
+        for name in ("cutoff", "batch_size", "shard_size", "jsd_chunk", "top_k"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.batch_tokens is not None and self.batch_tokens < 1:
+            raise ValueError(f"batch_tokens must be positive, got {self.batch_tokens}")
+        if self.per_cluster is not None and self.per_cluster < 2:
+            raise ValueError(f"per_cluster must be at least 2 (an interval needs two records), got {self.per_cluster}")
+
+
+def jsd_from_logits(logits_p: torch.Tensor, logits_q: torch.Tensor) -> torch.Tensor:
+    """Per-row JSD (nats) between softmax(logits_p) and softmax(logits_q); rows [M, V] -> [M]."""
+    return jsd_from_logprobs(torch.log_softmax(logits_p.float(), dim=-1), torch.log_softmax(logits_q.float(), dim=-1))
+
+
+def jsd_from_logprobs(lp: torch.Tensor, lq: torch.Tensor) -> torch.Tensor:
+    """Per-row JSD (nats) between two rows of log-probabilities [M, V] -> [M]."""
+    lm = torch.logaddexp(lp, lq) - LN2
+    # exp(lp) * (lp - lm) is 0 where p is 0: no 0 * log 0 arises in log space
+    kl_pm = (lp.exp() * (lp - lm)).sum(-1)
+    kl_qm = (lq.exp() * (lq - lm)).sum(-1)
+    return (0.5 * (kl_pm + kl_qm)).clamp(0.0, LN2)
+
+
+@dataclass
+class Encoded:
+    ids: list[int]
+    n_prompt: int
+    n_response: int
+    truncated: bool
+
+    def targets(self, positions: str) -> range:
+        """Indices of the tokens whose prediction is scored (prediction comes from index - 1)."""
+        if positions in ("prompt", "instruction_sum"):
+            return range(1, self.n_prompt)
+        if positions == "all":
+            return range(1, len(self.ids))
+        return range(self.n_prompt, len(self.ids))
+
+
+def encode_records(tokenizer, records, config: ScoreConfig) -> list[Encoded]:
+    return [Encoded(*tokenize_example(tokenizer, r, config.template, config.cutoff)) for r in records]
+
+
+def token_table(tokenizer, records, config: ScoreConfig) -> pd.DataFrame:
+    """Each record's prompt and response tokens under the template and cutoff (what recovery trains
+    on), without any model: id, n_prompt, n_response, n_tokens, truncated."""
+    encoded = encode_records(tokenizer, records, config)
+    n_prompt = np.array([e.n_prompt for e in encoded], dtype=np.int64)
+    n_response = np.array([e.n_response for e in encoded], dtype=np.int64)
+    return pd.DataFrame({"id": [r.id for r in records], "n_prompt": n_prompt, "n_response": n_response,
+                         "n_tokens": n_prompt + n_response, "truncated": [e.truncated for e in encoded]})

@@ -1,0 +1,250 @@
+"""Stage 2: manifold learning on instruction embeddings, never with an N x N matrix.
+
+Default: a diffusion map on a sparse, symmetric k-nearest-neighbour graph (cosine; self-tuning
+bandwidth sigma_i = distance to the k-th neighbour; A_ij = exp(-d_ij^2 / (sigma_i sigma_j))).
+Coordinates are the top eigenvectors of D^-1/2 A D^-1/2 turned into diffusion coordinates
+psi_k = phi_k / phi_0, scaled by lambda_k^t, the trivial one dropped. Memory is O(N k): the
+neighbour search runs in row blocks. Neighbours are exact up to ``exact_max`` rows (the search
+costs O(N^2 d)); above it an inverted-file index (faiss IVF-Flat: seeded k-means lists, exact
+inner products inside the probed lists) finds them in about O(N sqrt(N) d), deterministically;
+``bench/neighbors.py`` measures its recall against the exact graph. Option: UMAP (umap-learn;
+cosine; min_dist 0).
+
+    python -c "import numpy as np; from paser.selection.manifold import DiffusionMap; \
+x = np.random.randn(500, 16); print(DiffusionMap(n_components=4).fit_transform(x).shape)"
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import scipy.sparse as sp
+from scipy.sparse.linalg import eigsh
+
+
+@dataclass
+class ManifoldConfig:
+    """How embeddings become low-dimensional coordinates for clustering."""
+
+    method: Literal["diffusion", "umap"] = "diffusion"
+    """Diffusion map on a sparse kNN graph (default) or UMAP."""
+    n_neighbors: int = 30
+    """Neighbours per point in the kNN graph (30 separated the suite's 12 families better than 15:
+    see docs/benchmarks.md)."""
+    n_components: int = 20
+    """Output dimensions; keep it at least the largest K tried."""
+    diffusion_time: int = 1
+    """t in lambda^t scaling of diffusion coordinates."""
+    block_size: int = 1024
+    """Rows per block of the exact neighbour search (memory: block_size x N floats)."""
+    neighbors: Literal["auto", "exact", "ivf"] = "auto"
+    """Neighbour search: exact; ivf (faiss IVF-Flat, approximate); auto: exact up to exact_max rows,
+    ivf above."""
+    exact_max: int = 50_000
+    """Rows up to which auto searches exactly (the exact search grows with N^2; its time at 50,000
+    and 200,000 rows is in docs/benchmarks.md, bench/scale.py)."""
+    ivf_probe: int = 32
+    """Lists of the IVF index searched per row (of about 4 sqrt(N)); more: higher recall, slower."""
+
+
+def _unit_rows(x: np.ndarray, n_neighbors: int) -> tuple[np.ndarray, int]:
+    """``x`` as contiguous float32 unit rows (a copy: the input is left alone), and the neighbour
+    count it can have (k, at most N - 1)."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    k = min(n_neighbors, x.shape[0] - 1)
+    if k < 1:
+        raise ValueError(f"a kNN graph needs at least 2 points, got {x.shape[0]}")
+    return x, k
+
+
+def knn_graph(x: np.ndarray, n_neighbors: int, block_size: int = 1024,
+              rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Exact cosine k-nearest neighbours of unit rows, by blocks of rows.
+
+    Returns (indices [N, k], distances [N, k]) with d = ||x_i - x_j|| = sqrt(2 - 2 cos), self
+    excluded, nearest first (ties by index, so the graph is the same on every run). ``rows``: the
+    neighbours of those rows only (against all of ``x``), in their order.
+    """
+    import torch
+
+    x, k = _unit_rows(x, n_neighbors)
+    n = x.shape[0]
+    rows = np.arange(n) if rows is None else np.asarray(rows, dtype=np.int64)
+    xt = torch.from_numpy(x)
+    idx = np.empty((len(rows), k), dtype=np.int64)
+    dist = np.empty((len(rows), k), dtype=np.float32)
+    for lo in range(0, len(rows), block_size):
+        part = torch.from_numpy(rows[lo:lo + block_size])
+        sim = xt[part] @ xt.T  # [block, N]
+        sim[torch.arange(len(part)), part] = -float("inf")  # no self-loops
+        # one candidate more than needed, so a tie at the k-th place is settled by index below
+        top = torch.topk(sim, min(k + 1, n - 1), dim=1)
+        idx[lo:lo + len(part)], dist[lo:lo + len(part)] = _nearest_first(top.indices.numpy(), top.values.numpy(), k)
+    return idx, dist
+
+
+def neighbour_search(n: int, config: ManifoldConfig) -> str:
+    """The search ``config`` uses for ``n`` rows: exact or ivf."""
+    if config.neighbors == "auto":
+        return "exact" if n <= config.exact_max else "ivf"
+    return config.neighbors
+
+
+def _nearest_first(cand: np.ndarray, sim: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The k most similar candidates of each row, ties by index (so the graph is the same on every
+    run), as (indices, distances ||x_i - x_j|| = sqrt(2 - 2 cos))."""
+    order = np.lexsort((cand, -sim), axis=1)[:, :k]
+    best = np.take_along_axis(sim, order, axis=1)
+    return np.take_along_axis(cand, order, axis=1), np.sqrt(np.clip(2.0 - 2.0 * best, 0.0, None))
+
+
+def knn_graph_ivf(x: np.ndarray, n_neighbors: int, n_probe: int = 32, seed: int = 0,
+                  n_lists: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Approximate cosine k-nearest neighbours of unit rows with faiss's IVF-Flat index: the rows
+    are split into ``n_lists`` (default 4 sqrt(N)) lists by seeded k-means on a seeded sample of 64
+    rows per list, and each row is compared exactly with the rows of its ``n_probe`` nearest lists.
+    Same contract as ``knn_graph``; the result does not depend on the thread count."""
+    try:
+        import faiss
+    except ImportError:
+        raise ValueError("approximate neighbours need faiss-cpu: pip install faiss-cpu "
+                         "(or manifold.neighbors: exact)") from None
+    x, k = _unit_rows(x, n_neighbors)
+    n, d = x.shape
+    n_lists = max(1, min(n_lists or int(round(4 * np.sqrt(n))), n // 39 or 1))  # faiss wants 39 rows per list
+    quantizer = faiss.IndexFlatIP(d)
+    index = faiss.IndexIVFFlat(quantizer, d, n_lists, faiss.METRIC_INNER_PRODUCT)
+    index.cp.seed, index.cp.niter, index.cp.max_points_per_centroid = seed, 20, 64
+    sample = np.random.default_rng(seed).choice(n, size=min(n, 64 * n_lists), replace=False)
+    index.train(x[np.sort(sample)])
+    index.add(x)
+    index.nprobe = min(n_probe, n_lists)
+    want = min(k + 1, n)  # one more, since each row finds itself
+    idx = np.empty((n, k), dtype=np.int64)
+    dist = np.empty((n, k), dtype=np.float32)
+    for lo in range(0, n, 65536):
+        hi = min(n, lo + 65536)
+        sim, cand = index.search(x[lo:hi], want)
+        sim[cand == np.arange(lo, hi)[:, None]] = -np.inf  # no self-loops
+        sim[cand < 0] = -np.inf  # fewer than k+1 rows in the probed lists
+        short = np.flatnonzero(np.isfinite(sim).sum(axis=1) < k)
+        if len(short):
+            raise ValueError(f"row {lo + short[0]}: its {index.nprobe} probed lists hold fewer than {k} other rows; "
+                             "raise manifold.ivf_probe")
+        idx[lo:hi], dist[lo:hi] = _nearest_first(cand, sim, k)
+    return idx, dist
+
+
+def affinity_matrix(idx: np.ndarray, dist: np.ndarray) -> sp.csr_matrix:
+    """Symmetric self-tuning Gaussian affinity on the union of kNN edges (sparse)."""
+    n, k = idx.shape
+    sigma = np.maximum(dist[:, -1], 1e-6).astype(np.float64)
+    rows = np.repeat(np.arange(n), k)
+    cols = idx.ravel()
+    d2 = dist.ravel().astype(np.float64) ** 2
+    w = np.exp(-d2 / (sigma[rows] * sigma[cols]))
+    a = sp.csr_matrix((w, (rows, cols)), shape=(n, n))
+    return a.maximum(a.T).tocsr()  # d_ij is symmetric, so the kernel is too; max keeps the union
+
+
+def canonical_eigenvectors(vals: np.ndarray, vecs: np.ndarray, seed: int, tol: float = 1e-6) -> np.ndarray:
+    """Replace each basis of a repeated eigenvalue by one that depends only on the eigenspace.
+
+    A graph with several connected components has eigenvalue 1 several times; the solver returns
+    an arbitrary rotation of that eigenspace, which would make runs differ. Projecting fixed
+    seeded vectors onto the space and orthonormalising them gives the same basis every time.
+    """
+    vecs = vecs.copy()
+    rng = np.random.default_rng(seed)
+    start = 0
+    for i in range(1, len(vals) + 1):
+        if i == len(vals) or abs(vals[i] - vals[start]) > tol:
+            if i - start > 1:
+                v = vecs[:, start:i]
+                probe = rng.standard_normal((v.shape[0], i - start))
+                q, _ = np.linalg.qr(v @ (v.T @ probe))
+                vecs[:, start:i] = q
+            start = i
+    return vecs
+
+
+class DiffusionMap:
+    """Diffusion-map coordinates of points on a sparse kNN graph (scikit-learn style).
+
+    Learned: ``embedding_`` [N, n_components], ``eigenvalues_`` (incl. the trivial 1.0),
+    ``affinity_`` (sparse N x N, O(N k) entries), ``neighbors_`` (the search used: exact or ivf).
+    """
+
+    def __init__(self, n_neighbors: int = 15, n_components: int = 20, diffusion_time: int = 1,
+                 block_size: int = 1024, random_state: int = 0, neighbors: str = "auto",
+                 exact_max: int = 50_000, ivf_probe: int = 32):
+        self.n_neighbors = n_neighbors
+        self.n_components = n_components
+        self.diffusion_time = diffusion_time
+        self.block_size = block_size
+        self.random_state = random_state
+        self.neighbors = neighbors
+        self.exact_max = exact_max
+        self.ivf_probe = ivf_probe
+
+    def neighbours(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The kNN graph of ``x`` (indices, distances) by the search this map uses for its size."""
+        self.neighbors_ = neighbour_search(len(x), ManifoldConfig(neighbors=self.neighbors, exact_max=self.exact_max))
+        if self.neighbors_ == "exact":
+            return knn_graph(x, self.n_neighbors, self.block_size)
+        return knn_graph_ivf(x, self.n_neighbors, self.ivf_probe, self.random_state)
+
+    def fit(self, x: np.ndarray) -> DiffusionMap:
+        return self.fit_graph(*self.neighbours(x))
+
+    def fit_graph(self, idx: np.ndarray, dist: np.ndarray) -> DiffusionMap:
+        """Fit on a kNN graph already found (``neighbours``)."""
+        n = idx.shape[0]
+        a = affinity_matrix(idx, dist)
+        deg = np.asarray(a.sum(axis=1)).ravel()
+        inv_sqrt = 1.0 / np.sqrt(deg)
+        s = sp.diags(inv_sqrt) @ a @ sp.diags(inv_sqrt)  # symmetric normalised operator
+        n_eig = min(self.n_components + 1, n - 1)
+        v0 = np.random.default_rng(self.random_state).uniform(0.5, 1.0, n)
+        vals, vecs = eigsh(s, k=n_eig, which="LA", v0=v0, tol=1e-6)
+        order = np.argsort(-vals)
+        vals, vecs = vals[order], vecs[:, order]
+        vecs = canonical_eigenvectors(vals, vecs, self.random_state)
+        # right eigenvectors of the random-walk matrix D^-1 A: psi = phi / sqrt(deg)
+        psi = vecs * inv_sqrt[:, None]
+        psi /= np.linalg.norm(psi, axis=0, keepdims=True)
+        # eigenvector signs are arbitrary: make the first clearly non-zero entry positive
+        # (the largest entry is not a stable choice: component indicators have many equal ones)
+        big = np.abs(psi) > 0.5 * np.abs(psi).max(axis=0, keepdims=True)
+        first = big.argmax(axis=0)
+        psi *= np.where(psi[first, np.arange(psi.shape[1])] < 0, -1.0, 1.0)
+        coords = psi[:, 1:] * (np.clip(vals[1:], 0.0, None) ** self.diffusion_time)
+        self.eigenvalues_ = vals
+        self.embedding_ = (coords * np.sqrt(n)).astype(np.float32)  # O(1) entries whatever N is
+        self.affinity_ = a
+        return self
+
+    def fit_transform(self, x: np.ndarray) -> np.ndarray:
+        return self.fit(x).embedding_
+
+
+def umap_coordinates(x: np.ndarray, config: ManifoldConfig, random_state: int = 0) -> np.ndarray:
+    try:
+        import umap
+    except ImportError:
+        raise ValueError("manifold method 'umap' needs umap-learn: pip install 'paser[umap]'") from None
+    reducer = umap.UMAP(n_neighbors=config.n_neighbors, n_components=config.n_components, min_dist=0.0,
+                        metric="cosine", random_state=random_state)
+    return reducer.fit_transform(x).astype(np.float32)
+
+
+def learn_manifold(x: np.ndarray, config: ManifoldConfig, random_state: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(coordinates [N, n_components], eigenvalues or an empty array for UMAP)."""
+    if config.method == "umap":
+        return umap_coordinates(x, config, random_state), np.array([])
+    dm = DiffusionMap(config.n_neighbors, config.n_components, config.diffusion_time, config.block_size,
+                      random_state, config.neighbors, config.exact_max, config.ivf_probe).fit(x)
+    return dm.embedding_, dm.eigenvalues_

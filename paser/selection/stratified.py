@@ -1,0 +1,103 @@
+"""Tempered stratified selection (``--method strat``): the budget split over the capability
+clusters by their size, tilted towards degraded clusters by a temperature; records drawn at random
+inside each cluster, tilted towards high IES by another; near-duplicates skipped.
+
+    share of cluster k      ~ room_k x (CDS_k / mean CDS) ^ tau_c      room_k: its tokens (or records)
+    next record of cluster k: drawn with probability ~ (IES_i / mean IES of cluster k) ^ tau_i
+
+At tau_c = tau_i = 0 this is stratified random sampling, every cluster in proportion to its size
+and records uniformly inside it, and needs no model: coverage of every capability rather than the
+hardest records first, which is what wins at small budgets in coreset selection (CCS, ICLR 2023;
+Sorscher et al., NeurIPS 2022). At tau_c = 1 the shares follow size x CDS; at tau_i = 1 records are
+drawn in proportion to their IES, a soft version of PASER's ranking. CDS needs only a sample of
+each cluster's records scored (``score.per_cluster``); IES needs every record scored.
+
+Drawing without replacement in proportion to weights w uses one key per record, u^(1/w) with u
+uniform (Efraimidis and Spirakis' reservoir keys), taken in descending order: seeded, and the same
+draw whatever the budget (a larger budget takes a longer prefix of the same order). The selector
+itself, which shares the budget loop of PASER's, is ``paser.selection.selector.StratifiedSelector``.
+
+    python -c "from paser.selection.stratified import cluster_weights; \
+print(cluster_weights([10, 30], [0.2, 0.4], 1.0))"
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass
+class SampleConfig:
+    """How ``--method strat`` splits the budget and draws records."""
+
+    cds_temperature: float = 0.0
+    """tau_c: cluster shares ~ size x (CDS / mean CDS)^tau_c; 0 is in proportion to size (no model
+    needed when ies_temperature is 0 too), 1 is size x CDS."""
+    ies_temperature: float = 0.0
+    """tau_i: inside a cluster records are drawn with probability ~ (IES / the cluster's mean
+    IES)^tau_i; 0 is uniform, 1 is in proportion to IES (needs every record scored)."""
+    dedup: float | None = None
+    """Skip a record whose instruction embedding has cosine similarity at least this with a record
+    already taken (near-duplicate removal); None: keep every record."""
+
+    def __post_init__(self):
+        if self.cds_temperature < 0 or self.ies_temperature < 0:
+            raise ValueError("cds_temperature and ies_temperature must be >= 0")
+        if self.dedup is not None and not 0 < self.dedup <= 1:
+            raise ValueError(f"dedup must be a cosine similarity in (0, 1], got {self.dedup}")
+
+    @property
+    def needs_cds(self) -> bool:
+        return self.cds_temperature > 0
+
+    @property
+    def needs_every_score(self) -> bool:
+        return self.ies_temperature > 0
+
+
+def cluster_weights(room, cds, temperature: float) -> np.ndarray:
+    """room_k x (CDS_k / mean CDS)^temperature, the mean over clusters with room; at temperature 0
+    exactly ``room`` (CDS unused). Clusters with a CDS of 0 or less get no weight at a positive
+    temperature."""
+    room = np.asarray(room, dtype=float)
+    if temperature == 0:
+        return room
+    cds = np.clip(np.asarray(cds, dtype=float), 0.0, None)
+    present = room > 0
+    mean = cds[present].mean() if present.any() else 0.0
+    if mean <= 0:
+        return room  # no cluster was measured as degraded: nothing to tilt towards
+    return room * (cds / mean) ** temperature
+
+
+def draw_keys(weights, rng: np.random.Generator) -> np.ndarray:
+    """One key per record, u^(1/w): taking records by descending key draws them without replacement
+    with probability in proportion to ``weights`` (a weight of 0 comes last)."""
+    w = np.asarray(weights, dtype=float)
+    u = rng.random(len(w))
+    keys = np.full(len(w), -np.inf)
+    positive = w > 0
+    keys[positive] = np.log(u[positive]) / w[positive]  # log of u^(1/w): the same order, no underflow
+    return keys
+
+
+class NearDuplicates:
+    """Accepts a record unless its embedding's cosine with an accepted one reaches ``threshold``."""
+
+    def __init__(self, embeddings: np.ndarray, ids, threshold: float):
+        self.x, self.ids, self.threshold = np.asarray(embeddings, dtype=np.float32), list(ids), threshold
+        self.kept: list[int] = []
+        self.matrix = np.empty_like(self.x)  # the accepted rows, in its first len(kept) rows
+
+    def offer(self, i: int):
+        n = len(self.kept)
+        if n:
+            sims = self.matrix[:n] @ self.x[i]  # [kept]
+            j = int(np.argmax(sims))
+            if sims[j] >= self.threshold:
+                return False, f"near-duplicate (cosine {sims[j]:.3f})", (str(self.ids[self.kept[j]]), "")
+        self.matrix[n] = self.x[i]
+        self.kept.append(i)
+        return True, "", ("", "")
