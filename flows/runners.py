@@ -148,7 +148,7 @@ def shard_resources(cfg: DistributeConfig):
 def release_workers(cfg: DistributeConfig) -> None:
     """After scoring on a remote Dask cluster: every worker drops the models it kept for its shards
     (and its CUDA cache), so the cluster's GPUs are free for the next job. A local cluster ends with
-    the run; a Ray worker that scored shards is reclaimed by Ray once idle."""
+    the run; a Ray worker belongs to the run's Ray job and ends with it."""
     if cfg.engine != "dask" or not cfg.address:
         return
     distributed = _require("distributed", "dask", "dask")

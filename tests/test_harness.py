@@ -141,7 +141,7 @@ def test_builtin_task_offline_and_unknown_task_fail_before_the_model_loads(tmp_p
     def no_model(*args, **kwargs):
         raise AssertionError("the model was loaded before the tasks were checked")
 
-    monkeypatch.setattr("paser.evaluation.load_for_eval", no_model)
+    monkeypatch.setattr("paser.evaluation.entry.load_for_eval", no_model)
     with pytest.raises(DataError, match="arc_esy"):
         evaluate("any-model", suite_size=0, lm_eval_tasks=["arc_esy"])
 

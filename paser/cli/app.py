@@ -50,6 +50,8 @@ def dispatch(flow: bool, direct: Callable[[], T] | None, flowed: Callable[[], T]
             return flowed()
         return direct()
     except (PaserError, ValueError) as err:
+        if os.environ.get("PASER_DEBUG"):  # paser --debug: the whole traceback
+            raise
         raise fail(err) from None
 
 

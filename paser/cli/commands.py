@@ -16,7 +16,7 @@ import typer
 from paser.cli.app import app, dispatch, fail, offline_defaults
 from paser.cli.options import REQUIRED, Opt, command, config_option, flow_option, plain, trust_option
 from paser.errors import PaserError
-from paser.evaluation.evaluate import EvalConfig
+from paser.evaluation.entry import EvalConfig
 from paser.models.pruning import PruneConfig
 from paser.recovery.config import RecoverConfig
 from paser.selection.budget import parse_budget

@@ -143,7 +143,7 @@ def command(app: typer.Typer, name: str, specs: list[Opt], configs: dict[str, ty
 def configuration_reference() -> str:
     """docs/configuration.md: every section of a paser YAML file, each key with its type, default
     and docstring (the same text as the command-line help), read from the configs themselves."""
-    from paser.evaluation.evaluate import EvalConfig
+    from paser.evaluation.entry import EvalConfig
     from paser.recovery.config import RecoverConfig
     from paser.selection.settings import STAGE_CONFIGS
 

@@ -20,6 +20,6 @@
     python -c "from paser.evaluation import EvalConfig; print(EvalConfig())"
 """
 
-from paser.evaluation.evaluate import EvalConfig, evaluate
+from paser.evaluation.entry import EvalConfig, evaluate
 
 __all__ = ["EvalConfig", "evaluate"]

@@ -23,7 +23,7 @@ Output folder:
 """
 
 from paser.recovery.config import RecoverConfig
+from paser.recovery.entry import recover
 from paser.recovery.job import RecoveryResult
-from paser.recovery.recover import recover
 
 __all__ = ["RecoverConfig", "RecoveryResult", "recover"]

@@ -135,10 +135,15 @@ class TopKCache:
     def missing(self, n_records: int) -> list[int]:
         """Parts still to compute (after discarding a folder made with other settings)."""
         stamp = self.folder / "fingerprint.json"
-        if stamp.is_file() and json.loads(stamp.read_text()).get("fingerprint") != self.fingerprint:
-            shutil.rmtree(self.folder)
-        self.folder.mkdir(parents=True, exist_ok=True)
-        stamp.write_text(json.dumps({"fingerprint": self.fingerprint}))
+        made_for = json.loads(stamp.read_text()).get("fingerprint") if stamp.is_file() else None
+        if made_for != self.fingerprint:
+            if made_for is not None:
+                shutil.rmtree(self.folder)
+            self.folder.mkdir(parents=True, exist_ok=True)
+            # written whole (other processes under torchrun read it), and only when it changes
+            tmp = stamp.with_name(f".{stamp.name}.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps({"fingerprint": self.fingerprint}))
+            os.replace(tmp, stamp)
         parts = range((n_records + PART_SIZE - 1) // PART_SIZE)
         return [i for i in parts if not self._part(i).is_file()]
 

@@ -1,7 +1,7 @@
-"""``recover``: LoRA recovery of a pruned model on a file of records, or in adaptive rounds when
-the file is an adaptive selection's.
+"""Recovery's entry, ``recover``: LoRA recovery of a pruned model on a file of records, or in
+adaptive rounds when the file is an adaptive selection's.
 
-    python -c "from paser.recovery.recover import recover; print(recover.__doc__)"
+    python -c "from paser.recovery.entry import recover; print(recover.__doc__)"
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """``evaluate``: every evaluation a config asks for, on a base, adapted or merged model, written to
 eval.json and eval.md.
 
-    python -c "from paser.evaluation.evaluate import EvalConfig; print(EvalConfig())"
+    python -c "from paser.evaluation.entry import EvalConfig; print(EvalConfig())"
 """
 
 from __future__ import annotations
