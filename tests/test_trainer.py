@@ -99,6 +99,11 @@ def test_recovery_uses_the_current_checkpointing_names(tiny_model_dir, train_fil
         result = recover(str(tiny_model_dir), train_file, tmp_path / "run", **dict(FAST, max_steps=2, val_size=0,
                                                                                    gradient_checkpointing=True))
     assert json.loads((result.out / "recovery.json").read_text())["activation_checkpointing"] is True
+    with warnings.catch_warnings():  # loading the adapter back, as paser evaluate --adapter does
+        warnings.filterwarnings("error", message=".*checkpointing.*", category=FutureWarning)
+        from paser.evaluation.metrics import load_for_eval
+
+        load_for_eval(str(tiny_model_dir), str(result.out / "adapter"))
 
 
 def test_one_process_on_a_machine_of_several_gpus_does_not_wrap_in_data_parallel(tmp_path):

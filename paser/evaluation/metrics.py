@@ -27,9 +27,12 @@ def load_for_eval(model: str, adapter: str | None = None, dtype: str = "float32"
     if adapter is not None:
         from peft import PeftModel
 
+        from paser.recovery.lora import peft_quietly
+
         if not (Path(adapter) / "adapter_config.json").is_file():
             raise DataError(f"{adapter}: not a LoRA adapter folder (no adapter_config.json)")
-        net = PeftModel.from_pretrained(net, adapter)
+        with peft_quietly():
+            net = PeftModel.from_pretrained(net, adapter)
         described += f" + LoRA adapter {adapter}"
     net.eval()
     return net, loaded.tokenizer, described

@@ -6,6 +6,7 @@ under its current names, one device per process, and merging an adapter into the
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from pathlib import Path
 
@@ -26,9 +27,17 @@ def lora_model(model, config: RecoverConfig):
     torch.manual_seed(config.seed)
     lora = LoraConfig(r=config.r, lora_alpha=config.alpha, lora_dropout=config.dropout,
                       target_modules=list(config.target_modules), bias="none", task_type="CAUSAL_LM")
-    with warnings.catch_warnings():  # peft reads the deprecated is_gradient_checkpointing: not ours to rename
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+    with peft_quietly():
         return get_peft_model(model, lora)
+
+
+@contextlib.contextmanager
+def peft_quietly():
+    """peft (0.21) reads the model's ``is_gradient_checkpointing``, which transformers 5 deprecated
+    with a FutureWarning: not ours to rename, and a user would read it as something wrong."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield
 
 
 def sparsity(model) -> float:
