@@ -1,16 +1,19 @@
 """The clustering stages at scale: neighbours, diffusion map and spectral clustering, stage by stage.
 
     python bench/scale.py --sizes 50000 200000 1000000          # synthetic 384-d rows
+    python bench/scale.py --realistic --sizes 50000 200000 1000000   # rows shaped like real ones
     python bench/scale.py --alpaca ../shared/data/alpaca_5000.json   # real records, embedding included
     python bench/scale.py --compare-libraries 20000               # the candidate searches (pip install pynndescent)
 
 Synthetic rows: unit vectors around 20 centres (``bench/clustering.py``'s generator, made in
-chunks). Each size runs paser's defaults (``manifold.neighbors: auto``: exact search up to 50,000
-rows, faiss IVF above) and prints per stage the wall time and the process's peak RSS, the K found
-and the ARI against the centres; the recall@k of the approximate graph against the exact
-neighbours of a seeded sample of rows; and the scaling exponent of each stage's time over the
-sizes run. Baseline, in the same process: the exact search on the sizes up to --exact-up-to,
-timed beside the approximate one (ratio printed).
+chunks); with --realistic, ``bench/realistic_pool.py``'s rows around the real embeddings of
+``../shared/data/alpaca_5000.json`` (the labels: the families of their real parents). Each size
+runs paser's defaults (``manifold.neighbors: auto``: exact search up to 50,000 rows, faiss IVF
+above) and prints per stage the wall time and the process's peak RSS, the K found and the ARI
+against the centres; the recall@k of the approximate graph against the exact neighbours of a
+seeded sample of rows; and the scaling exponent of each stage's time over the sizes run. Baseline,
+in the same process: the exact search on the sizes up to --exact-up-to, timed beside the
+approximate one (ratio printed).
 
 With --alpaca: the real records' instructions embedded by the bundled all-MiniLM-L6-v2 (texts/s),
 then the same stages; the embedding throughput extrapolates the embedding time to Alpaca's 52,002
@@ -33,7 +36,8 @@ from memory import PeakRSS  # noqa: E402
 from sklearn.metrics import adjusted_rand_score  # noqa: E402
 
 from paser.selection.clustering import ClusterConfig, SpectralClusterer  # noqa: E402
-from paser.selection.manifold import DiffusionMap, ManifoldConfig, knn_graph, knn_graph_ivf  # noqa: E402
+from paser.selection.manifold import DiffusionMap, ManifoldConfig  # noqa: E402
+from paser.selection.neighbours import knn_graph, knn_graph_ivf  # noqa: E402
 
 LARGER_POOLS = {"Alpaca (52,002)": 52_002, "LaMini-instruction (2,585,615)": 2_585_615}
 
@@ -135,9 +139,13 @@ def compare_libraries(n: int) -> None:
 
 def synthetic_runs(args) -> None:
     figures = {}
+    if args.realistic:
+        from realistic_pool import calibrate, real_rows
+
+        pool = calibrate(*real_rows(args.realistic_from))
     for n in args.sizes:
-        print(f"synthetic N={n:,} x 384", flush=True)
-        x, labels = synthetic(n)
+        print(f"{'realistic' if args.realistic else 'synthetic'} N={n:,} x 384", flush=True)
+        x, labels = pool.rows(n, seed=1) if args.realistic else synthetic(n)
         figures[n] = clustering_stages(x, labels, args)
         del x
     if len(figures) > 1:
@@ -173,6 +181,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--sizes", type=int, nargs="*", default=[])
     ap.add_argument("--alpaca", default=None, help="a real pool to embed and cluster")
+    ap.add_argument("--realistic", action="store_true", help="rows shaped like a real pool's (bench/realistic_pool.py)")
+    ap.add_argument("--realistic-from", default=str(Path(__file__).resolve().parents[2] / "shared" / "data"
+                                                    / "alpaca_5000.json"), help="the real pool they are shaped on")
     ap.add_argument("--recall-sample", type=int, default=2000, help="rows checked against exact neighbours")
     ap.add_argument("--exact-up-to", type=int, default=50_000, help="sizes that also run the other search")
     ap.add_argument("--compare-libraries", type=int, default=None, metavar="N",

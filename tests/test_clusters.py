@@ -7,14 +7,8 @@ import pytest
 from sklearn.metrics import adjusted_rand_score
 
 from paser.selection.clustering import ClusterConfig, SpectralClusterer, eigengap_k, knee, nonnegative
-from paser.selection.manifold import (
-    DiffusionMap,
-    ManifoldConfig,
-    knn_graph,
-    knn_graph_ivf,
-    learn_manifold,
-    neighbour_search,
-)
+from paser.selection.manifold import DiffusionMap, ManifoldConfig, learn_manifold, neighbour_search
+from paser.selection.neighbours import ivf_index, knn_graph, knn_graph_ivf
 
 
 def blobs(n_per: int = 80, k: int = 5, d: int = 32, seed: int = 0):
@@ -61,6 +55,32 @@ def test_ivf_neighbours_match_the_exact_graph_and_do_not_depend_on_threads():
     full, full_dist = knn_graph_ivf(x, 10, n_probe=10_000, seed=3)
     assert np.mean(full == exact) > 0.999
     np.testing.assert_allclose(full_dist, exact_dist, atol=1e-5)
+
+
+def test_ivf_finds_each_rows_nearest_among_the_rows_of_the_lists_it_probes():
+    """Rows are searched in the order of their lists, not the pool's; each must still get the
+    nearest rows among those of the lists it probes."""
+    x, _ = blobs(150, 6, d=24, seed=4)
+    n, k, probe, lists = len(x), 7, 3, 20
+    idx, dist = knn_graph_ivf(x, k, n_probe=probe, seed=1, n_lists=lists)
+    unit = x / np.linalg.norm(x, axis=1, keepdims=True)
+    index = ivf_index(unit, lists, 1)  # kept: its quantizer lives as long as it does
+    probes = index.quantizer.search(unit, probe)[1]
+    home = probes[:, 0]
+    sim = unit @ unit.T
+    for i in range(0, n, 37):
+        allowed = np.flatnonzero(np.isin(home, probes[i]) & (np.arange(n) != i))
+        want = allowed[np.lexsort((allowed, -sim[i, allowed]))[:k]]
+        assert list(idx[i]) == list(want)
+        np.testing.assert_allclose(dist[i], np.sqrt(np.clip(2 - 2 * sim[i, want], 0, None)), atol=1e-5)
+    recall = np.mean([len(set(a) & set(b)) / k for a, b in zip(idx, knn_graph(x, k)[0])])
+    assert 0.5 < recall < 1.0  # 3 of 20 lists: approximate, and not by accident exact
+
+
+def test_ivf_says_which_setting_to_raise_when_the_probed_lists_are_too_small():
+    x, _ = blobs(40, 2, d=8)
+    with pytest.raises(ValueError, match="raise manifold.ivf_probe"):
+        knn_graph_ivf(x, 45, n_probe=1, n_lists=2)  # two lists of about 40 rows
 
 
 def test_auto_search_switches_to_ivf_above_the_threshold():

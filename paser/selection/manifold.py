@@ -3,11 +3,11 @@
 Default: a diffusion map on a sparse, symmetric k-nearest-neighbour graph (cosine; self-tuning
 bandwidth sigma_i = distance to the k-th neighbour; A_ij = exp(-d_ij^2 / (sigma_i sigma_j))).
 Coordinates are the top eigenvectors of D^-1/2 A D^-1/2 turned into diffusion coordinates
-psi_k = phi_k / phi_0, scaled by lambda_k^t, the trivial one dropped. Memory is O(N k): the
-neighbour search runs in row blocks. Neighbours are exact up to ``exact_max`` rows (the search
-costs O(N^2 d)); above it an inverted-file index (faiss IVF-Flat: seeded k-means lists, exact
-inner products inside the probed lists) finds them in about O(N sqrt(N) d), deterministically;
-``bench/neighbors.py`` measures its recall against the exact graph. Option: UMAP (umap-learn;
+psi_k = phi_k / phi_0, scaled by lambda_k^t, the trivial one dropped. Memory is O(N k).
+Neighbours (``paser/selection/neighbours.py``) are exact up to ``exact_max`` rows (the search
+costs O(N^2 d)); above it an inverted-file index (seeded k-means lists, exact inner products
+inside the probed lists) finds them in about O(N sqrt(N) d), the same on any thread count;
+``bench/scale.py`` measures its recall against the exact graph. Option: UMAP (umap-learn;
 cosine; min_dist 0).
 
     python -c "import numpy as np; from paser.selection.manifold import DiffusionMap; \
@@ -22,6 +22,8 @@ from typing import Literal
 import numpy as np
 import scipy.sparse as sp
 from scipy.sparse.linalg import eigsh
+
+from paser.selection.neighbours import knn_graph, knn_graph_ivf
 
 
 @dataclass
@@ -40,50 +42,15 @@ class ManifoldConfig:
     block_size: int = 1024
     """Rows per block of the exact neighbour search (memory: block_size x N floats)."""
     neighbors: Literal["auto", "exact", "ivf"] = "auto"
-    """Neighbour search: exact; ivf (faiss IVF-Flat, approximate); auto: exact up to exact_max rows,
-    ivf above."""
+    """Neighbour search: exact; ivf (an inverted-file index, approximate: about 4 sqrt(N) k-means
+    lists, each row compared with the rows of its ivf_probe nearest lists); auto: exact up to
+    exact_max rows, ivf above."""
     exact_max: int = 50_000
     """Rows up to which auto searches exactly (the exact search grows with N^2; its time at 50,000
     and 200,000 rows is in docs/benchmarks.md, bench/scale.py)."""
     ivf_probe: int = 32
-    """Lists of the IVF index searched per row (of about 4 sqrt(N)); more: higher recall, slower."""
-
-
-def _unit_rows(x: np.ndarray, n_neighbors: int) -> tuple[np.ndarray, int]:
-    """``x`` as contiguous float32 unit rows (a copy: the input is left alone), and the neighbour
-    count it can have (k, at most N - 1)."""
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-    k = min(n_neighbors, x.shape[0] - 1)
-    if k < 1:
-        raise ValueError(f"a kNN graph needs at least 2 points, got {x.shape[0]}")
-    return x, k
-
-
-def knn_graph(x: np.ndarray, n_neighbors: int, block_size: int = 1024,
-              rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Exact cosine k-nearest neighbours of unit rows, by blocks of rows.
-
-    Returns (indices [N, k], distances [N, k]) with d = ||x_i - x_j|| = sqrt(2 - 2 cos), self
-    excluded, nearest first (ties by index, so the graph is the same on every run). ``rows``: the
-    neighbours of those rows only (against all of ``x``), in their order.
-    """
-    import torch
-
-    x, k = _unit_rows(x, n_neighbors)
-    n = x.shape[0]
-    rows = np.arange(n) if rows is None else np.asarray(rows, dtype=np.int64)
-    xt = torch.from_numpy(x)
-    idx = np.empty((len(rows), k), dtype=np.int64)
-    dist = np.empty((len(rows), k), dtype=np.float32)
-    for lo in range(0, len(rows), block_size):
-        part = torch.from_numpy(rows[lo:lo + block_size])
-        sim = xt[part] @ xt.T  # [block, N]
-        sim[torch.arange(len(part)), part] = -float("inf")  # no self-loops
-        # one candidate more than needed, so a tie at the k-th place is settled by index below
-        top = torch.topk(sim, min(k + 1, n - 1), dim=1)
-        idx[lo:lo + len(part)], dist[lo:lo + len(part)] = _nearest_first(top.indices.numpy(), top.values.numpy(), k)
-    return idx, dist
+    """Lists of the IVF index searched per row (of about 4 sqrt(N)); more: higher recall, slower
+    (recall and time by size: docs/benchmarks.md, bench/scale.py)."""
 
 
 def neighbour_search(n: int, config: ManifoldConfig) -> str:
@@ -91,51 +58,6 @@ def neighbour_search(n: int, config: ManifoldConfig) -> str:
     if config.neighbors == "auto":
         return "exact" if n <= config.exact_max else "ivf"
     return config.neighbors
-
-
-def _nearest_first(cand: np.ndarray, sim: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """The k most similar candidates of each row, ties by index (so the graph is the same on every
-    run), as (indices, distances ||x_i - x_j|| = sqrt(2 - 2 cos))."""
-    order = np.lexsort((cand, -sim), axis=1)[:, :k]
-    best = np.take_along_axis(sim, order, axis=1)
-    return np.take_along_axis(cand, order, axis=1), np.sqrt(np.clip(2.0 - 2.0 * best, 0.0, None))
-
-
-def knn_graph_ivf(x: np.ndarray, n_neighbors: int, n_probe: int = 32, seed: int = 0,
-                  n_lists: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Approximate cosine k-nearest neighbours of unit rows with faiss's IVF-Flat index: the rows
-    are split into ``n_lists`` (default 4 sqrt(N)) lists by seeded k-means on a seeded sample of 64
-    rows per list, and each row is compared exactly with the rows of its ``n_probe`` nearest lists.
-    Same contract as ``knn_graph``; the result does not depend on the thread count."""
-    try:
-        import faiss
-    except ImportError:
-        raise ValueError("approximate neighbours need faiss-cpu: pip install faiss-cpu "
-                         "(or manifold.neighbors: exact)") from None
-    x, k = _unit_rows(x, n_neighbors)
-    n, d = x.shape
-    n_lists = max(1, min(n_lists or int(round(4 * np.sqrt(n))), n // 39 or 1))  # faiss wants 39 rows per list
-    quantizer = faiss.IndexFlatIP(d)
-    index = faiss.IndexIVFFlat(quantizer, d, n_lists, faiss.METRIC_INNER_PRODUCT)
-    index.cp.seed, index.cp.niter, index.cp.max_points_per_centroid = seed, 20, 64
-    sample = np.random.default_rng(seed).choice(n, size=min(n, 64 * n_lists), replace=False)
-    index.train(x[np.sort(sample)])
-    index.add(x)
-    index.nprobe = min(n_probe, n_lists)
-    want = min(k + 1, n)  # one more, since each row finds itself
-    idx = np.empty((n, k), dtype=np.int64)
-    dist = np.empty((n, k), dtype=np.float32)
-    for lo in range(0, n, 65536):
-        hi = min(n, lo + 65536)
-        sim, cand = index.search(x[lo:hi], want)
-        sim[cand == np.arange(lo, hi)[:, None]] = -np.inf  # no self-loops
-        sim[cand < 0] = -np.inf  # fewer than k+1 rows in the probed lists
-        short = np.flatnonzero(np.isfinite(sim).sum(axis=1) < k)
-        if len(short):
-            raise ValueError(f"row {lo + short[0]}: its {index.nprobe} probed lists hold fewer than {k} other rows; "
-                             "raise manifold.ivf_probe")
-        idx[lo:hi], dist[lo:hi] = _nearest_first(cand, sim, k)
-    return idx, dist
 
 
 def affinity_matrix(idx: np.ndarray, dist: np.ndarray) -> sp.csr_matrix:

@@ -1,0 +1,161 @@
+"""Embedding rows shaped like a real instruction pool, at any size, with known families.
+
+    python bench/realistic_pool.py                      # calibrate on the real 5,000 and compare
+    python bench/realistic_pool.py --sizes 50000        # also the figures of 50,000 generated rows
+
+The isotropic noise of ``bench/scale.py --synthetic`` has no local structure: in 384 dimensions
+every row of a blob is about as far from its nearest neighbour as from any other row of the blob,
+which no embedded instruction pool looks like (instructions lie near a few others that say almost
+the same thing) and which makes any approximate neighbour search look worse than it is.
+
+Here the rows come from the real embeddings of ``../shared/data/alpaca_5000.json`` (the bundled
+all-MiniLM-L6-v2, paser's embedding stage), a hierarchical mixture:
+- families: paser's clusters of the real 5,000 (diffusion map + spectral clustering, defaults);
+- centres: the real rows; each generated row picks a real parent uniformly and takes its family;
+- spread: the row is the parent moved along random combinations of the directions to the parent's
+  8 nearest real neighbours (the local shape of the real pool: few directions, not all 384), plus a
+  small isotropic part, scaled by the parent's own nearest-neighbour distance, then made unit
+  length. The scale is calibrated once: 5,000 generated rows have the median nearest-neighbour
+  distance of the real 5,000.
+A larger pool is then the same distribution sampled more densely, as a larger real pool of the
+same kinds of instructions would be. Printed: the calibration, and for the real rows and the
+generated ones the nearest-neighbour distance quantiles, the recall of paser's approximate search,
+K and the ARI of paser's clustering against the families.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+CACHE = Path(os.environ.get("PASER_CACHE", Path.home() / ".cache" / "paser")) / "bench"
+NEIGHBOURS = 8  # real neighbours whose directions shape a parent's spread
+ISOTROPIC = 0.15  # share of the spread in random directions of all 384
+
+
+def real_rows(alpaca: str) -> tuple[np.ndarray, np.ndarray]:
+    """The real pool's unit embeddings [N, 384] and paser's cluster of each (its family), cached
+    under PASER_CACHE/bench (recomputed when the file changes)."""
+    from paser.data.pools import load_pool
+    from paser.selection.embedding import EmbedConfig, embed_texts, instruction_texts
+
+    stat = Path(alpaca).stat()
+    cached = CACHE / f"realistic-{Path(alpaca).stem}-{stat.st_size}-{int(stat.st_mtime)}.npz"
+    if cached.is_file():
+        found = np.load(cached)
+        return found["x"], found["families"]
+    cfg = EmbedConfig()
+    x = np.asarray(embed_texts(instruction_texts(load_pool(alpaca).records, cfg.include_input), cfg), np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    families = cluster(x)[0]
+    CACHE.mkdir(parents=True, exist_ok=True)
+    np.savez(cached, x=x, families=families)
+    return x, families
+
+
+def cluster(x: np.ndarray, seed: int = 0) -> tuple[np.ndarray, int, str]:
+    """paser's clustering stages with their defaults: (labels, K, the neighbour search used)."""
+    from paser.selection.clustering import ClusterConfig, SpectralClusterer
+    from paser.selection.manifold import ManifoldConfig, learn_manifold, neighbour_search
+
+    config = ManifoldConfig()
+    coords, eigenvalues = learn_manifold(x, config, seed)
+    c = SpectralClusterer.from_config(ClusterConfig(), seed, False).fit(coords, eigenvalues)
+    return c.labels_, int(c.k_), neighbour_search(len(x), config)
+
+
+class RealisticPool:
+    """Rows around the real ones (see the module's text); ``scale`` multiplies each parent's
+    nearest-neighbour distance to give its spread."""
+
+    def __init__(self, real: np.ndarray, families: np.ndarray, scale: float = 1.0):
+        from paser.selection.neighbours import knn_graph
+
+        self.real, self.families, self.scale = real, families, scale
+        self.nbr, dist = knn_graph(real, NEIGHBOURS)
+        self.nn = dist[:, 0].astype(np.float32)
+
+    def rows(self, n: int, seed: int = 0, chunk: int = 20_000) -> tuple[np.ndarray, np.ndarray]:
+        """``n`` unit rows [n, d] float32 and their families; the same ``seed`` gives the same rows."""
+        rng = np.random.default_rng(seed)
+        parents = rng.integers(0, len(self.real), n)
+        d = self.real.shape[1]
+        x = np.empty((n, d), dtype=np.float32)
+        for lo in range(0, n, chunk):
+            p = parents[lo:lo + chunk]
+            centre = self.real[p]
+            toward = self.real[self.nbr[p]] - centre[:, None, :]  # [c, m, d]
+            toward /= np.maximum(np.linalg.norm(toward, axis=2, keepdims=True), 1e-12)
+            local = np.einsum("cm,cmd->cd", rng.standard_normal((len(p), NEIGHBOURS)).astype(np.float32),
+                              toward) / np.sqrt(NEIGHBOURS)
+            noise = rng.standard_normal((len(p), d)).astype(np.float32) / np.sqrt(d)
+            step = (1 - ISOTROPIC) * local + ISOTROPIC * noise
+            part = centre + (self.scale * self.nn[p])[:, None] * step
+            x[lo:lo + chunk] = part / np.linalg.norm(part, axis=1, keepdims=True)
+        return x, self.families[parents]
+
+
+def nn_distances(x: np.ndarray) -> np.ndarray:
+    from paser.selection.neighbours import knn_graph
+
+    return knn_graph(x, 1)[1][:, 0]
+
+
+def calibrate(real: np.ndarray, families: np.ndarray, seed: int = 0) -> RealisticPool:
+    """The pool whose 5,000 (the real count) generated rows have the real median nearest-neighbour
+    distance (bisection on the scale)."""
+    pool = RealisticPool(real, families)
+    target = float(np.median(nn_distances(real)))
+    lo, hi = 0.05, 4.0
+    for _ in range(14):
+        pool.scale = (lo + hi) / 2
+        got = float(np.median(nn_distances(pool.rows(len(real), seed)[0])))
+        lo, hi = (pool.scale, hi) if got < target else (lo, pool.scale)
+    pool.scale = (lo + hi) / 2
+    return pool
+
+
+def describe(name: str, x: np.ndarray, labels: np.ndarray | None) -> None:
+    from sklearn.metrics import adjusted_rand_score
+
+    from paser.selection.manifold import ManifoldConfig
+    from paser.selection.neighbours import knn_graph, knn_graph_ivf
+
+    q = np.quantile(nn_distances(x), [0.1, 0.5, 0.9])
+    k = ManifoldConfig().n_neighbors
+    start = time.perf_counter()
+    found, k_, search = cluster(x)
+    seconds = time.perf_counter() - start
+    exact = knn_graph(x, k)[0]
+    approx = knn_graph_ivf(x, k, ManifoldConfig().ivf_probe)[0]
+    recall = np.mean([len(set(a) & set(b)) / k for a, b in zip(approx, exact)])
+    line = (f"  {name:<30} NN distance p10/p50/p90 {q[0]:.3f}/{q[1]:.3f}/{q[2]:.3f}; ivf recall@{k} {recall:.3f}; "
+            f"K {k_} ({search} search, {seconds:.0f} s)")
+    if labels is not None:
+        line += f"; ARI against the families {adjusted_rand_score(labels, found):.3f}"
+    print(line, flush=True)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--alpaca", default=str(ROOT.parent / "shared" / "data" / "alpaca_5000.json"))
+    ap.add_argument("--sizes", type=int, nargs="*", default=[])
+    args = ap.parse_args(argv)
+    real, families = real_rows(args.alpaca)
+    pool = calibrate(real, families)
+    print(f"real pool: {args.alpaca}, {len(real):,} rows; {families.max() + 1} families (paser's clusters); "
+          f"calibrated scale {pool.scale:.3f} x each parent's nearest-neighbour distance", flush=True)
+    describe("real rows", real, None)
+    describe(f"generated, {len(real):,} rows", *pool.rows(len(real), seed=1))
+    for n in args.sizes:
+        describe(f"generated, {n:,} rows", *pool.rows(n, seed=1))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
