@@ -126,3 +126,74 @@ def test_per_cluster_is_refused_by_methods_that_rank_every_record(models, tmp_pa
         _settings(models, tmp_path / "x", method="paser", per_cluster=8)
     with pytest.raises(ConfigError, match="per_cluster"):
         _settings(models, tmp_path / "x", sample={"ies_temperature": 1.0}, per_cluster=8)
+
+
+def test_precomputed_embeddings_give_the_run_of_the_embedding_stage(models, tmp_path):
+    """Embeddings made elsewhere, given by id in another order with extra ids, make the same clusters
+    and selection as the stage's own; a changed file re-runs the stage."""
+    from paser.selection.pipeline import run_selection
+
+    dense, _ = models
+    no_model = (dense, str(tmp_path / "no-such-model"))
+    own = run_selection(_settings(no_model, tmp_path / "own"))
+    ids = np.asarray(pd.read_parquet(own / "pool.parquet", columns=["id"])["id"].tolist(), dtype=str)
+    x = np.load(own / "embeddings.npy")
+    order = np.random.default_rng(0).permutation(len(ids))
+    given = tmp_path / "given.npz"
+    np.savez(given, ids=np.append(ids[order], "not-in-the-pool"),
+             embeddings=np.vstack([3.0 * x[order], np.ones((1, x.shape[1]), np.float32)]))  # unit rows made again
+    settings = _settings(no_model, tmp_path / "given")
+    settings.embed.precomputed = str(given)
+    run = run_selection(settings)
+    np.testing.assert_allclose(np.load(run / "embeddings.npy"), x, atol=1e-6)
+    assert (run / "selected.jsonl").read_text() == (own / "selected.jsonl").read_text()
+    assert not (run / "embed_cost.json").exists()
+    np.savez(given, ids=ids[::-1], embeddings=x[::-1] + 0.5)
+    run_selection(settings)
+    assert not json.loads((run / "timings.json").read_text())["embed"]["reused"]
+    np.testing.assert_allclose(np.linalg.norm(np.load(run / "embeddings.npy"), axis=1), 1.0, atol=1e-6)
+
+
+@pytest.mark.parametrize("case, message", [
+    ("missing", r"2 of the pool's 5 ids are missing, the first 'd'"),
+    ("twice", r"record 2, field 'id': 'a' appears twice"),
+    ("dimension", r"vectors of 3 dimensions; the encoder \(embed.model\) makes 4"),
+    ("rows", r"4 rows for a pool of 5 records"),
+    ("zero", r"record 1 \(pool id 'b'\), field 'embedding': all zeros"),
+    ("ragged", r"record 1 \(id 'b'\), field 'embedding': 3 values where the first record has 4"),
+    ("columns", r"no column 'embedding'"),
+    ("suffix", r"expected a .npy, .npz or .parquet file"),
+    ("objects", r"saved as Python objects"),
+])
+def test_precomputed_embeddings_that_do_not_fit_are_refused_by_file_record_and_field(tmp_path, case, message):
+    from paser.errors import DataError
+    from paser.selection.embedding import load_precomputed
+
+    ids = ["a", "b", "c", "d", "e"]
+    x = np.arange(20, dtype=np.float32).reshape(5, 4) + 1
+    path = tmp_path / "given.npz"
+    if case == "missing":
+        np.savez(path, ids=np.array(ids[:3]), embeddings=x[:3])
+    elif case == "twice":
+        np.savez(path, ids=np.array(["a", "b", "a", "c", "d", "e"]), embeddings=np.vstack([x, x[:1]]))
+    elif case == "dimension":
+        np.savez(path, ids=np.array(ids), embeddings=x[:, :3])
+    elif case == "rows":
+        path = tmp_path / "given.npy"
+        np.save(path, x[:4])
+    elif case == "zero":
+        x[1] = 0
+        np.savez(path, ids=np.array(ids), embeddings=x)
+    elif case in ("ragged", "columns"):
+        path = tmp_path / "given.parquet"
+        vectors = [list(v) for v in x]
+        vectors[1] = vectors[1][:3]
+        pd.DataFrame({"id": ids, ("embedding" if case == "ragged" else "vector"): vectors}).to_parquet(path)
+    elif case == "objects":
+        np.savez(path, ids=np.array(ids, dtype=object), embeddings=x)
+    else:
+        path = tmp_path / "given.csv"
+        path.write_text("a,1\n")
+    with pytest.raises(DataError, match=message) as err:
+        load_precomputed(path, ids, 4)
+    assert str(path) in str(err.value)

@@ -17,7 +17,7 @@ from typing import Protocol
 
 import numpy as np
 
-from paser.errors import ModelLoadError
+from paser.errors import DataError, ModelLoadError
 from paser.progress import bar_enabled
 
 
@@ -33,6 +33,11 @@ class EmbedConfig:
     """Texts per encoder batch."""
     device: str | None = None
     """Device for the encoder (default: CUDA when available, else CPU)."""
+    precomputed: str | None = None
+    """Embeddings made elsewhere (a GPU job, say) instead of running the encoder here: .npz with
+    ``ids`` and ``embeddings``, .parquet with ``id`` and ``embedding`` columns, or .npy rows in the
+    pool's order. Every pool id must be there once (extra ids are ignored) and the vectors must have
+    the encoder's dimension (``model``'s); rows are made unit length. Not in the compute ledger."""
 
 
 class Embedder(Protocol):
@@ -80,6 +85,12 @@ class SentenceEmbedder:
         vectors = self._load().encode(list(texts), batch_size=self.batch_size, normalize_embeddings=True,
                                       convert_to_numpy=True, show_progress_bar=bar_enabled(self.progress))
         return np.asarray(vectors, dtype=np.float32)  # [N, d], unit rows
+
+    def dimension(self) -> int:
+        """Length of the vectors this model makes."""
+        model = self._load()
+        measure = getattr(model, "get_embedding_dimension", None) or model.get_sentence_embedding_dimension
+        return int(measure())  # renamed in sentence-transformers 5.2
 
     def cost(self, texts: list[str]) -> dict:
         """What embedding ``texts`` costs by the ledger's rule (paser.ledger): the encoder's
@@ -129,3 +140,86 @@ def embed_texts(texts: list[str], config: EmbedConfig, cache_dir: str | Path | N
         np.save(tmp, vectors)
         tmp.replace(path)
     return vectors
+
+
+def file_identity(path: str | Path) -> str:
+    """A file's resolved path, size and modification time (what a fingerprint needs of it)."""
+    st = Path(path).stat()
+    return f"{Path(path).resolve()}|{st.st_size}|{st.st_mtime_ns}"
+
+
+def read_vectors(path: Path) -> tuple[np.ndarray, list[str] | None]:
+    """(vectors [N, d], their ids or None) from a .npy, .npz or .parquet file."""
+    where = f"{path} (embed.precomputed)"
+    try:
+        if path.suffix == ".npy":
+            return np.load(path, mmap_mode="r"), None
+        if path.suffix == ".npz":
+            found = np.load(path, allow_pickle=False)
+            missing = [k for k in ("ids", "embeddings") if k not in found.files]
+            if missing:
+                raise DataError(f"{where}: no array {missing[0]!r} (it holds {sorted(found.files)})")
+            try:
+                return found["embeddings"], [str(i) for i in found["ids"]]
+            except ValueError as err:  # object arrays need pickle, which paser does not load
+                raise DataError(f"{where}: 'ids' or 'embeddings' saved as Python objects, which are read only "
+                                "by unpickling; save them as plain arrays (np.asarray(ids, dtype=str))") from err
+        if path.suffix == ".parquet":
+            import pandas as pd
+
+            frame = pd.read_parquet(path)
+            missing = [c for c in ("id", "embedding") if c not in frame.columns]
+            if missing:
+                raise DataError(f"{where}: no column {missing[0]!r} (it has {list(frame.columns)})")
+            lengths = frame["embedding"].map(len)
+            if lengths.nunique() > 1:
+                bad = int(np.flatnonzero(lengths.to_numpy() != lengths.iloc[0])[0])
+                raise DataError(f"{where}: record {bad} (id {frame['id'].iloc[bad]!r}), field 'embedding': "
+                                f"{lengths.iloc[bad]} values where the first record has {lengths.iloc[0]}")
+            return np.stack(frame["embedding"].to_numpy()), frame["id"].astype(str).tolist()
+    except DataError:
+        raise
+    except Exception as err:
+        raise DataError(f"{where}: cannot read it: {type(err).__name__}: {err}") from None
+    raise DataError(f"{where}: expected a .npy, .npz or .parquet file")
+
+
+def load_precomputed(path: str | Path, ids: list[str], dimension: int) -> np.ndarray:
+    """Unit rows [len(ids), dimension] float32 for the pool's ``ids`` from a file of embeddings made
+    elsewhere (``EmbedConfig.precomputed``); a DataError naming the file, record and field when the
+    file does not fit the pool or the encoder."""
+    path = Path(path)
+    where = f"{path} (embed.precomputed)"
+    if not path.is_file():
+        raise DataError(f"{where}: no such file")
+    x, file_ids = read_vectors(path)
+    if x.ndim != 2:
+        raise DataError(f"{where}: expected a 2-d array [records, dimensions], got shape {tuple(x.shape)}")
+    if x.shape[1] != dimension:
+        raise DataError(f"{where}: vectors of {x.shape[1]} dimensions; the encoder (embed.model) makes {dimension}")
+    if file_ids is None:
+        if len(x) != len(ids):
+            raise DataError(f"{where}: {len(x)} rows for a pool of {len(ids)} records; a .npy must hold one row "
+                            "per record in the pool's order (or give ids: .npz 'ids' or .parquet 'id')")
+        rows = np.arange(len(ids))
+    else:
+        position: dict[str, int] = {}
+        for i, rid in enumerate(file_ids):
+            if position.setdefault(rid, i) != i:
+                raise DataError(f"{where}: record {i}, field 'id': {rid!r} appears twice")
+        absent = [rid for rid in ids if rid not in position]
+        if absent:
+            raise DataError(f"{where}: {len(absent)} of the pool's {len(ids)} ids are missing, the first "
+                            f"{absent[0]!r}")
+        rows = np.fromiter((position[rid] for rid in ids), dtype=np.int64, count=len(ids))
+    out = np.empty((len(ids), dimension), dtype=np.float32)
+    for lo in range(0, len(ids), 65_536):  # a memory-mapped .npy is read a block at a time
+        block = np.asarray(x[rows[lo:lo + 65_536]], dtype=np.float32)
+        norms = np.linalg.norm(block, axis=1)
+        bad = np.flatnonzero(~np.isfinite(norms) | (norms == 0))
+        if len(bad):
+            i = lo + int(bad[0])
+            raise DataError(f"{where}: record {int(rows[i])} (pool id {ids[i]!r}), field 'embedding': "
+                            f"{'not finite' if not np.isfinite(norms[bad[0]]) else 'all zeros'}")
+        out[lo:lo + len(block)] = block / norms[:, None]
+    return out

@@ -134,6 +134,13 @@ def stage_embed(settings: Settings, run: Path, cache_dir: Path | None = None) ->
     embedder = SentenceEmbedder(cfg.model, cfg.batch_size, cfg.device, progress=settings.select.progress)
 
     def make(path: Path, fp: str) -> None:
+        if cfg.precomputed:
+            from paser.selection.embedding import load_precomputed
+
+            ids = pd.read_parquet(run / "pool.parquet", columns=["id"])["id"].astype(str).tolist()
+            np.save(path, load_precomputed(cfg.precomputed, ids, embedder.dimension()))
+            (run / "embed_cost.json").unlink(missing_ok=True)  # made elsewhere: not in this run's ledger
+            return
         texts = instruction_texts(read_run_pool(run), cfg.include_input)
         np.save(path, embed_texts(texts, cfg, cache_dir, embedder=embedder))
         (run / "embed_cost.json").write_text(json.dumps(embedder.cost(texts), indent=2))  # the compute ledger's line

@@ -168,10 +168,11 @@ def stage_fingerprint(stage: str, settings: Settings, run: Path, pruned_ref: str
         raise ValueError(f"no fingerprint for stage {stage!r}; known: {list(STAGE_OUTPUTS)}")
     pool_fp = sealed_fingerprint(run / "pool.parquet")
     if stage == "embed":
-        from paser.selection.embedding import SentenceEmbedder
+        from paser.selection.embedding import SentenceEmbedder, file_identity
 
         cfg = settings.embed
-        return fingerprint(pool_fp, to_mapping(cfg), SentenceEmbedder(cfg.model).fingerprint())
+        given = file_identity(cfg.precomputed) if cfg.precomputed and Path(cfg.precomputed).is_file() else None
+        return fingerprint(pool_fp, to_mapping(cfg), SentenceEmbedder(cfg.model).fingerprint(), given)
     if stage == "tokens":
         from paser.models.load import model_fingerprint
 
