@@ -2,6 +2,8 @@
 
     python bench/realistic_pool.py                      # calibrate on the real 5,000 and compare
     python bench/realistic_pool.py --sizes 50000        # also the figures of 50,000 generated rows
+    python bench/realistic_pool.py --probes 8 16 32 64 --search-sizes 50000 200000
+                                                        # the IVF's recall by probes; search order
 
 The isotropic noise of ``bench/scale.py --synthetic`` has no local structure: in 384 dimensions
 every row of a blob is about as far from its nearest neighbour as from any other row of the blob,
@@ -20,7 +22,11 @@ all-MiniLM-L6-v2, paser's embedding stage), a hierarchical mixture:
 A larger pool is then the same distribution sampled more densely, as a larger real pool of the
 same kinds of instructions would be. Printed: the calibration, and for the real rows and the
 generated ones the nearest-neighbour distance quantiles, the recall of paser's approximate search,
-K and the ARI of paser's clustering against the families.
+K and the ARI of paser's clustering against the families. With --probes: at each of
+--search-sizes generated rows, the recall@30 of paser's IVF search (about 4 sqrt(N) lists) for
+each probe count, on a seeded sample of 1,000 rows against their exact neighbours, and the time of
+paser's search (rows in the order of their own list) against the same index searched in the
+pool's order (the baseline, same process).
 """
 
 from __future__ import annotations
@@ -142,19 +148,55 @@ def describe(name: str, x: np.ndarray, labels: np.ndarray | None) -> None:
     print(line, flush=True)
 
 
+def search_figures(x: np.ndarray, probes: list[int], k: int = 30) -> None:
+    """Recall of the IVF search by probe count, and its time in list order against pool order."""
+    from paser.selection.neighbours import knn_graph, knn_graph_ivf
+
+    n = len(x)
+    sample = np.sort(np.random.default_rng(1).choice(n, size=min(n, 1000), replace=False))
+    exact = knn_graph(x, k, 256, rows=sample)[0]
+    for probe in probes:
+        start = time.perf_counter()
+        found = knn_graph_ivf(x, k, probe)[0][sample]
+        seconds = time.perf_counter() - start
+        recall = np.mean([len(set(a) & set(b)) / k for a, b in zip(found, exact)])
+        print(f"  N={n:,}: {probe:>3} of {int(round(4 * np.sqrt(n)))} lists probed: recall@{k} {recall:.3f} "
+              f"({seconds:.0f} s, index built and searched)", flush=True)
+    from paser.selection.neighbours import ivf_index, unit_rows
+
+    unit = unit_rows(x, k)[0]
+    index = ivf_index(unit, int(round(4 * np.sqrt(n))))
+    index.nprobe = probes[-1]
+    own = np.argsort(index.quantizer.search(unit, 1)[1][:, 0], kind="stable")
+    times = {}
+    for name, order in (("pool order (baseline)", np.arange(n)), ("own-list order (paser)", own)):
+        start = time.perf_counter()
+        for lo in range(0, n, 65_536):
+            index.search(unit[order[lo:lo + 65_536]], k + 1)
+        times[name] = time.perf_counter() - start
+        print(f"  N={n:,}, {probes[-1]} probed: search in {name}: {times[name]:.1f} s", flush=True)
+    print(f"  speed of own-list order / pool order: {times['pool order (baseline)'] / times[name]:.2f}x")
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--alpaca", default=str(ROOT.parent / "shared" / "data" / "alpaca_5000.json"))
     ap.add_argument("--sizes", type=int, nargs="*", default=[])
+    ap.add_argument("--probes", type=int, nargs="*", default=[], help="probe counts whose recall to measure")
+    ap.add_argument("--search-sizes", type=int, nargs="*", default=[50_000])
+    ap.add_argument("--no-compare", action="store_true", help="skip the real-against-generated comparison")
     args = ap.parse_args(argv)
     real, families = real_rows(args.alpaca)
     pool = calibrate(real, families)
     print(f"real pool: {args.alpaca}, {len(real):,} rows; {families.max() + 1} families (paser's clusters); "
           f"calibrated scale {pool.scale:.3f} x each parent's nearest-neighbour distance", flush=True)
-    describe("real rows", real, None)
-    describe(f"generated, {len(real):,} rows", *pool.rows(len(real), seed=1))
+    if not args.no_compare:
+        describe("real rows", real, None)
+        describe(f"generated, {len(real):,} rows", *pool.rows(len(real), seed=1))
     for n in args.sizes:
         describe(f"generated, {n:,} rows", *pool.rows(n, seed=1))
+    for n in args.search_sizes if args.probes else []:
+        search_figures(pool.rows(n, seed=1)[0], sorted(args.probes))
 
 
 if __name__ == "__main__":

@@ -7,9 +7,10 @@ nearest first, ties by index, memory O(N k) beside the rows):
 - ``knn_graph_ivf``: faiss's IVF-Flat index: seeded k-means splits the rows into about 4 sqrt(N)
   lists, each row is compared exactly with the rows of its ``n_probe`` nearest lists. The rows are
   searched in the order of their own list, so consecutive searches read mostly the same lists
-  while they are still in the processor's cache (1.2x faster at 200,000 rows than in pool order;
-  the result is the same, each row's search being independent of the others). faiss answers each
-  row alone and its k-means is seeded, so the graph is the same on any thread count (tested).
+  while they are still in the processor's cache (1.3x-1.4x faster at 50,000-200,000 rows than in
+  the pool's order, docs/benchmarks.md; the same result, each row's search being independent).
+  faiss answers each row alone and its k-means is seeded, so the graph is the same on any thread
+  count (tested).
 
     python -c "import numpy as np; from paser.selection.neighbours import knn_graph_ivf; \
 x = np.random.randn(3000, 16); print(knn_graph_ivf(x, 10, n_probe=8)[0].shape)"
