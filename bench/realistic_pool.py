@@ -89,6 +89,11 @@ class RealisticPool:
 
     def rows(self, n: int, seed: int = 0, chunk: int = 20_000) -> tuple[np.ndarray, np.ndarray]:
         """``n`` unit rows [n, d] float32 and their families; the same ``seed`` gives the same rows."""
+        x, parents = self.draw(n, seed, chunk)
+        return x, self.families[parents]
+
+    def draw(self, n: int, seed: int = 0, chunk: int = 20_000) -> tuple[np.ndarray, np.ndarray]:
+        """``n`` unit rows [n, d] float32 and the real row each was drawn around."""
         rng = np.random.default_rng(seed)
         parents = rng.integers(0, len(self.real), n)
         d = self.real.shape[1]
@@ -104,7 +109,7 @@ class RealisticPool:
             step = (1 - ISOTROPIC) * local + ISOTROPIC * noise
             part = centre + (self.scale * self.nn[p])[:, None] * step
             x[lo:lo + chunk] = part / np.linalg.norm(part, axis=1, keepdims=True)
-        return x, self.families[parents]
+        return x, parents
 
 
 def nn_distances(x: np.ndarray) -> np.ndarray:

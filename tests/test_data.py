@@ -143,3 +143,28 @@ def test_text_samples(tmp_path):
     (tmp_path / "e.txt").write_text("\n\n")
     with pytest.raises(DataError, match="contains no text"):
         read_text_samples(tmp_path / "e.txt")
+
+
+@pytest.mark.parametrize("template", ["alpaca", "chat"])
+def test_a_pool_tokenised_a_list_at_a_time_gives_each_records_own_ids(tiny_tokenizer, template, monkeypatch):
+    """Token counting, scoring and training tokenise lists of records; each must get what it gets
+    alone, across batch borders and the cutoff."""
+    import paser.data.prompts as prompts
+    from paser.data.suite import suite_pool
+
+    monkeypatch.setattr(prompts, "TOKENIZER_BATCH", 7)
+    if template == "chat":
+        monkeypatch.setattr(tiny_tokenizer, "chat_template", "{% for m in messages %}<{{ m['content'] }}>{% endfor %}",
+                            raising=False)
+    records = suite_pool(30, seed=3).records
+    for cutoff in (12, 256):
+        together = prompts.tokenize_examples(tiny_tokenizer, records, template, cutoff)
+        alone = []
+        for r in records:  # the rule, record by record
+            prompt = tiny_tokenizer(prompts.format_prompt(r, template, tiny_tokenizer))["input_ids"]
+            response = tiny_tokenizer(r.response, add_special_tokens=False)["input_ids"]
+            ids = prompt + response + [tiny_tokenizer.eos_token_id]
+            alone.append((ids[:cutoff], min(len(prompt), cutoff), min(len(ids), cutoff) - min(len(prompt), cutoff),
+                          len(ids) > cutoff))
+        assert together == alone
+    assert any(t for *_, t in prompts.tokenize_examples(tiny_tokenizer, records, template, 12))  # the cutoff bit

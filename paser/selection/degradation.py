@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from paser.data.prompts import tokenize_example
+from paser.data.prompts import tokenize_examples
 
 LN2 = math.log(2.0)
 
@@ -129,7 +129,7 @@ class Encoded:
 
 
 def encode_records(tokenizer, records, config: ScoreConfig) -> list[Encoded]:
-    return [Encoded(*tokenize_example(tokenizer, r, config.template, config.cutoff)) for r in records]
+    return [Encoded(*e) for e in tokenize_examples(tokenizer, list(records), config.template, config.cutoff)]
 
 
 def token_table(tokenizer, records, config: ScoreConfig) -> pd.DataFrame:
