@@ -80,6 +80,7 @@ class Entry:
 @dataclass
 class Ledger:
     entries: list[Entry] = field(default_factory=list)
+    not_counted: list[str] = field(default_factory=list)  # work done outside paser that the run used
 
     def forward(self, stage: str, model: str, params: dict, tokens: int, positions: int,
                 seconds: float | None = None, reused: bool = False, what: str = "forward") -> Ledger:
@@ -118,17 +119,18 @@ class Ledger:
         return {"rule": "forward 2 N_body tokens + 2 H V positions; LoRA training 2 forwards (3 with activation "
                         "checkpointing) + 6 N_lora tokens; real tokens, no padding (paser.ledger)",
                 "flops_total": self.total, "flops_spent": self.spent, "flops_by_stage": self.by_stage(),
-                "entries": [asdict(e) for e in self.entries]}
+                "entries": [asdict(e) for e in self.entries], "not_counted": self.not_counted}
 
     @classmethod
     def from_dict(cls, data: dict) -> Ledger:
-        return cls([Entry(**e) for e in data.get("entries", [])])
+        return cls([Entry(**e) for e in data.get("entries", [])], list(data.get("not_counted", [])))
 
     def line(self) -> str:
         """One line for a command's last output: the total, split by stage."""
         parts = ", ".join(f"{stage} {human(flops)}" for stage, flops in self.by_stage().items() if flops)
         reused = "" if self.spent == self.total else f"; {human(self.spent)} computed now, the rest reused"
-        return f"compute: {human(self.total)}" + (f" ({parts})" if parts else "") + reused
+        outside = f"; not counted: {', '.join(self.not_counted)}" if self.not_counted else ""
+        return f"compute: {human(self.total)}" + (f" ({parts})" if parts else "") + reused + outside
 
 
 def human(flops: float) -> str:

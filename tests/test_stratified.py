@@ -148,6 +148,10 @@ def test_precomputed_embeddings_give_the_run_of_the_embedding_stage(models, tmp_
     np.testing.assert_allclose(np.load(run / "embeddings.npy"), x, atol=1e-6)
     assert (run / "selected.jsonl").read_text() == (own / "selected.jsonl").read_text()
     assert not (run / "embed_cost.json").exists()
+    compute = json.loads((run / "manifest.json").read_text())["compute"]
+    assert compute["not_counted"] == ["the embeddings, made elsewhere (given.npz)"]
+    assert "not counted: the embeddings, made elsewhere (given.npz)" in (run / "report.md").read_text()
+    assert not json.loads((own / "manifest.json").read_text())["compute"]["not_counted"]
     np.savez(given, ids=ids[::-1], embeddings=x[::-1] + 0.5)
     run_selection(settings)
     assert not json.loads((run / "timings.json").read_text())["embed"]["reused"]
@@ -197,3 +201,14 @@ def test_precomputed_embeddings_that_do_not_fit_are_refused_by_file_record_and_f
     with pytest.raises(DataError, match=message) as err:
         load_precomputed(path, ids, 4)
     assert str(path) in str(err.value)
+
+
+def test_a_missing_embeddings_file_is_refused_before_any_stage(models, tmp_path):
+    from paser.errors import DataError
+    from paser.selection.pipeline import preflight
+
+    settings = _settings(models, tmp_path / "run")
+    settings.embed.precomputed = str(tmp_path / "nowhere.npz")
+    with pytest.raises(DataError, match=r"nowhere.npz \(embed.precomputed\): no such file"):
+        preflight(settings)
+    assert not (tmp_path / "run").exists()

@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 
 from paser.data.pools import Pool, Record, load_pool
-from paser.errors import ConfigError
+from paser.errors import ConfigError, DataError
 from paser.selection.budget import parse_budget, take_in_order
 from paser.selection.clustering import SpectralClusterer
 from paser.selection.concepts import cluster_names
@@ -358,11 +358,15 @@ def stage_baseline(settings: Settings, run: Path) -> Path:
 def preflight(settings: Settings) -> None:
     """Check what can be checked cheaply before any stage starts, so a bad input fails in a
     second with one clear message: the pool, a record budget against its size, the model
-    references, and (when the pruned model is given) that the two tokenizers match. A token budget
-    is checked once the tokens are counted, the stage right after the data."""
+    references, a file of embeddings given, and (when the pruned model is given) that the two
+    tokenizers match. A token budget is checked once the tokens are counted, the stage right after
+    the data; the embeddings' ids and dimension when the embedding stage reads them."""
     from paser.models.load import check_same_tokenizer, load_tokenizer
 
     cfg = settings.select
+    given = settings.embed.precomputed
+    if given and settings.clustered and not Path(given).is_file():
+        raise DataError(f"{given} (embed.precomputed): no such file")
     pool = read_input_pool(cfg)
     budget = parse_budget(cfg.budget)
     if not budget.tokens:

@@ -237,7 +237,9 @@ def selection_ledger(settings, run: Path):
     timings = json.loads((run / "timings.json").read_text()) if (run / "timings.json").is_file() else {}
     seconds = {stage: t.get("seconds") for stage, t in timings.items()}
     reused = {stage: t.get("reused", False) for stage, t in timings.items()}
-    if settings.clustered and (run / "embed_cost.json").is_file():
+    if settings.clustered and settings.embed.precomputed:
+        ledger.not_counted.append(f"the embeddings, made elsewhere ({Path(settings.embed.precomputed).name})")
+    elif settings.clustered and (run / "embed_cost.json").is_file():
         cost = json.loads((run / "embed_cost.json").read_text())
         ledger.forward("embed", Path(cost["model"]).name, cost["params"], cost["tokens"], 0, seconds.get("embed"),
                        reused.get("embed", False))
@@ -257,8 +259,9 @@ def compute_lines(ledger) -> list[str]:
     """The report's compute section: one row per ledger entry, then the total."""
     from paser.ledger import human
 
+    outside = [f"- not counted: {', '.join(ledger.not_counted)}"] if ledger.not_counted else []
     if not ledger.entries:
-        return ["", "## Compute", "", "No model ran: the selection used the tokenizer only."]
+        return ["", "## Compute", "", "No model ran: the selection used the tokenizer only.", *outside]
     lines = ["", "## Compute", "", "FLOPs by paser's counting rule (forward 2 x non-embedding parameters x tokens + "
              "2 x hidden x vocabulary at the projected positions; paser.ledger).", "",
              "| stage | model | tokens | head positions | FLOPs | seconds | reused |",
@@ -266,7 +269,7 @@ def compute_lines(ledger) -> list[str]:
     for e in ledger.entries:
         lines.append(f"| {e.stage} | {e.model} | {e.tokens:,} | {e.positions:,} | {human(e.flops)} | "
                      f"{'' if e.seconds is None else f'{e.seconds:.1f}'} | {'yes' if e.reused else 'no'} |")
-    return lines + ["", f"- total: {human(ledger.total)} ({human(ledger.spent)} computed in this run)"]
+    return lines + ["", f"- total: {human(ledger.total)} ({human(ledger.spent)} computed in this run)", *outside]
 
 
 def _baseline_report(settings, run: Path, summary: dict, data: dict, timings: dict) -> Path:
