@@ -37,7 +37,8 @@ class EmbedConfig:
     """Embeddings made elsewhere (a GPU job, say) instead of running the encoder here: .npz with
     ``ids`` and ``embeddings``, .parquet with ``id`` and ``embedding`` columns, or .npy rows in the
     pool's order. Every pool id must be there once (extra ids are ignored) and the vectors must have
-    the encoder's dimension (``model``'s); rows are made unit length. Not in the compute ledger."""
+    the encoder's dimension (``model``'s); rows are made unit length. The compute ledger names them
+    as not counted."""
 
 
 class Embedder(Protocol):
