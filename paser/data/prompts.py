@@ -74,8 +74,8 @@ TOKENIZER_BATCH = 1024  # texts per tokenizer call: a fast tokenizer encodes a l
 def tokenize_examples(tokenizer, records, template: str = "alpaca",
                       cutoff: int = 256) -> list[tuple[list[int], int, int, bool]]:
     """``tokenize_example`` of each record, the texts given to the tokenizer a list at a time (the
-    same ids: nothing is padded; 1.37x faster than record by record on the 4,998 Alpaca records with
-    the SmolLM2 tokenizer, on 2 cores busy with other work)."""
+    same ids: nothing is padded). On 2 busy cores no speed-up showed beyond noise
+    (bench/tokenize_speed.py, docs/benchmarks.md); a fast tokenizer may use more cores on a list."""
     out = []
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     for lo in range(0, len(records), TOKENIZER_BATCH):
