@@ -155,7 +155,7 @@ def describe(name: str, x: np.ndarray, labels: np.ndarray | None) -> None:
 
 def search_figures(x: np.ndarray, probes: list[int], k: int = 30) -> None:
     """Recall of the IVF search by probe count, and its time in list order against pool order."""
-    from paser.selection.neighbours import knn_graph, knn_graph_ivf
+    from paser.selection.neighbours import ivf_index, knn_graph, knn_graph_ivf, unit_rows
 
     n = len(x)
     sample = np.sort(np.random.default_rng(1).choice(n, size=min(n, 1000), replace=False))
@@ -167,8 +167,6 @@ def search_figures(x: np.ndarray, probes: list[int], k: int = 30) -> None:
         recall = np.mean([len(set(a) & set(b)) / k for a, b in zip(found, exact)])
         print(f"  N={n:,}: {probe:>3} of {int(round(4 * np.sqrt(n)))} lists probed: recall@{k} {recall:.3f} "
               f"({seconds:.0f} s, index built and searched)", flush=True)
-    from paser.selection.neighbours import ivf_index, unit_rows
-
     unit = unit_rows(x, k)[0]
     index = ivf_index(unit, int(round(4 * np.sqrt(n))))
     index.nprobe = probes[-1]

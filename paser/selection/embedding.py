@@ -185,14 +185,19 @@ def read_vectors(path: Path) -> tuple[np.ndarray, list[str] | None]:
     raise DataError(f"{where}: expected a .npy, .npz or .parquet file")
 
 
+def precomputed_file(path: str | Path) -> Path:
+    """The file ``embed.precomputed`` names; a DataError when there is none."""
+    if not Path(path).is_file():
+        raise DataError(f"{path} (embed.precomputed): no such file")
+    return Path(path)
+
+
 def load_precomputed(path: str | Path, ids: list[str], dimension: int) -> np.ndarray:
     """Unit rows [len(ids), dimension] float32 for the pool's ``ids`` from a file of embeddings made
     elsewhere (``EmbedConfig.precomputed``); a DataError naming the file, record and field when the
     file does not fit the pool or the encoder."""
-    path = Path(path)
+    path = precomputed_file(path)
     where = f"{path} (embed.precomputed)"
-    if not path.is_file():
-        raise DataError(f"{where}: no such file")
     x, file_ids = read_vectors(path)
     if x.ndim != 2:
         raise DataError(f"{where}: expected a 2-d array [records, dimensions], got shape {tuple(x.shape)}")

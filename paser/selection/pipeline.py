@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 
 from paser.data.pools import Pool, Record, load_pool
-from paser.errors import ConfigError, DataError
+from paser.errors import ConfigError
 from paser.selection.budget import parse_budget, take_in_order
 from paser.selection.clustering import SpectralClusterer
 from paser.selection.concepts import cluster_names
@@ -364,9 +364,10 @@ def preflight(settings: Settings) -> None:
     from paser.models.load import check_same_tokenizer, load_tokenizer
 
     cfg = settings.select
-    given = settings.embed.precomputed
-    if given and settings.clustered and not Path(given).is_file():
-        raise DataError(f"{given} (embed.precomputed): no such file")
+    if settings.embed.precomputed and settings.clustered:
+        from paser.selection.embedding import precomputed_file
+
+        precomputed_file(settings.embed.precomputed)
     pool = read_input_pool(cfg)
     budget = parse_budget(cfg.budget)
     if not budget.tokens:
