@@ -205,6 +205,33 @@ def test_poisoned_checkpoint_is_refused_and_never_runs(tmp_path):
     assert not target.exists()
 
 
+def test_kernels_function_modules_are_records_and_never_rebuilt(tmp_path, monkeypatch):
+    """transformers >= 5.25 attaches ``kernels`` function modules to attention layers; they pickle
+    as a call to ``kernels._internals.layer.layer._rebuild_kernel_func(module, name)``, which imports
+    the module the file names. The reader keeps the two names and calls nothing."""
+    from paser.models.llm_pruner import InertRecord, restricted_load
+
+    target = tmp_path / "rebuilt"
+    fake = types.ModuleType("kernels._internals.layer.layer")
+
+    def _rebuild_kernel_func(module_name, func_name):
+        target.touch()
+
+    fake._rebuild_kernel_func = _rebuild_kernel_func
+    _rebuild_kernel_func.__module__, _rebuild_kernel_func.__qualname__ = fake.__name__, "_rebuild_kernel_func"
+    monkeypatch.setitem(sys.modules, fake.__name__, fake)
+
+    class _FuncModule:
+        def __reduce__(self):
+            return _rebuild_kernel_func, ("os", "system"), ({"training": False}, None)
+
+    path = tmp_path / "kernels.bin"
+    torch.save({"model": _FuncModule(), "tokenizer": None}, path)
+    loaded = restricted_load(path)["model"]
+    assert isinstance(loaded, InertRecord) and loaded.args == ("os", "system")
+    assert loaded.state == {"training": False} and not target.exists()
+
+
 def test_poisoned_checkpoint_fails_the_cli_in_one_line_before_any_stage(tmp_path, tiny_pair):
     from typer.testing import CliRunner
 

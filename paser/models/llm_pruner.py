@@ -13,8 +13,10 @@ with a restricted unpickler instead:
   ``set``/``frozenset``, torch dtypes, ``torch.Size``/``torch.device``, ``_codecs.encode`` for
   latin-1 text (how protocol 2 stores bytes) and ``copyreg._reconstructor`` for plain objects;
 - a class from a namespace a checkpoint's model and tokenizer come from (``LLMPruner``,
-  ``transformers``, ``torch.nn.modules``, ``tokenizers``, ``peft``) becomes an inert record:
-  calling or building it only stores its arguments and state, no method of the class runs;
+  ``transformers``, ``torch.nn.modules``, ``tokenizers``, ``peft``, and ``kernels``, whose function
+  modules and mode flags transformers >= 5.25 attaches to a model) becomes an inert record: calling
+  or building it only stores its arguments and state, no method of the class runs (kernels'
+  ``_rebuild_kernel_func`` would import a module the file names; its record keeps the two names);
 - any other global (``os.system``, ``builtins.eval``, ``subprocess.Popen``...) refuses the file
   with one line naming it, before anything in it is called.
 
@@ -44,7 +46,7 @@ import torch
 
 from paser.errors import ModelLoadError, UnsafeCheckpointError
 
-RECORD_NAMESPACES = ("LLMPruner", "transformers", "torch.nn.modules", "tokenizers", "peft")
+RECORD_NAMESPACES = ("LLMPruner", "transformers", "torch.nn.modules", "tokenizers", "peft", "kernels")
 SUPPORTED_TYPES = ("llama", "mistral", "qwen2")
 _CONFIG_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                   "num_key_value_heads", "head_dim", "hidden_act", "max_position_embeddings", "rms_norm_eps",
