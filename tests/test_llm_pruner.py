@@ -219,6 +219,8 @@ def test_kernels_function_modules_are_records_and_never_rebuilt(tmp_path, monkey
 
     fake._rebuild_kernel_func = _rebuild_kernel_func
     _rebuild_kernel_func.__module__, _rebuild_kernel_func.__qualname__ = fake.__name__, "_rebuild_kernel_func"
+    for parent in ("kernels", "kernels._internals", "kernels._internals.layer"):
+        monkeypatch.setitem(sys.modules, parent, types.ModuleType(parent))
     monkeypatch.setitem(sys.modules, fake.__name__, fake)
 
     class _FuncModule:
