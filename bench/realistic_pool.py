@@ -144,7 +144,7 @@ def describe(name: str, x: np.ndarray, labels: np.ndarray | None) -> None:
     found, k_, search = cluster(x)
     seconds = time.perf_counter() - start
     exact = knn_graph(x, k)[0]
-    approx = knn_graph_ivf(x, k, ManifoldConfig().ivf_probe)[0]
+    approx = knn_graph_ivf(x, k, ManifoldConfig().ivf_probe, recall=ManifoldConfig().ivf_recall)[0]
     recall = np.mean([len(set(a) & set(b)) / k for a, b in zip(approx, exact)])
     line = (f"  {name:<30} NN distance p10/p50/p90 {q[0]:.3f}/{q[1]:.3f}/{q[2]:.3f}; ivf recall@{k} {recall:.3f}; "
             f"K {k_} ({search} search, {seconds:.0f} s)")

@@ -13,7 +13,8 @@ above) and prints per stage the wall time and the process's peak RSS, the K foun
 against the centres; the recall@k of the approximate graph against the exact neighbours of a
 seeded sample of rows; and the scaling exponent of each stage's time over the sizes run. Baseline,
 in the same process: the exact search on the sizes up to --exact-up-to, timed beside the
-approximate one (ratio printed).
+approximate one (ratio printed); above exact_max with --baseline-probe P, the IVF search with a
+fixed P lists probed (paser's default before the recall target), its recall and time ratio.
 
 With --alpaca: the real records' instructions embedded by the bundled all-MiniLM-L6-v2 (texts/s),
 then the same stages; the embedding throughput extrapolates the embedding time to Alpaca's 52,002
@@ -69,7 +70,7 @@ def clustering_stages(x: np.ndarray, labels: np.ndarray | None, args) -> dict:
     """Neighbours, diffusion map and clustering of ``x`` with paser's defaults; their figures."""
     mcfg, ccfg = ManifoldConfig(), ClusterConfig()
     dm = DiffusionMap(mcfg.n_neighbors, mcfg.n_components, mcfg.diffusion_time, mcfg.block_size, 0,
-                      mcfg.neighbors, mcfg.exact_max, mcfg.ivf_probe)
+                      mcfg.neighbors, mcfg.exact_max, mcfg.ivf_probe, mcfg.ivf_recall)
     rows: list = []
     start = time.perf_counter()
     idx, dist = timed(f"neighbours ({'exact' if len(x) <= mcfg.exact_max else 'ivf'})", lambda: dm.neighbours(x), rows)
@@ -78,23 +79,32 @@ def clustering_stages(x: np.ndarray, labels: np.ndarray | None, args) -> dict:
                                                                                           dm.eigenvalues_), rows)
     total = time.perf_counter() - start
     found = {"stages": rows, "total": total, "peak": max(r[2] for r in rows), "k": int(c.k_),
-             "search": dm.neighbors_}
+             "search": dm.neighbors_, "ivf": dm.ivf_}
     sample = np.sort(np.random.default_rng(1).choice(len(x), size=min(args.recall_sample, len(x)), replace=False))
     truth, _ = knn_graph(x, mcfg.n_neighbors, 256, rows=sample)
     found["recall"] = float(np.mean([len(set(a) & set(b)) / mcfg.n_neighbors for a, b in zip(idx[sample], truth)]))
-    line = f"  total {total:.1f} s, peak RSS {found['peak']:.0f} MB, K = {c.k_}, search {dm.neighbors_}, " \
+    search = dm.neighbors_ if dm.ivf_ is None else f"ivf ({dm.ivf_['probed']} of {dm.ivf_['lists']} lists probed)"
+    line = f"  total {total:.1f} s, peak RSS {found['peak']:.0f} MB, K = {c.k_}, search {search}, " \
            f"recall@{mcfg.n_neighbors} {found['recall']:.4f} ({len(sample)} rows against exact)"
     if labels is not None:
         found["ari"] = adjusted_rand_score(labels, c.labels_)
         line += f", ARI {found['ari']:.3f}"
     print(line, flush=True)
     if len(x) <= args.exact_up_to and dm.neighbors_ == "exact":
-        approx = timed("baseline check: ivf", lambda: knn_graph_ivf(x, mcfg.n_neighbors, mcfg.ivf_probe), [])
+        approx = timed("baseline check: ivf", lambda: knn_graph_ivf(x, mcfg.n_neighbors, mcfg.ivf_probe,
+                                                                   recall=mcfg.ivf_recall), [])
         same = np.mean([len(set(a) & set(b)) / mcfg.n_neighbors for a, b in zip(approx[0], idx)])
         print(f"  ivf at N={len(x)}: recall@{mcfg.n_neighbors} {same:.4f} against the exact graph (all rows)")
     elif len(x) <= args.exact_up_to:
         timed("baseline: exact search", lambda: knn_graph(x, mcfg.n_neighbors, mcfg.block_size), rows)
         print(f"  exact / ivf search time: {rows[-1][1] / rows[0][1]:.2f}")
+    if args.baseline_probe and dm.neighbors_ == "ivf":
+        timing: list = []
+        fixed = timed(f"baseline: ivf, {args.baseline_probe} probed", lambda: knn_graph_ivf(
+            x, mcfg.n_neighbors, args.baseline_probe), timing)
+        recall = np.mean([len(set(a) & set(b)) / mcfg.n_neighbors for a, b in zip(fixed[0][sample], truth)])
+        print(f"  baseline {args.baseline_probe} probed: recall@{mcfg.n_neighbors} {recall:.4f}; its time / the "
+              f"default search's: {timing[0][1] / rows[0][1]:.2f}")
     return found
 
 
@@ -186,6 +196,8 @@ def main() -> None:
                                                     / "alpaca_5000.json"), help="the real pool they are shaped on")
     ap.add_argument("--recall-sample", type=int, default=2000, help="rows checked against exact neighbours")
     ap.add_argument("--exact-up-to", type=int, default=50_000, help="sizes that also run the other search")
+    ap.add_argument("--baseline-probe", type=int, default=0, metavar="P",
+                    help="above exact_max, also time the IVF search with P lists probed, no recall target")
     ap.add_argument("--compare-libraries", type=int, default=None, metavar="N",
                     help="time and recall of the approximate-search candidates at N synthetic rows")
     args = ap.parse_args()

@@ -8,7 +8,7 @@ from sklearn.metrics import adjusted_rand_score
 
 from paser.selection.clustering import ClusterConfig, SpectralClusterer, eigengap_k, knee, nonnegative
 from paser.selection.manifold import DiffusionMap, ManifoldConfig, learn_manifold, neighbour_search
-from paser.selection.neighbours import ivf_index, knn_graph, knn_graph_ivf
+from paser.selection.neighbours import ivf_index, ivf_search, knn_graph, knn_graph_ivf, sampled_recall
 
 
 def blobs(n_per: int = 80, k: int = 5, d: int = 32, seed: int = 0):
@@ -77,6 +77,36 @@ def test_ivf_finds_each_rows_nearest_among_the_rows_of_the_lists_it_probes():
     assert 0.5 < recall < 1.0  # 3 of 20 lists: approximate, and not by accident exact
 
 
+def test_recall_target_probes_the_fewest_lists_that_reach_it():
+    """From the first count tried, the probes grow by half until the sampled recall reaches the
+    target: the count chosen reaches it, the one before does not; the whole graph's recall follows."""
+    import faiss
+
+    x, _ = blobs(150, 6, d=24, seed=4)
+    unit = x / np.linalg.norm(x, axis=1, keepdims=True)
+    exact = knn_graph(x, 7)[0]
+    graphs = {}
+    threads = faiss.omp_get_max_threads()
+    try:
+        for t in (1, 2):
+            faiss.omp_set_num_threads(t)
+            graphs[t] = ivf_search(x, 7, n_probe=1, seed=1, n_lists=20, recall=0.9)
+    finally:
+        faiss.omp_set_num_threads(threads)
+    graph = graphs[1]
+    assert np.array_equal(graph.indices, graphs[2].indices) and graph.n_probe == graphs[2].n_probe
+    assert graph.n_lists == 20 and 1 < graph.n_probe < 20 and graph.recall >= 0.9
+    index = ivf_index(unit, 20, 1)
+    before = max(p for p in (1, 2, 3, 5, 8, 12, 18) if p < graph.n_probe)  # the ladder from 1 by halves
+    assert sampled_recall(index, unit, 7, before, 2.0, seed=1, rows=500)[0] == 20  # unreachable: every list
+    assert sampled_recall(index, unit, 7, before, 0.0, seed=1)[1] < 0.9  # a target of 0: the count itself
+    assert sampled_recall(index, unit, 7, graph.n_probe, 0.0, seed=1) == (graph.n_probe, graph.recall)
+    whole = np.mean([len(set(a) & set(b)) / 7 for a, b in zip(graph.indices, exact)])
+    assert whole >= 0.85  # 500 of the 900 rows were sampled: the rest follow
+    fixed = ivf_search(x, 7, n_probe=graph.n_probe, seed=1, n_lists=20)  # the same count given outright
+    assert fixed.recall is None and np.array_equal(fixed.indices, graph.indices)
+
+
 def test_ivf_says_which_setting_to_raise_when_the_probed_lists_are_too_small():
     x, _ = blobs(40, 2, d=8)
     with pytest.raises(ValueError, match="raise manifold.ivf_probe"):
@@ -88,6 +118,7 @@ def test_auto_search_switches_to_ivf_above_the_threshold():
     exact = DiffusionMap(n_neighbors=10, n_components=4, exact_max=400).fit(x)
     approx = DiffusionMap(n_neighbors=10, n_components=4, exact_max=399).fit(x)
     assert (exact.neighbors_, approx.neighbors_) == ("exact", "ivf")
+    assert exact.ivf_ is None and approx.ivf_["sampled_recall"] >= ManifoldConfig().ivf_recall
     assert neighbour_search(10**6, ManifoldConfig()) == "ivf" and neighbour_search(50_000, ManifoldConfig()) == "exact"
     assert neighbour_search(10**6, ManifoldConfig(neighbors="exact")) == "exact"
     got = [SpectralClusterer(n_clusters=4).fit(dm.embedding_, dm.eigenvalues_).labels_ for dm in (exact, approx)]

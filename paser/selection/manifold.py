@@ -6,8 +6,9 @@ Coordinates are the top eigenvectors of D^-1/2 A D^-1/2 turned into diffusion co
 psi_k = phi_k / phi_0, scaled by lambda_k^t, the trivial one dropped. Memory is O(N k).
 Neighbours (``paser/selection/neighbours.py``) are exact up to ``exact_max`` rows (the search
 costs O(N^2 d)); above it an inverted-file index (seeded k-means lists, exact inner products
-inside the probed lists) finds them in about O(N sqrt(N) d), the same on any thread count;
-``bench/scale.py`` measures its recall against the exact graph. Option: UMAP (umap-learn;
+inside the probed lists) finds them in about O(N sqrt(N) d), the same on any thread count, probing
+as many lists as a sampled recall target needs; ``bench/scale.py`` measures its recall against the
+exact graph. Option: UMAP (umap-learn;
 cosine; min_dist 0).
 
     python -c "import numpy as np; from paser.selection.manifold import DiffusionMap; \
@@ -23,7 +24,8 @@ import numpy as np
 import scipy.sparse as sp
 from scipy.sparse.linalg import eigsh
 
-from paser.selection.neighbours import knn_graph, knn_graph_ivf
+from paser.progress import announce
+from paser.selection.neighbours import knn_graph, ivf_search
 
 
 @dataclass
@@ -43,14 +45,18 @@ class ManifoldConfig:
     """Rows per block of the exact neighbour search (memory: block_size x N floats)."""
     neighbors: Literal["auto", "exact", "ivf"] = "auto"
     """Neighbour search: exact; ivf (an inverted-file index, approximate: about 4 sqrt(N) k-means
-    lists, each row compared with the rows of its ivf_probe nearest lists); auto: exact up to
-    exact_max rows, ivf above."""
+    lists, each row compared with the rows of its nearest lists, as many as ivf_recall needs);
+    auto: exact up to exact_max rows, ivf above."""
     exact_max: int = 50_000
     """Rows up to which auto searches exactly (the exact search grows with N^2; its time at 50,000
     and 200,000 rows is in docs/benchmarks.md, bench/scale.py)."""
-    ivf_probe: int = 32
-    """Lists of the IVF index searched per row (of about 4 sqrt(N)); more: higher recall, slower
-    (recall and time by size: docs/benchmarks.md, bench/scale.py)."""
+    ivf_probe: int = 8
+    """Lists of the IVF index searched per row (of about 4 sqrt(N)), the fewest when ivf_recall is
+    set; more: higher recall, slower (recall and time by size: docs/benchmarks.md)."""
+    ivf_recall: float = 0.92
+    """Recall@n_neighbors the IVF search must reach on a seeded sample of 500 rows checked against
+    their exact neighbours: the probed lists grow by half from ivf_probe until it does (0: exactly
+    ivf_probe lists)."""
 
 
 def neighbour_search(n: int, config: ManifoldConfig) -> str:
@@ -97,12 +103,13 @@ class DiffusionMap:
     """Diffusion-map coordinates of points on a sparse kNN graph (scikit-learn style).
 
     Learned: ``embedding_`` [N, n_components], ``eigenvalues_`` (incl. the trivial 1.0),
-    ``affinity_`` (sparse N x N, O(N k) entries), ``neighbors_`` (the search used: exact or ivf).
+    ``affinity_`` (sparse N x N, O(N k) entries), ``neighbors_`` (the search used: exact or ivf),
+    ``ivf_`` (for ivf: lists made and probed, the sampled recall; else None).
     """
 
     def __init__(self, n_neighbors: int = 15, n_components: int = 20, diffusion_time: int = 1,
                  block_size: int = 1024, random_state: int = 0, neighbors: str = "auto",
-                 exact_max: int = 50_000, ivf_probe: int = 32):
+                 exact_max: int = 50_000, ivf_probe: int = 8, ivf_recall: float = 0.92):
         self.n_neighbors = n_neighbors
         self.n_components = n_components
         self.diffusion_time = diffusion_time
@@ -111,13 +118,19 @@ class DiffusionMap:
         self.neighbors = neighbors
         self.exact_max = exact_max
         self.ivf_probe = ivf_probe
+        self.ivf_recall = ivf_recall
 
     def neighbours(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The kNN graph of ``x`` (indices, distances) by the search this map uses for its size."""
         self.neighbors_ = neighbour_search(len(x), ManifoldConfig(neighbors=self.neighbors, exact_max=self.exact_max))
+        self.ivf_ = None
         if self.neighbors_ == "exact":
             return knn_graph(x, self.n_neighbors, self.block_size)
-        return knn_graph_ivf(x, self.n_neighbors, self.ivf_probe, self.random_state)
+        graph = ivf_search(x, self.n_neighbors, self.ivf_probe, self.random_state, recall=self.ivf_recall)
+        self.ivf_ = {"lists": graph.n_lists, "probed": graph.n_probe, "sampled_recall": graph.recall}
+        measured = "" if graph.recall is None else f", recall@{self.n_neighbors} {graph.recall:.3f} on 500 sampled rows"
+        announce(f"neighbours: IVF index of {graph.n_lists} lists, {graph.n_probe} probed per row{measured}")
+        return graph.indices, graph.distances
 
     def fit(self, x: np.ndarray) -> DiffusionMap:
         return self.fit_graph(*self.neighbours(x))
@@ -168,5 +181,5 @@ def learn_manifold(x: np.ndarray, config: ManifoldConfig, random_state: int = 0)
     if config.method == "umap":
         return umap_coordinates(x, config, random_state), np.array([])
     dm = DiffusionMap(config.n_neighbors, config.n_components, config.diffusion_time, config.block_size,
-                      random_state, config.neighbors, config.exact_max, config.ivf_probe).fit(x)
+                      random_state, config.neighbors, config.exact_max, config.ivf_probe, config.ivf_recall).fit(x)
     return dm.embedding_, dm.eigenvalues_

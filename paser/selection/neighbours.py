@@ -5,7 +5,11 @@ nearest first, ties by index, memory O(N k) beside the rows):
 - ``knn_graph``: exact, by blocks of rows against all rows: O(N^2 d), paser's choice up to
   ``manifold.exact_max`` rows;
 - ``knn_graph_ivf``: faiss's IVF-Flat index: seeded k-means splits the rows into about 4 sqrt(N)
-  lists, each row is compared exactly with the rows of its ``n_probe`` nearest lists. The rows are
+  lists, each row is compared exactly with the rows of its ``n_probe`` nearest lists. With a
+  ``recall`` target the probe count is measured, not guessed: starting at ``n_probe`` it grows by
+  half until the recall@k of a seeded sample of ``RECALL_ROWS`` rows against their exact
+  neighbours reaches the target (how many lists a given recall needs depends on the rows: on
+  isotropic noise it grows with N, on rows shaped like real instructions it shrinks). The rows are
   searched in the order of their own list, so consecutive searches read mostly the same lists
   while they are still in the processor's cache (1.3x-1.4x faster at 50,000-200,000 rows than in
   the pool's order, docs/benchmarks.md; the same result, each row's search being independent).
@@ -19,6 +23,7 @@ x = np.random.randn(3000, 16); print(knn_graph_ivf(x, 10, n_probe=8)[0].shape)"
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -26,6 +31,7 @@ import torch
 LIST_ROWS_SAMPLED = 64  # k-means is trained on a seeded sample of this many rows per list
 KMEANS_ITERATIONS = 20
 QUERY_BLOCK = 65_536  # rows searched per call (their candidates held at once)
+RECALL_ROWS = 500  # sampled rows whose exact neighbours measure a probe count's recall
 
 
 def unit_rows(x: np.ndarray, n_neighbors: int) -> tuple[np.ndarray, int]:
@@ -84,15 +90,52 @@ def ivf_index(x: np.ndarray, n_lists: int, seed: int = 0):
     return index
 
 
-def knn_graph_ivf(x: np.ndarray, n_neighbors: int, n_probe: int = 32, seed: int = 0,
-                  n_lists: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+def sampled_recall(index, x: np.ndarray, k: int, start: int, target: float, seed: int = 0,
+                   rows: int = RECALL_ROWS) -> tuple[int, float]:
+    """(probe count, its recall@k): the fewest lists of ``index`` probed, from ``start`` growing by
+    half a step, at which the rows' k nearest found agree with their exact k nearest (self
+    excluded) for a share ``target`` of a seeded sample of ``rows`` rows; every list at most (an
+    exhaustive search)."""
+    n = x.shape[0]
+    sample = np.sort(np.random.default_rng(seed).choice(n, size=min(rows, n), replace=False))
+    # exact neighbours of the sample, a block of rows against all N at a time (at most 2^26 floats)
+    exact = knn_graph(x, k, block_size=max(1, min(1024, 2**26 // n)), rows=sample)[0]
+    probe = max(1, min(start, index.nlist))
+    while True:
+        index.nprobe = probe
+        found = index.search(x[sample], k + 1)[1]
+        recall = float((exact[:, :, None] == found[:, None, :]).any(axis=2).mean())
+        if recall >= target or probe >= index.nlist:
+            return probe, recall
+        probe = min(index.nlist, max(probe + 1, math.ceil(probe * 1.5)))
+
+
+@dataclass
+class IVFGraph:
+    """A kNN graph found by the IVF search and how: ``indices``/``distances`` as ``knn_graph``'s,
+    the lists made and probed, and the sampled recall that chose the probe count (None when the
+    count was given)."""
+
+    indices: np.ndarray
+    distances: np.ndarray
+    n_lists: int
+    n_probe: int
+    recall: float | None = None
+
+
+def ivf_search(x: np.ndarray, n_neighbors: int, n_probe: int = 32, seed: int = 0, n_lists: int | None = None,
+               recall: float | None = None) -> IVFGraph:
     """Approximate cosine k-nearest neighbours by the inverted-file index in the module's text:
     about 4 sqrt(N) lists (``n_lists``; at least 39 rows a list), each row compared with the rows of
-    its ``n_probe`` nearest lists. Same contract as ``knn_graph``."""
+    its ``n_probe`` nearest lists, or, with ``recall``, of as many as ``sampled_recall`` finds that
+    target needs (``n_probe`` the fewest tried)."""
     x, k = unit_rows(x, n_neighbors)
     n = x.shape[0]
     n_lists = max(1, min(n_lists or int(round(4 * math.sqrt(n))), n // 39 or 1))
     index = ivf_index(x, n_lists, seed)
+    measured = None
+    if recall:
+        n_probe, measured = sampled_recall(index, x, k, n_probe, recall, seed)
     index.nprobe = min(n_probe, n_lists)
     order = np.argsort(index.quantizer.search(x, 1)[1][:, 0], kind="stable")  # rows by their own list
     idx = np.empty((n, k), dtype=np.int64)
@@ -107,4 +150,11 @@ def knn_graph_ivf(x: np.ndarray, n_neighbors: int, n_probe: int = 32, seed: int 
             raise ValueError(f"row {rows[short[0]]}: its {index.nprobe} probed lists hold fewer than {k} other "
                              "rows; raise manifold.ivf_probe")
         idx[rows], dist[rows] = nearest_first(cand, sim, k)
-    return idx, dist
+    return IVFGraph(idx, dist, n_lists, index.nprobe, measured)
+
+
+def knn_graph_ivf(x: np.ndarray, n_neighbors: int, n_probe: int = 32, seed: int = 0, n_lists: int | None = None,
+                  recall: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """``ivf_search``'s graph alone: the same contract as ``knn_graph``."""
+    graph = ivf_search(x, n_neighbors, n_probe, seed, n_lists, recall)
+    return graph.indices, graph.distances
