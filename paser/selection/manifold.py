@@ -8,8 +8,7 @@ Neighbours (``paser/selection/neighbours.py``) are exact up to ``exact_max`` row
 costs O(N^2 d)); above it an inverted-file index (seeded k-means lists, exact inner products
 inside the probed lists) finds them in about O(N sqrt(N) d), the same on any thread count, probing
 as many lists as a sampled recall target needs; ``bench/scale.py`` measures its recall against the
-exact graph. Option: UMAP (umap-learn;
-cosine; min_dist 0).
+exact graph. Option: UMAP (umap-learn; cosine; min_dist 0).
 
     python -c "import numpy as np; from paser.selection.manifold import DiffusionMap; \
 x = np.random.randn(500, 16); print(DiffusionMap(n_components=4).fit_transform(x).shape)"
