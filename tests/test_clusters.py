@@ -8,7 +8,7 @@ from sklearn.metrics import adjusted_rand_score
 
 from paser.selection.clustering import ClusterConfig, SpectralClusterer, eigengap_k, knee, nonnegative
 from paser.selection.manifold import DiffusionMap, ManifoldConfig, learn_manifold, neighbour_search
-from paser.selection.neighbours import ivf_index, ivf_search, knn_graph, knn_graph_ivf, sampled_recall
+from paser.selection.neighbours import ivf_index, ivf_search, knn_graph, knn_graph_ivf, sampled_recall, unit_rows
 
 
 def blobs(n_per: int = 80, k: int = 5, d: int = 32, seed: int = 0):
@@ -30,6 +30,19 @@ def test_knn_graph_is_exact():
     some, some_dist = knn_graph(x, 5, block_size=2, rows=np.array([7, 0, 29]))  # those rows only
     assert np.array_equal(some, idx[[7, 0, 29]])
     np.testing.assert_allclose(some_dist, dist[[7, 0, 29]], atol=1e-6)  # other blocks, other float sums
+
+
+def test_unit_rows_are_used_as_they_are_and_others_normalised_into_a_copy():
+    x, _ = blobs(20, 2, d=8)  # unit float32 rows
+    same, k = unit_rows(x, 50)
+    assert same is x and k == 39  # no copy of a 1.5 GB array at 1M rows
+    raw = x * 3.0
+    unit, _ = unit_rows(raw, 5)
+    assert unit is not raw and np.allclose(np.linalg.norm(unit, axis=1), 1.0, atol=1e-6)
+    np.testing.assert_array_equal(raw, x * 3.0)  # the caller's rows untouched
+    frozen = x.copy()
+    frozen.flags.writeable = False
+    assert unit_rows(frozen, 5)[0] is not frozen  # torch reads the rows; it wants a writeable array
 
 
 def test_ivf_neighbours_match_the_exact_graph_and_do_not_depend_on_threads():

@@ -31,14 +31,19 @@ import torch
 LIST_ROWS_SAMPLED = 64  # k-means is trained on a seeded sample of this many rows per list
 KMEANS_ITERATIONS = 20
 QUERY_BLOCK = 65_536  # rows searched per call (their candidates held at once)
+UNIT_TOLERANCE = 1e-5  # rows whose norm is this close to 1 are taken as unit rows
 RECALL_ROWS = 500  # sampled rows whose exact neighbours measure a probe count's recall
 
 
 def unit_rows(x: np.ndarray, n_neighbors: int) -> tuple[np.ndarray, int]:
-    """``x`` as contiguous float32 unit rows (a copy: the input is left alone), and the neighbour
-    count it can have (k, at most N - 1)."""
+    """``x`` as contiguous float32 unit rows, and the neighbour count it can have (k, at most
+    N - 1). Rows that already are unit float32 (paser's embeddings are) are used as they are, not
+    copied (at 1M x 384 a copy is 1.5 GB); others are normalised into a copy. The input is never
+    changed."""
     x = np.ascontiguousarray(x, dtype=np.float32)
-    x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    norms = np.linalg.norm(x, axis=1)
+    if not (x.flags.writeable and np.all(np.abs(norms - 1.0) <= UNIT_TOLERANCE)):
+        x = x / np.maximum(norms, 1e-12)[:, None]
     k = min(n_neighbors, x.shape[0] - 1)
     if k < 1:
         raise ValueError(f"a kNN graph needs at least 2 points, got {x.shape[0]}")
