@@ -513,6 +513,41 @@ def seed_lines(rows: dict, kind: str) -> list[str]:
     return lines
 
 
+# what each strat configuration scores, fewest first: the registered tie-break of the sweep
+STRAT_SCORED = {"c0i0": "none", "c0i0d": "none", "c1i0d": f"{STRAT_PER_CLUSTER} records per cluster",
+                "c0i1d": "every record", "c1i1d": "every record"}
+STRAT_SCORED_RANK = {"none": 0, f"{STRAT_PER_CLUSTER} records per cluster": 1, "every record": 2}
+
+
+def strat_choice_lines(rows: dict, kind: str, unit: str = "tok") -> list[str]:
+    """The registered choice of the strat sweep: the configuration with the lowest mean of the
+    primary metric over its two sampling seeds; one that scores fewer records wins when its mean
+    is within half the random subsets' sd of the best. Printed once every configuration has both
+    seeds; until then, what has finished."""
+    randoms = random_arms(rows, unit)
+    means = {}
+    for config in STRAT_SCORED:
+        runs = [rows[a] for a in (f"{unit}:strat-{config}-0", f"{unit}:strat-{config}-1") if a in rows]
+        if runs:
+            means[config] = [_metric(r, kind) for r in runs]
+    if not means or len(randoms) < 2:
+        return []
+    sd = statistics.stdev(_metric(r, kind) for r in randoms)
+    lines = ["", f"{unit}: the strat sweep (mean of the primary metric over sampling seeds 0 and 1; random "
+                 f"subsets' sd {sd:.4f}, half of it {sd / 2:.4f}; lower is better)"]
+    for config, values in means.items():
+        lines.append(f"- strat-{config} (scores {STRAT_SCORED[config]}): {statistics.mean(values):.4f} "
+                     f"({', '.join(f'{v:.4f}' for v in values)})")
+    if len(means) < len(STRAT_SCORED) or any(len(v) < 2 for v in means.values()):
+        return lines + ["- choice: not yet (every configuration needs both seeds)"]
+    best = min(statistics.mean(v) for v in means.values())
+    near = [c for c, v in means.items() if statistics.mean(v) <= best + sd / 2]
+    chosen = min(near, key=lambda c: (STRAT_SCORED_RANK[STRAT_SCORED[c]], statistics.mean(means[c])))
+    return lines + [f"- choice by the registered rule: strat-{chosen} (within half the random sd of the best: "
+                    f"{', '.join('strat-' + c for c in near)}; of those it scores the fewest records, then the "
+                    "lowest mean)"]
+
+
 def convergence_lines(rows: dict, kind: str) -> list[str]:
     """Does the ranking survive convergence? The ``ARM~conv`` arms (trained until their validation
     loss stopped improving, the best adapter kept): each one's metric and steps beside the same
@@ -799,6 +834,7 @@ def report(setting: str, work: Path, rows: dict, compared: list) -> str:
                          f"held-out records [{c['records'][0]:+.4f}, {c['records'][1]:+.4f}]{families}; "
                          "lower is better)")
     lines += seed_lines(rows, kind) + convergence_lines(rows, kind) + distill_lines(rows, kind)
+    lines += strat_choice_lines(rows, kind)
     if kind == "suite":
         families = pd.DataFrame([r.fields for r in load_pool(work / "pool.jsonl").records])[["id", "family"]]
         for unit in ("rec", "tok"):

@@ -147,6 +147,32 @@ def test_recovery_seed_and_convergence_lines():
     assert "at the recipe's steps, the same subsets: -2.0000 [-2.0000, -2.0000]" in last
 
 
+def test_strat_sweep_choice_follows_the_registered_rule():
+    import decisive_experiment as exp
+
+    def row(macro):
+        return {"suite": {"answer_nll_macro": macro}}
+
+    rows = {"tok:random-0": row(1.30), "tok:random-1": row(1.34)}  # sd 0.0283, half 0.0141
+    values = {"c0i0": (1.33, 1.33), "c0i0d": (1.32, 1.32), "c1i0d": (1.31, 1.30), "c0i1d": (1.30, 1.29),
+              "c1i1d": (1.31, 1.31)}
+    for config, (a, b) in list(values.items())[:-1]:
+        rows[f"tok:strat-{config}-0"], rows[f"tok:strat-{config}-1"] = row(a), row(b)
+    rows["tok:strat-c1i1d-0"] = row(1.31)
+    assert exp.strat_choice_lines(rows, "suite")[-1] == "- choice: not yet (every configuration needs both seeds)"
+    rows["tok:strat-c1i1d-1"] = row(1.31)
+    lines = exp.strat_choice_lines(rows, "suite")
+    assert "random subsets' sd 0.0283, half of it 0.0141" in lines[1]
+    assert "- strat-c0i1d (scores every record): 1.2950 (1.3000, 1.2900)" in lines
+    # best 1.295 (c0i1d); within 0.0141 of it (<= 1.3091): c1i0d 1.305, which scores fewer records
+    assert lines[-1].startswith("- choice by the registered rule: strat-c1i0d (within half the random sd of the "
+                                "best: strat-c1i0d, strat-c0i1d;")
+    rows["tok:strat-c0i0d-0"] = row(1.29)  # c0i0d now 1.305 (no model at all) is near too, and wins
+    assert exp.strat_choice_lines(rows, "suite")[-1].startswith("- choice by the registered rule: strat-c0i0d")
+    rows["tok:strat-c0i1d-0"] = row(1.25)  # now only c0i1d is near the best
+    assert "strat-c0i1d (within half the random sd of the best: strat-c0i1d;" in exp.strat_choice_lines(rows, "suite")[-1]
+
+
 def test_summary_compares_every_method_with_the_random_mean(tmp_path):
     import decisive_experiment as exp
 
