@@ -170,7 +170,8 @@ def test_strat_sweep_choice_follows_the_registered_rule():
     rows["tok:strat-c0i0d-0"] = row(1.29)  # c0i0d now 1.305 (no model at all) is near too, and wins
     assert exp.strat_choice_lines(rows, "suite")[-1].startswith("- choice by the registered rule: strat-c0i0d")
     rows["tok:strat-c0i1d-0"] = row(1.25)  # now only c0i1d is near the best
-    assert "strat-c0i1d (within half the random sd of the best: strat-c0i1d;" in exp.strat_choice_lines(rows, "suite")[-1]
+    chosen = exp.strat_choice_lines(rows, "suite")[-1]
+    assert "strat-c0i1d (within half the random sd of the best: strat-c0i1d;" in chosen
 
 
 def test_summary_compares_every_method_with_the_random_mean(tmp_path):

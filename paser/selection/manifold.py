@@ -24,7 +24,7 @@ import scipy.sparse as sp
 from scipy.sparse.linalg import eigsh
 
 from paser.progress import announce
-from paser.selection.neighbours import knn_graph, ivf_search
+from paser.selection.neighbours import ivf_search, knn_graph
 
 
 @dataclass
