@@ -91,7 +91,8 @@ METHODS = ["paser", "loss_gap", "no_cost", "uniform", *[f"random-{s}" for s in r
            "pruned_loss"]
 # the recovery-cost experiment's strat sweep (suite-15): tau_c, tau_i, near-duplicate removal at 0.95,
 # each with sampling seeds 0 and 1; ``strat`` alone is the configuration frozen from it (SampleConfig's defaults)
-STRAT_SWEEP = [f"strat-{cfg}-{seed}" for cfg in ("c0i0", "c0i0d", "c1i0d", "c0i1d", "c1i1d") for seed in (0, 1)]
+STRAT_CONFIGS = ("c0i0", "c0i0d", "c1i0d", "c0i1d", "c1i1d")
+STRAT_SWEEP = [f"strat-{cfg}-{seed}" for cfg in STRAT_CONFIGS for seed in (0, 1)]
 NEW_METHODS = ["strat", *STRAT_SWEEP, "adaptive", "rounds"]
 STRAT_PER_CLUSTER = 16  # records scored per cluster when strat needs CDS but not every record's score
 TOKW_STRENGTH = 0.5  # lambda of the @tokw arms, fixed in the registration
@@ -513,10 +514,18 @@ def seed_lines(rows: dict, kind: str) -> list[str]:
     return lines
 
 
-# what each strat configuration scores, fewest first: the registered tie-break of the sweep
-STRAT_SCORED = {"c0i0": "none", "c0i0d": "none", "c1i0d": f"{STRAT_PER_CLUSTER} records per cluster",
-                "c0i1d": "every record", "c1i1d": "every record"}
-STRAT_SCORED_RANK = {"none": 0, f"{STRAT_PER_CLUSTER} records per cluster": 1, "every record": 2}
+def strat_scored(config: str) -> tuple[int, str]:
+    """What ``strat-CONFIG`` scores, as (rank, words), fewest first: the sweep's tie-break,
+    read from the settings ``strat_sections`` gives the arm."""
+    from paser.selection.stratified import SampleConfig
+
+    sections = strat_sections(f"strat-{config}")
+    sample = SampleConfig(**sections["sample"])
+    if sample.needs_every_score:
+        return 2, "every record"
+    if sample.needs_cds:
+        return 1, f"{sections['score']['per_cluster']} records per cluster"
+    return 0, "none"
 
 
 def strat_choice_lines(rows: dict, kind: str, unit: str = "tok") -> list[str]:
@@ -526,7 +535,7 @@ def strat_choice_lines(rows: dict, kind: str, unit: str = "tok") -> list[str]:
     seeds; until then, what has finished."""
     randoms = random_arms(rows, unit)
     means = {}
-    for config in STRAT_SCORED:
+    for config in STRAT_CONFIGS:
         runs = [rows[a] for a in (f"{unit}:strat-{config}-0", f"{unit}:strat-{config}-1") if a in rows]
         if runs:
             means[config] = [_metric(r, kind) for r in runs]
@@ -536,13 +545,13 @@ def strat_choice_lines(rows: dict, kind: str, unit: str = "tok") -> list[str]:
     lines = ["", f"{unit}: the strat sweep (mean of the primary metric over sampling seeds 0 and 1; random "
                  f"subsets' sd {sd:.4f}, half of it {sd / 2:.4f}; lower is better)"]
     for config, values in means.items():
-        lines.append(f"- strat-{config} (scores {STRAT_SCORED[config]}): {statistics.mean(values):.4f} "
+        lines.append(f"- strat-{config} (scores {strat_scored(config)[1]}): {statistics.mean(values):.4f} "
                      f"({', '.join(f'{v:.4f}' for v in values)})")
-    if len(means) < len(STRAT_SCORED) or any(len(v) < 2 for v in means.values()):
+    if len(means) < len(STRAT_CONFIGS) or any(len(v) < 2 for v in means.values()):
         return lines + ["- choice: not yet (every configuration needs both seeds)"]
     best = min(statistics.mean(v) for v in means.values())
     near = [c for c, v in means.items() if statistics.mean(v) <= best + sd / 2]
-    chosen = min(near, key=lambda c: (STRAT_SCORED_RANK[STRAT_SCORED[c]], statistics.mean(means[c])))
+    chosen = min(near, key=lambda c: (strat_scored(c)[0], statistics.mean(means[c])))
     return lines + [f"- choice by the registered rule: strat-{chosen} (within half the random sd of the best: "
                     f"{', '.join('strat-' + c for c in near)}; of those it scores the fewest records, then the "
                     "lowest mean)"]

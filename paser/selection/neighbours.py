@@ -98,7 +98,7 @@ def ivf_index(x: np.ndarray, n_lists: int, seed: int = 0):
 def sampled_recall(index, x: np.ndarray, k: int, start: int, target: float, seed: int = 0,
                    rows: int = RECALL_ROWS) -> tuple[int, float]:
     """(probe count, its recall@k): the fewest lists of ``index`` probed, from ``start`` growing by
-    half a step, at which the rows' k nearest found agree with their exact k nearest (self
+    half at each step, at which the rows' k nearest found agree with their exact k nearest (self
     excluded) for a share ``target`` of a seeded sample of ``rows`` rows; every list at most (an
     exhaustive search)."""
     n = x.shape[0]
