@@ -136,7 +136,7 @@ def describe(name: str, x: np.ndarray, labels: np.ndarray | None) -> None:
     from sklearn.metrics import adjusted_rand_score
 
     from paser.selection.manifold import ManifoldConfig
-    from paser.selection.neighbours import knn_graph, knn_graph_ivf
+    from paser.selection.neighbours import knn_graph, knn_graph_ivf, neighbour_recall
 
     q = np.quantile(nn_distances(x), [0.1, 0.5, 0.9])
     k = ManifoldConfig().n_neighbors
@@ -145,7 +145,7 @@ def describe(name: str, x: np.ndarray, labels: np.ndarray | None) -> None:
     seconds = time.perf_counter() - start
     exact = knn_graph(x, k)[0]
     approx = knn_graph_ivf(x, k, ManifoldConfig().ivf_probe, recall=ManifoldConfig().ivf_recall)[0]
-    recall = np.mean([len(set(a) & set(b)) / k for a, b in zip(approx, exact)])
+    recall = neighbour_recall(approx, exact)
     line = (f"  {name:<30} NN distance p10/p50/p90 {q[0]:.3f}/{q[1]:.3f}/{q[2]:.3f}; ivf recall@{k} {recall:.3f}; "
             f"K {k_} ({search} search, {seconds:.0f} s)")
     if labels is not None:
@@ -155,7 +155,7 @@ def describe(name: str, x: np.ndarray, labels: np.ndarray | None) -> None:
 
 def search_figures(x: np.ndarray, probes: list[int], k: int = 30) -> None:
     """Recall of the IVF search by probe count, and its time in list order against pool order."""
-    from paser.selection.neighbours import ivf_index, knn_graph, knn_graph_ivf, unit_rows
+    from paser.selection.neighbours import ivf_index, knn_graph, knn_graph_ivf, neighbour_recall, unit_rows
 
     n = len(x)
     sample = np.sort(np.random.default_rng(1).choice(n, size=min(n, 1000), replace=False))
@@ -164,7 +164,7 @@ def search_figures(x: np.ndarray, probes: list[int], k: int = 30) -> None:
         start = time.perf_counter()
         found = knn_graph_ivf(x, k, probe)[0][sample]
         seconds = time.perf_counter() - start
-        recall = np.mean([len(set(a) & set(b)) / k for a, b in zip(found, exact)])
+        recall = neighbour_recall(found, exact)
         print(f"  N={n:,}: {probe:>3} of {int(round(4 * np.sqrt(n)))} lists probed: recall@{k} {recall:.3f} "
               f"({seconds:.0f} s, index built and searched)", flush=True)
     unit = unit_rows(x, k)[0]

@@ -38,7 +38,7 @@ from sklearn.metrics import adjusted_rand_score  # noqa: E402
 
 from paser.selection.clustering import ClusterConfig, SpectralClusterer  # noqa: E402
 from paser.selection.manifold import DiffusionMap, ManifoldConfig  # noqa: E402
-from paser.selection.neighbours import knn_graph, knn_graph_ivf  # noqa: E402
+from paser.selection.neighbours import knn_graph, knn_graph_ivf, neighbour_recall  # noqa: E402
 
 LARGER_POOLS = {"Alpaca (52,002)": 52_002, "LaMini-instruction (2,585,615)": 2_585_615}
 
@@ -82,7 +82,7 @@ def clustering_stages(x: np.ndarray, labels: np.ndarray | None, args) -> dict:
              "search": dm.neighbors_, "ivf": dm.ivf_}
     sample = np.sort(np.random.default_rng(1).choice(len(x), size=min(args.recall_sample, len(x)), replace=False))
     truth, _ = knn_graph(x, mcfg.n_neighbors, 256, rows=sample)
-    found["recall"] = float(np.mean([len(set(a) & set(b)) / mcfg.n_neighbors for a, b in zip(idx[sample], truth)]))
+    found["recall"] = neighbour_recall(idx[sample], truth)
     search = dm.neighbors_ if dm.ivf_ is None else f"ivf ({dm.ivf_['probed']} of {dm.ivf_['lists']} lists probed)"
     line = f"  total {total:.1f} s, peak RSS {found['peak']:.0f} MB, K = {c.k_}, search {search}, " \
            f"recall@{mcfg.n_neighbors} {found['recall']:.4f} ({len(sample)} rows against exact)"
@@ -93,7 +93,7 @@ def clustering_stages(x: np.ndarray, labels: np.ndarray | None, args) -> dict:
     if len(x) <= args.exact_up_to and dm.neighbors_ == "exact":
         approx = timed("baseline check: ivf", lambda: knn_graph_ivf(x, mcfg.n_neighbors, mcfg.ivf_probe,
                                                                    recall=mcfg.ivf_recall), [])
-        same = np.mean([len(set(a) & set(b)) / mcfg.n_neighbors for a, b in zip(approx[0], idx)])
+        same = neighbour_recall(approx[0], idx)
         print(f"  ivf at N={len(x)}: recall@{mcfg.n_neighbors} {same:.4f} against the exact graph (all rows)")
     elif len(x) <= args.exact_up_to:
         timed("baseline: exact search", lambda: knn_graph(x, mcfg.n_neighbors, mcfg.block_size), rows)
@@ -102,7 +102,7 @@ def clustering_stages(x: np.ndarray, labels: np.ndarray | None, args) -> dict:
         timing: list = []
         fixed = timed(f"baseline: ivf, {args.baseline_probe} probed", lambda: knn_graph_ivf(
             x, mcfg.n_neighbors, args.baseline_probe), timing)
-        recall = np.mean([len(set(a) & set(b)) / mcfg.n_neighbors for a, b in zip(fixed[0][sample], truth)])
+        recall = neighbour_recall(fixed[0][sample], truth)
         print(f"  baseline {args.baseline_probe} probed: recall@{mcfg.n_neighbors} {recall:.4f}; its time / the "
               f"default search's: {timing[0][1] / rows[0][1]:.2f}")
     return found
@@ -125,7 +125,7 @@ def compare_libraries(n: int) -> None:
         found = fn()
         seconds = time.perf_counter() - start
         found = np.array([[j for j in row if j != i][:k] for i, row in enumerate(found)])
-        recall = np.mean([len(set(a) & set(b)) / k for a, b in zip(found, exact)])
+        recall = neighbour_recall(found, exact)
         print(f"  {name:<34} {seconds:7.1f} s   recall {recall:.4f}", flush=True)
 
     for ef in (64, 128):

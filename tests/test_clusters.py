@@ -8,7 +8,15 @@ from sklearn.metrics import adjusted_rand_score
 
 from paser.selection.clustering import ClusterConfig, SpectralClusterer, eigengap_k, knee, nonnegative
 from paser.selection.manifold import DiffusionMap, ManifoldConfig, learn_manifold, neighbour_search
-from paser.selection.neighbours import ivf_index, ivf_search, knn_graph, knn_graph_ivf, sampled_recall, unit_rows
+from paser.selection.neighbours import (
+    ivf_index,
+    ivf_search,
+    knn_graph,
+    knn_graph_ivf,
+    neighbour_recall,
+    sampled_recall,
+    unit_rows,
+)
 
 
 def blobs(n_per: int = 80, k: int = 5, d: int = 32, seed: int = 0):
@@ -116,6 +124,7 @@ def test_recall_target_probes_the_fewest_lists_that_reach_it():
     assert sampled_recall(index, unit, 7, graph.n_probe, 0.0, seed=1) == (graph.n_probe, graph.recall)
     whole = np.mean([len(set(a) & set(b)) / 7 for a, b in zip(graph.indices, exact)])
     assert whole >= 0.85  # 500 of the 900 rows were sampled: the rest follow
+    assert neighbour_recall(graph.indices, exact) == pytest.approx(whole)  # the benchmarks' measure, the same
     fixed = ivf_search(x, 7, n_probe=graph.n_probe, seed=1, n_lists=20)  # the same count given outright
     assert fixed.recall is None and np.array_equal(fixed.indices, graph.indices)
 

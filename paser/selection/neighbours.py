@@ -95,6 +95,12 @@ def ivf_index(x: np.ndarray, n_lists: int, seed: int = 0):
     return index
 
 
+def neighbour_recall(found: np.ndarray, exact: np.ndarray) -> float:
+    """recall@k: the share of each row's exact neighbours (``exact`` [n, k]) that ``found`` [n, k']
+    holds for the same row, over all rows."""
+    return float((exact[:, :, None] == found[:, None, :]).any(axis=2).mean())
+
+
 def sampled_recall(index, x: np.ndarray, k: int, start: int, target: float, seed: int = 0,
                    rows: int = RECALL_ROWS) -> tuple[int, float]:
     """(probe count, its recall@k): the fewest lists of ``index`` probed, from ``start`` growing by
@@ -109,7 +115,7 @@ def sampled_recall(index, x: np.ndarray, k: int, start: int, target: float, seed
     while True:
         index.nprobe = probe
         found = index.search(x[sample], k + 1)[1]
-        recall = float((exact[:, :, None] == found[:, None, :]).any(axis=2).mean())
+        recall = neighbour_recall(found, exact)
         if recall >= target or probe >= index.nlist:
             return probe, recall
         probe = min(index.nlist, max(probe + 1, math.ceil(probe * 1.5)))
