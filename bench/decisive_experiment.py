@@ -206,9 +206,11 @@ def strat_sections(method: str) -> dict:
     if found is None:
         raise SystemExit(f"{method}: not strat[-cCiI[d]][-K]")
     sample = (SampleConfig() if found.group(1) is None else
-              SampleConfig(float(found.group(1)), float(found.group(2)), 0.95 if found.group(3) else None))
+              SampleConfig(float(found.group(1)), float(found.group(2)), 0.95 if found.group(3) else "off"))
     per_cluster = STRAT_PER_CLUSTER if sample.needs_cds and not sample.needs_every_score else None
-    return {"sample": dataclasses.asdict(sample), "score": {"signal": "jsd", "per_cluster": per_cluster}}
+    # "off", not None: an override of None keeps the default
+    return {"sample": dataclasses.asdict(sample) | {"dedup": sample.dedup or "off"},
+            "score": {"signal": "jsd", "per_cluster": per_cluster}}
 
 
 def recovery_config(arm: str, setup: dict, args) -> RecoverConfig:

@@ -7,8 +7,9 @@ Writes a LaMini-layout JSONL (``instruction``, ``response``) of N records, each 
 ``../shared/data/alpaca_5000.json`` (its instruction and input, with the row's number appended so
 that no two instructions are equal, and its output) drawn as ``bench/realistic_pool.py`` draws its
 rows, and beside it those rows' generated embeddings (.npz with the pool's ids): the embeddings a
-GPU job would have made. Then ``paser select --method strat --embeddings FILE --budget 0.04tok``
-(temperatures 0: no model scores anything, the tokenizer only counts) runs stage by stage in one
+GPU job would have made. Then ``paser select --method strat --cds-temperature 0 --ies-temperature 0
+--dedup off --embeddings FILE --budget 0.04tok`` (stratified random: no model scores anything, the
+tokenizer only counts) runs stage by stage in one
 process: reading the pool, counting tokens, taking the embeddings, the clusters (neighbours,
 diffusion map, K), the selection and the report. Printed per stage: wall time and the process's
 peak RSS; then the largest file paser wrote into the run folder and the time to read it back.
@@ -85,6 +86,7 @@ def main(argv=None) -> None:
     settings = Settings.load(None, {
         "select": {"data": str(work / "pool.jsonl"), "budget": "0.04tok", "method": "strat", "out": str(work / "run"),
                    "progress": False},
+        "sample": {"cds_temperature": 0.0, "ies_temperature": 0.0, "dedup": "off"},  # stratified random
         "embed": {"precomputed": str(work / "embeddings.npz")}})
     run = pipeline.run_folder(settings)
     timed("data (read, validate, store)", lambda: pipeline.stage_data(settings, run))

@@ -22,6 +22,29 @@ SECTIONS = ("select", "embed", "manifold", "cluster", "score", "allocate", "samp
             "prune", "distribute", "recover", "evaluate")
 
 
+def hint_parts(hint, names: dict | None = None) -> list[str]:
+    """The alternatives of a type hint as words: a Literal's values quoted, None for NoneType, and
+    ``names`` for the types it names (``float | Literal['off'] | None``: float, 'off', None)."""
+    args = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+    words = []
+    for arg in args:
+        if typing.get_origin(arg) is typing.Literal:
+            words += [repr(v) for v in typing.get_args(arg)]
+        elif (names or {}).get(arg):
+            words.append(names[arg])
+        else:
+            words.append("None" if arg is type(None) else
+                         arg.__name__ if isinstance(arg, type) else str(arg).replace("typing.", ""))
+    return words
+
+
+def _words(hint) -> str:
+    """A type hint as a user of a YAML file reads it: "a number, 'off' or null"."""
+    words = hint_parts(hint, {float: "a number", int: "an integer", str: "text", bool: "true or false",
+                              type(None): "null"})
+    return ", ".join(words[:-1]) + " or " + words[-1] if len(words) > 1 else words[0]
+
+
 def _check(value, hint, where: str):
     """Return ``value`` converted to ``hint`` where that is lossless, else raise ConfigError."""
     origin = typing.get_origin(hint)
@@ -37,7 +60,7 @@ def _check(value, hint, where: str):
                 return _check(value, arg, where)
             except ConfigError as err:
                 errors.append(str(err))
-        raise ConfigError(errors[0] if len(errors) == 1 else f"{where}: {value!r} matches none of {hint}")
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{where}: {value!r} is not {_words(hint)}")
     if origin is typing.Literal:
         if value not in args:
             raise ConfigError(f"{where}: {value!r} is not one of {list(args)}")

@@ -103,6 +103,10 @@ def test_arm_objectives_and_a_group_bootstrap():
     assert exp.strat_sections("strat-c0i1d-0") == {"sample": {"cds_temperature": 0.0, "ies_temperature": 1.0,
                                                               "dedup": 0.95}, "score": {"signal": "jsd",
                                                                                         "per_cluster": None}}
+    from paser.selection.settings import Settings  # a configuration without d keeps every record through Settings
+    assert Settings.load(None, exp.strat_sections("strat-c0i0-1")).sample.dedup is None
+    frozen = Settings.load(None, exp.strat_sections("strat")).sample  # strat alone: the frozen defaults
+    assert (frozen.cds_temperature, frozen.ies_temperature, frozen.dedup) == (1.0, 1.0, 0.95)
 
     def row(values):  # a suite arm: two families, per-record answer NLL
         return {"suite": {"per_record": {"family": ["a", "a", "b"], "nll": list(values)}}}

@@ -21,7 +21,7 @@ def test_temperature_zero_gives_exactly_the_size_proportional_shares():
     assert np.array_equal(cluster_weights(room, cds, 0.0), room.astype(float))
     assert list(allocate_budget(cluster_weights(room, cds, 0.0), room, 100)) == [30, 10, 60]
     t = table(n_per=(12, 4, 24), jsd=(0.9, 0.1, 0.3))
-    r = StratifiedSelector(budget=10, config=SampleConfig()).fit(t).result_
+    r = StratifiedSelector(budget=10, config=SampleConfig.uniform()).fit(t).result_
     assert list(r.allocation) == [3, 1, 6] and list(r.selected_per_cluster) == [3, 1, 6]
 
 
@@ -42,7 +42,7 @@ def test_keys_draw_in_proportion_to_the_weights():
 def test_ies_temperature_zero_draws_uniformly_and_unscored_records_are_drawn():
     t = table(n_per=(200,), jsd=(0.2,))
     t.loc[::2, "jsd"] = np.nan  # half the records unscored: a per-cluster sample
-    r = StratifiedSelector(budget=100, config=SampleConfig()).fit(t).result_
+    r = StratifiedSelector(budget=100, config=SampleConfig.uniform()).fit(t).result_
     assert len(r.selected) == 100 and r.selected["jsd"].isna().sum() > 30
 
 
@@ -50,13 +50,13 @@ def test_ies_temperature_prefers_high_ies_and_the_draw_is_seeded():
     t = table(n_per=(400,), jsd=(0.2,))
     t["jsd"] = np.linspace(0.01, 1.0, 400)
     t["n_prompt"] = 40
-    hot = StratifiedSelector(budget=50, config=SampleConfig(ies_temperature=3.0), random_state=1).fit(t).result_
-    flat = StratifiedSelector(budget=50, config=SampleConfig(), random_state=1).fit(t).result_
+    hot = StratifiedSelector(budget=50, config=SampleConfig(0.0, 3.0, None), random_state=1).fit(t).result_
+    flat = StratifiedSelector(budget=50, config=SampleConfig.uniform(), random_state=1).fit(t).result_
     assert hot.selected["jsd"].mean() > flat.selected["jsd"].mean() + 0.2
-    again = StratifiedSelector(budget=50, config=SampleConfig(ies_temperature=3.0), random_state=1).fit(t).result_
+    again = StratifiedSelector(budget=50, config=SampleConfig(0.0, 3.0, None), random_state=1).fit(t).result_
     assert list(again.selected["id"]) == list(hot.selected["id"])
     # a larger budget takes a longer prefix of the same draw
-    more = StratifiedSelector(budget=80, config=SampleConfig(ies_temperature=3.0), random_state=1).fit(t).result_
+    more = StratifiedSelector(budget=80, config=SampleConfig(0.0, 3.0, None), random_state=1).fit(t).result_
     assert set(hot.selected["id"]) <= set(more.selected["id"])
 
 
@@ -69,7 +69,7 @@ def test_near_duplicates_are_skipped_and_named():
     assert not ok and other == "a" and why.startswith("near-duplicate")
     assert offer(3)[0]  # cosine 0.8 with c, 0.6 with a
     t = table(n_per=(4,), jsd=(0.2,))
-    r = StratifiedSelector(budget=3, config=SampleConfig(dedup=0.95)).fit(t, x).result_
+    r = StratifiedSelector(budget=3, config=SampleConfig(0.0, 0.0, 0.95)).fit(t, x).result_
     assert len(r.selected) == 3 and "c0-1" not in set(r.selected["id"])
     assert (r.table["status"] == "rejected").sum() == 1
 
@@ -77,6 +77,10 @@ def test_near_duplicates_are_skipped_and_named():
 @pytest.fixture(scope="module")
 def models(tiny_pair):
     return tiny_pair
+
+
+UNIFORM = {"cds_temperature": 0.0, "ies_temperature": 0.0, "dedup": "off"}  # stratified random: no model
+CDS_ONLY = {"cds_temperature": 1.0, "ies_temperature": 0.0}
 
 
 def _settings(models, out, method="strat", sample=None, per_cluster=None):
@@ -94,7 +98,7 @@ def test_strat_at_temperature_zero_needs_no_model(models, tmp_path):
     from paser.selection.pipeline import run_selection
 
     dense, _ = models
-    settings = _settings((dense, str(tmp_path / "no-such-model")), tmp_path / "run", sample={"dedup": 0.98})
+    settings = _settings((dense, str(tmp_path / "no-such-model")), tmp_path / "run", sample=UNIFORM | {"dedup": 0.98})
     run = run_selection(settings)
     summary = json.loads((run / "clusters.json").read_text())
     assert summary["method"] == "strat" and not (run / "degradation.parquet").exists()
@@ -107,8 +111,8 @@ def test_a_per_cluster_sample_of_every_record_gives_the_full_cds(models, tmp_pat
     from paser.selection.pipeline import run_selection
 
     full = run_selection(_settings(models, tmp_path / "full", method="paser"))
-    every = run_selection(_settings(models, tmp_path / "every", sample={"cds_temperature": 1.0}, per_cluster=96))
-    few = run_selection(_settings(models, tmp_path / "few", sample={"cds_temperature": 1.0}, per_cluster=3))
+    every = run_selection(_settings(models, tmp_path / "every", sample=CDS_ONLY, per_cluster=96))
+    few = run_selection(_settings(models, tmp_path / "few", sample=CDS_ONLY, per_cluster=3))
     a, b, c = (json.loads((r / "clusters.json").read_text())["clusters"] for r in (full, every, few))
     assert [x["cds"] for x in a] == pytest.approx([x["cds"] for x in b], abs=1e-12)
     assert [x["cds_scored"] for x in b] == [x["size"] for x in a]
@@ -126,6 +130,21 @@ def test_per_cluster_is_refused_by_methods_that_rank_every_record(models, tmp_pa
         _settings(models, tmp_path / "x", method="paser", per_cluster=8)
     with pytest.raises(ConfigError, match="per_cluster"):
         _settings(models, tmp_path / "x", sample={"ies_temperature": 1.0}, per_cluster=8)
+    with pytest.raises(ConfigError, match="per_cluster"):  # the frozen defaults draw by IES
+        _settings(models, tmp_path / "x", per_cluster=8)
+
+
+def test_the_frozen_defaults_and_dedup_off():
+    """strat's defaults are the sweep's choice (tau_c 1, tau_i 1, near-duplicates at 0.95); off
+    (the CLI's word) or YAML null keep every record; a wrong value names the field."""
+    from paser.errors import ConfigError
+    from paser.selection.settings import Settings
+
+    assert SampleConfig() == SampleConfig(1.0, 1.0, 0.95)
+    assert SampleConfig(dedup="off").dedup is None
+    assert Settings.load(None, {"sample": {"dedup": "off"}}).sample.dedup is None
+    with pytest.raises(ConfigError, match=r"sample\.dedup: 'of' is not a number, 'off' or null"):
+        Settings.load(None, {"sample": {"dedup": "of"}})
 
 
 def test_precomputed_embeddings_give_the_run_of_the_embedding_stage(models, tmp_path):
@@ -135,14 +154,14 @@ def test_precomputed_embeddings_give_the_run_of_the_embedding_stage(models, tmp_
 
     dense, _ = models
     no_model = (dense, str(tmp_path / "no-such-model"))
-    own = run_selection(_settings(no_model, tmp_path / "own"))
+    own = run_selection(_settings(no_model, tmp_path / "own", sample=UNIFORM))
     ids = np.asarray(pd.read_parquet(own / "pool.parquet", columns=["id"])["id"].tolist(), dtype=str)
     x = np.load(own / "embeddings.npy")
     order = np.random.default_rng(0).permutation(len(ids))
     given = tmp_path / "given.npz"
     np.savez(given, ids=np.append(ids[order], "not-in-the-pool"),
              embeddings=np.vstack([3.0 * x[order], np.ones((1, x.shape[1]), np.float32)]))  # unit rows made again
-    settings = _settings(no_model, tmp_path / "given")
+    settings = _settings(no_model, tmp_path / "given", sample=UNIFORM)
     settings.embed.precomputed = str(given)
     run = run_selection(settings)
     np.testing.assert_allclose(np.load(run / "embeddings.npy"), x, atol=1e-6)
@@ -212,3 +231,28 @@ def test_a_missing_embeddings_file_is_refused_before_any_stage(models, tmp_path)
     with pytest.raises(DataError, match=r"nowhere.npz \(embed.precomputed\): no such file"):
         preflight(settings)
     assert not (tmp_path / "run").exists()
+
+
+def test_cli_dedup_off_and_a_wrong_value(models, tmp_path):
+    from typer.testing import CliRunner
+
+    from paser.cli import app
+
+    dense, _ = models
+    base = ["select", "--dense", dense, "--pruned", str(tmp_path / "no-such-model"), "--suite-size", "96",
+            "--budget", "0.25tok", "--no-flow", "--method", "strat", "--cds-temperature", "0", "--ies-temperature", "0"]
+    result = CliRunner().invoke(app, [*base, "--out", str(tmp_path / "run"), "--dedup", "off"])
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "run" / "settings.json").read_text())["sample"]["dedup"] is None
+    result = CliRunner().invoke(app, [*base, "--out", str(tmp_path / "bad"), "--dedup", "most"])
+    assert result.exit_code == 2 and "cosine similarity in (0, 1] or off, got 'most'" in result.output
+
+
+def test_strat_with_its_defaults_scores_every_record_and_skips_near_duplicates(models, tmp_path):
+    from paser.selection.pipeline import run_selection
+
+    run = run_selection(_settings(models, tmp_path / "run"))
+    scores = pd.read_parquet(run / "scores.parquet")
+    assert scores["jsd"].notna().all()  # tau_i 1 draws by every record's IES
+    report = (run / "report.md").read_text()
+    assert "size x (CDS / mean)^1" in report and "(IES / cluster mean)^1" in report and "cosine >= 0.95" in report

@@ -31,6 +31,16 @@ def layer_range(text: str) -> tuple[int, int]:
     return start, end
 
 
+def dedup_value(text: str) -> float | str:
+    """``--dedup``: a cosine similarity, or off."""
+    if text.strip().lower() in ("off", "none", "null"):
+        return "off"
+    try:
+        return float(text)
+    except ValueError:
+        raise typer.BadParameter(f"expected a cosine similarity in (0, 1] or off, got {text!r}") from None
+
+
 def fields_map(text: str) -> dict:
     from paser.data.pools import parse_fields
 
@@ -52,7 +62,8 @@ SELECT = [Opt("select", name) for name in ("data", "dense", "pruned", "prune_rat
     Opt("concepts", "max_concepts"),
     Opt("concepts", "enabled", "--concepts/--no-concepts"), Opt("allocate", "method", "--allocation"),
     Opt("score", "signal"), Opt("select", "seed"), Opt("select", "method"), Opt("sample", "cds_temperature"),
-    Opt("sample", "ies_temperature"), Opt("sample", "dedup"), Opt("score", "per_cluster"),
+    Opt("sample", "ies_temperature"), Opt("sample", "dedup", convert=dedup_value, kind=str),
+    Opt("score", "per_cluster"),
     Opt("select", "trust_pickle", "--trust-pickle/--no-trust-pickle"), Opt("distribute", "engine"),
     Opt("distribute", "address"), Opt("distribute", "workers"),
 ]

@@ -28,6 +28,7 @@ from typing import Annotated, Any
 import typer
 
 from paser.cli.app import fail
+from paser.config import hint_parts
 
 
 @functools.cache
@@ -161,7 +162,7 @@ def configuration_reference() -> str:
         for f in fields(cls):
             default = f.default if f.default is not MISSING else f.default_factory()
             hint = hints[f.name]
-            kind = (hint.__name__ if isinstance(hint, type) else str(hint).replace("typing.", "")).replace("|", "or")
+            kind = " or ".join(hint_parts(hint))
             lines.append(f"| `{f.name}` | {kind} | `{default!r}` | {docs.get(f.name, '').replace('|', 'or')} |")
         lines.append("")
     return "\n".join(lines)

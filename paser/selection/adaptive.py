@@ -103,7 +103,7 @@ def draw_round(table: pd.DataFrame, shares, amount: int, unit: str, exclude: set
     if candidates.empty:
         raise ValueError("no record is left to draw: the pool is smaller than the budget and the probe")
     budget = f"{amount}tok" if unit == "tokens" else amount
-    selector = StratifiedSelector(budget, SampleConfig(), random_state=seed, shares=shares)
+    selector = StratifiedSelector(budget, SampleConfig.uniform(), random_state=seed, shares=shares)
     return selector.fit(candidates.assign(jsd=np.nan)).result_
 
 
