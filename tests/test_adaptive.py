@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from paser.errors import ConfigError
 from paser.selection.adaptive import AdaptiveConfig, make_plan, remaining_gap, round_amounts, round_steps, update_shares
 
 
@@ -85,6 +86,8 @@ def test_rounds_train_the_budget_and_follow_the_gaps(models, tmp_path):
     _, pruned = models
     run = _select(models, tmp_path / "sel")
     plan = json.loads((run / "rounds.json").read_text())
+    with pytest.raises(ConfigError, match="adaptive selection.*trains on a fixed file"):  # self-data distillation
+        recover(pruned, str(run / "selected.jsonl"), tmp_path / "rec", **RUN, responses="dense")
     result = recover(pruned, str(run / "selected.jsonl"), tmp_path / "rec", **RUN)
     done = json.loads((tmp_path / "rec" / "recovery.json").read_text())
     rounds = done["adaptive"]["rounds"]

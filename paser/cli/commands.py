@@ -162,7 +162,7 @@ RECOVER = [Opt("recover", name) for name in (
     Opt("recover", name) for name in ("cutoff", "val_size", "patience", "dtype")] + [
     Opt("recover", "merge", "--merge/--no-merge"), Opt("recover", "seed")] + [
     Opt("recover", name) for name in ("objective", "teacher", "divergence", "temperature", "mix_weight",
-                                      "teacher_top_k", "max_grad_norm")] + [
+                                      "teacher_top_k", "max_grad_norm", "responses", "answer_tokens")] + [
     Opt("recover", "gradient_checkpointing", "--gradient-checkpointing/--no-gradient-checkpointing")]
 
 
@@ -220,6 +220,10 @@ def _recovery_lines(done: dict, out: Path) -> None:
     if done.get("token_weighting"):
         weighting = done["token_weighting"]
         kind += f", token-weighted by {weighting['signal']} (lambda {weighting['strength']})"
+    if done.get("dense_answers"):
+        answers = done["dense_answers"]
+        kind += (f" on {answers['model']}'s own answers ({answers['generated_now']} generated now, the rest cached; "
+                 f"{answers['kept_file_response']} kept the file's response)")
     typer.echo(f"{done['steps']} steps (batches of {step}; {done['tokens_per_step']['mean']:.0f} tokens per step "
                f"on average) in {done['seconds']:.1f} s: {kind} loss {done['first_loss']:.4f} -> "
                f"{done['last_loss']:.4f}{val}")

@@ -1,6 +1,6 @@
 """What evaluation measures on a model: perplexity over fixed windows, the response NLL of
 instruction records under teacher forcing (and the mean token JSD to a reference model from the
-same pass), greedy answers, and answer matching after normalisation.
+same pass), and answer matching after normalisation (the greedy answers: paser.models.generate).
 
     python -c "from paser.evaluation.metrics import normalise_answer; print(normalise_answer(' Paris. '))"
 """
@@ -138,31 +138,3 @@ def answer_found(expected: str, answer: str) -> bool:
     before = "(?<![a-z0-9])" if want[0].isalnum() else ""
     after = "(?![a-z0-9])" if want[-1].isalnum() else ""
     return re.search(before + re.escape(want) + after, normalise_answer(answer)) is not None
-
-
-def generate_answers(model, tokenizer, records, template: str, max_new_tokens: int, batch_size: int,
-                     counted: dict | None = None) -> list[str]:
-    """Greedy answers to the records' prompts (left-padded batches, stopped at eos). ``counted``
-    gets the prompt tokens read and the tokens generated (the compute ledger's)."""
-    from paser.data.prompts import format_prompt
-
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    answers = []
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
-    try:
-        for lo in range(0, len(records), batch_size):
-            prompts = [format_prompt(r, template, tokenizer) for r in records[lo:lo + batch_size]]
-            enc = tokenizer(prompts, return_tensors="pt", padding=True).to(device_of(model))
-            with torch.no_grad():
-                out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad)
-            new = out[:, enc["input_ids"].shape[1]:]
-            answers += tokenizer.batch_decode(new, skip_special_tokens=True)
-            if counted is not None:  # each row generates until its eos (padding after it is not work it needed)
-                done = (new == tokenizer.eos_token_id).int().cumsum(1)
-                counted["prompt_tokens"] = counted.get("prompt_tokens", 0) + int(enc["attention_mask"].sum())
-                counted["new_tokens"] = counted.get("new_tokens", 0) + int(((done == 0) | (
-                    (done == 1) & (new == tokenizer.eos_token_id))).sum())
-    finally:
-        tokenizer.padding_side = side
-    return answers

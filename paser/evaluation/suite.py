@@ -16,12 +16,12 @@ import numpy as np
 from paser.errors import DataError
 from paser.evaluation.metrics import (
     answer_found,
-    generate_answers,
     input_tokens,
     normalise_answer,
     response_token_nll,
     token_stats,
 )
+from paser.models.generate import generate_answers
 from paser.progress import announce
 
 

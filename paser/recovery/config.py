@@ -1,5 +1,5 @@
 """Recovery's settings: LoRA on the pruned model, LLM-Pruner's recipe by default, the step plan,
-the objective and its teacher, token weighting.
+the objective and its teacher, token weighting, the responses trained on.
 
     python -c "from paser.recovery.config import RecoverConfig; print(RecoverConfig())"
 """
@@ -12,6 +12,7 @@ from typing import Literal
 from paser.recovery.distill import DIVERGENCES, OBJECTIVES
 from paser.recovery.token_weights import SIGNALS
 
+RESPONSES = ("data", "dense")
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -115,6 +116,14 @@ class RecoverConfig:
     first and its top-k log-probabilities per response token are cached on disk (teacher_topk/),
     for pairs that do not fit together; the divergence then merges every other token into one
     bucket (exact when k is the vocabulary, a lower bound otherwise)."""
+    responses: Literal["data", "dense"] = "data"
+    """What the pruned model is trained to answer: data, the file's responses; dense, the dense
+    model's own greedy answers to the same prompts (self-data distillation: the dense model,
+    ``teacher``, regenerates the responses before training, batched and cached by content in
+    OUT/dense_answers/; a record it answers with nothing keeps the file's response, counted)."""
+    answer_tokens: int = 256
+    """Most tokens the dense model generates per answer with responses dense (the cutoff still
+    bounds prompt + answer in training)."""
     progress: bool = True
     """Progress bar with the loss."""
 
@@ -156,5 +165,9 @@ class RecoverConfig:
         if self.token_weighting > 0 and self.objective != "sft":
             raise ValueError("token_weighting weights the SFT loss per token; objective distill and mix learn the "
                              "teacher's distribution at every token instead")
+        if self.responses not in RESPONSES:
+            raise ValueError(f"responses must be one of {RESPONSES}, got {self.responses!r}")
+        if self.answer_tokens < 1:
+            raise ValueError(f"answer_tokens must be positive, got {self.answer_tokens}")
         if self.teacher_top_k is not None and self.teacher_top_k < 1:
             raise ValueError(f"teacher_top_k must be positive, got {self.teacher_top_k}")

@@ -11,7 +11,8 @@ from pathlib import Path
 
 from paser.errors import ConfigError, DataError
 from paser.recovery.config import RecoverConfig
-from paser.recovery.job import Job, RecoveryResult
+from paser.recovery.dense_answers import answer_with_dense, count_answers
+from paser.recovery.job import Job, RecoveryResult, train_device, world_size
 from paser.recovery.plan import split_validation, step_batches
 from paser.recovery.rounds import recover_in_rounds
 from paser.selection.adaptive import read_plan
@@ -35,17 +36,28 @@ def recover(model: str, data: str, out: str | Path = "runs/recover", config: Rec
     except ValueError as err:
         raise ConfigError(str(err)) from None
     if plan is not None:  # an adaptive selection: the rounds draw their records as they go
+        if config.responses == "dense":
+            raise ConfigError(f"{data} is an adaptive selection, whose rounds draw records by their tokens as "
+                              "they train; responses dense (the dense model's own answers) trains on a fixed file")
         return recover_in_rounds(model, data, Path(out), config, plan, val_data, trust_pickle, restart)
     records = load_pool(data).records
+    val_records = load_pool(val_data).records if val_data is not None else None
+    answers = None
+    if config.responses == "dense":  # self-data distillation: the dense model's answers, training and validation
+        both, answers = answer_with_dense(records + (val_records or []), data, config, Path(out), trust_pickle,
+                                          train_device(config), world_size())
+        records, val_records = both[:len(records)], (both[len(records):] if val_records is not None else None)
     train, val = split_validation(records, config)
-    if val_data is not None:
-        val = load_pool(val_data).records
+    if val_records is not None:
+        val = val_records
     if not train:
         raise DataError(f"{data}: no training records")
     job = Job.open(model, data, Path(out), config, trust_pickle, restart, [r.id for r in train])
     train_ex, val_ex = job.encode(train), job.encode(val)
     if config.patience is not None and not val_ex:
         raise ConfigError("patience stops on the validation loss: give a validation set (val_size > 0 or val_data)")
+    if answers is not None:
+        count_answers(job.ledger, answers)
     job.check_checkpoint()
     job.prepare_references(train_ex)
     job.wrap_student()
@@ -56,7 +68,9 @@ def recover(model: str, data: str, out: str | Path = "runs/recover", config: Rec
     else:
         job.train(train_ex, val_ex, steps, len(steps))
     seconds = time.perf_counter() - t0
-    result = job.finish(train_ex, val_ex, steps, seconds, data_summary={"data": str(data), "train_records": len(train),
-                                                                        "val_records": len(val)})
+    summary = {"data": str(data), "train_records": len(train), "val_records": len(val)}
+    if answers is not None:
+        summary["dense_answers"] = {k: v for k, v in answers.items() if k != "params"}
+    result = job.finish(train_ex, val_ex, steps, seconds, data_summary=summary)
     job.release()
     return result

@@ -47,10 +47,34 @@ DISTILL_FIELDS = ("objective", "teacher", "divergence", "temperature", "mix_weig
 TOKEN_FIELDS = ("token_weighting", "token_signal")
 
 
+SELF_FIELDS = ("responses", "answer_tokens")
+
+
+def world_size() -> int:
+    """Processes started by torchrun or accelerate launch (1 without them)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def train_device(config: RecoverConfig) -> str:
+    """The device this process trains on: ``config.device`` (default CUDA when available, else CPU);
+    under torchrun on GPUs each process its own (LOCAL_RANK)."""
+    device = config.device or default_device()
+    if world_size() > 1 and str(device).startswith("cuda"):
+        return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    if str(device).startswith("cuda:") and torch.device(device).index != 0:
+        # the Trainer of a single process trains on cuda:0 (of the visible ones) and would move
+        # the student there, away from a teacher on the device asked for
+        raise ConfigError(f"recover.device {device}: one process trains on the first visible GPU; choose the "
+                          f"GPU with CUDA_VISIBLE_DEVICES={torch.device(device).index} and device cuda, or "
+                          "train on several with torchrun")
+    return device
+
+
 def _fingerprint(config: RecoverConfig, model_fp: str, train_ids: list[str]) -> str:
     # sft leaves the distillation fields out, so checkpoints made before they existed still resume
     skip = ("progress", "merge", "device", "eval_every", "save_every", "gradient_checkpointing") + (
-        DISTILL_FIELDS if config.objective == "sft" else ()) + (TOKEN_FIELDS if config.token_weighting == 0 else ())
+        DISTILL_FIELDS if config.objective == "sft" else ()) + (TOKEN_FIELDS if config.token_weighting == 0 else ()) + (
+        SELF_FIELDS if config.responses == "data" else ())
     keep = {k: v for k, v in vars(config).items() if k not in skip}
     h = hashlib.sha256(json.dumps([keep, model_fp], sort_keys=True, default=str).encode())
     for rid in train_ids:
@@ -99,21 +123,12 @@ class Job:
 
     def __init__(self, model: str, data: str, out: Path, config: RecoverConfig, trust_pickle: bool):
         self.model, self.data, self.out, self.trust_pickle = model, data, out, trust_pickle
-        self.world = int(os.environ.get("WORLD_SIZE", "1"))  # processes started by torchrun or accelerate launch
+        self.world = world_size()
         self.rank = int(os.environ.get("RANK", "0"))
-        device = config.device or default_device()
-        if self.world > 1 and str(device).startswith("cuda"):
-            device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"  # each process its own GPU
-        elif str(device).startswith("cuda:") and torch.device(device).index != 0:
-            # the Trainer of a single process trains on cuda:0 (of the visible ones) and would move
-            # the student there, away from a teacher on the device asked for
-            raise ConfigError(f"recover.device {device}: one process trains on the first visible GPU; choose the "
-                              f"GPU with CUDA_VISIBLE_DEVICES={torch.device(device).index} and device cuda, or "
-                              "train on several with torchrun")
-        self.device = device
+        self.device = device = train_device(config)
         # resolved before the fingerprint: a checkpoint records the precision it was trained in
         self.config = dataclasses.replace(config, dtype=resolve_dtype(config.dtype, device))
-        uses_dense = config.objective != "sft" or config.token_weighting > 0
+        uses_dense = config.objective != "sft" or config.token_weighting > 0 or config.responses == "dense"
         self.reference = resolve_teacher(config, data) if uses_dense else None
         self.teacher = self.cache = self.signal = None
         self.ledger = Ledger()

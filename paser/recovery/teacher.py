@@ -34,7 +34,8 @@ def resolve_teacher(config: RecoverConfig, data: str) -> str:
     if (run / "manifest.json").is_file():
         return json.loads((run / "manifest.json").read_text())["settings"]["select"].get("dense") or DEFAULT_MODEL
     why = (f"objective {config.objective!r} learns from a teacher" if config.objective != "sft"
-           else "token weighting compares the pruned model with the dense one")
+           else "token weighting compares the pruned model with the dense one" if config.token_weighting > 0
+           else "responses dense trains on the dense model's own answers")
     raise ConfigError(f"{why}: give the dense model (--teacher, recover.teacher), or train on a selection run's "
                       f"selected.jsonl, whose dense model is the default; {data} is not in a run folder")
 

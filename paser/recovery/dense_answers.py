@@ -1,0 +1,151 @@
+"""Self-data distillation's training data (``responses: dense``): the dense model's own greedy
+answers to the training records' prompts, which the pruned model then learns instead of the file's
+responses (arXiv 2410.09982: the answers stay in the dense model's distribution, so recovery
+pulls the pruned model back towards it rather than towards another writer's).
+
+Answers are generated in batches and cached by content: each line of
+``OUT/dense_answers/answers.jsonl`` holds the answer to one prompt under one dense model, template
+and answer length (its key hashes the four), with the tokens it read and generated. A line is
+appended after every batch, so an interrupted run keeps what it generated and a later run, or
+another recovery over overlapping records in the same folder, generates only what is missing.
+
+    python -c "from paser.recovery.dense_answers import answer_key; print(answer_key('m', 'alpaca', 8, 'Hi'))"
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import time
+from pathlib import Path
+
+from paser.errors import DataError
+from paser.progress import announce, bar_enabled
+
+FOLDER = "dense_answers"
+
+
+def answer_key(model_fp: str, template: str, max_new_tokens: int, prompt: str) -> str:
+    """The cache key of one answer: what it depends on, hashed."""
+    text = json.dumps([model_fp, template, max_new_tokens, prompt])
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+class AnswerCache:
+    """The answers generated so far in ``folder`` (answers.jsonl), by key; ``add`` appends a batch."""
+
+    def __init__(self, folder: Path):
+        self.path = Path(folder) / "answers.jsonl"
+        self.rows: dict[str, dict] = {}
+        lines = self.path.read_text().splitlines() if self.path.is_file() else []
+        for n, line in enumerate(lines, 1):
+            try:
+                row = json.loads(line)
+                self.rows[row["key"]] = row
+            except (ValueError, KeyError, TypeError):
+                if n == len(lines):
+                    break  # the last line cut short by an interrupted write: its answer is generated again
+                raise DataError(f"{self.path}: line {n} is not an answer record (key, answer); delete the file "
+                                "to generate the answers again") from None
+
+    def add(self, rows: list[dict]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("a") as out:
+            for row in rows:
+                out.write(json.dumps(row, ensure_ascii=False) + "\n")
+                self.rows[row["key"]] = row
+            out.flush()
+
+
+def answer_with_dense(records: list, data: str, config, out: Path, trust_pickle: bool, device: str,
+                      world: int = 1) -> tuple[list, dict]:
+    """``with_dense_answers`` by the dense model of ``config`` (``teacher``, else the selection
+    run's that wrote ``data``), loaded for it and released; under ``torchrun`` the first process
+    generates and the others read its cache. The summary also holds the model's parameter counts
+    (``params``, for the ledger)."""
+    from paser.devices import resolve_dtype
+    from paser.ledger import flop_params
+    from paser.models.load import load_model
+    from paser.recovery.teacher import rank_zero_first, resolve_teacher
+
+    reference = resolve_teacher(config, data)
+    with rank_zero_first(world, device):
+        dense = load_model(reference, dtype=resolve_dtype(config.dtype, device), trust_pickle=trust_pickle,
+                           device=device)
+        answered, summary = with_dense_answers(records, reference, dense.model.eval(), dense.tokenizer,
+                                               config.template, config.answer_tokens, config.micro_batch_size,
+                                               out, config.progress)
+    summary["params"] = flop_params(dense.model)
+    del dense
+    if str(device).startswith("cuda"):
+        import torch
+
+        torch.cuda.empty_cache()
+    return answered, summary
+
+
+def with_dense_answers(records: list, reference: str, model, tokenizer, template: str, max_new_tokens: int,
+                       batch_size: int, out: Path, progress: bool = True) -> tuple[list, dict]:
+    """``records`` with each response replaced by ``model``'s (the dense model ``reference``'s)
+    greedy answer to its prompt, and what it took: records answered, those kept with the file's
+    response (the dense model answered nothing), the tokens read and generated (all answers, and
+    those generated now: the rest came from the cache) and the seconds spent generating."""
+    from tqdm.auto import tqdm
+
+    from paser.data.prompts import format_prompt
+    from paser.models.generate import greedy_batch
+    from paser.models.load import model_fingerprint
+
+    cache = AnswerCache(Path(out) / FOLDER)
+    model_fp = model_fingerprint(reference)
+    prompts = [format_prompt(r, template, tokenizer) for r in records]
+    keys = [answer_key(model_fp, template, max_new_tokens, p) for p in prompts]
+    missing = sorted({k: i for i, k in reversed(list(enumerate(keys))) if k not in cache.rows}.values())
+    now = {"prompt_tokens": 0, "new_tokens": 0}
+    start = time.perf_counter()
+    if missing:
+        announce(f"self-data distillation: {reference} answers {len(missing)} prompts ({max_new_tokens} tokens at "
+                 f"most; {len(records) - len(missing)} from {cache.path})")
+        with tqdm(total=len(missing), desc="dense answers", unit="rec", disable=not bar_enabled(progress)) as bar:
+            for lo in range(0, len(missing), batch_size):
+                batch = missing[lo:lo + batch_size]
+                rows = greedy_batch(model, tokenizer, [prompts[i] for i in batch], max_new_tokens)
+                cache.add([{"key": keys[i], "id": records[i].id, "answer": a, "prompt_tokens": r, "new_tokens": g}
+                           for i, (a, r, g) in zip(batch, rows)])
+                now["prompt_tokens"] += sum(r for _, r, _ in rows)
+                now["new_tokens"] += sum(g for _, _, g in rows)
+                bar.update(len(batch))
+    answered, kept = [], []
+    for record, key in zip(records, keys):
+        answer = cache.rows[key]["answer"]
+        if answer.strip():
+            answered.append(dataclasses.replace(record, response=answer))
+        else:
+            answered.append(record)
+            kept.append(record.id)
+    used = [cache.rows[k] for k in dict.fromkeys(keys)]  # each distinct prompt once, as generated
+    summary = {"responses": "dense", "model": str(reference), "records": len(records),
+               "kept_file_response": len(kept), "kept_ids": kept[:20], "answer_tokens": max_new_tokens,
+               "prompt_tokens": sum(r["prompt_tokens"] for r in used), "new_tokens": sum(r["new_tokens"] for r in used),
+               "generated_now": len(missing), "prompt_tokens_now": now["prompt_tokens"],
+               "new_tokens_now": now["new_tokens"], "seconds": round(time.perf_counter() - start, 3),
+               "cache": str(cache.path)}
+    if kept:
+        announce(f"self-data distillation: the dense model answered nothing to {len(kept)} of {len(records)} "
+                 f"records; they keep the file's response (recovery.json lists the first ids)")
+    return answered, summary
+
+
+def count_answers(ledger, summary: dict) -> None:
+    """The generation in ``ledger``: every token read or generated passes the dense model once (its
+    cache keeps the earlier ones), the head runs at each generated one; answers taken from the
+    cache are entered as reused."""
+    now = summary["prompt_tokens_now"] + summary["new_tokens_now"]
+    earlier = summary["prompt_tokens"] + summary["new_tokens"] - now
+    if now:
+        ledger.forward("dense answers", summary["model"], summary["params"], now, summary["new_tokens_now"],
+                       summary["seconds"], what="greedy generation")
+    if earlier > 0:
+        ledger.forward("dense answers", summary["model"], summary["params"], earlier,
+                       summary["new_tokens"] - summary["new_tokens_now"], reused=True, what="greedy generation")
