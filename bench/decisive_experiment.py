@@ -96,6 +96,8 @@ STRAT_SWEEP = [f"strat-{cfg}-{seed}" for cfg in STRAT_CONFIGS for seed in (0, 1)
 NEW_METHODS = ["strat", *STRAT_SWEEP, "adaptive", "rounds"]
 STRAT_PER_CLUSTER = 16  # records scored per cluster when strat needs CDS but not every record's score
 TOKW_STRENGTH = 0.5  # lambda of the @tokw arms, fixed in the registration
+SELF_ANSWER_TOKENS = 128  # the longest dense answer of the @self arms, fixed in the registration
+SUFFIXED = ("tokw", "self")  # recoveries run on the random subsets and PASER's: random-K@X, paser@X
 # the adaptive arms' rounds as registered; ``rounds`` is the same with the shares frozen (step 0)
 ADAPTIVE = {"rounds": 4, "probe_per_cluster": 8, "step": 1.0, "floor": 0.25}
 BUDGETS = {"rec": 0.2, "tok": "0.2tok", "tok5": "0.05tok", "tok4": "0.04tok"}
@@ -149,7 +151,7 @@ def base_arm(arm: str) -> str:
 def objective_of(arm: str) -> dict:
     """The recovery objective of ``ARM@OBJECTIVE``: ``distill`` (forward KL, temperature 1),
     ``distill-jsd`` (JSD) or ``distill-tN`` (forward KL at temperature N), ``tokw`` (token-weighted
-    SFT: excess loss, lambda 0.5); SFT without ``@``."""
+    SFT: excess loss, lambda 0.5), ``self`` (SFT on the dense model's own answers); SFT without ``@``."""
     if "@" not in arm:
         return {"objective": "sft"}
     name, *options = arm.split("@")[1].split("#")[0].split("~")[0].split("-")
@@ -157,6 +159,10 @@ def objective_of(arm: str) -> dict:
         if options:
             raise SystemExit(f"{arm}: @tokw takes no options")
         return {"objective": "sft", "token_weighting": TOKW_STRENGTH, "token_signal": "excess"}
+    if name == "self":  # self-data distillation, as registered: the dense model's answers, 128 tokens at most
+        if options:
+            raise SystemExit(f"{arm}: @self takes no options")
+        return {"objective": "sft", "responses": "dense", "answer_tokens": SELF_ANSWER_TOKENS}
     out: dict = {"objective": name}
     for option in options:
         if option == "jsd":
@@ -191,6 +197,8 @@ def select_arm(arm: str, setup: dict, work: Path, args) -> tuple[Path, float]:
     for file in ("selected.jsonl", "clusters.json", "scores.parquet", "manifest.json", "rounds.json"):
         if (run / file).is_file():  # rounds.json: an adaptive arm's plan, found beside its selected.jsonl
             shutil.copyfile(run / file, folder / f"{name}.{file}")
+        else:  # a copy left by an earlier run of this arm's name must not pass for this run's
+            (folder / f"{name}.{file}").unlink(missing_ok=True)
     return folder / f"{name}.selected.jsonl", seconds
 
 
@@ -235,6 +243,24 @@ def recovery_config(arm: str, setup: dict, args) -> RecoverConfig:
                          val_size=0, seed=seed, progress=False, **objective)
 
 
+def self_steps(config: RecoverConfig, subset: Path, out: Path, setup: dict, args) -> RecoverConfig:
+    """An @self arm at the plain arm's steps: the dense model's answers are generated first (into
+    the recovery folder's cache, where ``recover`` finds them) and the step's tokens scaled so that
+    each epoch has as many steps as SFT on the file's responses; the records are the same, the
+    tokens are the answers'."""
+    from paser.models.load import load_tokenizer
+    from paser.recovery.dense_answers import answer_with_dense
+    from paser.recovery.job import train_device
+    from paser.recovery.losses import encode_for_training
+
+    records = load_pool(str(subset)).records
+    answered, _ = answer_with_dense(records, str(subset), config, out, False, train_device(config))
+    tokenizer = load_tokenizer(setup["pruned"], False, args.dense)
+    plain, mine = (sum(len(e.ids) for e in encode_for_training(tokenizer, r, config)) for r in (records, answered))
+    per_epoch = max(1, round(plain / config.batch_tokens))
+    return dataclasses.replace(config, batch_tokens=max(1, round(mine / per_epoch)))
+
+
 def run_arm(setting: str, arm: str, setup: dict, args) -> dict:
     work = setup["work"]
     row: dict = {"setting": setting, "arm": arm, "machine": f"{platform.processor() or platform.machine()}, "
@@ -247,7 +273,10 @@ def run_arm(setting: str, arm: str, setup: dict, args) -> dict:
         summary = json.loads(subset.with_name(subset.name.replace("selected.jsonl", "clusters.json")).read_text())
         row |= {k: summary[k] for k in ("budget", "budget_unit", "selected", "selected_tokens",
                                         "selected_response_tokens")}
-        result = recover(setup["pruned"], str(subset), work / "recover" / _file(arm), recovery_config(arm, setup, args))
+        config = recovery_config(arm, setup, args)
+        if config.responses == "dense" and config.batch_tokens is not None:
+            config = self_steps(config, subset, work / "recover" / _file(arm), setup, args)
+        result = recover(setup["pruned"], str(subset), work / "recover" / _file(arm), config)
         done = json.loads((result.out / "recovery.json").read_text())
         row |= {"recovery_s": result.seconds, "steps": result.steps, "tokens_per_step": done["tokens_per_step"],
                 "batch_unit": done["batch_unit"], "train_loss": [result.first_loss, result.last_loss]}
@@ -721,10 +750,11 @@ def comparisons(rows: dict, kind: str):
         found = []
         candidates = [(f"{unit}:{m}", rows.get(f"{unit}:{m}")) for m in METHODS + NEW_METHODS
                       if not m.startswith("random-")]
-        weighted = [rows[f"{unit}:random-{k}@tokw"] for k in range(5) if f"{unit}:random-{k}@tokw" in rows]
-        if weighted:  # token weighting on the random subsets: its mean over them is the arm
-            candidates.append((f"{unit}:random@tokw ({len(weighted)} subsets)", weighted))
-        candidates.append((f"{unit}:paser@tokw", rows.get(f"{unit}:paser@tokw")))
+        for suffix in SUFFIXED:  # on the random subsets the mean over them is the arm
+            repeats = [rows[f"{unit}:random-{k}@{suffix}"] for k in range(5) if f"{unit}:random-{k}@{suffix}" in rows]
+            if repeats:
+                candidates.append((f"{unit}:random@{suffix} ({len(repeats)} subsets)", repeats))
+            candidates.append((f"{unit}:paser@{suffix}", rows.get(f"{unit}:paser@{suffix}")))
         for name, arm in candidates:
             if not arm:
                 continue

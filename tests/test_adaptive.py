@@ -78,6 +78,17 @@ def test_selection_plans_the_rounds_and_draws_the_first(models, tmp_path):
     summary = json.loads((run / "clusters.json").read_text())
     assert summary["rounds"]["rounds"] == 3 and summary["selected_tokens"] <= plan["amounts"][0]
     assert not (run / "degradation.parquet").exists()  # no model ran at selection
+    # a later selection of another method in the same folder drops the plan: it trains without rounds
+    from paser.selection.adaptive import read_plan
+    from paser.selection.pipeline import run_selection
+    from paser.selection.settings import Settings
+
+    for method in ("random", "strat"):
+        again = run_selection(Settings.load(None, {"select": {"dense": models[0], "pruned": models[1],
+                                                              "suite_size": 96, "budget": "0.4tok",
+                                                              "out": str(run), "progress": False, "method": method},
+                                                   "cluster": {"k_max": 6}}))
+        assert not (again / "rounds.json").exists() and read_plan(again / "selected.jsonl") is None
 
 
 def test_rounds_train_the_budget_and_follow_the_gaps(models, tmp_path):

@@ -99,6 +99,7 @@ def test_arm_objectives_and_a_group_bootstrap():
         exp.objective_of("tok:paser@distill-kl2")
     assert exp.objective_of("tok:random-3@tokw") == {"objective": "sft", "token_weighting": 0.5,
                                                      "token_signal": "excess"}
+    assert exp.objective_of("tok:paser@self") == {"objective": "sft", "responses": "dense", "answer_tokens": 128}
     assert exp.strat_sections("strat-c1i0d-1")["score"]["per_cluster"] == exp.STRAT_PER_CLUSTER
     assert exp.strat_sections("strat-c0i1d-0") == {"sample": {"cds_temperature": 0.0, "ies_temperature": 1.0,
                                                               "dedup": 0.95}, "score": {"signal": "jsd",
@@ -240,7 +241,7 @@ def test_recovery_cost_arms_run_and_report_compute(tiny_pair, tmp_path):
 
     dense, pruned = tiny_pair
     arms = ["tok:random-0", "tok:random-1", "tok:paser", "tok:strat-c1i0d-0", "tok:random-0@tokw",
-            "tok:random-1@tokw", "tok:paser@tokw", "tok:adaptive", "tok:rounds"]
+            "tok:random-1@tokw", "tok:paser@tokw", "tok:adaptive", "tok:rounds", "tok:random-0@self"]
     exp.main(["--settings", "suite-25", "--dense", dense, "--pruned", pruned, "--smoke", "--out",
               str(tmp_path / "work"), "--results", str(tmp_path / "results"), "--micro-batch-tokens", "256",
               "--arms", *arms])
@@ -253,11 +254,15 @@ def test_recovery_cost_arms_run_and_report_compute(tiny_pair, tmp_path):
         "selection"]["flops_total"] > 0
     assert rows["tok:random-0@tokw"]["token_weighting"]["strength"] == exp.TOKW_STRENGTH
     assert rows["tok:random-0@tokw"]["steps"] == rows["tok:random-0"]["steps"]
+    # self-data distillation: the same records and steps, on the dense model's answers, generation counted
+    assert rows["tok:random-0@self"]["steps"] == rows["tok:random-0"]["steps"]
+    assert rows["tok:random-0@self"]["compute"]["recovery"]["flops_by_stage"]["dense answers"] > 0
     assert len(rows["tok:adaptive"]["adaptive"]) == exp.ADAPTIVE["rounds"]
     shares = [r["shares"] for r in rows["tok:rounds"]["adaptive"]]
     assert all(s == shares[0] for s in shares)  # the control's shares never move
     text = (tmp_path / "results" / "results.md").read_text()
     assert "tok:random@tokw (2 subsets)" in text and "| tok:paser@tokw |" in text and "| tok:adaptive |" in text
+    assert "tok:random@self (1 subsets)" in text
     assert "compute (selection + recovery) / random's" in text
     # an arm that ran before the ledger gets its compute counted from its folders, the same figures
     recovery_json = tmp_path / "work" / "suite-25" / "recover" / "tok-paser" / "recovery.json"

@@ -227,9 +227,7 @@ def stage_select(settings: Settings, run: Path) -> Path:
         if settings.select.method == "adaptive":
             result = first_round(settings, run, table)
         else:
-            from paser.selection.adaptive import PLAN
-
-            (run / PLAN).unlink(missing_ok=True)  # an earlier adaptive run's plan would say this one has rounds
+            forget_plan(run)
             result = select_from(settings, table, embeddings=selection_embeddings(settings, run))
         out = result.table
         atomic_parquet(out.assign(concepts=out["concepts"].map(list)), run / "scores.parquet")
@@ -252,6 +250,14 @@ def stage_select(settings: Settings, run: Path) -> Path:
                              for c in range(len(result.sizes))],
             }, indent=2))
     return run / "selected.jsonl"
+
+
+def forget_plan(run: Path) -> None:
+    """Remove an earlier adaptive selection's plan from ``run``: beside this selection's
+    selected.jsonl it would make recovery train in rounds."""
+    from paser.selection.adaptive import PLAN
+
+    (run / PLAN).unlink(missing_ok=True)
 
 
 def first_round(settings: Settings, run: Path, table: pd.DataFrame):
@@ -327,6 +333,7 @@ def stage_baseline(settings: Settings, run: Path) -> Path:
     order while the next one fits the budget (records or tokens)."""
     method = settings.select.method
     with Stage(run, "select"):
+        forget_plan(run)
         records = read_run_pool(run)
         table = pd.read_parquet(run / "tokens.parquet")
         if method == "pruned_loss":
