@@ -243,6 +243,19 @@ def recovery_config(arm: str, setup: dict, args) -> RecoverConfig:
                          val_size=0, seed=seed, progress=False, **objective)
 
 
+def trained_subset(setting: str, arm: str, setup: dict, args) -> tuple[Path, float]:
+    """The records ``arm`` trains on and its selection's seconds. ``ARM@X`` (and its seeds) trains
+    the subset ``ARM`` selected when that exists (its selection time as ``ARM`` recorded it): the
+    same records whatever code selects now; else the arm selects."""
+    work = setup["work"]
+    base = base_arm(arm)
+    made = work / "subsets" / f"{base.replace(':', '-')}.selected.jsonl"
+    if "@" in arm and made.is_file():
+        found = Path(args.results) / setting / f"{_file(base)}.json"
+        return made, (json.loads(found.read_text()).get("selection_s", 0.0) if found.is_file() else 0.0)
+    return select_arm(arm if arm != "full" else "rec:full", setup, work, args)
+
+
 def self_steps(config: RecoverConfig, subset: Path, out: Path, setup: dict, args) -> RecoverConfig:
     """An @self arm at the plain arm's steps: the dense model's answers are generated first (into
     the recovery folder's cache, where ``recover`` finds them) and the step's tokens scaled so that
@@ -269,7 +282,7 @@ def run_arm(setting: str, arm: str, setup: dict, args) -> dict:
     if arm in ("dense", "none"):
         model, adapter = (args.dense if arm == "dense" else setup["pruned"]), None
     else:
-        subset, row["selection_s"] = select_arm(arm if arm != "full" else "rec:full", setup, work, args)
+        subset, row["selection_s"] = trained_subset(setting, arm, setup, args)
         summary = json.loads(subset.with_name(subset.name.replace("selected.jsonl", "clusters.json")).read_text())
         row |= {k: summary[k] for k in ("budget", "budget_unit", "selected", "selected_tokens",
                                         "selected_response_tokens")}

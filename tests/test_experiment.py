@@ -256,6 +256,7 @@ def test_recovery_cost_arms_run_and_report_compute(tiny_pair, tmp_path):
     assert rows["tok:random-0@tokw"]["steps"] == rows["tok:random-0"]["steps"]
     # self-data distillation: the same records and steps, on the dense model's answers, generation counted
     assert rows["tok:random-0@self"]["steps"] == rows["tok:random-0"]["steps"]
+    assert rows["tok:random-0@self"]["selected_tokens"] == rows["tok:random-0"]["selected_tokens"]  # its subset
     assert rows["tok:random-0@self"]["compute"]["recovery"]["flops_by_stage"]["dense answers"] > 0
     assert len(rows["tok:adaptive"]["adaptive"]) == exp.ADAPTIVE["rounds"]
     shares = [r["shares"] for r in rows["tok:rounds"]["adaptive"]]
