@@ -76,7 +76,12 @@ def tokenize_examples(tokenizer, records, template: str = "alpaca",
     """``tokenize_example`` of each record, the texts given to the tokenizer a list at a time (the
     same ids: nothing is padded). On 2 busy cores no speed-up showed beyond noise
     (bench/tokenize_speed.py, docs/benchmarks.md); a fast tokenizer may use more cores on a list."""
-    out = []
+    return list(iter_examples(tokenizer, records, template, cutoff))
+
+
+def iter_examples(tokenizer, records, template: str = "alpaca", cutoff: int = 256):
+    """``tokenize_examples`` one record at a time, holding one list of the tokenizer's at a time:
+    a pass that keeps only counts needs no memory for the ids of millions of records."""
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     for lo in range(0, len(records), TOKENIZER_BATCH):
         part = records[lo:lo + TOKENIZER_BATCH]
@@ -85,5 +90,4 @@ def tokenize_examples(tokenizer, records, template: str = "alpaca",
         for prompt, response in zip(prompts, responses):
             ids = prompt + response + eos
             n_prompt = min(len(prompt), cutoff)
-            out.append((ids[:cutoff], n_prompt, min(len(ids), cutoff) - n_prompt, len(ids) > cutoff))
-    return out
+            yield ids[:cutoff], n_prompt, min(len(ids), cutoff) - n_prompt, len(ids) > cutoff

@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from paser.data.prompts import tokenize_examples
+from paser.data.prompts import iter_examples, tokenize_examples
 
 LN2 = math.log(2.0)
 
@@ -134,9 +134,12 @@ def encode_records(tokenizer, records, config: ScoreConfig) -> list[Encoded]:
 
 def token_table(tokenizer, records, config: ScoreConfig) -> pd.DataFrame:
     """Each record's prompt and response tokens under the template and cutoff (what recovery trains
-    on), without any model: id, n_prompt, n_response, n_tokens, truncated."""
-    encoded = encode_records(tokenizer, records, config)
-    n_prompt = np.array([e.n_prompt for e in encoded], dtype=np.int64)
-    n_response = np.array([e.n_response for e in encoded], dtype=np.int64)
+    on), without any model: id, n_prompt, n_response, n_tokens, truncated. Only the counts are kept
+    (a pool of millions would otherwise hold every record's ids at once)."""
+    records = list(records)
+    each = iter_examples(tokenizer, records, config.template, config.cutoff)
+    counts = np.fromiter(((p, r, t) for _, p, r, t in each), dtype=np.dtype((np.int64, 3)),
+                         count=len(records)).reshape(-1, 3)
+    n_prompt, n_response = counts[:, 0], counts[:, 1]
     return pd.DataFrame({"id": [r.id for r in records], "n_prompt": n_prompt, "n_response": n_response,
-                         "n_tokens": n_prompt + n_response, "truncated": [e.truncated for e in encoded]})
+                         "n_tokens": n_prompt + n_response, "truncated": counts[:, 2].astype(bool)})
