@@ -7,7 +7,7 @@ import json
 import pandas as pd
 import pytest
 
-from paser.data.pools import FieldMap, load_pool, read_text_samples
+from paser.data.pools import FieldMap, load_pool, read_rows, read_text_samples
 from paser.errors import DataError
 
 ALPACA = [
@@ -134,6 +134,13 @@ def test_not_utf8(tmp_path):
     path.write_bytes(b"\xff\xfe[]")
     with pytest.raises(DataError, match="not UTF-8"):
         load_pool(path)
+    lines = tmp_path / "p.jsonl"  # JSON Lines are read a line at a time: the line is named
+    lines.write_bytes(b'{"instruction": "a", "output": "b"}\n{"instruction": "\xff", "output": "b"}\n')
+    with pytest.raises(DataError, match=r"p.jsonl: line 2: not UTF-8"):
+        load_pool(lines)
+    blank = tmp_path / "blank.txt"  # neither a JSON array nor records
+    blank.write_text("\n\n")
+    assert read_rows(blank) == []
 
 
 def test_text_samples(tmp_path):

@@ -125,16 +125,33 @@ def _read_json(path: Path, text: str) -> list:
     return rows
 
 
-def _read_jsonl(path: Path, text: str) -> list:
+def _read_jsonl(path: Path) -> list:
+    """The rows of a JSON Lines file, read a line at a time (a file of millions of records is never
+    held whole as text beside its rows)."""
     rows = []
-    for lineno, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError as err:
-            raise DataError(f"{path}: line {lineno}: malformed JSON ({err.msg} at column {err.colno})") from None
+    with path.open("rb") as lines:
+        for lineno, raw in enumerate(lines, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise DataError(f"{path}: line {lineno}: not UTF-8 text (byte {err.start} of the line); expected "
+                                "JSON, JSONL, CSV or Parquet") from None
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise DataError(f"{path}: line {lineno}: malformed JSON ({err.msg} at column {err.colno})") from None
     return rows
+
+
+def _starts_like_json_array(path: Path) -> bool:
+    """Whether the file's first non-blank character is ``[`` (a JSON array, not JSON Lines)."""
+    with path.open("rb") as head:
+        while chunk := head.read(4096):
+            if chunk.strip():
+                return chunk.lstrip()[:1] == b"["
+    return False
 
 
 def _read_table(path: Path, kind: str) -> list:
@@ -208,13 +225,13 @@ def read_rows(path: str | Path, split: str = "train") -> list:
     if suffix in (".csv", ".parquet", ".pq"):
         return _read_table(path, "csv" if suffix == ".csv" else "parquet")
     try:
+        if suffix == ".jsonl" or (suffix != ".json" and not _starts_like_json_array(path)):
+            return _read_jsonl(path)
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as err:
         raise DataError(f"{path}: not UTF-8 text (byte {err.start}); expected JSON, JSONL, CSV or Parquet") from None
     except OSError as err:
         raise DataError(f"{path}: cannot read: {err.strerror}") from None
-    if suffix == ".jsonl" or (suffix != ".json" and not text.lstrip().startswith("[")):
-        return _read_jsonl(path, text)
     return _read_json(path, text)
 
 
