@@ -93,6 +93,8 @@ METHODS = ["paser", "loss_gap", "no_cost", "uniform", *[f"random-{s}" for s in r
 # each with sampling seeds 0 and 1; ``strat`` alone is the configuration frozen from it (SampleConfig's defaults)
 STRAT_CONFIGS = ("c0i0", "c0i0d", "c1i0d", "c0i1d", "c1i1d")
 STRAT_SWEEP = [f"strat-{cfg}-{seed}" for cfg in STRAT_CONFIGS for seed in (0, 1)]
+STRAT_SWEEP_SETTING = "suite-15"  # where the sweep ran; elsewhere its choice is the frozen strat
+FROZEN_STRAT = "strat-c1i1d-0"  # the choice, as the other settings run it from the pinned commit
 NEW_METHODS = ["strat", *STRAT_SWEEP, "adaptive", "rounds"]
 STRAT_PER_CLUSTER = 16  # records scored per cluster when strat needs CDS but not every record's score
 TOKW_STRENGTH = 0.5  # lambda of the @tokw arms, fixed in the registration
@@ -824,6 +826,13 @@ def compare_all(results: Path) -> dict:
     return found
 
 
+def arm_label(setting: str, arm: str) -> str:
+    """An arm as the report names it: the sweep's choice, run on another setting, is the frozen strat."""
+    if setting != STRAT_SWEEP_SETTING and arm.split(":")[-1] == FROZEN_STRAT:
+        return f"{arm} (strat, frozen)"
+    return arm
+
+
 def summary(compared: dict) -> str:
     """One table over every setting and budget unit (``compare_all``'s output): each method minus
     the mean of the random seeds (SFT, the recipe's steps), the view the verdicts are read from."""
@@ -841,8 +850,9 @@ def summary(compared: dict) -> str:
                        f"{c['jsd'][0]:+.4f} [{c['jsd'][1][0]:+.4f}, {c['jsd'][1][1]:+.4f}]")
                 ratio = "" if c.get("compute") is None else f"{c['compute']:.2f}"
                 lines.append(f"| {setting} | {unit_name(unit)} | {steps} | {mean:.4f} ± {sd:.4f} ({n}) | "
-                             f"{c['arm']} | {c['metric']:.4f} | {c['diff']:+.4f} | [{c['records'][0]:+.4f}, "
-                             f"{c['records'][1]:+.4f}] | {families} | {c['place']} | {jsd} | {ratio} |")
+                             f"{arm_label(setting, c['arm'])} | {c['metric']:.4f} | {c['diff']:+.4f} | "
+                             f"[{c['records'][0]:+.4f}, {c['records'][1]:+.4f}] | {families} | {c['place']} | "
+                             f"{jsd} | {ratio} |")
     return "\n".join(lines) + "\n"
 
 
@@ -884,11 +894,12 @@ def report(setting: str, work: Path, rows: dict, compared: list) -> str:
         for c in found:
             families = "" if c["families"] is None else f"; over families [{c['families'][0]:+.4f}, " \
                                                          f"{c['families'][1]:+.4f}]"
-            lines.append(f"- {c['arm']} minus the random mean: {c['diff']:+.4f} (paired bootstrap 95% over "
-                         f"held-out records [{c['records'][0]:+.4f}, {c['records'][1]:+.4f}]{families}; "
-                         "lower is better)")
+            lines.append(f"- {arm_label(setting, c['arm'])} minus the random mean: {c['diff']:+.4f} (paired "
+                         f"bootstrap 95% over held-out records [{c['records'][0]:+.4f}, {c['records'][1]:+.4f}]"
+                         f"{families}; lower is better)")
     lines += seed_lines(rows, kind) + convergence_lines(rows, kind) + distill_lines(rows, kind)
-    lines += strat_choice_lines(rows, kind)
+    if setting == STRAT_SWEEP_SETTING:
+        lines += strat_choice_lines(rows, kind)
     if kind == "suite":
         families = pd.DataFrame([r.fields for r in load_pool(work / "pool.jsonl").records])[["id", "family"]]
         for unit in ("rec", "tok"):

@@ -206,6 +206,16 @@ def test_summary_compares_every_method_with_the_random_mean(tmp_path):
                             "+0.0000] | 3.50 |")
     assert body[2].endswith("| +2.0000 | [+2.0000, +2.0000] | [+2.0000, +2.0000] | above all | +0.2500 [+0.2500, "
                             "+0.2500] | 1.00 |")
+    # the sweep's choice on another setting is named the frozen strat; on the sweep's own it is a sweep arm
+    (folder / "rec-strat-c1i1d-0.json").write_text(json.dumps(row("rec:strat-c1i1d-0", [3, 3, 3], 25)))
+    sweep = tmp_path / "suite-15"
+    sweep.mkdir()
+    for arm in ("rec:random-0", "rec:random-1", "rec:strat-c1i1d-0"):
+        (sweep / f"{exp._file(arm)}.json").write_text(json.dumps(row(arm, [2, 3, 4], 0)))
+    names = [line.split(" | ")[:5] for line in exp.summary(exp.compare_all(tmp_path)).splitlines()
+             if "strat" in line]
+    assert dict((n[0], n[4]) for n in names) == {"| suite-15": "rec:strat-c1i1d-0",
+                                                 "| suite-25": "rec:strat-c1i1d-0 (strat, frozen)"}
 
 
 @pytest.mark.slow
