@@ -366,3 +366,24 @@ def test_a_scoring_process_reads_the_pool_once_and_parses_only_its_shards(models
     assert len(reads) == 1
     # five shards of 20 (16) records, then the whole pool once to collect them
     assert built == [20, 20, 20, 20, 16, 96]
+
+
+def test_the_pool_is_written_a_row_group_at_a_time(tmp_path, monkeypatch):
+    """pool.parquet holds the same rows whether built in one frame or in parts (a part per row
+    group, so a pool of millions is never copied whole); an empty pool still writes its columns."""
+    import pyarrow.parquet as pq
+
+    from paser.data.suite import suite_pool
+    from paser.selection import pipeline
+    from paser.selection.runfolder import atomic_parquet_parts, read_run_pool
+
+    records = suite_pool(30, seed=2).records
+    whole = next(pipeline.pool_frames(records))
+    monkeypatch.setattr(pipeline, "POOL_ROWS_PER_GROUP", 7)
+    atomic_parquet_parts(pipeline.pool_frames(records), tmp_path / "pool.parquet")
+    assert pq.ParquetFile(tmp_path / "pool.parquet").num_row_groups == 5
+    assert pd.read_parquet(tmp_path / "pool.parquet").equals(whole)
+    (tmp_path / "pool.parquet.fp").write_text("fp")
+    assert read_run_pool(tmp_path) == records
+    atomic_parquet_parts(pipeline.pool_frames([]), tmp_path / "empty.parquet")
+    assert list(pd.read_parquet(tmp_path / "empty.parquet").columns) == list(whole.columns)

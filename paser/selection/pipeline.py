@@ -28,6 +28,7 @@ from paser.selection.runfolder import (
     STAGE_OUTPUTS,
     Stage,
     atomic_parquet,
+    atomic_parquet_parts,
     is_fresh,
     read_run_pool,
     run_folder,
@@ -70,16 +71,7 @@ def stage_data(settings: Settings, run: Path) -> Path:
 
     def make(path: Path, fp: str) -> None:
         pool = read_input_pool(settings.select)
-        frame = pd.DataFrame({
-            "id": [r.id for r in pool.records],
-            "instruction": [r.instruction for r in pool.records],
-            "input": [r.input for r in pool.records],
-            "response": [r.response for r in pool.records],
-            "fields": [json.dumps(r.fields, ensure_ascii=False, default=str) for r in pool.records],
-            "index": [r.index for r in pool.records],
-            "context": [json.dumps(list(r.context), ensure_ascii=False) for r in pool.records],
-        })
-        atomic_parquet(frame, path)
+        atomic_parquet_parts(pool_frames(pool.records), path)
         (run / "data.json").write_text(json.dumps({
             "source": str(pool.source) if pool.source else "generated capability suite",
             "layout": pool.layout, "records": len(pool), "fingerprint": fp,
@@ -88,6 +80,25 @@ def stage_data(settings: Settings, run: Path) -> Path:
         }, indent=2))
 
     return stage_output(settings, run, "data", make)
+
+
+POOL_ROWS_PER_GROUP = 100_000  # records per row group of pool.parquet, built and written one at a time
+
+
+def pool_frames(records: list[Record]):
+    """pool.parquet's rows, ``POOL_ROWS_PER_GROUP`` records a frame (at least one frame): a pool
+    of millions is never copied whole into a frame and Arrow beside its records."""
+    for lo in range(0, max(len(records), 1), POOL_ROWS_PER_GROUP):
+        part = records[lo:lo + POOL_ROWS_PER_GROUP]
+        yield pd.DataFrame({
+            "id": [r.id for r in part],
+            "instruction": [r.instruction for r in part],
+            "input": [r.input for r in part],
+            "response": [r.response for r in part],
+            "fields": [json.dumps(r.fields, ensure_ascii=False, default=str) for r in part],
+            "index": [r.index for r in part],
+            "context": [json.dumps(list(r.context), ensure_ascii=False) for r in part],
+        })
 
 
 def dense_tokenizer(settings: Settings):

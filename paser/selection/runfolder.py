@@ -66,6 +66,27 @@ def atomic_parquet(frame: pd.DataFrame, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def atomic_parquet_parts(frames, path: Path) -> None:
+    """Write the frames, one row group each, as one Parquet file (``path`` is the old file or the
+    whole new one): only one frame's Arrow copy is in memory at a time. Given no frame, nothing is
+    written: pass at least an empty one."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    tmp = path.with_name(f".{path.name}.tmp")
+    writer = None
+    try:
+        for frame in frames:
+            table = pa.Table.from_pandas(frame, preserve_index=False)
+            writer = writer or pq.ParquetWriter(tmp, table.schema)
+            writer.write_table(table)
+    finally:
+        if writer is not None:
+            writer.close()
+    if writer is not None:
+        os.replace(tmp, path)
+
+
 def record_stage(run: Path, stage: str, seconds: float, reused: bool) -> None:
     """Note a stage's wall time in timings.json (the manifest's per-stage table)."""
     path = run / "timings.json"
