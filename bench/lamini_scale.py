@@ -2,6 +2,7 @@
 
     python bench/lamini_scale.py                     # 2,585,615 records, LaMini-instruction's count
     python bench/lamini_scale.py --records 20000     # a quick try
+    python bench/lamini_scale.py --stop-after data   # the inputs and the data stage only
 
 Writes a LaMini-layout JSONL (``instruction``, ``response``) of N records, each a real record of
 ``../shared/data/alpaca_5000.json`` (its instruction and input, with the row's number appended so
@@ -66,6 +67,8 @@ def main(argv=None) -> None:
     ap.add_argument("--records", type=int, default=LAMINI_RECORDS)
     ap.add_argument("--alpaca", default=str(ROOT.parent / "shared" / "data" / "alpaca_5000.json"))
     ap.add_argument("--work", default=None, help="folder for the pool, embeddings and run (default: a temp folder)")
+    ap.add_argument("--stop-after", choices=["data", "tokens"], default=None,
+                    help="end after this stage (to measure the first stages again without the clustering)")
     args = ap.parse_args(argv)
 
     from paser.selection import pipeline
@@ -90,10 +93,14 @@ def main(argv=None) -> None:
         "embed": {"precomputed": str(work / "embeddings.npz")}})
     run = pipeline.run_folder(settings)
     timed("data (read, validate, store)", lambda: pipeline.stage_data(settings, run))
+    if args.stop_after == "data":
+        return
     ids = pd.read_parquet(run / "pool.parquet", columns=["id"])["id"].tolist()
     np.savez(work / "embeddings.npz", ids=np.asarray(ids, dtype=str), embeddings=x)  # in the pool's order
     del x, ids
     timed("tokens (the dense tokenizer)", lambda: pipeline.stage_tokens(settings, run))
+    if args.stop_after == "tokens":
+        return
     pipeline.resolve_run_budget(settings, run)
     timed("embed (the given file)", lambda: pipeline.stage_embed(settings, run))
     timed("clusters (neighbours, map, K)", lambda: pipeline.stage_cluster(settings, run))
