@@ -68,6 +68,10 @@ def test_an_interrupted_cache_resumes_and_a_damaged_one_is_named(dense, records,
     path.write_text("not json\n" + path.read_text())
     with pytest.raises(DataError, match=r"answers.jsonl: line 1 is not an answer record"):
         AnswerCache(path.parent)
+    odd = tmp_path / "odd"  # an answer holding a line separator that is not a newline comes back whole
+    AnswerCache(odd).add([{"key": "k", "id": "a", "answer": "one\u2028two\u00e9", "prompt_tokens": 1,
+                           "new_tokens": 2}])
+    assert AnswerCache(odd).rows["k"]["answer"] == "one\u2028two\u00e9"
 
 
 def test_an_empty_answer_keeps_the_files_response(dense, records, tmp_path):

@@ -38,7 +38,9 @@ class AnswerCache:
     def __init__(self, folder: Path):
         self.path = Path(folder) / "answers.jsonl"
         self.rows: dict[str, dict] = {}
-        lines = self.path.read_text().splitlines() if self.path.is_file() else []
+        # split at newlines only: an answer may hold U+2028, which str.splitlines would also split at
+        text = self.path.read_text(encoding="utf-8") if self.path.is_file() else ""
+        lines = text.split("\n")[:-1] if text.endswith("\n") else text.split("\n") if text else []
         for n, line in enumerate(lines, 1):
             try:
                 row = json.loads(line)
@@ -51,7 +53,7 @@ class AnswerCache:
 
     def add(self, rows: list[dict]) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self.path.open("a") as out:
+        with self.path.open("a", encoding="utf-8") as out:
             for row in rows:
                 out.write(json.dumps(row, ensure_ascii=False) + "\n")
                 self.rows[row["key"]] = row
