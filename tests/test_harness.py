@@ -171,3 +171,12 @@ def test_cli_evaluate_with_local_task(tmp_path, tiny_tokenizer, choice_file, mon
     done = runner.invoke(app, ["evaluate", str(folder), "--no-flow", "--suite-size", "0", "--lm-eval-task", str(bad)])
     assert done.exit_code != 0
     assert "broken.jsonl, line 1: not valid JSON" in done.output
+
+
+def test_a_query_holding_a_line_separator_is_one_record(tmp_path):
+    from paser.evaluation.harness import read_choice_records
+
+    path = tmp_path / "sep.jsonl"
+    path.write_text(json.dumps({"query": "one\u2028two", "choices": ["a", "b"], "gold": 1}, ensure_ascii=False)
+                    + "\r\n", encoding="utf-8")
+    assert [r["query"] for r in read_choice_records(path)] == ["one\u2028two"]

@@ -48,7 +48,7 @@ def _import_lm_eval():
 def read_choice_records(path: Path) -> list[dict]:
     """The records of a local multiple-choice JSONL file, checked field by field."""
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = path.read_text(encoding="utf-8").split("\n")  # not splitlines: a query may hold U+2028
     except OSError as err:
         raise DataError(f"{path}: cannot read the lm-eval task file: {err.strerror}") from None
     except UnicodeDecodeError as err:
