@@ -256,3 +256,14 @@ def test_strat_with_its_defaults_scores_every_record_and_skips_near_duplicates(m
     assert scores["jsd"].notna().all()  # tau_i 1 draws by every record's IES
     report = (run / "report.md").read_text()
     assert "size x (CDS / mean)^1" in report and "(IES / cluster mean)^1" in report and "cosine >= 0.95" in report
+
+
+def test_near_duplicates_keep_every_accepted_row_as_the_matrix_grows():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(3000, 16)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    x[2500] = x[10]  # offered after the accepted rows outgrew the first 1024
+    dup = NearDuplicates(x, [str(i) for i in range(len(x))], 0.999)
+    taken = [dup.offer(i) for i in range(len(x))]
+    assert not taken[2500][0] and taken[2500][2][0] == "10"
+    assert sum(ok for ok, _, _ in taken) == len(x) - 1 and len(dup.matrix) < 2 * len(x)

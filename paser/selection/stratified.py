@@ -99,15 +99,20 @@ class NearDuplicates:
     def __init__(self, embeddings: np.ndarray, ids, threshold: float):
         self.x, self.ids, self.threshold = np.asarray(embeddings, dtype=np.float32), list(ids), threshold
         self.kept: list[int] = []
-        self.matrix = np.empty_like(self.x)  # the accepted rows, in its first len(kept) rows
+        # the accepted rows, in its first len(kept) rows; grown by doubling, never the pool's size at once
+        self.matrix = np.empty((min(len(self.x), 1024), self.x.shape[1]), dtype=np.float32)
 
     def offer(self, i: int):
+        """(accepted, why not, (the record it duplicates, "")): each offer compares the record with
+        every one accepted so far, so a selection of n records costs about n^2 / 2 dot products."""
         n = len(self.kept)
         if n:
             sims = self.matrix[:n] @ self.x[i]  # [kept]
             j = int(np.argmax(sims))
             if sims[j] >= self.threshold:
                 return False, f"near-duplicate (cosine {sims[j]:.3f})", (str(self.ids[self.kept[j]]), "")
+        if n == len(self.matrix):
+            self.matrix = np.concatenate([self.matrix, np.empty_like(self.matrix)])
         self.matrix[n] = self.x[i]
         self.kept.append(i)
         return True, "", ("", "")
