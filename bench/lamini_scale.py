@@ -24,6 +24,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import sys
 import tempfile
 import time
@@ -91,6 +92,7 @@ def main(argv=None) -> None:
                    "progress": False},
         "sample": {"cds_temperature": 0.0, "ies_temperature": 0.0, "dedup": "off"},  # stratified random
         "embed": {"precomputed": str(work / "embeddings.npz")}})
+    shutil.rmtree(work / "run", ignore_errors=True)  # every stage measured, none reused from an earlier run
     run = pipeline.run_folder(settings)
     timed("data (read, validate, store)", lambda: pipeline.stage_data(settings, run))
     if args.stop_after == "data":
