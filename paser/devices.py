@@ -18,6 +18,11 @@ def visible_gpus() -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
+def device_of(model) -> torch.device:
+    """The device a model's weights are on (where its inputs must go)."""
+    return next(model.parameters()).device
+
+
 def default_device() -> str:
     return "cuda" if visible_gpus() else "cpu"
 

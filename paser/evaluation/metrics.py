@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from paser.devices import device_of
 from paser.errors import DataError
 
 
@@ -36,10 +37,6 @@ def load_for_eval(model: str, adapter: str | None = None, dtype: str = "float32"
         described += f" + LoRA adapter {adapter}"
     net.eval()
     return net, loaded.tokenizer, described
-
-
-def device_of(model) -> torch.device:
-    return next(model.parameters()).device
 
 
 def perplexity(model, tokenizer, text: str, window: int, batch_size: int = 8) -> dict:

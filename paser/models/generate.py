@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from paser.devices import device_of
+
 
 def greedy_batch(model, tokenizer, prompts: list[str], max_new_tokens: int) -> list[tuple[str, int, int]]:
     """(answer, prompt tokens, generated tokens) per prompt of one batch. A row's generated tokens
@@ -17,8 +19,7 @@ def greedy_batch(model, tokenizer, prompts: list[str], max_new_tokens: int) -> l
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     try:
-        device = next(model.parameters()).device
-        enc = tokenizer(prompts, return_tensors="pt", padding=True).to(device)
+        enc = tokenizer(prompts, return_tensors="pt", padding=True).to(device_of(model))
         with torch.no_grad():
             out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad)
     finally:

@@ -1,7 +1,7 @@
 """Self-data distillation's training data (``responses: dense``): the dense model's own greedy
 answers to the training records' prompts, which the pruned model then learns instead of the file's
-responses (arXiv 2410.09982: the answers stay in the dense model's distribution, so recovery
-pulls the pruned model back towards it rather than towards another writer's).
+responses (arXiv 2410.09982: the aim is to recover towards the dense model's own distribution
+rather than another writer's; whether it pays here is the recovery-cost experiment's question).
 
 Answers are generated in batches and cached by content: each line of
 ``OUT/dense_answers/answers.jsonl`` holds the answer to one prompt under one dense model, template
@@ -103,7 +103,10 @@ def with_dense_answers(records: list, reference: str, model, tokenizer, template
     model_fp = model_fingerprint(reference)
     prompts = [format_prompt(r, template, tokenizer) for r in records]
     keys = [answer_key(model_fp, template, max_new_tokens, p) for p in prompts]
-    missing = sorted({k: i for i, k in reversed(list(enumerate(keys))) if k not in cache.rows}.values())
+    first: dict[str, int] = {}  # each distinct prompt once, at its first record
+    for i, key in enumerate(keys):
+        first.setdefault(key, i)
+    missing = [i for key, i in first.items() if key not in cache.rows]
     now = {"prompt_tokens": 0, "new_tokens": 0}
     start = time.perf_counter()
     if missing:
@@ -126,7 +129,7 @@ def with_dense_answers(records: list, reference: str, model, tokenizer, template
         else:
             answered.append(record)
             kept.append(record.id)
-    used = [cache.rows[k] for k in dict.fromkeys(keys)]  # each distinct prompt once, as generated
+    used = [cache.rows[k] for k in first]  # each distinct prompt once, as generated
     summary = {"responses": "dense", "model": str(reference), "records": len(records),
                "kept_file_response": len(kept), "kept_ids": kept[:20], "answer_tokens": max_new_tokens,
                "prompt_tokens": sum(r["prompt_tokens"] for r in used), "new_tokens": sum(r["new_tokens"] for r in used),
