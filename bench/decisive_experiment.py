@@ -43,6 +43,10 @@ batches; ``ARM@distill-jsd`` with the JSD instead of forward KL, ``ARM@distill-t
 model on the held-out records (suite answers; Alpaca held-out responses): how much of the dense
 behaviour came back.
 --add-jsd computes it for finished arms that lack it (from their saved adapters).
+``UNIT:random-K=METHOD`` is random subset K at METHOD's total compute: drawn at the token budget
+whose recovery (token batches of the same size, so more steps) spends what ``UNIT:METHOD``'s
+selection and recovery spent together, by the arms' ledgers; it runs after METHOD and the
+budget's random arms, and the report compares METHOD with these arms at equal total compute.
 
 Recovery, identical for every arm: LoRA r 8, alpha 16, dropout 0.05, 2 epochs, cutoff 256, lr
 3e-4, fp32, no validation split. Every finished arm's figures go to RESULTS/<setting>/<arm>.json at
@@ -180,9 +184,12 @@ def select_arm(arm: str, setup: dict, work: Path, args) -> tuple[Path, float]:
     """The arm's subset and its selection's wall time. One run folder per setting, so every arm
     reuses the pool's tokens, clusters and scores (an arm's time is then its increment)."""
     unit, method = base_arm(arm).split(":") if ":" in arm else ("rec", arm)
+    method, _, target = method.partition("=")  # random-K=METHOD: random at METHOD's total compute
+    budget = (BUDGETS[unit] if not target else
+              equal_compute_budget(load_rows(Path(args.results), setup["setting"]), unit, target))
     seed = int(method.split("-")[-1]) if method.split("-")[-1].isdigit() else 0  # random-K, strat[-CFG]-K
     sections = {"select": {"data": str(setup["pool"]), "dense": args.dense, "pruned": setup["pruned"],
-                           "budget": BUDGETS[unit], "out": str(work / "select"), "seed": seed, "progress": False,
+                           "budget": budget, "out": str(work / "select"), "seed": seed, "progress": False,
                            "method": {"loss_gap": "paser"}.get(method, method.split("-")[0])},
                 "score": {"signal": "loss_gap" if method == "loss_gap" else "jsd"}}
     if method.startswith("strat"):
@@ -501,8 +508,58 @@ def variant_lines(rows: dict, kind: str) -> list[str]:
 
 
 def random_arms(rows: dict, unit: str) -> list[dict]:
-    """The SFT random arms of budget ``unit`` (``UNIT:random-K``, no @objective, #seed or ~conv)."""
-    return [rows[a] for a in sorted(rows) if a.startswith(f"{unit}:random-") and a == base_arm(a)]
+    """The SFT random arms of budget ``unit`` (``UNIT:random-K``, no @objective, #seed, ~conv or
+    =METHOD)."""
+    return [rows[a] for a in sorted(rows) if a.startswith(f"{unit}:random-") and a == base_arm(a) and "=" not in a]
+
+
+def equal_compute_budget(rows: dict, unit: str, target: str) -> str:
+    """The token budget of ``UNIT:random-K=TARGET``: the unit's budget times TARGET's selection +
+    recovery compute over the mean of the unit's random arms' (``compute_ratio``). Recovery's
+    compute grows with the tokens trained (token batches of one size, two epochs), so a random
+    subset of that budget spends what TARGET spent in all."""
+    name = f"{unit}:random-K={target}"
+    if not str(BUDGETS[unit]).endswith("tok"):
+        raise SystemExit(f"{name}: equal-compute arms take a token budget, not {unit}")
+    if f"{unit}:{target}" not in rows:
+        raise SystemExit(f"{name}: {unit}:{target} has not run on this setting; run it first")
+    randoms = random_arms(rows, unit)
+    ratio = compute_ratio([rows[f"{unit}:{target}"]], randoms) if randoms else None
+    if ratio is None:
+        raise SystemExit(f"{name}: needs {unit}:{target} and the unit's random arms with their compute ledgers")
+    fraction = float(BUDGETS[unit].removesuffix("tok")) * ratio
+    if fraction >= 1:
+        raise SystemExit(f"{name}: {unit}:{target} spent {ratio:.2f}x random's compute, more than training on "
+                         f"the whole pool ({fraction:.0%} of its tokens)")
+    return f"{fraction:.6f}tok"
+
+
+def equal_compute_lines(rows: dict, kind: str) -> list[str]:
+    """Every method with ``UNIT:random-K=METHOD`` arms against them: the method's metric minus their
+    mean, the paired bootstrap 95% interval over held-out records, where it lies against them, and
+    the compute of each side (selection + recovery, TFLOP)."""
+    lines = []
+    for unit in BUDGETS:
+        targets = sorted({a.split("=", 1)[1] for a in rows if a.startswith(f"{unit}:random-") and "=" in a})
+        for target in targets:
+            method = rows.get(f"{unit}:{target}")
+            matched = [rows[a] for a in sorted(rows) if a.startswith(f"{unit}:random-") and a.endswith(f"={target}")]
+            if method is None or len(matched) < 2:
+                continue
+            values = [_metric(r, kind) for r in matched]
+            metric = _metric(method, kind)
+            lo, hi = paired_bootstrap(method, matched, kind)
+            place = "below all" if metric < min(values) else "above all" if metric > max(values) else "inside"
+            spent = [total_flops(r) for r in matched]
+            lines.append(f"- {unit}:{target} {metric:.4f} against {len(matched)} random subsets at its compute "
+                         f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f} "
+                         f"(records {'/'.join(str(r.get('selected')) for r in matched)}, steps "
+                         f"{'/'.join(str(r.get('steps')) for r in matched)}): {metric - statistics.mean(values):+.4f} "
+                         f"[{lo:+.4f}, {hi:+.4f}] over held-out records{_families_interval(method, matched, kind)}, "
+                         f"{place}; compute {total_flops(method) / 1e12:.2f} TFLOP against "
+                         f"{statistics.mean(spent) / 1e12:.2f} (mean)")
+    return (["", "At equal total compute (selection + recovery; method minus the random subsets trained at "
+             "its compute):"] + lines) if lines else []
 
 
 def unit_name(unit: str) -> str:
@@ -897,7 +954,8 @@ def report(setting: str, work: Path, rows: dict, compared: list) -> str:
             lines.append(f"- {arm_label(setting, c['arm'])} minus the random mean: {c['diff']:+.4f} (paired "
                          f"bootstrap 95% over held-out records [{c['records'][0]:+.4f}, {c['records'][1]:+.4f}]"
                          f"{families}; lower is better)")
-    lines += seed_lines(rows, kind) + convergence_lines(rows, kind) + distill_lines(rows, kind)
+    lines += (seed_lines(rows, kind) + equal_compute_lines(rows, kind) + convergence_lines(rows, kind)
+              + distill_lines(rows, kind))
     if setting == STRAT_SWEEP_SETTING:
         lines += strat_choice_lines(rows, kind)
     if kind == "suite":
@@ -959,13 +1017,14 @@ def main(argv=None) -> None:
     for setting in [] if args.report_only else args.settings:
         known = arms_of(setting)
         wanted = args.arms or known
-        unknown = [a for a in wanted if base_arm(a) not in known]
+        unknown = [a for a in wanted if base_arm(a).split("=")[0] not in known
+                   or ("=" in a and f"{a.split(':')[0]}:{a.split('=', 1)[1]}" not in known)]
         if unknown:
             raise SystemExit(f"{setting}: unknown arm(s) {unknown}; known: {known} (ARM#K for recovery seed K)")
         todo = [a for a in ("dense", "none", *wanted) if not (results / setting / f"{_file(a)}.json").is_file()]
         if not todo and not args.add_jsd and not args.add_compute:
             continue
-        setup = prepare(setting, args, out / setting) | {"work": out / setting}
+        setup = prepare(setting, args, out / setting) | {"work": out / setting, "setting": setting}
         if args.add_jsd:
             add_jsd(setting, results, setup, args, ["dense", "none", *args.arms] if args.arms else None)
         if args.add_compute:
@@ -997,7 +1056,7 @@ def _commit() -> str | None:
 
 
 def _file(arm: str) -> str:
-    return arm.replace(":", "-").replace("#", "-seed").replace("~", "-").replace("@", "-")
+    return arm.replace(":", "-").replace("#", "-seed").replace("~", "-").replace("@", "-").replace("=", "-eq-")
 
 
 if __name__ == "__main__":

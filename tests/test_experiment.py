@@ -218,6 +218,40 @@ def test_summary_compares_every_method_with_the_random_mean(tmp_path):
                                                  "| suite-25": "rec:strat-c1i1d-0 (strat, frozen)"}
 
 
+def test_equal_compute_arms_scale_the_budget_and_are_compared_apart(tmp_path):
+    import decisive_experiment as exp
+
+    def row(arm, values, selection, recovery=10.0):  # compute in TFLOP
+        return {"arm": arm, "steps": 50, "selected": 3,
+                "suite": {"answer_nll_macro": sum(values) / 3,
+                          "per_record": {"family": ["a", "a", "b"], "nll": list(values)}},
+                "compute": {"selection": {"flops_total": selection * 1e12},
+                            "recovery": {"flops_total": recovery * 1e12}}}
+
+    rows = {"tok:random-0": row("tok:random-0", [2, 2, 2], 0), "tok:random-1": row("tok:random-1", [4, 4, 4], 0),
+            "tok:paser": row("tok:paser", [1, 1, 1], 25)}
+    # paser spent 25 + 10 against random's 10: 3.5 times the 20% token budget
+    assert exp.equal_compute_budget(rows, "tok", "paser") == "0.700000tok"
+    with pytest.raises(SystemExit, match="has not run"):
+        exp.equal_compute_budget(rows, "tok", "uniform")
+    with pytest.raises(SystemExit, match="token budget"):
+        exp.equal_compute_budget(rows, "rec", "paser")
+    rows["tok:paser"]["compute"]["selection"]["flops_total"] = 45e12  # 5.5 x 20%: more than the pool
+    with pytest.raises(SystemExit, match="whole pool"):
+        exp.equal_compute_budget(rows, "tok", "paser")
+    assert exp._file("tok:random-0=paser") == "tok-random-0-eq-paser"
+    rows |= {"tok:random-0=paser": row("tok:random-0=paser", [0, 0, 0], 0, 30),
+             "tok:random-1=paser": row("tok:random-1=paser", [0.5, 0.5, 0.5], 0, 40)}
+    assert [r["arm"] for r in exp.random_arms(rows, "tok")] == ["tok:random-0", "tok:random-1"]  # not the = arms
+    lines = exp.equal_compute_lines(rows, "suite")
+    assert lines[1].startswith("At equal total compute")
+    # paser 1.0 against 0.0 and 0.5 at its compute: +0.75 on every record, above all; 55 TFLOP against 35
+    assert lines[2] == ("- tok:paser 1.0000 against 2 random subsets at its compute 0.2500 ± 0.3536 (records 3/3, "
+                        "steps 50/50): +0.7500 [+0.7500, +0.7500] over held-out records; over families "
+                        "[+0.7500, +0.7500], above all; compute 55.00 TFLOP against 35.00 (mean)")
+    assert exp.equal_compute_lines({k: v for k, v in rows.items() if k != "tok:random-1=paser"}, "suite") == []
+
+
 @pytest.mark.slow
 def test_cluster_lines_split_favoured_and_starved_clusters():
     import decisive_experiment as exp
@@ -251,7 +285,8 @@ def test_recovery_cost_arms_run_and_report_compute(tiny_pair, tmp_path):
 
     dense, pruned = tiny_pair
     arms = ["tok:random-0", "tok:random-1", "tok:paser", "tok:strat-c1i0d-0", "tok:random-0@tokw",
-            "tok:random-1@tokw", "tok:paser@tokw", "tok:adaptive", "tok:rounds", "tok:random-0@self"]
+            "tok:random-1@tokw", "tok:paser@tokw", "tok:adaptive", "tok:rounds", "tok:random-0@self",
+            "tok:random-2=random-1"]
     exp.main(["--settings", "suite-25", "--dense", dense, "--pruned", pruned, "--smoke", "--out",
               str(tmp_path / "work"), "--results", str(tmp_path / "results"), "--micro-batch-tokens", "256",
               "--arms", *arms])
@@ -268,6 +303,11 @@ def test_recovery_cost_arms_run_and_report_compute(tiny_pair, tmp_path):
     assert rows["tok:random-0@self"]["steps"] == rows["tok:random-0"]["steps"]
     assert rows["tok:random-0@self"]["selected_tokens"] == rows["tok:random-0"]["selected_tokens"]  # its subset
     assert rows["tok:random-0@self"]["compute"]["recovery"]["flops_by_stage"]["dense answers"] > 0
+    # random subset 2 at random-1's total compute: the budget scaled by random-1's compute over the randoms' mean
+    ratio = exp.compute_ratio([rows["tok:random-1"]], [rows["tok:random-0"], rows["tok:random-1"]])
+    assert rows["tok:random-2=random-1"]["budget"] == pytest.approx(rows["tok:random-0"]["budget"] * ratio, abs=1)
+    assert "tok:random-2=random-1" not in [r["arm"] for r in exp.random_arms(exp.load_rows(
+        tmp_path / "results", "suite-25"), "tok")]
     assert len(rows["tok:adaptive"]["adaptive"]) == exp.ADAPTIVE["rounds"]
     shares = [r["shares"] for r in rows["tok:rounds"]["adaptive"]]
     assert all(s == shares[0] for s in shares)  # the control's shares never move
