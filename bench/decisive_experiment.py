@@ -510,7 +510,19 @@ def variant_lines(rows: dict, kind: str) -> list[str]:
 def random_arms(rows: dict, unit: str) -> list[dict]:
     """The SFT random arms of budget ``unit`` (``UNIT:random-K``, no @objective, #seed, ~conv or
     =METHOD)."""
-    return [rows[a] for a in sorted(rows) if a.startswith(f"{unit}:random-") and a == base_arm(a) and "=" not in a]
+    return [rows[a] for a in sorted(rows)
+            if a.startswith(f"{unit}:random-") and a == base_arm(a) and compute_target(a) is None]
+
+
+def compute_target(arm: str) -> str | None:
+    """``UNIT:METHOD`` of an equal-compute arm ``UNIT:random-K=METHOD``; None for any other arm."""
+    base = base_arm(arm)
+    return f"{base.split(':')[0]}:{base.split('=', 1)[1]}" if "=" in base else None
+
+
+def place(metric: float, values: list[float]) -> str:
+    """Where ``metric`` lies against the random seeds' ``values`` (lower is better)."""
+    return "below all" if metric < min(values) else "above all" if metric > max(values) else "inside"
 
 
 def equal_compute_budget(rows: dict, unit: str, target: str) -> str:
@@ -538,26 +550,26 @@ def equal_compute_lines(rows: dict, kind: str) -> list[str]:
     """Every method with ``UNIT:random-K=METHOD`` arms against them: the method's metric minus their
     mean, the paired bootstrap 95% interval over held-out records, where it lies against them, and
     the compute of each side (selection + recovery, TFLOP)."""
+    groups: dict[str, list[dict]] = {}
+    for arm in sorted(rows):
+        if arm == base_arm(arm) and (target := compute_target(arm)) is not None:
+            groups.setdefault(target, []).append(rows[arm])
     lines = []
-    for unit in BUDGETS:
-        targets = sorted({a.split("=", 1)[1] for a in rows if a.startswith(f"{unit}:random-") and "=" in a})
-        for target in targets:
-            method = rows.get(f"{unit}:{target}")
-            matched = [rows[a] for a in sorted(rows) if a.startswith(f"{unit}:random-") and a.endswith(f"={target}")]
-            if method is None or len(matched) < 2:
-                continue
-            values = [_metric(r, kind) for r in matched]
-            metric = _metric(method, kind)
-            lo, hi = paired_bootstrap(method, matched, kind)
-            place = "below all" if metric < min(values) else "above all" if metric > max(values) else "inside"
-            spent = [total_flops(r) for r in matched]
-            lines.append(f"- {unit}:{target} {metric:.4f} against {len(matched)} random subsets at its compute "
-                         f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f} "
-                         f"(records {'/'.join(str(r.get('selected')) for r in matched)}, steps "
-                         f"{'/'.join(str(r.get('steps')) for r in matched)}): {metric - statistics.mean(values):+.4f} "
-                         f"[{lo:+.4f}, {hi:+.4f}] over held-out records{_families_interval(method, matched, kind)}, "
-                         f"{place}; compute {total_flops(method) / 1e12:.2f} TFLOP against "
-                         f"{statistics.mean(spent) / 1e12:.2f} (mean)")
+    for target, matched in groups.items():
+        method = rows.get(target)
+        if method is None or len(matched) < 2:
+            continue
+        values = [_metric(r, kind) for r in matched]
+        metric = _metric(method, kind)
+        lo, hi = paired_bootstrap(method, matched, kind)
+        spent = [total_flops(r) for r in matched]
+        lines.append(f"- {target} {metric:.4f} against {len(matched)} random subsets at its compute "
+                     f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f} "
+                     f"(records {'/'.join(str(r.get('selected')) for r in matched)}, steps "
+                     f"{'/'.join(str(r.get('steps')) for r in matched)}): {metric - statistics.mean(values):+.4f} "
+                     f"[{lo:+.4f}, {hi:+.4f}] over held-out records{_families_interval(method, matched, kind)}, "
+                     f"{place(metric, values)}; compute {total_flops(method) / 1e12:.2f} TFLOP against "
+                     f"{statistics.mean(spent) / 1e12:.2f} (mean)")
     return (["", "At equal total compute (selection + recovery; method minus the random subsets trained at "
              "its compute):"] + lines) if lines else []
 
@@ -832,11 +844,10 @@ def comparisons(rows: dict, kind: str):
                 continue
             group = arm if isinstance(arm, list) else [arm]
             metric = statistics.mean(_metric(r, kind) for r in group)
-            place = "below all" if metric < min(values) else "above all" if metric > max(values) else "inside"
             found.append({"arm": name, "metric": metric, "diff": metric - statistics.mean(values),
                           "records": paired_bootstrap(arm, randoms, kind),
                           "families": paired_bootstrap(arm, randoms, kind, by="family") if kind == "suite" else None,
-                          "place": place, "jsd": jsd_difference(group, randoms, kind),
+                          "place": place(metric, values), "jsd": jsd_difference(group, randoms, kind),
                           "compute": compute_ratio(group, randoms)})
         yield unit, (statistics.mean(values), statistics.stdev(values), len(values)), found
 
@@ -1018,7 +1029,7 @@ def main(argv=None) -> None:
         known = arms_of(setting)
         wanted = args.arms or known
         unknown = [a for a in wanted if base_arm(a).split("=")[0] not in known
-                   or ("=" in a and f"{a.split(':')[0]}:{a.split('=', 1)[1]}" not in known)]
+                   or compute_target(a) not in (None, *known)]
         if unknown:
             raise SystemExit(f"{setting}: unknown arm(s) {unknown}; known: {known} (ARM#K for recovery seed K)")
         todo = [a for a in ("dense", "none", *wanted) if not (results / setting / f"{_file(a)}.json").is_file()]
