@@ -849,7 +849,30 @@ def comparisons(rows: dict, kind: str):
                           "families": paired_bootstrap(arm, randoms, kind, by="family") if kind == "suite" else None,
                           "place": place(metric, values), "jsd": jsd_difference(group, randoms, kind),
                           "compute": compute_ratio(group, randoms)})
+            found[-1]["verdict"] = verdict(found[-1], rows, name, arm, values, kind)
         yield unit, (statistics.mean(values), statistics.stdev(values), len(values)), found
+
+
+def verdict(compared: dict, rows: dict, name: str, arm, values: list[float], kind: str) -> str:
+    """The registered decision rule on one comparison: (a) below every random seed, (b) the paired
+    95% interval over held-out records below zero, (c) retrained with recovery seeds 1 and 2
+    (``ARM#1``, ``ARM#2``) the three-seed mean still below the random mean; for the mean over the
+    random subsets of a recovery (``random@X``) the five subsets are the repeats. "worse" when the
+    interval lies above zero, "level" when neither."""
+    lo, hi = compared["records"]
+    if lo > 0:
+        return "worse"
+    if compared["place"] != "below all" or hi >= 0:
+        return "level"
+    if isinstance(arm, list):
+        return "beats random" if len(arm) >= 5 else f"candidate: {len(arm)} of 5 subsets"
+    missing = [f"#{k}" for k in (1, 2) if f"{name}#{k}" not in rows]
+    if missing:
+        return f"candidate: recovery seeds {', '.join(missing)} pending"
+    three = statistics.mean(_metric(rows[a], kind) for a in (name, f"{name}#1", f"{name}#2"))
+    if three < statistics.mean(values):
+        return "beats random"
+    return f"not confirmed: mean over recovery seeds 0-2 {three:.4f}, not below the random mean"
 
 
 def jsd_difference(group: list[dict], randoms: list[dict], kind: str):
@@ -901,14 +924,22 @@ def arm_label(setting: str, arm: str) -> str:
     return arm
 
 
+def sweep_or_verdict(setting: str, compared: dict) -> str:
+    """The rule's verdict, except for the strat sweep's arms on the sweep's setting: they choose the
+    configuration that the other settings test, so none of them is judged where it was chosen."""
+    if setting == STRAT_SWEEP_SETTING and compared["arm"].split(":")[-1] in STRAT_SWEEP:
+        return "sweep arm (chooses the frozen strat; judged on the other settings)"
+    return compared["verdict"]
+
+
 def summary(compared: dict) -> str:
     """One table over every setting and budget unit (``compare_all``'s output): each method minus
     the mean of the random seeds (SFT, the recipe's steps), the view the verdicts are read from."""
     lines = ["## Summary: every method minus the random mean (SFT, the recipe's steps; lower is better)", "",
              "| setting | budget | steps | random (mean ± sd, seeds) | arm | metric | minus random | 95% over "
              "held-out records | 95% over families | against the random seeds | JSD to dense minus random [95%] | "
-             "compute (selection + recovery) / random's |",
-             "|---|---|---:|---|---|---:|---:|---|---|---|---|---:|"]
+             "compute (selection + recovery) / random's | verdict (the registered rule) |",
+             "|---|---|---:|---|---|---:|---:|---|---|---|---|---:|---|"]
     for setting, (rows, compared_here) in compared.items():
         for unit, (mean, sd, n), found in compared_here:
             steps = "/".join(sorted({str(r.get("steps")) for r in random_arms(rows, unit)}))
@@ -920,7 +951,7 @@ def summary(compared: dict) -> str:
                 lines.append(f"| {setting} | {unit_name(unit)} | {steps} | {mean:.4f} ± {sd:.4f} ({n}) | "
                              f"{arm_label(setting, c['arm'])} | {c['metric']:.4f} | {c['diff']:+.4f} | "
                              f"[{c['records'][0]:+.4f}, {c['records'][1]:+.4f}] | {families} | {c['place']} | "
-                             f"{jsd} | {ratio} |")
+                             f"{jsd} | {ratio} | {sweep_or_verdict(setting, c)} |")
     return "\n".join(lines) + "\n"
 
 

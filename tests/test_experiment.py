@@ -201,11 +201,24 @@ def test_summary_compares_every_method_with_the_random_mean(tmp_path):
     assert [line.split(" | ")[4] for line in body] == ["rec:paser", "rec:uniform", "rec:longest"]
     # JSD 0.125 against 0.375; selection 25 + recovery 10 against random's 0 + 10
     assert body[0] == ("| suite-25 | record budget | 50 | 3.0000 ± 1.4142 (2) | rec:paser | 1.0000 | -2.0000 | "
-                       "[-2.0000, -2.0000] | [-2.0000, -2.0000] | below all | -0.2500 [-0.2500, -0.2500] | 3.50 |")
+                       "[-2.0000, -2.0000] | [-2.0000, -2.0000] | below all | -0.2500 [-0.2500, -0.2500] | 3.50 | "
+                       "candidate: recovery seeds #1, #2 pending |")
     assert body[1].endswith("| +0.0000 | [+0.0000, +0.0000] | [+0.0000, +0.0000] | inside | +0.0000 [+0.0000, "
-                            "+0.0000] | 3.50 |")
+                            "+0.0000] | 3.50 | level |")
     assert body[2].endswith("| +2.0000 | [+2.0000, +2.0000] | [+2.0000, +2.0000] | above all | +0.2500 [+0.2500, "
-                            "+0.2500] | 1.00 |")
+                            "+0.2500] | 1.00 | worse |")
+
+    def paser_verdict():
+        return [line for line in exp.summary(exp.compare_all(tmp_path)).splitlines()
+                if line.startswith("| suite-25 | record budget") and " | rec:paser | " in line][0].split(" | ")[-1]
+
+    (folder / f"{exp._file('rec:paser#1')}.json").write_text(json.dumps(row("rec:paser#1", [1, 1, 1], 25)))
+    assert paser_verdict() == "candidate: recovery seeds #2 pending |"
+    # rule (c): seeds 0-2 at 1, 1 and 8 average 3.3333, not below the random mean 3
+    (folder / f"{exp._file('rec:paser#2')}.json").write_text(json.dumps(row("rec:paser#2", [8, 8, 8], 25)))
+    assert paser_verdict() == "not confirmed: mean over recovery seeds 0-2 3.3333, not below the random mean |"
+    (folder / f"{exp._file('rec:paser#2')}.json").write_text(json.dumps(row("rec:paser#2", [5, 5, 5], 25)))
+    assert paser_verdict() == "beats random |"  # 2.3333 < 3
     # the sweep's choice on another setting is named the frozen strat; on the sweep's own it is a sweep arm
     (folder / "rec-strat-c1i1d-0.json").write_text(json.dumps(row("rec:strat-c1i1d-0", [3, 3, 3], 25)))
     sweep = tmp_path / "suite-15"
@@ -216,6 +229,10 @@ def test_summary_compares_every_method_with_the_random_mean(tmp_path):
              if "strat" in line]
     assert dict((n[0], n[4]) for n in names) == {"| suite-15": "rec:strat-c1i1d-0",
                                                  "| suite-25": "rec:strat-c1i1d-0 (strat, frozen)"}
+    verdicts = {line.split(" | ")[0]: line.split(" | ")[-1] for line in exp.summary(exp.compare_all(tmp_path))
+                .splitlines() if "strat" in line}  # the sweep's arms are not judged where they chose
+    assert verdicts == {"| suite-15": "sweep arm (chooses the frozen strat; judged on the other settings) |",
+                        "| suite-25": "level |"}
 
 
 def test_equal_compute_arms_scale_the_budget_and_are_compared_apart(tmp_path):
@@ -327,3 +344,15 @@ def test_recovery_cost_arms_run_and_report_compute(tiny_pair, tmp_path):
     again = json.loads((folder / "tok-paser.json").read_text())["compute"]
     assert again["selection"]["flops_total"] == pytest.approx(row["compute"]["selection"]["flops_total"])
     assert again["recovery"]["flops_total"] == pytest.approx(row["compute"]["recovery"]["flops_total"])
+
+
+def test_verdict_reads_the_mean_over_random_subsets_as_its_own_repeats():
+    import decisive_experiment as exp
+
+    below = {"records": (-0.3, -0.1), "place": "below all"}
+    assert exp.verdict(below, {}, "tok:random@tokw (5 subsets)", [{}] * 5, [2.0, 3.0], "suite") == "beats random"
+    assert exp.verdict(below, {}, "tok:random@tokw (2 subsets)", [{}] * 2, [2.0, 3.0], "suite") == \
+        "candidate: 2 of 5 subsets"
+    # below every seed but the interval reaches zero, or inside the seeds with the interval below zero: level
+    assert exp.verdict({"records": (-0.3, 0.01), "place": "below all"}, {}, "tok:paser", {}, [2.0], "suite") == "level"
+    assert exp.verdict({"records": (-0.3, -0.1), "place": "inside"}, {}, "tok:paser", {}, [2.0], "suite") == "level"
