@@ -115,10 +115,21 @@ def test_recovery_on_the_dense_models_answers(tiny_pair, records, tmp_path):
     plain = recover(pruned, str(data), tmp_path / "plain", **(settings | {"responses": "data"}))
     assert result.first_loss != pytest.approx(plain.first_loss)  # other responses, another loss
     # resumed: the checkpoint is finished and the answers come from the cache, counted as reused
+    assert answers["loaded_model"] is True
     recover(pruned, str(data), tmp_path / "out", **settings)
     again = json.loads((tmp_path / "out" / "recovery.json").read_text())
     assert again["dense_answers"]["generated_now"] == 0
     assert [e["reused"] for e in again["compute"]["entries"] if e["stage"] == "dense answers"] == [True]
+    # nothing to generate: the dense model is not loaded, its sizes come from beside the cache
+    assert again["dense_answers"]["loaded_model"] is False
+    first = [e for e in done["compute"]["entries"] if e["stage"] == "dense answers"][0]
+    reused = [e for e in again["compute"]["entries"] if e["stage"] == "dense answers"][0]
+    assert reused["flops"] == pytest.approx(first["flops"])  # same tokens, same model sizes
+    sizes = tmp_path / "out" / "dense_answers" / "models.json"
+    sizes.write_text("{not json")  # a damaged sizes file costs a load, nothing else
+    recover(pruned, str(data), tmp_path / "out", **settings)
+    third = json.loads((tmp_path / "out" / "recovery.json").read_text())
+    assert third["dense_answers"]["loaded_model"] is True and json.loads(sizes.read_text())
 
 
 def test_dense_responses_need_a_teacher_and_a_fixed_file(tiny_pair, records, tmp_path):

@@ -63,23 +63,37 @@ class AnswerCache:
 def answer_with_dense(records: list, data: str, config, out: Path, trust_pickle: bool, device: str,
                       world: int = 1) -> tuple[list, dict]:
     """``with_dense_answers`` by the dense model of ``config`` (``teacher``, else the selection
-    run's that wrote ``data``), loaded for it and released; under ``torchrun`` the first process
-    generates and the others read its cache. The summary also holds the model's parameter counts
-    (``params``, for the ledger)."""
+    run's that wrote ``data``); under ``torchrun`` the first process generates and the others read
+    its cache. The model is loaded only when some answer is missing or its parameter counts
+    (``params`` in the summary, for the ledger) are not on file beside the cache, and released
+    after; a resumed run whose answers are all cached reads the tokenizer alone."""
     from paser.devices import resolve_dtype
     from paser.ledger import flop_params
-    from paser.models.load import load_model
+    from paser.models.load import load_model, load_tokenizer, model_fingerprint
     from paser.recovery.teacher import rank_zero_first, resolve_teacher
 
     reference = resolve_teacher(config, data)
+    loaded = []
+
+    def dense():
+        if not loaded:
+            loaded.append(load_model(reference, dtype=resolve_dtype(config.dtype, device), trust_pickle=trust_pickle,
+                                     device=device))
+        return loaded[0]
+
     with rank_zero_first(world, device):
-        dense = load_model(reference, dtype=resolve_dtype(config.dtype, device), trust_pickle=trust_pickle,
-                           device=device)
-        answered, summary = with_dense_answers(records, reference, dense.model.eval(), dense.tokenizer,
-                                               config.template, config.answer_tokens, config.micro_batch_size,
-                                               out, config.progress)
-    summary["params"] = flop_params(dense.model)
-    del dense
+        tokenizer = load_tokenizer(reference, trust_pickle=trust_pickle) or dense().tokenizer  # a whole pickle
+        answered, summary = with_dense_answers(records, reference, None, tokenizer, config.template,
+                                               config.answer_tokens, config.micro_batch_size, out, config.progress,
+                                               loader=lambda: dense().model.eval())
+        sizes = ModelSizes(Path(out) / FOLDER)
+        fingerprint = model_fingerprint(reference)
+        summary["params"] = sizes.get(fingerprint)
+        if summary["params"] is None or loaded:
+            summary["params"] = flop_params(dense().model)
+            sizes.put(fingerprint, summary["params"])
+    summary["loaded_model"] = bool(loaded)
+    loaded.clear()
     if str(device).startswith("cuda"):
         import torch
 
@@ -87,12 +101,37 @@ def answer_with_dense(records: list, data: str, config, out: Path, trust_pickle:
     return answered, summary
 
 
+class ModelSizes:
+    """The parameter counts of the models that wrote a cache (``models.json`` beside it, by model
+    fingerprint), so that a run whose answers are all cached can enter them in its ledger without
+    loading the model."""
+
+    def __init__(self, folder: Path):
+        self.path = Path(folder) / "models.json"
+        try:
+            self.known = json.loads(self.path.read_text()) if self.path.is_file() else {}
+        except ValueError:
+            self.known = {}  # a damaged file only costs a load of the model: its counts are written again
+
+    def get(self, fingerprint: str) -> dict | None:
+        return self.known.get(fingerprint)
+
+    def put(self, fingerprint: str, params: dict) -> None:
+        self.known[fingerprint] = params
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.known, indent=1))
+        tmp.replace(self.path)
+
+
 def with_dense_answers(records: list, reference: str, model, tokenizer, template: str, max_new_tokens: int,
-                       batch_size: int, out: Path, progress: bool = True) -> tuple[list, dict]:
+                       batch_size: int, out: Path, progress: bool = True, loader=None) -> tuple[list, dict]:
     """``records`` with each response replaced by ``model``'s (the dense model ``reference``'s)
     greedy answer to its prompt, and what it took: records answered, those kept with the file's
     response (the dense model answered nothing), the tokens read and generated (all answers, and
-    those generated now: the rest came from the cache) and the seconds spent generating."""
+    those generated now: the rest came from the cache) and the seconds spent generating.
+    ``model`` may be None when every answer is cached, or when ``loader`` (no arguments) returns it:
+    it is called only if some answer is missing."""
     from tqdm.auto import tqdm
 
     from paser.data.prompts import format_prompt
@@ -112,6 +151,10 @@ def with_dense_answers(records: list, reference: str, model, tokenizer, template
     if missing:
         announce(f"self-data distillation: {reference} answers {len(missing)} prompts ({max_new_tokens} tokens at "
                  f"most; {len(records) - len(missing)} from {cache.path})")
+        if model is None:
+            if loader is None:
+                raise ValueError(f"{len(missing)} answers are not in {cache.path}: give the dense model or a loader")
+            model = loader()
         with tqdm(total=len(missing), desc="dense answers", unit="rec", disable=not bar_enabled(progress)) as bar:
             for lo in range(0, len(missing), batch_size):
                 batch = missing[lo:lo + batch_size]
