@@ -839,6 +839,8 @@ def comparisons(rows: dict, kind: str):
             if repeats:
                 candidates.append((f"{unit}:random@{suffix} ({len(repeats)} subsets)", repeats))
             candidates.append((f"{unit}:paser@{suffix}", rows.get(f"{unit}:paser@{suffix}")))
+        if unit == "tok":  # the whole pool beside the 20% subsets: what training on everything buys, at its cost
+            candidates.append(("full", rows.get("full")))
         for name, arm in candidates:
             if not arm:
                 continue
@@ -858,7 +860,10 @@ def verdict(compared: dict, rows: dict, name: str, arm, values: list[float], kin
     95% interval over held-out records below zero, (c) retrained with recovery seeds 1 and 2
     (``ARM#1``, ``ARM#2``) the three-seed mean still below the random mean; for the mean over the
     random subsets of a recovery (``random@X``) the five subsets are the repeats. "worse" when the
-    interval lies above zero, "level" when neither."""
+    interval lies above zero, "level" when neither. ``full`` (the whole pool, more tokens and
+    steps) is a reference beside the 20% subsets, not judged."""
+    if name == "full":
+        return "reference (the whole pool, not at equal tokens)"
     lo, hi = compared["records"]
     if lo > 0:
         return "worse"

@@ -356,3 +356,19 @@ def test_verdict_reads_the_mean_over_random_subsets_as_its_own_repeats():
     # below every seed but the interval reaches zero, or inside the seeds with the interval below zero: level
     assert exp.verdict({"records": (-0.3, 0.01), "place": "below all"}, {}, "tok:paser", {}, [2.0], "suite") == "level"
     assert exp.verdict({"records": (-0.3, -0.1), "place": "inside"}, {}, "tok:paser", {}, [2.0], "suite") == "level"
+
+
+def test_the_whole_pool_is_reported_beside_the_token_budget_and_not_judged():
+    import decisive_experiment as exp
+
+    def row(arm, value, recovery):
+        return {"arm": arm, "steps": 50, "suite": {"answer_nll_macro": value,
+                                                  "per_record": {"family": ["a", "b"], "nll": [value, value]}},
+                "compute": {"selection": {"flops_total": 0.0}, "recovery": {"flops_total": recovery}}}
+
+    rows = {"tok:random-0": row("tok:random-0", 2.0, 10.0), "tok:random-1": row("tok:random-1", 3.0, 10.0),
+            "full": row("full", 1.0, 50.0)}
+    (unit, _, found), = exp.comparisons(rows, "suite")
+    full, = found
+    assert unit == "tok" and full["arm"] == "full" and full["diff"] == -1.5 and full["compute"] == 5.0
+    assert full["place"] == "below all" and full["verdict"] == "reference (the whole pool, not at equal tokens)"
