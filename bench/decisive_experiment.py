@@ -937,6 +937,53 @@ def sweep_or_verdict(setting: str, compared: dict) -> str:
     return compared["verdict"]
 
 
+FOURTH_SETTING = "alpaca4800-25"  # where only the best new method runs beside random and paser
+
+
+NEW_CANDIDATES = ("strat", "random@tokw", "paser@tokw", "adaptive", "rounds", "random@self", "paser@self")
+
+
+def new_method(arm: str) -> str | None:
+    """The candidate (``NEW_CANDIDATES``) a 20%-token comparison stands for, or None for paser,
+    full, the strat sweep's other arms and a mean over fewer than the five random subsets."""
+    base, _, count = arm.partition(" (")  # "tok:random@tokw (5 subsets)"
+    if not base.startswith("tok:") or (count and count != "5 subsets)"):
+        return None
+    method = base.split(":", 1)[1]
+    method = "strat" if method == FROZEN_STRAT else method
+    return method if method in NEW_CANDIDATES else None
+
+
+def fourth_setting_choice_lines(compared: dict) -> list[str]:
+    """The registered choice of the new method that runs on the fourth setting: the lowest mean of
+    (method minus the random mean) over the other three settings at the 20% token budget, once every
+    candidate has run on all three. The frozen strat's value on suite-15 is the sweep's arm of the
+    same configuration and seed (there a choice, not a test)."""
+    others = [s for s in SETTINGS if s != FOURTH_SETTING]
+    diffs: dict[str, dict[str, float]] = {}
+    for setting in others:
+        for unit, _, found in compared.get(setting, (None, []))[1]:
+            for c in found if unit == "tok" else []:
+                if (method := new_method(c["arm"])) is not None:
+                    diffs.setdefault(method, {})[setting] = c["diff"]
+    if not diffs:
+        return []
+    lines = ["", f"## The new method for {FOURTH_SETTING}", "",
+             f"Method minus the random mean at the 20% token budget on {', '.join(others)} (random@X: the mean over "
+             "all five subsets), and their mean (the registered choice: the lowest mean, once every method has run "
+             "on all three; lower is better):", ""]
+    for method in NEW_CANDIDATES:
+        found = diffs.get(method, {})
+        cells = ", ".join(f"{s} {found[s]:+.4f}" if s in found else f"{s} not run" for s in others)
+        mean = f"mean {statistics.mean(found.values()):+.4f}" if len(found) == len(others) else "mean: not yet"
+        lines.append(f"- {method}: {cells}; {mean}")
+    missing = [m for m in NEW_CANDIDATES if len(diffs.get(m, {})) < len(others)]
+    if missing:
+        return lines + [f"- choice: not yet ({', '.join(missing)} not run on every setting)"]
+    chosen = min(diffs, key=lambda m: statistics.mean(diffs[m].values()))
+    return lines + [f"- choice by the registered rule: {chosen}"]
+
+
 def summary(compared: dict) -> str:
     """One table over every setting and budget unit (``compare_all``'s output): each method minus
     the mean of the random seeds (SFT, the recipe's steps), the view the verdicts are read from."""
@@ -1086,8 +1133,8 @@ def main(argv=None) -> None:
                   f"{row.get('recovery_s', 0):.0f} s, eval {row['eval_s']:.0f} s", flush=True)
     # every setting with finished arms, not only those run now
     compared = compare_all(results)
-    text = "\n".join([summary(compared)] + [report(s, out / s, *compared[s]) for s in SETTINGS
-                                             if (results / s).is_dir()])
+    head = summary(compared) + "".join(line + "\n" for line in fourth_setting_choice_lines(compared))
+    text = "\n".join([head] + [report(s, out / s, *compared[s]) for s in SETTINGS if (results / s).is_dir()])
     (results / "results.md").write_text(text)
     print(text)
 

@@ -372,3 +372,27 @@ def test_the_whole_pool_is_reported_beside_the_token_budget_and_not_judged():
     full, = found
     assert unit == "tok" and full["arm"] == "full" and full["diff"] == -1.5 and full["compute"] == 5.0
     assert full["place"] == "below all" and full["verdict"] == "reference (the whole pool, not at equal tokens)"
+
+
+def test_the_fourth_settings_method_is_the_lowest_mean_over_the_other_three():
+    import decisive_experiment as exp
+
+    def found(*pairs):  # (arm, method minus random) at the 20% token budget
+        return [("tok", (2.0, 0.1, 5), [{"arm": a, "diff": d} for a, d in pairs])]
+
+    values = {"strat": -0.03, "random@tokw": -0.01, "paser@tokw": 0.02, "adaptive": -0.02, "rounds": 0.0,
+              "random@self": 0.01, "paser@self": -0.04}
+    compared = {}
+    for n, setting in enumerate(("suite-25", "suite-15", "alpaca-25")):
+        pairs = [(f"tok:{exp.FROZEN_STRAT}", values["strat"] + n * 0.01), ("tok:paser", -0.5), ("full", -1.0),
+                 ("tok:strat-c0i0-0", -0.9), ("tok:random@self (4 subsets)", -0.9)]
+        pairs += [(f"tok:{m} (5 subsets)" if m.startswith("random@") else f"tok:{m}", v)
+                  for m, v in values.items() if m != "strat" and (m != "random@self" or n < 2)]
+        compared[setting] = ({}, found(*pairs))
+    lines = exp.fourth_setting_choice_lines(compared)
+    # paser, full, the sweep's other arms and four of five subsets are no candidates; random@self lacks alpaca-25
+    assert "- strat: suite-25 -0.0300, suite-15 -0.0200, alpaca-25 -0.0100; mean -0.0200" in lines
+    assert "- random@self: suite-25 +0.0100, suite-15 +0.0100, alpaca-25 not run; mean: not yet" in lines
+    assert lines[-1] == "- choice: not yet (random@self not run on every setting)"
+    compared["alpaca-25"][1][0][2].append({"arm": "tok:random@self (5 subsets)", "diff": 0.01})
+    assert exp.fourth_setting_choice_lines(compared)[-1] == "- choice by the registered rule: paser@self"
