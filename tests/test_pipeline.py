@@ -349,23 +349,43 @@ def test_a_scoring_process_reads_the_pool_once_and_parses_only_its_shards(models
     read = pd.read_parquet
 
     def counted(path, *args, **kwargs):
-        if str(path).endswith("pool.parquet") and "columns" not in kwargs:
-            reads.append(path)
+        if str(path).endswith("pool.parquet") and kwargs.get("columns") != ["id"]:  # the texts, not the ids alone
+            reads.append(kwargs.get("columns"))
         return read(path, *args, **kwargs)
 
     original = runfolder.read_run_pool
 
-    def parsed(run_folder, rows=None):
-        records = original(run_folder, rows)
+    def parsed(run_folder, rows=None, **kwargs):
+        records = original(run_folder, rows, **kwargs)
         built.append(len(records))
+        assert all(r.fields is None for r in records)  # scoring needs the texts alone
         return records
 
     monkeypatch.setattr(runfolder.pd, "read_parquet", counted)
     monkeypatch.setattr("paser.selection.scoring.read_run_pool", parsed)
     stage_score(s, run)
-    assert len(reads) == 1
+    assert len(reads) == 1 and reads[0] is not None and "fields" not in reads[0]  # once, without the records' fields
     # five shards of 20 (16) records, then the whole pool once to collect them
     assert built == [20, 20, 20, 20, 16, 96]
+
+
+def test_the_pool_read_for_its_texts_alone_has_the_same_records_without_their_fields(models, tmp_path):
+    import dataclasses
+
+    import paser.selection.runfolder as runfolder
+    from paser.selection.pipeline import stage_data
+
+    s = settings(models, tmp_path / "run")
+    run = tmp_path / "run"
+    run.mkdir()
+    stage_data(s, run)
+    runfolder._POOL_FRAMES.clear()
+    texts = runfolder.read_run_pool(run, fields=False)
+    assert "fields" not in next(iter(runfolder._POOL_FRAMES.values()))  # not read at all
+    whole = runfolder.read_run_pool(run)  # the table held has no fields: read again, whole
+    assert all(r.fields is None for r in texts) and all(isinstance(r.fields, dict) and r.fields for r in whole)
+    assert texts == [dataclasses.replace(r, fields=None) for r in whole]
+    assert runfolder.read_run_pool(run, [3, 1], fields=False) == [texts[3], texts[1]]  # the whole table serves
 
 
 def test_the_pool_is_written_a_row_group_at_a_time(tmp_path, monkeypatch):

@@ -69,13 +69,14 @@ class FieldMap:
 
 @dataclass
 class Record:
-    """One instruction sample; ``fields`` is the record exactly as read."""
+    """One instruction sample; ``fields`` is the record exactly as read (None when a run folder's
+    pool was read for its texts alone: ``read_run_pool(..., fields=False)``)."""
 
     id: str
     instruction: str
     input: str
     response: str
-    fields: dict
+    fields: dict | None
     index: int  # position in the file, 0-based
     context: tuple = ()
     """Conversation turns before the instruction, as {"role", "content"} (system message,

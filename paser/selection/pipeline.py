@@ -116,7 +116,7 @@ def stage_tokens(settings: Settings, run: Path) -> Path:
     from paser.selection.degradation import token_table
 
     return stage_output(settings, run, "tokens", lambda path, fp: atomic_parquet(
-        token_table(dense_tokenizer(settings), read_run_pool(run), settings.score), path))
+        token_table(dense_tokenizer(settings), read_run_pool(run, fields=False), settings.score), path))
 
 
 def resolve_run_budget(settings: Settings, run: Path) -> tuple[int, str]:
@@ -152,7 +152,7 @@ def stage_embed(settings: Settings, run: Path, cache_dir: Path | None = None) ->
             np.save(path, load_precomputed(cfg.precomputed, ids, embedder.dimension()))
             (run / "embed_cost.json").unlink(missing_ok=True)  # made elsewhere: not in this run's ledger
             return
-        texts = instruction_texts(read_run_pool(run), cfg.include_input)
+        texts = instruction_texts(read_run_pool(run, fields=False), cfg.include_input)
         np.save(path, embed_texts(texts, cfg, cache_dir, embedder=embedder))
         (run / "embed_cost.json").write_text(json.dumps(embedder.cost(texts), indent=2))  # the compute ledger's line
 

@@ -145,30 +145,44 @@ def data_fingerprint(cfg: SelectConfig) -> str:
 
 
 _POOL_FRAMES: dict = {}  # this process's copy of a run's pool.parquet, by path and sealed fingerprint
+TEXT_COLUMNS = ["id", "instruction", "input", "response", "index", "context"]  # all but the records' fields
 
 
-def _pool_frame(run: Path) -> pd.DataFrame:
+def _pool_frame(run: Path, fields: bool = True) -> pd.DataFrame:
     """The run's pool table, read once per process and pool (a scoring worker reads it once for all
-    the shards it scores, not once per shard)."""
+    the shards it scores, not once per shard); without ``fields`` the records' own fields (their
+    JSON, as large as the texts again) are not read, unless the table is already in memory."""
     path = Path(run).resolve() / "pool.parquet"
     marker = path.with_name("pool.parquet.fp")
     key = (str(path), marker.read_text() if marker.is_file() else None, path.stat().st_mtime_ns)
-    if key not in _POOL_FRAMES:
+    held = _POOL_FRAMES.get(key)
+    if held is None or (fields and "fields" not in held):
         _POOL_FRAMES.clear()
-        _POOL_FRAMES[key] = pd.read_parquet(path)
-    return _POOL_FRAMES[key]
+        if fields:
+            held = pd.read_parquet(path)
+        else:
+            import pyarrow.parquet as pq
+
+            names = set(pq.read_schema(path).names)
+            held = pd.read_parquet(path, columns=[c for c in TEXT_COLUMNS if c in names])  # context: newer runs
+        _POOL_FRAMES[key] = held
+    return held
 
 
-def read_run_pool(run: Path, rows=None) -> list[Record]:
+def read_run_pool(run: Path, rows=None, fields: bool = True) -> list[Record]:
     """The validated records the data stage stored in ``run``; with ``rows`` (pool positions) only
-    those, in that order."""
-    frame = _pool_frame(run)
+    those, in that order. ``fields=False``: for stages that need the texts alone (token counts,
+    embeddings, scoring), each record's ``fields`` is None and the table is read without them
+    (what it saves: docs/benchmarks.md)."""
+    frame = _pool_frame(run, fields)
     if rows is not None:
         frame = frame.iloc[list(rows)]
     contexts = frame["context"] if "context" in frame else ["[]"] * len(frame)  # runs made before chat layouts
+    found = frame["fields"] if fields else [None] * len(frame)
     return [Record(id=row.id, instruction=row.instruction, input=row.input, response=row.response,
-                   fields=json.loads(row.fields), index=int(row.index), context=tuple(json.loads(context)))
-            for row, context in zip(frame.itertuples(), contexts)]
+                   fields=json.loads(raw) if fields else None, index=int(row.index),
+                   context=tuple(json.loads(context)))
+            for row, raw, context in zip(frame.itertuples(), found, contexts)]
 
 
 def sealed_fingerprint(path: Path) -> str:

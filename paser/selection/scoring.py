@@ -107,12 +107,13 @@ class ScoringPlan:
 
     def records(self) -> list:
         """The records this plan scores, in order (shard ranges index them)."""
-        return read_run_pool(Path(self.run), self.rows)
+        return read_run_pool(Path(self.run), self.rows, fields=False)
 
     def shard_records(self, index: int) -> list:
         """The records of shard ``index`` alone (a worker parses only the shards it scores)."""
         lo, hi = self.shards[index]
-        return read_run_pool(Path(self.run), self.rows[lo:hi] if self.rows is not None else range(lo, hi))
+        return read_run_pool(Path(self.run), self.rows[lo:hi] if self.rows is not None else range(lo, hi),
+                             fields=False)
 
 
 def plan_scoring(settings: Settings, run: Path, pruned_ref: str) -> ScoringPlan:
