@@ -55,7 +55,9 @@ Timings taken beside other work on the same 2 cores are marked by --shared-machi
 
 The report compares every method with the mean of the random subsets of its budget; per family on
 the suite (the family's degradation, PASER's share, gap closed), per PASER cluster on Alpaca
-(held-out records by their nearest pool record's cluster; favoured against starved clusters).
+(held-out records by their nearest pool record's cluster; favoured against starved clusters). Its
+summary table gives every arm's verdict by the recovery-cost experiment's registered rule
+(docs/benchmarks.md), and below it the registered choice of the new method for alpaca4800-25.
 """
 
 from __future__ import annotations
@@ -938,8 +940,6 @@ def sweep_or_verdict(setting: str, compared: dict) -> str:
 
 
 FOURTH_SETTING = "alpaca4800-25"  # where only the best new method runs beside random and paser
-
-
 NEW_CANDIDATES = ("strat", "random@tokw", "paser@tokw", "adaptive", "rounds", "random@self", "paser@self")
 
 
