@@ -1,9 +1,10 @@
 """Where paser keeps what it makes once (converted models, the pruned twins, Prefect's home), and
-how a made folder appears there whole or not at all."""
+how a made folder or file appears there whole or not at all."""
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import tempfile
@@ -40,3 +41,11 @@ def write_folder(target: Path, write, marker: str) -> Path:
         if not (target / marker).is_file():
             raise
     return target
+
+
+def write_json(path: Path, data) -> None:
+    """Write ``data`` as JSON so that ``path`` is either the old file or the whole new one."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, path)

@@ -69,7 +69,7 @@ def answer_with_dense(records: list, data: str, config, out: Path, trust_pickle:
     after; a resumed run whose answers are all cached reads the tokenizer alone."""
     from paser.devices import resolve_dtype
     from paser.ledger import flop_params
-    from paser.models.load import load_model, load_tokenizer, model_fingerprint
+    from paser.models.load import load_model, load_tokenizer
     from paser.recovery.teacher import rank_zero_first, resolve_teacher
 
     reference = resolve_teacher(config, data)
@@ -87,11 +87,10 @@ def answer_with_dense(records: list, data: str, config, out: Path, trust_pickle:
                                                config.answer_tokens, config.micro_batch_size, out, config.progress,
                                                loader=lambda: dense().model.eval())
         sizes = ModelSizes(Path(out) / FOLDER)
-        fingerprint = model_fingerprint(reference)
-        summary["params"] = sizes.get(fingerprint)
-        if summary["params"] is None or loaded:
+        summary["params"] = sizes.get(summary["fingerprint"])
+        if summary["params"] is None:
             summary["params"] = flop_params(dense().model)
-            sizes.put(fingerprint, summary["params"])
+            sizes.put(summary["fingerprint"], summary["params"])
     summary["loaded_model"] = bool(loaded)
     loaded.clear()
     if str(device).startswith("cuda"):
@@ -117,17 +116,18 @@ class ModelSizes:
         return self.known.get(fingerprint)
 
     def put(self, fingerprint: str, params: dict) -> None:
+        from paser.cache import write_json
+
         self.known[fingerprint] = params
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.known, indent=1))
-        tmp.replace(self.path)
+        write_json(self.path, self.known)
 
 
 def with_dense_answers(records: list, reference: str, model, tokenizer, template: str, max_new_tokens: int,
                        batch_size: int, out: Path, progress: bool = True, loader=None) -> tuple[list, dict]:
     """``records`` with each response replaced by ``model``'s (the dense model ``reference``'s)
-    greedy answer to its prompt, and what it took: records answered, those kept with the file's
+    greedy answer to its prompt, and what it took (with the model's fingerprint, the cache's key
+    part): records answered, those kept with the file's
     response (the dense model answered nothing), the tokens read and generated (all answers, and
     those generated now: the rest came from the cache) and the seconds spent generating.
     ``model`` may be None when every answer is cached, or when ``loader`` (no arguments) returns it:
@@ -173,7 +173,7 @@ def with_dense_answers(records: list, reference: str, model, tokenizer, template
             answered.append(record)
             kept.append(record.id)
     used = [cache.rows[k] for k in first]  # each distinct prompt once, as generated
-    summary = {"responses": "dense", "model": str(reference), "records": len(records),
+    summary = {"responses": "dense", "model": str(reference), "fingerprint": model_fp, "records": len(records),
                "kept_file_response": len(kept), "kept_ids": kept[:20], "answer_tokens": max_new_tokens,
                "prompt_tokens": sum(r["prompt_tokens"] for r in used), "new_tokens": sum(r["new_tokens"] for r in used),
                "generated_now": len(missing), "prompt_tokens_now": now["prompt_tokens"],

@@ -10,12 +10,12 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import time
 from pathlib import Path
 
 import numpy as np
 
+from paser.cache import write_json
 from paser.errors import ConfigError
 from paser.ledger import flop_params
 from paser.recovery.config import RecoverConfig
@@ -78,7 +78,7 @@ def recover_in_rounds(model: str, data: str, out: Path, config: RecoverConfig, p
         history["dense"], history["dense_params"] = measure(dense.model), flop_params(dense.model)
         del dense
         history["pruned"] = measure(job.peft_model)  # the adapters start at zero: the pruned model
-        _write_json(history_path, history)
+        write_json(history_path, history)
     count(str(reference), history["dense_params"], reused)
     count(str(model), job.student_params, reused)
     epochs = int(config.epochs)
@@ -97,7 +97,7 @@ def recover_in_rounds(model: str, data: str, out: Path, config: RecoverConfig, p
             ids = draw_round(table, shares, amount, plan["unit"], taken, round_seed(plan["seed"], r)).selected["id"]
             ids = ids.tolist()
             history["rounds"].append({"round": r + 1, "shares": shares.tolist(), "ids": ids})
-            _write_json(history_path, history)
+            write_json(history_path, history)
         taken |= set(ids)
         first = len(train_ex)
         train_ex += job.encode([by_id[i] for i in ids])
@@ -124,7 +124,7 @@ def recover_in_rounds(model: str, data: str, out: Path, config: RecoverConfig, p
             record["rho"] = rho.tolist()
             record["next_shares"] = update_shares(shares, base, rho, plan["settings"]["step"],
                                                   plan["settings"]["floor"]).tolist()
-            _write_json(history_path, history)
+            write_json(history_path, history)
         if r + 1 < len(plan["amounts"]):
             shares = np.asarray(record["next_shares"])
     if job.finished:
@@ -152,9 +152,3 @@ def _check_rounds(config: RecoverConfig, plan: dict) -> None:
         raise ConfigError(f"an adaptive budget in {plan['unit']} trains in batches of {plan['unit']}: "
                           + ("give batch_tokens (--batch-tokens)" if plan["unit"] == "tokens"
                              else "leave batch_tokens out"))
-
-
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
