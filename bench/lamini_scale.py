@@ -54,6 +54,15 @@ def write_pool(path: Path, alpaca: str, parents: np.ndarray) -> None:
                                  ensure_ascii=False) + "\n")
 
 
+def write_realistic_pool(path: Path, alpaca: str, records: int) -> np.ndarray:
+    """The JSONL of ``records`` rows drawn as ``bench/realistic_pool.py`` draws them (seed 1); returns
+    their generated embeddings, in the file's order."""
+    real, families = real_rows(alpaca)
+    x, parents = calibrate(real, families).draw(records, seed=1)
+    write_pool(path, alpaca, parents)
+    return x
+
+
 def timed(name: str, fn):
     with PeakRSS(interval=0.1) as mem:
         start = time.perf_counter()
@@ -80,10 +89,8 @@ def main(argv=None) -> None:
           f"{time.strftime('%Y-%m-%d')}; {args.records:,} records", flush=True)
     work = Path(args.work or tempfile.mkdtemp(prefix="paser-lamini-"))
     work.mkdir(parents=True, exist_ok=True)
-    real, families = real_rows(args.alpaca)
     start = time.perf_counter()
-    x, parents = calibrate(real, families).draw(args.records, seed=1)
-    write_pool(work / "pool.jsonl", args.alpaca, parents)
+    x = write_realistic_pool(work / "pool.jsonl", args.alpaca, args.records)
     print(f"  inputs written in {time.perf_counter() - start:.0f} s (not a stage): pool.jsonl "
           f"{(work / 'pool.jsonl').stat().st_size / 2**30:.2f} GB", flush=True)
 

@@ -39,15 +39,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def stored_pool(records: int, alpaca: str, work: Path) -> Path:
     """A run folder whose data stage stored ``records`` LaMini-layout records."""
-    from lamini_scale import write_pool
-    from realistic_pool import calibrate, real_rows
+    from lamini_scale import write_realistic_pool
 
     from paser.selection import pipeline
     from paser.selection.settings import Settings
 
-    real, families = real_rows(alpaca)
-    _, parents = calibrate(real, families).draw(records, seed=1)
-    write_pool(work / "pool.jsonl", alpaca, parents)
+    write_realistic_pool(work / "pool.jsonl", alpaca, records)
     settings = Settings.load(None, {"select": {"data": str(work / "pool.jsonl"), "method": "random",
                                               "out": str(work / "run"), "progress": False}})
     run = pipeline.run_folder(settings)

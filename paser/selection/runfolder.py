@@ -151,7 +151,7 @@ TEXT_COLUMNS = ["id", "instruction", "input", "response", "index", "context"]  #
 def _pool_frame(run: Path, fields: bool = True) -> pd.DataFrame:
     """The run's pool table, read once per process and pool (a scoring worker reads it once for all
     the shards it scores, not once per shard); without ``fields`` the records' own fields (their
-    JSON, as large as the texts again) are not read, unless the table is already in memory."""
+    JSON, which holds the texts again) are not read, unless the table is already in memory."""
     path = Path(run).resolve() / "pool.parquet"
     marker = path.with_name("pool.parquet.fp")
     key = (str(path), marker.read_text() if marker.is_file() else None, path.stat().st_mtime_ns)
