@@ -715,10 +715,12 @@ def family_table(setting: str, rows: dict, work: Path, families: pd.DataFrame, u
     records, and the CDS of the clusters they fall in, averaged over its records: what PASER's
     allocation sees), the records and tokens PASER gave it at budget ``unit``, its dense and pruned
     answer NLL, and PASER's answer NLL and gap closed against the mean of that unit's random arms.
-    ``families``: the pool's ``id`` and ``family`` columns."""
+    ``families``: the pool's ``id`` and ``family`` columns (None when the pool file is not here)."""
     scores_file = work / "subsets" / f"{unit}-paser.scores.parquet"
-    if f"{unit}:paser" not in rows or not scores_file.is_file():
+    if f"{unit}:paser" not in rows:
         return []
+    if families is None or not scores_file.is_file():
+        return not_here("Per family", setting, unit, [work / "pool.jsonl", scores_file])
     scores = pd.read_parquet(scores_file).merge(families, on="id")
     summary = json.loads(scores_file.with_name(scores_file.name.replace("scores.parquet", "clusters.json")).read_text())
     scores["cds"] = scores["cluster"].map({c["cluster"]: c["cds"] for c in summary["clusters"]})
@@ -743,6 +745,14 @@ def family_table(setting: str, rows: dict, work: Path, families: pd.DataFrame, u
                      f"{int(chosen['n_tokens'].sum())} | {d:.3f} | {p:.3f} | {versus:+.3f} | "
                      f"{'' if mine is None else f'{mine:.1%}'} | {rand:.1%} |")
     return lines
+
+
+def not_here(table: str, setting: str, unit: str, needed: list[Path]) -> list[str]:
+    """The line that stands for a table whose inputs live in the work folder (``--out``) and are
+    not on this machine: the arm JSONs are committed, the subsets and scores are not."""
+    missing = ", ".join(str(p) for p in needed if not p.is_file())
+    return ["", f"{table} ({setting}, {unit_name(unit)}): not printed, the work folder lacks {missing} "
+                f"(running the arm {unit}:paser with this --out writes its subset again)"]
 
 
 def _restrict(row: dict, idx: np.ndarray) -> dict:
@@ -798,13 +808,18 @@ def nearest_pool_records(work: Path) -> pd.Series:
     return pool_ids.iloc[(held @ pool.T).argmax(1)]
 
 
-def cluster_table(setting: str, rows: dict, work: Path, unit: str, nearest: pd.Series) -> list[str]:
+def cluster_table(setting: str, rows: dict, work: Path, unit: str, nearest: pd.Series | None) -> list[str]:
     """Alpaca: where PASER's allocation helps, per cluster of its subset at budget ``unit``
-    (``cluster_lines``); ``nearest``: ``nearest_pool_records``."""
+    (``cluster_lines``); ``nearest``: ``nearest_pool_records`` (None when the pool's embeddings are
+    not here)."""
     scores_file = work / "subsets" / f"{unit}-paser.scores.parquet"
     randoms = random_arms(rows, unit)
-    if f"{unit}:paser" not in rows or not scores_file.is_file() or not randoms:
+    if f"{unit}:paser" not in rows or not randoms:
         return []
+    files = [scores_file, *(work / "subsets" / f"{_file(r['arm'])}.scores.parquet" for r in randoms)]
+    if nearest is None or not all(f.is_file() for f in files):
+        needed = [work / "select" / "embeddings.npy", work / "select" / "pool.parquet", work / "heldout.jsonl"]
+        return not_here("Per cluster", setting, unit, needed + files)
     scores = pd.read_parquet(scores_file, columns=["id", "cluster", "n_tokens", "status"]).set_index("id")
     summary = json.loads(scores_file.with_name(f"{unit}-paser.clusters.json").read_text())
 
@@ -1053,11 +1068,14 @@ def report(setting: str, work: Path, rows: dict, compared: list) -> str:
     if setting == STRAT_SWEEP_SETTING:
         lines += strat_choice_lines(rows, kind)
     if kind == "suite":
-        families = pd.DataFrame([r.fields for r in load_pool(work / "pool.jsonl").records])[["id", "family"]]
+        pool = work / "pool.jsonl"
+        families = (pd.DataFrame([r.fields for r in load_pool(pool).records])[["id", "family"]]
+                    if pool.is_file() else None)
         for unit in ("rec", "tok"):
             lines += family_table(setting, rows, work, families, unit)
-    elif (work / "select" / "embeddings.npy").is_file():
-        nearest = nearest_pool_records(work)
+    else:
+        here = all((work / f).is_file() for f in ("select/embeddings.npy", "select/pool.parquet", "heldout.jsonl"))
+        nearest = nearest_pool_records(work) if here else None
         for unit in ("tok", "rec", "tok5", "tok4"):
             lines += cluster_table(setting, rows, work, unit, nearest)
     shared = sorted({r["date"] for r in rows.values() if r.get("shared_machine")})

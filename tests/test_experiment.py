@@ -4,6 +4,7 @@ written one file per arm, a rerun skips them, and the report compares PASER with
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -60,6 +61,17 @@ def test_smoke_experiment_runs_resumes_and_reports(tiny_pair, tmp_path, capsys):
     assert json.loads(path.read_text())["jsd"]["suite"]["mean"] == pytest.approx(before["jsd"]["suite"]["mean"],
                                                                                  rel=1e-5)
     assert capsys.readouterr().out.count("JSD to dense added") == 1
+    # the work folder is not committed: on a machine without it the report still prints from the arm JSONs
+    # and says which table it left out, and why
+    report = ["--report-only", "--out", str(tmp_path / "work"), "--results", str(tmp_path / "results")]
+    exp.main(report)
+    before = (tmp_path / "results" / "results.md").read_text()
+    shutil.rmtree(tmp_path / "work")
+    exp.main(report)
+    after = (tmp_path / "results" / "results.md").read_text()
+    assert after.split("Per family")[0] == before.split("Per family")[0]
+    assert (f"Per family (suite-25, 20% token budget): not printed, the work folder lacks {tmp_path / 'work'}"
+            f"/suite-25/pool.jsonl, ") in after and "Per family (suite-25, 20% token budget): degradation" in before
 
 
 @pytest.mark.slow
@@ -85,6 +97,10 @@ def test_alpaca_smoke_reports_where_paser_put_its_tokens(tiny_pair, tmp_path):
     assert {int(r.split(" | ")[0][2:]): int(r.split(" | ")[3]) for r in table} == taken
     assert sum(int(r.split(" | ")[2]) for r in table) == 12
     assert "- favoured clusters [" in block[2] and "- starved clusters [" in block[2]
+    (tmp_path / "work" / "alpaca-25" / "subsets" / "tok-random-1.scores.parquet").unlink()
+    exp.main(["--report-only", "--out", str(tmp_path / "work"), "--results", str(tmp_path / "results")])
+    line = (tmp_path / "results" / "results.md").read_text().split("Per cluster (alpaca-25, 20% token budget)")[1]
+    assert line.startswith(": not printed, the work folder lacks ") and line.split("\n")[0].count(".parquet") == 1
 
 
 def test_arm_objectives_and_a_group_bootstrap():
