@@ -55,7 +55,9 @@ Timings taken beside other work on the same 2 cores are marked by --shared-machi
 
 The report compares every method with the mean of the random subsets of its budget; per family on
 the suite (the family's degradation, PASER's share, gap closed), per PASER cluster on Alpaca
-(held-out records by their nearest pool record's cluster; favoured against starved clusters). Its
+(held-out records by their nearest pool record's cluster; favoured against starved clusters): those
+tables read the subsets and scores in --out, which are not committed; where they are missing (a new
+machine) the report prints the rest and names the files a table lacks. Its
 summary table gives every arm's verdict by the recovery-cost experiment's registered rule
 (docs/benchmarks.md), and below it the registered choice of the new method for alpaca4800-25.
 """
