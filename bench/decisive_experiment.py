@@ -874,22 +874,32 @@ def comparisons(rows: dict, kind: str):
         yield unit, (statistics.mean(values), statistics.stdev(values), len(values)), found
 
 
+def _reading(compared: dict) -> str:
+    """Rule (a) and (b) on one comparison: "worse" when the paired interval lies above zero,
+    "candidate" when the value is below every random seed and the interval below zero, else "level"."""
+    lo, hi = compared["records"]
+    if lo > 0:
+        return "worse"
+    return "candidate" if compared["place"] == "below all" and hi < 0 else "level"
+
+
 def verdict(compared: dict, rows: dict, name: str, arm, values: list[float], kind: str) -> str:
     """The registered decision rule on one comparison: (a) below every random seed, (b) the paired
     95% interval over held-out records below zero, (c) retrained with recovery seeds 1 and 2
     (``ARM#1``, ``ARM#2``) the three-seed mean still below the random mean; for the mean over the
-    random subsets of a recovery (``random@X``) the five subsets are the repeats. "worse" when the
-    interval lies above zero, "level" when neither. ``full`` (the whole pool, more tokens and
-    steps) is a reference beside the 20% subsets, not judged."""
+    random subsets of a recovery (``random@X``) the five subsets are the repeats, and it is "pending"
+    until all five have run. "worse" when the interval lies above zero, "level" when neither.
+    ``full`` (the whole pool, more tokens and steps) is a reference beside the 20% subsets, not
+    judged."""
     if name == "full":
         return "reference (the whole pool, not at equal tokens)"
-    lo, hi = compared["records"]
-    if lo > 0:
-        return "worse"
-    if compared["place"] != "below all" or hi >= 0:
-        return "level"
+    if isinstance(arm, list) and len(arm) < 5:  # the repeats are not all in: no verdict yet, whichever way
+        return f"pending: {len(arm)} of 5 subsets ({_reading(compared)} so far)"
+    reading = _reading(compared)
+    if reading != "candidate":
+        return reading
     if isinstance(arm, list):
-        return "beats random" if len(arm) >= 5 else f"candidate: {len(arm)} of 5 subsets"
+        return "beats random"
     missing = [f"#{k}" for k in (1, 2) if f"{name}#{k}" not in rows]
     if missing:
         return f"candidate: recovery seeds {', '.join(missing)} pending"

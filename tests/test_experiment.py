@@ -368,7 +368,12 @@ def test_verdict_reads_the_mean_over_random_subsets_as_its_own_repeats():
     below = {"records": (-0.3, -0.1), "place": "below all"}
     assert exp.verdict(below, {}, "tok:random@tokw (5 subsets)", [{}] * 5, [2.0, 3.0], "suite") == "beats random"
     assert exp.verdict(below, {}, "tok:random@tokw (2 subsets)", [{}] * 2, [2.0, 3.0], "suite") == \
-        "candidate: 2 of 5 subsets"
+        "pending: 2 of 5 subsets (candidate so far)"
+    # fewer than five subsets: no verdict either way, the reading so far beside it
+    above = {"records": (0.1, 0.3), "place": "inside"}
+    assert exp.verdict(above, {}, "tok:random@tokw (2 subsets)", [{}] * 2, [2.0, 3.0], "suite") == \
+        "pending: 2 of 5 subsets (worse so far)"
+    assert exp.verdict(above, {}, "tok:random@tokw (5 subsets)", [{}] * 5, [2.0, 3.0], "suite") == "worse"
     # below every seed but the interval reaches zero, or inside the seeds with the interval below zero: level
     assert exp.verdict({"records": (-0.3, 0.01), "place": "below all"}, {}, "tok:paser", {}, [2.0], "suite") == "level"
     assert exp.verdict({"records": (-0.3, -0.1), "place": "inside"}, {}, "tok:paser", {}, [2.0], "suite") == "level"
