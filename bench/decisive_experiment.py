@@ -754,7 +754,7 @@ def not_here(table: str, setting: str, unit: str, needed: list[Path]) -> list[st
     not on this machine: the arm JSONs are committed, the subsets and scores are not."""
     missing = ", ".join(str(p) for p in needed if not p.is_file())
     return ["", f"{table} ({setting}, {unit_name(unit)}): not printed, the work folder lacks {missing} "
-                f"(running the arm {unit}:paser with this --out writes its subset again)"]
+                f"(running the arms {unit}:paser and {unit}:random-K with this --out writes their subsets again)"]
 
 
 def _restrict(row: dict, idx: np.ndarray) -> dict:
