@@ -47,6 +47,8 @@ behaviour came back.
 whose recovery (token batches of the same size, so more steps) spends what ``UNIT:METHOD``'s
 selection and recovery spent together, by the arms' ledgers; it runs after METHOD and the
 budget's random arms, and the report compares METHOD with these arms at equal total compute.
+METHOD may be a recovery variant (``tok:random-K=paser@tokw``): the random subset still trains by
+plain SFT, at the total compute of PASER's subset trained token-weighted.
 
 Recovery, identical for every arm: LoRA r 8, alpha 16, dropout 0.05, 2 epochs, cutoff 256, lr
 3e-4, fp32, no validation split. Every finished arm's figures go to RESULTS/<setting>/<arm>.json at
@@ -154,14 +156,22 @@ def prepare(setting: str, args, work: Path) -> dict:
 
 
 def base_arm(arm: str) -> str:
-    """``UNIT:METHOD`` of an arm written ``UNIT:METHOD[@OBJECTIVE][#SEED][~conv]``."""
-    return arm.split("~")[0].split("#")[0].split("@")[0]
+    """``UNIT:METHOD`` of an arm written ``UNIT:METHOD[@OBJECTIVE][#SEED][~conv]``; an equal-compute
+    arm ``UNIT:random-K=TARGET`` keeps its whole target (``paser@tokw`` is a target, not an objective)."""
+    own, equal, target = arm.partition("=")
+    return own.split("~")[0].split("#")[0].split("@")[0] + equal + target
+
+
+def own_arm(arm: str) -> str:
+    """The arm without the target of an equal-compute arm: what its own recovery is written as."""
+    return arm.partition("=")[0]
 
 
 def objective_of(arm: str) -> dict:
     """The recovery objective of ``ARM@OBJECTIVE``: ``distill`` (forward KL, temperature 1),
     ``distill-jsd`` (JSD) or ``distill-tN`` (forward KL at temperature N), ``tokw`` (token-weighted
     SFT: excess loss, lambda 0.5), ``self`` (SFT on the dense model's own answers); SFT without ``@``."""
+    arm = own_arm(arm)
     if "@" not in arm:
         return {"objective": "sft"}
     name, *options = arm.split("@")[1].split("#")[0].split("~")[0].split("-")
@@ -236,8 +246,8 @@ def strat_sections(method: str) -> dict:
 
 def recovery_config(arm: str, setup: dict, args) -> RecoverConfig:
     unit = arm.split(":")[0] if ":" in arm else "rec"
-    seed = int(arm.split("#")[1].split("~")[0]) if "#" in arm else 0
-    objective = objective_of(arm) | {"teacher": args.dense if "@" in arm else None}
+    seed = int(arm.split("#")[1].split("~")[0]) if "#" in own_arm(arm) else 0
+    objective = objective_of(arm) | {"teacher": args.dense if "@" in own_arm(arm) else None}
     batch_tokens = None
     if unit.startswith("tok"):
         tokens = pd.read_parquet(setup["work"] / "select" / "tokens.parquet")["n_tokens"]
@@ -263,7 +273,7 @@ def trained_subset(setting: str, arm: str, setup: dict, args) -> tuple[Path, flo
     work = setup["work"]
     base = base_arm(arm)
     made = work / "subsets" / f"{base.replace(':', '-')}.selected.jsonl"
-    if "@" in arm and made.is_file():
+    if "@" in own_arm(arm) and made.is_file():
         found = Path(args.results) / setting / f"{_file(base)}.json"
         return made, (json.loads(found.read_text()).get("selection_s", 0.0) if found.is_file() else 0.0)
     return select_arm(arm if arm != "full" else "rec:full", setup, work, args)
@@ -599,12 +609,13 @@ def welch_interval(a: list[float], b: list[float]) -> tuple[float, float]:
 
 
 def seed_lines(rows: dict, kind: str) -> list[str]:
-    """Training noise beside subset noise: every SFT arm retrained with recovery seeds (``ARM#K``),
+    """Training noise beside subset noise: every arm retrained with recovery seeds (``ARM#K``, also
+    ``ARM@OBJECTIVE#K``; the random subsets it is set against are SFT's, as in the verdict),
     its mean and sd over recovery seeds (seed 0 is ``ARM`` itself) beside the sd of the unit's
     random subsets, and the seed mean minus the random mean."""
     retrained: dict[str, list[int]] = {}  # ARM -> its recovery seeds, 0 being ARM itself
     for a in sorted(rows):
-        if "#" in a and "@" not in a and "~" not in a:
+        if "#" in a and "~" not in a and "=" not in a:
             arm, seed = a.split("#")
             retrained.setdefault(arm, [0] * (arm in rows)).append(int(seed))
     lines = []
@@ -1142,7 +1153,7 @@ def main(argv=None) -> None:
         known = arms_of(setting)
         wanted = args.arms or known
         unknown = [a for a in wanted if base_arm(a).split("=")[0] not in known
-                   or compute_target(a) not in (None, *known)]
+                   or (compute_target(a) is not None and base_arm(compute_target(a)) not in known)]
         if unknown:
             raise SystemExit(f"{setting}: unknown arm(s) {unknown}; known: {known} (ARM#K for recovery seed K)")
         todo = [a for a in ("dense", "none", *wanted) if not (results / setting / f"{_file(a)}.json").is_file()]

@@ -8,6 +8,7 @@ import shutil
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
@@ -147,7 +148,8 @@ def test_recovery_seed_and_convergence_lines():
     conv = {"planned_steps": 250, "stopped_early": True, "val_loss": 1.5, "best_step": 40}
     rows = {"rec:random-0": row([2, 2, 2]), "rec:random-1": row([4, 4, 4]),
             "rec:paser": row([1, 1, 1]), "rec:paser#1": row([2, 2, 2]), "rec:paser#2": row([3, 3, 3]),
-            "rec:paser@distill#1": row([9, 9, 9]),  # another objective: not one of the SFT recovery seeds
+            "rec:paser@distill#1": row([9, 9, 9]),  # another objective's seed, without its seed 0: no line
+            "rec:paser@tokw": row([1, 1, 1]), "rec:paser@tokw#1": row([3, 3, 3]), "rec:paser@tokw#2": row([2, 2, 2]),
             "rec:paser#1~conv": row([8, 8, 8], **conv),  # re-seeded ~conv: not a recovery seed here
             "rec:paser~conv": row([0, 0, 0], **conv), "rec:random-0~conv": row([1, 1, 1], **conv),
             "rec:random-1~conv": row([3, 3, 3], **conv)}
@@ -159,7 +161,10 @@ def test_recovery_seed_and_convergence_lines():
     # seeds 1, 2, 3 against subsets 2, 4: difference -1, standard error sqrt(1/3 + 2/2), Welch's df
     # (4/3)^2 / ((1/3)^2 / 2 + 1) = 1.684, t quantile 5.1765: -1 -+ 5.977
     assert "over runs, Welch t 95% with the seeds and the random subsets as samples [-6.9770, +4.9770])" in seeds[2]
-    assert len(seeds) == 3
+    # a recovery variant retrained is judged by the same rule: its seeds against the SFT random subsets
+    assert seeds[3].startswith("- rec:paser@tokw over recovery seeds [0, 1, 2]: 2.0000 ± 1.0000 "
+                               "(1.0000, 3.0000, 2.0000); its mean minus the random mean -1.0000")
+    assert len(seeds) == 4
     lines = exp.convergence_lines(rows, "suite")
     assert "- rec:paser~conv: 0.0000 after 50 of 250 planned steps (stopped early; best validation loss 1.5000 at " \
            "step 40, the adapter kept); at 50 steps 1.0000" in lines
@@ -283,6 +288,37 @@ def test_equal_compute_arms_scale_the_budget_and_are_compared_apart(tmp_path):
                         "steps 50/50): +0.7500 [+0.7500, +0.7500] over held-out records; over families "
                         "[+0.7500, +0.7500], above all; compute 55.00 TFLOP against 35.00 (mean)")
     assert exp.equal_compute_lines({k: v for k, v in rows.items() if k != "tok:random-1=paser"}, "suite") == []
+
+
+def test_an_equal_compute_target_may_be_a_recovery_variant(tmp_path):
+    """``tok:random-K=paser@tokw``: random subset K, trained by plain SFT, at the total compute of
+    PASER's subset trained token-weighted; the @ belongs to the target, not to the arm's recovery."""
+    import types
+
+    import decisive_experiment as exp
+
+    def row(arm, selection, recovery):  # compute in TFLOP
+        return {"arm": arm, "compute": {"selection": {"flops_total": selection * 1e12},
+                                        "recovery": {"flops_total": recovery * 1e12}}}
+
+    arm = "tok:random-0=paser@tokw"
+    assert exp.base_arm(arm) == arm and exp.base_arm("tok:paser@tokw#1") == "tok:paser"
+    assert exp.compute_target(arm) == "tok:paser@tokw" and exp._file(arm) == "tok-random-0-eq-paser-tokw"
+    assert exp.objective_of(arm) == {"objective": "sft"}
+    rows = {"tok:random-0": row("tok:random-0", 0, 10), "tok:random-1": row("tok:random-1", 0, 10),
+            "tok:paser": row("tok:paser", 25, 10), "tok:paser@tokw": row("tok:paser@tokw", 25, 12)}
+    assert exp.equal_compute_budget(rows, "tok", "paser@tokw") == "0.740000tok"  # (25 + 12) / 10 x 20%
+    (tmp_path / "select").mkdir()
+    pd.DataFrame({"n_tokens": [10, 30]}).to_parquet(tmp_path / "select" / "tokens.parquet")
+    args = types.SimpleNamespace(batch_size=4, micro_batch_size=2, micro_batch_tokens=None, learning_rate=3e-4,
+                                 max_steps=None, epochs=2, dense="dense-model")
+    plain = exp.recovery_config(arm, {"work": tmp_path}, args)
+    assert (plain.objective, plain.teacher, plain.token_weighting, plain.batch_tokens) == ("sft", None, 0.0, 80)
+    weighted = exp.recovery_config("tok:paser@tokw", {"work": tmp_path}, args)
+    assert (weighted.teacher, weighted.token_weighting) == ("dense-model", 0.5)
+    with pytest.raises(SystemExit, match="unknown arm"):
+        exp.main(["--settings", "suite-25", "--arms", "tok:random-0=nosuch@tokw", "--out", str(tmp_path / "w"),
+                  "--results", str(tmp_path / "r")])
 
 
 @pytest.mark.slow
