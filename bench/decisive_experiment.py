@@ -690,12 +690,12 @@ def strat_choice_lines(rows: dict, kind: str, unit: str = "tok") -> list[str]:
 def convergence_lines(rows: dict, kind: str) -> list[str]:
     """Does the ranking survive convergence? The ``ARM~conv`` arms (trained until their validation
     loss stopped improving, the best adapter kept): each one's metric and steps beside the same
-    subset at the recipe's steps, and every non-random one minus the mean of the converged random
-    arms, at convergence and at the recipe's steps on the same random subsets."""
+    subset at the recipe's steps, and every other one (``paser@tokw~conv`` too) minus the mean of the
+    converged SFT random arms, at convergence and at the recipe's steps on the same random subsets."""
     lines = []
     for unit in BUDGETS:
         conv = {a.removesuffix("~conv"): rows[a] for a in sorted(rows)
-                if a.startswith(f"{unit}:") and a.endswith("~conv") and "@" not in a and "#" not in a}
+                if a.startswith(f"{unit}:") and a.endswith("~conv") and "#" not in a}
         if not conv:
             continue
         lines += ["", f"{unit}: trained until the validation loss stopped improving (`~conv`; lower is better)"]
@@ -705,7 +705,7 @@ def convergence_lines(rows: dict, kind: str) -> list[str]:
             lines.append(f"- {arm}~conv: {_metric(r, kind):.4f} after {r['steps']} of {r.get('planned_steps')} "
                          f"planned steps ({how}; best validation loss {r.get('val_loss'):.4f} at step "
                          f"{r.get('best_step')}, the adapter kept){fixed}")
-        randoms = [a for a in conv if a.split(":")[1].startswith("random-")]
+        randoms = [a for a in conv if a.split(":")[1].startswith("random-") and "@" not in a]
         if not randoms:
             continue
         for arm in (a for a in conv if a not in randoms):

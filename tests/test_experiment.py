@@ -152,7 +152,7 @@ def test_recovery_seed_and_convergence_lines():
             "rec:paser@tokw": row([1, 1, 1]), "rec:paser@tokw#1": row([3, 3, 3]), "rec:paser@tokw#2": row([2, 2, 2]),
             "rec:paser#1~conv": row([8, 8, 8], **conv),  # re-seeded ~conv: not a recovery seed here
             "rec:paser~conv": row([0, 0, 0], **conv), "rec:random-0~conv": row([1, 1, 1], **conv),
-            "rec:random-1~conv": row([3, 3, 3], **conv)}
+            "rec:random-1~conv": row([3, 3, 3], **conv), "rec:paser@tokw~conv": row([1, 1, 1], **conv)}
     seeds = exp.seed_lines(rows, "suite")
     assert "random subsets 3.0000 ± 1.4142 over 2 subsets" in seeds[1]
     assert seeds[2].startswith("- rec:paser over recovery seeds [0, 1, 2]: 2.0000 ± 1.0000 (1.0000, 2.0000, 3.0000)")
@@ -171,6 +171,9 @@ def test_recovery_seed_and_convergence_lines():
     last = lines[-1]
     assert last.startswith("- rec:paser minus the converged random mean (rec:random-0, rec:random-1): -2.0000")
     assert "at the recipe's steps, the same subsets: -2.0000 [-2.0000, -2.0000]" in last
+    # a recovery variant converged is set against the converged SFT random arms too
+    assert lines[-2].startswith("- rec:paser@tokw minus the converged random mean (rec:random-0, rec:random-1): "
+                                "-1.0000") and "the same subsets: -2.0000" in lines[-2]
 
 
 def test_strat_sweep_choice_follows_the_registered_rule():
