@@ -999,9 +999,11 @@ def fourth_setting_choice_lines(compared: dict) -> list[str]:
     same configuration and seed (there a choice, not a test)."""
     others = [s for s in SETTINGS if s != FOURTH_SETTING]
     diffs: dict[str, dict[str, float]] = {}
+    random_mean: dict[str, float] = {}
     for setting in others:
-        for unit, _, found in compared.get(setting, (None, []))[1]:
+        for unit, (mean, _, _), found in compared.get(setting, (None, []))[1]:
             for c in found if unit == "tok" else []:
+                random_mean[setting] = mean
                 if (method := new_method(c["arm"])) is not None:
                     diffs.setdefault(method, {})[setting] = c["diff"]
     if not diffs:
@@ -1016,10 +1018,25 @@ def fourth_setting_choice_lines(compared: dict) -> list[str]:
         mean = f"mean {statistics.mean(found.values()):+.4f}" if len(found) == len(others) else "mean: not yet"
         lines.append(f"- {method}: {cells}; {mean}")
     missing = [m for m in NEW_CANDIDATES if len(diffs.get(m, {})) < len(others)]
-    if missing:
+    complete = [m for m in diffs if m not in missing]
+    chosen = min(complete, key=lambda m: statistics.mean(diffs[m].values()), default=None)
+    if not missing:
+        return lines + [f"- choice by the registered rule: {chosen}"]
+    # every metric here is an NLL, never below zero, so a method's difference on a setting it has
+    # not run is at least minus that setting's random mean: a mean that bound keeps above the best
+    # complete one cannot change the choice
+    floors = {}
+    for method in missing:
+        found = diffs.get(method, {})
+        if chosen is None or any(s not in found and s not in random_mean for s in others):
+            break
+        floors[method] = statistics.mean(found.get(s, -random_mean.get(s, 0.0)) for s in others)
+    best = None if chosen is None else statistics.mean(diffs[chosen].values())
+    if len(floors) < len(missing) or any(floor <= best for floor in floors.values()):
         return lines + [f"- choice: not yet ({', '.join(missing)} not run on every setting)"]
-    chosen = min(diffs, key=lambda m: statistics.mean(diffs[m].values()))
-    return lines + [f"- choice by the registered rule: {chosen}"]
+    bounds = ", ".join(f"{m}'s at least {floor:+.4f}" for m, floor in floors.items())
+    return lines + [f"- choice by the registered rule: {chosen} (before {', '.join(missing)} ran on every setting: "
+                    f"with the metric never below zero, their means cannot fall below {best:+.4f}; {bounds})"]
 
 
 def summary(compared: dict) -> str:

@@ -456,3 +456,26 @@ def test_the_fourth_settings_method_is_the_lowest_mean_over_the_other_three():
     assert lines[-1] == "- choice: not yet (random@self not run on every setting)"
     compared["alpaca-25"][1][0][2].append({"arm": "tok:random@self (5 subsets)", "diff": 0.01})
     assert exp.fourth_setting_choice_lines(compared)[-1] == "- choice by the registered rule: paser@self"
+
+
+def test_the_fourth_settings_choice_is_made_early_only_when_the_missing_runs_cannot_change_it():
+    import decisive_experiment as exp
+
+    def compared_with(self_diff):  # random@self run on suite-25 and suite-15 only; random means 2.0
+        out = {}
+        for setting in ("suite-25", "suite-15", "alpaca-25"):
+            pairs = [(f"tok:{exp.FROZEN_STRAT}", -0.03)] + [(f"tok:{m}", 0.05) for m in
+                                                           ("paser@tokw", "adaptive", "rounds", "paser@self")]
+            pairs += [("tok:random@tokw (5 subsets)", 0.05)]
+            if setting != "alpaca-25":
+                pairs += [("tok:random@self (5 subsets)", self_diff)]
+            out[setting] = ({}, [("tok", (2.0, 0.1, 5), [{"arm": a, "diff": d} for a, d in pairs])])
+        return out
+
+    # (1.0 + 1.0 - 2.0) / 3 = 0.0: above strat's -0.03 whatever alpaca-25 gives, since NLL >= 0
+    last = exp.fourth_setting_choice_lines(compared_with(1.0))[-1]
+    assert last.startswith("- choice by the registered rule: strat (before random@self ran on every setting")
+    assert "random@self's at least +0.0000" in last
+    # (0.95 + 0.95 - 2.0) / 3 = -0.0333: alpaca-25 could still put it below strat
+    assert exp.fourth_setting_choice_lines(compared_with(0.95))[-1] == (
+        "- choice: not yet (random@self not run on every setting)")
