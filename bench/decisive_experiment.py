@@ -734,6 +734,8 @@ def family_table(setting: str, rows: dict, work: Path, families: pd.DataFrame, u
         return []
     if families is None or not scores_file.is_file():
         return not_here("Per family", setting, unit, [work / "pool.jsonl", scores_file])
+    if stale := not_trained("Per family", setting, unit, work, rows, [f"{unit}:paser"]):
+        return stale
     scores = pd.read_parquet(scores_file).merge(families, on="id")
     summary = json.loads(scores_file.with_name(scores_file.name.replace("scores.parquet", "clusters.json")).read_text())
     scores["cds"] = scores["cluster"].map({c["cluster"]: c["cds"] for c in summary["clusters"]})
@@ -766,6 +768,24 @@ def not_here(table: str, setting: str, unit: str, needed: list[Path]) -> list[st
     missing = ", ".join(str(p) for p in needed if not p.is_file())
     return ["", f"{table} ({setting}, {unit_name(unit)}): not printed, the work folder lacks {missing} "
                 f"(running the arms {unit}:paser and {unit}:random-K with this --out writes their subsets again)"]
+
+
+def not_trained(table: str, setting: str, unit: str, work: Path, rows: dict, arms: list[str]) -> list[str]:
+    """The line that stands for a table whose subsets in the work folder are not the ones the arms
+    trained (their records and tokens differ from the arm JSONs'): a subset selected again, after
+    a change of machine, from scores that came out differently. Empty when every one matches."""
+    off = []
+    for arm in arms:
+        row = rows[arm]
+        scores = pd.read_parquet(work / "subsets" / f"{_file(arm)}.scores.parquet", columns=["status", "n_tokens"])
+        chosen = scores.loc[scores["status"] == "selected", "n_tokens"]
+        if "selected" in row and (len(chosen), int(chosen.sum())) != (row["selected"], row.get("selected_tokens")):
+            off.append(f"{_file(arm)} has {len(chosen)} records and {int(chosen.sum()):,} tokens, the arm trained "
+                       f"{row['selected']} and {row.get('selected_tokens', 0):,}")
+    if not off:
+        return []
+    return ["", f"{table} ({setting}, {unit_name(unit)}): not printed, the work folder's subsets are not the ones "
+                f"the arms trained ({'; '.join(off)}; selected again since the arms ran)"]
 
 
 def _restrict(row: dict, idx: np.ndarray) -> dict:
@@ -833,6 +853,8 @@ def cluster_table(setting: str, rows: dict, work: Path, unit: str, nearest: pd.S
     if nearest is None or not all(f.is_file() for f in files):
         needed = [work / "select" / "embeddings.npy", work / "select" / "pool.parquet", work / "heldout.jsonl"]
         return not_here("Per cluster", setting, unit, needed + files)
+    if stale := not_trained("Per cluster", setting, unit, work, rows, [f"{unit}:paser", *(r["arm"] for r in randoms)]):
+        return stale
     scores = pd.read_parquet(scores_file, columns=["id", "cluster", "n_tokens", "status"]).set_index("id")
     summary = json.loads(scores_file.with_name(f"{unit}-paser.clusters.json").read_text())
 

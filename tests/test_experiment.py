@@ -98,6 +98,15 @@ def test_alpaca_smoke_reports_where_paser_put_its_tokens(tiny_pair, tmp_path):
     assert {int(r.split(" | ")[0][2:]): int(r.split(" | ")[3]) for r in table} == taken
     assert sum(int(r.split(" | ")[2]) for r in table) == 12
     assert "- favoured clusters [" in block[2] and "- starved clusters [" in block[2]
+    # a subset selected again that is not the one the arm trained is not described as if it were
+    path = tmp_path / "results" / "alpaca-25" / "tok-paser.json"
+    trained = json.loads(path.read_text())
+    path.write_text(json.dumps(trained | {"selected_tokens": trained["selected_tokens"] + 2}))
+    exp.main(["--report-only", "--out", str(tmp_path / "work"), "--results", str(tmp_path / "results")])
+    line = (tmp_path / "results" / "results.md").read_text().split("Per cluster (alpaca-25, 20% token budget)")[1]
+    assert line.startswith(": not printed, the work folder's subsets are not the ones the arms trained (tok-paser has "
+                           f"{trained['selected']} records and {trained['selected_tokens']:,} tokens, the arm trained ")
+    path.write_text(json.dumps(trained))
     (tmp_path / "work" / "alpaca-25" / "subsets" / "tok-random-1.scores.parquet").unlink()
     exp.main(["--report-only", "--out", str(tmp_path / "work"), "--results", str(tmp_path / "results")])
     line = (tmp_path / "results" / "results.md").read_text().split("Per cluster (alpaca-25, 20% token budget)")[1]
