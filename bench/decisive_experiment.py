@@ -1024,8 +1024,9 @@ def fourth_setting_choice_lines(compared: dict) -> list[str]:
     random_mean: dict[str, float] = {}
     for setting in others:
         for unit, (mean, _, _), found in compared.get(setting, (None, []))[1]:
-            for c in found if unit == "tok" else []:
+            if unit == "tok":
                 random_mean[setting] = mean
+            for c in found if unit == "tok" else []:
                 if (method := new_method(c["arm"])) is not None:
                     diffs.setdefault(method, {})[setting] = c["diff"]
     if not diffs:
@@ -1047,15 +1048,13 @@ def fourth_setting_choice_lines(compared: dict) -> list[str]:
     # every metric here is an NLL, never below zero, so a method's difference on a setting it has
     # not run is at least minus that setting's random mean: a mean that bound keeps above the best
     # complete one cannot change the choice
-    floors = {}
-    for method in missing:
-        found = diffs.get(method, {})
-        if chosen is None or any(s not in found and s not in random_mean for s in others):
-            break
-        floors[method] = statistics.mean(found.get(s, -random_mean.get(s, 0.0)) for s in others)
-    best = None if chosen is None else statistics.mean(diffs[chosen].values())
-    if len(floors) < len(missing) or any(floor <= best for floor in floors.values()):
-        return lines + [f"- choice: not yet ({', '.join(missing)} not run on every setting)"]
+    not_yet = [f"- choice: not yet ({', '.join(missing)} not run on every setting)"]
+    if chosen is None or any(s not in random_mean for s in others):
+        return lines + not_yet
+    floors = {m: statistics.mean(diffs.get(m, {}).get(s, -random_mean[s]) for s in others) for m in missing}
+    best = statistics.mean(diffs[chosen].values())
+    if any(floor <= best for floor in floors.values()):
+        return lines + not_yet
     bounds = ", ".join(f"{m}'s at least {floor:+.4f}" for m, floor in floors.items())
     return lines + [f"- choice by the registered rule: {chosen} (before {', '.join(missing)} ran on every setting: "
                     f"with the metric never below zero, their means cannot fall below {best:+.4f}; {bounds})"]
