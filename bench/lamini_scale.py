@@ -24,8 +24,7 @@ scores only a seeded M records per cluster with the bundled model and its paser-
 scoring), and the scoring's FLOPs from the run's ledger (manifest.json) are set against a full
 scoring pass over every record of the pool counted by the same rule (``paser.ledger``: both models
 over every record's prompt + response tokens, the head at its response tokens): the ratio the
-per-cluster sample saves, counted, not run (a full pass over 52,002 records would take hours on
-two cores).
+per-cluster sample saves, counted, not run.
 """
 
 from __future__ import annotations
@@ -38,6 +37,7 @@ import shutil
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -137,9 +137,12 @@ def main(argv=None) -> None:
     shutil.rmtree(work / "run", ignore_errors=True)  # every stage measured, none reused from an earlier run
     run = pipeline.run_folder(settings)
     timed("data (read, validate, store)", lambda: pipeline.stage_data(settings, run))
+    ids = pd.read_parquet(run / "pool.parquet", columns=["id"])["id"].tolist()
+    reasons = Counter(r["reason"] for r in json.loads((run / "data.json").read_text())["rejected"])
+    print(f"  kept {len(ids):,} records; set aside: "
+          f"{', '.join(f'{n:,} ({why})' for why, n in reasons.items()) or 'none'}", flush=True)
     if args.stop_after == "data":
         return
-    ids = pd.read_parquet(run / "pool.parquet", columns=["id"])["id"].tolist()
     np.savez(work / "embeddings.npz", ids=np.asarray(ids, dtype=str), embeddings=x)  # in the pool's order
     del x, ids
     timed("tokens (the dense tokenizer)", lambda: pipeline.stage_tokens(settings, run))
@@ -149,8 +152,8 @@ def main(argv=None) -> None:
     timed("embed (the given file)", lambda: pipeline.stage_embed(settings, run))
     timed("clusters (neighbours, map, K)", lambda: pipeline.stage_cluster(settings, run))
     if tilted:
-        timed("twin (paser prune, cached)", lambda: pipeline.stage_twin(settings, run))
-        timed(f"score ({args.per_cluster} records per cluster)", lambda: pipeline.stage_score(settings, run))
+        twin = timed("twin (paser prune, cached)", lambda: pipeline.stage_twin(settings, run))
+        timed(f"score ({args.per_cluster} records per cluster)", lambda: pipeline.stage_score(settings, run, twin))
     timed(f"select (strat, CDS temperature {settings.sample.cds_temperature:g})",
           lambda: pipeline.stage_select(settings, run))
     timed("report", lambda: write_report(settings, run))
