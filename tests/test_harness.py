@@ -90,7 +90,7 @@ def test_local_jsonl_task_equals_direct_computation(tmp_path, tiny_tokenizer, ch
     assert scores["acc"] == pytest.approx(acc)
     assert scores["acc_norm"] == pytest.approx(acc_norm)
     table = (tmp_path / "eval" / "eval.md").read_text()
-    assert "paser_mini_mc (10 records, 0-shot), accuracy (acc)" in table
+    assert "paser_mini_mc (10 records, test split, 0-shot), accuracy (acc)" in table
     assert "normalised accuracy (acc_norm, per character)" in table
     assert json.loads((tmp_path / "eval" / "eval.json").read_text())["lm_eval"]["paser_mini_mc"] == scores
 
@@ -135,8 +135,8 @@ def test_builtin_task_offline_and_unknown_task_fail_before_the_model_loads(tmp_p
 
     with pytest.raises(DataError, match=r"lm-eval task 'arc_esy': unknown; did you mean .*arc_easy"):
         prepare_tasks(["arc_esy"], tmp_path)
-    with pytest.raises(DataError, match=r"lm-eval task 'boolq': its data did not load .*local JSONL"):
-        prepare_tasks(["boolq"], tmp_path)
+    with pytest.raises(DataError, match=r"lm-eval task 'lambada_openai': its data did not load .*local JSONL"):
+        prepare_tasks(["lambada_openai"], tmp_path)
 
     def no_model(*args, **kwargs):
         raise AssertionError("the model was loaded before the tasks were checked")
@@ -157,7 +157,7 @@ def test_cli_evaluate_with_local_task(tmp_path, tiny_tokenizer, choice_file, mon
     done = runner.invoke(app, ["evaluate", str(folder), "--no-flow", "--suite-size", "0", "--lm-eval-task",
                                str(choice_file), "--lm-eval-limit", "4", "--out", str(tmp_path / "eval")])
     assert done.exit_code == 0, done.output
-    assert "lm-eval paser_mini_mc (4 records, 0-shot), accuracy (acc)" in done.output
+    assert "lm-eval paser_mini_mc (4 records, test split, 0-shot), accuracy (acc)" in done.output
     assert (tmp_path / "eval" / "lm_eval_tasks" / "paser_mini_mc.yaml").is_file()
     # with no output folder the generated task YAML lives in a temporary folder, removed afterwards
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
