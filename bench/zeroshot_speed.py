@@ -81,7 +81,8 @@ def request_tokens(lm, out) -> tuple[int, int, int]:
 def line(name, items, seconds, tokens, positions, params, ceiling) -> str:
     flops = forward_flops(params["body"], params["head"], tokens, positions)
     return (f"{name:>22}: {items} items in {seconds:7.1f} s = {items / seconds:6.2f} items/s; {tokens:,} tokens run, "
-            f"{tokens / seconds:5.0f} tokens/s; {flops / seconds / 1e9:5.1f} GFLOP/s = {flops / seconds / 1e9 / ceiling:.0%} "
+            f"{tokens / seconds:5.0f} tokens/s; {flops / seconds / 1e9:5.1f} GFLOP/s = "
+            f"{flops / seconds / 1e9 / ceiling:.0%} "
             "of the ceiling")
 
 

@@ -125,7 +125,8 @@ def test_scorer_equals_lm_evals_backend_on_every_shipped_set(tiny_lm):
     net, tokenizer, _ = load_for_eval(str(tiny_lm))
     runs = {}
     for cls in (PackedLM, HFLM):
-        lm = cls(pretrained=net, tokenizer=tokenizer, batch_size=4, **({"token_budget": 512} if cls is PackedLM else {}))
+        extra = {"token_budget": 512} if cls is PackedLM else {}
+        lm = cls(pretrained=net, tokenizer=tokenizer, batch_size=4, **extra)
         runs[cls] = lm_eval.simple_evaluate(model=lm, tasks=[shipped_task(n) for n in SHIPPED], limit=4,
                                             log_samples=True, task_manager=TaskManager(include_defaults=False),
                                             bootstrap_iters=0)
@@ -161,13 +162,16 @@ def test_evaluate_writes_items_the_seven_task_mean_and_the_gap_closed(tmp_path, 
         assert np.mean(row["items"][row["metric"]]) == pytest.approx(row[row["metric"]])
     mean = dense["paper_mean"]
     assert mean["items"] == 21
-    assert mean["mean"] == pytest.approx(np.mean([dense["lm_eval"][t][dense["lm_eval"][t]["metric"]] for t in PAPER_TASKS]))
+    rows = dense["lm_eval"]
+    assert mean["mean"] == pytest.approx(np.mean([rows[t][rows[t]["metric"]] for t in PAPER_TASKS]))
     assert dense["compute"]["flops_by_stage"]["lm-eval tasks"] > 0
     saved = json.loads((tmp_path / "dense" / "eval.json").read_text())
     assert saved["lm_eval"]["piqa"]["items"] == dense["lm_eval"]["piqa"]["items"]
-    assert "## The paper's seven zero-shot tasks (21 items, validation split)" in (tmp_path / "dense" / "eval.md").read_text()
+    table = (tmp_path / "dense" / "eval.md").read_text()
+    assert "## The paper's seven zero-shot tasks (21 items, validation split)" in table
 
-    evaluate(str(other), out=tmp_path / "pruned", suite_size=0, lm_eval_tasks=["paper"], lm_eval_sample=3, lm_eval_seed=4)
+    evaluate(str(other), out=tmp_path / "pruned", suite_size=0, lm_eval_tasks=["paper"], lm_eval_sample=3,
+             lm_eval_seed=4)
     again = evaluate(str(other), out=tmp_path / "again", suite_size=0, lm_eval_tasks=["paper"], lm_eval_sample=3,
                      lm_eval_seed=4, reference_dense=str(tmp_path / "dense"), reference_pruned=str(tmp_path / "pruned"))
     gap = again["lm_eval_gap_closed"]

@@ -145,7 +145,10 @@ def _split(specs: list[str]) -> list[str]:
     """Comma-separated task names as separate names; file paths as they are."""
     out = []
     for spec in specs:
-        out += [spec] if spec.endswith((".jsonl", ".yaml", ".yml")) else [s.strip() for s in spec.split(",") if s.strip()]
+        if spec.endswith((".jsonl", ".yaml", ".yml")):
+            out.append(spec)
+        else:
+            out += [s.strip() for s in spec.split(",") if s.strip()]
     return out
 
 
@@ -256,7 +259,8 @@ def zero_shot_gap_closed(tasks: dict, dense: dict, pruned: dict, where: tuple[st
             theirs = ((ref or {}).get("lm_eval") or {}).get(task)
             if theirs is None or theirs.get("items", {}).get("doc_id") != row["items"]["doc_id"]:
                 raise DataError(f"{name}: its evaluation did not score the same {task} items as this one "
-                                "(evaluate it with the same lm_eval_tasks, lm_eval_sample, lm_eval_seed and lm_eval_limit)")
+                                "(evaluate it with the same lm_eval_tasks, lm_eval_sample, lm_eval_seed and "
+                                "lm_eval_limit)")
     out = {}
     for task, row in tasks.items():
         metric = row["metric"]

