@@ -5,16 +5,15 @@ Paper variant (default): NMF of those coordinates made non-negative by splitting
 positive and negative parts, [max(x, 0), max(-x, 0)]; a record's cluster is the argmax of its
 NMF factor row. K comes from the NMF reconstruction-error curve over [k_min, k_max] (every K
 factorises the same matrix, so the curve decreases and its knee is meaningful): the paper's rule
-takes the knee, the K farthest below the chord (``k_selection: knee``). When the curve has no
-real elbow, its distance below the chord is nearly flat over a range of K, and float noise, row
-order or another BLAS moved the argmax within it (measured on the embedded default with NMF
-stopped at tol 1e-4: 10, 11 or 13 under row permutations, ARI 0.77 to 0.93 against the task
-families). Two changes make K stable: the curve's NMFs run to convergence (tol 1e-6, at most
-3,000 iterations; the final fit keeps tol 1e-4), and the default rule (``knee_band``) takes the
-largest K whose distance is within ``knee_band`` (10%) of the maximum: the far end of the bend
-(13 on the embedded default under 1e-6 noise and row permutations, ARI 0.93; the argmax, 11, has
-ARI 0.84), which errs towards splitting a capability over two clusters rather than merging two
-capabilities into one (whose mean degradation would blur both). The band is reported in the run.
+takes the knee, the K farthest below the chord (``k_selection: knee``); the default (``knee_band``)
+takes the largest K whose distance below the chord is within ``knee_band`` (10%) of the knee's, the
+far end of the bend, which errs towards splitting a capability over two clusters rather than
+merging two capabilities into one (whose mean degradation would blur both). The curve's NMFs run to
+convergence (tol 1e-6, at most 3,000 iterations; the final fit keeps tol 1e-4). When the knee lies
+less than ``FLAT_KNEE`` of the curve's range below its chord, the curve has no real elbow: the run
+says so and names the band of K that fits about equally well. K stays put under float noise, row
+order, thread count and one record less because the coordinates do (paser.selection.manifold builds
+the eigenvalue-1 space from the graph's components); bench/k_stability.py measures it.
 The eigengap of the normalised operator is reported beside it. Also k-means on the same
 coordinates; a fixed K is an option.
 
@@ -65,6 +64,9 @@ def nonnegative(coords: np.ndarray) -> np.ndarray:
 
 
 CURVE_TOL, CURVE_MAX_ITER = 1e-6, 3000  # the K-selection curve is fitted to convergence
+# A knee less than this far below the chord (in units of the curve's range) is no real elbow: the
+# error falls about as much for every cluster added, and a band of K fits about equally well.
+FLAT_KNEE = 0.15
 
 
 def _nmf(x: np.ndarray, k: int, random_state: int, tol: float = 1e-4, max_iter: int = 400):
@@ -119,12 +121,16 @@ class SpectralClusterer:
 
     Learned: ``labels_`` [N], ``k_`` (the K fitted), ``n_clusters_`` (non-empty clusters, at most
     ``k_``), ``k_curve_`` (list of {k, error}), ``knee_k_``, ``knee_band_`` ((smallest, largest) K
-    within the band), ``eigengap_k_`` (None without eigenvalues).
+    within the band), ``knee_height_`` (the knee's distance below the chord, in units of the curve's
+    range), ``flat_`` (the curve is nearly straight: the knee's height under ``FLAT_KNEE``),
+    ``eigengap_k_`` (None without eigenvalues), ``k_reason_`` (why K is what it is, in words).
     """
 
-    def __init__(self, method: str = "nmf", n_clusters: int | None = None, k_min: int = 4, k_max: int = 20,
-                 k_selection: str = "knee_band", selection_sample: int = 10000, random_state: int = 0,
-                 verbose: bool = False, knee_band: float = 0.1):
+    # the defaults are the pipeline's (ClusterConfig), so a notebook fit equals paser select's
+    def __init__(self, method: str = ClusterConfig.method, n_clusters: int | None = ClusterConfig.n_clusters,
+                 k_min: int = ClusterConfig.k_min, k_max: int = ClusterConfig.k_max,
+                 k_selection: str = ClusterConfig.k_selection, selection_sample: int = ClusterConfig.selection_sample,
+                 random_state: int = 0, verbose: bool = False, knee_band: float = ClusterConfig.knee_band):
         self.method = method
         self.n_clusters = n_clusters
         self.k_min = k_min
@@ -148,7 +154,7 @@ class SpectralClusterer:
         k_min = min(self.k_min, k_max)
         has_eig = eigenvalues is not None and len(eigenvalues) > 0
         self.eigengap_k_ = eigengap_k(eigenvalues, k_min, k_max) if has_eig else None
-        self.k_curve_, self.knee_k_, self.knee_band_ = [], None, None
+        self.k_curve_, self.knee_k_, self.knee_band_, self.knee_height_, self.flat_ = [], None, None, None, None
         if self.n_clusters is None:
             # the K-selection curve, on a fixed random subsample for large pools
             rng = np.random.default_rng(self.random_state)
@@ -165,14 +171,26 @@ class SpectralClusterer:
             ks, errors = [p["k"] for p in self.k_curve_], [p["error"] for p in self.k_curve_]
             self.knee_k_ = knee(ks, errors)
             self.knee_band_ = knee_band(ks, errors, self.knee_band)
+            self.knee_height_ = float(knee_gaps(ks, errors).max())
+            self.flat_ = self.knee_height_ < FLAT_KNEE
         if self.n_clusters is not None:
             k = min(self.n_clusters, n)
+            self.k_reason_ = "fixed by the configuration (n_clusters)"
         elif self.k_selection == "eigengap" and self.eigengap_k_ is not None:
             k = self.eigengap_k_
+            self.k_reason_ = "the largest gap between eigenvalues K and K+1 of the diffusion operator"
         elif self.k_selection == "knee_band":
             k = self.knee_band_[1]
+            self.k_reason_ = (f"the largest K whose distance below the NMF error curve's chord is within "
+                              f"{self.knee_band:.0%} of the knee's (the knee is {self.knee_k_}; K "
+                              f"{self.knee_band_[0]} to {self.knee_band_[1]} are within the band)")
         else:
             k = self.knee_k_
+            self.k_reason_ = "the knee: the K farthest below the NMF error curve's chord"
+        if self.flat_:
+            self.k_reason_ += (f"; the curve is nearly straight (its knee lies {self.knee_height_:.3f} of its range "
+                               f"below the chord): K {self.knee_band_[0]} to {self.knee_band_[1]} fit about "
+                               "equally well, none is a clear number of capabilities")
         if self.method == "nmf":
             labels = _nmf(nonnegative(x), k, self.random_state)[0].argmax(axis=1)
         elif self.method == "kmeans":

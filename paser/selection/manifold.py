@@ -21,7 +21,7 @@ from typing import Literal
 
 import numpy as np
 import scipy.sparse as sp
-from scipy.sparse.linalg import eigsh
+from scipy.sparse.linalg import LinearOperator, eigsh
 
 from paser.progress import announce
 from paser.selection.neighbours import ivf_search, knn_graph
@@ -77,13 +77,33 @@ def affinity_matrix(idx: np.ndarray, dist: np.ndarray) -> sp.csr_matrix:
     return a.maximum(a.T).tocsr()  # d_ij is symmetric, so the kernel is too; max keeps the union
 
 
-def canonical_eigenvectors(vals: np.ndarray, vecs: np.ndarray, seed: int, tol: float = 1e-6) -> np.ndarray:
-    """Replace each basis of a repeated eigenvalue by one that depends only on the eigenspace.
+def component_basis(a: sp.csr_matrix, sqrt_deg: np.ndarray) -> np.ndarray:
+    """An orthonormal basis of the eigenvalue-1 eigenspace of D^-1/2 A D^-1/2, from the graph's
+    connected components: the global stationary vector first, then one vector per further component
+    (components by size, then by total degree, then by first row): it depends on the graph, not on
+    the order of its rows.
 
-    A graph with several connected components has eigenvalue 1 several times; the solver returns
-    an arbitrary rotation of that eigenspace, which would make runs differ. Projecting fixed
-    seeded vectors onto the space and orthonormalising them gives the same basis every time.
-    """
+    A graph with several components has eigenvalue 1 once per component, and an iterative solver
+    does not reliably return every copy of a repeated eigenvalue: on the embedded default's graph
+    (3 components) ARPACK returned two, an arbitrary plane of the three-dimensional eigenspace that
+    1e-6 of noise turned, which moved the coordinates and with them K. Built here exactly, the
+    space is deflated from the operator before the solver sees it."""
+    from scipy.sparse.csgraph import connected_components
+
+    count, labels = connected_components(a, directed=False)
+    sizes = np.bincount(labels)
+    weight = np.bincount(labels, weights=sqrt_deg**2)  # the component's total degree: no row order in it
+    first = np.full(count, len(labels))
+    np.minimum.at(first, labels, np.arange(len(labels)))
+    order = sorted(range(count), key=lambda c: (-sizes[c], -round(weight[c], 6), first[c]))
+    columns = [sqrt_deg] + [np.where(labels == c, sqrt_deg, 0.0) for c in order[:-1]]
+    q, r = np.linalg.qr(np.column_stack(columns))
+    return q * np.sign(np.diag(r))  # QR's signs fixed: each column leans towards the vector it came from
+
+
+def canonical_eigenvectors(vals: np.ndarray, vecs: np.ndarray, seed: int, tol: float = 1e-6) -> np.ndarray:
+    """Replace each basis of a repeated eigenvalue (other than the components' 1) by one that
+    depends only on the eigenspace: fixed seeded vectors projected onto it and orthonormalised."""
     vecs = vecs.copy()
     rng = np.random.default_rng(seed)
     start = 0
@@ -101,14 +121,18 @@ def canonical_eigenvectors(vals: np.ndarray, vecs: np.ndarray, seed: int, tol: f
 class DiffusionMap:
     """Diffusion-map coordinates of points on a sparse kNN graph (scikit-learn style).
 
-    Learned: ``embedding_`` [N, n_components], ``eigenvalues_`` (incl. the trivial 1.0),
+    Learned: ``embedding_`` [N, n_components], ``eigenvalues_`` (incl. the trivial 1.0, once per
+    connected component of the graph), ``components_`` (the graph's connected components),
     ``affinity_`` (sparse N x N, O(N k) entries), ``neighbors_`` (the search used: exact or ivf),
     ``ivf_`` (for ivf: lists made and probed, the sampled recall; else None).
     """
 
-    def __init__(self, n_neighbors: int = 15, n_components: int = 20, diffusion_time: int = 1,
-                 block_size: int = 1024, random_state: int = 0, neighbors: str = "auto",
-                 exact_max: int = 50_000, ivf_probe: int = 8, ivf_recall: float = 0.92):
+    # the defaults are the pipeline's (ManifoldConfig), so a notebook fit equals paser select's
+    def __init__(self, n_neighbors: int = ManifoldConfig.n_neighbors, n_components: int = ManifoldConfig.n_components,
+                 diffusion_time: int = ManifoldConfig.diffusion_time, block_size: int = ManifoldConfig.block_size,
+                 random_state: int = 0, neighbors: str = ManifoldConfig.neighbors,
+                 exact_max: int = ManifoldConfig.exact_max, ivf_probe: int = ManifoldConfig.ivf_probe,
+                 ivf_recall: float = ManifoldConfig.ivf_recall):
         self.n_neighbors = n_neighbors
         self.n_components = n_components
         self.diffusion_time = diffusion_time
@@ -142,11 +166,22 @@ class DiffusionMap:
         inv_sqrt = 1.0 / np.sqrt(deg)
         s = sp.diags(inv_sqrt) @ a @ sp.diags(inv_sqrt)  # symmetric normalised operator
         n_eig = min(self.n_components + 1, n - 1)
-        v0 = np.random.default_rng(self.random_state).uniform(0.5, 1.0, n)
-        vals, vecs = eigsh(s, k=n_eig, which="LA", v0=v0, tol=1e-6)
-        order = np.argsort(-vals)
-        vals, vecs = vals[order], vecs[:, order]
-        vecs = canonical_eigenvectors(vals, vecs, self.random_state)
+        ones = component_basis(a, np.sqrt(deg))
+        self.components_ = int(ones.shape[1])
+        ones = ones[:, :n_eig]
+        rest = n_eig - ones.shape[1]
+        if rest > 0:
+            # the eigenvalue-1 space removed (s q = q): the solver sees only the other eigenvalues
+            deflated = LinearOperator((n, n), matvec=lambda v: s @ v - ones @ (ones.T @ v), dtype=np.float64)
+            v0 = np.random.default_rng(self.random_state).uniform(0.5, 1.0, n)
+            v0 -= ones @ (ones.T @ v0)
+            vals, vecs = eigsh(deflated, k=rest, which="LA", v0=v0, tol=1e-6)
+            order = np.argsort(-vals)
+            vals, vecs = vals[order], canonical_eigenvectors(vals[order], vecs[:, order], self.random_state)
+            vals = np.concatenate([np.ones(ones.shape[1]), vals])
+            vecs = np.hstack([ones, vecs])
+        else:
+            vals, vecs = np.ones(n_eig), ones
         # right eigenvectors of the random-walk matrix D^-1 A: psi = phi / sqrt(deg)
         psi = vecs * inv_sqrt[:, None]
         psi /= np.linalg.norm(psi, axis=0, keepdims=True)

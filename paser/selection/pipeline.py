@@ -173,7 +173,11 @@ def stage_cluster(settings: Settings, run: Path) -> Path:
         (run / "cluster_fit.json").write_text(json.dumps({
             "k": int(clusterer.k_), "n_clusters": int(clusterer.n_clusters_),
             "knee_k": clusterer.knee_k_, "knee_band": clusterer.knee_band_,
-            "k_selection": settings.cluster.k_selection, "eigengap_k": clusterer.eigengap_k_,
+            "k_selection": settings.cluster.k_selection, "k_reason": clusterer.k_reason_,
+            "knee_height": clusterer.knee_height_, "flat_curve": clusterer.flat_, "eigengap_k": clusterer.eigengap_k_,
+            # one eigenvalue 1 per connected component of the kNN graph (at most n_components + 1 counted)
+            "graph_components": int(np.sum(np.asarray(eigenvalues) == 1.0)) if settings.manifold.method == "diffusion"
+            else None,
             "k_curve": clusterer.k_curve_, "eigenvalues": [float(v) for v in eigenvalues],
             "method": settings.cluster.method, "manifold": settings.manifold.method,
             "neighbors": neighbour_search(len(x), settings.manifold) if settings.manifold.method == "diffusion"
@@ -251,7 +255,8 @@ def stage_select(settings: Settings, run: Path) -> Path:
             selection_summary(settings.select.method, result.budget, result.unit, result.selected) | {
                 "signal": result.signal, "K": fit["k"], "n_clusters": fit["n_clusters"], "knee_k": fit["knee_k"],
                 "knee_band": fit.get("knee_band"), "k_selection": fit.get("k_selection", "knee"),
-                "eigengap_k": fit["eigengap_k"], "k_curve": fit["k_curve"], **rounds_summary(settings, run),
+                "eigengap_k": fit["eigengap_k"], "k_curve": fit["k_curve"], "k_reason": fit.get("k_reason"),
+                "flat_curve": fit.get("flat_curve"), **rounds_summary(settings, run),
                 "clusters": [{"cluster": c, "name": names.get(c, ""), "size": int(result.sizes[c]),
                               "cds": float(result.cds[c]), **cds_interval(out, c, result.signal),
                               "allocation": int(result.allocation[c]),

@@ -344,7 +344,7 @@ def write_report(settings, run: Path) -> Path:
         f"- clusters: K = {summary['K']} by {summary.get('k_selection', 'knee')} (NMF error curve: knee "
         f"{summary['knee_k']}, K within {settings.cluster.knee_band:.0%} of the knee's height "
         f"{summary.get('knee_band')}; eigengap: "
-        f"{summary['eigengap_k']})",
+        f"{summary['eigengap_k']})" + (f": {summary['k_reason']}" if summary.get("k_reason") else ""),
         f"- records cut at the {settings.score.cutoff}-token cutoff: {truncated}; without scored tokens: "
         f"{status.get('unscored', 0)}",
         f"- rejected by the {filter_name}: {status.get('rejected', 0)}",
