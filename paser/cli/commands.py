@@ -241,7 +241,8 @@ EVALUATE = [Opt("evaluate", name) for name in ("text", "heldout", "suite_size", 
                                                "reference_pruned", "divergence_from", "suite_accuracy_per_family",
                                                "window", "long_window", "batch_size", "dtype")] + [
     Opt("evaluate", "lm_eval_tasks", "--lm-eval-task"), Opt("evaluate", "lm_eval_limit"),
-    Opt("evaluate", "lm_eval_sample"), Opt("evaluate", "lm_eval_seed"), Opt("evaluate", "lm_eval_backend")]
+    Opt("evaluate", "lm_eval_sample"), Opt("evaluate", "lm_eval_whole"), Opt("evaluate", "lm_eval_seed"),
+    Opt("evaluate", "lm_eval_backend")]
 
 
 @command(app, "evaluate", EVALUATE, {"evaluate": EvalConfig},

@@ -18,6 +18,7 @@ from paser.devices import default_device, resolve_dtype
 from paser.errors import DataError
 from paser.evaluation.metrics import input_tokens, load_for_eval, nll_summary, perplexity, token_stats
 from paser.evaluation.report import evaluation_ledger, markdown_table
+from paser.evaluation.shipped import WHOLE_TASKS
 from paser.evaluation.suite import jsd_summary, read_reference, suite_accuracy, suite_gap_closed
 from paser.progress import announce
 
@@ -77,9 +78,11 @@ class EvalConfig:
     lm_eval_limit: int | None = None
     """The first N items of each lm-eval task (None: all)."""
     lm_eval_sample: int | None = None
-    """A seeded sample of at most N items of each lm-eval task (a task with fewer keeps them all).
-    The experiments' registered size is 500: every item of ARC-e, ARC-c and OpenBookQA and 500 of
-    each of the others, about 3,370 items of the seven. None: every item."""
+    """A seeded sample of at most N items of each lm-eval task but those of lm_eval_whole (a task
+    with fewer keeps them all). The experiments' registered size is 500: every item of ARC-e,
+    ARC-c and OpenBookQA and 500 of each of the others, 3,369 items of the seven. None: every item."""
+    lm_eval_whole: list[str] = field(default_factory=lambda: list(WHOLE_TASKS))
+    """Tasks scored on every item even with lm_eval_sample (the small sets)."""
     lm_eval_seed: int = 0
     """Seed of that sample (mixed with each task's name)."""
     lm_eval_backend: Literal["paser", "lm-eval"] = "paser"
@@ -187,7 +190,8 @@ def evaluate(model: str, adapter: str | None = None, out: str | Path | None = No
 
         scored = lm_eval_scores(net, tokenizer, harness_tasks, batch_size=config.batch_size,
                                 limit=config.lm_eval_limit, num_fewshot=config.lm_eval_fewshot,
-                                sample=config.lm_eval_sample, seed=config.lm_eval_seed, backend=config.lm_eval_backend)
+                                sample=config.lm_eval_sample, seed=config.lm_eval_seed, backend=config.lm_eval_backend,
+                                whole=config.lm_eval_whole)
         result["lm_eval"] = scored["tasks"]
         result["lm_eval_compute"] = scored["compute"]
         if (mean := paper_mean(scored["tasks"])) is not None:

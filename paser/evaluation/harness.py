@@ -191,11 +191,12 @@ def prepare_tasks(specs: list[str], folder: Path) -> HarnessTasks:
 
 
 def lm_eval_scores(model, tokenizer, prepared: HarnessTasks, batch_size: int = 8, limit: int | None = None,
-                   num_fewshot: int = 0, sample: int | None = None, seed: int = 0, backend: str = "paser") -> dict:
+                   num_fewshot: int = 0, sample: int | None = None, seed: int = 0, backend: str = "paser",
+                   whole: tuple[str, ...] | list[str] = ()) -> dict:
     """Score an in-memory ``model`` (base, with adapter, or merged) on the ``prepared`` tasks.
 
     ``limit``: the first items of each task (lm-eval's option); ``sample``: a seeded sample of at
-    most that many items of each task (``seed``), the rest all of theirs. Returns ``{"tasks": {task:
+    most that many items of each task (``seed``) but those named in ``whole``. Returns ``{"tasks": {task:
     row}, "compute": ...}``, each row with ``acc``, ``acc_stderr``, ``acc_norm``, ``acc_norm_stderr``
     (where the task defines it), ``samples`` (items scored), ``split``, ``metric`` (acc_norm where
     the task reports it, else acc: the one its paper-style average uses) and ``items`` (every
@@ -209,8 +210,8 @@ def lm_eval_scores(model, tokenizer, prepared: HarnessTasks, batch_size: int = 8
         raise ValueError(f"backend must be 'paser' or 'lm-eval', got {backend!r}")
     chosen = None
     if sample is not None:
-        chosen = {t.config.task: idx for t in prepared.tasks
-                  if (idx := sample_indices(t.config.task, len(t.eval_docs), sample, seed)) is not None}
+        chosen = {t.config.task: idx for t in prepared.tasks if t.config.task not in whole
+                  and (idx := sample_indices(t.config.task, len(t.eval_docs), sample, seed)) is not None}
     lm = (PackedLM if backend == "paser" else HFLM)(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
     out = lm_eval.simple_evaluate(model=lm, tasks=prepared.tasks, num_fewshot=num_fewshot, limit=limit,
                                   samples=chosen or None, log_samples=True, task_manager=prepared.manager,
@@ -259,8 +260,8 @@ def zero_shot_gap_closed(tasks: dict, dense: dict, pruned: dict, where: tuple[st
             theirs = ((ref or {}).get("lm_eval") or {}).get(task)
             if theirs is None or theirs.get("items", {}).get("doc_id") != row["items"]["doc_id"]:
                 raise DataError(f"{name}: its evaluation did not score the same {task} items as this one "
-                                "(evaluate it with the same lm_eval_tasks, lm_eval_sample, lm_eval_seed and "
-                                "lm_eval_limit)")
+                                "(evaluate it with the same lm_eval_tasks, lm_eval_sample, lm_eval_whole, "
+                                "lm_eval_seed and lm_eval_limit)")
     out = {}
     for task, row in tasks.items():
         metric = row["metric"]
