@@ -12,8 +12,9 @@ lm-eval reads; the vocabulary head runs only there. Rows are sorted by length an
 ``token_budget`` tokens.
 
 A request longer than the model's context (lm-eval truncates it from the left) or with an empty
-context goes to lm-eval's own code unchanged. tests/test_zeroshot.py checks that the log-likelihoods
-equal lm-eval's to 1e-4 and that the chosen answers are the same.
+context goes to lm-eval's own code unchanged, and so does every request of a model that is not a
+decoder with a vocabulary head (``get_decoder``, ``get_output_embeddings``). tests/test_zeroshot.py
+checks that the log-likelihoods equal lm-eval's to 1e-4 and that the chosen answers are the same.
 """
 
 from __future__ import annotations
@@ -38,6 +39,9 @@ class PackedLM(HFLM):
         self.positions = 0
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs=None):
+        model = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        if not hasattr(model, "get_decoder") or model.get_output_embeddings() is None:  # not a decoder + head
+            return super()._loglikelihood_tokens(requests, disable_tqdm=disable_tqdm, override_bs=override_bs)
         out: list[tuple[float, bool] | None] = [None] * len(requests)
         by_context: dict[tuple[int, ...], list[int]] = {}
         unpacked = []
