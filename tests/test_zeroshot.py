@@ -224,3 +224,19 @@ def test_limit_and_sample_exclude_each_other():
 
     with pytest.raises(ValueError, match="exclude each other"):
         EvalConfig(lm_eval_limit=3, lm_eval_sample=3)
+
+
+def test_references_without_a_task_stop_before_the_model_loads(tmp_path, monkeypatch):
+    from paser.evaluation import evaluate
+
+    for name in ("dense", "pruned"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "eval.json").write_text(json.dumps({"lm_eval": {"piqa": {}}}))
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded before the references were checked")
+
+    monkeypatch.setattr("paser.evaluation.entry.load_for_eval", no_model)
+    with pytest.raises(DataError, match="no lm-eval results for arc_challenge"):
+        evaluate("any-model", suite_size=0, lm_eval_tasks=["piqa,arc_challenge"], lm_eval_sample=3,
+                 reference_dense=str(tmp_path / "dense"), reference_pruned=str(tmp_path / "pruned"))

@@ -143,6 +143,12 @@ def evaluate(model: str, adapter: str | None = None, out: str | Path | None = No
         scratch = None if out is not None else tempfile.TemporaryDirectory(prefix="paser-lm-eval-")
         folder = Path(out) if out is not None else Path(scratch.name)
         harness_tasks = prepare_tasks(config.lm_eval_tasks, folder / "lm_eval_tasks")
+        names = [t.config.task if hasattr(t, "config") else str(t) for t in harness_tasks.tasks]
+        for ref, name in zip(references or (), (config.reference_dense, config.reference_pruned)):
+            missing = [t for t in names if t not in (ref.get("lm_eval") or {})]
+            if ref.get("lm_eval") and missing:  # said before the model runs, not after
+                raise DataError(f"{name}: its evaluation has no lm-eval results for {', '.join(missing)}; evaluate "
+                                "the reference with the same lm_eval_tasks")
     device = config.device or default_device()
     config = dataclasses.replace(config, dtype=resolve_dtype(config.dtype, device))
     announce(f"evaluating {model}" + (f" + {adapter}" if adapter else "") + f" on {device} ({config.dtype})")
@@ -196,7 +202,7 @@ def evaluate(model: str, adapter: str | None = None, out: str | Path | None = No
         result["lm_eval_compute"] = scored["compute"]
         if (mean := paper_mean(scored["tasks"])) is not None:
             result["paper_mean"] = mean
-        if references is not None:
+        if references is not None and all(ref.get("lm_eval") for ref in references):
             result["lm_eval_gap_closed"] = zero_shot_gap_closed(scored["tasks"], references[0], references[1],
                                                                 (config.reference_dense, config.reference_pruned))
         if scratch is not None:
