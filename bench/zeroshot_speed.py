@@ -63,18 +63,18 @@ def run(lm, tasks, samples):
     return out, time.perf_counter() - start
 
 
-def request_tokens(lm, out) -> tuple[int, int, int]:
-    """(tokens of every request as its own sequence, head positions, tokens with each context once)."""
+def request_tokens(lm, items) -> tuple[int, int, int]:
+    """Over ``items`` (each item's (context, continuation) requests), tokenized as lm-eval does:
+    (tokens of every request as its own sequence, head positions, tokens with each context once)."""
     separate = positions = shared = 0
-    for samples in out["samples"].values():
-        for s in samples:
-            contexts = set()
-            for context, continuation in s["arguments"]:
-                ctx, cont = lm._encode_pair(context, continuation)
-                separate += len(ctx) + len(cont) - 1
-                positions += len(cont)
-                shared += len(cont) - 1 + (0 if tuple(ctx) in contexts else len(ctx))
-                contexts.add(tuple(ctx))
+    for arguments in items:
+        contexts = set()
+        for context, continuation in arguments:
+            ctx, cont = lm._encode_pair(context, continuation)
+            separate += len(ctx) + len(cont) - 1
+            positions += len(cont)
+            shared += len(cont) - 1 + (0 if tuple(ctx) in contexts else len(ctx))
+            contexts.add(tuple(ctx))
     return separate, positions, shared
 
 
@@ -121,7 +121,8 @@ def main() -> None:
         theirs = HFLM(pretrained=net, tokenizer=tokenizer, batch_size=8)
         out_theirs, t_theirs = run(theirs, tasks, picks)
         items = sum(len(s) for s in out_ours["samples"].values())
-        separate, positions, _ = request_tokens(theirs, out_theirs)
+        separate, positions, _ = request_tokens(theirs, [s["arguments"] for samples in out_theirs["samples"].values()
+                                                         for s in samples])
         print(f"\n## both backends, {args.compare} items a task (seed {args.seed}), the same items")
         print(line("paser's scorer", items, t_ours, ours.tokens, ours.positions, params, ceiling))
         print(line("lm-eval's HF backend", items, t_theirs, separate, positions, params, ceiling)
@@ -147,21 +148,15 @@ def main() -> None:
         print(line("paser's scorer", items, seconds, ours.tokens, ours.positions, params, ceiling))
 
         tasks, _ = chosen(None)
-        counter = PackedLM(pretrained=net, tokenizer=tokenizer, batch_size=8)
-        total_items, total_separate, total_shared = 0, 0, 0
+        items = []
         for task in tasks:
             task.build_all_requests()
             by_doc = {}
             for inst in task.instances:
                 by_doc.setdefault(inst.doc_id, []).append(inst.arguments)
-            total_items += len(by_doc)
-            for arguments in by_doc.values():
-                contexts = set()
-                for context, continuation in arguments:
-                    ctx, cont = counter._encode_pair(context, continuation)
-                    total_separate += len(ctx) + len(cont) - 1
-                    total_shared += len(cont) - 1 + (0 if tuple(ctx) in contexts else len(ctx))
-                    contexts.add(tuple(ctx))
+            items += by_doc.values()
+        total_items = len(items)
+        total_separate, _, total_shared = request_tokens(theirs, items)
         print(f"\n## the full validation sets: {total_items:,} items; {total_shared:,} tokens with each context once, "
               f"{total_separate:,} with every choice repeating its context")
         if args.full:
