@@ -57,11 +57,15 @@ class PackedLM(HFLM):
                 self.tokens += len(requests[i][1]) + len(requests[i][2]) - 1
                 self.positions += len(requests[i][2])
         rows = sorted(by_context.items(), key=lambda kv: -_row_length(kv[0], [requests[i][2] for i in kv[1]]))
+        lengths = [_row_length(context, [requests[i][2] for i in members]) for context, members in rows]
         start, done, last_note = time.perf_counter(), 0, time.perf_counter()
         lo = 0
         while lo < len(rows):
-            width = _row_length(rows[lo][0], [requests[i][2] for i in rows[lo][1]])
-            hi = lo + max(1, self.token_budget // max(width, 1))
+            width = lengths[lo]
+            hi = lo + 1
+            # rows as long as the budget allows, none shorter than half the first: padding stays under half
+            while hi < len(rows) and (hi - lo + 1) * width <= self.token_budget and 2 * lengths[hi] >= width:
+                hi += 1
             batch = rows[lo:hi]
             for index, answer in self._score_rows(batch, requests, width):
                 out[index] = answer
