@@ -19,7 +19,7 @@ from paser.errors import ConfigError
 
 # Top-level sections a paser YAML may hold; each is one stage's config.
 SECTIONS = ("select", "embed", "manifold", "cluster", "score", "allocate", "sample", "adaptive", "concepts",
-            "prune", "distribute", "recover", "evaluate")
+            "prune", "distribute", "recover", "evaluate", "compare")
 
 
 def hint_parts(hint, names: dict | None = None) -> list[str]:

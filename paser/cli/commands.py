@@ -2,7 +2,7 @@
 Every option's help is its field's docstring; the options that are not settings (a model, ``--out``,
 ``--config``, ``--flow``) are declared here once.
 
-    paser select | prune | recover | evaluate | run | serve  (paser COMMAND --help)
+    paser select | prune | recover | evaluate | compare | run | serve  (paser COMMAND --help)
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import typer
 
 from paser.cli.app import app, dispatch, fail, offline_defaults
 from paser.cli.options import REQUIRED, Opt, command, config_option, flow_option, plain, trust_option
+from paser.comparison.config import CompareConfig
 from paser.errors import PaserError
 from paser.evaluation.entry import EvalConfig
 from paser.models.pruning import PruneConfig
@@ -276,6 +277,57 @@ def evaluate(values: dict, model: str, adapter: str | None, out: Path | None, co
     result = dispatch(flow, direct, flowed)
     typer.echo(markdown_table(result))
     typer.echo(_ledger_line(result["compute"]))
+
+
+# ---------------------------------------------------------------- compare
+
+
+def budget_pairs(texts: list[str]) -> dict:
+    """``--budget tok=0.2tok --budget rec=0.2``: named budgets."""
+    found = {}
+    for text in texts:
+        name, sep, value = text.partition("=")
+        if not sep or not name.strip() or not value.strip():
+            raise ValueError(f"--budget {text!r}: expected NAME=BUDGET, e.g. tok=0.2tok or rec=0.2")
+        found[name.strip()] = parse_budget(value.strip()).setting
+    return found
+
+
+COMPARE = [Opt("compare", name) for name in ("pool", "pool_records", "heldout_records", "heldout", "dense", "pruned",
+                                             "prune_ratio", "metric", "bootstrap", "recovery_seeds", "out")] + [
+    Opt("compare", "arms", "--arms", lambda text: [a.strip() for a in text.split(",") if a.strip()], str),
+    Opt("compare", "budgets", "--budget", budget_pairs, list[str]),
+    Opt("distribute", "engine"), Opt("distribute", "address"), Opt("distribute", "workers")]
+
+
+@command(app, "compare", COMPARE, {"compare": CompareConfig, "distribute": STAGE_CONFIGS["distribute"]},
+         after=[config_option("a 'compare' section, and the 'recover', 'evaluate' and selection sections every arm "
+                              "shares"),
+                plain("report_only", bool, typer.Option(help="Run no arm: write the report from the finished ones."),
+                      False), flow_option()])
+def compare(values: dict, config: Path | None, report_only: bool, flow: bool) -> None:
+    """Does selection pay on this model, at this budget? Arms trained alike, judged against random subsets."""
+    from paser.comparison import compare as run_compare
+    from paser.comparison.runner import load_sections, prepare
+
+    overrides = {section: {k: v for k, v in fields.items() if v is not None} for section, fields in values.items()}
+
+    def flowed():
+        from flows.compare import compare_flow
+
+        # bad input fails here, before Prefect starts
+        prepare(load_sections(config, overrides), str(config or "compare"), resolve=not report_only)
+        return Path(compare_flow(str(config) if config else None, overrides, report_only))
+
+    def direct():
+        if overrides["distribute"].get("engine", "local") != "local":
+            raise PaserError("engine dask or ray runs the arms through the Prefect flow: drop --no-flow")
+        return run_compare(config, overrides, report_only=report_only).report
+
+    report = dispatch(flow, direct, flowed)
+    text = report.read_text()
+    typer.echo(text.split("\n\n", 1)[1].split("\n\nPrimary metric")[0])
+    typer.echo(f"report: {report}")
 
 
 # ---------------------------------------------------------------- run

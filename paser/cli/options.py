@@ -144,14 +144,16 @@ def command(app: typer.Typer, name: str, specs: list[Opt], configs: dict[str, ty
 def configuration_reference() -> str:
     """docs/configuration.md: every section of a paser YAML file, each key with its type, default
     and docstring (the same text as the command-line help), read from the configs themselves."""
+    from paser.comparison.config import CompareConfig
     from paser.evaluation.entry import EvalConfig
     from paser.recovery.config import RecoverConfig
     from paser.selection.settings import STAGE_CONFIGS
 
-    sections = {**STAGE_CONFIGS, "recover": RecoverConfig, "evaluate": EvalConfig}
+    sections = {**STAGE_CONFIGS, "recover": RecoverConfig, "evaluate": EvalConfig, "compare": CompareConfig}
     lines = ["# Configuration reference", "",
              "Every setting, by the section of a paser YAML file it lives in (`paser select --config FILE`; the",
-             "`recover` and `evaluate` sections serve `paser recover`, `paser evaluate` and `paser run`). Generated",
+             "`recover` and `evaluate` sections serve `paser recover`, `paser evaluate` and `paser run`; `compare`",
+             "serves `paser compare`, with the others as the recipe every arm shares). Generated",
              "from the configs by `paser.cli.options.configuration_reference`; the command-line options carry",
              "the same text. Unknown keys and wrong types are errors.", ""]
     for name, cls in sections.items():
