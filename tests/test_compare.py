@@ -141,6 +141,27 @@ def test_verdict_rule_both_ways(higher, value, interval, expected):
     assert stats.verdict(value, randoms, interval, higher) == expected
 
 
+def test_the_committed_zeroshot_arms_render_through_paser_compare(tmp_path):
+    """bench/results/zeroshot-claim (arms run by the bench at a pinned commit) reads as a comparison
+    folder of configs/compare/zeroshot-25.yaml; its seven-task means are the evaluation's own."""
+    import shutil
+
+    from paser.comparison import compare
+
+    root = Path(__file__).resolve().parents[1]
+    committed = root / "bench" / "results" / "zeroshot-claim"
+    shutil.copytree(committed / "arms", tmp_path / "arms")
+    if (committed / "compare.json").is_file():
+        shutil.copyfile(committed / "compare.json", tmp_path / "compare.json")
+    result = compare(root / "configs" / "compare" / "zeroshot-25.yaml", report_only=True, picture=False,
+                     out=str(tmp_path))
+    assert result.rows and "dense" in result.rows
+    table = result.report.read_text().split("## Per task")[1]
+    for name, row in result.rows.items():
+        cells = next(ln for ln in table.splitlines() if ln.startswith(f"| {name} |")).strip("|").split("|")
+        assert float(cells[8]) == pytest.approx(row["zeroshot"]["paper_mean"]["mean"], abs=6e-5)
+
+
 def test_config_refuses_what_cannot_work():
     with pytest.raises(ValueError, match="set heldout_records too"):
         CompareConfig(pool_records=10)

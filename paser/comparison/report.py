@@ -5,6 +5,7 @@ a two-line summary at the top."""
 
 from __future__ import annotations
 
+import re
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
@@ -127,9 +128,14 @@ def group_table(cfg: CompareConfig, arms: list[Arm], rows: dict) -> list[str]:
         return []
     gs = stats.groups([rows[a] for a in names], cfg.metric, tasks(cfg, rows))
     per_group, overall = stats.group_values(gs), stats.metric_value(gs)
-    head = ["| arm | " + " | ".join(g.name for g in gs) + " | mean |", "|---|" + "---:|" * (len(gs) + 1)]
+    # BoolQ moves the other way from the rest on small models (pruning raises the dense model's
+    # below-chance BoolQ): the mean without it is shown beside
+    without = [i for i, g in enumerate(gs) if g.name != "boolq"] if cfg.metric == "zeroshot" else []
+    extra = len(without) < len(gs) and len(without) > 0
+    head = ["| arm | " + " | ".join(g.name for g in gs) + " | mean |" + (" mean without boolq |" if extra else ""),
+            "|---|" + "---:|" * (len(gs) + 1 + extra)]
     return head + [f"| {n} | " + " | ".join(f"{v:.4f}" for v in per_group[i]) + f" | {overall[i]:.4f} |"
-                   for i, n in enumerate(names)]
+                   + (f" {per_group[i, without].mean():.4f} |" if extra else "") for i, n in enumerate(names)]
 
 
 def secondary_table(arms: list[Arm], rows: dict) -> list[str]:
@@ -208,7 +214,7 @@ def render(cfg: CompareConfig, arms: list[Arm], rows: dict, pruned: str, root: P
     if picture and lines:
         draw(cfg, lines, root / "compare.png")
         out += ["![difference from the random mean against total compute](compare.png)", ""]
-    return "\n".join(out)
+    return re.sub(r"\n{3,}", "\n\n", "\n".join(out))
 
 
 def draw(cfg: CompareConfig, lines: list[Line], path: Path) -> None:

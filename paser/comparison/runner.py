@@ -80,7 +80,8 @@ def prepare(sections: dict, where: str = "compare", resolve: bool = True) -> Set
     evaluate = from_mapping(EvalConfig, sections.get("evaluate", {}), f"{where}: evaluate")
     selection = {k: v for k, v in sections.items() if k in SELECTION_SECTIONS}
     check_metric(cfg, evaluate, where)
-    remember(root, {"compare": to_mapping(cfg) | {"arms": None}, "recover": to_mapping(recover),
+    # what the arms were made with; not which arms, nor where the folder is
+    remember(root, {"compare": to_mapping(cfg) | {"arms": None, "out": None}, "recover": to_mapping(recover),
                     "evaluate": to_mapping(evaluate), "selection": selection})
     if not resolve:
         named = cfg.pruned or f"{cfg.dense} pruned {cfg.prune_ratio:.0%} by paser"
