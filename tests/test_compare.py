@@ -162,6 +162,18 @@ def test_the_committed_zeroshot_arms_render_through_paser_compare(tmp_path):
         assert float(cells[8]) == pytest.approx(row["zeroshot"]["paper_mean"]["mean"], abs=6e-5)
 
 
+def test_the_generated_suite_is_one_pool_for_every_arm(tmp_path):
+    from paser.comparison.runner import split_pool
+
+    pool, heldout = split_pool(CompareConfig(suite_records=30, suite_seed=1), tmp_path)
+    lines = Path(pool).read_text().splitlines()
+    assert heldout is None and len(lines) == 30
+    assert split_pool(CompareConfig(suite_records=30, suite_seed=1), tmp_path) == (pool, None)  # written once
+    pool, heldout = split_pool(CompareConfig(suite_records=30, pool_records=20, heldout_records=6), tmp_path / "b")
+    kept, held = (Path(f).read_text().splitlines() for f in (pool, heldout))
+    assert len(kept) == 20 and len(held) == 6 and not set(kept) & set(held)
+
+
 def test_config_refuses_what_cannot_work():
     with pytest.raises(ValueError, match="set heldout_records too"):
         CompareConfig(pool_records=10)
@@ -175,12 +187,11 @@ def test_compare_on_tiny_models_reports_resumes_and_refuses_other_settings(tiny_
     from paser.comparison import compare
 
     dense, pruned = tiny_pair
-    overrides = {"compare": {"dense": dense, "pruned": pruned, "pool": None, "pool_records": 48,
+    overrides = {"compare": {"dense": dense, "pruned": pruned, "pool": None, "suite_records": 60, "pool_records": 48,
                              "heldout_records": 12, "budgets": {"tok": "0.25tok"}, "metric": "heldout_nll",
                              "arms": ["tok:random-0", "tok:random-1", "tok:random-2", "tok:paser"],
                              "bootstrap": 200, "out": str(tmp_path / "cmp")},
-                 "recover": {"max_steps": 2, "batch_size": 4}, "evaluate": {"suite_size": 0, "batch_size": 8},
-                 "select": {"suite_size": 48}}
+                 "recover": {"max_steps": 2, "batch_size": 4}, "evaluate": {"suite_size": 0, "batch_size": 8}}
     result = compare(overrides=overrides)
     arms = sorted(p.name for p in (tmp_path / "cmp" / "arms").glob("*.json"))
     assert arms == ["dense.json", "none.json", "tok-paser.json", "tok-random-0.json", "tok-random-1.json",

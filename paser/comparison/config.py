@@ -17,7 +17,11 @@ class CompareConfig:
 
     pool: str | None = None
     """Instruction pool the arms select from (any file ``paser select`` reads); None: the generated
-    capability suite (``select.suite_size`` records of seed 0)."""
+    capability suite (suite_records records of suite_seed, written into the folder once)."""
+    suite_records: int = 1000
+    """Records of the generated suite when pool is None."""
+    suite_seed: int = 0
+    """Seed of that suite (the evaluation's own suite, seed 12345, leaves out its prompts)."""
     pool_records: int | None = None
     """With heldout_records: the pool is the first N positions of a seeded permutation of the file,
     the held-out records the next ones; None: every record not held out."""
@@ -69,6 +73,8 @@ class CompareConfig:
             raise ValueError(f"arms must be a list of arm names, got {self.arms!r}")
         if self.heldout_records < 0 or (self.pool_records is not None and self.pool_records < 1):
             raise ValueError("heldout_records must be >= 0 and pool_records >= 1")
+        if self.suite_records < 1:
+            raise ValueError(f"suite_records must be >= 1, got {self.suite_records}")
         if self.pool_records is not None and not self.heldout_records:
             raise ValueError("pool_records splits the pool file: set heldout_records too")
         if self.heldout_records and self.heldout is not None:

@@ -129,19 +129,24 @@ def remember(root: Path, settings: dict) -> None:
 
 
 def split_pool(cfg: CompareConfig, root: Path) -> tuple[str | None, str | None]:
-    """The pool file and held-out file: as given, or the config's seeded split of the pool file
-    (written once into the folder)."""
+    """The pool file and held-out file: as given, or written once into the folder: the generated
+    suite (one pool for every arm, whatever its selection seed), and the config's seeded split."""
+    import numpy as np
+
+    from paser.data.pools import load_pool, write_jsonl
+    from paser.data.suite import generate_suite
+
     if not cfg.heldout_records:
-        return cfg.pool, cfg.heldout
+        if cfg.pool is not None:
+            return cfg.pool, cfg.heldout
+        pool = root / "pool.jsonl"
+        if not pool.is_file():
+            write_jsonl(pool, generate_suite(cfg.suite_records, cfg.suite_seed))
+        return str(pool), cfg.heldout
     pool, heldout = root / "pool.jsonl", root / "heldout.jsonl"
     if not (pool.is_file() and heldout.is_file()):
-        import numpy as np
-
-        from paser.data.pools import load_pool, write_jsonl
-        from paser.data.suite import generate_suite
-
         rows = ([dict(r.fields) for r in load_pool(cfg.pool).records] if cfg.pool
-                else generate_suite(1000 if cfg.pool_records is None else cfg.pool_records + cfg.heldout_records, 0))
+                else generate_suite(cfg.suite_records, cfg.suite_seed))
         order = np.random.default_rng(cfg.split_seed).permutation(len(rows))
         taken = cfg.pool_records if cfg.pool_records is not None else len(rows) - cfg.heldout_records
         if taken < 1 or taken + cfg.heldout_records > len(rows):
