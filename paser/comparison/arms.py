@@ -9,7 +9,7 @@ selects a subset of the pool at budget ``BUDGET`` (a key of the config's ``budge
 selection method of ``paser select`` (``random-3`` is random subset 3, ``strat-c1i0d`` tempered
 stratified selection at CDS temperature 1, IES temperature 0, near-duplicates at 0.95; ``full``
 takes the whole pool), then recovers the pruned model on it with the comparison's one recipe,
-varied by ``@OBJECTIVE`` (``distill``, ``distill-jsd``, ``distill-tN``, ``tokw``, ``self``) and
+varied by ``@OBJECTIVE`` (``distill``, ``distill-jsd``, ``distill-tN``, ``tokw``) and
 retrained with recovery seed ``#RSEED``. ``BUDGET:random-K=METHOD`` is random subset K trained
 at the total compute (selection + recovery, by the ledgers) that ``BUDGET:METHOD`` spent.
 """
@@ -28,7 +28,6 @@ not an arm: its rounds are trained by a recovery of their own, not by the compar
 STRAT_PER_CLUSTER = 16
 """Records scored per cluster when a strat configuration needs CDS but not every record's IES."""
 TOKW_STRENGTH = 0.5
-SELF_ANSWER_TOKENS = 128
 
 _NAME = re.compile(r"(?P<budget>[A-Za-z0-9_.]+):(?P<method>[a-z_]+)(?:-(?P<config>c[0-9.]+i[0-9.]+d?))?"
                    r"(?:-(?P<seed>[0-9]+))?(?:@(?P<objective>[a-z0-9.-]+))?(?:#(?P<rseed>[0-9]+))?"
@@ -51,7 +50,8 @@ class Arm:
     seed: int = 0
     """The selection seed (random subset K, a strat draw)."""
     objective: str | None = None
-    """The recovery variant (``@OBJECTIVE``); None: the recipe as configured."""
+    """The recovery variant (``@OBJECTIVE``): distill (forward KL to the dense model, temperature 1),
+    distill-jsd, distill-tN, tokw (token-weighted SFT, lambda 0.5, excess loss); None: the recipe."""
     recovery_seed: int = 0
     at_compute_of: str | None = None
     """For ``BUDGET:random-K=METHOD``: the arm ``BUDGET:METHOD`` whose total compute this one spends."""
@@ -97,8 +97,6 @@ class Arm:
         name, *options = self.objective.split("-")
         if name == "tokw":
             return fields | {"token_weighting": TOKW_STRENGTH, "token_signal": "excess", "teacher": dense}
-        if name == "self":
-            return fields | {"responses": "dense", "answer_tokens": SELF_ANSWER_TOKENS, "teacher": dense}
         fields |= {"objective": "distill", "teacher": dense}
         for option in options:
             if option == "jsd":
@@ -129,9 +127,9 @@ def parse_arm(name: str, budgets: dict) -> Arm:
         cds, ies = re.fullmatch(r"c([0-9.]+)i([0-9.]+)d?", found["config"]).groups()
         strat = (float(cds), float(ies), found["config"].endswith("d"))
     objective = found["objective"]
-    if objective is not None and not re.fullmatch(r"tokw|self|distill(-jsd|-t[0-9.]+)*", objective):
+    if objective is not None and not re.fullmatch(r"tokw|distill(-jsd|-t[0-9.]+)*", objective):
         raise ConfigError(f"arm {name!r}: unknown recovery variant @{objective} (distill, distill-jsd, distill-tN, "
-                          "tokw, self)")
+                          "tokw)")
     target = None
     if found["target"]:
         if method != "random" or objective or found["rseed"]:

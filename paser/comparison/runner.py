@@ -80,9 +80,10 @@ def prepare(sections: dict, where: str = "compare", resolve: bool = True) -> Set
     evaluate = from_mapping(EvalConfig, sections.get("evaluate", {}), f"{where}: evaluate")
     selection = {k: v for k, v in sections.items() if k in SELECTION_SECTIONS}
     check_metric(cfg, evaluate, where)
-    # what the arms were made with; not which arms, nor where the folder is
-    remember(root, {"compare": to_mapping(cfg) | {"arms": None, "out": None}, "recover": to_mapping(recover),
-                    "evaluate": to_mapping(evaluate), "selection": selection})
+    remember(root, {"compare": to_mapping(cfg), "recover": to_mapping(recover), "evaluate": to_mapping(evaluate),
+                    "selection": selection},
+             {"compare": to_mapping(CompareConfig()), "recover": to_mapping(RecoverConfig(progress=False)),
+              "evaluate": to_mapping(EvalConfig())})
     if not resolve:
         named = cfg.pruned or f"{cfg.dense} pruned {cfg.prune_ratio:.0%} by paser"
         return Setup(cfg, root, cfg.pool, cfg.heldout, named, recover, evaluate, selection, arms,
@@ -111,13 +112,20 @@ def check_metric(cfg: CompareConfig, evaluate: EvalConfig, where: str) -> None:
         raise ConfigError(f"{where}: metric suite_nll needs the suite: evaluate.suite_size > 0")
 
 
-def remember(root: Path, settings: dict) -> None:
-    """Write the comparison's settings into its folder, or check them against those it holds."""
+def remember(root: Path, settings: dict, defaults: dict) -> None:
+    """Write the comparison's settings into its folder, or check them against those it holds. A
+    setting the folder does not hold (added to paser after the folder was started) agrees when it
+    has its default value."""
     root.mkdir(parents=True, exist_ok=True)
     path = root / "compare.json"
-    found = json.loads(json.dumps(settings))  # as JSON reads it back (tuples as lists)
+    found, defaults = json.loads(json.dumps(settings)), json.loads(json.dumps(defaults))  # as JSON reads them back
+    for values in found["compare"], defaults["compare"]:  # which arms, and where the folder is, are no setting
+        values.pop("arms"), values.pop("out")
     if path.is_file():
         held = json.loads(path.read_text())
+        for section, values in defaults.items():
+            held[section] = values | held.get(section, {})
+        held["compare"].pop("arms", None), held["compare"].pop("out", None)
         changed = sorted(f"{s}.{k}" for s in set(held) | set(found)
                          for k in set(held.get(s, {})) | set(found.get(s, {}))
                          if held.get(s, {}).get(k) != found.get(s, {}).get(k))
