@@ -443,33 +443,15 @@ def _per_record(row: dict, kind: str):
 def paired_bootstrap(arm: dict | list[dict], randoms: list[dict], kind: str, by: str = "record", seed: int = 0):
     """95% interval of (mean of ``arm`` - mean of the random arms) in the setting's metric,
     resampling the held-out records (per family, for the suite's macro average) or, with
-    by="family", the families. ``arm`` is one arm or several (their mean)."""
+    by="family", the families. ``arm`` is one arm or several (their mean). The statistics are
+    ``paser compare``'s (paser.comparison.stats)."""
+    from paser.comparison import stats
+
     arms = arm if isinstance(arm, list) else [arm]
-    k = len(arms)
-    rng = np.random.default_rng(seed)
-    if kind == "alpaca":
-        sums = np.stack([_per_record(r, kind)[0] for r in [*arms, *randoms]])
-        tokens = _per_record(arms[0], kind)[1]
-        n = len(tokens)
-        diffs = []
-        for _ in range(BOOTSTRAP):
-            idx = rng.integers(0, n, n)
-            per_arm = sums[:, idx].sum(1) / tokens[idx].sum()
-            diffs.append(per_arm[:k].mean() - per_arm[k:].mean())
-        return tuple(np.percentile(diffs, [2.5, 97.5]))
-    families, _ = _per_record(arms[0], kind)
-    values = np.stack([_per_record(r, kind)[1] for r in [*arms, *randoms]])
-    names = sorted(set(families))
-    groups = [np.flatnonzero(families == f) for f in names]
-    diff_per_family = np.array([values[:k, g].mean(1).mean() - values[k:, g].mean(1).mean() for g in groups])
-    diffs = []
-    for _ in range(BOOTSTRAP):
-        if by == "family":
-            diffs.append(diff_per_family[rng.integers(0, len(names), len(names))].mean())
-        else:
-            picks = [g[rng.integers(0, len(g), len(g))] for g in groups]
-            diffs.append(np.mean([values[:k, p].mean(1).mean() - values[k:, p].mean(1).mean() for p in picks]))
-    return tuple(np.percentile(diffs, [2.5, 97.5]))
+    groups = stats.groups([*arms, *randoms], "heldout_nll" if kind == "alpaca" else "suite_nll")
+    if by == "family":
+        return stats.group_bootstrap(groups, len(arms), BOOTSTRAP, seed)
+    return stats.paired_bootstrap(groups, len(arms), BOOTSTRAP, seed)
 
 
 def _jsd(row: dict, kind: str) -> float | None:

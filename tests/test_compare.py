@@ -120,6 +120,27 @@ def test_paired_bootstrap_matches_a_direct_computation():
     assert stats.paired_bootstrap(same, 1, draws=200) == (0.0, 0.0)
 
 
+@pytest.mark.parametrize("setting, metric, families", [("suite-25", "suite_nll", True),
+                                                       ("alpaca-25", "heldout_nll", False)])
+def test_the_recovery_experiments_committed_intervals_are_these_statistics(setting, metric, families):
+    """bench/results/recovery-cost/results.md was written before the statistics moved into
+    paser.comparison: its PASER line reproduces from the committed arms, digit for digit."""
+    root = Path(__file__).resolve().parents[1] / "bench" / "results" / "recovery-cost"
+    rows = [json.loads((root / setting / f"tok-{a}.json").read_text())
+            for a in ("paser", *(f"random-{k}" for k in range(5)))]
+    line = next(ln for ln in (root / "results.md").read_text().splitlines()
+                if ln.startswith(f"| {setting} | 20% token budget |") and "| tok:paser |" in ln)
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    gs = stats.groups(rows, metric)
+    values = stats.metric_value(gs)
+    assert f"{values[0] - values[1:].mean():+.4f}" == cells[6]
+    lo, hi = stats.paired_bootstrap(gs, 1)
+    assert f"[{lo:+.4f}, {hi:+.4f}]" == cells[7]
+    if families:
+        lo, hi = stats.group_bootstrap(gs, 1)
+        assert f"[{lo:+.4f}, {hi:+.4f}]" == cells[8]
+
+
 def test_heldout_nll_is_a_ratio_of_sums_and_items_must_match():
     rows = [{"arm": f"a{i}", "heldout": {"per_record": {"id": ["x", "y"], "nll_sum": [2.0 + i, 6.0],
                                                         "tokens": [2, 6]}}} for i in range(2)]
