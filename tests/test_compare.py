@@ -14,7 +14,7 @@ from paser.comparison import stats
 from paser.comparison.arms import parse_arm, parse_arms
 from paser.comparison.config import CompareConfig
 from paser.comparison.runner import Setup, budget_of, write_atomic
-from paser.errors import ConfigError, DataError
+from paser.errors import ConfigError, DataError, PaserError
 
 BUDGETS = {"tok": "0.2tok", "rec": 0.2}
 
@@ -193,6 +193,23 @@ def test_the_generated_suite_is_one_pool_for_every_arm(tmp_path):
     pool, heldout = split_pool(CompareConfig(suite_records=30, pool_records=20, heldout_records=6), tmp_path / "b")
     kept, held = (Path(f).read_text().splitlines() for f in (pool, heldout))
     assert len(kept) == 20 and len(held) == 6 and not set(kept) & set(held)
+
+
+def test_bad_input_fails_before_any_arm_runs(tiny_pair, tmp_path):
+    from paser.comparison import compare
+
+    dense, pruned = tiny_pair
+    base = {"dense": dense, "pruned": pruned, "metric": "heldout_nll", "heldout": str(tmp_path / "held.json"),
+            "arms": ["tok:random-0", "tok:random-1", "tok:paser"], "out": str(tmp_path / "cmp")}
+    with pytest.raises(PaserError, match="nothing.json"):
+        compare(overrides={"compare": base | {"pool": str(tmp_path / "nothing.json")},
+                           "evaluate": {"suite_size": 0}})
+    pool = tmp_path / "pool.jsonl"
+    pool.write_text("".join(json.dumps({"instruction": f"say {i}", "output": f"{i}"}) + "\n" for i in range(5)))
+    with pytest.raises(ValueError, match="above the pool"):  # the CLI prints it as one line
+        compare(overrides={"compare": base | {"pool": str(pool), "budgets": {"tok": 50},
+                                              "out": str(tmp_path / "cmp2")}, "evaluate": {"suite_size": 0}})
+    assert not list(tmp_path.rglob("arms/*.json"))
 
 
 def test_config_refuses_what_cannot_work():

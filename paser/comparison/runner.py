@@ -97,8 +97,10 @@ def prepare(sections: dict, where: str = "compare", resolve: bool = True) -> Set
     evaluate = config_with(evaluate, {"heldout": heldout or evaluate.heldout,
                                       "divergence_from": evaluate.divergence_from or cfg.dense,
                                       "suite_exclude": [pool] if pool else evaluate.suite_exclude})
-    return Setup(cfg, root, pool, heldout, pruned, recover, evaluate, selection, arms,
-                 dict(sections.get("distribute", {})))
+    setup = Setup(cfg, root, pool, heldout, pruned, recover, evaluate, selection, arms,
+                  dict(sections.get("distribute", {})))
+    preflight(setup)
+    return setup
 
 
 def check_metric(cfg: CompareConfig, evaluate: EvalConfig, where: str) -> None:
@@ -226,21 +228,14 @@ def select_subset(arm: Arm, setup: Setup) -> dict:
     """The arm's subset in ``subsets/`` with its selection's summary; selected once for every arm
     that trains it (recovery variants and seeds train the subset of their plain arm)."""
     from paser.selection.pipeline import run_selection
-    from paser.selection.settings import Settings
 
     folder = setup.root / "subsets"
     name = arm.subset_name.replace(":", "-").replace("=", "-eq-")
     done = folder / f"{name}.json"
     if done.is_file():
         return read_result(done)
-    cfg = setup.config
-    sections = {k: dict(v) for k, v in setup.selection.items()}
-    for section, values in arm.selection().items():
-        sections[section] = sections.get(section, {}) | values
-    sections["select"] |= {"data": setup.pool, "dense": cfg.dense, "pruned": setup.pruned, "out": str(setup.root /
-                           "select"), "budget": budget_of(arm, setup), "trust_pickle": cfg.trust_pickle}
     start = time.perf_counter()
-    run = run_selection(Settings.load(None, sections))
+    run = run_selection(selection_settings(arm, setup, budget_of(arm, setup)))
     seconds = time.perf_counter() - start
     folder.mkdir(parents=True, exist_ok=True)
     subset = folder / f"{name}.selected.jsonl"
@@ -253,6 +248,31 @@ def select_subset(arm: Arm, setup: Setup) -> dict:
               "mean_record_tokens": mean_record_tokens(run)}
     write_atomic(done, found)
     return found
+
+
+def selection_settings(arm: Arm, setup: Setup, budget):
+    """``paser select``'s settings for the arm's subset: the comparison's selection sections, the
+    arm's method, seed and sampling, in the shared selection folder."""
+    from paser.selection.settings import Settings
+
+    cfg = setup.config
+    sections = {k: dict(v) for k, v in setup.selection.items()}
+    for section, values in arm.selection().items():
+        sections[section] = sections.get(section, {}) | values
+    sections["select"] = sections.get("select", {}) | {
+        "data": setup.pool, "dense": cfg.dense, "pruned": setup.pruned, "out": str(setup.root / "select"),
+        "budget": budget, "trust_pickle": cfg.trust_pickle}
+    return Settings.load(None, sections)
+
+
+def preflight(setup: Setup) -> None:
+    """``paser select``'s cheap checks (the pool, a record budget against its size, the models and
+    their tokenizers) for the first selecting arm of each budget, before any arm runs."""
+    from paser.selection.pipeline import preflight as check
+
+    for budget in dict.fromkeys(a.budget for a in setup.arms if not a.reference):
+        arm = next(a for a in setup.arms if a.budget == budget and a.at_compute_of is None)
+        check(selection_settings(arm, setup, setup.config.budgets[budget]))
 
 
 def mean_record_tokens(run: Path) -> float:
