@@ -15,7 +15,6 @@ from paser.config import SECTIONS, from_mapping, read_yaml, to_mapping
 from paser.devices import resolve_dtype, scoring_device
 from paser.errors import ConfigError
 from paser.models.pruning import PruneConfig
-from paser.selection.adaptive import AdaptiveConfig
 from paser.selection.allocation import AllocateConfig
 from paser.selection.budget import parse_budget
 from paser.selection.clustering import ClusterConfig
@@ -24,6 +23,26 @@ from paser.selection.degradation import ScoreConfig
 from paser.selection.embedding import EmbedConfig
 from paser.selection.manifold import ManifoldConfig
 from paser.selection.stratified import SampleConfig
+
+
+@dataclass
+class AdaptiveConfig:
+    """How ``--method adaptive`` spends its budget in rounds."""
+
+    rounds: int = 4
+    """Rounds of recovery; the budget is split into this many equal parts."""
+    probe_per_cluster: int = 8
+    """Records per cluster (seeded, never trained on) on which each cluster's remaining gap is measured."""
+    step: float = 1.0
+    """How far one round's gaps move the next round's shares (0: the shares stay the first ones)."""
+    floor: float = 0.25
+    """No cluster's share falls below this fraction of its size share."""
+
+    def __post_init__(self):
+        if self.rounds < 1 or self.probe_per_cluster < 1:
+            raise ValueError("rounds and probe_per_cluster must be positive")
+        if self.step < 0 or not 0 <= self.floor <= 1:
+            raise ValueError("step must be >= 0 and floor in [0, 1]")
 
 
 @dataclass
