@@ -212,6 +212,16 @@ def test_bad_input_fails_before_any_arm_runs(tiny_pair, tmp_path):
     assert not list(tmp_path.rglob("arms/*.json"))
 
 
+@pytest.mark.parametrize("name", sorted(p.name for p in (Path(__file__).resolve().parents[1] / "configs" /
+                                                         "compare").glob("*.yaml")))
+def test_every_shipped_comparison_config_reads(name, tmp_path):
+    from paser.comparison import compare
+
+    config = Path(__file__).resolve().parents[1] / "configs" / "compare" / name
+    result = compare(config, report_only=True, picture=False, out=str(tmp_path))
+    assert result.rows == {} and "not enough arms" in result.summary
+
+
 def test_config_refuses_what_cannot_work():
     with pytest.raises(ValueError, match="set heldout_records too"):
         CompareConfig(pool_records=10)
