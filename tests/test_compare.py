@@ -222,6 +222,32 @@ def test_every_shipped_comparison_config_reads(name, tmp_path):
     assert result.rows == {} and "not enough arms" in result.summary
 
 
+def test_the_folder_refuses_other_arms_settings_but_not_another_reading(tmp_path):
+    from paser.comparison.runner import remember
+
+    def settings(**compare):
+        return {"compare": {"pool": "a.json", "budgets": {"tok": "0.2tok"}, "metric": "zeroshot", "arms": ["x"],
+                            "out": "o", "bootstrap": 2000, "new": 3} | compare, "recover": {"lr": 1, "added": 0},
+                "evaluate": {}, "selection": {}}
+
+    # "new" and "added": settings paser gained after the folder was started, at their defaults
+    defaults = {"compare": {"pool": None, "budgets": {}, "metric": "zeroshot", "arms": [], "out": "o",
+                            "bootstrap": 2000, "new": 3}, "recover": {"lr": 1, "added": 0}, "evaluate": {}}
+    started = settings()
+    del started["compare"]["new"], started["recover"]["added"]  # a folder started before they existed
+    remember(tmp_path, started, defaults)
+    remember(tmp_path, settings(metric="heldout_nll", bootstrap=500, arms=["y"], out="p"), defaults)
+    remember(tmp_path, settings(budgets={"tok": "0.2tok", "rec": 0.2}), defaults)  # a budget added
+    held = json.loads((tmp_path / "compare.json").read_text())
+    assert held["compare"]["budgets"] == {"tok": "0.2tok", "rec": 0.2} and "metric" not in held["compare"]
+    for changed, words in ((settings(pool="b.json"), "compare.pool"), (settings(new=4), "compare.new"),
+                           (settings(budgets={"tok": "0.1tok"}), "compare.budgets.tok")):
+        with pytest.raises(ConfigError, match=words):
+            remember(tmp_path, changed, defaults)
+    with pytest.raises(ConfigError, match="recover.lr"):
+        remember(tmp_path, settings() | {"recover": {"lr": 2, "added": 0}}, defaults)
+
+
 def test_config_refuses_what_cannot_work():
     with pytest.raises(ValueError, match="set heldout_records too"):
         CompareConfig(pool_records=10)

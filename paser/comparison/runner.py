@@ -114,27 +114,40 @@ def check_metric(cfg: CompareConfig, evaluate: EvalConfig, where: str) -> None:
         raise ConfigError(f"{where}: metric suite_nll needs the suite: evaluate.suite_size > 0")
 
 
+JUDGEMENT = ("arms", "out", "metric", "bootstrap", "bootstrap_seed", "recovery_seeds", "trust_pickle")
+"""Compare settings that change how the arms are read, not what they are: free to change."""
+
+
 def remember(root: Path, settings: dict, defaults: dict) -> None:
-    """Write the comparison's settings into its folder, or check them against those it holds. A
-    setting the folder does not hold (added to paser after the folder was started) agrees when it
-    has its default value."""
+    """Write the comparison's settings into its folder, or check them against those it holds (what
+    makes an arm: the pool, models, budgets, recipe, evaluation and selection settings). A setting
+    the folder does not hold (added to paser after the folder was started) agrees when it has its
+    default value; a new budget is added to those held."""
     root.mkdir(parents=True, exist_ok=True)
     path = root / "compare.json"
     found, defaults = json.loads(json.dumps(settings)), json.loads(json.dumps(defaults))  # as JSON reads them back
-    for values in found["compare"], defaults["compare"]:  # which arms, and where the folder is, are no setting
-        values.pop("arms"), values.pop("out")
+    for values in found["compare"], defaults["compare"]:
+        for key in JUDGEMENT:
+            values.pop(key, None)
     if path.is_file():
         held = json.loads(path.read_text())
         for section, values in defaults.items():
             held[section] = values | held.get(section, {})
-        held["compare"].pop("arms", None), held["compare"].pop("out", None)
+        for key in JUDGEMENT:
+            held["compare"].pop(key, None)
+        # a budget may be added; one the folder holds keeps its value
+        held_budgets, found_budgets = held["compare"].pop("budgets", {}), found["compare"].pop("budgets")
         changed = sorted(f"{s}.{k}" for s in set(held) | set(found)
                          for k in set(held.get(s, {})) | set(found.get(s, {}))
                          if held.get(s, {}).get(k) != found.get(s, {}).get(k))
+        changed += [f"compare.budgets.{b}" for b in sorted(set(held_budgets) & set(found_budgets))
+                    if held_budgets[b] != found_budgets[b]]
+        found["compare"]["budgets"] = held_budgets | found_budgets
         if changed:
             raise ConfigError(f"{root}: holds a comparison with other settings ({', '.join(changed)}); its arms would "
                               "not compare: use another out folder, or the settings it was started with")
-        return
+        if found_budgets.keys() <= held_budgets.keys():
+            return
     write_atomic(path, found)
 
 

@@ -41,11 +41,11 @@ def groups(rows: list[dict], metric: str, tasks: list[str] | None = None) -> lis
             out.append(Group(task, values, np.ones(values.shape[1])))
         return out
     if metric == "heldout_nll":
-        _same_items([r["heldout"]["per_record"]["id"] for r in rows], rows, "held-out records")
+        _same_items([r["heldout"]["per_record"].get("id") for r in rows], rows, "held-out records")
         values = np.array([r["heldout"]["per_record"]["nll_sum"] for r in rows], dtype=float)
         return [Group("held-out", values, np.asarray(rows[0]["heldout"]["per_record"]["tokens"], dtype=float))]
     if metric == "suite_nll":
-        _same_items([r["suite"]["per_record"]["id"] for r in rows], rows, "suite records")
+        _same_items([r["suite"]["per_record"].get("id") for r in rows], rows, "suite records")
         families = np.array(rows[0]["suite"]["per_record"]["family"])
         values = np.array([r["suite"]["per_record"]["nll"] for r in rows], dtype=float)
         return [Group(f, values[:, families == f], np.ones(int((families == f).sum()))) for f in sorted(set(families))]
@@ -53,7 +53,11 @@ def groups(rows: list[dict], metric: str, tasks: list[str] | None = None) -> lis
 
 
 def _same_items(ids: list, rows: list[dict], what: str) -> None:
+    """Every arm scored the same items in the same order (rows without item ids are taken as
+    they are)."""
     for row, found in zip(rows[1:], ids[1:]):
+        if found is None or ids[0] is None:
+            continue
         if list(found) != list(ids[0]):
             raise DataError(f"{what}: arm {row['arm']} was scored on other items than {rows[0]['arm']}; "
                             "paired intervals need the same items")
