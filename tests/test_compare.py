@@ -5,6 +5,7 @@ refuses to mix settings."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -323,3 +324,14 @@ def test_compare_on_tiny_models_reports_resumes_and_refuses_other_settings(tiny_
     assert shown.output.startswith("**On ") and f"report: {tmp_path / 'cmp' / 'report.md'}" in shown.output
     wrong = CliRunner().invoke(app, ["compare", "--config", str(config), "--arms", "tok:nothing", "--no-flow"])
     assert wrong.exit_code == 2 and "unknown method 'nothing'" in wrong.output
+    # across machines: through the flow on a local Dask cluster, the new arms run on its workers
+    spread = more | {"compare": more["compare"] | {"arms": [*more["compare"]["arms"], "tok:random-3", "tok:shortest"]},
+                     "distribute": {"engine": "dask", "workers": 2}}
+    report = Path(compare_flow(None, spread))
+    rows = {json.loads(p.read_text())["arm"]: p.stat().st_mtime_ns for p in (tmp_path / "cmp" / "arms").glob("*.json")}
+    assert {"tok:random-3", "tok:shortest"} <= set(rows) and "| tok:shortest | tok |" in report.read_text()
+    here = f":{os.getpid()}"
+    ran = [json.loads((tmp_path / "cmp" / "arms" / f"{a}.json").read_text())["process"]
+           for a in ("tok-random-3", "tok-shortest", "tok-paser")]
+    assert not ran[0].endswith(here) and not ran[1].endswith(here) and ran[2].endswith(here)
+    assert all(rows[json.loads((tmp_path / "cmp" / "arms" / k).read_text())["arm"]] == v for k, v in after.items())

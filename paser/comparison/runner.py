@@ -309,6 +309,7 @@ def run_arm(arm: Arm, setup: Setup) -> dict:
 
     cfg = setup.config
     row: dict = {"arm": arm.name, "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+                 "process": f"{platform.node()}:{os.getpid()}",  # which worker ran it
                  "date": time.strftime("%Y-%m-%d"), "method": arm.method, "budget_name": arm.budget}
     if arm.reference:
         model, adapter = (cfg.dense if arm.method == "dense" else setup.pruned), None
