@@ -18,13 +18,14 @@ configure_prefect()
 
 from prefect.deployments.runner import EntrypointType  # noqa: E402
 
+from flows.compare import compare_flow  # noqa: E402
 from flows.pipeline import pipeline_flow  # noqa: E402
 from flows.prune import prune_flow  # noqa: E402
 from flows.recovery import evaluation_flow, recovery_flow  # noqa: E402
 from flows.selection import selection_flow  # noqa: E402
 
 DEPLOYMENTS = {"select": selection_flow, "run": pipeline_flow, "prune": prune_flow, "recover": recovery_flow,
-               "evaluate": evaluation_flow}
+               "evaluate": evaluation_flow, "compare": compare_flow}
 
 
 def deployments(names: list[str] | None = None, tags: list[str] | None = None):

@@ -371,7 +371,7 @@ def run(values: dict, out: Path, config: Path | None, trust_pickle: bool) -> Non
 @app.command()
 def serve(
     deployment: list[str] | None = typer.Argument(None, help="Deployments to serve: select, run, prune, recover, "
-                                                             "evaluate (default: all)."),
+                                                             "evaluate, compare (default: all)."),
     api_url: str | None = typer.Option(None, envvar="PREFECT_API_URL", help="The Prefect server's API, e.g. "
                                                                              "http://127.0.0.1:4200/api."),
     limit: int | None = typer.Option(None, help="Most flow runs at once (default: no limit)."),
