@@ -249,6 +249,15 @@ def test_the_folder_refuses_other_arms_settings_but_not_another_reading(tmp_path
         remember(tmp_path, settings() | {"recover": {"lr": 2, "added": 0}}, defaults)
 
 
+def test_budgets_on_the_command_line():
+    from paser.cli.commands import budget_pairs
+
+    assert budget_pairs(["tok=0.2tok", "rec=0.2", "n=100"]) == {"tok": "0.2tok", "rec": 0.2, "n": 100}
+    for bad in ("tok", "=0.2", "tok=lots"):
+        with pytest.raises(ValueError):
+            budget_pairs([bad])
+
+
 def test_config_refuses_what_cannot_work():
     with pytest.raises(ValueError, match="set heldout_records too"):
         CompareConfig(pool_records=10)
