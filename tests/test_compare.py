@@ -249,6 +249,23 @@ def test_the_folder_refuses_other_arms_settings_but_not_another_reading(tmp_path
         remember(tmp_path, settings() | {"recover": {"lr": 2, "added": 0}}, defaults)
 
 
+def test_the_summary_says_what_to_use():
+    from paser.comparison.report import Line, summary
+
+    cfg = CompareConfig()
+    won = Line("tok:strat", "tok", 0.45, 0.02, (0.01, 0.03), (0.0, 0.04), "better than all", 2e12, 1.6,
+               "beats random over 3 recovery seeds (mean 0.4500, [+0.0100, +0.0300])")
+    equal = Line("tok:strat at equal compute", "tok", 0.45, 0.005, (-0.005, 0.015), (0.0, 0.01), "inside", 2e12, 1.0,
+                 "level")
+    lost = Line("tok:paser", "tok", 0.40, -0.03, (-0.05, -0.01), (-0.06, 0.0), "worse than all", 5e12, 3.0, "loses")
+    text = summary(cfg, [won, equal, lost], "twin")
+    assert text[0].startswith("**On twin, at budget tok: use tok:strat.** It beats random subsets")
+    assert "at 1.60x their compute. Against random subsets trained at its total compute: level (+0.0050" in text[0]
+    assert text[2] == "Lost to random: tok:paser."
+    text = summary(cfg, [lost], "twin")
+    assert text[0].startswith("**On twin: use a random subset.**") and "tok:paser loses" in text[0]
+
+
 def test_budgets_on_the_command_line():
     from paser.cli.commands import budget_pairs
 

@@ -170,6 +170,10 @@ def summary(cfg: CompareConfig, lines: list[Line], pruned: str) -> list[str]:
         first = (f"**On {pruned}, at budget {best.budget}: use {best.arm}.** It beats random subsets on the {metric} "
                  f"by {best.difference:+.4f} [{best.items[0]:+.4f}, {best.items[1]:+.4f}] at "
                  f"{_ratio(best.ratio)} their compute.")
+        equal = next((ln for ln in lines if ln.arm == f"{best.arm} at equal compute"), None)
+        if equal is not None:
+            first += (f" Against random subsets trained at its total compute: {equal.verdict} "
+                      f"({equal.difference:+.4f} [{equal.items[0]:+.4f}, {equal.items[1]:+.4f}]).")
     else:
         candidates = [ln for ln in plain if ln.verdict.startswith("candidate")]
         first = (f"**On {pruned}: use a random subset.** No selection beat random subsets on the {metric}"
