@@ -19,10 +19,10 @@ Settings (decided before any result was seen):
 - ``alpaca4800-25``: pool = every record of ../shared/data/alpaca_5000.json outside alpaca-25's
   held-out 200 (4,800, in the permutation's order), held out = the same 200; twin 25%; the budget
   unit ``tok4`` (4% of the pool's tokens, the paper's LaMini ratio): selection has more to choose from.
-- ``zeroshot-25``: alpaca-25's pool, held-out records and twin, evaluated on the paper's seven
-  zero-shot tasks at the registered size (--zeroshot-sample), held-out response NLL and JSD to the
-  dense model; its arms are fixed (ZEROSHOT_ARMS, registered in docs/benchmarks.md) and its report
-  is ``paser compare``'s.
+
+New experiments run through ``paser compare`` (paser.comparison, configs/compare/), whose statistics
+this script's report uses; the paper's claim on its own metric (configs/compare/zeroshot-25.yaml)
+ran its first three arms from this script at commit 6557583 and the rest through ``paser compare``.
 
 Sized for the 2-core machine after its first two arms (dense and pruned evaluations took 237 s
 and 457 s beside other work, almost all of it generating answers for 480 records): accuracy is
@@ -99,16 +99,8 @@ from paser.selection.settings import Settings  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SETTINGS = {"suite-25": ("suite", 0.25), "suite-15": ("suite", 0.15), "alpaca-25": ("alpaca", 0.25),
-            "alpaca4800-25": ("alpaca", 0.25), "zeroshot-25": ("alpaca", 0.25)}
+            "alpaca4800-25": ("alpaca", 0.25)}
 WHOLE_POOL = {"alpaca4800-25"}  # the pool is every record outside the held-out ones
-# the paper's claim on its metric (docs/benchmarks.md, registered before any arm): alpaca-25's pool and
-# held-out records, evaluated on the seven zero-shot tasks at the registered size; its report is
-# `paser compare`'s, not this script's
-ZEROSHOT = {"zeroshot-25"}
-ZEROSHOT_ARMS = ["none", "dense", "tok:random-0", "tok:paser", "tok:random-1", "tok:random-2", "tok:strat-c1i0d",
-                 "tok:strat", "tok:longest", "tok:random-3", "tok:random-4", "rec:random-0", "rec:paser",
-                 "rec:random-1", "rec:random-2", "rec:longest", "tok:full"]
-ZEROSHOT_SAMPLE = 500  # items of each large task (the registered size, 3,369 items in all)
 METHODS = ["paser", "loss_gap", "no_cost", "uniform", *[f"random-{s}" for s in range(5)], "longest", "shortest",
            "pruned_loss"]
 # the recovery-cost experiment's strat sweep (suite-15): tau_c, tau_i, near-duplicate removal at 0.95,
@@ -131,8 +123,6 @@ BOOTSTRAP = 2000
 def arms_of(setting: str) -> list[str]:
     """Every arm of a setting, in the order they run: references, the question (PASER against
     random), the other arms, the costly full pool last."""
-    if setting in ZEROSHOT:
-        return list(ZEROSHOT_ARMS)
     arms = ["dense", "none"]
     if setting in WHOLE_POOL:  # 4% of the tokens, the paper's LaMini ratio
         return arms + [f"tok4:{m}" for m in METHODS + NEW_METHODS]
@@ -166,9 +156,6 @@ def prepare(setting: str, args, work: Path) -> dict:
                             suite_exclude=[str(pool)], max_new_tokens=args.max_new_tokens, batch_size=16,
                             suite_accuracy_per_family=args.accuracy_per_family if kind == "suite" else 0,
                             divergence_from=args.dense)
-    if setting in ZEROSHOT:  # the seven tasks, held-out NLL and JSD; no suite
-        evaluation = EvalConfig(heldout=str(heldout), suite_size=0, batch_size=16, divergence_from=args.dense,
-                                lm_eval_tasks=["paper"], lm_eval_sample=args.zeroshot_sample, lm_eval_limit=None)
     return {"kind": kind, "pool": pool, "pruned": pruned, "eval": evaluation}
 
 
@@ -347,12 +334,6 @@ def run_arm(setting: str, arm: str, setup: dict, args) -> dict:
     start = time.perf_counter()
     ev = evaluate(model, adapter, work / "eval" / _file(arm), setup["eval"])
     row["eval_s"] = time.perf_counter() - start
-    if "lm_eval" in ev:  # every task's items, for paired intervals over items
-        row["zeroshot"] = {"tasks": ev["lm_eval"], "paper_mean": ev["paper_mean"]}
-    if "suite" not in ev:
-        return row | ({"heldout": {k: ev["response_nll"][k] for k in ("nll", "records", "tokens", "per_record")}}
-                      if "response_nll" in ev else {}) | ({"jsd": jsd_summary(ev["jsd_to_reference"])}
-                                                         if "jsd_to_reference" in ev else {})
     suite = ev["suite"]
     row["suite"] = {k: suite[k] for k in ("records", "generated", "removed_overlap")} | {
         "answer_nll_macro": suite["answer_nll"]["macro"], "answer_nll": suite["answer_nll"]["per_family"],
@@ -984,8 +965,6 @@ def compare_all(results: Path) -> dict:
     per-setting reports: setting -> (rows, list of ``comparisons``)."""
     found = {}
     for setting, (kind, _) in SETTINGS.items():
-        if setting in ZEROSHOT:  # reported by `paser compare`
-            continue
         rows = load_rows(results, setting)
         found[setting] = rows, list(comparisons(rows, kind))
     return found
@@ -1026,7 +1005,7 @@ def fourth_setting_choice_lines(compared: dict) -> list[str]:
     (method minus the random mean) over the other three settings at the 20% token budget, once every
     candidate has run on all three. The frozen strat's value on suite-15 is the sweep's arm of the
     same configuration and seed (there a choice, not a test)."""
-    others = [s for s in SETTINGS if s != FOURTH_SETTING and s not in ZEROSHOT]
+    others = [s for s in SETTINGS if s != FOURTH_SETTING]
     diffs: dict[str, dict[str, float]] = {}
     random_mean: dict[str, float] = {}
     for setting in others:
@@ -1155,8 +1134,7 @@ def report(setting: str, work: Path, rows: dict, compared: list) -> str:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--settings", nargs="+", default=[s for s in SETTINGS if s not in ZEROSHOT], choices=list(SETTINGS),
-                    help="default: every setting but zeroshot-25 (its arms are registered apart)")
+    ap.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
     ap.add_argument("--arms", nargs="+", default=None, help="arms to run, in this order (default: all)")
     ap.add_argument("--out", default="runs/decisive", help="work folder: subsets, adapters, evaluations")
     ap.add_argument("--results", default=str(ROOT / "bench" / "results" / "decisive"),
@@ -1176,8 +1154,6 @@ def main(argv=None) -> None:
     ap.add_argument("--learning-rate", type=float, default=3e-4)
     ap.add_argument("--max-steps", type=int, default=None)
     ap.add_argument("--max-new-tokens", type=int, default=24)
-    ap.add_argument("--zeroshot-sample", type=int, default=ZEROSHOT_SAMPLE,
-                    help="zeroshot-25: items of each large task (ARC-e, ARC-c and OBQA whole)")
     ap.add_argument("--conv-epochs", type=float, default=10.0, help="~conv arms: most epochs")
     ap.add_argument("--conv-eval-every", type=int, default=5, help="~conv arms: steps between validation losses")
     ap.add_argument("--conv-patience", type=int, default=3, help="~conv arms: evaluations without improvement")
@@ -1193,7 +1169,7 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     if args.smoke:
         args.suite_pool, args.suite_heldout, args.alpaca_pool, args.alpaca_heldout = 60, 36, 60, 12
-        args.max_steps, args.max_new_tokens, args.accuracy_per_family, args.zeroshot_sample = 2, 4, 2, 4
+        args.max_steps, args.max_new_tokens, args.accuracy_per_family = 2, 4, 2
     results, out = Path(args.results), Path(args.out)
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; settings "
           f"{' '.join(args.settings)}", flush=True)
@@ -1216,16 +1192,14 @@ def main(argv=None) -> None:
             row = run_arm(setting, arm, setup, args)
             (results / setting).mkdir(parents=True, exist_ok=True)
             (results / setting / f"{_file(arm)}.json").write_text(json.dumps(row))
-            shown = (row["zeroshot"]["paper_mean"]["mean"] if "zeroshot" in row else
-                     row.get("heldout", {}).get("nll", row.get("suite", {}).get("answer_nll_macro")))
+            shown = row.get("heldout", {}).get("nll", row["suite"]["answer_nll_macro"])
             print(f"{setting} {arm}: metric {shown:.4f}, records {row.get('selected', '')}, tokens "
                   f"{row.get('selected_tokens', '')}, steps {row.get('steps', '')}, recovery "
                   f"{row.get('recovery_s', 0):.0f} s, eval {row['eval_s']:.0f} s", flush=True)
     # every setting with finished arms, not only those run now
     compared = compare_all(results)
     head = summary(compared) + "".join(line + "\n" for line in fourth_setting_choice_lines(compared))
-    text = "\n".join([head] + [report(s, out / s, *compared[s]) for s in SETTINGS
-                               if (results / s).is_dir() and s not in ZEROSHOT])
+    text = "\n".join([head] + [report(s, out / s, *compared[s]) for s in SETTINGS if (results / s).is_dir()])
     (results / "results.md").write_text(text)
     print(text)
 
