@@ -309,7 +309,7 @@ def run_arm(arm: Arm, setup: Setup) -> dict:
 
     cfg = setup.config
     row: dict = {"arm": arm.name, "machine": f"{platform.machine()}, {os.cpu_count()} cores",
-                 "process": f"{platform.node()}:{os.getpid()}",  # which worker ran it
+                 "process": f"{platform.node()}:{os.getpid()}", "code": code_version(),
                  "date": time.strftime("%Y-%m-%d"), "method": arm.method, "budget_name": arm.budget}
     if arm.reference:
         model, adapter = (cfg.dense if arm.method == "dense" else setup.pruned), None
@@ -330,6 +330,25 @@ def run_arm(arm: Arm, setup: Setup) -> dict:
     row |= evaluation_fields(found)
     write_atomic(setup.result(arm), row)
     return row
+
+
+def code_version() -> dict:
+    """Which paser made the arm: its version, and its commit when it runs from a git checkout."""
+    import subprocess
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        installed = version("paser")
+    except PackageNotFoundError:
+        installed = None
+    here = Path(__file__).resolve().parent
+    try:
+        found = subprocess.run(["git", "-C", str(here), "rev-parse", "--short", "HEAD"], capture_output=True,
+                               text=True, timeout=10)
+        commit = found.stdout.strip() if found.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    return {"paser": installed, "commit": commit}
 
 
 def evaluation_fields(found: dict) -> dict:
