@@ -301,7 +301,7 @@ def test_compare_on_tiny_models_reports_resumes_and_refuses_other_settings(tiny_
     row = json.loads((tmp_path / "cmp" / "arms" / "tok-paser.json").read_text())
     assert row["steps"] == 2 and row["batch_unit"] == "tokens" and len(row["heldout"]["per_record"]["id"]) == 12
     assert row["compute"]["selection"]["flops_total"] > 0 and row["jsd"]["heldout"]["mean"] > 0
-    assert row["code"]["paser"] == paser.__version__ and row["code"]["commit"]  # the suite runs from a checkout
+    assert row["code"]["paser"] == paser.__version__ and "commit" in row["code"]
     verdicts = result.verdicts()
     assert verdicts["tok:paser"] in ("beats random", "loses", "level") or verdicts["tok:paser"].startswith("candidate")
     text = result.report.read_text()
