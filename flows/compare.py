@@ -23,8 +23,8 @@ from prefect.artifacts import create_markdown_artifact  # noqa: E402
 from prefect.cache_policies import NO_CACHE  # noqa: E402
 
 from flows.runners import shard_resources, task_runner  # noqa: E402
-from paser.comparison import STAGES, finish, pending, prepare  # noqa: E402
-from paser.comparison.runner import Setup, load_sections, run_arm, select_subset  # noqa: E402
+from paser.comparison import STAGES, finish, pending, prepare, run_one  # noqa: E402
+from paser.comparison.runner import Setup, load_sections, select_subset  # noqa: E402
 from paser.config import from_mapping  # noqa: E402
 from paser.selection.settings import DistributeConfig  # noqa: E402
 
@@ -43,7 +43,7 @@ def subsets(setup: Setup, names: list[str]) -> None:
 
 @task(name="arm", task_run_name="arm {name}", cache_policy=NO_CACHE)
 def arm_task(setup: Setup, name: str) -> str:
-    run_arm(next(a for a in setup.arms if a.name == name), setup)
+    run_one(next(a for a in setup.arms if a.name == name), setup)
     return name
 
 

@@ -47,16 +47,18 @@ def compare(config: str | Path | None = None, overrides: dict | None = None, rep
     sections = load_sections(config, (overrides or {}) | {"compare": (overrides or {}).get("compare", {}) | fields})
     setup = prepare(sections, str(config) if config else "compare", resolve=not report_only)
     if not report_only:
-        for arm in pending(setup, second=False) + pending(setup, second=True):
-            run_one(arm, setup)
+        todo = pending(setup, second=False) + pending(setup, second=True)
+        progress.announce(f"compare: {len(todo)} of {len(setup.arms)} arms to run in {setup.root}")
+        for i, arm in enumerate(todo, 1):
+            run_one(arm, setup, f"{i}/{len(todo)} ")
     return finish(setup, picture)
 
 
-def run_one(arm: Arm, setup: Setup) -> dict:
+def run_one(arm: Arm, setup: Setup, count: str = "") -> dict:
     """One arm with a line before and after (the progress lines paser prints)."""
-    progress.announce(f"compare: arm {arm.name} ...")
+    progress.announce(f"compare: arm {count}{arm.name} ...")
     row = run_arm(arm, setup)
-    progress.announce(f"compare: arm {arm.name} done" + (f" ({row['steps']} steps)" if "steps" in row else ""))
+    progress.announce(f"compare: arm {count}{arm.name} done" + (f" ({row['steps']} steps)" if "steps" in row else ""))
     return row
 
 
