@@ -18,7 +18,7 @@ from pathlib import Path
 from paser import progress
 from paser.comparison.arms import Arm, parse_arm, parse_arms
 from paser.comparison.config import CompareConfig
-from paser.comparison.report import Line, compared, render
+from paser.comparison.report import Line, compared, render, summary
 from paser.comparison.runner import Setup, finished_rows, load_sections, pending, prepare, run_arm
 
 STAGES = ("prepare the setting", "run the arms", "run the arms at another arm's compute", "write the report")
@@ -70,8 +70,7 @@ def finish(setup: Setup, picture: bool = True) -> CompareResult:
     text = render(setup.config, setup.arms, rows, setup.pruned, setup.root, lines, picture)
     path = setup.root / "report.md"
     path.write_text(text)
-    head = text.split("\n\n")[1] if "\n\n" in text else text
-    return CompareResult(setup.root, path, rows, lines, head)
+    return CompareResult(setup.root, path, rows, lines, summary(setup.config, lines, setup.pruned)[0])
 
 
 __all__ = ["STAGES", "Arm", "CompareConfig", "CompareResult", "compare", "finish", "parse_arm", "parse_arms",
