@@ -30,6 +30,7 @@ runs lm-eval's own Hugging Face backend instead.
 from __future__ import annotations
 
 import difflib
+import functools
 import json
 import logging
 import re
@@ -49,6 +50,13 @@ def _import_lm_eval():
     except ImportError:
         raise DataError("lm-evaluation-harness tasks need the optional extra: pip install 'paser[eval]'") from None
     return lm_eval, TaskManager
+
+
+@functools.cache
+def _builtin_tasks():
+    """lm-eval's index of its own task folder, built once per process (it takes seconds and the
+    folder does not change while paser runs); managers with a user's include path are built each time."""
+    return _import_lm_eval()[1]()
 
 
 def read_choice_records(path: Path) -> list[dict]:
@@ -173,7 +181,7 @@ def prepare_tasks(specs: list[str], folder: Path) -> HarnessTasks:
     # indexing lm-eval's own task folder takes seconds: skip it when shipped sets and local files name every task
     manager = TaskManager(include_path=include or None, include_defaults=False)
     if not set(others) <= set(manager.all_tasks):
-        manager = TaskManager(include_path=include or None)
+        manager = TaskManager(include_path=include) if include else _builtin_tasks()
     known = set(manager.all_tasks)
     loaded = [shipped_task(name) for name in shipped]
     for name in others:

