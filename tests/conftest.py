@@ -7,14 +7,32 @@ builds a 4-layer Llama from a config (MHA or GQA) and saves it as a Hugging Face
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 
 import pytest
-
-from paser.data.suite import suite_tokenizer as build_tokenizer  # noqa: F401  (tests import it from here)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+# ``make test`` runs the suite in one process per core (pytest-xdist). Each process gets its own
+# Prefect home (flows modules read it when first imported, before any fixture runs; two processes
+# on one SQLite database would lock each other) and an equal share of the cores for torch, here and
+# in the subprocesses it starts: two processes of two threads each on two cores spin against each
+# other and run small models several times slower.
+_PREFECT_HOME = tempfile.mkdtemp(prefix="paser-tests-prefect-")
+os.environ["PREFECT_HOME"] = _PREFECT_HOME
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    os.environ["OMP_NUM_THREADS"] = str(max(1, len(os.sched_getaffinity(0)) // _WORKERS))
+
+
+from paser.data.suite import suite_tokenizer as build_tokenizer  # noqa: E402,F401  (tests import it from here)
+
+
+def pytest_unconfigure(config):
+    shutil.rmtree(_PREFECT_HOME, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -60,7 +60,7 @@ def _select(models, out, step=1.0):
     dense, pruned = models
     return run_selection(Settings.load(None, {
         "select": {"dense": dense, "pruned": pruned, "suite_size": 96, "budget": "0.4tok", "out": str(out),
-                   "progress": False, "method": "adaptive"},
+                   "progress": False, "pictures": False, "method": "adaptive"},
         "adaptive": {"rounds": 3, "probe_per_cluster": 2, "step": step}, "cluster": {"k_max": 6}}))
 
 

@@ -223,6 +223,9 @@ def test_transient_shard_failure_is_retried(models, tmp_path, monkeypatch, harne
             return True
         return False
 
+    from flows.selection import score_shard
+
+    monkeypatch.setattr(score_shard, "retry_delay_seconds", 0)  # the 5 s a cluster waits before a retry
     calls = Calls(monkeypatch, shards, "score_shard", fail_on=once, error=OSError)
     _flow(s)  # shard 1 fails once with an I/O error, is retried, and the run completes
     assert failures == [1] and calls.n == 3

@@ -23,14 +23,14 @@ def settings(models, out, **select) -> Settings:
     dense, pruned = models
     return Settings.load(None, {
         "select": {"dense": dense, "pruned": pruned, "suite_size": 96, "budget": 0.25, "out": str(out),
-                   "progress": False} | select,
+                   "progress": False, "pictures": False} | select,
         "score": {"batch_size": 8, "shard_size": 40},
         "cluster": {"k_max": 8},
     })
 
 
 def test_outputs_of_a_run(models, tmp_path):
-    run = run_selection(settings(models, tmp_path / "run"))
+    run = run_selection(settings(models, tmp_path / "run", pictures=True))
     selected = [json.loads(line) for line in (run / "selected.jsonl").read_text().splitlines()]
     assert len(selected) == 24
     assert {"instruction", "input", "output", "family", "paser_cluster", "paser_jsd", "paser_ies",
@@ -59,6 +59,8 @@ def test_same_seed_same_selection(models, tmp_path):
     a = run_selection(settings(models, tmp_path / "a"))
     b = run_selection(settings(models, tmp_path / "b"))
     assert (a / "selected.jsonl").read_text() == (b / "selected.jsonl").read_text()
+    # without pictures (select.pictures off): no PNG, and the report links none
+    assert not list(a.glob("*.png")) and "![" not in (a / "report.md").read_text()
 
 
 def test_reselect_reuses_every_stage_and_cluster_change_reruns_only_clusters(models, tmp_path):

@@ -89,7 +89,7 @@ def _settings(models, out, method="strat", sample=None, per_cluster=None):
     dense, pruned = models
     return Settings.load(None, {
         "select": {"dense": dense, "pruned": pruned, "suite_size": 96, "budget": "0.25tok", "out": str(out),
-                   "progress": False, "method": method},
+                   "progress": False, "pictures": False, "method": method},
         "score": {"batch_size": 8, "shard_size": 40, "per_cluster": per_cluster},
         "sample": sample or {}, "cluster": {"k_max": 8}})
 

@@ -313,7 +313,8 @@ def strat_line(settings) -> str:
 
 
 def write_report(settings, run: Path) -> Path:
-    """Write manifest.json and report.md (with PNG plots) for a finished selection run."""
+    """Write manifest.json and report.md (with PNG plots unless ``select.pictures`` is off) for a
+    finished selection run."""
     scores = pd.read_parquet(run / "scores.parquet")
     summary = json.loads((run / "clusters.json").read_text())
     data = json.loads((run / "data.json").read_text())
@@ -328,7 +329,7 @@ def write_report(settings, run: Path) -> Path:
                                                                    "adjusted_rand_index_vs_family": ari,
                                                                    "compute": ledger.to_dict()}
     (run / "manifest.json").write_text(json.dumps(manifest, indent=2))
-    plots = _plots(run, scores, summary, settings.select.seed)
+    plots = _plots(run, scores, summary, settings.select.seed) if settings.select.pictures else []
 
     status = scores["status"].value_counts().to_dict()
     truncated = int(scores["truncated"].sum())

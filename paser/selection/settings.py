@@ -95,6 +95,9 @@ class SelectConfig:
     """Seed for every random choice: the same inputs and seed give the same selection."""
     progress: bool = True
     """Progress bars on long stages."""
+    pictures: bool = True
+    """Draw the report's pictures (cluster map with its t-SNE, allocation, rejections); False writes
+    the report without them."""
 
     def __post_init__(self):
         parse_budget(self.budget)  # a malformed budget fails when the settings are read
