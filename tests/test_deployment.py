@@ -35,13 +35,14 @@ def _wait(check, seconds: float, what: str, procs):
                 raise AssertionError(f"{what}: {p.args[:3]} exited with {p.returncode}")
         if check():
             return
-        time.sleep(1)
+        time.sleep(0.5)
     raise AssertionError(f"{what}: not ready after {seconds} s")
 
 
-def _healthy(url: str) -> bool:
+def _found(url: str) -> bool:
+    """The API answers ``url`` (a GET) with 200: the server is up, or the deployment exists."""
     try:
-        with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
+        with urllib.request.urlopen(url, timeout=2) as r:
             return r.status == 200
     except OSError:
         return False
@@ -63,22 +64,22 @@ def test_served_selection_deployment_completes(tmp_path, tiny_pair):
     api = f"http://127.0.0.1:{port}/api"
     env = os.environ | {"PREFECT_HOME": str(tmp_path / "prefect-home"), "PREFECT_API_URL": api,
                         "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1",
-                        "PREFECT_UI_ENABLED": "false", "PREFECT_LOGGING_LEVEL": "WARNING"}
+                        "PREFECT_UI_ENABLED": "false", "PREFECT_LOGGING_LEVEL": "WARNING",
+                        "PREFECT_RUNNER_POLL_FREQUENCY": "1"}  # the served runner looks for new runs every second
     (tmp_path / "prefect-home").mkdir()
     logs = {name: (tmp_path / f"{name}.log").open("w") for name in ("server", "serve")}
     server = subprocess.Popen([BIN / "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
                               env=env, stdout=logs["server"], stderr=subprocess.STDOUT, start_new_session=True)
     serve = None
     try:
-        _wait(lambda: _healthy(api), 180, "prefect server", [server])
+        _wait(lambda: _found(f"{api}/health"), 180, "prefect server", [server])
         serve = subprocess.Popen([BIN / "paser", "serve", "select", "--api-url", api], env=env, cwd=tmp_path,
                                  stdout=logs["serve"], stderr=subprocess.STDOUT, start_new_session=True)
-        _wait(lambda: subprocess.run([BIN / "prefect", "deployment", "inspect", "paser-select/select"], env=env,
-                                     capture_output=True).returncode == 0, 180, "paser serve", [server, serve])
+        _wait(lambda: _found(f"{api}/deployments/name/paser-select/select"), 180, "paser serve", [server, serve])
         s = settings(models, tmp_path / "runs" / "served").to_dict()
         params = {"budget": "12", "out": str(tmp_path / "runs" / "served"), "overrides": s}
         run = subprocess.run([BIN / "prefect", "deployment", "run", "paser-select/select", "--params",
-                              json.dumps(params), "--watch", "--watch-timeout", "300"],
+                              json.dumps(params), "--watch", "--watch-interval", "1", "--watch-timeout", "300"],
                              env=env, capture_output=True, text=True, timeout=400)
         assert run.returncode == 0, run.stdout + run.stderr
         assert "COMPLETED" in (run.stdout + run.stderr).upper()
