@@ -5,17 +5,35 @@ is ``paser prune``, ``paser.compare(...)`` is ``paser compare``; ``paser.recover
 ``paser.evaluation.evaluate`` are ``paser recover`` and ``paser evaluate``. The selection's
 estimators (scikit-learn style: ``fit`` returns the estimator, learned attributes end in ``_``)
 are here for notebooks.
+
+The names below are imported when first used, so that ``import paser`` (and every ``paser``
+command, every worker process) does not load torch, scikit-learn and the trainer before it needs them.
 """
 
-from paser.api import select
-from paser.comparison import CompareResult, compare
-from paser.errors import PaserError
-from paser.models.load import load_model, load_pair
-from paser.models.pruning import PruneConfig, prune
-from paser.selection.clustering import SpectralClusterer
-from paser.selection.manifold import DiffusionMap
-from paser.selection.selector import Selector, StratifiedSelector
+import importlib
 
 __version__ = "0.1.0"
-__all__ = ["CompareResult", "DiffusionMap", "PaserError", "PruneConfig", "Selector", "SpectralClusterer",
-           "StratifiedSelector", "compare", "load_model", "load_pair", "prune", "select", "__version__"]
+
+_HOMES = {
+    "select": "paser.api",
+    "CompareResult": "paser.comparison", "compare": "paser.comparison",
+    "PaserError": "paser.errors",
+    "load_model": "paser.models.load", "load_pair": "paser.models.load",
+    "PruneConfig": "paser.models.pruning", "prune": "paser.models.pruning",
+    "SpectralClusterer": "paser.selection.clustering",
+    "DiffusionMap": "paser.selection.manifold",
+    "Selector": "paser.selection.selector", "StratifiedSelector": "paser.selection.selector",
+}
+__all__ = [*sorted(_HOMES), "__version__"]
+
+
+def __getattr__(name: str):
+    if name not in _HOMES:
+        raise AttributeError(f"module 'paser' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_HOMES[name]), name)
+    globals()[name] = value  # found directly from now on
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_HOMES))
