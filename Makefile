@@ -28,11 +28,12 @@ $(VENV)/.installed: pyproject.toml
 demo: install
 	$(BIN)/paser select
 
+# one test process per core (pytest-xdist); tests/conftest.py gives each its share of the cores
 test: install
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n auto --dist worksteal
 
 test-fast: install
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q -n auto --dist worksteal -m "not slow"
 
 lint: install
 	$(BIN)/ruff check paser flows tests bench

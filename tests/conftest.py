@@ -36,6 +36,18 @@ def pytest_unconfigure(config):
 
 
 @pytest.fixture(scope="session")
+def prefect_api():
+    """One temporary Prefect API server (its own database) for the test process: the flow tests
+    run against it, and the subprocesses they start reach it through its URL (returned) instead
+    of each starting a server of its own."""
+    from prefect.settings import PREFECT_API_URL
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield PREFECT_API_URL.value()
+
+
+@pytest.fixture(scope="session")
 def tiny_tokenizer():
     return build_tokenizer()
 

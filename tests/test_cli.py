@@ -222,12 +222,15 @@ main()
 
 
 @pytest.mark.slow
-def test_user_error_inside_a_flow_is_one_line(tiny_pair, tmp_path):
+def test_user_error_inside_a_flow_is_one_line(tiny_pair, tmp_path, prefect_api):
+    import os
     import subprocess
 
     dense, pruned = tiny_pair
     args = ["select", "--dense", dense, "--pruned", pruned, "--suite-size", "40", "--out", str(tmp_path / "run")]
-    quiet = subprocess.run([sys.executable, "-c", _INJECT, *args], capture_output=True, text=True, timeout=300)
+    env = os.environ | {"PREFECT_API_URL": prefect_api}  # the test's server: no temporary one started in each run
+    quiet = subprocess.run([sys.executable, "-c", _INJECT, *args], capture_output=True, text=True, timeout=300,
+                           env=env)
     # progress lines ("12:13:16 paser: reading the pool ...") come first; then the error alone
     lines = [line for line in quiet.stderr.splitlines() if "it/s]" not in line and line.strip()
              and not re.match(r"\d\d:\d\d:\d\d paser: ", line)]
@@ -235,7 +238,7 @@ def test_user_error_inside_a_flow_is_one_line(tiny_pair, tmp_path):
     assert lines == ["error: pool.jsonl: line 3: field 'output': raised inside a task"], lines
     assert quiet.stderr.strip().splitlines()[-1] == lines[0]
     loud = subprocess.run([sys.executable, "-c", _INJECT, "--debug", *args], capture_output=True, text=True,
-                          timeout=300)
+                          timeout=300, env=env)
     assert loud.returncode == 2 and "Traceback" in loud.stderr
 
 

@@ -16,11 +16,8 @@ from tests.test_pipeline import settings
 
 
 @pytest.fixture(scope="module")
-def harness():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
+def harness(prefect_api):
+    return prefect_api
 
 
 @pytest.fixture(scope="module")

@@ -89,15 +89,12 @@ def test_input_layout_written_back(models, tmp_path):
     assert json.loads((run / "manifest.json").read_text())["adjusted_rand_index_vs_family"] is None
 
 
-def test_flow_gives_the_same_selection(models, tmp_path):
-    from prefect.testing.utilities import prefect_test_harness
-
+def test_flow_gives_the_same_selection(models, tmp_path, prefect_api):
     import paser
 
     direct = run_selection(settings(models, tmp_path / "direct"))
     s = settings(models, tmp_path / "flow")
-    with prefect_test_harness():
-        run = paser.select(out=str(tmp_path / "flow"), overrides=s.to_dict())
+    run = paser.select(out=str(tmp_path / "flow"), overrides=s.to_dict())
     assert (run / "selected.jsonl").read_text() == (direct / "selected.jsonl").read_text()
 
 
