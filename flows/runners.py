@@ -59,6 +59,28 @@ def cluster_gpus(cfg: DistributeConfig) -> float:
         ray.shutdown()  # the task runner connects on its own
 
 
+def prefect_api_of_this_process() -> str | None:
+    """The Prefect API this process reports to: PREFECT_API_URL, or the temporary server Prefect
+    started here when none is set (None before it has started)."""
+    from prefect.settings import PREFECT_API_URL
+
+    url = PREFECT_API_URL.value()
+    if not url:
+        from prefect.server.api.server import SubprocessASGIServer
+
+        server = SubprocessASGIServer()  # the one per process, not a new one
+        url = server.api_url if server.running else None
+    return url or None
+
+
+def worker_environment() -> dict[str, str]:
+    """Environment variables of a local cluster's workers: this process's Prefect API. Each shard's
+    task run reports to it; a worker without it starts a temporary Prefect server of its own (seconds
+    at start-up, and a process that outlives the cluster's close until it is killed)."""
+    url = prefect_api_of_this_process()
+    return {"PREFECT_API_URL": url} if url else {}
+
+
 def local_dask_cluster(cfg: DistributeConfig) -> dict:
     """Arguments of the local Dask cluster: on GPUs one worker per visible GPU (or as many as
     asked, never more), each offering one GPU resource; numbered workers pick their own GPU (see
@@ -67,7 +89,7 @@ def local_dask_cluster(cfg: DistributeConfig) -> dict:
 
     gpus = gpus_per_shard(cfg)
     kwargs = {"n_workers": local_workers(cfg.workers, visible_gpus(), bool(gpus)), "threads_per_worker": 1,
-              "processes": True, "dashboard_address": None}
+              "processes": True, "dashboard_address": None, "env": worker_environment()}
     if gpus:
         kwargs["resources"] = {"GPU": 1}
     return kwargs
@@ -103,7 +125,8 @@ def local_ray_cluster(cfg: DistributeConfig) -> dict:
     from paser.devices import local_workers, visible_gpus
 
     gpus = gpus_per_shard(cfg)
-    kwargs = {"num_cpus": local_workers(cfg.workers, visible_gpus(), bool(gpus)), "include_dashboard": False}
+    kwargs = {"num_cpus": local_workers(cfg.workers, visible_gpus(), bool(gpus)), "include_dashboard": False,
+              "runtime_env": {"env_vars": worker_environment()}}
     if gpus:
         kwargs |= {"num_gpus": visible_gpus(), "num_cpus": max(kwargs["num_cpus"], visible_gpus())}
     return kwargs

@@ -10,6 +10,7 @@ from typer.testing import CliRunner
 
 from paser.cli import app
 
+pytestmark = pytest.mark.usefixtures("prefect_api")  # flows here run against the test process's one Prefect server
 runner = CliRunner()
 
 

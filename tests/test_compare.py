@@ -17,6 +17,8 @@ from paser.comparison.config import CompareConfig
 from paser.comparison.runner import Setup, budget_of, write_atomic
 from paser.errors import ConfigError, DataError, PaserError
 
+pytestmark = pytest.mark.usefixtures("prefect_api")  # flows here run against the test process's one Prefect server
+
 BUDGETS = {"tok": "0.2tok", "rec": 0.2}
 
 

@@ -11,6 +11,8 @@ import torch
 import paser.devices as devices
 from paser.errors import ConfigError
 
+pytestmark = pytest.mark.usefixtures("prefect_api")  # flows here run against the test process's one Prefect server
+
 
 @pytest.fixture()
 def gpus(monkeypatch):
@@ -99,17 +101,18 @@ def test_each_worker_of_a_remote_cluster_takes_its_own_gpu(gpus, monkeypatch):
     assert scoring_device(None) == "cuda"
 
 
-def test_local_dask_cluster_has_one_worker_per_gpu_and_never_more(gpus):
+def test_local_dask_cluster_has_one_worker_per_gpu_and_never_more(gpus, prefect_api):
     from flows.runners import local_dask_cluster
     from paser.selection.settings import DistributeConfig
 
     cpu = local_dask_cluster(DistributeConfig(engine="dask"))
     assert cpu["n_workers"] == 2 and "resources" not in cpu
+    assert cpu["env"] == {"PREFECT_API_URL": prefect_api}  # the workers report to this process's Prefect API
     assert local_dask_cluster(DistributeConfig(engine="dask", workers=3))["n_workers"] == 3
     gpus(4)
     assert local_dask_cluster(DistributeConfig(engine="dask")) | {} == {
         "n_workers": 4, "threads_per_worker": 1, "processes": True, "dashboard_address": None,
-        "resources": {"GPU": 1}}
+        "resources": {"GPU": 1}, "env": {"PREFECT_API_URL": prefect_api}}
     assert local_dask_cluster(DistributeConfig(engine="dask", workers=8))["n_workers"] == 4
     assert local_dask_cluster(DistributeConfig(engine="dask", workers=2))["n_workers"] == 2
     gpus(0)
@@ -207,11 +210,12 @@ def test_recovery_and_evaluation_record_the_resolved_dtype(tiny_model_dir, tmp_p
     assert evaluate(str(tiny_model_dir), suite_size=12, suite_accuracy_per_family=0)["settings"]["dtype"] == "float32"
 
 
-def test_a_local_ray_cluster_offers_every_gpu(gpus):
+def test_a_local_ray_cluster_offers_every_gpu(gpus, prefect_api):
     from flows.runners import local_ray_cluster
     from paser.selection.settings import DistributeConfig
 
-    assert local_ray_cluster(DistributeConfig(engine="ray")) == {"num_cpus": 2, "include_dashboard": False}
+    assert local_ray_cluster(DistributeConfig(engine="ray")) == {
+        "num_cpus": 2, "include_dashboard": False, "runtime_env": {"env_vars": {"PREFECT_API_URL": prefect_api}}}
     gpus(8)
     found = local_ray_cluster(DistributeConfig(engine="ray"))
     assert found["num_gpus"] == 8 and found["num_cpus"] >= 8  # 8 shards at once, one per GPU

@@ -14,10 +14,7 @@ from paser.errors import ShardError
 from paser.selection import pipeline, shards
 from tests.test_pipeline import settings
 
-
-@pytest.fixture(scope="module")
-def harness(prefect_api):
-    return prefect_api
+pytestmark = pytest.mark.usefixtures("prefect_api")  # flows here run against the test process's one Prefect server
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +50,7 @@ def _calls(monkeypatch):
             "score": Calls(monkeypatch, shards, "score_shard")}
 
 
-def test_second_run_is_served_from_the_cache(models, tmp_path, monkeypatch, harness):
+def test_second_run_is_served_from_the_cache(models, tmp_path, monkeypatch):
     s = settings(models, tmp_path / "run")
     calls = _calls(monkeypatch)
     _flow(s)
@@ -69,7 +66,7 @@ def test_second_run_is_served_from_the_cache(models, tmp_path, monkeypatch, harn
     assert (tmp_path / "run" / "selected.jsonl").read_text() == first
 
 
-def test_cluster_change_reruns_only_clustering_and_after(models, tmp_path, monkeypatch, harness):
+def test_cluster_change_reruns_only_clustering_and_after(models, tmp_path, monkeypatch):
     s = settings(models, tmp_path / "run")
     _flow(s)
     calls = _calls(monkeypatch)
@@ -79,7 +76,7 @@ def test_cluster_change_reruns_only_clustering_and_after(models, tmp_path, monke
     assert json.loads((tmp_path / "run" / "clusters.json").read_text())["K"] == 3
 
 
-def test_deleted_output_is_recomputed_not_trusted(models, tmp_path, monkeypatch, harness):
+def test_deleted_output_is_recomputed_not_trusted(models, tmp_path, monkeypatch):
     s = settings(models, tmp_path / "run")
     _flow(s)
     (tmp_path / "run" / "embeddings.npy").unlink()
@@ -88,7 +85,7 @@ def test_deleted_output_is_recomputed_not_trusted(models, tmp_path, monkeypatch,
     assert calls["embed"].n == 1 and calls["score"].n == 0
 
 
-def test_failed_shard_names_its_records_and_a_rerun_resumes(models, tmp_path, monkeypatch, harness):
+def test_failed_shard_names_its_records_and_a_rerun_resumes(models, tmp_path, monkeypatch):
     s = settings(models, tmp_path / "run")
     pool = pipeline.read_input_pool(s.select)
     bad = pool.records[45].id  # in shard 1: records 40..79
@@ -104,7 +101,7 @@ def test_failed_shard_names_its_records_and_a_rerun_resumes(models, tmp_path, mo
                                   pd.read_parquet(direct / "degradation.parquet"))
 
 
-def test_cluster_table_artifact(models, tmp_path, harness):
+def test_cluster_table_artifact(models, tmp_path):
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
@@ -120,7 +117,7 @@ def test_cluster_table_artifact(models, tmp_path, harness):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("engine", ["dask", "ray"])
-def test_distributed_scoring_equals_the_single_process_run(engine, models, tmp_path, harness):
+def test_distributed_scoring_equals_the_single_process_run(engine, models, tmp_path):
     s = settings(models, tmp_path / engine)
     s.score.shard_size = 16  # 6 shards over 2 workers
     # Dask's and Ray's workers run torch on one thread; a matrix product summed over two threads rounds
@@ -141,7 +138,7 @@ def test_distributed_scoring_equals_the_single_process_run(engine, models, tmp_p
     assert len({r["worker"] for r in shards}) == 2
 
 
-def test_whole_pipeline_flow_prunes_selects_recovers_and_evaluates(models, tmp_path, harness):
+def test_whole_pipeline_flow_prunes_selects_recovers_and_evaluates(models, tmp_path):
     from flows.pipeline import pipeline_flow
 
     dense, _ = models
@@ -176,7 +173,7 @@ def test_whole_pipeline_flow_prunes_selects_recovers_and_evaluates(models, tmp_p
 
 
 @pytest.mark.slow
-def test_the_pipeline_flow_recovers_in_adaptive_rounds(models, tmp_path, harness):
+def test_the_pipeline_flow_recovers_in_adaptive_rounds(models, tmp_path):
     from flows.pipeline import pipeline_flow
 
     dense, pruned = models
@@ -192,14 +189,14 @@ def test_the_pipeline_flow_recovers_in_adaptive_rounds(models, tmp_path, harness
     assert sum(r["records"] for r in done["adaptive"]["rounds"]) == 24  # the budget, in records
 
 
-def test_random_baseline_through_the_flow_needs_no_model(models, tmp_path, monkeypatch, harness):
+def test_random_baseline_through_the_flow_needs_no_model(models, tmp_path, monkeypatch):
     calls = _calls(monkeypatch)
     run = _flow(settings((models[0], "no-pruned"), tmp_path / "run", method="random"))
     assert sum(1 for _ in (tmp_path / "run" / "selected.jsonl").open()) == 24
     assert (calls["embed"].n, calls["score"].n) == (0, 0) and run == str(tmp_path / "run")
 
 
-def test_pruned_loss_with_a_token_budget_through_the_flow(models, tmp_path, monkeypatch, harness):
+def test_pruned_loss_with_a_token_budget_through_the_flow(models, tmp_path, monkeypatch):
     calls = _calls(monkeypatch)
     run = _flow(settings(models, tmp_path / "run", method="pruned_loss", budget="0.1tok"))
     summary = json.loads((tmp_path / "run" / "clusters.json").read_text())
@@ -209,7 +206,7 @@ def test_pruned_loss_with_a_token_budget_through_the_flow(models, tmp_path, monk
     assert calls["embed"].n == 0 and calls["score"].n > 0 and run == str(tmp_path / "run")
 
 
-def test_transient_shard_failure_is_retried(models, tmp_path, monkeypatch, harness):
+def test_transient_shard_failure_is_retried(models, tmp_path, monkeypatch):
     s = settings(models, tmp_path / "run")
     second_shard = pipeline.read_input_pool(s.select).records[40].id
     failures = []
@@ -229,7 +226,7 @@ def test_transient_shard_failure_is_retried(models, tmp_path, monkeypatch, harne
     assert sum(1 for _ in (tmp_path / "run" / "selected.jsonl").open()) == 24
 
 
-def test_the_flow_reports_every_scored_batch_to_one_display(models, tmp_path, monkeypatch, harness):
+def test_the_flow_reports_every_scored_batch_to_one_display(models, tmp_path, monkeypatch):
     from flows.selection import selection_flow
     from tests.test_progress import SECTIONS, record_progress
 

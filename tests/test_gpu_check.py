@@ -10,6 +10,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+pytestmark = pytest.mark.usefixtures("prefect_api")  # flows here run against the test process's one Prefect server
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
 

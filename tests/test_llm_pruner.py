@@ -19,6 +19,8 @@ from paser.models.load import load_model
 from paser.selection.degradation import ScoreConfig
 from paser.selection.passes import score_shard
 
+pytestmark = pytest.mark.usefixtures("prefect_api")  # flows here run against the test process's one Prefect server
+
 MODULE = "LLMPruner.models.hf_llama.modeling_llama"
 
 

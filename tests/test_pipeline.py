@@ -13,6 +13,8 @@ from paser.cli import app
 from paser.selection.pipeline import run_selection
 from paser.selection.settings import Settings
 
+pytestmark = pytest.mark.usefixtures("prefect_api")  # flows here run against the test process's one Prefect server
+
 
 @pytest.fixture(scope="module")
 def models(tiny_pair):

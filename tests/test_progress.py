@@ -9,6 +9,8 @@ import pytest
 from paser import progress
 from paser.progress import ScoringProgress
 
+pytestmark = pytest.mark.usefixtures("prefect_api")  # flows here run against the test process's one Prefect server
+
 
 @pytest.fixture(autouse=True)
 def _loud():

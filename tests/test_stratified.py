@@ -14,6 +14,8 @@ from paser.selection.selector import StratifiedSelector
 from paser.selection.stratified import NearDuplicates, SampleConfig, cluster_weights, draw_keys
 from tests.test_selection import table
 
+pytestmark = pytest.mark.usefixtures("prefect_api")  # flows here run against the test process's one Prefect server
+
 
 def test_temperature_zero_gives_exactly_the_size_proportional_shares():
     room = np.array([120, 40, 240])
