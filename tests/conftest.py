@@ -28,7 +28,15 @@ if _WORKERS > 1:
     os.environ["OMP_NUM_THREADS"] = str(max(1, len(os.sched_getaffinity(0)) // _WORKERS))
 
 
+from flows import configure_prefect  # noqa: E402
 from paser.data.suite import suite_tokenizer as build_tokenizer  # noqa: E402,F401  (tests import it from here)
+
+# Prefect's console logging writes to the sys.stderr of the moment Prefect is first imported. Here,
+# that is the stream pytest captures the whole session on; imported first inside a test, it would be
+# that test's own captured stream, closed when the test ends, and every later Prefect log line
+# would print a "Logging error" traceback into whatever a later test captures.
+configure_prefect()
+import prefect  # noqa: E402,F401
 
 
 def pytest_unconfigure(config):
