@@ -208,6 +208,7 @@ def select_arm(arm: str, setup: dict, work: Path, args) -> tuple[Path, float]:
     seed = int(method.split("-")[-1]) if method.split("-")[-1].isdigit() else 0  # random-K, strat[-CFG]-K
     sections = {"select": {"data": str(setup["pool"]), "dense": args.dense, "pruned": setup["pruned"],
                            "budget": budget, "out": str(work / "select"), "seed": seed, "progress": False,
+                           "pictures": not args.smoke,  # a smoke run checks the plumbing, not the pictures
                            "method": {"loss_gap": "paser"}.get(method, method.split("-")[0])},
                 "score": {"signal": "loss_gap" if method == "loss_gap" else "jsd"}}
     if method.startswith("strat"):

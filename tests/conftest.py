@@ -43,6 +43,13 @@ def pytest_unconfigure(config):
     shutil.rmtree(_PREFECT_HOME, ignore_errors=True)
 
 
+def pytest_collection_modifyitems(config, items):
+    """Under pytest-xdist the tests marked slow are handed out first, so that the suite does not end
+    waiting for one long test that started last while the other processes sit idle."""
+    if "PYTEST_XDIST_WORKER" in os.environ:
+        items.sort(key=lambda item: item.get_closest_marker("slow") is None)  # stable: file order otherwise
+
+
 @pytest.fixture(scope="session")
 def prefect_api():
     """One temporary Prefect API server (its own database) for the test process: the flow tests
@@ -119,3 +126,76 @@ def make_pair(tmp_path_factory, tiny_tokenizer) -> tuple[str, str]:
 def tiny_pair(tmp_path_factory, tiny_tokenizer):
     """(dense, pruned) folders of a tiny model pair, shared by the pipeline, flow and notebook tests."""
     return make_pair(tmp_path_factory, tiny_tokenizer)
+
+
+# ---------------------------------------------------------------- shared by several test modules
+
+
+def selection_settings(models, out, **select):
+    """Settings of a selection on the tiny pair ``models`` (dense, pruned) into ``out``: 96 generated
+    records, a 25% budget, small shards and K at most 8, no progress bars and no pictures; ``select``
+    overrides keys of the select section."""
+    from paser.selection.settings import Settings
+
+    dense, pruned = models
+    return Settings.load(None, {
+        "select": {"dense": dense, "pruned": pruned, "suite_size": 96, "budget": 0.25, "out": str(out),
+                   "progress": False, "pictures": False} | select,
+        "score": {"batch_size": 8, "shard_size": 40},
+        "cluster": {"k_max": 8},
+    })
+
+
+FAST = dict(batch_size=8, micro_batch_size=4, learning_rate=5e-3, val_size=8, eval_every=2, save_every=2,
+            progress=False)
+"""Recovery settings for tiny models: small batches, a validation set, frequent checkpoints."""
+
+
+@pytest.fixture()
+def train_file(tmp_path):
+    """48 generated records as a JSONL training file."""
+    from paser.data.pools import write_jsonl
+    from paser.data.suite import generate_suite
+
+    path = tmp_path / "train.jsonl"
+    write_jsonl(path, generate_suite(48, seed=7))
+    return str(path)
+
+
+def score_table(n_per=(6, 6, 6), jsd=(0.3, 0.2, 0.1), concepts=None, seed=0):
+    """A selector's input: clusters of ``n_per`` records around the ``jsd`` levels, each record with
+    its token counts and two concepts (one shared by its cluster)."""
+    import numpy as np
+    import pandas as pd
+
+    rng = np.random.default_rng(seed)
+    rows = []
+    for c, (n, base) in enumerate(zip(n_per, jsd)):
+        for i in range(n):
+            rows.append({"id": f"c{c}-{i}", "cluster": c, "jsd": base + rng.uniform(0, 0.01),
+                         "n_prompt": 20 + i, "n_response": 10, "concepts": [f"c{c}", f"r{c}-{i}"]})
+    t = pd.DataFrame(rows)
+    if concepts is not None:
+        t["concepts"] = concepts
+    return t
+
+
+SCORING_SECTIONS = {"score": {"shard_size": 32, "batch_size": 8}, "cluster": {"k_max": 6}}
+"""Two shards of 32 and 28 records for a 60-record pool."""
+
+
+def record_progress(monkeypatch) -> tuple[list, list]:
+    """Every batch and finished shard reported to the scoring display: (shard, records, tokens)
+    and (shard, records, computed)."""
+    from paser.progress import ScoringProgress
+
+    batches, shards = [], []
+    monkeypatch.setattr(ScoringProgress, "batch", lambda self, shard, n, tokens: batches.append((shard, n, tokens)))
+    original = ScoringProgress.shard_done
+
+    def shard_done(self, shard, n, computed=True):
+        shards.append((shard, n, computed))
+        original(self, shard, n, computed)
+
+    monkeypatch.setattr(ScoringProgress, "shard_done", shard_done)
+    return batches, shards

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_pipeline import settings
+from tests.conftest import selection_settings as settings
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 BIN = Path(sys.executable).parent

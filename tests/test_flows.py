@@ -12,7 +12,7 @@ import torch
 import paser
 from paser.errors import ShardError
 from paser.selection import pipeline, shards
-from tests.test_pipeline import settings
+from tests.conftest import selection_settings as settings
 
 pytestmark = pytest.mark.usefixtures("prefect_api")  # flows here run against the test process's one Prefect server
 
@@ -228,7 +228,8 @@ def test_transient_shard_failure_is_retried(models, tmp_path, monkeypatch):
 
 def test_the_flow_reports_every_scored_batch_to_one_display(models, tmp_path, monkeypatch):
     from flows.selection import selection_flow
-    from tests.test_progress import SECTIONS, record_progress
+    from tests.conftest import SCORING_SECTIONS as SECTIONS
+    from tests.conftest import record_progress
 
     batches, shards = record_progress(monkeypatch)
     dense, pruned = models

@@ -9,7 +9,7 @@ import pytest
 from nbclient import NotebookClient
 
 from paser.selection.pipeline import run_selection
-from tests.test_pipeline import settings
+from tests.conftest import selection_settings as settings
 
 NOTEBOOKS = sorted((Path(__file__).parents[1] / "notebooks").glob("*.ipynb"))
 

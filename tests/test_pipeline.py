@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from paser.cli import app
 from paser.selection.pipeline import run_selection
-from paser.selection.settings import Settings
+from tests.conftest import selection_settings as settings
 
 pytestmark = pytest.mark.usefixtures("prefect_api")  # flows here run against the test process's one Prefect server
 
@@ -19,16 +19,6 @@ pytestmark = pytest.mark.usefixtures("prefect_api")  # flows here run against th
 @pytest.fixture(scope="module")
 def models(tiny_pair):
     return tiny_pair
-
-
-def settings(models, out, **select) -> Settings:
-    dense, pruned = models
-    return Settings.load(None, {
-        "select": {"dense": dense, "pruned": pruned, "suite_size": 96, "budget": 0.25, "out": str(out),
-                   "progress": False, "pictures": False} | select,
-        "score": {"batch_size": 8, "shard_size": 40},
-        "cluster": {"k_max": 8},
-    })
 
 
 def test_outputs_of_a_run(models, tmp_path):

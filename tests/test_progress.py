@@ -8,6 +8,8 @@ import pytest
 
 from paser import progress
 from paser.progress import ScoringProgress
+from tests.conftest import SCORING_SECTIONS as SECTIONS
+from tests.conftest import record_progress
 
 pytestmark = pytest.mark.usefixtures("prefect_api")  # flows here run against the test process's one Prefect server
 
@@ -43,24 +45,6 @@ def test_stage_names_are_logged_off_a_terminal_and_quiet_silences_everything(cap
     shown = ScoringProgress(10)
     shown.shard_done(0, 10)
     assert capsys.readouterr().err == "" and not progress.bar_enabled(True)
-
-
-def record_progress(monkeypatch) -> tuple[list, list]:
-    """Every batch and finished shard reported to the scoring display: (shard, records, tokens)
-    and (shard, records, computed)."""
-    batches, shards = [], []
-    monkeypatch.setattr(ScoringProgress, "batch", lambda self, shard, n, tokens: batches.append((shard, n, tokens)))
-    original = ScoringProgress.shard_done
-
-    def shard_done(self, shard, n, computed=True):
-        shards.append((shard, n, computed))
-        original(self, shard, n, computed)
-
-    monkeypatch.setattr(ScoringProgress, "shard_done", shard_done)
-    return batches, shards
-
-
-SECTIONS = {"score": {"shard_size": 32, "batch_size": 8}, "cluster": {"k_max": 6}}
 
 
 def test_every_scored_batch_is_reported_and_a_resumed_run_counts_its_finished_shards(tiny_pair, tmp_path,

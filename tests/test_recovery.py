@@ -8,21 +8,10 @@ import json
 import pytest
 import torch
 
-from paser.data.pools import write_jsonl
-from paser.data.suite import generate_suite, suite_pool
+from paser.data.suite import suite_pool
 from paser.recovery import RecoverConfig, recover
 from paser.recovery.losses import IGNORE, collate, encode_for_training
-
-
-@pytest.fixture()
-def train_file(tmp_path):
-    path = tmp_path / "train.jsonl"
-    write_jsonl(path, generate_suite(48, seed=7))
-    return str(path)
-
-
-FAST = dict(batch_size=8, micro_batch_size=4, learning_rate=5e-3, val_size=8, eval_every=2, save_every=2,
-            progress=False)
+from tests.conftest import FAST
 
 
 def test_loss_mask_covers_exactly_the_response(tiny_tokenizer):

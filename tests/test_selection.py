@@ -7,19 +7,7 @@ import pandas as pd
 import pytest
 
 from paser.selection.selector import Selector
-
-
-def table(n_per=(6, 6, 6), jsd=(0.3, 0.2, 0.1), concepts=None, seed=0):
-    rng = np.random.default_rng(seed)
-    rows = []
-    for c, (n, base) in enumerate(zip(n_per, jsd)):
-        for i in range(n):
-            rows.append({"id": f"c{c}-{i}", "cluster": c, "jsd": base + rng.uniform(0, 0.01),
-                         "n_prompt": 20 + i, "n_response": 10, "concepts": [f"c{c}", f"r{c}-{i}"]})
-    t = pd.DataFrame(rows)
-    if concepts is not None:
-        t["concepts"] = concepts
-    return t
+from tests.conftest import score_table as table
 
 
 def test_budget_reached_and_split_by_cds():

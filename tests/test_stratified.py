@@ -12,7 +12,7 @@ import pytest
 from paser.selection.allocation import allocate_budget
 from paser.selection.selector import StratifiedSelector
 from paser.selection.stratified import NearDuplicates, SampleConfig, cluster_weights, draw_keys
-from tests.test_selection import table
+from tests.conftest import score_table as table
 
 pytestmark = pytest.mark.usefixtures("prefect_api")  # flows here run against the test process's one Prefect server
 

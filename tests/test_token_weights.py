@@ -13,7 +13,7 @@ from paser.data.suite import suite_pool
 from paser.recovery import RecoverConfig, recover
 from paser.recovery.losses import IGNORE, collate, encode_for_training, objective_loss_sum
 from paser.recovery.token_weights import SignalCache, step_weights
-from tests.test_recovery import FAST, train_file  # noqa: F401  (a fixture)
+from tests.conftest import FAST
 
 
 def _grads(model) -> torch.Tensor:

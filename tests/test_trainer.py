@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from paser.recovery.trainer import micro_batches
-from tests.test_recovery import FAST, train_file  # noqa: F401  (a fixture)
+from tests.conftest import FAST
 
 
 def test_every_process_gets_the_same_number_of_micro_batches_per_step():
