@@ -6,6 +6,7 @@ builds a 4-layer Llama from a config (MHA or GQA) and saves it as a Hugging Face
 
 from __future__ import annotations
 
+import gc
 import os
 import shutil
 import tempfile
@@ -35,8 +36,23 @@ from paser.data.suite import suite_tokenizer as build_tokenizer  # noqa: E402,F4
 # that is the stream pytest captures the whole session on; imported first inside a test, it would be
 # that test's own captured stream, closed when the test ends, and every later Prefect log line
 # would print a "Logging error" traceback into whatever a later test captures.
+#
+# HF's Trainer (through accelerate) and paser's recovery each run a full garbage collection per
+# training run; with torch, transformers, lm-eval and Prefect loaded, each one walks half a million
+# objects (about 0.3 s, some 0.8 s per recovery and more than a minute over the suite). The libraries
+# nearly every test process loads are imported here, and what exists then is frozen out of the
+# collections (gc.freeze), which afterwards look only at what the tests make.
 configure_prefect()
+import lm_eval  # noqa: E402,F401
 import prefect  # noqa: E402,F401
+import sentence_transformers  # noqa: E402,F401
+
+import paser.evaluation.harness  # noqa: E402,F401
+import paser.recovery.entry  # noqa: E402,F401
+import paser.selection.pipeline  # noqa: E402,F401
+
+gc.collect()
+gc.freeze()
 
 
 def pytest_unconfigure(config):
