@@ -19,11 +19,28 @@ def cache_dir() -> Path:
     return Path(base) / "paser"
 
 
+def file_identity(path: str | Path) -> str:
+    """A file's resolved path, size and modification time: what paser's fingerprints know of a file
+    (its content is never read, so a fingerprint of a 14 GB checkpoint costs a ``stat``)."""
+    st = Path(path).stat()
+    return f"{Path(path).resolve()}|{st.st_size}|{st.st_mtime_ns}"
+
+
+def files_fingerprint(path: str | Path) -> str:
+    """16 hex digits identifying a file, or every file in a folder, by resolved path, names (relative
+    to the folder), sizes and modification times."""
+    path = Path(path)
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    h = hashlib.sha256(str(path.resolve()).encode())
+    for f in files:
+        st = f.stat()
+        h.update(f"{f.relative_to(path) if path.is_dir() else f.name}|{st.st_size}|{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:16]
+
+
 def converted_folder(path: Path, label: str = "") -> Path:
-    """Where a model file's one-time conversion is cached: keyed by the file's resolved path, size
-    and modification time."""
-    stat = path.stat()
-    key = hashlib.sha256(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    """Where a model file's one-time conversion is cached: keyed by the file's identity."""
+    key = hashlib.sha256(file_identity(path).encode()).hexdigest()[:16]
     return cache_dir() / "models" / f"{path.stem}-{label}{key}"
 
 

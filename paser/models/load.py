@@ -17,14 +17,13 @@ A reference is any of
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from paser.cache import converted_folder, write_folder
+from paser.cache import converted_folder, files_fingerprint, write_folder
 from paser.errors import ModelLoadError, TokenizerMismatchError, UnsafeCheckpointError, UntrustedPickleError
 from paser.models.layers import PRUNED_MARKER, count_parameters, load_pruned_folder
 
@@ -95,12 +94,7 @@ def model_fingerprint(reference: str | Path) -> str:
     path = reference_path(reference)
     if not path.exists():
         raise ModelLoadError(f"{path}: no such file or folder")
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    h = hashlib.sha256(str(path.resolve()).encode())
-    for f in files:
-        st = f.stat()
-        h.update(f"{f.relative_to(path) if path.is_dir() else f.name}|{st.st_size}|{st.st_mtime_ns}".encode())
-    return h.hexdigest()[:16]
+    return files_fingerprint(path)
 
 
 def _sniff(path: Path) -> str:

@@ -17,6 +17,7 @@ from typing import Protocol
 
 import numpy as np
 
+from paser.cache import files_fingerprint
 from paser.errors import DataError, ModelLoadError
 from paser.progress import bar_enabled
 
@@ -103,13 +104,8 @@ class SentenceEmbedder:
         return {"model": self.model_path, "params": encoder_params(model), "tokens": int(sum(map(len, tokens)))}
 
     def fingerprint(self) -> str:
-        """Identifies the model's weights: path plus size and mtime of its files."""
-        h = hashlib.sha256(str(Path(self.model_path).resolve()).encode())
-        for f in sorted(Path(self.model_path).rglob("*")):
-            if f.is_file():
-                st = f.stat()
-                h.update(f"{f.name}|{st.st_size}|{st.st_mtime_ns}".encode())
-        return h.hexdigest()[:16]
+        """Identifies the model's weights: path plus names, sizes and mtimes of its files."""
+        return files_fingerprint(self.model_path)
 
 
 def instruction_texts(records, include_input: bool = True) -> list[str]:
@@ -141,12 +137,6 @@ def embed_texts(texts: list[str], config: EmbedConfig, cache_dir: str | Path | N
         np.save(tmp, vectors)
         tmp.replace(path)
     return vectors
-
-
-def file_identity(path: str | Path) -> str:
-    """A file's resolved path, size and modification time (what a fingerprint needs of it)."""
-    st = Path(path).stat()
-    return f"{Path(path).resolve()}|{st.st_size}|{st.st_mtime_ns}"
 
 
 def read_vectors(path: Path) -> tuple[np.ndarray, list[str] | None]:

@@ -203,7 +203,8 @@ def stage_fingerprint(stage: str, settings: Settings, run: Path, pruned_ref: str
         raise ValueError(f"no fingerprint for stage {stage!r}; known: {list(STAGE_OUTPUTS)}")
     pool_fp = sealed_fingerprint(run / "pool.parquet")
     if stage == "embed":
-        from paser.selection.embedding import SentenceEmbedder, file_identity
+        from paser.cache import file_identity
+        from paser.selection.embedding import SentenceEmbedder
 
         cfg = settings.embed
         given = file_identity(cfg.precomputed) if cfg.precomputed and Path(cfg.precomputed).is_file() else None
