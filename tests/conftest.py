@@ -163,8 +163,9 @@ def selection_settings(models, out, **select):
 
 
 FAST = dict(batch_size=8, micro_batch_size=4, learning_rate=5e-3, val_size=8, eval_every=2, save_every=2,
-            progress=False)
-"""Recovery settings for tiny models: small batches, a validation set, frequent checkpoints."""
+            progress=False, pictures=False)
+"""Recovery settings for tiny models: small batches, a validation set, frequent checkpoints, no
+progress bar and no training curve."""
 
 
 @pytest.fixture()

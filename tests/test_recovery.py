@@ -57,7 +57,7 @@ def test_a_few_steps_reduce_the_loss_and_the_adapter_round_trips(tiny_model_dir,
     from paser.models.load import load_model
 
     out = tmp_path / "rec"
-    result = recover(str(tiny_model_dir), train_file, out, epochs=3, merge=True, **FAST)
+    result = recover(str(tiny_model_dir), train_file, out, epochs=3, merge=True, **FAST | {"pictures": True})
     log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     assert result.steps == len(log) == 15  # 40 training records -> 5 steps per epoch
     assert sum(e["loss"] for e in log[-3:]) < sum(e["loss"] for e in log[:3])
@@ -103,6 +103,7 @@ def test_killed_run_resumes_to_the_same_adapter(tiny_model_dir, train_file, tmp_
     import paser.recovery.losses as rec
 
     recover(str(tiny_model_dir), train_file, tmp_path / "whole", max_steps=6, **FAST)
+    assert not (tmp_path / "whole" / "training_curve.png").exists()  # pictures off
     calls = {"n": 0}
     original = rec.token_loss_sum
 

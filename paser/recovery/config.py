@@ -126,6 +126,8 @@ class RecoverConfig:
     bounds prompt + answer in training)."""
     progress: bool = True
     """Progress bar with the loss."""
+    pictures: bool = True
+    """Draw training_curve.png (training and validation loss by step)."""
 
     def __post_init__(self):
         for name in ("r", "alpha", "batch_size", "micro_batch_size", "cutoff", "eval_every", "save_every"):

@@ -72,7 +72,7 @@ def train_device(config: RecoverConfig) -> str:
 
 def _fingerprint(config: RecoverConfig, model_fp: str, train_ids: list[str]) -> str:
     # sft leaves the distillation fields out, so checkpoints made before they existed still resume
-    skip = ("progress", "merge", "device", "eval_every", "save_every", "gradient_checkpointing") + (
+    skip = ("progress", "pictures", "merge", "device", "eval_every", "save_every", "gradient_checkpointing") + (
         DISTILL_FIELDS if config.objective == "sft" else ()) + (TOKEN_FIELDS if config.token_weighting == 0 else ()) + (
         SELF_FIELDS if config.responses == "data" else ())
     keep = {k: v for k, v in vars(config).items() if k not in skip}
@@ -348,7 +348,8 @@ class Job:
         self.peft_model.save_pretrained(out / "adapter")
         self.tokenizer.save_pretrained(out / "adapter")
         write_log(log, out / "train_log.jsonl")
-        training_curve(log, out / "training_curve.png")
+        if config.pictures:
+            training_curve(log, out / "training_curve.png")
         if config.merge:
             save_merged(self.peft_model, self.tokenizer, self.loaded.kind, out / "merged", self.zeros)
         val_losses = [e["val_loss"] for e in log if "val_loss" in e]
