@@ -1,8 +1,8 @@
 """paser: select the instruction samples that repair what pruning broke, and recover the model.
 
 The Python API mirrors the CLI: ``paser.select(...)`` is ``paser select``, ``paser.prune(...)``
-is ``paser prune``, ``paser.compare(...)`` is ``paser compare``; ``paser.recovery.recover`` and
-``paser.evaluation.evaluate`` are ``paser recover`` and ``paser evaluate``. The selection's
+is ``paser prune``, ``paser.recover(...)`` is ``paser recover``, ``paser.evaluate(...)`` is
+``paser evaluate``, ``paser.compare(...)`` is ``paser compare``. The selection's
 estimators (scikit-learn style: ``fit`` returns the estimator, learned attributes end in ``_``)
 are here for notebooks.
 
@@ -16,6 +16,8 @@ __version__ = "0.1.0"
 
 _HOMES = {
     "select": "paser.api",
+    "recover": "paser.recovery", "RecoveryResult": "paser.recovery",
+    "evaluate": "paser.evaluation",
     "CompareResult": "paser.comparison", "compare": "paser.comparison",
     "PaserError": "paser.errors",
     "load_model": "paser.models.load", "load_pair": "paser.models.load",

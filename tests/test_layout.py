@@ -8,6 +8,8 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -145,3 +147,18 @@ def test_no_private_name_is_imported_across_modules():
             if isinstance(node, ast.ImportFrom) and (node.module or "").startswith(("paser", "flows")):
                 found += [f"{name}: {node.module}.{a.name}" for a in node.names if a.name.startswith("_")]
     assert found == []
+
+
+def test_import_paser_loads_no_model_library_and_every_top_level_name_resolves():
+    import subprocess
+    import sys
+
+    import paser
+
+    loaded = subprocess.run([sys.executable, "-c", "import sys, paser; print(sorted({'torch', 'sklearn', 'prefect', "
+                             "'transformers'} & set(sys.modules)))"], capture_output=True, text=True, cwd=ROOT)
+    assert loaded.stdout.strip() == "[]", loaded.stdout + loaded.stderr
+    assert all(callable(getattr(paser, name)) for name in paser.__all__ if name != "__version__")
+    assert {"select", "prune", "recover", "evaluate", "compare"} <= set(dir(paser))
+    with pytest.raises(AttributeError, match="nothing_here"):
+        paser.nothing_here  # noqa: B018
