@@ -6,6 +6,7 @@ adaptive rounds when the file is an adaptive selection's.
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -31,6 +32,7 @@ def recover(model: str, data: str, out: str | Path = "runs/recover", config: Rec
     from paser.data.pools import load_pool
 
     config = config_with(config or RecoverConfig(), overrides)
+    check_prompt_format(config, data)
     try:
         plan = read_plan(data)
     except ValueError as err:
@@ -74,3 +76,26 @@ def recover(model: str, data: str, out: str | Path = "runs/recover", config: Rec
     result = job.finish(train_ex, val_ex, steps, seconds, data_summary=summary)
     job.release()
     return result
+
+
+def check_prompt_format(config: RecoverConfig, data: str | Path) -> None:
+    """A selection under a token budget counted each record's tokens in its prompt template and cut
+    at its cutoff (``score.template``, ``score.cutoff``, recorded in the run folder's manifest.json);
+    trained in another format the subset would spend another budget than the one it was chosen for.
+    A ConfigError naming both formats; files outside a run folder, and record budgets, pass."""
+    manifest = Path(data).parent / "manifest.json"
+    if not manifest.is_file():
+        return
+    try:
+        found = json.loads(manifest.read_text())
+        unit = found["selection"]["budget_unit"]
+        score = found["settings"]["score"]
+        counted = (score["template"], int(score["cutoff"]))
+    except (ValueError, KeyError, TypeError):
+        return  # not a selection run's manifest
+    if unit == "tokens" and counted != (config.template, config.cutoff):
+        raise ConfigError(
+            f"{data}: its token budget was counted in the {counted[0]!r} template at a {counted[1]}-token cutoff "
+            f"(score.template, score.cutoff in {manifest}); recovery is set to {config.template!r} at "
+            f"{config.cutoff}: train in the selection's format (recover.template: {counted[0]}, recover.cutoff: "
+            f"{counted[1]}, or --cutoff {counted[1]}), or select again in the format you train in")
