@@ -23,10 +23,11 @@ def _modules() -> dict[str, Path]:
 
 
 # paser's phases, lowest first: a module may import its own phase and those below, never one above.
-# The helpers every phase uses (errors, progress, config, devices, cache, ledger) import no phase;
+# The helpers every phase uses (errors, progress, config, devices, cache, ledger, seeds) import no phase;
 # the flows orchestrate the library, and the faces (the CLI and the API) sit on top of both.
 PHASES = ["helpers", "data", "models", "selection", "recovery", "evaluation", "comparison", "flows", "faces"]
-HELPERS = {"paser.errors", "paser.progress", "paser.config", "paser.devices", "paser.cache", "paser.ledger"}
+HELPERS = {"paser.errors", "paser.progress", "paser.config", "paser.devices", "paser.cache", "paser.ledger",
+           "paser.seeds"}
 
 
 def phase(module: str) -> str:

@@ -14,6 +14,7 @@ import torch
 
 from paser.errors import ConfigError
 from paser.recovery.config import RecoverConfig
+from paser.seeds import derived_seed
 
 
 def split_validation(records: list, config: RecoverConfig) -> tuple[list, list]:
@@ -32,7 +33,7 @@ def split_validation(records: list, config: RecoverConfig) -> tuple[list, list]:
 def epoch_order(n: int, epoch: int, seed: int) -> list[int]:
     """The record order of one epoch: a seeded shuffle, the same on a resumed run."""
     order = list(range(n))
-    random.Random(seed * 1_000_003 + epoch).shuffle(order)
+    random.Random(derived_seed(seed, epoch)).shuffle(order)
     return order
 
 

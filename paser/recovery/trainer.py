@@ -25,6 +25,8 @@ from pathlib import Path
 import torch
 from transformers import Trainer, TrainerCallback
 
+from paser.seeds import derived_seed
+
 STATE = "paser_state.pt"  # in each checkpoint folder, written once the Trainer's own files are complete
 
 
@@ -143,7 +145,7 @@ class StepLog(TrainerCallback):
 
     def on_step_begin(self, args, state, control, **kwargs):
         # a per-step seed keeps dropout identical on a resumed run
-        torch.manual_seed(self.trainer.config.seed * 1_000_003 + state.global_step)
+        torch.manual_seed(derived_seed(self.trainer.config.seed, state.global_step))
         self.trainer.step_sums.zero_()
 
     def on_step_end(self, args, state, control, **kwargs):

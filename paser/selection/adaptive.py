@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from paser.seeds import derived_seed
 from paser.selection.allocation import allocate_budget
 from paser.selection.selector import StratifiedSelector
 from paser.selection.settings import AdaptiveConfig
@@ -90,7 +91,7 @@ def draw_round(table: pd.DataFrame, shares, amount: int, unit: str, exclude: set
 
 def round_seed(seed: int, round_index: int) -> int:
     """The sampling seed of round ``round_index`` (0-based) of a run seeded ``seed``."""
-    return seed * 1_000_003 + round_index
+    return derived_seed(seed, round_index)
 
 
 def round_amounts(total: int, rounds: int) -> list[int]:
