@@ -10,12 +10,27 @@ import gc
 import os
 import shutil
 import tempfile
+from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+
+def usable_cores() -> int:
+    """The cores this process may run on: its CPU affinity, capped by a cgroup CPU quota (a
+    container's limit, which neither the affinity nor psutil's core count shows)."""
+    cores = len(os.sched_getaffinity(0))
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
+        if quota != "max":
+            cores = min(cores, max(1, -(-int(quota) // int(period))))
+    except (OSError, ValueError):
+        pass
+    return cores
+
 
 # ``make test`` runs the suite in one process per core (pytest-xdist). Each process gets its own
 # Prefect home (flows modules read it when first imported, before any fixture runs; two processes
@@ -26,7 +41,7 @@ _PREFECT_HOME = tempfile.mkdtemp(prefix="paser-tests-prefect-")
 os.environ["PREFECT_HOME"] = _PREFECT_HOME
 _WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 if _WORKERS > 1:
-    os.environ["OMP_NUM_THREADS"] = str(max(1, len(os.sched_getaffinity(0)) // _WORKERS))
+    os.environ["OMP_NUM_THREADS"] = str(max(1, usable_cores() // _WORKERS))
 
 
 from flows import configure_prefect  # noqa: E402
@@ -57,6 +72,12 @@ gc.freeze()
 
 def pytest_unconfigure(config):
     shutil.rmtree(_PREFECT_HOME, ignore_errors=True)
+
+
+def pytest_xdist_auto_num_workers(config):
+    """``-n auto`` (make test): one test process per usable core, not pytest-xdist's count of the
+    machine's physical cores."""
+    return usable_cores()
 
 
 def pytest_collection_modifyitems(config, items):
