@@ -183,6 +183,21 @@ def selection_settings(models, out, **select):
     })
 
 
+@pytest.fixture(scope="session")
+def finished_run(tmp_path_factory, tiny_pair) -> Path:
+    """A finished selection on the tiny pair with ``selection_settings``, made once per test process.
+    Tests copy it (``copy_run``) and select again on the copy: stages whose inputs did not change are
+    reused, as a user's reselection reuses them."""
+    from paser.selection.pipeline import run_selection
+
+    return run_selection(selection_settings(tiny_pair, tmp_path_factory.mktemp("finished") / "run"))
+
+
+def copy_run(run: Path, to: Path) -> Path:
+    """A copy of the run folder ``run`` at ``to`` (run folders name no absolute path inside)."""
+    return Path(shutil.copytree(run, to))
+
+
 FAST = dict(batch_size=8, micro_batch_size=4, learning_rate=5e-3, val_size=8, eval_every=2, save_every=2,
             progress=False, pictures=False)
 """Recovery settings for tiny models: small batches, a validation set, frequent checkpoints, no

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -11,6 +12,7 @@ from typer.testing import CliRunner
 
 from paser.cli import app
 from paser.selection.pipeline import run_selection
+from tests.conftest import copy_run
 from tests.conftest import selection_settings as settings
 
 pytestmark = pytest.mark.usefixtures("prefect_api")  # flows here run against the test process's one Prefect server
@@ -55,9 +57,8 @@ def test_same_seed_same_selection(models, tmp_path):
     assert not list(a.glob("*.png")) and "![" not in (a / "report.md").read_text()
 
 
-def test_reselect_reuses_every_stage_and_cluster_change_reruns_only_clusters(models, tmp_path):
-    out = tmp_path / "run"
-    run_selection(settings(models, out))
+def test_reselect_reuses_every_stage_and_cluster_change_reruns_only_clusters(models, tmp_path, finished_run):
+    out = copy_run(finished_run, tmp_path / "run")
     run_selection(settings(models, out, budget=10))
     timings = json.loads((out / "timings.json").read_text())
     assert all(timings[s]["reused"] for s in ("data", "embed", "cluster", "score"))
@@ -218,23 +219,26 @@ def test_baselines_write_the_same_outputs_without_models(models, tmp_path, metho
         assert (other / "selected.jsonl").read_text() != (run / "selected.jsonl").read_text()
 
 
-def test_ablations_change_what_they_name(models, tmp_path):
-    base = run_selection(settings(models, tmp_path / "paser", budget=72))
+def test_ablations_change_what_they_name(models, tmp_path, finished_run):
+    def reselect(method: str) -> Path:  # on a copy of a finished run: only what the method changes runs again
+        return run_selection(settings(models, copy_run(finished_run, tmp_path / method), method=method, budget=72))
+
+    base = reselect("paser")
     scores = pd.read_parquet(base / "scores.parquet")
     assert (scores["status"] == "rejected").any(), "the tiny run should exercise the concept filter"
-    no_ccg = run_selection(settings(models, tmp_path / "no_ccg", method="no_ccg", budget=72))
+    no_ccg = reselect("no_ccg")
     assert not (pd.read_parquet(no_ccg / "scores.parquet")["status"] == "rejected").any()
-    uniform = json.loads((run_selection(settings(models, tmp_path / "uniform", method="uniform", budget=72))
+    uniform = json.loads((reselect("uniform")
                           / "clusters.json").read_text())
     uncapped = [c["allocation"] for c in uniform["clusters"] if c["allocation"] < c["size"]]
     assert uncapped and max(uncapped) - min(uncapped) <= 1  # equal shares, except clusters too small for one
-    kmeans = run_selection(settings(models, tmp_path / "kmeans", method="kmeans", budget=72))
+    kmeans = reselect("kmeans")
     assert json.loads((kmeans / "cluster_fit.json").read_text())["method"] == "kmeans"
-    shuffled = run_selection(settings(models, tmp_path / "random_order", method="random_order", budget=72))
+    shuffled = reselect("random_order")
     a, b = (json.loads((r / "clusters.json").read_text()) for r in (base, shuffled))
     assert [c["allocation"] for c in a["clusters"]] == [c["allocation"] for c in b["clusters"]]
     assert (shuffled / "selected.jsonl").read_text() != (base / "selected.jsonl").read_text()
-    no_cost = run_selection(settings(models, tmp_path / "no_cost", method="no_cost", budget=72))
+    no_cost = reselect("no_cost")
     for run, key in ((base, "ies"), (no_cost, "jsd")):  # each visits a cluster in its own order
         table = pd.read_parquet(run / "scores.parquet")
         chosen = table[table["status"] == "selected"].sort_values("rank")
@@ -245,8 +249,8 @@ def _lines(path):
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def test_token_budget_end_to_end(models, tmp_path):
-    run = run_selection(settings(models, tmp_path / "run", budget="0.2tok"))
+def test_token_budget_end_to_end(models, tmp_path, finished_run):
+    run = run_selection(settings(models, copy_run(finished_run, tmp_path / "run"), budget="0.2tok"))
     tokens = pd.read_parquet(run / "tokens.parquet")
     summary = json.loads((run / "clusters.json").read_text())
     budget = int(0.2 * tokens["n_tokens"].sum() + 0.5)
@@ -277,9 +281,8 @@ def test_token_budget_end_to_end(models, tmp_path):
     check_prompt_format(RecoverConfig(cutoff=128), again / "selected.jsonl")  # a record budget spends no tokens
 
 
-def test_loss_gap_signal_reuses_the_scores(models, tmp_path):
-    run_selection(settings(models, tmp_path / "run"))
-    s = settings(models, tmp_path / "run")
+def test_loss_gap_signal_reuses_the_scores(models, tmp_path, finished_run):
+    s = settings(models, copy_run(finished_run, tmp_path / "run"))
     s.score.signal = "loss_gap"
     run = run_selection(s)
     assert json.loads((run / "timings.json").read_text())["score"]["reused"]
