@@ -8,16 +8,15 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
-from paser.selection.pipeline import run_selection
-from tests.conftest import selection_settings as settings
+from tests.conftest import copy_run
 
 NOTEBOOKS = sorted((Path(__file__).parents[1] / "notebooks").glob("*.ipynb"))
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
-def test_notebook_runs_on_a_tiny_run(path, tiny_pair, tmp_path, monkeypatch):
-    run = run_selection(settings(tiny_pair, tmp_path / "run"))
+def test_notebook_runs_on_a_tiny_run(path, finished_run, tmp_path, monkeypatch):
+    run = copy_run(finished_run, tmp_path / "run")  # the notebook may write into it
     nb = nbformat.read(path, as_version=4)
     assert all(not c.get("outputs") for c in nb.cells if c.cell_type == "code"), "commit notebooks without outputs"
     monkeypatch.setenv("PASER_RUN", str(run))
