@@ -12,6 +12,7 @@ import pytest
 from paser.selection.allocation import allocate_budget
 from paser.selection.selector import StratifiedSelector
 from paser.selection.stratified import NearDuplicates, SampleConfig, cluster_weights, draw_keys
+from tests.conftest import copy_run
 from tests.conftest import score_table as table
 
 pytestmark = pytest.mark.usefixtures("prefect_api")  # flows here run against the test process's one Prefect server
@@ -109,12 +110,14 @@ def test_strat_at_temperature_zero_needs_no_model(models, tmp_path):
     assert scores["jsd"].isna().all() and (scores["status"] == "selected").sum() == summary["selected"]
 
 
-def test_a_per_cluster_sample_of_every_record_gives_the_full_cds(models, tmp_path):
+def test_a_per_cluster_sample_of_every_record_gives_the_full_cds(models, tmp_path, finished_run):
     from paser.selection.pipeline import run_selection
 
-    full = run_selection(_settings(models, tmp_path / "full", method="paser"))
-    every = run_selection(_settings(models, tmp_path / "every", sample=CDS_ONLY, per_cluster=96))
-    few = run_selection(_settings(models, tmp_path / "few", sample=CDS_ONLY, per_cluster=3))
+    # on copies of a finished run: the pool, its embeddings and clusters are reused, the scores redone per sample
+    full = run_selection(_settings(models, copy_run(finished_run, tmp_path / "full"), method="paser"))
+    every = run_selection(_settings(models, copy_run(finished_run, tmp_path / "every"), sample=CDS_ONLY,
+                                    per_cluster=96))
+    few = run_selection(_settings(models, copy_run(finished_run, tmp_path / "few"), sample=CDS_ONLY, per_cluster=3))
     a, b, c = (json.loads((r / "clusters.json").read_text())["clusters"] for r in (full, every, few))
     assert [x["cds"] for x in a] == pytest.approx([x["cds"] for x in b], abs=1e-12)
     assert [x["cds_scored"] for x in b] == [x["size"] for x in a]
