@@ -1,4 +1,7 @@
-"""Tiny local models and tokenizers: the suite needs no network and no bundled weights.
+"""What the whole suite shares: each test process's set-up (its own Prefect home, its share of the
+cores, Prefect and the heavy libraries loaded once and frozen out of garbage collection); tiny
+local models and tokenizers, so the suite needs no network and no bundled weights; one Prefect
+test server and one finished selection per process; the helpers several test modules use.
 
 ``tiny_tokenizer`` is a byte-level BPE trained here on paser's generated suite; ``tiny_model_dir``
 builds a 4-layer Llama from a config (MHA or GQA) and saves it as a Hugging Face folder.
