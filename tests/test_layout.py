@@ -103,8 +103,15 @@ def test_no_import_circle():
     graph = import_graph(_modules(), deferred=True)
     assert "paser.selection.scoring" in graph["paser.selection.pipeline"]  # the graph is read, not empty
     assert "paser.selection.settings" in graph["paser.selection.report"]  # an import inside a function is counted
-    assert "paser.selection.settings" in graph["paser.selection.selector"]  # and one for type hints alone
     assert cycle(graph) is None
+
+
+def test_the_graph_counts_imports_for_type_hints_alone(tmp_path):
+    (tmp_path / "a.py").write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    import paser.b\n")
+    (tmp_path / "b.py").write_text("import paser.a\n")
+    graph = import_graph({"paser.a": tmp_path / "a.py", "paser.b": tmp_path / "b.py"}, deferred=True)
+    assert graph == {"paser.a": {"paser.b"}, "paser.b": {"paser.a"}}
+    assert cycle(graph) == ["paser.a", "paser.b", "paser.a"]
 
 
 def test_the_library_does_not_import_the_flows_when_imported():
@@ -163,3 +170,22 @@ def test_import_paser_loads_no_model_library_and_every_top_level_name_resolves()
     assert {"select", "prune", "recover", "evaluate", "compare"} <= set(dir(paser))
     with pytest.raises(AttributeError, match="nothing_here"):
         paser.nothing_here  # noqa: B018
+
+
+def _compares_the_method(node: ast.AST) -> bool:
+    """Whether ``node`` compares ``<...>.select.method`` or a ``["method"]`` subscript with something."""
+    def names_method(part):
+        return ((isinstance(part, ast.Attribute) and part.attr == "method" and isinstance(part.value, ast.Attribute)
+                 and part.value.attr == "select")
+                or (isinstance(part, ast.Subscript) and isinstance(part.slice, ast.Constant)
+                    and part.slice.value == "method"))
+    return isinstance(node, ast.Compare) and any(names_method(p) for p in [node.left, *node.comparators])
+
+
+def test_selection_method_names_are_compared_in_one_module():
+    """The pipeline, report and settings ask the registered method object (paser.selection.methods)."""
+    found = sorted(f"{name}:{node.lineno}" for name, path in _modules().items() if name.startswith("paser")
+                   for node in ast.walk(ast.parse(path.read_text())) if _compares_the_method(node))
+    assert found == []
+    assert _compares_the_method(ast.parse("settings.select.method == 'strat'").body[0].value)
+    assert _compares_the_method(ast.parse("summary['method'] != 'full'").body[0].value)

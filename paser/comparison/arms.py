@@ -20,11 +20,15 @@ import re
 from dataclasses import dataclass
 
 from paser.errors import ConfigError
+from paser.selection import methods
 
-SELECTION_METHODS = ("paser", "strat", "random", "full", "longest", "shortest", "pruned_loss", "uniform",
-                     "random_order", "no_cost", "no_ccg", "kmeans", "loss_gap")
-"""``paser select``'s methods (and ``loss_gap``: PASER with the loss-gap signal). ``adaptive`` is
-not an arm: its rounds are trained by a recovery of their own, not by the comparison's recipe."""
+
+def arm_methods() -> list[str]:
+    """The methods an arm may name: every registered selection method whose subset one recovery
+    trains (``adaptive`` trains its rounds by a recovery of its own, not by the comparison's
+    recipe), and ``loss_gap``, PASER with the loss-gap signal."""
+    return [name for name, method in methods.METHODS.items() if not method.trains_in_rounds] + ["loss_gap"]
+
 STRAT_PER_CLUSTER = 16
 """Records scored per cluster when a strat configuration needs CDS but not every record's IES."""
 TOKW_STRENGTH = 0.5
@@ -41,7 +45,7 @@ class Arm:
 
     name: str
     method: str
-    """none, dense, or a selection method of SELECTION_METHODS."""
+    """none, dense, or a selection method of ``arm_methods()``."""
     budget: str | None = None
     """The key of the config's ``budgets`` (None for none and dense)."""
     strat: tuple[float, float, bool] | None = None
@@ -118,8 +122,8 @@ def parse_arm(name: str, budgets: dict) -> Arm:
     budget, method = found["budget"], found["method"]
     if budget not in budgets:
         raise ConfigError(f"arm {name!r}: budget {budget!r} is not one of the config's budgets {sorted(budgets)}")
-    if method not in SELECTION_METHODS:
-        raise ConfigError(f"arm {name!r}: unknown method {method!r}; known: {', '.join(SELECTION_METHODS)}")
+    if method not in arm_methods():
+        raise ConfigError(f"arm {name!r}: unknown method {method!r}; known: {', '.join(arm_methods())}")
     strat = None
     if found["config"]:
         if method != "strat":

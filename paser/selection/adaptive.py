@@ -29,7 +29,7 @@ print(update_shares(np.array([.5, .5]), np.array([.5, .5]), np.array([.9, .3]), 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -38,8 +38,28 @@ import pandas as pd
 from paser.seeds import derived_seed
 from paser.selection.allocation import allocate_budget
 from paser.selection.selector import StratifiedSelector
-from paser.selection.settings import AdaptiveConfig
 from paser.selection.stratified import SampleConfig
+
+
+@dataclass
+class AdaptiveConfig:
+    """How ``--method adaptive`` spends its budget in rounds."""
+
+    rounds: int = 4
+    """Rounds of recovery; the budget is split into this many equal parts."""
+    probe_per_cluster: int = 8
+    """Records per cluster (seeded, never trained on) on which each cluster's remaining gap is measured."""
+    step: float = 1.0
+    """How far one round's gaps move the next round's shares (0: the shares stay the first ones)."""
+    floor: float = 0.25
+    """No cluster's share falls below this fraction of its size share."""
+
+    def __post_init__(self):
+        if self.rounds < 1 or self.probe_per_cluster < 1:
+            raise ValueError("rounds and probe_per_cluster must be positive")
+        if self.step < 0 or not 0 <= self.floor <= 1:
+            raise ValueError("step must be >= 0 and floor in [0, 1]")
+
 
 PLAN = "rounds.json"
 
@@ -99,10 +119,10 @@ def round_amounts(total: int, rounds: int) -> list[int]:
     return [total // rounds + (1 if r < total % rounds else 0) for r in range(rounds)]
 
 
-def make_plan(run: Path, table: pd.DataFrame, budget: int, unit: str, config: AdaptiveConfig, seed: int) -> dict:
+def make_plan(run: Path | None, table: pd.DataFrame, budget: int, unit: str, config: AdaptiveConfig, seed: int) -> dict:
     """The rounds' plan for the pool ``table`` (id, cluster, n_prompt, n_response) of the run folder
     ``run``: the probe ids, each round's amount, the size shares, the settings, and the fingerprints
-    of the records and clusters it was made from."""
+    of the records and clusters it was made from (None without a run folder)."""
     rng = np.random.default_rng(seed)
     labels = table["cluster"].to_numpy()
     k = int(labels.max()) + 1
@@ -118,11 +138,12 @@ def make_plan(run: Path, table: pd.DataFrame, budget: int, unit: str, config: Ad
     room = int(cost[outside].sum())
     if budget > room:
         raise ValueError(f"the budget of {budget} {unit} is above the {room} {unit} left outside the probe")
-    made_from = {name: (run / f"{name}.fp").read_text() if (run / f"{name}.fp").is_file() else None
-                 for name in ("pool.parquet", "clusters.parquet")}
+    made_from = {name: (run / f"{name}.fp").read_text() if run is not None and (run / f"{name}.fp").is_file()
+                 else None for name in ("pool.parquet", "clusters.parquet")}
     return {"settings": asdict(config), "budget": int(budget), "unit": unit, "seed": int(seed),
             "amounts": round_amounts(int(budget), config.rounds), "base_shares": base.tolist(),
-            "probe": probe, "clusters": k, "run": str(Path(run).resolve()), "made_from": made_from}
+            "probe": probe, "clusters": k, "run": str(Path(run).resolve()) if run is not None else None,
+            "made_from": made_from}
 
 
 def plan_path(data: str | Path) -> Path | None:

@@ -38,7 +38,6 @@ from paser.selection.runfolder import (
     stage_fingerprint,
 )
 from paser.selection.scoring import ShardMap, plan_scoring, run_scoring, twin_folder, twin_reference
-from paser.selection.selector import select_from
 from paser.selection.settings import SelectConfig, Settings
 
 # ---------------------------------------------------------------- data
@@ -216,10 +215,12 @@ def stage_score(settings: Settings, run: Path, pruned_ref: str | None = None,
 # ---------------------------------------------------------------- select and write
 
 
-def selection_summary(method: str, amount: int, unit: str, selected: pd.DataFrame) -> dict:
+def selection_summary(method: str, amount: int, unit: str, selected: pd.DataFrame, every_record: bool = False) -> dict:
     """What every method's clusters.json and manifest say about the selection: the budget in its
-    unit and the selection in records, tokens (prompt + response) and response tokens."""
-    return {"method": method, "budget": int(amount), "budget_unit": unit, "selected": int(len(selected)),
+    unit (``every_record``: the method took every record, whatever the budget) and the selection in
+    records, tokens (prompt + response) and response tokens."""
+    return {"method": method, "budget": int(amount), "budget_unit": unit, "every_record": every_record,
+            "selected": int(len(selected)),
             "selected_tokens": int(selected["n_tokens"].sum()),
             "selected_response_tokens": int(selected["n_response"].sum())}
 
@@ -236,14 +237,13 @@ def _write_selected(run: Path, records: list[Record], selected: pd.DataFrame, ex
 
 
 def stage_select(settings: Settings, run: Path) -> Path:
-    """Allocation, IES ranking and the concept filter over the saved scores; writes the outputs."""
+    """The clustered method's pick over the saved scores and clusters (for PASER: allocation, IES
+    ranking and the concept filter); writes the outputs."""
+    method = settings.method
     with Stage(run, "select"):
+        forget_plan(run)
         records, table = selection_table(settings, run)
-        if settings.select.method == "adaptive":
-            result = first_round(settings, run, table)
-        else:
-            forget_plan(run)
-            result = select_from(settings, table, embeddings=selection_embeddings(settings, run))
+        result = method.pick(settings, table, settings.select.budget, selection_embeddings(settings, run), run)
         out = result.table
         atomic_parquet(out.assign(concepts=out["concepts"].map(list)), run / "scores.parquet")
         _write_selected(run, records, result.selected, lambda row: {
@@ -252,11 +252,11 @@ def stage_select(settings: Settings, run: Path) -> Path:
         fit = json.loads((run / "cluster_fit.json").read_text())
         names = cluster_names(out["cluster"], out["concepts"])
         (run / "clusters.json").write_text(json.dumps(
-            selection_summary(settings.select.method, result.budget, result.unit, result.selected) | {
+            selection_summary(method.name, result.budget, result.unit, result.selected) | {
                 "signal": result.signal, "K": fit["k"], "n_clusters": fit["n_clusters"], "knee_k": fit["knee_k"],
                 "knee_band": fit.get("knee_band"), "k_selection": fit.get("k_selection", "knee"),
                 "eigengap_k": fit["eigengap_k"], "k_curve": fit["k_curve"], "k_reason": fit.get("k_reason"),
-                "flat_curve": fit.get("flat_curve"), **rounds_summary(settings, run),
+                "flat_curve": fit.get("flat_curve"), **method.summary(settings, run),
                 "clusters": [{"cluster": c, "name": names.get(c, ""), "size": int(result.sizes[c]),
                               "cds": float(result.cds[c]), **cds_interval(out, c, result.signal),
                               "allocation": int(result.allocation[c]),
@@ -269,44 +269,11 @@ def stage_select(settings: Settings, run: Path) -> Path:
 
 
 def forget_plan(run: Path) -> None:
-    """Remove an earlier adaptive selection's plan from ``run``: beside this selection's
-    selected.jsonl it would make recovery train in rounds."""
+    """Remove an earlier adaptive selection's plan from ``run`` before a selection is written:
+    beside another selection's selected.jsonl it would make recovery train in rounds."""
     from paser.selection.adaptive import PLAN
 
     (run / PLAN).unlink(missing_ok=True)
-
-
-def first_round(settings: Settings, run: Path, table: pd.DataFrame):
-    """``--method adaptive``: the rounds' plan (rounds.json: probe, amounts, size shares) and the
-    first round's draw, as a selection result over every record (probe records marked so)."""
-    from paser.selection.adaptive import PLAN, draw_round, make_plan, round_seed
-
-    amount, unit = resolve_run_budget(settings, run)
-    try:
-        plan = make_plan(run, table, amount, unit, settings.adaptive, settings.select.seed)
-        result = draw_round(table, plan["base_shares"], plan["amounts"][0], unit, set(plan["probe"]),
-                            round_seed(settings.select.seed, 0))
-    except ValueError as err:
-        raise ConfigError(f"{run}: {err}") from None
-    probe = table[table["id"].isin(set(plan["probe"]))].assign(
-        n_tokens=lambda t: t["n_prompt"] + t["n_response"], ies=np.nan, status="probe",
-        reason="probe of the adaptive rounds (never trained on)", rank=0, conflict_a="", conflict_b="")
-    result.table = pd.concat([result.table, probe[result.table.columns]], ignore_index=True).set_index("id").loc[
-        table["id"]].reset_index()
-    (run / PLAN).write_text(json.dumps(plan, indent=2))
-    return result
-
-
-def rounds_summary(settings: Settings, run: Path) -> dict:
-    """For ``--method adaptive``, what clusters.json says of the rounds (the selection above is the
-    first round's): their number, the whole budget and each round's part, the probe's size."""
-    if settings.select.method != "adaptive":
-        return {}
-    from paser.selection.adaptive import PLAN
-
-    plan = json.loads((run / PLAN).read_text())
-    return {"rounds": {"rounds": len(plan["amounts"]), "budget": plan["budget"], "unit": plan["unit"],
-                       "amounts": plan["amounts"], "probe_records": len(plan["probe"])}}
 
 
 def cds_interval(table: pd.DataFrame, cluster: int, signal: str) -> dict:
@@ -323,42 +290,23 @@ def cds_interval(table: pd.DataFrame, cluster: int, signal: str) -> dict:
     return {"cds_scored": int(len(values)), "cds_ci": [float(values.mean() - half), float(values.mean() + half)]}
 
 
-def baseline_order(settings: Settings, table: pd.DataFrame) -> np.ndarray:
-    """Row indices of ``table`` in the order a baseline takes them; ties go to the earlier record,
-    and pruned_loss leaves out the records it could not score."""
-    method = settings.select.method
-    index = np.arange(len(table))
-    if method == "random":
-        return np.random.default_rng(settings.select.seed).permutation(len(table))
-    if method == "longest":  # response tokens kept, then the whole response's characters
-        chars = table["response_chars"].to_numpy()
-        return np.lexsort((index, -chars, -table["n_response"].to_numpy()))
-    if method == "shortest":
-        return np.lexsort((index, table["n_tokens"].to_numpy()))
-    if method == "pruned_loss":
-        nll = table["nll_pruned"].to_numpy(dtype=float)
-        scored = np.flatnonzero(np.isfinite(nll))
-        return scored[np.lexsort((scored, -nll[scored]))]
-    return index  # full
-
-
 def stage_baseline(settings: Settings, run: Path) -> Path:
-    """The baselines, in the same output files as PASER (selected.jsonl in the input's layout,
-    scores.parquet, clusters.json with no clusters) so that recovery and evaluation treat every arm
-    alike: full takes every record; random, longest, shortest and pruned_loss take records in their
-    order while the next one fits the budget (records or tokens)."""
-    method = settings.select.method
+    """An ordered method (the baselines), in the same output files as PASER (selected.jsonl in the
+    input's layout, scores.parquet, clusters.json with no clusters) so that recovery and evaluation
+    treat every arm alike: records are taken in the method's order while the next one fits the
+    budget (records or tokens), or all of them (full)."""
+    method = settings.method
     with Stage(run, "select"):
         forget_plan(run)
         records = read_run_pool(run)
         table = pd.read_parquet(run / "tokens.parquet")
-        if method == "pruned_loss":
+        if settings.scored:
             scores = pd.read_parquet(run / "degradation.parquet").drop(columns=["n_prompt", "n_response", "truncated"])
             table = table.merge(scores, on="id", how="left", validate="one_to_one")
         table["response_chars"] = [len(r.response) for r in records]
-        order = baseline_order(settings, table)
+        order = method.order(settings, table)
         amount, unit = resolve_run_budget(settings, run)
-        if method == "full":
+        if method.takes_all:
             chosen = order.tolist()
             amount = int(table["n_tokens"].sum()) if unit == "tokens" else len(table)
         else:
@@ -368,13 +316,13 @@ def stage_baseline(settings: Settings, run: Path) -> Path:
         rank[chosen] = np.arange(1, len(chosen) + 1)
         table["status"] = np.where(rank > 0, "selected", "unvisited")
         table["rank"] = rank
-        if method == "pruned_loss":
+        if settings.scored:  # records without a scored token
             table.loc[~np.isfinite(table["nll_pruned"]), "status"] = "unscored"
         atomic_parquet(table.drop(columns=["response_chars"]), run / "scores.parquet")
         selected = table[rank > 0].sort_values("rank")
         _write_selected(run, records, selected, lambda row: {})
         (run / "clusters.json").write_text(json.dumps(
-            selection_summary(method, amount, unit, selected) | {"clusters": []}, indent=2))
+            selection_summary(method.name, amount, unit, selected, method.takes_all) | {"clusters": []}, indent=2))
     return run / "selected.jsonl"
 
 

@@ -179,8 +179,8 @@ def cluster_table(summary: dict) -> list[str]:
 
 def selection_line(summary: dict) -> str:
     """The budget in its unit and the selection in records and tokens, as one report line."""
-    budget = (f"{summary['budget']:,} {summary.get('budget_unit', 'records')}" if summary["method"] != "full"
-              else "none (every record)")
+    budget = ("none (every record)" if summary.get("every_record") else
+              f"{summary['budget']:,} {summary.get('budget_unit', 'records')}")
     return (f"- budget: {budget}; selected {summary['selected']} records, {summary['selected_tokens']:,} tokens "
             f"(prompt + response, {summary['selected_response_tokens']:,} of them response tokens)")
 
@@ -214,17 +214,6 @@ def _manifest_base(settings, data: dict, timings: dict, summary: dict) -> dict:
                     "processor": platform.processor() or platform.machine()},
         "stages": timings,
     }
-
-
-BASELINE_HOW = {
-    "full": "every record",
-    "random": "records drawn at random (seed {seed}) while the next one fits the budget",
-    "longest": "the records with the most response tokens (then the longest response text) first, while the "
-               "next one fits the budget",
-    "shortest": "the records with the fewest tokens first, while the next one fits the budget",
-    "pruned_loss": "the records with the highest mean response NLL under the pruned model first, while the next "
-                   "one fits the budget",
-}
 
 
 def selection_ledger(settings, run: Path):
@@ -276,11 +265,11 @@ def _baseline_report(settings, run: Path, summary: dict, data: dict, timings: di
     """manifest.json and a short report.md for the baselines (no clustering; a model only for pruned_loss)."""
     ledger = selection_ledger(settings, run)
     manifest = _manifest_base(settings, data, timings, summary) | {"compute": ledger.to_dict()}
-    models = json.loads((run / "models.json").read_text()) if summary["method"] == "pruned_loss" else None
+    models = json.loads((run / "models.json").read_text()) if settings.scored else None
     if models is not None:
         manifest["models"] = models
     (run / "manifest.json").write_text(json.dumps(manifest, indent=2))
-    how = BASELINE_HOW[summary["method"]].format(seed=settings.select.seed)
+    how = settings.method.describe(settings)
     used = ("the pruned and dense models' scoring passes, no clustering" if models is not None
             else "the dense model's tokenizer only: no model, clustering or degradation")
     lines = ["# paser selection report (baseline)", "",
@@ -292,24 +281,6 @@ def _baseline_report(settings, run: Path, summary: dict, data: dict, timings: di
     path = run / "report.md"
     path.write_text("\n".join(lines))
     return path
-
-
-def strat_line(settings) -> str:
-    """How ``--method strat`` or ``adaptive`` drew, for the report's method line (empty for others)."""
-    if settings.select.method == "adaptive":
-        a = settings.adaptive
-        return (f"; the budget in {a.rounds} rounds of recovery, this selection being the first (sizes' shares); "
-                f"later rounds drawn by `paser recover` from the gaps left on a probe of {a.probe_per_cluster} "
-                f"records per cluster (step {a.step:g}, floor {a.floor:g}; rounds.json)")
-    if settings.select.method != "strat":
-        return ""
-    c = settings.sample
-    scored = ("every record scored" if c.needs_every_score else
-              f"CDS from {settings.score.per_cluster} scored records per cluster" if settings.sampled_scores else
-              "every record scored" if c.needs_cds else "no record scored")
-    return (f"; cluster shares ~ size x (CDS / mean)^{c.cds_temperature:g}, records drawn ~ "
-            f"(IES / cluster mean)^{c.ies_temperature:g}, near-duplicates "
-            f"{'at cosine >= ' + format(c.dedup, 'g') if c.dedup is not None else 'kept'}; {scored}")
 
 
 def write_report(settings, run: Path) -> Path:
@@ -333,14 +304,15 @@ def write_report(settings, run: Path) -> Path:
 
     status = scores["status"].value_counts().to_dict()
     truncated = int(scores["truncated"].sum())
-    filter_name = "near-duplicate filter" if settings.select.method == "strat" else "concept filter"
+    method = settings.method
+    how = method.describe(settings)
     lines = [
         "# paser selection report", "",
         f"- pool: {data['source']} ({data['records']} records, {data['layout']} layout; "
         f"{len(data['rejected'])} set aside on load)",
         *([f"- dense: {models['dense']['description']}", f"- pruned: {models['pruned']['description']}"]
           if models else ["- models: none loaded (no degradation score needed)"]),
-        f"- method: {summary['method']}; degradation signal: {summary['signal']}" + strat_line(settings),
+        f"- method: {summary['method']}; degradation signal: {summary['signal']}" + (f"; {how}" if how else ""),
         selection_line(summary),
         f"- clusters: K = {summary['K']} by {summary.get('k_selection', 'knee')} (NMF error curve: knee "
         f"{summary['knee_k']}, K within {settings.cluster.knee_band:.0%} of the knee's height "
@@ -348,7 +320,7 @@ def write_report(settings, run: Path) -> Path:
         f"{summary['eigengap_k']})" + (f": {summary['k_reason']}" if summary.get("k_reason") else ""),
         f"- records cut at the {settings.score.cutoff}-token cutoff: {truncated}; without scored tokens: "
         f"{status.get('unscored', 0)}",
-        f"- rejected by the {filter_name}: {status.get('rejected', 0)}",
+        f"- rejected by the {method.filter_name}: {status.get('rejected', 0)}",
     ]
     if ari is not None:
         lines.append(f"- adjusted Rand index of the clusters against the task families: {ari:.3f}")
@@ -359,14 +331,11 @@ def write_report(settings, run: Path) -> Path:
     lines += compute_lines(ledger)
     rejected = scores[scores["status"] == "rejected"].head(10)
     if len(rejected):
-        if settings.select.method == "strat":
-            lines += ["", "## First rejections", "", "| id | cluster | why | near-duplicate of |", "|---|---:|---|---|"]
-            for row in rejected.itertuples():
-                lines.append(f"| {row.id} | {row.cluster} | {row.reason} | {row.conflict_a} |")
-        else:
-            lines += ["", "## First rejections", "", "| id | cluster | conflicting concepts |", "|---|---:|---|"]
-            for row in rejected.itertuples():
-                lines.append(f"| {row.id} | {row.cluster} | {row.conflict_a} / {row.conflict_b} |")
+        heads = method.rejection_columns
+        lines += ["", "## First rejections", "", "| id | cluster | " + " | ".join(heads) + " |",
+                  "|---|---:|" + "---|" * len(heads)]
+        for row in rejected.itertuples():
+            lines.append(f"| {row.id} | {row.cluster} | " + " | ".join(method.rejection_cells(row)) + " |")
     lines += [""] + [f"![{p}]({p})" for p in plots] + [""]
     path = run / "report.md"
     path.write_text("\n".join(lines))
@@ -434,10 +403,9 @@ class RunView:
     def reselect(self, budget: float | int | str):
         """Selection at another budget from the saved scores and clusters (no model, writes nothing)."""
         from paser.selection.runfolder import selection_embeddings, selection_table
-        from paser.selection.selector import select_from
 
-        return select_from(self.settings, selection_table(self.settings, self.folder)[1], budget,
-                           selection_embeddings(self.settings, self.folder))
+        return self.settings.method.pick(self.settings, selection_table(self.settings, self.folder)[1], budget,
+                                         selection_embeddings(self.settings, self.folder))
 
 
 def load_run(folder: str | Path) -> RunView:

@@ -297,7 +297,7 @@ def selection_table(settings: Settings, run: Path) -> tuple[list[Record], pd.Dat
 def selection_embeddings(settings: Settings, run: Path) -> np.ndarray | None:
     """The instruction embeddings when the method compares records by them (strat's near-duplicate
     removal), else None."""
-    if settings.select.method == "strat" and settings.sample.dedup is not None:
+    if settings.method.uses_embeddings(settings):
         return np.load(run / "embeddings.npy")
     return None
 

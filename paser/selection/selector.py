@@ -16,7 +16,6 @@ tempered random draws and near-duplicate removal instead.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -25,9 +24,6 @@ from paser.selection.allocation import allocate_budget, cluster_degradation
 from paser.selection.budget import parse_budget, record_costs
 from paser.selection.concepts import ConceptGraph
 from paser.selection.stratified import NearDuplicates, SampleConfig, cluster_weights, draw_keys
-
-if TYPE_CHECKING:
-    from paser.selection.settings import Settings
 
 
 def importance_efficiency(degradation, n_tokens) -> np.ndarray:
@@ -279,17 +275,3 @@ class StratifiedSelector(Selector):
         if self.config.dedup is None:
             return lambda i: (True, "", ("", ""))
         return NearDuplicates(embeddings, t["id"], self.config.dedup).offer
-
-
-def select_from(settings: Settings, table: pd.DataFrame, budget: float | int | str | None = None,
-                embeddings: np.ndarray | None = None) -> SelectionResult:
-    """The selection ``settings`` ask for (PASER, an ablation of it, or strat) over a selection
-    table, at ``budget`` (default: the settings' budget); ``embeddings``: the records'
-    instruction embeddings, for strat's near-duplicate removal. Writes nothing."""
-    budget = settings.select.budget if budget is None else budget
-    if settings.select.method == "strat":
-        return StratifiedSelector(budget, settings.sample, random_state=settings.select.seed,
-                                  signal=settings.score.signal).fit(table, embeddings).result_
-    order = {"random_order": "random", "no_cost": "signal"}.get(settings.select.method, "ies")
-    return Selector(budget, settings.allocate.method, use_concepts=settings.concepts.enabled, order=order,
-                    random_state=settings.select.seed, signal=settings.score.signal).fit(table).result_

@@ -15,6 +15,7 @@ from paser.config import SECTIONS, from_mapping, read_yaml, to_mapping
 from paser.devices import resolve_dtype, scoring_device
 from paser.errors import ConfigError
 from paser.models.pruning import PruneConfig
+from paser.selection.adaptive import AdaptiveConfig
 from paser.selection.allocation import AllocateConfig
 from paser.selection.budget import parse_budget
 from paser.selection.clustering import ClusterConfig
@@ -22,27 +23,8 @@ from paser.selection.concepts import ConceptConfig
 from paser.selection.degradation import ScoreConfig
 from paser.selection.embedding import EmbedConfig
 from paser.selection.manifold import ManifoldConfig
+from paser.selection.methods import Method, method_of
 from paser.selection.stratified import SampleConfig
-
-
-@dataclass
-class AdaptiveConfig:
-    """How ``--method adaptive`` spends its budget in rounds."""
-
-    rounds: int = 4
-    """Rounds of recovery; the budget is split into this many equal parts."""
-    probe_per_cluster: int = 8
-    """Records per cluster (seeded, never trained on) on which each cluster's remaining gap is measured."""
-    step: float = 1.0
-    """How far one round's gaps move the next round's shares (0: the shares stay the first ones)."""
-    floor: float = 0.25
-    """No cluster's share falls below this fraction of its size share."""
-
-    def __post_init__(self):
-        if self.rounds < 1 or self.probe_per_cluster < 1:
-            raise ValueError("rounds and probe_per_cluster must be positive")
-        if self.step < 0 or not 0 <= self.floor <= 1:
-            raise ValueError("step must be >= 0 and floor in [0, 1]")
 
 
 @dataclass
@@ -73,18 +55,17 @@ class SelectConfig:
     budget: float | str = 0.2
     """What to select: records as a count (100) or a fraction of the pool (0.2), or tokens as an
     amount ("40000tok") or a fraction of the pool's tokens ("0.2tok"); see paser.selection.budget."""
-    method: Literal["paser", "strat", "adaptive", "random", "full", "longest", "shortest", "pruned_loss",
-                    "uniform", "random_order", "no_cost", "no_ccg", "kmeans"] = "paser"
-    """paser; strat, tempered stratified selection (cluster shares by size and tempered CDS, records
-    drawn by tempered IES, near-duplicates skipped: the ``sample`` section, paser.selection.stratified);
-    adaptive, the budget spent in rounds of recovery whose cluster shares follow the gaps that
-    remain (the ``adaptive`` section, paser.selection.adaptive: selection plans the rounds and draws the
-    first, ``paser recover`` on its selected.jsonl trains them and draws the rest); the
-    baselines random (seeded), full (every record), longest (longest responses first), shortest
-    (fewest tokens first), pruned_loss (highest response NLL under the pruned model first); or an
-    ablation of PASER: uniform allocation, random order inside clusters instead of IES,
-    degradation order inside clusters (IES without its compute-cost denominator), no concept
-    filter, k-means clusters instead of NMF. An ablation sets its stage's option
+    method: str = "paser"
+    """A registered selection method (paser.selection.methods): paser; strat, tempered stratified
+    selection (cluster shares by size and tempered CDS, records drawn by tempered IES,
+    near-duplicates skipped: the ``sample`` section); adaptive, the budget spent in rounds of
+    recovery whose cluster shares follow the gaps that remain (the ``adaptive`` section: selection
+    plans the rounds and draws the first, ``paser recover`` on its selected.jsonl trains them and
+    draws the rest); the baselines random (seeded), full (every record), longest (longest
+    responses first), shortest (fewest tokens first), pruned_loss (highest response NLL under the
+    pruned model first); or an ablation of PASER: uniform allocation, random_order inside
+    clusters instead of IES, no_cost (IES without its compute-cost denominator), no_ccg (no
+    concept filter), kmeans clusters instead of NMF. An ablation sets its stage's option
     (allocate.method, concepts.enabled, cluster.method) whatever the config says."""
     out: str = "runs/select"
     """The run folder."""
@@ -125,9 +106,6 @@ class DistributeConfig:
             raise ValueError(f"workers must be positive, got {self.workers}")
 
 
-BASELINES = ("random", "full", "longest", "shortest")  # need the tokenizer, no model
-SCORED_BASELINES = ("pruned_loss",)  # need the scoring passes, no clusters
-
 STAGE_CONFIGS = {"select": SelectConfig, "embed": EmbedConfig, "manifold": ManifoldConfig,
             "cluster": ClusterConfig, "score": ScoreConfig, "allocate": AllocateConfig, "sample": SampleConfig,
             "adaptive": AdaptiveConfig, "concepts": ConceptConfig, "prune": PruneConfig,
@@ -160,16 +138,15 @@ class Settings:
             raise ConfigError(f"{where}: unknown section(s) {unknown}; known: {list(SECTIONS)}")
         settings = cls(**{name: from_mapping(cfg, dict(data.get(name) or {}), f"{where}: {name}")
                           for name, cfg in STAGE_CONFIGS.items()})
-        method = settings.select.method
-        if method == "uniform":
-            settings.allocate.method = "uniform"
-        elif method == "no_ccg":
-            settings.concepts.enabled = False
-        elif method == "kmeans":
-            settings.cluster.method = "kmeans"
-        if settings.score.per_cluster is not None and settings.scored and not settings.sampled_scores:
-            raise ConfigError(f"{where}: score.per_cluster scores a sample of each cluster, but --method {method} "
-                              "needs every record's score; it serves --method strat with sample.ies_temperature 0")
+        try:
+            method = method_of(settings.select.method)
+        except KeyError as err:
+            raise ConfigError(f"{where}: select.method: {err.args[0]}") from None
+        method.configure(settings)
+        if settings.score.per_cluster is not None and method.scores(settings) == "all":
+            raise ConfigError(f"{where}: score.per_cluster scores a sample of each cluster, but --method "
+                              f"{method.name} needs every record's score; it serves --method strat with "
+                              "sample.ies_temperature 0")
         # resolved once, here, where this machine scores (workers and fingerprints see the dtype used);
         # for a remote cluster the flow asks one of its workers (flows.runners.worker_dtype)
         if settings.score.dtype == "auto" and not settings.remote_scoring:
@@ -177,15 +154,14 @@ class Settings:
         return settings
 
     @property
-    def baseline(self) -> bool:
-        """A method that selects without models (random, full, longest, shortest): only the data
-        and token-count stages run."""
-        return self.select.method in BASELINES
+    def method(self) -> Method:
+        """The selection method ``select.method`` names (paser.selection.methods)."""
+        return method_of(self.select.method)
 
     @property
     def clustered(self) -> bool:
-        """A method that finds clusters (PASER, its ablations, strat), not a baseline."""
-        return self.select.method not in BASELINES + SCORED_BASELINES
+        """Whether the method needs embeddings and clusters (PASER, its ablations, strat, adaptive)."""
+        return self.method.clusters
 
     @property
     def remote_scoring(self) -> bool:
@@ -194,17 +170,13 @@ class Settings:
 
     @property
     def scored(self) -> bool:
-        """A method that runs degradation scoring: every method but the model-free baselines and
-        strat at temperature 0 on both sides."""
-        if self.select.method == "strat":
-            return self.sample.needs_cds or self.sample.needs_every_score
-        return not self.baseline and self.select.method != "adaptive"  # adaptive measures its gaps in recovery
+        """Whether degradation scoring runs (the method needs some record's score)."""
+        return self.method.scores(self) != "none"
 
     @property
     def sampled_scores(self) -> bool:
         """Whether scoring covers a per-cluster sample (``score.per_cluster``) instead of every record."""
-        return (self.score.per_cluster is not None and self.select.method == "strat"
-                and not self.sample.needs_every_score)
+        return self.method.scores(self) == "sample"
 
     @classmethod
     def load(cls, path: str | Path | None = None, overrides: dict | None = None) -> Settings:
