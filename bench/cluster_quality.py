@@ -18,7 +18,8 @@ from sklearn.metrics import adjusted_rand_score  # noqa: E402
 
 from paser.data.suite import suite_pool  # noqa: E402
 from paser.selection.clustering import SpectralClusterer  # noqa: E402
-from paser.selection.embedding import EmbedConfig, embed_texts, instruction_texts  # noqa: E402
+from paser.selection.configs import EmbedConfig  # noqa: E402
+from paser.selection.embedding import embed_texts, instruction_texts  # noqa: E402
 from paser.selection.manifold import DiffusionMap  # noqa: E402
 
 

@@ -89,10 +89,12 @@ import pandas as pd  # noqa: E402
 
 from paser.data.pools import load_pool, write_jsonl  # noqa: E402
 from paser.data.suite import generate_suite  # noqa: E402
-from paser.evaluation import EvalConfig, evaluate  # noqa: E402
+from paser.evaluation import evaluate  # noqa: E402
+from paser.evaluation.config import EvalConfig  # noqa: E402
 from paser.evaluation.suite import gap_recovered  # noqa: E402
 from paser.recovery import RecoverConfig, recover  # noqa: E402
-from paser.selection.embedding import EmbedConfig, embed_texts, instruction_texts  # noqa: E402
+from paser.selection.configs import EmbedConfig  # noqa: E402
+from paser.selection.embedding import embed_texts, instruction_texts  # noqa: E402
 from paser.selection.pipeline import run_selection  # noqa: E402
 from paser.selection.scoring import twin_reference  # noqa: E402
 from paser.selection.settings import Settings  # noqa: E402
@@ -236,7 +238,7 @@ def strat_sections(method: str) -> dict:
     frozen defaults. A per-cluster sample is scored when CDS is needed but not every score."""
     import re
 
-    from paser.selection.stratified import SampleConfig
+    from paser.selection.configs import SampleConfig
 
     found = re.fullmatch(r"strat(?:-c([0-9.]+)i([0-9.]+)(d?))?(?:-[0-9]+)?", method)
     if found is None:
@@ -634,7 +636,7 @@ def seed_lines(rows: dict, kind: str) -> list[str]:
 def strat_scored(config: str) -> tuple[int, str]:
     """What ``strat-CONFIG`` scores, as (rank, words), fewest first: the sweep's tie-break,
     read from the settings ``strat_sections`` gives the arm."""
-    from paser.selection.stratified import SampleConfig
+    from paser.selection.configs import SampleConfig
 
     sections = strat_sections(f"strat-{config}")
     sample = SampleConfig(**sections["sample"])

@@ -37,9 +37,14 @@ import torch  # noqa: E402
 from sklearn.metrics import adjusted_rand_score  # noqa: E402
 from threadpoolctl import threadpool_limits  # noqa: E402
 
-from paser.selection.clustering import ClusterConfig, SpectralClusterer, _nmf, nonnegative, spectral_rows  # noqa: E402
-from paser.selection.embedding import EmbedConfig, embed_texts, instruction_texts  # noqa: E402
-from paser.selection.manifold import ManifoldConfig, learn_manifold  # noqa: E402
+from paser.selection.clustering import SpectralClusterer, _nmf, nonnegative, spectral_rows  # noqa: E402
+from paser.selection.configs import (
+    ClusterConfig,  # noqa: E402
+    EmbedConfig,  # noqa: E402
+    ManifoldConfig,  # noqa: E402
+)
+from paser.selection.embedding import embed_texts, instruction_texts  # noqa: E402
+from paser.selection.manifold import learn_manifold  # noqa: E402
 
 ALPACA = Path(__file__).resolve().parents[2] / "shared" / "data" / "alpaca_5000.json"
 RULES = ("knee", "knee_band", "eigengap")

@@ -49,7 +49,8 @@ def real_rows(alpaca: str) -> tuple[np.ndarray, np.ndarray]:
     """The real pool's unit embeddings [N, 384] and paser's cluster of each (its family), cached
     under PASER_CACHE/bench (recomputed when the file changes)."""
     from paser.data.pools import load_pool
-    from paser.selection.embedding import EmbedConfig, embed_texts, instruction_texts
+    from paser.selection.configs import EmbedConfig
+    from paser.selection.embedding import embed_texts, instruction_texts
 
     stat = Path(alpaca).stat()
     cached = CACHE / f"realistic-{Path(alpaca).stem}-{stat.st_size}-{int(stat.st_mtime)}.npz"
@@ -67,8 +68,9 @@ def real_rows(alpaca: str) -> tuple[np.ndarray, np.ndarray]:
 
 def cluster(x: np.ndarray, seed: int = 0) -> tuple[np.ndarray, int, str]:
     """paser's clustering stages with their defaults: (labels, K, the neighbour search used)."""
-    from paser.selection.clustering import ClusterConfig, SpectralClusterer
-    from paser.selection.manifold import ManifoldConfig, learn_manifold, neighbour_search
+    from paser.selection.clustering import SpectralClusterer
+    from paser.selection.configs import ClusterConfig, ManifoldConfig
+    from paser.selection.manifold import learn_manifold, neighbour_search
 
     config = ManifoldConfig()
     coords, eigenvalues = learn_manifold(x, config, seed)
@@ -135,7 +137,7 @@ def calibrate(real: np.ndarray, families: np.ndarray, seed: int = 0) -> Realisti
 def describe(name: str, x: np.ndarray, labels: np.ndarray | None) -> None:
     from sklearn.metrics import adjusted_rand_score
 
-    from paser.selection.manifold import ManifoldConfig
+    from paser.selection.configs import ManifoldConfig
     from paser.selection.neighbours import knn_graph, knn_graph_ivf, neighbour_recall
 
     q = np.quantile(nn_distances(x), [0.1, 0.5, 0.9])

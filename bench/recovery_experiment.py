@@ -41,7 +41,8 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from paser.data.pools import load_pool, write_jsonl  # noqa: E402
-from paser.evaluation import EvalConfig, evaluate  # noqa: E402
+from paser.evaluation import evaluate  # noqa: E402
+from paser.evaluation.config import EvalConfig  # noqa: E402
 from paser.evaluation.suite import gap_recovered  # noqa: E402
 from paser.recovery import RecoverConfig, recover  # noqa: E402
 from paser.selection.pipeline import run_selection  # noqa: E402

@@ -36,8 +36,12 @@ import numpy as np  # noqa: E402
 from memory import PeakRSS  # noqa: E402
 from sklearn.metrics import adjusted_rand_score  # noqa: E402
 
-from paser.selection.clustering import ClusterConfig, SpectralClusterer  # noqa: E402
-from paser.selection.manifold import DiffusionMap, ManifoldConfig  # noqa: E402
+from paser.selection.clustering import SpectralClusterer  # noqa: E402
+from paser.selection.configs import (
+    ClusterConfig,  # noqa: E402
+    ManifoldConfig,  # noqa: E402
+)
+from paser.selection.manifold import DiffusionMap  # noqa: E402
 from paser.selection.neighbours import knn_graph, knn_graph_ivf, neighbour_recall  # noqa: E402
 
 LARGER_POOLS = {"Alpaca (52,002)": 52_002, "LaMini-instruction (2,585,615)": 2_585_615}
@@ -171,7 +175,8 @@ def synthetic_runs(args) -> None:
 
 def alpaca_run(args) -> None:
     from paser.data.pools import load_pool
-    from paser.selection.embedding import EmbedConfig, SentenceEmbedder, embed_texts, instruction_texts
+    from paser.selection.configs import EmbedConfig
+    from paser.selection.embedding import SentenceEmbedder, embed_texts, instruction_texts
 
     pool = load_pool(args.alpaca)
     texts = instruction_texts(pool.records, EmbedConfig().include_input)

@@ -27,7 +27,8 @@ from memory import PeakRSS  # noqa: E402
 
 from paser.data.pools import load_pool  # noqa: E402
 from paser.models.load import load_pair  # noqa: E402
-from paser.selection.degradation import ScoreConfig, encode_records  # noqa: E402
+from paser.selection.configs import ScoreConfig  # noqa: E402
+from paser.selection.degradation import encode_records  # noqa: E402
 from paser.selection.passes import score_shard, score_unbatched  # noqa: E402
 from paser.selection.scoring import twin_reference  # noqa: E402
 from paser.selection.settings import Settings  # noqa: E402

@@ -23,10 +23,10 @@ from prefect.artifacts import create_markdown_artifact  # noqa: E402
 from prefect.cache_policies import NO_CACHE  # noqa: E402
 
 from flows.runners import shard_resources, task_runner  # noqa: E402
-from paser.comparison import STAGES, finish, pending, prepare, run_one  # noqa: E402
-from paser.comparison.runner import Setup, load_sections, select_subset  # noqa: E402
+from paser.comparison.recipe import STAGES, finish, run_one  # noqa: E402
+from paser.comparison.runner import Setup, load_sections, pending, prepare, select_subset  # noqa: E402  # noqa: E402
 from paser.config import from_mapping  # noqa: E402
-from paser.selection.settings import DistributeConfig  # noqa: E402
+from paser.selection.configs import DistributeConfig  # noqa: E402
 
 
 @task(name=STAGES[0], cache_policy=NO_CACHE)

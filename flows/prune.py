@@ -15,7 +15,8 @@ from prefect import flow, task  # noqa: E402
 from prefect.cache_policies import NO_CACHE  # noqa: E402
 
 from paser.config import load_config  # noqa: E402
-from paser.models.pruning import PruneConfig, PruneResult  # noqa: E402
+from paser.models.config import PruneConfig  # noqa: E402
+from paser.models.pruning import PruneResult  # noqa: E402
 from paser.models.pruning import prune as prune_model  # noqa: E402
 
 

@@ -17,8 +17,8 @@ from prefect.artifacts import create_markdown_artifact  # noqa: E402
 from prefect.cache_policies import NO_CACHE  # noqa: E402
 
 from paser.config import load_config  # noqa: E402
-from paser.evaluation import EvalConfig  # noqa: E402
 from paser.evaluation import evaluate as run_evaluate  # noqa: E402
+from paser.evaluation.config import EvalConfig  # noqa: E402
 from paser.evaluation.report import markdown_table  # noqa: E402
 from paser.recovery import RecoverConfig, RecoveryResult  # noqa: E402
 from paser.recovery import recover as run_recover  # noqa: E402

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 
 from paser.errors import ConfigError
-from paser.selection.settings import DistributeConfig
+from paser.selection.configs import DistributeConfig
 
 
 def _require(module: str, extra: str, engine: str):

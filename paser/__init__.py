@@ -10,7 +10,7 @@ The names below are imported when first used, so that ``import paser`` (and ever
 command, every worker process) does not load torch, scikit-learn and the trainer before it needs them.
 """
 
-import importlib
+from paser.lazy import lazy_names
 
 __version__ = "0.1.0"
 
@@ -21,7 +21,7 @@ _HOMES = {
     "CompareResult": "paser.comparison", "compare": "paser.comparison",
     "PaserError": "paser.errors",
     "load_model": "paser.models.load", "load_pair": "paser.models.load",
-    "PruneConfig": "paser.models.pruning", "prune": "paser.models.pruning",
+    "PruneConfig": "paser.models.config", "prune": "paser.models.pruning",
     "SpectralClusterer": "paser.selection.clustering",
     "DiffusionMap": "paser.selection.manifold",
     "Selector": "paser.selection.selector", "StratifiedSelector": "paser.selection.selector",
@@ -29,13 +29,4 @@ _HOMES = {
 __all__ = [*sorted(_HOMES), "__version__"]
 
 
-def __getattr__(name: str):
-    if name not in _HOMES:
-        raise AttributeError(f"module 'paser' has no attribute {name!r}")
-    value = getattr(importlib.import_module(_HOMES[name]), name)
-    globals()[name] = value  # found directly from now on
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_HOMES))
+__getattr__, __dir__ = lazy_names(__name__, _HOMES)

@@ -4,7 +4,7 @@ Each stage has one dataclass config whose attribute docstrings document it. A YA
 section per stage (``prune:``, ...); ``load_config`` checks every key against the dataclass
 (unknown keys and wrong types are errors naming the file and the key) and applies overrides.
 
-    python -c "from paser.config import load_config; from paser.models.pruning import PruneConfig; \
+    python -c "from paser.config import load_config; from paser.models.config import PruneConfig; \
 print(load_config(PruneConfig, 'configs/prune-smollm2.yaml', 'prune'))"
 """
 

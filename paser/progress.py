@@ -15,6 +15,7 @@ bar covers every engine and a resumed run starts where it stopped.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import threading
 import time
@@ -50,11 +51,21 @@ def set_quiet(quiet: bool) -> None:
 
 
 def library_bars() -> None:
-    """Hide transformers' own bars (loading weights) off a terminal and when quiet."""
-    if not bar_enabled(True):
+    """Hide transformers' own bars (loading weights) off a terminal and when quiet. Before the
+    Hugging Face libraries are imported (a command that has not loaded a model yet, ``--help``),
+    through the environment variable they read when imported, so that this imports nothing."""
+    if bar_enabled(True):
+        return
+    if "transformers" in sys.modules:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
+    elif "huggingface_hub" in sys.modules:  # transformers takes the hub's setting when imported
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()
+    else:
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
 def quiet() -> bool:

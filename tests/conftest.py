@@ -153,7 +153,8 @@ def batch(tiny_tokenizer):
 
 def make_pair(tmp_path_factory, tiny_tokenizer) -> tuple[str, str]:
     """A tiny dense GQA Llama and its paser-pruned twin, saved as folders."""
-    from paser.models.pruning import PruneConfig, prune
+    from paser.models.config import PruneConfig
+    from paser.models.pruning import prune
 
     root = tmp_path_factory.mktemp("pair")
     build_model(tiny_tokenizer, num_kv_heads=2).save_pretrained(root / "dense")

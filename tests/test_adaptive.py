@@ -10,7 +10,8 @@ import pandas as pd
 import pytest
 
 from paser.errors import ConfigError
-from paser.selection.adaptive import AdaptiveConfig, make_plan, remaining_gap, round_amounts, round_steps, update_shares
+from paser.selection.adaptive import make_plan, remaining_gap, round_amounts, round_steps, update_shares
+from paser.selection.configs import AdaptiveConfig
 
 
 def test_shares_move_towards_the_clusters_whose_gap_remains():

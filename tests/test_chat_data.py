@@ -182,8 +182,8 @@ def test_hugging_face_dataset_ids_from_the_cache(tmp_path, monkeypatch):
         load_pool("acme/chats", split="test")
     with pytest.raises(DataError, match=r"acme/missing: no such file or folder, and no Hugging Face dataset"):
         load_pool("acme/missing")
+    from paser.selection.configs import SelectConfig
     from paser.selection.runfolder import data_fingerprint
-    from paser.selection.settings import SelectConfig
 
     first = data_fingerprint(SelectConfig(data="acme/chats"))
     assert first == data_fingerprint(SelectConfig(data="acme/chats")) and len(first) == 16

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 from sklearn.metrics import adjusted_rand_score
 
-from paser.selection.clustering import ClusterConfig, SpectralClusterer, eigengap_k, knee, nonnegative
-from paser.selection.manifold import DiffusionMap, ManifoldConfig, learn_manifold, neighbour_search
+from paser.selection.clustering import SpectralClusterer, eigengap_k, knee, nonnegative
+from paser.selection.configs import ClusterConfig, ManifoldConfig
+from paser.selection.manifold import DiffusionMap, learn_manifold, neighbour_search
 from paser.selection.neighbours import (
     ivf_index,
     ivf_search,
@@ -280,7 +281,8 @@ def test_k_is_stable_under_perturbations_that_do_not_change_the_data():
     """The embedded default's instructions (1,000 suite records): K and the clusters' agreement
     with the 12 task families under float noise of 1e-6 and row permutations."""
     from paser.data.suite import suite_pool
-    from paser.selection.embedding import EmbedConfig, embed_texts, instruction_texts
+    from paser.selection.configs import EmbedConfig
+    from paser.selection.embedding import embed_texts, instruction_texts
 
     records = suite_pool(1000, 0).records
     families = np.array([r.fields["family"] for r in records])

@@ -6,7 +6,7 @@ import pytest
 
 from paser.config import load_config, to_mapping
 from paser.errors import ConfigError
-from paser.models.pruning import PruneConfig
+from paser.models.config import PruneConfig
 
 
 def test_defaults_file_and_overrides(tmp_path):
@@ -41,7 +41,8 @@ def test_every_stage_config_is_a_known_section_and_recipes_load():
     from pathlib import Path
 
     from paser.config import SECTIONS
-    from paser.selection.settings import STAGE_CONFIGS, Settings
+    from paser.selection.configs import STAGE_CONFIGS
+    from paser.selection.settings import Settings
 
     assert tuple(STAGE_CONFIGS) == SECTIONS[:len(STAGE_CONFIGS)]
     root = Path(__file__).resolve().parents[1] / "configs"

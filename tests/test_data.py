@@ -175,8 +175,8 @@ def test_a_pool_tokenised_a_list_at_a_time_gives_each_records_own_ids(tiny_token
                           len(ids) > cutoff))
         assert together == alone
         # the token count keeps only the counts, the same ones
+        from paser.selection.configs import ScoreConfig
         from paser.selection.degradation import token_table
-        from paser.selection.settings import ScoreConfig
 
         table = token_table(tiny_tokenizer, records, ScoreConfig(template=template, cutoff=cutoff))
         assert list(zip(table["n_prompt"], table["n_response"], table["truncated"])) == [a[1:] for a in alone]

@@ -10,9 +10,11 @@ import pytest
 import torch
 
 from paser.data.suite import suite_pool
+from paser.models.config import PruneConfig
 from paser.models.load import load_model
-from paser.models.pruning import PruneConfig, prune_model
-from paser.selection.degradation import ScoreConfig, encode_records, jsd_from_logits
+from paser.models.pruning import prune_model
+from paser.selection.configs import ScoreConfig
+from paser.selection.degradation import encode_records, jsd_from_logits
 from paser.selection.passes import common_prefix, score_shard, score_unbatched
 from paser.selection.shards import score_pool
 

@@ -103,7 +103,7 @@ def test_each_worker_of_a_remote_cluster_takes_its_own_gpu(gpus, monkeypatch):
 
 def test_local_dask_cluster_has_one_worker_per_gpu_and_never_more(gpus, prefect_api):
     from flows.runners import local_dask_cluster
-    from paser.selection.settings import DistributeConfig
+    from paser.selection.configs import DistributeConfig
 
     cpu = local_dask_cluster(DistributeConfig(engine="dask"))
     assert cpu["n_workers"] == 2 and "resources" not in cpu
@@ -149,7 +149,7 @@ def test_forward_passes_build_no_kv_cache(tiny_pair, tiny_tokenizer, monkeypatch
     from paser.data.suite import suite_pool
     from paser.evaluation.metrics import perplexity, response_nll
     from paser.models.load import load_model
-    from paser.selection.degradation import ScoreConfig
+    from paser.selection.configs import ScoreConfig
     from paser.selection.passes import score_shard
 
     built = []
@@ -176,7 +176,7 @@ def test_the_shared_prefix_cache_keeps_nothing_of_the_batch(tiny_pair, tiny_toke
     but the cache keeps only the preamble, so no batch's keys and values outlive their layer."""
     from paser.data.suite import suite_pool
     from paser.models.load import load_model
-    from paser.selection.degradation import ScoreConfig
+    from paser.selection.configs import ScoreConfig
     from paser.selection.passes import SharedPrefix, score_shard
 
     caches = []
@@ -212,7 +212,7 @@ def test_recovery_and_evaluation_record_the_resolved_dtype(tiny_model_dir, tmp_p
 
 def test_a_local_ray_cluster_offers_every_gpu(gpus, prefect_api):
     from flows.runners import local_ray_cluster
-    from paser.selection.settings import DistributeConfig
+    from paser.selection.configs import DistributeConfig
 
     assert local_ray_cluster(DistributeConfig(engine="ray")) == {
         "num_cpus": 2, "include_dashboard": False, "runtime_env": {"env_vars": {"PREFECT_API_URL": prefect_api}}}
@@ -227,7 +227,7 @@ def test_ray_gpu_shards_keep_their_worker_and_its_models(gpus):
     from prefect_ray.context import RemoteOptionsContext
 
     from flows.runners import shard_resources
-    from paser.selection.settings import DistributeConfig
+    from paser.selection.configs import DistributeConfig
 
     gpus(2)
     with shard_resources(DistributeConfig(engine="ray")):
@@ -242,7 +242,7 @@ def test_shards_claim_gpus_when_the_remote_workers_have_them():
     from distributed import LocalCluster
 
     from flows.runners import gpus_per_shard
-    from paser.selection.settings import DistributeConfig
+    from paser.selection.configs import DistributeConfig
 
     with LocalCluster(n_workers=1, processes=False, resources={"GPU": 1}, dashboard_address=None) as cluster:
         assert gpus_per_shard(DistributeConfig(engine="dask", address=cluster.scheduler_address)) == 1.0
@@ -257,7 +257,7 @@ def test_gpu_workers_that_declare_no_gpu_resource_are_refused(tmp_path):
     from distributed import LocalCluster
 
     from flows.runners import gpus_per_shard
-    from paser.selection.settings import DistributeConfig
+    from paser.selection.configs import DistributeConfig
 
     fake = tmp_path / "two_gpus.py"
     fake.write_text("import paser.devices as d\nd.visible_gpus = lambda: 2\n")
@@ -275,7 +275,8 @@ def test_auto_dtype_is_decided_on_the_remote_workers_not_the_launcher(tmp_path):
 
     from flows.runners import worker_dtype
     from paser.devices import resolve_dtype
-    from paser.selection.settings import DistributeConfig, Settings
+    from paser.selection.configs import DistributeConfig
+    from paser.selection.settings import Settings
 
     fake = tmp_path / "one_hopper_gpu.py"
     fake.write_text("import torch\nimport paser.devices as d\nd.visible_gpus = lambda: 1\n"
@@ -295,7 +296,7 @@ def test_remote_dask_workers_drop_their_models_after_the_run():
     from distributed import LocalCluster
 
     from flows.runners import release_workers
-    from paser.selection.settings import DistributeConfig
+    from paser.selection.configs import DistributeConfig
 
     def keep():  # what a worker holds after scoring shards: its loaded pair
         import paser.selection.scoring

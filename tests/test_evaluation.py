@@ -163,7 +163,7 @@ def test_jsd_to_a_reference_model(tiny_pair, tmp_path):
     import numpy as np
 
     from paser.models.load import load_model
-    from paser.selection.degradation import ScoreConfig
+    from paser.selection.configs import ScoreConfig
     from paser.selection.passes import score_shard
 
     dense, pruned = tiny_pair

@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 from sklearn.metrics import adjusted_rand_score
 
-from paser.selection.clustering import ClusterConfig, SpectralClusterer
-from paser.selection.manifold import DiffusionMap, ManifoldConfig, learn_manifold
+from paser.selection.clustering import SpectralClusterer
+from paser.selection.configs import ClusterConfig, ManifoldConfig
+from paser.selection.manifold import DiffusionMap, learn_manifold
 
 
 def separate_blobs(seed: int = 0, n_per: int = 60, k: int = 3, d: int = 16):
@@ -68,7 +69,8 @@ def test_the_estimators_default_to_the_pipelines_settings():
 def embedded_default():
     """The embedded default's 1,000 records embedded by the bundled MiniLM, and their families."""
     from paser.data.suite import suite_pool
-    from paser.selection.embedding import EmbedConfig, embed_texts, instruction_texts
+    from paser.selection.configs import EmbedConfig
+    from paser.selection.embedding import embed_texts, instruction_texts
 
     records = suite_pool(1000, 0).records
     return (embed_texts(instruction_texts(records, True), EmbedConfig()),

@@ -6,6 +6,9 @@ and the library never imports the flows when it is imported (the flows call the 
 from __future__ import annotations
 
 import ast
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -27,7 +30,7 @@ def _modules() -> dict[str, Path]:
 # the flows orchestrate the library, and the faces (the CLI and the API) sit on top of both.
 PHASES = ["helpers", "data", "models", "selection", "recovery", "evaluation", "comparison", "flows", "faces"]
 HELPERS = {"paser.errors", "paser.progress", "paser.config", "paser.devices", "paser.cache", "paser.ledger",
-           "paser.seeds"}
+           "paser.seeds", "paser.lazy"}
 
 
 def phase(module: str) -> str:
@@ -189,3 +192,22 @@ def test_selection_method_names_are_compared_in_one_module():
     assert found == []
     assert _compares_the_method(ast.parse("settings.select.method == 'strat'").body[0].value)
     assert _compares_the_method(ast.parse("summary['method'] != 'full'").body[0].value)
+
+
+ALGORITHM_LIBRARIES = ("torch", "transformers", "sklearn", "scipy", "pandas", "prefect", "lm_eval",
+                       "sentence_transformers", "peft")
+
+
+def test_the_cli_and_the_configs_load_no_algorithm_library():
+    """Building every command's options and printing help (``paser select --help``), and importing
+    the configs, load none of the libraries the stages need: a command starts in a fraction of a
+    second (bench/startup.py), and a config can be read where torch is not installed."""
+    code = ("import sys\nfrom typer.testing import CliRunner\nfrom paser.cli import app\n"
+            "import paser.selection.configs, paser.recovery.config, paser.evaluation.config, paser.comparison.config\n"
+            "import paser.models.config\n"
+            "assert CliRunner().invoke(app, ['select', '--help']).exit_code == 0\n"
+            f"print(sorted(m for m in {ALGORITHM_LIBRARIES!r} if m in sys.modules))")
+    env = dict(os.environ, TERM="dumb")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"

@@ -16,7 +16,7 @@ from torch import nn
 from paser.data.suite import suite_pool
 from paser.errors import ModelLoadError, UntrustedPickleError
 from paser.models.load import load_model
-from paser.selection.degradation import ScoreConfig
+from paser.selection.configs import ScoreConfig
 from paser.selection.passes import score_shard
 
 pytestmark = pytest.mark.usefixtures("prefect_api")  # flows here run against the test process's one Prefect server
@@ -118,7 +118,8 @@ def _save_llm_pruner_checkpoint(path, source_model, tokenizer):
 @pytest.fixture(scope="module")
 def pruned_source(tmp_path_factory, tiny_pair):
     """A tiny GQA model pruned unevenly: heads in layers 1-2 only, MLP channels in layers 0-1."""
-    from paser.models.pruning import PruneConfig, prune
+    from paser.models.config import PruneConfig
+    from paser.models.pruning import prune
 
     dense = tiny_pair[0]
     folder = tmp_path_factory.mktemp("uneven") / "pruned"

@@ -11,10 +11,10 @@ import pytest
 
 from paser.errors import ConfigError
 from paser.selection import methods
+from paser.selection.configs import SampleConfig
 from paser.selection.methods import ClusteredMethod, OrderedMethod, register
 from paser.selection.pipeline import run_selection
 from paser.selection.selector import StratifiedSelector
-from paser.selection.stratified import SampleConfig
 from tests.conftest import copy_run
 
 

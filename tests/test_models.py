@@ -75,7 +75,7 @@ def test_builtin_without_its_package(monkeypatch):
 @pytest.fixture()
 def pickle_path(tmp_path, tiny_tokenizer):
     model = build_model(tiny_tokenizer, num_kv_heads=2)
-    from paser.models.pruning import PruneConfig
+    from paser.models.config import PruneConfig
 
     prune_model(model, tiny_tokenizer, PruneConfig(importance="l2", attn_layers=(0, 4)))
     return export_llm_pruner_pickle(model, tiny_tokenizer, tmp_path / "pytorch_model.bin"), model

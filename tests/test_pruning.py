@@ -7,10 +7,10 @@ import copy
 import pytest
 import torch
 
+from paser.models.config import PruneConfig
 from paser.models.layers import layer_shapes, load_pruned_folder, save_pruned_folder
 from paser.models.load import load_model
 from paser.models.pruning import (
-    PruneConfig,
     accumulate_gradients,
     apply_plan,
     calibration_batches,

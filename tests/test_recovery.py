@@ -86,9 +86,10 @@ def test_a_few_steps_reduce_the_loss_and_the_adapter_round_trips(tiny_model_dir,
 
 
 def test_merged_pruned_model_keeps_its_layer_widths(tiny_model_dir, train_file, tmp_path):
+    from paser.models.config import PruneConfig
     from paser.models.layers import layer_shapes
     from paser.models.load import load_model
-    from paser.models.pruning import PruneConfig, prune
+    from paser.models.pruning import prune
 
     prune(str(tiny_model_dir), tmp_path / "pruned", PruneConfig(importance="l2", attn_layers=(1, 3)))
     recover(str(tmp_path / "pruned"), train_file, tmp_path / "rec", max_steps=2, merge=True, **FAST)

@@ -10,8 +10,9 @@ import pandas as pd
 import pytest
 
 from paser.selection.allocation import allocate_budget
+from paser.selection.configs import SampleConfig
 from paser.selection.selector import StratifiedSelector
-from paser.selection.stratified import NearDuplicates, SampleConfig, cluster_weights, draw_keys
+from paser.selection.stratified import NearDuplicates, cluster_weights, draw_keys
 from tests.conftest import copy_run
 from tests.conftest import score_table as table
 

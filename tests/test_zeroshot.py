@@ -220,7 +220,7 @@ def test_missing_package_is_one_line(tmp_path, tiny_lm, monkeypatch):
 
 
 def test_limit_and_sample_exclude_each_other():
-    from paser.evaluation import EvalConfig
+    from paser.evaluation.config import EvalConfig
 
     with pytest.raises(ValueError, match="exclude each other"):
         EvalConfig(lm_eval_limit=3, lm_eval_sample=3)

@@ -17,11 +17,11 @@ from paser.cli.app import app, dispatch, fail, offline_defaults
 from paser.cli.options import REQUIRED, Opt, command, config_option, flow_option, plain, trust_option
 from paser.comparison.config import CompareConfig
 from paser.errors import PaserError
-from paser.evaluation.entry import EvalConfig
-from paser.models.pruning import PruneConfig
+from paser.evaluation.config import EvalConfig
+from paser.models.config import PruneConfig
 from paser.recovery.config import RecoverConfig
 from paser.selection.budget import parse_budget
-from paser.selection.settings import STAGE_CONFIGS
+from paser.selection.configs import STAGE_CONFIGS
 
 
 def layer_range(text: str) -> tuple[int, int]:

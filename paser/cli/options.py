@@ -145,9 +145,9 @@ def configuration_reference() -> str:
     """docs/configuration.md: every section of a paser YAML file, each key with its type, default
     and docstring (the same text as the command-line help), read from the configs themselves."""
     from paser.comparison.config import CompareConfig
-    from paser.evaluation.entry import EvalConfig
+    from paser.evaluation.config import EvalConfig
     from paser.recovery.config import RecoverConfig
-    from paser.selection.settings import STAGE_CONFIGS
+    from paser.selection.configs import STAGE_CONFIGS
 
     sections = {**STAGE_CONFIGS, "recover": RecoverConfig, "evaluate": EvalConfig, "compare": CompareConfig}
     lines = ["# Configuration reference", "",

@@ -18,7 +18,7 @@ from paser.comparison.arms import Arm, parse_arms
 from paser.comparison.config import CompareConfig
 from paser.config import config_with, from_mapping, to_mapping
 from paser.errors import ConfigError
-from paser.evaluation.entry import EvalConfig
+from paser.evaluation.config import EvalConfig
 from paser.recovery.config import RecoverConfig
 from paser.selection.budget import parse_budget
 

@@ -20,6 +20,11 @@
     python -c "from paser.evaluation import EvalConfig; print(EvalConfig())"
 """
 
-from paser.evaluation.entry import EvalConfig, evaluate
+from paser.lazy import lazy_names
 
-__all__ = ["EvalConfig", "evaluate"]
+_HOMES = {
+    "EvalConfig": "paser.evaluation.config",
+    "evaluate": "paser.evaluation.entry",
+}
+__all__ = sorted(_HOMES)
+__getattr__, __dir__ = lazy_names(__name__, _HOMES)

@@ -83,7 +83,7 @@ def token_stats(model, tokenizer, records, template: str = "alpaca", cutoff: int
     forward pass of ``model`` (degradation scoring's pass, with ``reference`` as the dense side)."""
     if reference is None:
         return *response_token_nll(model, tokenizer, records, template, cutoff, batch_size), None
-    from paser.selection.degradation import ScoreConfig
+    from paser.selection.configs import ScoreConfig
     from paser.selection.passes import score_shard
 
     config = ScoreConfig(template=template, cutoff=cutoff, batch_size=batch_size, share_prefix=False)
@@ -99,7 +99,8 @@ def token_stats(model, tokenizer, records, template: str = "alpaca", cutoff: int
 def input_tokens(tokenizer, records, template: str = "alpaca", cutoff: int = 256) -> int:
     """Prompt + response tokens of ``records`` under the template and cutoff: what a teacher-forced
     pass over them reads (the compute ledger's)."""
-    from paser.selection.degradation import ScoreConfig, token_table
+    from paser.selection.configs import ScoreConfig
+    from paser.selection.degradation import token_table
 
     return int(token_table(tokenizer, records, ScoreConfig(template=template, cutoff=cutoff))["n_tokens"].sum())
 

@@ -22,8 +22,12 @@ Output folder:
     python -c "from paser.recovery import RecoverConfig; print(RecoverConfig())"
 """
 
-from paser.recovery.config import RecoverConfig
-from paser.recovery.entry import recover
-from paser.recovery.job import RecoveryResult
+from paser.lazy import lazy_names
 
-__all__ = ["RecoverConfig", "RecoveryResult", "recover"]
+_HOMES = {
+    "RecoverConfig": "paser.recovery.config",
+    "recover": "paser.recovery.entry",
+    "RecoveryResult": "paser.recovery.job",
+}
+__all__ = sorted(_HOMES)
+__getattr__, __dir__ = lazy_names(__name__, _HOMES)

@@ -9,9 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from paser.recovery.distill import DIVERGENCES, OBJECTIVES
-from paser.recovery.token_weights import SIGNALS
-
+OBJECTIVES = ("sft", "distill", "mix")
+DIVERGENCES = ("kl", "jsd")
+SIGNALS = ("excess", "jsd")
 RESPONSES = ("data", "dense")
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 

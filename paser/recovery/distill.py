@@ -38,13 +38,12 @@ from pathlib import Path
 
 import torch
 
+from paser.recovery.config import DIVERGENCES
 from paser.selection.degradation import jsd_from_logprobs
 from paser.selection.passes import target_states
 
 IGNORE = -100
 PART_SIZE = 256  # training records per cache file
-OBJECTIVES = ("sft", "distill", "mix")
-DIVERGENCES = ("kl", "jsd")
 
 
 @dataclass

@@ -31,7 +31,6 @@ import torch
 
 from paser.selection.degradation import jsd_from_logits
 
-SIGNALS = ("excess", "jsd")
 PART_SIZE = 256  # training records per cache file
 
 

@@ -29,7 +29,7 @@ print(update_shares(np.array([.5, .5]), np.array([.5, .5]), np.array([.9, .3]), 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -37,29 +37,8 @@ import pandas as pd
 
 from paser.seeds import derived_seed
 from paser.selection.allocation import allocate_budget
+from paser.selection.configs import AdaptiveConfig, SampleConfig
 from paser.selection.selector import StratifiedSelector
-from paser.selection.stratified import SampleConfig
-
-
-@dataclass
-class AdaptiveConfig:
-    """How ``--method adaptive`` spends its budget in rounds."""
-
-    rounds: int = 4
-    """Rounds of recovery; the budget is split into this many equal parts."""
-    probe_per_cluster: int = 8
-    """Records per cluster (seeded, never trained on) on which each cluster's remaining gap is measured."""
-    step: float = 1.0
-    """How far one round's gaps move the next round's shares (0: the shares stay the first ones)."""
-    floor: float = 0.25
-    """No cluster's share falls below this fraction of its size share."""
-
-    def __post_init__(self):
-        if self.rounds < 1 or self.probe_per_cluster < 1:
-            raise ValueError("rounds and probe_per_cluster must be positive")
-        if self.step < 0 or not 0 <= self.floor <= 1:
-            raise ValueError("step must be >= 0 and floor in [0, 1]")
-
 
 PLAN = "rounds.json"
 

@@ -11,18 +11,7 @@ print(allocate_budget([.3, .1, .2], [5, 50, 50], 30))"
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal
-
 import numpy as np
-
-
-@dataclass
-class AllocateConfig:
-    """How the budget is split across clusters."""
-
-    method: Literal["largest_remainder", "floor", "uniform"] = "largest_remainder"
-    """largest_remainder (exact total), the paper's floor, or uniform (an ablation: CDS ignored)."""
 
 
 def cluster_degradation(labels: np.ndarray, scores: np.ndarray, n_clusters: int) -> np.ndarray:

@@ -24,38 +24,10 @@ print(SpectralClusterer().fit(np.random.rand(300, 8)).n_clusters_)"
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
-from typing import Literal
 
 import numpy as np
 
-
-@dataclass
-class ClusterConfig:
-    """How capability clusters are found."""
-
-    method: Literal["nmf", "kmeans"] = "nmf"
-    """NMF-based spectral clustering (the paper's) or k-means on the spectral coordinates."""
-    n_clusters: int | None = None
-    """A fixed K; None chooses K automatically in [k_min, k_max]."""
-    k_min: int = 4
-    k_max: int = 20
-    k_selection: Literal["knee_band", "knee", "eigengap"] = "knee_band"
-    """Automatic K: knee_band (the largest K within knee_band of the knee's height: stable when the
-    curve has no sharp elbow), knee (the paper's argmax), or the largest eigengap."""
-    knee_band: float = 0.1
-    """knee_band's tolerance: K qualifies when its distance below the chord is at least (1 -
-    knee_band) times the knee's."""
-    selection_sample: int = 10000
-    """Records used to trace the K-selection curve (all when fewer); the final fit uses every record."""
-
-    def __post_init__(self):
-        if not 2 <= self.k_min <= self.k_max:
-            raise ValueError(f"need 2 <= k_min <= k_max, got k_min={self.k_min}, k_max={self.k_max}")
-        if self.n_clusters is not None and self.n_clusters < 1:
-            raise ValueError(f"n_clusters must be positive, got {self.n_clusters}")
-        if not 0 <= self.knee_band < 1:
-            raise ValueError(f"knee_band must be in [0, 1), got {self.knee_band}")
+from paser.selection.configs import ClusterConfig
 
 
 def nonnegative(coords: np.ndarray) -> np.ndarray:

@@ -17,27 +17,10 @@ import itertools
 import math
 import re
 from collections import Counter
-from dataclasses import dataclass
 
 from sklearn.feature_extraction.text import ENGLISH_STOP_WORDS
 
-
-@dataclass
-class ConceptConfig:
-    """The concept consistency filter."""
-
-    enabled: bool = True
-    """False skips the filter (an ablation)."""
-    max_concepts: int = 4
-    """Key phrases per record: the filter's main knob. With every phrase (about 18 per Alpaca
-    record) a 20% budget is unreachable; 4 accepted 88% of real Alpaca records."""
-    max_phrase_words: int = 3
-    """Longest key phrase, in words."""
-
-    def __post_init__(self):
-        if self.max_concepts < 1 or self.max_phrase_words < 1:
-            raise ValueError("max_concepts and max_phrase_words must be positive")
-
+from paser.selection.configs import ConceptConfig
 
 _SPLIT = re.compile(r"[.,;:!?()\[\]{}\"<>|/\\\n\t=+*#`~]+")
 _WORD = re.compile(r"[a-z][a-z0-9'\-]*")

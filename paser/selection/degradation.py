@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
 
 import numpy as np
 import pandas as pd
 import torch
 
 from paser.data.prompts import iter_examples, tokenize_examples
+from paser.selection.configs import ScoreConfig
 
 LN2 = math.log(2.0)
 
@@ -42,60 +42,6 @@ SCORE_INDEPENDENT = ("signal", "per_cluster")
 
 
 LATER_OPTIONS = ("batch_tokens",)  # in a fingerprint only when set (earlier shards stay valid)
-
-
-@dataclass
-class ScoreConfig:
-    """How degradation is measured."""
-
-    template: Literal["alpaca", "chat"] = "alpaca"
-    """Prompt template, shared with recovery training."""
-    cutoff: int = 256
-    """Tokens of prompt + response kept (the training cutoff)."""
-    positions: Literal["response", "prompt", "all", "instruction_sum"] = "response"
-    """Scored tokens: the response (default), the prompt, all, or the authors' instruction-only sum."""
-    batch_size: int = 32
-    """Records per forward pass (at most)."""
-    batch_tokens: int | None = None
-    """Padded tokens per forward pass at most (records x the longest, records sorted by length):
-    batches of like length as large as a GPU holds, short records many to a batch. None: batches
-    of ``batch_size`` records."""
-    shard_size: int = 256
-    """Records per shard file; a resumed run skips finished shards."""
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    """Model weights dtype for scoring: auto is bfloat16 on a CUDA device with bf16 support, else
-    float32 (resolved when the settings are built, so the run records the dtype used); the JSD
-    itself is always computed in fp32."""
-    device: str | None = None
-    """Device for both models (default: CUDA when available, else CPU)."""
-    jsd_chunk: int = 512
-    """Positions whose vocabulary projection and JSD are computed at once (bounds peak memory)."""
-    share_prefix: bool = True
-    """Compute the token prefix shared by every prompt of a shard once (the template's preamble)."""
-    two_pass: bool = False
-    """For pairs that do not fit on one device together: run the dense model alone first, caching
-    its top-k log-probabilities per shard on disk, then the pruned model alone. The JSD is then
-    taken over the top-k tokens plus one bucket for the rest (exact when top_k is the vocabulary)."""
-    top_k: int = 64
-    """Dense log-probabilities kept per position in two-pass mode."""
-    signal: Literal["jsd", "loss_gap"] = "jsd"
-    """The per-record degradation that CDS and IES use: jsd (the paper), or loss_gap = mean
-    response NLL under the pruned model minus under the dense model. Both are computed by every
-    scoring run, so switching re-scores nothing."""
-    per_cluster: int | None = None
-    """Score only a seeded sample of this many records per cluster (all of a smaller cluster) when
-    the method needs each cluster's CDS but not every record's score (``--method strat`` with
-    ``sample.ies_temperature`` 0): a small share of the full scoring pass, CDS with a 95% interval
-    in clusters.json and the report. None: every record. Methods that rank every record refuse it."""
-
-    def __post_init__(self):
-        for name in ("cutoff", "batch_size", "shard_size", "jsd_chunk", "top_k"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        if self.batch_tokens is not None and self.batch_tokens < 1:
-            raise ValueError(f"batch_tokens must be positive, got {self.batch_tokens}")
-        if self.per_cluster is not None and self.per_cluster < 2:
-            raise ValueError(f"per_cluster must be at least 2 (an interval needs two records), got {self.per_cluster}")
 
 
 def jsd_from_logits(logits_p: torch.Tensor, logits_q: torch.Tensor) -> torch.Tensor:

@@ -11,7 +11,6 @@ print(embed_texts(['hi'], EmbedConfig()).shape)"
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
@@ -20,26 +19,7 @@ import numpy as np
 from paser.cache import files_fingerprint
 from paser.errors import DataError, ModelLoadError
 from paser.progress import bar_enabled
-
-
-@dataclass
-class EmbedConfig:
-    """How instructions become vectors."""
-
-    model: str | None = None
-    """A local sentence-transformers folder; default: the packaged all-MiniLM-L6-v2."""
-    include_input: bool = True
-    """Embed the instruction followed by its input/context (False: instruction alone)."""
-    batch_size: int = 64
-    """Texts per encoder batch."""
-    device: str | None = None
-    """Device for the encoder (default: CUDA when available, else CPU)."""
-    precomputed: str | None = None
-    """Embeddings made elsewhere (a GPU job, say) instead of running the encoder here: .npz with
-    ``ids`` and ``embeddings``, .parquet with ``id`` and ``embedding`` columns, or .npy rows in the
-    pool's order. Every pool id must be there once (extra ids are ignored) and the vectors must have
-    the encoder's dimension (``model``'s); rows are made unit length. The compute ledger names them
-    as not counted."""
+from paser.selection.configs import EmbedConfig
 
 
 class Embedder(Protocol):

@@ -16,46 +16,13 @@ x = np.random.randn(500, 16); print(DiffusionMap(n_components=4).fit_transform(x
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal
-
 import numpy as np
 import scipy.sparse as sp
 from scipy.sparse.linalg import LinearOperator, eigsh
 
 from paser.progress import announce
+from paser.selection.configs import ManifoldConfig
 from paser.selection.neighbours import ivf_search, knn_graph
-
-
-@dataclass
-class ManifoldConfig:
-    """How embeddings become low-dimensional coordinates for clustering."""
-
-    method: Literal["diffusion", "umap"] = "diffusion"
-    """Diffusion map on a sparse kNN graph (default) or UMAP."""
-    n_neighbors: int = 30
-    """Neighbours per point in the kNN graph (30 separated the suite's 12 families better than 15:
-    see docs/benchmarks.md)."""
-    n_components: int = 20
-    """Output dimensions; keep it at least the largest K tried."""
-    diffusion_time: int = 1
-    """t in lambda^t scaling of diffusion coordinates."""
-    block_size: int = 1024
-    """Rows per block of the exact neighbour search (memory: block_size x N floats)."""
-    neighbors: Literal["auto", "exact", "ivf"] = "auto"
-    """Neighbour search: exact; ivf (an inverted-file index, approximate: about 4 sqrt(N) k-means
-    lists, each row compared with the rows of its nearest lists, as many as ivf_recall needs);
-    auto: exact up to exact_max rows, ivf above."""
-    exact_max: int = 50_000
-    """Rows up to which auto searches exactly (the exact search grows with N^2; its time at 50,000
-    and 200,000 rows is in docs/benchmarks.md, bench/scale.py)."""
-    ivf_probe: int = 8
-    """Lists of the IVF index searched per row (of about 4 sqrt(N)), the fewest when ivf_recall is
-    set; more: higher recall, slower (recall and time by size: docs/benchmarks.md)."""
-    ivf_recall: float = 0.92
-    """Recall@n_neighbors the IVF search must reach on a seeded sample of 500 rows checked against
-    their exact neighbours: the probed lists grow by half from ivf_probe until it does (0: exactly
-    ivf_probe lists)."""
 
 
 def neighbour_search(n: int, config: ManifoldConfig) -> str:

@@ -13,7 +13,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from paser.selection.degradation import Encoded, ScoreConfig, encode_records, jsd_from_logits, jsd_from_logprobs
+from paser.selection.configs import ScoreConfig
+from paser.selection.degradation import Encoded, encode_records, jsd_from_logits, jsd_from_logprobs
 
 
 def body_and_head(model):

@@ -22,6 +22,7 @@ from paser.errors import ConfigError
 from paser.selection.budget import parse_budget, take_in_order
 from paser.selection.clustering import SpectralClusterer
 from paser.selection.concepts import cluster_names
+from paser.selection.configs import SelectConfig
 from paser.selection.embedding import embed_texts, instruction_texts
 from paser.selection.manifold import learn_manifold, neighbour_search
 from paser.selection.runfolder import (
@@ -38,7 +39,7 @@ from paser.selection.runfolder import (
     stage_fingerprint,
 )
 from paser.selection.scoring import ShardMap, plan_scoring, run_scoring, twin_folder, twin_reference
-from paser.selection.settings import SelectConfig, Settings
+from paser.selection.settings import Settings
 
 # ---------------------------------------------------------------- data
 

@@ -38,8 +38,9 @@ from paser.config import to_mapping
 from paser.data.pools import Record, hub_dataset, hub_id
 from paser.devices import resolve_dtype, scoring_device
 from paser.errors import DataError, PaserError
-from paser.selection.concepts import ConceptConfig, record_concepts
-from paser.selection.settings import SelectConfig, Settings
+from paser.selection.concepts import record_concepts
+from paser.selection.configs import ConceptConfig, SelectConfig
+from paser.selection.settings import Settings
 from paser.selection.shards import scoring_fingerprint
 
 

@@ -23,7 +23,8 @@ import pandas as pd
 from paser.selection.allocation import allocate_budget, cluster_degradation
 from paser.selection.budget import parse_budget, record_costs
 from paser.selection.concepts import ConceptGraph
-from paser.selection.stratified import NearDuplicates, SampleConfig, cluster_weights, draw_keys
+from paser.selection.configs import SampleConfig
+from paser.selection.stratified import NearDuplicates, cluster_weights, draw_keys
 
 
 def importance_efficiency(degradation, n_tokens) -> np.ndarray:

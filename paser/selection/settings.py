@@ -9,107 +9,26 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 from paser.config import SECTIONS, from_mapping, read_yaml, to_mapping
 from paser.devices import resolve_dtype, scoring_device
 from paser.errors import ConfigError
-from paser.models.pruning import PruneConfig
-from paser.selection.adaptive import AdaptiveConfig
-from paser.selection.allocation import AllocateConfig
+from paser.models.config import PruneConfig
 from paser.selection.budget import parse_budget
-from paser.selection.clustering import ClusterConfig
-from paser.selection.concepts import ConceptConfig
-from paser.selection.degradation import ScoreConfig
-from paser.selection.embedding import EmbedConfig
-from paser.selection.manifold import ManifoldConfig
+from paser.selection.configs import (
+    STAGE_CONFIGS,
+    AdaptiveConfig,
+    AllocateConfig,
+    ClusterConfig,
+    ConceptConfig,
+    DistributeConfig,
+    EmbedConfig,
+    ManifoldConfig,
+    SampleConfig,
+    ScoreConfig,
+    SelectConfig,
+)
 from paser.selection.methods import Method, method_of
-from paser.selection.stratified import SampleConfig
-
-
-@dataclass
-class SelectConfig:
-    """What to select from, with which models, and how much."""
-
-    data: str | None = None
-    """Instruction pool (JSON, JSONL, CSV, Parquet, datasets folder, or a Hugging Face dataset id
-    read offline from the datasets cache); None: the generated suite."""
-    split: str = "train"
-    """The split of a Hugging Face dataset id."""
-    layout: str | None = None
-    """alpaca, lamini, dolly, messages (chat turns) or sharegpt (conversations); detected from the
-    first record when omitted."""
-    field_map: dict | None = None
-    """Explicit field names: {instruction, input, response, id}, or {messages} for a field holding
-    conversation turns (``--fields``)."""
-    strict: bool = False
-    """Refuse records with an empty instruction or response instead of setting them aside."""
-    suite_size: int = 1000
-    """Records of the generated capability suite (when data is None)."""
-    dense: str = "smollm2-135m-instruct"
-    """The unpruned model."""
-    pruned: str | None = None
-    """The pruned twin; None makes one with paser prune at prune_ratio (made once, cached)."""
-    prune_ratio: float = 0.25
-    """Ratio for the twin made when pruned is None."""
-    budget: float | str = 0.2
-    """What to select: records as a count (100) or a fraction of the pool (0.2), or tokens as an
-    amount ("40000tok") or a fraction of the pool's tokens ("0.2tok"); see paser.selection.budget."""
-    method: str = "paser"
-    """A registered selection method (paser.selection.methods): paser; strat, tempered stratified
-    selection (cluster shares by size and tempered CDS, records drawn by tempered IES,
-    near-duplicates skipped: the ``sample`` section); adaptive, the budget spent in rounds of
-    recovery whose cluster shares follow the gaps that remain (the ``adaptive`` section: selection
-    plans the rounds and draws the first, ``paser recover`` on its selected.jsonl trains them and
-    draws the rest); the baselines random (seeded), full (every record), longest (longest
-    responses first), shortest (fewest tokens first), pruned_loss (highest response NLL under the
-    pruned model first); or an ablation of PASER: uniform allocation, random_order inside
-    clusters instead of IES, no_cost (IES without its compute-cost denominator), no_ccg (no
-    concept filter), kmeans clusters instead of NMF. An ablation sets its stage's option
-    (allocate.method, concepts.enabled, cluster.method) whatever the config says."""
-    out: str = "runs/select"
-    """The run folder."""
-    trust_pickle: bool = False
-    """Unpickle whole a pickle the restricted reader refuses (it can run code); LLM-Pruner
-    checkpoints need no flag."""
-    seed: int = 0
-    """Seed for every random choice: the same inputs and seed give the same selection."""
-    progress: bool = True
-    """Progress bars on long stages."""
-    pictures: bool = True
-    """Draw the report's pictures (cluster map with its t-SNE, allocation, rejections); False writes
-    the report without them."""
-
-    def __post_init__(self):
-        parse_budget(self.budget)  # a malformed budget fails when the settings are read
-
-
-@dataclass
-class DistributeConfig:
-    """Where the degradation shards run. Scores do not depend on it: every engine gives the same."""
-
-    engine: Literal["local", "dask", "ray"] = "local"
-    """local: shards one after another in this process; dask or ray: spread over that engine."""
-    address: str | None = None
-    """Dask scheduler (tcp://host:8786) or Ray cluster (ray://host:10001, auto) to use; None starts a
-    local cluster of ``workers`` processes for the run. The run folder must be on storage the
-    workers can read and write."""
-    workers: int | None = None
-    """Worker processes of a local cluster. None: one per visible GPU when shards claim GPUs, else
-    2. On GPUs never more than the GPUs visible (each worker is pinned to its own)."""
-    gpus_per_shard: float | None = None
-    """GPUs each shard claims (Dask resource GPU, Ray num_gpus); None: 1 when CUDA is available
-    here, else 0."""
-
-    def __post_init__(self):
-        if self.workers is not None and self.workers < 1:
-            raise ValueError(f"workers must be positive, got {self.workers}")
-
-
-STAGE_CONFIGS = {"select": SelectConfig, "embed": EmbedConfig, "manifold": ManifoldConfig,
-            "cluster": ClusterConfig, "score": ScoreConfig, "allocate": AllocateConfig, "sample": SampleConfig,
-            "adaptive": AdaptiveConfig, "concepts": ConceptConfig, "prune": PruneConfig,
-            "distribute": DistributeConfig}
 
 
 @dataclass
@@ -188,7 +107,6 @@ class Settings:
             data.setdefault(section, {})
             data[section] = dict(data[section] or {}) | {k: v for k, v in values.items() if v is not None}
         return cls.from_dict(data, where)
-
 
 
 def build_settings(data: str | None = None, dense: str | None = None, pruned: str | None = None,

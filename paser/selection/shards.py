@@ -18,14 +18,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from paser.selection.degradation import (
-    LATER_OPTIONS,
-    SCORE_INDEPENDENT,
-    SHARD_FORMAT,
-    Encoded,
-    ScoreConfig,
-    jsd_from_logits,
-)
+from paser.selection.configs import ScoreConfig
+from paser.selection.degradation import LATER_OPTIONS, SCORE_INDEPENDENT, SHARD_FORMAT, Encoded, jsd_from_logits
 from paser.selection.passes import (
     Prefixes,
     batch_tensors,

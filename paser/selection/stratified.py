@@ -23,48 +23,7 @@ print(cluster_weights([10, 30], [0.2, 0.4], 1.0))"
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal
-
 import numpy as np
-
-
-@dataclass
-class SampleConfig:
-    """How ``--method strat`` splits the budget and draws records. The defaults (tau_c 1, tau_i 1,
-    near-duplicates at cosine 0.95) are the configuration the recovery-cost experiment's registered
-    sweep chose on suite-15 (docs/benchmarks.md), frozen before it ran on any other setting."""
-
-    cds_temperature: float = 1.0
-    """tau_c: cluster shares ~ size x (CDS / mean CDS)^tau_c; 0 is in proportion to size (no model
-    needed when ies_temperature is 0 too), 1 is size x CDS."""
-    ies_temperature: float = 1.0
-    """tau_i: inside a cluster records are drawn with probability ~ (IES / the cluster's mean
-    IES)^tau_i; 0 is uniform, 1 is in proportion to IES (needs every record scored)."""
-    dedup: float | Literal["off"] | None = 0.95
-    """Skip a record whose instruction embedding has cosine similarity at least this with a record
-    already taken (near-duplicate removal); off (YAML null): keep every record."""
-
-    def __post_init__(self):
-        if self.dedup == "off":
-            self.dedup = None
-        if self.cds_temperature < 0 or self.ies_temperature < 0:
-            raise ValueError("cds_temperature and ies_temperature must be >= 0")
-        if self.dedup is not None and not 0 < self.dedup <= 1:
-            raise ValueError(f"dedup must be a cosine similarity in (0, 1], got {self.dedup}")
-
-    @classmethod
-    def uniform(cls) -> SampleConfig:
-        """Stratified random sampling: shares by size, records uniformly, every record kept."""
-        return cls(cds_temperature=0.0, ies_temperature=0.0, dedup=None)
-
-    @property
-    def needs_cds(self) -> bool:
-        return self.cds_temperature > 0
-
-    @property
-    def needs_every_score(self) -> bool:
-        return self.ies_temperature > 0
 
 
 def cluster_weights(room, cds, temperature: float) -> np.ndarray:
