@@ -299,7 +299,8 @@ def self_steps(config: RecoverConfig, subset: Path, out: Path, setup: dict, args
     records = load_pool(str(subset)).records
     answered, _ = answer_with_dense(records, str(subset), config, out, False, train_device(config))
     tokenizer = load_tokenizer(setup["pruned"], False, args.dense)
-    plain, mine = (sum(len(e.ids) for e in encode_for_training(tokenizer, r, config)) for r in (records, answered))
+    plain, mine = (sum(len(e.ids) for e in encode_for_training(tokenizer, r, config.prompt))
+                   for r in (records, answered))
     per_epoch = max(1, round(plain / config.batch_tokens))
     return dataclasses.replace(config, batch_tokens=max(1, round(mine / per_epoch)))
 

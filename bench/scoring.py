@@ -47,10 +47,10 @@ def main() -> None:
     pruned_ref = twin_reference(Settings())
     dense, pruned = load_pair("smollm2-135m-instruct", pruned_ref, dtype=args.dtype)
     cfg = ScoreConfig(batch_size=args.batch_size, dtype=args.dtype)
-    n_tokens = sum(len(e.ids) for e in encode_records(dense.tokenizer, records, cfg))
+    n_tokens = sum(len(e.ids) for e in encode_records(dense.tokenizer, records, cfg.prompt))
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch "
           f"{torch.__version__}, {torch.get_num_threads()} threads, dtype {args.dtype}")
-    print(f"records: {len(records)} from {args.data} ({n_tokens} prompt+response tokens, cutoff {cfg.cutoff})")
+    print(f"records: {len(records)} from {args.data} ({n_tokens} prompt+response tokens, cutoff {cfg.prompt.cutoff})")
 
     with PeakRSS() as mem:
         start = time.perf_counter()

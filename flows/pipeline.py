@@ -53,11 +53,13 @@ def pipeline_flow(dense: str | None = None, pruned: str | None = None, data: str
         pruned = str(root / "pruned")
         prune_flow(dense, pruned, config, sections.get("prune"), trust_pickle=trust_pickle)
     run = selection_flow(pruned=pruned, overrides=settings.to_dict())
+    # one prompt format: the selection's, recovery's and every evaluation's (the prompt section)
+    prompt = {"prompt": settings.to_dict()["prompt"]}
     recovered = recovery_flow(pruned, str(Path(run) / "selected.jsonl"), str(root / "recover"),
-                              overrides=sections.get("recover"), trust_pickle=trust_pickle)
+                              overrides=dict(sections.get("recover") or {}) | prompt, trust_pickle=trust_pickle)
     # the held-out suite shares no prompt with the pool selected from; the recovered model's
     # evaluation also reports the share of each family's dense-vs-pruned gap it closed
-    evaluate = {"suite_exclude": [run]} | dict(sections.get("evaluate") or {})
+    evaluate = {"suite_exclude": [run]} | dict(sections.get("evaluate") or {}) | prompt
     references = {"reference_dense": str(root / "eval" / "dense"), "reference_pruned": str(root / "eval" / "pruned")}
     results = {}
     for name, model, adapter in (("dense", dense, None), ("pruned", pruned, None),

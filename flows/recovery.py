@@ -44,7 +44,8 @@ def recovery_flow(model: str, data: str, out: str = "runs/recover", config: str 
                   overrides: dict | None = None, val_data: str | None = None, trust_pickle: bool = False,
                   restart: bool = False) -> str:
     """LoRA-recover ``model`` on the records of ``data`` (e.g. a run's selected.jsonl) into ``out``.
-    ``config`` is a YAML file whose ``recover`` section is read; ``overrides`` are its fields."""
+    ``config`` is a YAML file whose ``recover`` and ``prompt`` sections are read; ``overrides`` are the
+    recover section's fields, and the prompt section's under ``"prompt"``."""
     cfg = load_config(RecoverConfig, config, "recover", overrides)
     return str(lora_recovery(model, data, out, cfg, val_data, trust_pickle, restart).out)
 
@@ -52,7 +53,8 @@ def recovery_flow(model: str, data: str, out: str = "runs/recover", config: str 
 @flow(name="paser-evaluate")
 def evaluation_flow(model: str, adapter: str | None = None, out: str | None = None, config: str | None = None,
                     overrides: dict | None = None, trust_pickle: bool = False) -> dict:
-    """Evaluate ``model`` (with ``adapter`` when given); ``config``'s ``evaluate`` section, ``overrides`` on top."""
+    """Evaluate ``model`` (with ``adapter`` when given); ``config``'s ``evaluate`` and ``prompt``
+    sections, ``overrides`` on top (the prompt section's under ``"prompt"``)."""
     cfg = load_config(EvalConfig, config, "evaluate", overrides)
     return evaluation(model, adapter, out, cfg, trust_pickle)
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from paser.errors import ConfigError
 
 # Top-level sections a paser YAML may hold; each is one stage's config.
-SECTIONS = ("select", "embed", "manifold", "cluster", "score", "allocate", "sample", "adaptive", "concepts",
+SECTIONS = ("prompt", "select", "embed", "manifold", "cluster", "score", "allocate", "sample", "adaptive", "concepts",
             "prune", "distribute", "recover", "evaluate", "compare")
 
 
@@ -88,20 +88,40 @@ def _check(value, hint, where: str):
     return value
 
 
-def from_mapping(cls, data: dict, where: str):
-    """Build dataclass ``cls`` from a mapping, refusing unknown keys and wrong types."""
+def from_mapping(cls, data: dict, where: str, shared: dict | None = None):
+    """Build dataclass ``cls`` from a mapping, refusing unknown keys and wrong types. ``shared``:
+    the configs of sections of their own that ``cls`` holds as fields of the same names (the
+    ``prompt`` section), already built (``shared_sections``); ``data`` may not set them."""
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: expected a mapping of settings, got {type(data).__name__}")
     hints = typing.get_type_hints(cls)
     fields = {f.name for f in dataclasses.fields(cls)}
+    moved = getattr(cls, "MOVED", {})
+    for key in data:
+        if key in moved:
+            raise ConfigError(f"{where}.{key} is now {moved[key]}: one setting of its own section, shared by "
+                              "every command")
+        if key in SECTIONS:
+            raise ConfigError(f"{where}.{key}: {key} is a section of its own, shared by every command; set it there")
     unknown = sorted(set(data) - fields)
     if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {unknown}; known: {sorted(fields)}")
+        raise ConfigError(f"{where}: unknown key(s) {unknown}; known: {sorted(fields - set(SECTIONS))}")
     values = {k: _check(v, hints[k], f"{where}.{k}") for k, v in data.items()}
+    values |= {k: v for k, v in (shared or {}).items() if k in fields}
     try:
         return cls(**values)
     except ValueError as err:
         raise ConfigError(f"{where}: {err}") from None
+
+
+def shared_sections(cls, sections: dict, where: str) -> dict:
+    """The configs of the sections of their own that ``cls`` holds as fields of the same names
+    (``prompt``), built from ``sections`` (``{section: {key: value}}``; values of None are
+    ignored); ``where`` names the file."""
+    hints = typing.get_type_hints(cls)
+    return {f.name: from_mapping(hints[f.name], {k: v for k, v in (sections.get(f.name) or {}).items()
+                                                 if v is not None}, f"{where}: {f.name}")
+            for f in dataclasses.fields(cls) if f.name in SECTIONS}
 
 
 def read_yaml(path: str | Path) -> dict:
@@ -120,20 +140,30 @@ def read_yaml(path: str | Path) -> dict:
 
 
 def config_with(config, overrides: dict):
-    """A copy of the dataclass ``config`` with the given fields replaced (unknown names are errors)."""
+    """A copy of the dataclass ``config`` with the given fields replaced (unknown names are errors);
+    a config it holds takes a dict of its own fields (``prompt={"cutoff": 512}``)."""
     known = {f.name for f in dataclasses.fields(config)}
+    moved = getattr(config, "MOVED", {})
+    for key in set(overrides) & set(moved):
+        section, field = moved[key].split(".")
+        raise TypeError(f"{key} is now {moved[key]}: pass {section}={{{field!r}: ...}}")
     unknown = sorted(set(overrides) - known)
     if unknown:
         raise TypeError(f"unknown {type(config).__name__} option(s) {unknown}; known: {sorted(known)}")
-    return dataclasses.replace(config, **overrides)
+    values = {k: dataclasses.replace(getattr(config, k), **v)
+              if isinstance(v, dict) and dataclasses.is_dataclass(getattr(config, k)) else v
+              for k, v in overrides.items()}
+    return dataclasses.replace(config, **values)
 
 
 def load_config(cls, path: str | Path | None, section: str, overrides: dict | None = None):
     """``cls`` from the ``section`` of a YAML file (or defaults), then ``overrides`` on top.
 
-    Overrides whose value is None are ignored, so unset CLI options keep the file's values.
+    Overrides whose value is None are ignored, so unset CLI options keep the file's values; a
+    section of its own that ``cls`` holds (``prompt``) takes its overrides under its name
+    (``{"prompt": {"cutoff": 512}}``).
     """
-    data: dict = {}
+    doc: dict = {}
     where = section
     if path is not None:
         doc = read_yaml(path)
@@ -141,15 +171,20 @@ def load_config(cls, path: str | Path | None, section: str, overrides: dict | No
         if unknown:
             raise ConfigError(f"{path}: unknown section(s) {unknown}; known: {list(SECTIONS)}")
         where = f"{path}: {section}"
-        data = dict(doc.get(section) or {})
-    data.update({k: v for k, v in (overrides or {}).items() if v is not None})
-    return from_mapping(cls, data, where)
+    overrides = dict(overrides or {})
+    data = dict(doc.get(section) or {})
+    sections = {name: dict(doc.get(name) or {}) | {k: v for k, v in (overrides.pop(name, None) or {}).items()
+                                                    if v is not None}
+                for name in SECTIONS if name != section}
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    return from_mapping(cls, data, where, shared_sections(cls, sections, str(path) if path is not None else section))
 
 
 def to_mapping(config) -> dict:
-    """A YAML-friendly dict of a config (tuples as lists)."""
+    """A YAML-friendly dict of a config (tuples as lists, a config it holds as a dict)."""
     out = {}
     for f in dataclasses.fields(config):
         value = getattr(config, f.name)
-        out[f.name] = list(value) if isinstance(value, tuple) else value
+        out[f.name] = (list(value) if isinstance(value, tuple) else
+                       to_mapping(value) if dataclasses.is_dataclass(value) else value)
     return out

@@ -249,6 +249,12 @@ def test_the_folder_refuses_other_arms_settings_but_not_another_reading(tmp_path
             remember(tmp_path, changed, defaults)
     with pytest.raises(ConfigError, match="recover.lr"):
         remember(tmp_path, settings() | {"recover": {"lr": 2, "added": 0}}, defaults)
+    # a folder started when the prompt format was keys of the recover section holds it as the prompt's
+    old, recover = tmp_path / "old", {"lr": 1, "added": 0}
+    remember(old, settings() | {"recover": recover | {"template": "alpaca", "cutoff": 256}}, defaults)
+    remember(old, settings() | {"recover": recover | {"prompt": {"template": "alpaca", "cutoff": 256}}}, defaults)
+    with pytest.raises(ConfigError, match="recover.prompt"):
+        remember(old, settings() | {"recover": recover | {"prompt": {"template": "alpaca", "cutoff": 512}}}, defaults)
 
 
 def test_the_summary_says_what_to_use():

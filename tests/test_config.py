@@ -44,7 +44,7 @@ def test_every_stage_config_is_a_known_section_and_recipes_load():
     from paser.selection.configs import STAGE_CONFIGS
     from paser.selection.settings import Settings
 
-    assert tuple(STAGE_CONFIGS) == SECTIONS[:len(STAGE_CONFIGS)]
+    assert ("prompt", *STAGE_CONFIGS) == SECTIONS[:len(STAGE_CONFIGS) + 1]  # the prompt section, then selection's
     root = Path(__file__).resolve().parents[1] / "configs"
     recipes = sorted(root.glob("*.yaml"))
     assert len(recipes) >= 4
@@ -53,3 +53,52 @@ def test_every_stage_config_is_a_known_section_and_recipes_load():
         load_config(PruneConfig, path, "prune")
     default = Settings.load(root / "default.yaml")
     assert default.to_dict() == Settings.load(None).to_dict()  # the file spells out exactly the defaults
+
+
+def test_one_prompt_section_serves_scoring_recovery_and_evaluation(tmp_path):
+    from paser.config import config_with
+    from paser.data.prompts import PromptFormat
+    from paser.evaluation.config import EvalConfig
+    from paser.recovery.config import RecoverConfig
+    from paser.selection.settings import Settings
+
+    path = tmp_path / "c.yaml"
+    path.write_text("prompt:\n  template: chat\n  cutoff: 128\nrecover:\n  epochs: 1\n")
+    shared = PromptFormat("chat", 128)
+    settings = Settings.load(path)
+    assert settings.prompt == settings.score.prompt == shared
+    assert load_config(RecoverConfig, path, "recover").prompt == shared
+    assert load_config(EvalConfig, path, "evaluate").prompt == shared
+    # a command-line option on top, under the section's name; the file's other key stays
+    assert load_config(RecoverConfig, path, "recover", {"prompt": {"cutoff": 64, "template": None}}).prompt == \
+        PromptFormat("chat", 64)
+    # the run folder's settings.json holds it as a section of its own, and reads back the same
+    sections = settings.to_dict()
+    assert sections["prompt"] == {"template": "chat", "cutoff": 128} and "prompt" not in sections["score"]
+    assert Settings.from_dict(settings.to_dict()).prompt == shared
+    assert config_with(RecoverConfig(), {"prompt": {"cutoff": 64}}).prompt == PromptFormat("alpaca", 64)
+    with pytest.raises(TypeError, match=r"cutoff is now prompt.cutoff: pass prompt=\{'cutoff': ...\}"):
+        config_with(RecoverConfig(), {"cutoff": 64})
+
+
+@pytest.mark.parametrize("text, section, message", [
+    ("score:\n  cutoff: 512\n", "select", "score.cutoff is now prompt.cutoff"),
+    ("recover:\n  template: chat\n", "recover", "recover.template is now prompt.template"),
+    ("evaluate:\n  cutoff: 64\n", "evaluate", "evaluate.cutoff is now prompt.cutoff"),
+    ("recover:\n  prompt:\n    cutoff: 64\n", "recover", "recover.prompt: prompt is a section of its own"),
+    ("prompt:\n  cutoff: 0\n", "recover", "prompt: cutoff must be positive"),
+    ("prompt:\n  template: llama\n", "evaluate", "prompt.template: 'llama' is not one of ['alpaca', 'chat']"),
+])
+def test_the_prompt_format_is_set_in_its_own_section_only(tmp_path, text, section, message):
+    from paser.evaluation.config import EvalConfig
+    from paser.recovery.config import RecoverConfig
+    from paser.selection.settings import Settings
+
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        if section == "select":
+            Settings.load(path)
+        else:
+            load_config({"recover": RecoverConfig, "evaluate": EvalConfig}[section], path, section)
+    assert message in str(info.value) and "c.yaml" in str(info.value)

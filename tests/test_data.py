@@ -175,10 +175,10 @@ def test_a_pool_tokenised_a_list_at_a_time_gives_each_records_own_ids(tiny_token
                           len(ids) > cutoff))
         assert together == alone
         # the token count keeps only the counts, the same ones
-        from paser.selection.configs import ScoreConfig
+        from paser.data.prompts import PromptFormat
         from paser.selection.degradation import token_table
 
-        table = token_table(tiny_tokenizer, records, ScoreConfig(template=template, cutoff=cutoff))
+        table = token_table(tiny_tokenizer, records, PromptFormat(template, cutoff))
         assert list(zip(table["n_prompt"], table["n_response"], table["truncated"])) == [a[1:] for a in alone]
         assert list(table["id"]) == [r.id for r in records]
     assert any(t for *_, t in prompts.tokenize_examples(tiny_tokenizer, records, template, 12))  # the cutoff bit

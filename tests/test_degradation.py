@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 import torch
 
+from paser.data.prompts import PromptFormat
 from paser.data.suite import suite_pool
 from paser.models.config import PruneConfig
 from paser.models.load import load_model
@@ -79,7 +80,7 @@ def test_batched_equals_per_sample(pair, tiny_tokenizer, share_prefix, jsd_chunk
 def _direct_response_nll(model, tokenizer, records, cfg):
     """Mean NLL of each record's response tokens from one plain forward pass of the full sequence."""
     out = []
-    for e in encode_records(tokenizer, records, cfg):
+    for e in encode_records(tokenizer, records, cfg.prompt):
         ids = torch.tensor([e.ids])
         logp = torch.log_softmax(model(input_ids=ids).logits[0].double(), dim=-1)
         t = torch.arange(e.n_prompt, len(e.ids))
@@ -101,7 +102,7 @@ def test_loss_gap_equals_direct_nll_of_both_models(pair, tiny_tokenizer, share_p
 
 
 def test_common_prefix_leaves_scored_tokens(tiny_tokenizer):
-    enc = encode_records(tiny_tokenizer, suite_pool(10).records, ScoreConfig())
+    enc = encode_records(tiny_tokenizer, suite_pool(10).records, PromptFormat())
     prefix = common_prefix(enc, "response")
     assert 0 < len(prefix) < min(e.n_prompt for e in enc)
     assert all(e.ids[:len(prefix)] == prefix for e in enc)
@@ -118,7 +119,7 @@ def test_other_position_modes(pair, tiny_tokenizer):
 
 def test_cutoff_truncates_and_counts(pair, tiny_tokenizer):
     recs = suite_pool(12).records
-    scores = score_shard(*pair, tiny_tokenizer, recs, ScoreConfig(cutoff=45))
+    scores = score_shard(*pair, tiny_tokenizer, recs, ScoreConfig(prompt=PromptFormat(cutoff=45)))
     enc_lengths = scores["n_prompt"] + scores["n_response"]
     assert enc_lengths.max() <= 45 and scores["truncated"].any()
     no_tokens = scores["n_scored"] == 0

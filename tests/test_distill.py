@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from paser.data.pools import write_jsonl
+from paser.data.prompts import PromptFormat
 from paser.data.suite import generate_suite, suite_pool
 from paser.errors import ConfigError, TokenizerMismatchError
 from paser.recovery import RecoverConfig, recover
@@ -38,7 +39,7 @@ def _models(tiny_pair):
 @pytest.mark.parametrize("kind,temperature", [("kl", 1.0), ("kl", 2.0), ("jsd", 1.0)])
 def test_distillation_loss_equals_a_direct_computation(tiny_pair, tiny_tokenizer, kind, temperature):
     teacher, student = _models(tiny_pair)
-    examples = encode_for_training(tiny_tokenizer, suite_pool(6, seed=3).records, RecoverConfig())
+    examples = encode_for_training(tiny_tokenizer, suite_pool(6, seed=3).records, PromptFormat())
     batch = collate(examples, tiny_tokenizer.pad_token_id, "cpu")
     config = RecoverConfig(objective="distill", divergence=kind, temperature=temperature)
     loss, nll, div = objective_loss_sum(student, batch, config, in_memory_targets(teacher, batch, temperature))
@@ -70,7 +71,7 @@ def test_distillation_loss_equals_a_direct_computation(tiny_pair, tiny_tokenizer
 
 def test_accumulated_micro_batches_give_the_full_batch_gradient(tiny_pair, tiny_tokenizer):
     teacher, student = _models(tiny_pair)
-    examples = encode_for_training(tiny_tokenizer, suite_pool(8, seed=4).records, RecoverConfig())
+    examples = encode_for_training(tiny_tokenizer, suite_pool(8, seed=4).records, PromptFormat())
     config = RecoverConfig(objective="mix", mix_weight=0.25)
     n = sum(sum(1 for t in e.labels[1:] if t != IGNORE) for e in examples)
 

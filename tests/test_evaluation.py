@@ -219,4 +219,4 @@ def test_evaluation_refuses_a_record_without_response_tokens(tiny_pair, tmp_path
     write_jsonl(heldout, [{"instruction": "word " * 40, "input": "", "output": "yes"}])
     for reference in (None, dense):
         with pytest.raises(DataError, match="no response token is left"):
-            evaluate(pruned, heldout=str(heldout), suite_size=0, cutoff=8, divergence_from=reference)
+            evaluate(pruned, heldout=str(heldout), suite_size=0, prompt={"cutoff": 8}, divergence_from=reference)

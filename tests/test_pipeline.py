@@ -267,18 +267,20 @@ def test_token_budget_end_to_end(models, tmp_path, finished_run):
     manifest = json.loads((run / "manifest.json").read_text())
     assert manifest["selection"]["selected_tokens"] == spent and manifest["selection"]["budget_unit"] == "tokens"
     # the tokens were counted at the 256-token cutoff: recovery at another is refused before any model loads
+    from paser.data.prompts import PromptFormat
     from paser.errors import ConfigError
     from paser.recovery import RecoverConfig, recover
     from paser.recovery.entry import check_prompt_format
 
     with pytest.raises(ConfigError, match="counted in the 'alpaca' template at a 256-token cutoff.*--cutoff 256"):
-        recover("no-such-model", str(run / "selected.jsonl"), tmp_path / "rec", cutoff=128)
+        recover("no-such-model", str(run / "selected.jsonl"), tmp_path / "rec", prompt={"cutoff": 128})
     check_prompt_format(RecoverConfig(), run / "selected.jsonl")  # the selection's own format passes
     # a record budget on the same folder re-runs only the selection, and reports tokens too
     again = run_selection(settings(models, tmp_path / "run", budget=10))
     summary = json.loads((again / "clusters.json").read_text())
     assert summary["budget_unit"] == "records" and summary["selected"] == 10 and summary["selected_tokens"] > 0
-    check_prompt_format(RecoverConfig(cutoff=128), again / "selected.jsonl")  # a record budget spends no tokens
+    # a record budget spends no tokens
+    check_prompt_format(RecoverConfig(prompt=PromptFormat(cutoff=128)), again / "selected.jsonl")
 
 
 def test_loss_gap_signal_reuses_the_scores(models, tmp_path, finished_run):

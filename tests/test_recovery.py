@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 
+from paser.data.prompts import PromptFormat
 from paser.data.suite import suite_pool
 from paser.recovery import RecoverConfig, recover
 from paser.recovery.losses import IGNORE, collate, encode_for_training
@@ -18,13 +19,13 @@ def test_loss_mask_covers_exactly_the_response(tiny_tokenizer):
     from paser.data.prompts import format_prompt
 
     records = suite_pool(6, seed=2).records
-    for record, ex in zip(records, encode_for_training(tiny_tokenizer, records, RecoverConfig())):
+    for record, ex in zip(records, encode_for_training(tiny_tokenizer, records, PromptFormat())):
         prompt = tiny_tokenizer(format_prompt(record), add_special_tokens=True)["input_ids"]
         response = tiny_tokenizer(record.response, add_special_tokens=False)["input_ids"]
         response = response + [tiny_tokenizer.eos_token_id]
         assert ex.ids == prompt + response
         assert ex.labels == [IGNORE] * len(prompt) + response
-    batch = collate(encode_for_training(tiny_tokenizer, records, RecoverConfig()), tiny_tokenizer.pad_token_id, "cpu")
+    batch = collate(encode_for_training(tiny_tokenizer, records, PromptFormat()), tiny_tokenizer.pad_token_id, "cpu")
     padded = batch["attention_mask"] == 0
     assert (batch["labels"][padded] == IGNORE).all() and padded.any()
 
@@ -80,7 +81,7 @@ def test_a_few_steps_reduce_the_loss_and_the_adapter_round_trips(tiny_model_dir,
 
     config = RecoverConfig(**FAST)
     train, _ = split_validation(load_pool(train_file).records, config)
-    examples = encode_for_training(load_model(str(tiny_model_dir)).tokenizer, train, config)
+    examples = encode_for_training(load_model(str(tiny_model_dir)).tokenizer, train, config.prompt)
     expected = sum(sum(1 for t in e.labels[1:] if t != IGNORE) for e in examples)
     assert result.train_tokens == expected == json.loads((out / "recovery.json").read_text())["train_tokens"] > 0
 
@@ -178,7 +179,7 @@ def test_recovery_with_token_batches(tiny_model_dir, train_file, tmp_path):
     done = json.loads((out / "recovery.json").read_text())
     config = RecoverConfig(**(FAST | {"batch_tokens": 600, "epochs": 1}))
     train, _ = split_validation(load_pool(train_file).records, config)
-    examples = encode_for_training(load_model(str(tiny_model_dir)).tokenizer, train, config)
+    examples = encode_for_training(load_model(str(tiny_model_dir)).tokenizer, train, config.prompt)
     lengths = [len(e.ids) for e in examples]
     assert result.steps == done["steps"] == round(sum(lengths) / 600) == len(step_batches(len(train), config, lengths))
     assert done["batch_unit"] == "tokens"

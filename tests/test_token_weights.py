@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from paser.data.prompts import PromptFormat
 from paser.data.suite import suite_pool
 from paser.recovery import RecoverConfig, recover
 from paser.recovery.losses import IGNORE, collate, encode_for_training, objective_loss_sum
@@ -25,7 +26,7 @@ def test_weights_of_zero_on_all_tokens_but_one_give_that_tokens_gradient_alone(t
 
     model = build_model(tiny_tokenizer, num_kv_heads=2)
     config = RecoverConfig()
-    batch = collate(encode_for_training(tiny_tokenizer, suite_pool(3, seed=4).records, config),
+    batch = collate(encode_for_training(tiny_tokenizer, suite_pool(3, seed=4).records, config.prompt),
                     tiny_tokenizer.pad_token_id, "cpu")
     labelled = int((batch["labels"][:, 1:] != IGNORE).sum())
     one = 5
@@ -64,7 +65,7 @@ def test_the_signal_cache_reads_finished_parts_back_without_a_model(tiny_tokeniz
     from tests.conftest import build_model
 
     dense, pruned = build_model(tiny_tokenizer, seed=0), build_model(tiny_tokenizer, seed=1)
-    examples = encode_for_training(tiny_tokenizer, suite_pool(7, seed=5).records, RecoverConfig())
+    examples = encode_for_training(tiny_tokenizer, suite_pool(7, seed=5).records, PromptFormat())
     cache = SignalCache(tmp_path, "fp")
     pad = tiny_tokenizer.pad_token_id
     first = cache.build(dense, pruned, examples, collate, pad, "cpu", "excess", 3, labelled_logits)

@@ -16,6 +16,7 @@ import typer
 from paser.cli.app import app, dispatch, fail, offline_defaults
 from paser.cli.options import REQUIRED, Opt, command, config_option, flow_option, plain, trust_option
 from paser.comparison.config import CompareConfig
+from paser.data.prompts import PromptFormat
 from paser.errors import PaserError
 from paser.evaluation.config import EvalConfig
 from paser.models.config import PruneConfig
@@ -57,8 +58,8 @@ SELECT = [Opt("select", name) for name in ("data", "dense", "pruned", "prune_rat
     Opt("select", "budget", convert=lambda text: parse_budget(text).setting), Opt("select", "out"),
     Opt("select", "layout"), Opt("select", "split"),
     Opt("select", "field_map", "--fields", fields_map, str), Opt("select", "strict", "--strict/--lenient"),
-    Opt("select", "suite_size"), Opt("score", "dtype"), Opt("score", "batch_size"), Opt("score", "template"),
-    Opt("score", "cutoff"), Opt("cluster", "n_clusters", "--clusters"), Opt("cluster", "method", "--cluster-method"),
+    Opt("select", "suite_size"), Opt("score", "dtype"), Opt("score", "batch_size"), Opt("prompt", "template"),
+    Opt("prompt", "cutoff"), Opt("cluster", "n_clusters", "--clusters"), Opt("cluster", "method", "--cluster-method"),
     Opt("manifold", "method", "--manifold"), Opt("embed", "precomputed", "--embeddings"),
     Opt("concepts", "max_concepts"),
     Opt("concepts", "enabled", "--concepts/--no-concepts"), Opt("allocate", "method", "--allocation"),
@@ -70,8 +71,8 @@ SELECT = [Opt("select", name) for name in ("data", "dense", "pruned", "prune_rat
 ]
 
 
-@command(app, "select", SELECT, STAGE_CONFIGS,
-         after=[config_option("sections select, embed, manifold, cluster, score, allocate, sample, adaptive, "
+@command(app, "select", SELECT, {"prompt": PromptFormat, **STAGE_CONFIGS},
+         after=[config_option("sections prompt, select, embed, manifold, cluster, score, allocate, sample, adaptive, "
                               "concepts, prune, distribute"), flow_option()])
 def select(values: dict, config: Path | None, flow: bool) -> None:
     """Select the instruction samples that best repair the pruned model (PASER)."""
@@ -160,14 +161,15 @@ def prune(values: dict, model: str, out: Path, config: Path | None, export_pickl
 RECOVER = [Opt("recover", name) for name in (
     "epochs", "max_steps", "learning_rate", "batch_size", "micro_batch_size", "batch_tokens", "micro_batch_tokens",
     "token_weighting", "token_signal")] + [Opt("recover", "r", "--lora-r"), Opt("recover", "alpha", "--lora-alpha")] + [
-    Opt("recover", name) for name in ("cutoff", "val_size", "patience", "dtype")] + [
+    Opt("prompt", name) for name in ("template", "cutoff")] + [
+    Opt("recover", name) for name in ("val_size", "patience", "dtype")] + [
     Opt("recover", "merge", "--merge/--no-merge"), Opt("recover", "seed")] + [
     Opt("recover", name) for name in ("objective", "teacher", "divergence", "temperature", "mix_weight",
                                       "teacher_top_k", "max_grad_norm", "responses", "answer_tokens")] + [
     Opt("recover", "gradient_checkpointing", "--gradient-checkpointing/--no-gradient-checkpointing")]
 
 
-@command(app, "recover", RECOVER, {"recover": RecoverConfig},
+@command(app, "recover", RECOVER, {"recover": RecoverConfig, "prompt": PromptFormat},
          before=[plain("model", str, typer.Argument(help=f"The pruned model: a paser-pruned folder, {MODEL_HELP}."),
                        REQUIRED),
                  plain("data", str, typer.Option(help="Training records: a run's selected.jsonl (an adaptive "
@@ -187,7 +189,7 @@ def recover(values: dict, model: str, data: str, out: Path, config: Path | None,
     from paser.config import load_config
     from paser.recovery import recover as run_recover
 
-    overrides = values["recover"]
+    overrides = values["recover"] | {"prompt": values["prompt"]}
 
     def flowed():
         from flows.recovery import recovery_flow
@@ -243,10 +245,10 @@ EVALUATE = [Opt("evaluate", name) for name in ("text", "heldout", "suite_size", 
                                                "window", "long_window", "batch_size", "dtype")] + [
     Opt("evaluate", "lm_eval_tasks", "--lm-eval-task"), Opt("evaluate", "lm_eval_limit"),
     Opt("evaluate", "lm_eval_sample"), Opt("evaluate", "lm_eval_whole"), Opt("evaluate", "lm_eval_seed"),
-    Opt("evaluate", "lm_eval_backend")]
+    Opt("evaluate", "lm_eval_backend"), Opt("prompt", "template"), Opt("prompt", "cutoff")]
 
 
-@command(app, "evaluate", EVALUATE, {"evaluate": EvalConfig},
+@command(app, "evaluate", EVALUATE, {"evaluate": EvalConfig, "prompt": PromptFormat},
          before=[plain("model", str, typer.Argument(help="Model reference (base, pruned, or merged)."), REQUIRED),
                  plain("adapter", str | None, typer.Option(help="A LoRA adapter folder to apply (paser recover's "
                                                                "adapter/).")),
@@ -259,7 +261,7 @@ def evaluate(values: dict, model: str, adapter: str | None, out: Path | None, co
     from paser.evaluation import evaluate as run_evaluate
     from paser.evaluation.report import markdown_table
 
-    overrides = values["evaluate"]
+    overrides = values["evaluate"] | {"prompt": values["prompt"]}
 
     def flowed():
         from flows.recovery import evaluation_flow
@@ -333,10 +335,10 @@ def compare(values: dict, config: Path | None, report_only: bool, flow: bool) ->
 # ---------------------------------------------------------------- run
 
 RUN = [Opt("select", "dense"), Opt("select", "pruned"), Opt("select", "data"), Opt("select", "budget"),
-       Opt("recover", "objective"), Opt("select", "method")]
+       Opt("recover", "objective"), Opt("select", "method"), Opt("prompt", "template"), Opt("prompt", "cutoff")]
 
 
-@command(app, "run", RUN, {"select": STAGE_CONFIGS["select"], "recover": RecoverConfig},
+@command(app, "run", RUN, {"select": STAGE_CONFIGS["select"], "recover": RecoverConfig, "prompt": PromptFormat},
          after=[plain("out", Path, typer.Option(help="Run folder."), Path("runs/run")),
                 config_option("one file for every stage: select sections, prune, recover, evaluate"),
                 trust_option()])

@@ -145,23 +145,28 @@ def configuration_reference() -> str:
     """docs/configuration.md: every section of a paser YAML file, each key with its type, default
     and docstring (the same text as the command-line help), read from the configs themselves."""
     from paser.comparison.config import CompareConfig
+    from paser.data.prompts import PromptFormat
     from paser.evaluation.config import EvalConfig
     from paser.recovery.config import RecoverConfig
     from paser.selection.configs import STAGE_CONFIGS
 
-    sections = {**STAGE_CONFIGS, "recover": RecoverConfig, "evaluate": EvalConfig, "compare": CompareConfig}
+    sections = {"prompt": PromptFormat, **STAGE_CONFIGS, "recover": RecoverConfig, "evaluate": EvalConfig,
+                "compare": CompareConfig}
     lines = ["# Configuration reference", "",
              "Every setting, by the section of a paser YAML file it lives in (`paser select --config FILE`; the",
-             "`recover` and `evaluate` sections serve `paser recover`, `paser evaluate` and `paser run`; `compare`",
-             "serves `paser compare`, with the others as the recipe every arm shares). Generated",
-             "from the configs by `paser.cli.options.configuration_reference`; the command-line options carry",
-             "the same text. Unknown keys and wrong types are errors.", ""]
+             "`prompt` section serves every command: scoring, token budgets, recovery and evaluation read one",
+             "prompt format; the `recover` and `evaluate` sections serve `paser recover`, `paser evaluate` and",
+             "`paser run`; `compare` serves `paser compare`, with the others as the recipe every arm shares).",
+             "Generated from the configs by `paser.cli.options.configuration_reference`; the command-line options",
+             "carry the same text. Unknown keys and wrong types are errors.", ""]
     for name, cls in sections.items():
         hints = typing.get_type_hints(cls)
         docs = field_docs(cls)
         lines += [f"## `{name}`", "", " ".join((cls.__doc__ or "").split()), "", "| key | type | default | meaning |",
                   "|---|---|---|---|"]
         for f in fields(cls):
+            if f.name in sections and f.name != name:  # a section of its own (prompt), listed there
+                continue
             default = f.default if f.default is not MISSING else f.default_factory()
             hint = hints[f.name]
             kind = " or ".join(hint_parts(hint))

@@ -16,13 +16,14 @@ from pathlib import Path
 
 from paser.comparison.arms import Arm, parse_arms
 from paser.comparison.config import CompareConfig
-from paser.config import config_with, from_mapping, to_mapping
+from paser.config import config_with, from_mapping, shared_sections, to_mapping
 from paser.errors import ConfigError
 from paser.evaluation.config import EvalConfig
 from paser.recovery.config import RecoverConfig
 from paser.selection.budget import parse_budget
 
-SELECTION_SECTIONS = ("select", "embed", "manifold", "cluster", "score", "allocate", "sample", "concepts", "prune")
+SELECTION_SECTIONS = (
+    "prompt", "select", "embed", "manifold", "cluster", "score", "allocate", "sample", "concepts", "prune")
 
 
 @dataclass
@@ -76,8 +77,10 @@ def prepare(sections: dict, where: str = "compare", resolve: bool = True) -> Set
     cfg = from_mapping(CompareConfig, sections.get("compare", {}), f"{where}: compare")
     arms = parse_arms(cfg.arms, cfg.budgets)
     root = Path(cfg.out)
-    recover = from_mapping(RecoverConfig, sections.get("recover", {}) | {"progress": False}, f"{where}: recover")
-    evaluate = from_mapping(EvalConfig, sections.get("evaluate", {}), f"{where}: evaluate")
+    recover = from_mapping(RecoverConfig, sections.get("recover", {}) | {"progress": False}, f"{where}: recover",
+                           shared_sections(RecoverConfig, sections, where))
+    evaluate = from_mapping(EvalConfig, sections.get("evaluate", {}), f"{where}: evaluate",
+                            shared_sections(EvalConfig, sections, where))
     selection = {k: v for k, v in sections.items() if k in SELECTION_SECTIONS}
     check_metric(cfg, evaluate, where)
     remember(root, {"compare": to_mapping(cfg), "recover": to_mapping(recover), "evaluate": to_mapping(evaluate),
@@ -131,6 +134,10 @@ def remember(root: Path, settings: dict, defaults: dict) -> None:
             values.pop(key, None)
     if path.is_file():
         held = json.loads(path.read_text())
+        for section in ("recover", "evaluate"):  # a folder started when the prompt format was keys of these
+            values = held.get(section, {})
+            if "prompt" not in values and {"template", "cutoff"} <= set(values):
+                values["prompt"] = {"template": values.pop("template"), "cutoff": values.pop("cutoff")}
         for section, values in defaults.items():
             held[section] = values | held.get(section, {})
         for key in JUDGEMENT:

@@ -7,7 +7,8 @@ the tokenizer's own chat template.
 
 from __future__ import annotations
 
-from typing import Protocol
+from dataclasses import dataclass
+from typing import Literal, Protocol
 
 ALPACA_WITH_INPUT = (
     "Below is an instruction that describes a task, paired with an input that provides further "
@@ -19,6 +20,25 @@ ALPACA_NO_INPUT = (
     "completes the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n"
 )
 TEMPLATES = ("alpaca", "chat")
+
+
+@dataclass
+class PromptFormat:
+    """How a record becomes the model's input: the YAML section ``prompt``, declared once and
+    shared by degradation scoring, token budgets, recovery and evaluation (each config that
+    tokenizes holds it as its ``prompt``, filled from this section, never from its own)."""
+
+    template: Literal["alpaca", "chat"] = "alpaca"
+    """Prompt template: alpaca (the paper's), or chat, the tokenizer's own chat template."""
+    cutoff: int = 256
+    """Tokens of prompt + response kept: what scoring reads, a token budget counts and recovery
+    trains on."""
+
+    def __post_init__(self):
+        if self.template not in TEMPLATES:
+            raise ValueError(f"template must be one of {TEMPLATES}, got {self.template!r}")
+        if self.cutoff < 1:
+            raise ValueError(f"cutoff must be positive, got {self.cutoff}")
 
 
 class InstructionLike(Protocol):

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import ClassVar, Literal
 
+from paser.data.prompts import PromptFormat
 from paser.evaluation.shipped import WHOLE_TASKS
 
 
@@ -47,10 +48,11 @@ class EvalConfig:
     greedy decode per record is the slow part); None: all, 0: none (answer NLL alone)."""
     batch_size: int = 8
     """Sequences per forward pass."""
-    template: Literal["alpaca", "chat"] = "alpaca"
-    """Prompt template, as in scoring and recovery."""
-    cutoff: int = 256
-    """Token cutoff of prompt + response for response NLL."""
+    prompt: PromptFormat = field(default_factory=PromptFormat)
+    """The prompt format of response NLL and the suite (the ``prompt`` section, shared with
+    scoring and recovery)."""
+    MOVED: ClassVar[dict] = {"template": "prompt.template", "cutoff": "prompt.cutoff"}
+    """Keys of this section that moved to the ``prompt`` section (a clear error, not "unknown key")."""
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     """Model weights dtype: auto is bfloat16 on a CUDA device with bf16 support, else float32."""
     device: str | None = None
@@ -90,7 +92,7 @@ class EvalConfig:
             raise ValueError("lm_eval_limit (the first items) and lm_eval_sample (a seeded sample) exclude each other")
         if self.lm_eval_fewshot < 0:
             raise ValueError(f"lm_eval_fewshot must be >= 0, got {self.lm_eval_fewshot}")
-        for name in ("window", "suite_size", "max_new_tokens", "batch_size", "cutoff"):
+        for name in ("window", "suite_size", "max_new_tokens", "batch_size"):
             if getattr(self, name) < (0 if name == "suite_size" else 1):
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.window < 2 or (self.long_window is not None and self.long_window < 2):

@@ -83,17 +83,18 @@ def evaluate(model: str, adapter: str | None = None, out: str | Path | None = No
     # with a reference model, each NLL pass also gives the JSD to it (one pass of the evaluated model)
     ref_model = reference.model if reference is not None else None
     if heldout is not None:
-        sums, counts, jsd = token_stats(net, tokenizer, heldout, config.template, config.cutoff, config.batch_size,
+        prompt = config.prompt
+        sums, counts, jsd = token_stats(net, tokenizer, heldout, prompt.template, prompt.cutoff, config.batch_size,
                                         ref_model)
         result["response_nll"] = nll_summary(heldout, sums, counts)
-        result["response_nll"]["compute"] = {"tokens": input_tokens(tokenizer, heldout, config.template,
-                                                                    config.cutoff), "positions": int(counts.sum())}
+        result["response_nll"]["compute"] = {"tokens": input_tokens(tokenizer, heldout, prompt.template, prompt.cutoff),
+                                             "positions": int(counts.sum())}
         if jsd is not None:
             result["jsd_to_reference"]["heldout"] = jsd_summary(heldout, jsd)
     if config.suite_size:
-        result["suite"] = suite_accuracy(net, tokenizer, config.suite_size, config.suite_seed, config.template,
+        result["suite"] = suite_accuracy(net, tokenizer, config.suite_size, config.suite_seed, config.prompt.template,
                                          config.max_new_tokens, config.batch_size, config.suite_exclude,
-                                         config.cutoff, config.suite_accuracy_per_family, ref_model)
+                                         config.prompt.cutoff, config.suite_accuracy_per_family, ref_model)
         if "jsd" in result["suite"]:
             result["jsd_to_reference"]["suite"] = result["suite"].pop("jsd")
         if references is not None:

@@ -62,10 +62,10 @@ def response_token_nll(model, tokenizer, records, template: str = "alpaca", cuto
                        batch_size: int = 8) -> tuple[np.ndarray, np.ndarray]:
     """Per record: the summed NLL of its response tokens (+ eos) under teacher forcing with the
     prompt masked, and how many there are (the recovery loss, record by record)."""
-    from paser.recovery import RecoverConfig
+    from paser.data.prompts import PromptFormat
     from paser.recovery.losses import collate, encode_for_training, token_losses
 
-    examples = encode_for_training(tokenizer, records, RecoverConfig(template=template, cutoff=cutoff))
+    examples = encode_for_training(tokenizer, records, PromptFormat(template, cutoff))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     sums, counts = np.zeros(len(examples)), np.zeros(len(examples), dtype=np.int64)
     with torch.no_grad():
@@ -83,10 +83,11 @@ def token_stats(model, tokenizer, records, template: str = "alpaca", cutoff: int
     forward pass of ``model`` (degradation scoring's pass, with ``reference`` as the dense side)."""
     if reference is None:
         return *response_token_nll(model, tokenizer, records, template, cutoff, batch_size), None
+    from paser.data.prompts import PromptFormat
     from paser.selection.configs import ScoreConfig
     from paser.selection.passes import score_shard
 
-    config = ScoreConfig(template=template, cutoff=cutoff, batch_size=batch_size, share_prefix=False)
+    config = ScoreConfig(prompt=PromptFormat(template, cutoff), batch_size=batch_size, share_prefix=False)
     table = score_shard(reference, model, tokenizer, records, config)
     empty = table.index[table["n_scored"] == 0]
     if len(empty):
@@ -99,10 +100,10 @@ def token_stats(model, tokenizer, records, template: str = "alpaca", cutoff: int
 def input_tokens(tokenizer, records, template: str = "alpaca", cutoff: int = 256) -> int:
     """Prompt + response tokens of ``records`` under the template and cutoff: what a teacher-forced
     pass over them reads (the compute ledger's)."""
-    from paser.selection.configs import ScoreConfig
+    from paser.data.prompts import PromptFormat
     from paser.selection.degradation import token_table
 
-    return int(token_table(tokenizer, records, ScoreConfig(template=template, cutoff=cutoff))["n_tokens"].sum())
+    return int(token_table(tokenizer, records, PromptFormat(template, cutoff))["n_tokens"].sum())
 
 
 def response_nll(model, tokenizer, records, template: str = "alpaca", cutoff: int = 256, batch_size: int = 8) -> dict:

@@ -7,7 +7,9 @@ the objective and its teacher, token weighting, the responses trained on.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import ClassVar, Literal
+
+from paser.data.prompts import PromptFormat
 
 OBJECTIVES = ("sft", "distill", "mix")
 DIVERGENCES = ("kl", "jsd")
@@ -55,10 +57,10 @@ class RecoverConfig:
     """Share of the steps with a linearly rising learning rate (then linear decay to 0)."""
     weight_decay: float = 0.0
     """AdamW weight decay."""
-    cutoff: int = 256
-    """Tokens of prompt + response kept (as in scoring)."""
-    template: Literal["alpaca", "chat"] = "alpaca"
-    """Prompt template (as in scoring)."""
+    prompt: PromptFormat = field(default_factory=PromptFormat)
+    """The prompt format (the ``prompt`` section, shared with scoring and evaluation)."""
+    MOVED: ClassVar[dict] = {"template": "prompt.template", "cutoff": "prompt.cutoff"}
+    """Keys of this section that moved to the ``prompt`` section (a clear error, not "unknown key")."""
     val_size: float = 0.05
     """Held-out validation records: a fraction of the training file (< 1) or a count; 0: none."""
     eval_every: int = 20
@@ -130,7 +132,7 @@ class RecoverConfig:
     """Draw training_curve.png (training and validation loss by step)."""
 
     def __post_init__(self):
-        for name in ("r", "alpha", "batch_size", "micro_batch_size", "cutoff", "eval_every", "save_every"):
+        for name in ("r", "alpha", "batch_size", "micro_batch_size", "eval_every", "save_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.batch_size % self.micro_batch_size:

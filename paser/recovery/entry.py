@@ -79,23 +79,25 @@ def recover(model: str, data: str, out: str | Path = "runs/recover", config: Rec
 
 
 def check_prompt_format(config: RecoverConfig, data: str | Path) -> None:
-    """A selection under a token budget counted each record's tokens in its prompt template and cut
-    at its cutoff (``score.template``, ``score.cutoff``, recorded in the run folder's manifest.json);
-    trained in another format the subset would spend another budget than the one it was chosen for.
-    A ConfigError naming both formats; files outside a run folder, and record budgets, pass."""
+    """A selection under a token budget counted each record's tokens in its prompt format (the
+    ``prompt`` section, recorded in the run folder's manifest.json); trained in another format the
+    subset would spend another budget than the one it was chosen for. A ConfigError naming both
+    formats; files outside a run folder, and record budgets, pass."""
     manifest = Path(data).parent / "manifest.json"
     if not manifest.is_file():
         return
     try:
         found = json.loads(manifest.read_text())
         unit = found["selection"]["budget_unit"]
-        score = found["settings"]["score"]
-        counted = (score["template"], int(score["cutoff"]))
+        settings = found["settings"]
+        fmt = settings["prompt"] if "prompt" in settings else settings["score"]  # runs made before the section
+        counted = (fmt["template"], int(fmt["cutoff"]))
     except (ValueError, KeyError, TypeError):
         return  # not a selection run's manifest
-    if unit == "tokens" and counted != (config.template, config.cutoff):
+    prompt = config.prompt
+    if unit == "tokens" and counted != (prompt.template, prompt.cutoff):
         raise ConfigError(
             f"{data}: its token budget was counted in the {counted[0]!r} template at a {counted[1]}-token cutoff "
-            f"(score.template, score.cutoff in {manifest}); recovery is set to {config.template!r} at "
-            f"{config.cutoff}: train in the selection's format (recover.template: {counted[0]}, recover.cutoff: "
-            f"{counted[1]}, or --cutoff {counted[1]}), or select again in the format you train in")
+            f"(the prompt section in {manifest}); recovery is set to {prompt.template!r} at {prompt.cutoff}: train "
+            f"in the selection's format (prompt.template: {counted[0]}, prompt.cutoff: {counted[1]}, or --cutoff "
+            f"{counted[1]}), or select again in the format you train in")

@@ -165,7 +165,7 @@ class Job:
         return job
 
     def encode(self, records) -> list[Example]:
-        return encode_for_training(self.tokenizer, records, self.config)
+        return encode_for_training(self.tokenizer, records, self.config.prompt)
 
     def check_checkpoint(self) -> None:
         """The last complete checkpoint of these settings (refused when made with others)."""

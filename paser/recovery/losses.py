@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from paser.data.prompts import tokenize_examples
+from paser.data.prompts import PromptFormat, tokenize_examples
 from paser.errors import DataError
 from paser.recovery.config import RecoverConfig
 from paser.recovery.distill import divergence
@@ -30,14 +30,14 @@ class Example:
     labels: list[int]
 
 
-def encode_for_training(tokenizer, records, config: RecoverConfig) -> list[Example]:
+def encode_for_training(tokenizer, records, prompt: PromptFormat) -> list[Example]:
     """Prompt + response ids with the prompt masked; records with no response token left are refused."""
     out = []
     records = list(records)
-    for r, (ids, n_prompt, n_response, _) in zip(records, tokenize_examples(tokenizer, records, config.template,
-                                                                              config.cutoff)):
+    for r, (ids, n_prompt, n_response, _) in zip(records, tokenize_examples(tokenizer, records, prompt.template,
+                                                                              prompt.cutoff)):
         if n_response == 0:
-            raise DataError(f"record {r.id!r}: its prompt fills the {config.cutoff}-token cutoff, so no "
+            raise DataError(f"record {r.id!r}: its prompt fills the {prompt.cutoff}-token cutoff, so no "
                             "response token is left to train on; raise cutoff or drop the record")
         out.append(Example(ids, [IGNORE] * n_prompt + ids[n_prompt:]))
     return out

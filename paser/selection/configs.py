@@ -7,9 +7,10 @@ stage's module imports its config from here.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal
+from dataclasses import dataclass, field
+from typing import ClassVar, Literal
 
+from paser.data.prompts import PromptFormat
 from paser.models.config import PruneConfig
 from paser.selection.budget import parse_budget
 
@@ -143,10 +144,10 @@ class ClusterConfig:
 class ScoreConfig:
     """How degradation is measured."""
 
-    template: Literal["alpaca", "chat"] = "alpaca"
-    """Prompt template, shared with recovery training."""
-    cutoff: int = 256
-    """Tokens of prompt + response kept (the training cutoff)."""
+    prompt: PromptFormat = field(default_factory=PromptFormat)
+    """The prompt format (the ``prompt`` section, shared with recovery and evaluation)."""
+    MOVED: ClassVar[dict] = {"template": "prompt.template", "cutoff": "prompt.cutoff"}
+    """Keys of this section that moved to the ``prompt`` section (a clear error, not "unknown key")."""
     positions: Literal["response", "prompt", "all", "instruction_sum"] = "response"
     """Scored tokens: the response (default), the prompt, all, or the authors' instruction-only sum."""
     batch_size: int = 32
@@ -184,7 +185,7 @@ class ScoreConfig:
     in clusters.json and the report. None: every record. Methods that rank every record refuse it."""
 
     def __post_init__(self):
-        for name in ("cutoff", "batch_size", "shard_size", "jsd_chunk", "top_k"):
+        for name in ("batch_size", "shard_size", "jsd_chunk", "top_k"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.batch_tokens is not None and self.batch_tokens < 1:

@@ -23,8 +23,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from paser.data.prompts import iter_examples, tokenize_examples
-from paser.selection.configs import ScoreConfig
+from paser.data.prompts import PromptFormat, iter_examples, tokenize_examples
 
 LN2 = math.log(2.0)
 
@@ -74,16 +73,16 @@ class Encoded:
         return range(self.n_prompt, len(self.ids))
 
 
-def encode_records(tokenizer, records, config: ScoreConfig) -> list[Encoded]:
-    return [Encoded(*e) for e in tokenize_examples(tokenizer, list(records), config.template, config.cutoff)]
+def encode_records(tokenizer, records, prompt: PromptFormat) -> list[Encoded]:
+    return [Encoded(*e) for e in tokenize_examples(tokenizer, list(records), prompt.template, prompt.cutoff)]
 
 
-def token_table(tokenizer, records, config: ScoreConfig) -> pd.DataFrame:
+def token_table(tokenizer, records, prompt: PromptFormat) -> pd.DataFrame:
     """Each record's prompt and response tokens under the template and cutoff (what recovery trains
     on), without any model: id, n_prompt, n_response, n_tokens, truncated. Only the counts are kept
     (a pool of millions would otherwise hold every record's ids at once)."""
     records = list(records)
-    each = iter_examples(tokenizer, records, config.template, config.cutoff)
+    each = iter_examples(tokenizer, records, prompt.template, prompt.cutoff)
     counts = np.fromiter(((p, r, t) for _, p, r, t in each), dtype=np.dtype((np.int64, 3)),
                          count=len(records)).reshape(-1, 3)
     n_prompt, n_response = counts[:, 0], counts[:, 1]

@@ -198,7 +198,7 @@ def shard_batches(tokenizer, records, config: ScoreConfig):
     user's words, and grouping by them would mix lengths), so each batch shares the longest possible
     preamble. A batch holds at most ``batch_size`` records and, with ``batch_tokens``, at most that
     many padded tokens. Deterministic for the records."""
-    encoded = encode_records(tokenizer, records, config)
+    encoded = encode_records(tokenizer, records, config.prompt)
     probe = len(common_prefix(encoded, config.positions)) + 8 if config.share_prefix else 0
     if len({tuple(e.ids[:probe]) for e in encoded}) > TEMPLATE_VARIANTS:
         probe = 0
@@ -271,7 +271,7 @@ def score_unbatched(dense, pruned, tokenizer, records, config: ScoreConfig) -> n
     no batching, no padding, full logits. Same values as ``score_shard``'s ``jsd`` up to float
     rounding, only slower."""
     out = []
-    for e in encode_records(tokenizer, records, config):
+    for e in encode_records(tokenizer, records, config.prompt):
         ids = torch.tensor([e.ids], device=next(dense.parameters()).device)
         lp, lq = dense(input_ids=ids, use_cache=False).logits[0], pruned(input_ids=ids, use_cache=False).logits[0]
         t = torch.tensor(list(e.targets(config.positions)), dtype=torch.long, device=ids.device) - 1

@@ -116,7 +116,7 @@ def stage_tokens(settings: Settings, run: Path) -> Path:
     from paser.selection.degradation import token_table
 
     return stage_output(settings, run, "tokens", lambda path, fp: atomic_parquet(
-        token_table(dense_tokenizer(settings), read_run_pool(run, fields=False), settings.score), path))
+        token_table(dense_tokenizer(settings), read_run_pool(run, fields=False), settings.prompt), path))
 
 
 def resolve_run_budget(settings: Settings, run: Path) -> tuple[int, str]:
@@ -131,7 +131,7 @@ def resolve_run_budget(settings: Settings, run: Path) -> tuple[int, str]:
         raise ConfigError(str(err)) from None
     if budget.tokens and len(tokens) and amount < int(tokens.min()):
         raise ConfigError(f"budget of {amount} tokens is smaller than the shortest record "
-                          f"({int(tokens.min())} tokens under the {settings.score.cutoff}-token cutoff)")
+                          f"({int(tokens.min())} tokens under the {settings.prompt.cutoff}-token cutoff)")
     return amount, budget.unit
 
 

@@ -318,7 +318,7 @@ def write_report(settings, run: Path) -> Path:
         f"{summary['knee_k']}, K within {settings.cluster.knee_band:.0%} of the knee's height "
         f"{summary.get('knee_band')}; eigengap: "
         f"{summary['eigengap_k']})" + (f": {summary['k_reason']}" if summary.get("k_reason") else ""),
-        f"- records cut at the {settings.score.cutoff}-token cutoff: {truncated}; without scored tokens: "
+        f"- records cut at the {settings.prompt.cutoff}-token cutoff: {truncated}; without scored tokens: "
         f"{status.get('unscored', 0)}",
         f"- rejected by the {method.filter_name}: {status.get('rejected', 0)}",
     ]

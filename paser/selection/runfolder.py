@@ -213,8 +213,8 @@ def stage_fingerprint(stage: str, settings: Settings, run: Path, pruned_ref: str
     if stage == "tokens":
         from paser.models.load import model_fingerprint
 
-        sc = settings.score
-        return fingerprint(pool_fp, model_fingerprint(settings.select.dense), sc.template, sc.cutoff)
+        prompt = settings.prompt
+        return fingerprint(pool_fp, model_fingerprint(settings.select.dense), prompt.template, prompt.cutoff)
     if stage == "cluster":
         return fingerprint(sealed_fingerprint(run / "embeddings.npy"), to_mapping(settings.manifold),
                            to_mapping(settings.cluster), settings.select.seed)

@@ -10,7 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from paser.config import SECTIONS, from_mapping, read_yaml, to_mapping
+from paser.config import SECTIONS, from_mapping, read_yaml, shared_sections, to_mapping
+from paser.data.prompts import PromptFormat
 from paser.devices import resolve_dtype, scoring_device
 from paser.errors import ConfigError
 from paser.models.config import PruneConfig
@@ -48,14 +49,22 @@ class Settings:
     distribute: DistributeConfig = field(default_factory=DistributeConfig)
 
     def to_dict(self) -> dict:
-        return {name: to_mapping(getattr(self, name)) for name in STAGE_CONFIGS}
+        """The settings as YAML sections; the prompt format is a section of its own."""
+        sections = {name: to_mapping(getattr(self, name)) for name in STAGE_CONFIGS}
+        return {"prompt": sections["score"].pop("prompt")} | sections
+
+    @property
+    def prompt(self) -> PromptFormat:
+        """The prompt format (the ``prompt`` section) that scoring and the token budget count in."""
+        return self.score.prompt
 
     @classmethod
     def from_dict(cls, data: dict, where: str = "settings") -> Settings:
         unknown = sorted(set(data) - set(SECTIONS))  # recover/evaluate sections belong to other commands
         if unknown:
             raise ConfigError(f"{where}: unknown section(s) {unknown}; known: {list(SECTIONS)}")
-        settings = cls(**{name: from_mapping(cfg, dict(data.get(name) or {}), f"{where}: {name}")
+        settings = cls(**{name: from_mapping(cfg, dict(data.get(name) or {}), f"{where}: {name}",
+                                             shared_sections(cfg, data, where))
                           for name, cfg in STAGE_CONFIGS.items()})
         try:
             method = method_of(settings.select.method)

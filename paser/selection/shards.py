@@ -110,6 +110,7 @@ def scoring_fingerprint(config: ScoreConfig, dense_fp: str, pruned_fp: str, ids:
     # an option added later counts only when set, so earlier runs' shards keep their fingerprint
     what = {k: v for k, v in asdict(config).items()
             if k not in SCORE_INDEPENDENT and not (k in LATER_OPTIONS and v is None)}
+    what |= what.pop("prompt")  # template and cutoff, as when they were keys of the score section
     h = hashlib.sha256(json.dumps(what | {"dense": dense_fp, "pruned": pruned_fp, "format": SHARD_FORMAT},
                                   sort_keys=True).encode())
     for rid in ids:
