@@ -76,6 +76,7 @@ def _fingerprint(config: RecoverConfig, model_fp: str, train_ids: list[str]) -> 
         DISTILL_FIELDS if config.objective == "sft" else ()) + (TOKEN_FIELDS if config.token_weighting == 0 else ()) + (
         SELF_FIELDS if config.responses == "data" else ())
     keep = {k: v for k, v in vars(config).items() if k not in skip}
+    keep |= dataclasses.asdict(keep.pop("prompt"))  # template and cutoff, as when they were fields here
     h = hashlib.sha256(json.dumps([keep, model_fp], sort_keys=True, default=str).encode())
     for rid in train_ids:
         h.update(rid.encode() + b"\x00")
