@@ -63,17 +63,11 @@ def response_token_nll(model, tokenizer, records, template: str = "alpaca", cuto
     """Per record: the summed NLL of its response tokens (+ eos) under teacher forcing with the
     prompt masked, and how many there are (the recovery loss, record by record)."""
     from paser.data.prompts import PromptFormat
-    from paser.recovery.losses import collate, encode_for_training, token_losses
+    from paser.recovery.losses import encode_for_training, validation_rows
 
     examples = encode_for_training(tokenizer, records, PromptFormat(template, cutoff))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    sums, counts = np.zeros(len(examples)), np.zeros(len(examples), dtype=np.int64)
-    with torch.no_grad():
-        for lo in range(0, len(examples), batch_size):
-            row_sums, row_counts = token_losses(model, collate(examples[lo:lo + batch_size], pad, device_of(model)))
-            sums[lo:lo + batch_size] = row_sums.double().cpu().numpy()
-            counts[lo:lo + batch_size] = row_counts.cpu().numpy()
-    return sums, counts
+    return validation_rows(model, examples, pad, device_of(model), batch_size)
 
 
 def token_stats(model, tokenizer, records, template: str = "alpaca", cutoff: int = 256, batch_size: int = 8,

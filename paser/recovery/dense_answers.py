@@ -67,18 +67,16 @@ def answer_with_dense(records: list, data: str, config, out: Path, trust_pickle:
     its cache. The model is loaded only when some answer is missing or its parameter counts
     (``params`` in the summary, for the ledger) are not on file beside the cache, and released
     after; a resumed run whose answers are all cached reads the tokenizer alone."""
-    from paser.devices import resolve_dtype
     from paser.ledger import flop_params
-    from paser.models.load import load_model, load_tokenizer
-    from paser.recovery.teacher import rank_zero_first, resolve_teacher
+    from paser.models.load import load_tokenizer
+    from paser.recovery.teacher import load_dense, rank_zero_first, resolve_teacher
 
     reference = resolve_teacher(config, data)
     loaded = []
 
     def dense():
         if not loaded:
-            loaded.append(load_model(reference, dtype=resolve_dtype(config.dtype, device), trust_pickle=trust_pickle,
-                                     device=device))
+            loaded.append(load_dense(reference, config, trust_pickle, device))
         return loaded[0]
 
     with rank_zero_first(world, device):

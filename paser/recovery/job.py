@@ -37,7 +37,7 @@ from paser.recovery.losses import (
     validation_sums,
 )
 from paser.recovery.plan import schedule
-from paser.recovery.teacher import check_vocab, load_teacher, rank_zero_first, resolve_teacher
+from paser.recovery.teacher import check_vocab, load_dense, load_teacher, rank_zero_first, resolve_teacher
 from paser.recovery.token_weights import SignalCache, signal_fingerprint, step_weights
 from paser.recovery.trainer import RecoveryTrainer, StepData, StepLog, last_checkpoint, micro_batches, write_log
 
@@ -205,7 +205,7 @@ class Job:
         self.student_params = flop_params(self.loaded.model)
         if ref is not None and not self.finished and config.token_weighting > 0:
             start = time.perf_counter()
-            dense = load_model(ref, dtype=config.dtype, trust_pickle=self.trust_pickle, device=self.device)
+            dense = load_dense(ref, config, self.trust_pickle, self.device)
             from paser.models.load import check_same_tokenizer
 
             check_same_tokenizer(dense.tokenizer, self.tokenizer, str(ref), str(self.model))

@@ -116,8 +116,9 @@ def objective_loss_sum(model, batch: dict[str, torch.Tensor], config: RecoverCon
 
 
 def validation_rows(model, examples: list[Example], pad_id: int, device, batch_size: int):
-    """Per example: the summed response-token NLL and the number of those tokens (numpy arrays)."""
-    sums, counts = np.zeros(len(examples)), np.zeros(len(examples))
+    """Per example: the summed response-token NLL and the number of those tokens (numpy arrays):
+    the teacher-forced pass of validation and of evaluation's response NLL."""
+    sums, counts = np.zeros(len(examples)), np.zeros(len(examples), dtype=np.int64)
     was_training = model.training
     model.eval()
     with torch.no_grad():
@@ -131,12 +132,5 @@ def validation_rows(model, examples: list[Example], pad_id: int, device, batch_s
 
 def validation_sums(model, examples: list[Example], pad_id: int, device, batch_size: int) -> tuple[float, int]:
     """Summed response-token NLL over ``examples`` and the number of those tokens."""
-    total, count = 0.0, 0
-    was_training = model.training
-    model.eval()
-    with torch.no_grad():
-        for lo in range(0, len(examples), batch_size):
-            loss, n = token_loss_sum(model, collate(examples[lo:lo + batch_size], pad_id, device))
-            total, count = total + float(loss), count + n
-    model.train(was_training)
-    return total, count
+    sums, counts = validation_rows(model, examples, pad_id, device, batch_size)
+    return float(sums.sum()), int(counts.sum())

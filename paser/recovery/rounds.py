@@ -22,7 +22,7 @@ from paser.recovery.config import RecoverConfig
 from paser.recovery.job import Job, RecoveryResult
 from paser.recovery.losses import Example, scored_tokens, validation_rows
 from paser.recovery.plan import cut_into, epoch_order
-from paser.recovery.teacher import resolve_teacher
+from paser.recovery.teacher import load_dense, resolve_teacher
 from paser.selection.adaptive import plan_path
 
 
@@ -34,7 +34,6 @@ def recover_in_rounds(model: str, data: str, out: Path, config: RecoverConfig, p
     the probe and move the shares (paser.selection.adaptive). Each round's draw and gaps are kept in
     OUT/rounds.json, so a killed run resumes in the round it was in and draws what it drew."""
     from paser.data.pools import load_pool
-    from paser.models.load import load_model
     from paser.selection.adaptive import draw_round, remaining_gap, round_seed, round_steps, update_shares
     from paser.selection.runfolder import selection_table
     from paser.selection.settings import Settings
@@ -74,7 +73,7 @@ def recover_in_rounds(model: str, data: str, out: Path, config: RecoverConfig, p
 
     reused = "dense" in history
     if not reused:  # the probe under the dense model (loaded once) and the pruned one
-        dense = load_model(reference, dtype=config.dtype, trust_pickle=trust_pickle, device=job.device)
+        dense = load_dense(reference, config, trust_pickle, job.device)
         history["dense"], history["dense_params"] = measure(dense.model), flop_params(dense.model)
         del dense
         history["pruned"] = measure(job.peft_model)  # the adapters start at zero: the pruned model

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from paser.devices import resolve_dtype
 from paser.errors import ConfigError
 from paser.ledger import flop_params
 from paser.progress import announce, bar_enabled
@@ -51,14 +52,22 @@ def rank_zero_first(world: int, device) -> contextlib.AbstractContextManager:
     return PartialState(cpu=not str(device).startswith("cuda")).main_process_first()
 
 
+def load_dense(reference: str, config: RecoverConfig, trust_pickle: bool, device):
+    """The dense model on ``device``, in recovery's weight dtype (``auto`` resolved for the device):
+    the teacher, token weighting's reference, the adaptive rounds' probe, the dense answers."""
+    from paser.models.load import load_model
+
+    return load_model(reference, dtype=resolve_dtype(config.dtype, device), trust_pickle=trust_pickle, device=device)
+
+
 def load_teacher(reference: str, tokenizer, student: str, examples: list[Example], pad_id: int, device,
              config: RecoverConfig, out: Path, trust_pickle: bool, world: int = 1):
     """(the teacher in memory, None, its parameter counts), or with ``teacher_top_k`` (None, its
     finished top-k cache, its counts): the teacher then runs alone, once per training record (in the
     first of ``world`` processes), and is released."""
-    from paser.models.load import check_same_tokenizer, load_model, model_fingerprint
+    from paser.models.load import check_same_tokenizer, model_fingerprint
 
-    loaded = load_model(reference, dtype=config.dtype, trust_pickle=trust_pickle, device=device)
+    loaded = load_dense(reference, config, trust_pickle, device)
     check_same_tokenizer(loaded.tokenizer, tokenizer, str(reference), str(student))
     teacher = loaded.model.requires_grad_(False)
     params = flop_params(teacher)

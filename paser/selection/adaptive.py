@@ -37,6 +37,7 @@ import pandas as pd
 
 from paser.seeds import derived_seed
 from paser.selection.allocation import allocate_budget
+from paser.selection.budget import record_tokens
 from paser.selection.configs import AdaptiveConfig, SampleConfig
 from paser.selection.selector import StratifiedSelector
 
@@ -110,7 +111,7 @@ def make_plan(run: Path | None, table: pd.DataFrame, budget: int, unit: str, con
         members = np.flatnonzero(labels == c)
         take = min(config.probe_per_cluster, max(0, len(members) - 1))  # leave every cluster a record to draw
         probe += table["id"].iloc[np.sort(rng.choice(members, take, replace=False))].tolist() if take else []
-    cost = (table["n_prompt"] + table["n_response"]).to_numpy() if unit == "tokens" else np.ones(len(table))
+    cost = record_tokens(table) if unit == "tokens" else np.ones(len(table), dtype=np.int64)
     outside = ~table["id"].isin(set(probe)).to_numpy()
     size = np.bincount(labels[outside], weights=cost[outside], minlength=k)
     base = size / size.sum()

@@ -106,7 +106,12 @@ def take_in_order(order, cost, limit: int) -> list[int]:
     return chosen
 
 
-def record_costs(budget: Budget, n_prompt, n_response) -> np.ndarray:
-    """What each record costs against ``budget``: 1 in records, its prompt + response tokens in tokens."""
-    tokens = np.asarray(n_prompt, dtype=np.int64) + np.asarray(n_response, dtype=np.int64)
+def record_tokens(table) -> np.ndarray:
+    """Each row's prompt + response tokens (``n_prompt + n_response``): what a token budget counts."""
+    return table["n_prompt"].to_numpy(dtype=np.int64) + table["n_response"].to_numpy(dtype=np.int64)
+
+
+def record_costs(budget: Budget, table) -> np.ndarray:
+    """What each row of ``table`` costs against ``budget``: 1 in records, its tokens in tokens."""
+    tokens = record_tokens(table)
     return tokens if budget.tokens else np.ones_like(tokens)

@@ -27,7 +27,7 @@ import pandas as pd
 
 from paser.errors import ConfigError
 from paser.selection.adaptive import PLAN, draw_round, make_plan, round_seed
-from paser.selection.budget import parse_budget, record_costs
+from paser.selection.budget import parse_budget, record_tokens
 from paser.selection.selector import SelectionResult, Selector, StratifiedSelector
 
 SCORE_COVERAGE = ("all", "sample", "none")
@@ -169,7 +169,7 @@ class Adaptive(ClusteredMethod):
         """The first round's draw over every record, probe records marked so; with ``run``, the
         rounds' plan is written there (rounds.json)."""
         parsed, seed = parse_budget(budget), settings.select.seed
-        tokens = int(record_costs(parsed, table["n_prompt"], table["n_response"]).sum()) if parsed.tokens else None
+        tokens = int(record_tokens(table).sum()) if parsed.tokens else None
         try:
             amount = parsed.resolve(len(table), tokens)
             plan = make_plan(run, table, amount, parsed.unit, settings.adaptive, seed)
@@ -178,7 +178,7 @@ class Adaptive(ClusteredMethod):
         except ValueError as err:
             raise ConfigError(f"{run or 'adaptive selection'}: {err}") from None
         probe = table[table["id"].isin(set(plan["probe"]))].assign(
-            n_tokens=lambda t: t["n_prompt"] + t["n_response"], ies=np.nan, status="probe",
+            n_tokens=record_tokens, ies=np.nan, status="probe",
             reason="probe of the adaptive rounds (never trained on)", rank=0, conflict_a="", conflict_b="")
         result.table = pd.concat([result.table, probe[result.table.columns]], ignore_index=True).set_index(
             "id").loc[table["id"]].reset_index()

@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from paser.selection.budget import record_tokens
+
 PACKAGES = ("paser", "torch", "transformers", "sentence-transformers", "scikit-learn", "scipy", "numpy",
             "prefect", "peft")
 
@@ -234,7 +236,7 @@ def selection_ledger(settings, run: Path):
                        reused.get("embed", False))
     if settings.scored and (run / "degradation.parquet").is_file() and (run / "models.json").is_file():
         scores = pd.read_parquet(run / "degradation.parquet", columns=["n_prompt", "n_response", "n_scored"])
-        tokens, positions = int((scores["n_prompt"] + scores["n_response"]).sum()), int(scores["n_scored"].sum())
+        tokens, positions = int(record_tokens(scores).sum()), int(scores["n_scored"].sum())
         models = json.loads((run / "models.json").read_text())
         for i, which in enumerate(("dense", "pruned")):
             params = models[which].get("flop_params")

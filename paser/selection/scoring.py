@@ -59,31 +59,26 @@ def twin_reference(settings: Settings) -> str:
         progress.announce(f"pruning {cfg.dense} by {cfg.prune_ratio:.0%} into paser's twin on "
                           f"{twin_device(settings)} (once; cached in {folder.parent})")
         prune_cfg = dataclasses.replace(settings.prune, ratio=cfg.prune_ratio)
+        from paser.cache import write_folder
         from paser.models.pruning import prune
 
-        tmp = folder.with_name(f".{folder.name}.{os.getpid()}.partial")
         device = twin_device(settings)
         on_gpu = device.startswith("cuda")
-        # pruned on a GPU, the twin is saved in the dtype scoring loads it in (bf16: half the disk and
-        # host memory of fp32), and the device is emptied for the scoring workers that come next
-        prune(cfg.dense, tmp, prune_cfg, trust_pickle=cfg.trust_pickle, device=device,
-              save_dtype=settings.score.dtype if on_gpu and settings.score.dtype != "auto" else None)
-        if on_gpu:
-            import gc
 
-            import torch
+        def make(tmp: Path) -> None:
+            # pruned on a GPU, the twin is saved in the dtype scoring loads it in (bf16: half the disk and
+            # host memory of fp32), and the device is emptied for the scoring workers that come next
+            prune(cfg.dense, tmp, prune_cfg, trust_pickle=cfg.trust_pickle, device=device,
+                  save_dtype=settings.score.dtype if on_gpu and settings.score.dtype != "auto" else None)
+            if on_gpu:
+                import gc
 
-            gc.collect()
-            torch.cuda.empty_cache()
-        try:
-            os.replace(tmp, folder)
-        except OSError:
-            # another process finished the same twin first: keep theirs
-            import shutil
+                import torch
 
-            shutil.rmtree(tmp, ignore_errors=True)
-            if not (folder / "paser_pruned.json").is_file():
-                raise
+                gc.collect()
+                torch.cuda.empty_cache()
+
+        write_folder(folder, make, "paser_pruned.json")  # a process that finished the same twin first wins
     return str(folder)
 
 

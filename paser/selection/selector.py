@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 
 from paser.selection.allocation import allocate_budget, cluster_degradation
-from paser.selection.budget import parse_budget, record_costs
+from paser.selection.budget import parse_budget, record_costs, record_tokens
 from paser.selection.concepts import ConceptGraph
 from paser.selection.configs import SampleConfig
 from paser.selection.stratified import NearDuplicates, cluster_weights, draw_keys
@@ -95,8 +95,8 @@ class Selector:
             raise ValueError(f"the score table has no {self.signal!r} column (the selection signal)")
         t = table.reset_index(drop=True).copy()
         budget = parse_budget(self.budget)
-        t["n_tokens"] = (t["n_prompt"] + t["n_response"]).astype(np.int64)
-        cost = record_costs(budget, t["n_prompt"], t["n_response"])
+        t["n_tokens"] = record_tokens(t)
+        cost = record_costs(budget, t)
         amount = budget.resolve(len(t), int(t["n_tokens"].sum()))
         labels = t["cluster"].to_numpy()
         k = int(labels.max()) + 1 if len(t) else 0
