@@ -94,8 +94,8 @@ TOKENIZER_BATCH = 1024  # texts per tokenizer call: a fast tokenizer encodes a l
 def tokenize_examples(tokenizer, records, template: str = "alpaca",
                       cutoff: int = 256) -> list[tuple[list[int], int, int, bool]]:
     """``tokenize_example`` of each record, the texts given to the tokenizer a list at a time (the
-    same ids: nothing is padded). On 2 busy cores no speed-up showed beyond noise
-    (bench/tokenize_speed.py, docs/benchmarks.md); a fast tokenizer may use more cores on a list."""
+    same ids: nothing is padded), so that a fast tokenizer may spread a list over its cores
+    (bench/tokenize_speed.py)."""
     return list(iter_examples(tokenizer, records, template, cutoff))
 
 

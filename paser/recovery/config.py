@@ -43,9 +43,9 @@ class RecoverConfig:
     micro_batch_tokens: int | None = None
     """Cap on a forward pass's padded tokens (records x the longest of them): a step's records are
     sorted by length and cut into micro-batches of at most ``micro_batch_size`` records within this
-    cap, so that short records are not padded to long ones (on 2 CPU cores 1.38x faster at 768 than
-    one micro-batch of 8 records per step; docs/benchmarks.md). None: ``micro_batch_size`` records a pass, still
-    grouped by length. Changes no step's gradient, only the float order (and dropout's masks)."""
+    cap, so that short records are not padded to long ones (speed: docs/benchmarks.md). None:
+    ``micro_batch_size`` records a pass, still grouped by length. Changes no step's gradient, only
+    the float order (and dropout's masks)."""
     batch_tokens: int | None = None
     """Form each optimizer step from about this many tokens (prompt + response, as a token budget
     counts them) instead of ``batch_size`` records: each epoch has round(its tokens / batch_tokens)

@@ -11,8 +11,8 @@ nearest first, ties by index, memory O(N k) beside the rows):
   neighbours reaches the target (how many lists a given recall needs depends on the rows: on
   isotropic noise it grows with N, on rows shaped like real instructions it shrinks). The rows are
   searched in the order of their own list, so consecutive searches read mostly the same lists
-  while they are still in the processor's cache (1.3x-1.4x faster at 50,000-200,000 rows than in
-  the pool's order, docs/benchmarks.md; the same result, each row's search being independent).
+  while they are still in the processor's cache (the same result, each row's search being
+  independent; speed: docs/benchmarks.md).
   faiss answers each row alone and its k-means is seeded, so the graph is the same on any thread
   count (tested).
 
