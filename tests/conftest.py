@@ -73,7 +73,26 @@ gc.collect()
 gc.freeze()
 
 
+_SHARED_API = "PASER_TESTS_PREFECT_API"  # the one Prefect test server of a pytest-xdist run, for its workers
+
+
+def pytest_configure(config):
+    """Under pytest-xdist the controller starts one temporary Prefect API server before the workers
+    start, and they all use it (``prefect_api``): one server's start-up for the suite (about 12 s of
+    a core), not one per worker, and it overlaps the workers' own start."""
+    if getattr(config.option, "numprocesses", None) and not hasattr(config, "workerinput"):
+        from prefect.settings import PREFECT_API_URL
+        from prefect.testing.utilities import prefect_test_harness
+
+        config.paser_prefect = prefect_test_harness(server_startup_timeout=120)
+        config.paser_prefect.__enter__()
+        os.environ[_SHARED_API] = PREFECT_API_URL.value()
+
+
 def pytest_unconfigure(config):
+    harness = getattr(config, "paser_prefect", None)
+    if harness is not None:
+        harness.__exit__(None, None, None)
     shutil.rmtree(_PREFECT_HOME, ignore_errors=True)
 
 
@@ -92,12 +111,17 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def prefect_api():
-    """One temporary Prefect API server (its own database) for the test process: the flow tests
-    run against it, and the subprocesses they start reach it through its URL (returned) instead
-    of each starting a server of its own."""
-    from prefect.settings import PREFECT_API_URL
+    """One temporary Prefect API server (its own database) for the test run: the flow tests run
+    against it, and the subprocesses they start reach it through its URL (returned) instead of each
+    starting a server of its own. Under pytest-xdist the controller's, else this process's."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
     from prefect.testing.utilities import prefect_test_harness
 
+    shared = os.environ.get(_SHARED_API)
+    if shared:  # the controller's server (pytest_configure)
+        with temporary_settings({PREFECT_API_URL: shared}):
+            yield shared
+        return
     with prefect_test_harness(server_startup_timeout=120):
         yield PREFECT_API_URL.value()
 
