@@ -1,7 +1,9 @@
-"""The PASER selection flow: the pipeline's table of contents, one task per stage.
+"""The PASER selection flow: the recipe of ``paser select`` (``paser.selection.pipeline.stages``),
+one task per stage.
 
-Every task calls the stage function of ``paser.selection.pipeline`` that ``--no-flow`` calls, with the
-settings (a plain dict) and the run folder; every result lives in the run folder. The cached
+The flow walks the list that ``run_selection`` (``--no-flow``) walks; each task calls the same
+stage function with the settings (a plain dict) and the run folder, and every result lives in the
+run folder. The cached
 stages (data, embed, cluster) carry a Prefect cache key made of their fingerprint (data content,
 model files, stage config), with the result record kept in the run folder (``.prefect/``):
 re-running with another budget finds every one of them cached, and changing only the clustering
@@ -28,7 +30,7 @@ from prefect.cache_policies import NO_CACHE  # noqa: E402
 from flows.runners import release_workers, shard_resources, task_runner, worker_dtype  # noqa: E402
 from paser.errors import ShardError  # noqa: E402
 from paser.selection import pipeline, runfolder  # noqa: E402
-from paser.selection.report import artifact_markdown, write_report  # noqa: E402
+from paser.selection.report import artifact_markdown  # noqa: E402
 from paser.selection.scoring import ScoringPlan, score_planned_shard, scoring_progress  # noqa: E402
 from paser.selection.settings import Settings, build_settings  # noqa: E402
 
@@ -54,32 +56,16 @@ def check_inputs(settings: dict) -> str:
     return str(runfolder.run_folder(_s(settings)))
 
 
-@task(name="load data")
-def load_data(settings: dict, run: str) -> str:
-    return str(pipeline.stage_data(_s(settings), Path(run)))
+def stage_task(step: pipeline.Step):
+    """The recipe's ``step`` as a Prefect task of the same name, called with the settings (a plain
+    dict) and the run folder; a stage the run folder reuses by fingerprint keeps its result in
+    Prefect's cache under that fingerprint."""
 
+    def call(settings: dict, run: str) -> str:
+        return str(step.run(_s(settings), Path(run)))
 
-@task(name="count tokens", cache_policy=NO_CACHE)
-def count_tokens(settings: dict, run: str) -> str:
-    path = pipeline.stage_tokens(_s(settings), Path(run))
-    pipeline.resolve_run_budget(_s(settings), Path(run))
-    return str(path)
-
-
-@task(name="embed instructions")
-def embed(settings: dict, run: str) -> str:
-    return str(pipeline.stage_embed(_s(settings), Path(run)))
-
-
-@task(name="find capability clusters")
-def cluster(settings: dict, run: str) -> str:
-    return str(pipeline.stage_cluster(_s(settings), Path(run)))
-
-
-@task(name="pruned twin", cache_policy=NO_CACHE)
-def pruned_twin(settings: dict, run: str) -> str:
-    """The pruned model: the one given, or paser's prune of the dense model (made once, cached)."""
-    return pipeline.stage_twin(_s(settings), Path(run))
+    call.__name__ = call.__qualname__ = step.run.__name__  # each stage its own task key
+    return task(call, name=step.name) if step.cached else task(call, name=step.name, cache_policy=NO_CACHE)
 
 
 def _transient(task, task_run, state) -> bool:
@@ -109,30 +95,13 @@ def score_shards(settings: dict, plan: ScoringPlan) -> list[dict]:
     return [f.result() for f in futures]
 
 
-@task(name="allocate, rank and filter", cache_policy=NO_CACHE)
-def select(settings: dict, run: str) -> str:
-    return str(pipeline.stage_select(_s(settings), Path(run)))
-
-
-@task(name="baseline selection", task_run_name="baseline selection ({method})", cache_policy=NO_CACHE)
-def baseline(settings: dict, run: str, method: str) -> str:
-    return str(pipeline.stage_baseline(_s(settings), Path(run)))
-
-
-@task(name="write report", cache_policy=NO_CACHE)
-def report(settings: dict, run: str) -> str:
-    path = write_report(_s(settings), Path(run))
-    create_markdown_artifact(artifact_markdown(Path(run)), key="paser-selection",
-                             description="PASER selection: clusters, budget and outputs")
-    return str(path)
-
-
-def degradation(settings: dict, run: str, twin: str) -> str:
-    """Score degradation (``pipeline.stage_score``), its shards mapped over the configured engine."""
+def degradation(settings: dict, run: str) -> str:
+    """The recipe's scoring stage (``pipeline.stage_score``), its shards mapped over the configured
+    engine by a subflow instead of one after another."""
     s = _s(settings)
     engine = score_shards.with_options(task_runner=task_runner(s.distribute))
     try:
-        return str(pipeline.stage_score(s, Path(run), twin, map_shards=lambda _, plan: engine(settings, plan)))
+        return str(pipeline.stage_score(s, Path(run), map_shards=lambda _, plan: engine(settings, plan)))
     finally:
         release_workers(s.distribute)  # a remote cluster's workers keep no model after the run
 
@@ -155,19 +124,16 @@ def selection_flow(data: str | None = None, dense: str | None = None, pruned: st
         built.score.dtype = worker_dtype(built.distribute, built.score.device)
     settings = built.to_dict()
     run = check_inputs(settings)
-    s = _s(settings)
-    _cached(load_data, "data", settings, run)(settings, run)
-    count_tokens(settings, run)
-    if s.clustered:  # PASER and its ablations; the baselines need no clusters
-        _cached(embed, "embed", settings, run)(settings, run)
-        _cached(cluster, "cluster", settings, run)(settings, run)
-    if s.scored:  # random, full, longest, shortest and strat at temperature 0 need no model
-        degradation(settings, run, pruned_twin(settings, run))
-    if s.clustered:
-        select(settings, run)
-    else:
-        baseline(settings, run, s.select.method)
-    report(settings, run)
+    for step in pipeline.stages(_s(settings)):  # the recipe run_selection walks, as tasks
+        if step.run is pipeline.stage_score:
+            degradation(settings, run)
+            continue
+        called = stage_task(step)
+        if step.cached:
+            called = _cached(called, step.cached, settings, run)
+        called(settings, run)
+    create_markdown_artifact(artifact_markdown(Path(run)), key="paser-selection",
+                             description="PASER selection: clusters, budget and outputs")
     return run
 
 

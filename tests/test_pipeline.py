@@ -83,12 +83,27 @@ def test_input_layout_written_back(models, tmp_path):
 
 
 def test_flow_gives_the_same_selection(models, tmp_path, prefect_api):
-    import paser
+    """The flow walks the recipe run_selection walks: the same stages as tasks, the same run folder."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    from flows.selection import selection_flow
+    from paser.selection.pipeline import stages
 
     direct = run_selection(settings(models, tmp_path / "direct"))
     s = settings(models, tmp_path / "flow")
-    run = paser.select(out=str(tmp_path / "flow"), overrides=s.to_dict())
-    assert (run / "selected.jsonl").read_text() == (direct / "selected.jsonl").read_text()
+    state = selection_flow(out=str(tmp_path / "flow"), overrides=s.to_dict(), return_state=True)
+    run = Path(state.result())
+    for name in ("selected.jsonl", "clusters.json"):
+        assert (run / name).read_text() == (direct / name).read_text()
+    pd.testing.assert_frame_equal(pd.read_parquet(run / "scores.parquet"), pd.read_parquet(direct / "scores.parquet"))
+    with get_client(sync_client=True) as client:
+        tasks = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[
+            state.state_details.flow_run_id])))
+    ran = [t.name.rsplit("-", 1)[0] for t in sorted(tasks, key=lambda t: t.expected_start_time)]
+    # scoring runs as a subflow of shards (mapped over the engine), every other stage as a task
+    assert ran == ["check inputs", *("paser-score-shards" if step.name == "score degradation" else step.name
+                                     for step in stages(s))]
 
 
 runner = CliRunner()

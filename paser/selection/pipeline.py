@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -197,14 +199,12 @@ def stage_twin(settings: Settings, run: Path) -> str:
         return twin_reference(settings)
 
 
-def stage_score(settings: Settings, run: Path, pruned_ref: str | None = None,
-                map_shards: ShardMap | None = None) -> Path:
+def stage_score(settings: Settings, run: Path, map_shards: ShardMap | None = None) -> Path:
     """Score the degradation of every record (reused when the run folder holds it for these models
-    and settings). ``pruned_ref``: the twin when already resolved (``stage_twin``); ``map_shards``:
-    how the shards run (default: one after another in this process; the flow maps them over its
-    engine)."""
+    and settings) against the twin of ``stage_twin``. ``map_shards``: how the shards run (default:
+    one after another in this process; the flow maps them over its engine)."""
     path = run / "degradation.parquet"
-    pruned_ref = pruned_ref or stage_twin(settings, run)
+    pruned_ref = twin_reference(settings)  # made by the twin stage before this one
     with Stage(run, "score") as st:
         plan = plan_scoring(settings, run, pruned_ref)
         if is_fresh(path, plan.fingerprint):
@@ -355,19 +355,48 @@ def preflight(settings: Settings) -> None:
             check_same_tokenizer(dense_tok, pruned_tok, cfg.dense, cfg.pruned)
 
 
-def run_selection(settings: Settings, cache_dir: Path | None = None) -> Path:
-    """Every stage in order, without Prefect (the flow runs the same functions as tasks)."""
+def stage_budget(settings: Settings, run: Path) -> Path:
+    """Count every record's tokens, then check the budget against them (before any model loads)."""
+    path = stage_tokens(settings, run)
+    resolve_run_budget(settings, run)
+    return path
+
+
+def stage_report(settings: Settings, run: Path) -> Path:
     from paser.selection.report import write_report
 
+    return write_report(settings, run)
+
+
+@dataclass(frozen=True)
+class Step:
+    """One stage of ``paser select``: its name (the Prefect task's), the function of (settings, run
+    folder) that runs it, and the run folder output whose fingerprint it is reused by (``cached``;
+    Prefect's cache key is that fingerprint)."""
+
+    name: str
+    run: Callable[[Settings, Path], object]
+    cached: str | None = None
+
+
+def stages(settings: Settings) -> list[Step]:
+    """The recipe of ``paser select``: the stages the settings' method needs, in order.
+    ``run_selection`` walks it in this process; the Prefect flow (flows/selection.py) walks the
+    same list as tasks."""
+    steps = [Step("load data", stage_data, "data"), Step("count tokens", stage_budget)]
+    if settings.clustered:  # PASER, its ablations, strat, adaptive; the baselines need no clusters
+        steps += [Step("embed instructions", stage_embed, "embed"),
+                  Step("find capability clusters", stage_cluster, "cluster")]
+    if settings.scored:  # random, full, longest, shortest and strat at temperature 0 load no model
+        steps += [Step("pruned twin", stage_twin), Step("score degradation", stage_score)]
+    steps.append(Step("allocate, rank and filter", stage_select) if settings.clustered
+                 else Step("baseline selection", stage_baseline))
+    return [*steps, Step("write report", stage_report)]
+
+
+def run_selection(settings: Settings) -> Path:
+    """``paser select`` in this process, without Prefect: every stage of the recipe in order."""
     run = run_folder(settings)
-    stage_data(settings, run)
-    stage_tokens(settings, run)
-    resolve_run_budget(settings, run)
-    if settings.clustered:
-        stage_embed(settings, run, cache_dir)
-        stage_cluster(settings, run)
-    if settings.scored:
-        stage_score(settings, run)
-    (stage_select if settings.clustered else stage_baseline)(settings, run)
-    write_report(settings, run)
+    for step in stages(settings):
+        step.run(settings, run)
     return run
