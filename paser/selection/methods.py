@@ -30,8 +30,6 @@ from paser.selection.adaptive import PLAN, draw_round, make_plan, round_seed
 from paser.selection.budget import parse_budget, record_tokens
 from paser.selection.selector import SelectionResult, Selector, StratifiedSelector
 
-SCORE_COVERAGE = ("all", "sample", "none")
-
 
 class Method:
     """What every method declares; subclass ``ClusteredMethod`` or ``OrderedMethod``."""
