@@ -13,6 +13,7 @@ import gc
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -73,26 +74,39 @@ gc.collect()
 gc.freeze()
 
 
-_SHARED_API = "PASER_TESTS_PREFECT_API"  # the one Prefect test server of a pytest-xdist run, for its workers
+_SHARED_API = "PASER_TESTS_PREFECT_API"  # where a pytest-xdist run's one Prefect test server writes its URL
 
 
 def pytest_configure(config):
-    """Under pytest-xdist the controller starts one temporary Prefect API server before the workers
-    start, and they all use it (``prefect_api``): one server's start-up for the suite (about 12 s of
-    a core), not one per worker, and it overlaps the workers' own start."""
+    """Under pytest-xdist the controller starts one temporary Prefect API server, in a thread while
+    the workers start, and they all use it (``prefect_api``): one server's start-up for the suite,
+    not one per worker. Its URL is written to a file named by ``PASER_TESTS_PREFECT_API`` once it
+    answers."""
     if getattr(config.option, "numprocesses", None) and not hasattr(config, "workerinput"):
-        from prefect.settings import PREFECT_API_URL
-        from prefect.testing.utilities import prefect_test_harness
+        import threading
 
-        config.paser_prefect = prefect_test_harness(server_startup_timeout=120)
-        config.paser_prefect.__enter__()
-        os.environ[_SHARED_API] = PREFECT_API_URL.value()
+        url_file = Path(_PREFECT_HOME) / "test-api-url"
+        os.environ[_SHARED_API] = str(url_file)
+        stop = threading.Event()
+
+        def serve():  # the harness's settings live in this thread's context: entered and left here
+            from prefect.settings import PREFECT_API_URL
+            from prefect.testing.utilities import prefect_test_harness
+
+            with prefect_test_harness(server_startup_timeout=120):
+                url_file.with_suffix(".tmp").write_text(PREFECT_API_URL.value())
+                url_file.with_suffix(".tmp").replace(url_file)
+                stop.wait()
+
+        config.paser_prefect = (threading.Thread(target=serve, daemon=True), stop)
+        config.paser_prefect[0].start()
 
 
 def pytest_unconfigure(config):
-    harness = getattr(config, "paser_prefect", None)
-    if harness is not None:
-        harness.__exit__(None, None, None)
+    server = getattr(config, "paser_prefect", None)
+    if server is not None:
+        server[1].set()
+        server[0].join(timeout=60)
     shutil.rmtree(_PREFECT_HOME, ignore_errors=True)
 
 
@@ -117,8 +131,15 @@ def prefect_api():
     from prefect.settings import PREFECT_API_URL, temporary_settings
     from prefect.testing.utilities import prefect_test_harness
 
-    shared = os.environ.get(_SHARED_API)
-    if shared:  # the controller's server (pytest_configure)
+    url_file = os.environ.get(_SHARED_API)
+    if url_file:  # the controller's server (pytest_configure), once it answers
+        waited = 0.0
+        while not Path(url_file).is_file():
+            if waited > 180:
+                raise RuntimeError(f"the suite's Prefect test server did not start ({url_file} never written)")
+            time.sleep(0.2)
+            waited += 0.2
+        shared = Path(url_file).read_text()
         with temporary_settings({PREFECT_API_URL: shared}):
             yield shared
         return
