@@ -95,13 +95,13 @@ def score_shards(settings: dict, plan: ScoringPlan) -> list[dict]:
     return [f.result() for f in futures]
 
 
-def degradation(settings: dict, run: str) -> str:
-    """The recipe's scoring stage (``pipeline.stage_score``), its shards mapped over the configured
-    engine by a subflow instead of one after another."""
+def degradation(settings: dict, run: str, step: pipeline.Step) -> str:
+    """The recipe's scoring stage, its shards mapped over the configured engine by a subflow
+    instead of one after another."""
     s = _s(settings)
     engine = score_shards.with_options(task_runner=task_runner(s.distribute))
     try:
-        return str(pipeline.stage_score(s, Path(run), map_shards=lambda _, plan: engine(settings, plan)))
+        return str(step.run(s, Path(run), map_shards=lambda _, plan: engine(settings, plan)))
     finally:
         release_workers(s.distribute)  # a remote cluster's workers keep no model after the run
 
@@ -125,8 +125,8 @@ def selection_flow(data: str | None = None, dense: str | None = None, pruned: st
     settings = built.to_dict()
     run = check_inputs(settings)
     for step in pipeline.stages(_s(settings)):  # the recipe run_selection walks, as tasks
-        if step.run is pipeline.stage_score:
-            degradation(settings, run)
+        if step.shards:
+            degradation(settings, run, step)
             continue
         called = stage_task(step)
         if step.cached:

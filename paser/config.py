@@ -118,10 +118,11 @@ def shared_sections(cls, sections: dict, where: str) -> dict:
     """The configs of the sections of their own that ``cls`` holds as fields of the same names
     (``prompt``), built from ``sections`` (``{section: {key: value}}``; values of None are
     ignored); ``where`` names the file."""
-    hints = typing.get_type_hints(cls)
-    return {f.name: from_mapping(hints[f.name], {k: v for k, v in (sections.get(f.name) or {}).items()
-                                                 if v is not None}, f"{where}: {f.name}")
-            for f in dataclasses.fields(cls) if f.name in SECTIONS}
+    held = [f.name for f in dataclasses.fields(cls) if f.name in SECTIONS]
+    hints = typing.get_type_hints(cls) if held else {}
+    return {name: from_mapping(hints[name], {k: v for k, v in (sections.get(name) or {}).items() if v is not None},
+                               f"{where}: {name}")
+            for name in held}
 
 
 def read_yaml(path: str | Path) -> dict:

@@ -58,7 +58,7 @@ from paser.data.suite import suite_tokenizer as build_tokenizer  # noqa: E402,F4
 #
 # HF's Trainer (through accelerate) and paser's recovery each run a full garbage collection per
 # training run; with torch, transformers, lm-eval and Prefect loaded, each one walks half a million
-# objects (about 0.3 s, some 0.8 s per recovery and more than a minute over the suite). The libraries
+# objects, a large part of a short recovery test. The libraries
 # nearly every test process loads are imported here, and what exists then is frozen out of the
 # collections (gc.freeze), which afterwards look only at what the tests make.
 configure_prefect()

@@ -82,7 +82,7 @@ def test_input_layout_written_back(models, tmp_path):
     assert json.loads((run / "manifest.json").read_text())["adjusted_rand_index_vs_family"] is None
 
 
-def test_flow_gives_the_same_selection(models, tmp_path, prefect_api):
+def test_flow_gives_the_same_selection(models, tmp_path, prefect_api, finished_run):
     """The flow walks the recipe run_selection walks: the same stages as tasks, the same run folder."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
@@ -90,7 +90,7 @@ def test_flow_gives_the_same_selection(models, tmp_path, prefect_api):
     from flows.selection import selection_flow
     from paser.selection.pipeline import stages
 
-    direct = run_selection(settings(models, tmp_path / "direct"))
+    direct = finished_run  # run_selection of the same settings, shared by the test process
     s = settings(models, tmp_path / "flow")
     state = selection_flow(out=str(tmp_path / "flow"), overrides=s.to_dict(), return_state=True)
     run = Path(state.result())

@@ -140,7 +140,7 @@ def resolve_run_budget(settings: Settings, run: Path) -> tuple[int, str]:
 # ---------------------------------------------------------------- embed and cluster
 
 
-def stage_embed(settings: Settings, run: Path, cache_dir: Path | None = None) -> Path:
+def stage_embed(settings: Settings, run: Path) -> Path:
     from paser.selection.embedding import SentenceEmbedder
 
     cfg = settings.embed
@@ -155,7 +155,7 @@ def stage_embed(settings: Settings, run: Path, cache_dir: Path | None = None) ->
             (run / "embed_cost.json").unlink(missing_ok=True)  # made elsewhere: not in this run's ledger
             return
         texts = instruction_texts(read_run_pool(run, fields=False), cfg.include_input)
-        np.save(path, embed_texts(texts, cfg, cache_dir, embedder=embedder))
+        np.save(path, embed_texts(texts, cfg, embedder=embedder))
         (run / "embed_cost.json").write_text(json.dumps(embedder.cost(texts), indent=2))  # the compute ledger's line
 
     return stage_output(settings, run, "embed", make)
@@ -371,12 +371,14 @@ def stage_report(settings: Settings, run: Path) -> Path:
 @dataclass(frozen=True)
 class Step:
     """One stage of ``paser select``: its name (the Prefect task's), the function of (settings, run
-    folder) that runs it, and the run folder output whose fingerprint it is reused by (``cached``;
-    Prefect's cache key is that fingerprint)."""
+    folder) that runs it, the run folder output whose fingerprint it is reused by (``cached``;
+    Prefect's cache key is that fingerprint), and whether it scores shards (``shards``: the flow
+    passes it how to map them over its engine)."""
 
     name: str
-    run: Callable[[Settings, Path], object]
+    run: Callable[..., object]
     cached: str | None = None
+    shards: bool = False
 
 
 def stages(settings: Settings) -> list[Step]:
@@ -388,7 +390,7 @@ def stages(settings: Settings) -> list[Step]:
         steps += [Step("embed instructions", stage_embed, "embed"),
                   Step("find capability clusters", stage_cluster, "cluster")]
     if settings.scored:  # random, full, longest, shortest and strat at temperature 0 load no model
-        steps += [Step("pruned twin", stage_twin), Step("score degradation", stage_score)]
+        steps += [Step("pruned twin", stage_twin), Step("score degradation", stage_score, shards=True)]
     steps.append(Step("allocate, rank and filter", stage_select) if settings.clustered
                  else Step("baseline selection", stage_baseline))
     return [*steps, Step("write report", stage_report)]
