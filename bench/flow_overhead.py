@@ -58,7 +58,7 @@ def main() -> None:
                         settings.select.budget = parse_budget(budget).setting
                     run_selection(settings)
                 else:
-                    paser.select(budget=budget, overrides=s)
+                    paser.select(budget=budget, flow=True, **s)
                 seconds = time.perf_counter() - start
             results[arm, phase] = seconds
             print(f"{arm:6s} {phase:8s}: {seconds:7.1f} s, peak RSS {mem.peak_mb:.0f} MB (with children)")

@@ -177,7 +177,8 @@ def check_dask(work: Path, dense: Path, pruned: str, records: int, device: str) 
                             {"engine": "dask", "workers": 2, "gpus_per_shard": 0.5 if device.startswith("cuda") else 0})
     settings.select.pruned = pruned
     start = time.perf_counter()
-    run = paser.select(out=str(work / "dask"), engine="dask", workers=2, overrides=settings.to_dict())
+    settings.select.out = str(work / "dask")
+    run = paser.select(**settings.to_dict()).out  # engine dask: through the flow
     seconds = time.perf_counter() - start
     shards = json.loads((run / "scoring.json").read_text())["shards"]
     models = json.loads((run / "models.json").read_text())

@@ -51,7 +51,7 @@ def main() -> None:
         select = {"data": str(pool), "progress": False}
     twin_reference(Settings.load(None, {"select": select}))  # made (or found) outside the timings
     # Prefect's temporary server starts on the first flow of the process: start it outside the timings
-    paser.select(budget="4", out=str(root / "warm-up"), overrides={"select": {"suite_size": 24, "progress": False}})
+    paser.select(budget="4", out=str(root / "warm-up"), flow=True, select={"suite_size": 24, "progress": False})
     what = f"first {args.alpaca} Alpaca records" if args.alpaca else f"suite {args.suite_size} records"
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; {what}; "
           f"run folders under {root}")
@@ -60,7 +60,7 @@ def main() -> None:
         out = root / arm
         with PeakRSS(children=True) as mem:
             start = time.perf_counter()
-            paser.select(budget=budget, out=str(out), overrides={"select": select})
+            paser.select(budget=budget, out=str(out), flow=True, select=select)
             seconds[arm] = time.perf_counter() - start
         c = json.loads((out / "clusters.json").read_text())
         score = json.loads((out / "timings.json").read_text())["score"]["seconds"]

@@ -1,8 +1,8 @@
 """paser: select the instruction samples that repair what pruning broke, and recover the model.
 
-The Python API mirrors the CLI: ``paser.select(...)`` is ``paser select``, ``paser.prune(...)``
-is ``paser prune``, ``paser.recover(...)`` is ``paser recover``, ``paser.evaluate(...)`` is
-``paser evaluate``, ``paser.compare(...)`` is ``paser compare``. The selection's
+The Python API mirrors the CLI, one shape for every verb (``paser.api``): ``paser.select(config,
+**overrides)`` is ``paser select``, and so are ``prune``, ``recover``, ``evaluate`` and ``compare``;
+each runs in this process and returns a small result (its folder, figures and compute). The selection's
 estimators (scikit-learn style: ``fit`` returns the estimator, learned attributes end in ``_``)
 are here for notebooks.
 
@@ -15,13 +15,12 @@ from paser.lazy import lazy_names
 __version__ = "0.1.0"
 
 _HOMES = {
-    "select": "paser.api",
-    "recover": "paser.recovery", "RecoveryResult": "paser.recovery",
-    "evaluate": "paser.evaluation",
-    "CompareResult": "paser.comparison", "compare": "paser.comparison",
+    **{name: "paser.api" for name in ("select", "prune", "recover", "evaluate", "compare", "SelectResult",
+                                      "EvalResult")},
+    "PruneResult": "paser.models.pruning", "RecoveryResult": "paser.recovery", "CompareResult": "paser.comparison",
     "PaserError": "paser.errors",
     "load_model": "paser.models.load", "load_pair": "paser.models.load",
-    "PruneConfig": "paser.models.config", "prune": "paser.models.pruning",
+    "PruneConfig": "paser.models.config",
     "SpectralClusterer": "paser.selection.clustering",
     "DiffusionMap": "paser.selection.manifold",
     "Selector": "paser.selection.selector", "StratifiedSelector": "paser.selection.selector",

@@ -1,42 +1,260 @@
-"""``paser.select``: the main job, with the same arguments as ``paser select``.
+"""paser's verbs in Python, one shape: ``verb(config=None, **overrides)``, run in this process,
+returning a small result. The CLI's commands call these same functions.
 
-    python -c "import paser; print(paser.select(budget=0.2, out='runs/select'))"
+    import paser
+    run = paser.select(budget="0.2tok", out="runs/select")                # SelectResult
+    twin = paser.prune(model="smollm2-135m-instruct", ratio=0.25)          # PruneResult
+    done = paser.recover(model=twin.out, data=run.out / "selected.jsonl")  # RecoveryResult
+    seen = paser.evaluate(model=twin.out, adapter=done.out / "adapter")    # EvalResult
+
+``config`` is a YAML file with the command's sections. Each override is one of: the command's own
+argument (a model, ``out``, ...); a section given whole (``embed={"batch_size": 8}``); or a key of
+one of the command's sections (``epochs=2``): its main section's first (``select``, ``prune``,
+``recover``, ``evaluate``, ``compare``), else the one section that has it; a key two sections share
+must be given inside its section. Overrides set to None keep the file's value, as an option the CLI
+was not given. ``flow=True`` runs the command through its Prefect flow (``paser.flows``) instead,
+with the same arguments; scoring or arms on Dask or Ray always go through it.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import typing
+from dataclasses import dataclass
 from pathlib import Path
 
+from paser.config import SECTIONS, load_config
+from paser.data.prompts import PromptFormat
 from paser.errors import ConfigError
-from paser.selection.pipeline import preflight, run_selection
-from paser.selection.settings import build_settings
+from paser.evaluation.config import EvalConfig
+from paser.models.config import PruneConfig
+from paser.recovery.config import RecoverConfig
+from paser.selection.configs import STAGE_CONFIGS
+
+if typing.TYPE_CHECKING:
+    from paser.comparison.recipe import CompareResult
+    from paser.models.pruning import PruneResult
+    from paser.recovery.job import RecoveryResult
 
 
-def select(data: str | None = None, dense: str | None = None, pruned: str | None = None,
-           prune_ratio: float | None = None, budget: str | float | int | None = None, out: str | None = None,
-           config: str | Path | None = None, trust_pickle: bool | None = None, seed: int | None = None,
-           engine: str | None = None, address: str | None = None, workers: int | None = None,
-           use_flow: bool = True, overrides: dict | None = None) -> Path:
-    """Run PASER selection and return the run folder.
+def split_overrides(command: str, overrides: dict, sections: dict[str, type], main: str,
+                    arguments: dict) -> tuple[dict, dict]:
+    """``overrides`` as (the command's arguments, ``arguments`` giving their defaults; its sections'
+    ``{section: {key: value}}``, keys set to None left out). A required argument's default is ``...``."""
+    given = {name: default for name, default in arguments.items()}
+    found: dict[str, dict] = {name: {} for name in sections}
+    keys = {name: {f.name for f in dataclasses.fields(cls)} - set(SECTIONS) for name, cls in sections.items()}
+    for key, value in overrides.items():
+        if key in arguments:
+            given[key] = value
+        elif key in sections:
+            if not isinstance(value, dict):
+                raise ConfigError(f"paser.{command}: {key}= takes a section's keys as a dict, e.g. "
+                                  f"{key}={{...}}; got {value!r}")
+            found[key] |= {k: v for k, v in value.items() if v is not None}
+        else:
+            owners = [main] if key in keys[main] else [name for name in sections if key in keys[name]]
+            if len(owners) != 1:
+                where = (f"a key of {' and '.join(owners)}: give it inside its section, e.g. {owners[0]}={{{key!r}: "
+                         "...}" if owners else f"neither an argument ({', '.join(arguments)}) nor a key of "
+                         f"{', '.join(sections)}")
+                raise ConfigError(f"paser.{command}: {key!r} is {where}")
+            if value is not None:
+                found[owners[0]][key] = value
+    missing = [name for name, value in given.items() if value is ...]
+    if missing:
+        raise ConfigError(f"paser.{command}: {', '.join(missing)} must be given")
+    return given, found
 
-    Every argument left as None keeps the value from ``config`` (a YAML file with sections
-    select/embed/manifold/cluster/score/allocate/concepts/prune/distribute), else the default: a
-    bare ``select()`` runs the embedded default (the generated capability suite, the bundled
-    SmolLM2-135M-Instruct and its 25% paser-pruned twin, 20% budget). ``engine`` (local, dask,
-    ray), ``address`` and ``workers`` say where the degradation shards run. ``overrides`` sets any
-    other key as ``{section: {key: value}}``. ``use_flow=False`` runs the stages in this process
-    without Prefect (no caching in Prefect's result store, no distributed scoring).
+
+def _path(value) -> str | None:
+    return str(value) if value is not None else None
+
+
+# ---------------------------------------------------------------- select
+
+
+@dataclass
+class SelectResult:
+    """A selection's run folder (selected.jsonl, scores.parquet, clusters.json, manifest.json,
+    report.md) and its figures."""
+
+    out: Path
+    records: int
+    tokens: int
+    budget: float | int
+    budget_unit: str
+    clusters: int | None  # K, for the methods that cluster
+    method: str
+    compute: dict  # paser.ledger's figures (Ledger.from_dict reads them back)
+
+    @classmethod
+    def read(cls, run: str | Path) -> SelectResult:
+        run = Path(run)
+        summary = json.loads((run / "clusters.json").read_text())
+        return cls(out=run, records=summary["selected"], tokens=summary["selected_tokens"], budget=summary["budget"],
+                   budget_unit=summary["budget_unit"], clusters=summary.get("K"), method=summary["method"],
+                   compute=json.loads((run / "manifest.json").read_text())["compute"])
+
+
+SELECT_SECTIONS = {"prompt": PromptFormat, **STAGE_CONFIGS}
+
+
+def select(config: str | Path | None = None, *, flow: bool = False, **overrides) -> SelectResult:
+    """Select the records that best repair the pruned model (PASER) and write the run folder.
+
+    Every key of the ``select`` section can be given flat (``data``, ``dense``, ``pruned``,
+    ``prune_ratio``, ``budget``, ``out``, ``method``, ``seed``, ...), so can the keys only one other
+    section has (``engine``, ``workers``, ``n_clusters``, ...). Left out, they keep the config's
+    value, else the embedded default: a bare ``select()`` runs the generated capability suite, the
+    bundled SmolLM2-135M-Instruct and its 25% paser-pruned twin, with a 20% budget.
     """
-    args = dict(data=data, dense=dense, pruned=pruned, prune_ratio=prune_ratio, budget=budget, out=out,
-                config=str(config) if config is not None else None, trust_pickle=trust_pickle, seed=seed,
-                engine=engine, address=address, workers=workers, overrides=overrides)
-    settings = build_settings(**args)
-    preflight(settings)
-    if not use_flow:
-        if settings.distribute.engine != "local":
-            raise ConfigError(f"engine {settings.distribute.engine!r} runs through the Prefect flow; "
-                              "drop use_flow=False (--no-flow)")
-        return run_selection(settings)
-    from flows.selection import selection_flow
+    from paser.selection.budget import parse_budget
+    from paser.selection.pipeline import preflight, run_selection
+    from paser.selection.settings import build_settings
 
-    return Path(selection_flow(**args))
+    _, sections = split_overrides("select", overrides, SELECT_SECTIONS, "select", {})
+    if sections["select"].get("budget") is not None:
+        sections["select"]["budget"] = parse_budget(sections["select"]["budget"]).setting
+    settings = build_settings(config=_path(config), overrides=sections)
+    preflight(settings)
+    if not flow and settings.distribute.engine == "local":
+        return SelectResult.read(run_selection(settings))
+    from paser.flows import start
+
+    start()  # paser's Prefect settings, before Prefect is first imported
+    from paser.flows.selection import selection_flow
+
+    return SelectResult.read(selection_flow(config=_path(config), overrides=sections))
+
+
+# ---------------------------------------------------------------- prune
+
+PRUNE_ARGUMENTS = {"model": "smollm2-135m-instruct", "out": "runs/pruned", "export_pickle": None,
+                   "trust_pickle": False, "dtype": "float32", "device": None}
+
+
+def prune(config: str | Path | None = None, *, flow: bool = False, **overrides) -> PruneResult:
+    """Prune attention heads and MLP channels of ``model`` (LLM-Pruner block-wise) into ``out``;
+    the ``prune`` section's keys (``ratio``, ``importance``, ...) flat."""
+    from paser.models.load import check_reference
+    from paser.models.pruning import prune as prune_model
+
+    args, sections = split_overrides("prune", overrides, {"prune": PruneConfig}, "prune", PRUNE_ARGUMENTS)
+    cfg = load_config(PruneConfig, config, "prune", sections["prune"])
+    if not flow:
+        return prune_model(args["model"], Path(args["out"]), cfg, export_pickle=args["export_pickle"],
+                           trust_pickle=args["trust_pickle"], dtype=args["dtype"], device=args["device"])
+    check_reference(args["model"], args["trust_pickle"])  # bad input fails here in one line, before Prefect
+    from paser.flows import start
+
+    start()
+    from paser.flows.prune import prune_flow
+
+    return prune_flow(str(args["model"]), str(args["out"]), _path(config), sections["prune"],
+                      _path(args["export_pickle"]), args["trust_pickle"], args["dtype"], args["device"])
+
+
+# ---------------------------------------------------------------- recover
+
+RECOVER_ARGUMENTS = {"model": ..., "data": ..., "out": "runs/recover", "val_data": None, "trust_pickle": False,
+                     "restart": False}
+
+
+def recover(config: str | Path | None = None, *, flow: bool = False, **overrides) -> RecoveryResult:
+    """LoRA-recover the pruned ``model`` on the records of ``data`` (a run's selected.jsonl or any
+    instruction file) into ``out``; resumes from a checkpoint there made with the same settings
+    unless ``restart``. The ``recover`` section's keys (``epochs``, ``learning_rate``, ...) and the
+    ``prompt`` section's (``template``, ``cutoff``) flat."""
+    from paser.models.load import check_reference
+    from paser.recovery import recover as run_recover
+
+    args, sections = split_overrides("recover", overrides, {"recover": RecoverConfig, "prompt": PromptFormat},
+                                     "recover", RECOVER_ARGUMENTS)
+    recover_overrides = sections["recover"] | {"prompt": sections["prompt"]}
+    cfg = load_config(RecoverConfig, config, "recover", recover_overrides)
+    model, data, out = str(args["model"]), str(args["data"]), Path(args["out"])
+    if not flow:
+        return run_recover(model, data, out, cfg, val_data=_path(args["val_data"]), trust_pickle=args["trust_pickle"],
+                           restart=args["restart"])
+    check_reference(model, args["trust_pickle"])
+    from paser.flows import start
+
+    start()
+    from paser.flows.recovery import recovery_flow
+
+    return recovery_flow(model, data, str(out), _path(config), recover_overrides, _path(args["val_data"]),
+                         args["trust_pickle"], args["restart"])
+
+
+# ---------------------------------------------------------------- evaluate
+
+
+@dataclass
+class EvalResult:
+    """An evaluation: its folder (eval.json, eval.md; None when not written) and its figures, as
+    eval.json holds them (``results["compute"]``: what the evaluation computed)."""
+
+    out: Path | None
+    results: dict
+
+    @property
+    def compute(self) -> dict:
+        return self.results["compute"]
+
+
+EVALUATE_ARGUMENTS = {"model": ..., "adapter": None, "out": None, "trust_pickle": False}
+
+
+def evaluate(config: str | Path | None = None, *, flow: bool = False, **overrides) -> EvalResult:
+    """Evaluate ``model`` (with LoRA ``adapter`` when given): perplexity, held-out response NLL,
+    capability-suite accuracy, lm-eval tasks, as the ``evaluate`` section asks (its keys flat)."""
+    from paser.evaluation import evaluate as run_evaluate
+    from paser.models.load import check_reference
+
+    args, sections = split_overrides("evaluate", overrides, {"evaluate": EvalConfig, "prompt": PromptFormat},
+                                     "evaluate", EVALUATE_ARGUMENTS)
+    eval_overrides = sections["evaluate"] | {"prompt": sections["prompt"]}
+    cfg = load_config(EvalConfig, config, "evaluate", eval_overrides)
+    model, adapter, out = str(args["model"]), _path(args["adapter"]), args["out"]
+    if not flow:
+        return EvalResult(Path(out) if out else None, run_evaluate(model, adapter, out, cfg,
+                                                                   trust_pickle=args["trust_pickle"]))
+    check_reference(model, args["trust_pickle"])
+    from paser.flows import start
+
+    start()
+    from paser.flows.recovery import evaluation_flow
+
+    results = evaluation_flow(model, adapter, _path(out), _path(config), eval_overrides, args["trust_pickle"])
+    return EvalResult(Path(out) if out else None, results)
+
+
+# ---------------------------------------------------------------- compare
+
+
+def compare(config: str | Path | None = None, *, flow: bool = False, report_only: bool = False,
+            **overrides) -> CompareResult:
+    """Run (or resume) a comparison: arms trained alike, judged against random subsets (``paser
+    compare``). The ``compare`` section's keys flat (``arms``, ``budgets``, ``out``, ...), any other
+    section whole; finished arms are never run again, ``report_only`` runs none."""
+    from paser.comparison.config import CompareConfig
+    from paser.comparison.recipe import compare as run_compare
+    from paser.comparison.runner import load_sections, prepare
+
+    sections = {"compare": CompareConfig, "prompt": PromptFormat, **STAGE_CONFIGS, "recover": RecoverConfig,
+                "evaluate": EvalConfig}
+    _, found = split_overrides("compare", overrides, sections, "compare", {})
+    found = {name: values for name, values in found.items() if values}
+    engine = load_sections(config, found).get("distribute", {}).get("engine", "local")
+    if not flow and engine == "local":
+        return run_compare(config, found, report_only=report_only)
+    # bad input fails here, before Prefect starts
+    prepare(load_sections(config, found), str(config or "compare"), resolve=not report_only)
+    from paser.flows import start
+
+    start()
+    from paser.flows.compare import compare_flow
+
+    return compare_flow(_path(config), found, report_only)

@@ -48,8 +48,8 @@ if _WORKERS > 1:
     os.environ["OMP_NUM_THREADS"] = str(max(1, usable_cores() // _WORKERS))
 
 
-from flows import configure_prefect  # noqa: E402
 from paser.data.suite import suite_tokenizer as build_tokenizer  # noqa: E402,F401  (tests import it from here)
+from paser.flows import configure_prefect  # noqa: E402
 
 # Prefect's console logging writes to the sys.stderr of the moment Prefect is first imported. Here,
 # that is the stream pytest captures the whole session on; imported first inside a test, it would be

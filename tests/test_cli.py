@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -12,6 +15,7 @@ from paser.cli import app
 
 pytestmark = pytest.mark.usefixtures("prefect_api")  # flows here run against the test process's one Prefect server
 runner = CliRunner()
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_prune_command(tiny_model_dir, tmp_path):
@@ -99,17 +103,21 @@ def test_bad_layer_range(tiny_model_dir):
     assert result.exit_code == 2 and "START:END" in result.output
 
 
-def test_serve_without_a_server_says_how_to_start_one(monkeypatch):
-    monkeypatch.delenv("PREFECT_API_URL", raising=False)
-    _one_line_error(runner.invoke(app, ["serve"]), "prefect server start --host 127.0.0.1", "PREFECT_API_URL")
+def test_serving_deployments_without_a_server_says_how_to_start_one():
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    done = subprocess.run([sys.executable, str(ROOT / "flows" / "deployments.py")], env=env, capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode != 0
+    assert done.stderr.strip().splitlines() == [done.stderr.strip()]  # one line, no traceback
+    assert "prefect server start --host 127.0.0.1" in done.stderr and "PREFECT_API_URL" in done.stderr
 
 
-def test_prune_no_flow_gives_the_same_model(tiny_model_dir, tmp_path):
+def test_prune_through_the_flow_gives_the_same_model(tiny_model_dir, tmp_path):
     import json
 
     args = ["prune", str(tiny_model_dir), "--importance", "l2", "--attn-layers", "0:4"]
-    assert runner.invoke(app, [*args, "--out", str(tmp_path / "flow")]).exit_code == 0
-    assert runner.invoke(app, [*args, "--out", str(tmp_path / "direct"), "--no-flow"]).exit_code == 0
+    assert runner.invoke(app, [*args, "--out", str(tmp_path / "flow"), "--flow"]).exit_code == 0
+    assert runner.invoke(app, [*args, "--out", str(tmp_path / "direct")]).exit_code == 0
     marker = [json.loads((tmp_path / d / "paser_pruned.json").read_text()) for d in ("flow", "direct")]
     assert marker[0]["layers"] == marker[1]["layers"]
     weights = [(tmp_path / d / "model.safetensors").read_bytes() for d in ("flow", "direct")]
@@ -132,13 +140,13 @@ def test_recover_and_evaluate_commands(tiny_model_dir, tmp_path):
     assert (tmp_path / "r" / "adapter" / "adapter_config.json").is_file()
     result = runner.invoke(app, ["recover", str(tiny_model_dir), "--data", str(data), "--out", str(tmp_path / "t"),
                                  "--max-steps", "2", "--batch-tokens", "300", "--seed", "2", "--val-size", "4",
-                                 "--no-flow"])
+                                 "--flow"])  # through Prefect: the same lines from the same recovery.json
     assert result.exit_code == 0, result.output
     done = json.loads((tmp_path / "t" / "recovery.json").read_text())
     assert "(batches of about 300 tokens;" in result.output and done["settings"]["batch_tokens"] == 300
     assert done["settings"]["seed"] == 2
     result = runner.invoke(app, ["evaluate", str(tiny_model_dir), "--adapter", str(tmp_path / "r" / "adapter"),
-                                 "--suite-size", "12", "--out", str(tmp_path / "e")])
+                                 "--suite-size", "12", "--out", str(tmp_path / "e"), "--flow"])
     assert result.exit_code == 0, result.output
     assert "capability-suite accuracy (answer found), all" in result.output
     assert "capability-suite answer NLL, macro average" in result.output
@@ -193,8 +201,8 @@ def test_run_takes_its_models_from_the_config(tmp_path):
 def test_prefect_console_hides_user_errors_and_keeps_bugs():
     import logging
 
-    from flows import HideUserErrors
     from paser.errors import DataError
+    from paser.flows import HideUserErrors
 
     def record(exc, message="Task run failed with exception"):
         return logging.LogRecord("prefect.task_runs", logging.ERROR, __file__, 1, message, None,
@@ -228,7 +236,8 @@ def test_user_error_inside_a_flow_is_one_line(tiny_pair, tmp_path, prefect_api):
     import subprocess
 
     dense, pruned = tiny_pair
-    args = ["select", "--dense", dense, "--pruned", pruned, "--suite-size", "40", "--out", str(tmp_path / "run")]
+    args = ["select", "--dense", dense, "--pruned", pruned, "--suite-size", "40", "--out", str(tmp_path / "run"),
+            "--flow"]
     env = os.environ | {"PREFECT_API_URL": prefect_api}  # the test's server: no temporary one started in each run
     quiet = subprocess.run([sys.executable, "-c", _INJECT, *args], capture_output=True, text=True, timeout=300,
                            env=env)

@@ -339,11 +339,11 @@ def test_compare_on_tiny_models_reports_resumes_and_refuses_other_settings(tiny_
                     report_only=True)
     assert "tok:paser" not in fewer.rows
     # the Prefect flow walks the same stages: of an added arm's list it runs only the new arm
-    from flows.compare import compare_flow
+    from paser.flows.compare import compare_flow
 
     before = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "cmp" / "arms").glob("*.json")}
     more = overrides | {"compare": overrides["compare"] | {"arms": [*overrides["compare"]["arms"], "tok:longest"]}}
-    report = Path(compare_flow(None, more))
+    report = compare_flow(None, more).report
     after = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "cmp" / "arms").glob("*.json")}
     assert set(after) - set(before) == {"tok-longest.json"} and all(after[k] == v for k, v in before.items())
     assert "| tok:longest | tok |" in report.read_text()
@@ -363,7 +363,7 @@ def test_compare_on_tiny_models_reports_resumes_and_refuses_other_settings(tiny_
     # across machines: through the flow on a local Dask cluster, the new arms run on its workers
     spread = more | {"compare": more["compare"] | {"arms": [*more["compare"]["arms"], "tok:random-3", "tok:shortest"]},
                      "distribute": {"engine": "dask", "workers": 2}}
-    report = Path(compare_flow(None, spread))
+    report = compare_flow(None, spread).report
     rows = {json.loads(p.read_text())["arm"]: p.stat().st_mtime_ns for p in (tmp_path / "cmp" / "arms").glob("*.json")}
     assert {"tok:random-3", "tok:shortest"} <= set(rows) and "| tok:shortest | tok |" in report.read_text()
     here = f":{os.getpid()}"

@@ -1,4 +1,4 @@
-"""The deployment path end to end: a real Prefect server on 127.0.0.1, ``paser serve``, a run
+"""The deployment path end to end: a real Prefect server on 127.0.0.1, ``flows/deployments.py``, a run
 triggered with ``prefect deployment run``, watched to COMPLETED, then the outputs checked."""
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from tests.conftest import selection_settings as settings
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 BIN = Path(sys.executable).parent
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _free_port() -> int:
@@ -73,9 +74,10 @@ def test_served_selection_deployment_completes(tmp_path, tiny_pair):
     serve = None
     try:
         _wait(lambda: _found(f"{api}/health"), 180, "prefect server", [server])
-        serve = subprocess.Popen([BIN / "paser", "serve", "select", "--api-url", api], env=env, cwd=tmp_path,
-                                 stdout=logs["serve"], stderr=subprocess.STDOUT, start_new_session=True)
-        _wait(lambda: _found(f"{api}/deployments/name/paser-select/select"), 180, "paser serve", [server, serve])
+        serve = subprocess.Popen([sys.executable, ROOT / "flows" / "deployments.py", "select", "--api-url", api],
+                                 env=env, cwd=tmp_path, stdout=logs["serve"], stderr=subprocess.STDOUT,
+                                 start_new_session=True)
+        _wait(lambda: _found(f"{api}/deployments/name/paser-select/select"), 180, "serving", [server, serve])
         s = settings(models, tmp_path / "runs" / "served").to_dict()
         params = {"budget": "12", "out": str(tmp_path / "runs" / "served"), "overrides": s}
         run = subprocess.run([BIN / "prefect", "deployment", "run", "paser-select/select", "--params",

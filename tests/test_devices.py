@@ -102,7 +102,7 @@ def test_each_worker_of_a_remote_cluster_takes_its_own_gpu(gpus, monkeypatch):
 
 
 def test_local_dask_cluster_has_one_worker_per_gpu_and_never_more(gpus, prefect_api):
-    from flows.runners import local_dask_cluster
+    from paser.flows.runners import local_dask_cluster
     from paser.selection.configs import DistributeConfig
 
     cpu = local_dask_cluster(DistributeConfig(engine="dask"))
@@ -211,7 +211,7 @@ def test_recovery_and_evaluation_record_the_resolved_dtype(tiny_model_dir, tmp_p
 
 
 def test_a_local_ray_cluster_offers_every_gpu(gpus, prefect_api):
-    from flows.runners import local_ray_cluster
+    from paser.flows.runners import local_ray_cluster
     from paser.selection.configs import DistributeConfig
 
     assert local_ray_cluster(DistributeConfig(engine="ray")) == {
@@ -226,7 +226,7 @@ def test_ray_gpu_shards_keep_their_worker_and_its_models(gpus):
     models for every shard; paser's shards ask to keep the process."""
     from prefect_ray.context import RemoteOptionsContext
 
-    from flows.runners import shard_resources
+    from paser.flows.runners import shard_resources
     from paser.selection.configs import DistributeConfig
 
     gpus(2)
@@ -241,7 +241,7 @@ def test_shards_claim_gpus_when_the_remote_workers_have_them():
     one (the launcher's own devices do not decide)."""
     from distributed import LocalCluster
 
-    from flows.runners import gpus_per_shard
+    from paser.flows.runners import gpus_per_shard
     from paser.selection.configs import DistributeConfig
 
     with LocalCluster(n_workers=1, processes=False, resources={"GPU": 1}, dashboard_address=None) as cluster:
@@ -256,7 +256,7 @@ def test_gpu_workers_that_declare_no_gpu_resource_are_refused(tmp_path):
     once (its threads); the launcher says how to start it instead."""
     from distributed import LocalCluster
 
-    from flows.runners import gpus_per_shard
+    from paser.flows.runners import gpus_per_shard
     from paser.selection.configs import DistributeConfig
 
     fake = tmp_path / "two_gpus.py"
@@ -273,8 +273,8 @@ def test_auto_dtype_is_decided_on_the_remote_workers_not_the_launcher(tmp_path):
     sees one Hopper GPU) is asked instead, and the settings every shard gets carry its answer."""
     from distributed import LocalCluster
 
-    from flows.runners import worker_dtype
     from paser.devices import resolve_dtype
+    from paser.flows.runners import worker_dtype
     from paser.selection.configs import DistributeConfig
     from paser.selection.settings import Settings
 
@@ -295,7 +295,7 @@ def test_auto_dtype_is_decided_on_the_remote_workers_not_the_launcher(tmp_path):
 def test_remote_dask_workers_drop_their_models_after_the_run():
     from distributed import LocalCluster
 
-    from flows.runners import release_workers
+    from paser.flows.runners import release_workers
     from paser.selection.configs import DistributeConfig
 
     def keep():  # what a worker holds after scoring shards: its loaded pair

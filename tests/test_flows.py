@@ -39,7 +39,7 @@ class Calls:
 
 
 def _flow(s: pipeline.Settings, **kwargs):
-    from flows.selection import selection_flow
+    from paser.flows.selection import selection_flow
 
     return selection_flow(overrides=s.to_dict(), **kwargs)
 
@@ -130,7 +130,8 @@ def test_distributed_scoring_equals_the_single_process_run(engine, models, tmp_p
     finally:
         torch.set_num_threads(threads)
     direct_scores = pd.read_parquet(direct / "degradation.parquet")
-    run = paser.select(out=str(tmp_path / engine), engine=engine, workers=2, overrides=s.to_dict())
+    s.select.out, s.distribute.engine, s.distribute.workers = str(tmp_path / engine), engine, 2
+    run = paser.select(**s.to_dict()).out  # another engine than local: through the flow
     pd.testing.assert_frame_equal(pd.read_parquet(run / "degradation.parquet"), direct_scores, check_exact=True)
     assert (run / "selected.jsonl").read_text() == (direct / "selected.jsonl").read_text()
     shards = json.loads((run / "scoring.json").read_text())["shards"]
@@ -139,7 +140,7 @@ def test_distributed_scoring_equals_the_single_process_run(engine, models, tmp_p
 
 
 def test_whole_pipeline_flow_prunes_selects_recovers_and_evaluates(models, tmp_path):
-    from flows.pipeline import pipeline_flow
+    from paser.flows.pipeline import pipeline_flow
 
     dense, _ = models
     s = settings(models, tmp_path / "unused").to_dict()
@@ -174,7 +175,7 @@ def test_whole_pipeline_flow_prunes_selects_recovers_and_evaluates(models, tmp_p
 
 @pytest.mark.slow
 def test_the_pipeline_flow_recovers_in_adaptive_rounds(models, tmp_path):
-    from flows.pipeline import pipeline_flow
+    from paser.flows.pipeline import pipeline_flow
 
     dense, pruned = models
     s = settings(models, tmp_path / "unused").to_dict()
@@ -217,7 +218,7 @@ def test_transient_shard_failure_is_retried(models, tmp_path, monkeypatch):
             return True
         return False
 
-    from flows.selection import score_shard
+    from paser.flows.selection import score_shard
 
     monkeypatch.setattr(score_shard, "retry_delay_seconds", 0)  # the 5 s a cluster waits before a retry
     calls = Calls(monkeypatch, shards, "score_shard", fail_on=once, error=OSError)
@@ -227,7 +228,7 @@ def test_transient_shard_failure_is_retried(models, tmp_path, monkeypatch):
 
 
 def test_the_flow_reports_every_scored_batch_to_one_display(models, tmp_path, monkeypatch):
-    from flows.selection import selection_flow
+    from paser.flows.selection import selection_flow
     from tests.conftest import SCORING_SECTIONS as SECTIONS
     from tests.conftest import record_progress
 

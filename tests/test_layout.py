@@ -1,7 +1,8 @@
-"""The package's layering, read from the source: no import circle among paser's and the flows'
-modules, counting imports made inside functions and for type hints (circles all the same, only deferred),
-and the library never imports the flows when it is imported (the flows call the library;
-``paser.select`` reaches its flow only when called with ``use_flow``, and the CLI runs flows)."""
+"""The package's layering, read from the source: no import circle among paser's modules and the
+repository's flows/, counting imports made inside functions and for type hints (circles all the same,
+only deferred); the library never imports the repository's ``flows/`` (the deployments there import
+paser); ``paser.flows`` is reached only when a command runs through Prefect, and importing it
+changes nothing in the environment."""
 
 from __future__ import annotations
 
@@ -27,15 +28,17 @@ def _modules() -> dict[str, Path]:
 
 # paser's phases, lowest first: a module may import its own phase and those below, never one above.
 # The helpers every phase uses (errors, progress, config, devices, cache, ledger, seeds) import no phase;
-# the flows orchestrate the library, and the faces (the CLI and the API) sit on top of both.
-PHASES = ["helpers", "data", "models", "selection", "recovery", "evaluation", "comparison", "flows", "faces"]
+# paser.flows orchestrate the library, the faces (the CLI and the API) sit on top of both, and the
+# repository's flows/ (deployments, not installed) on top of everything.
+PHASES = ["helpers", "data", "models", "selection", "recovery", "evaluation", "comparison", "flows", "faces",
+          "deployments"]
 HELPERS = {"paser.errors", "paser.progress", "paser.config", "paser.devices", "paser.cache", "paser.ledger",
            "paser.seeds", "paser.lazy"}
 
 
 def phase(module: str) -> str:
-    if module.startswith("flows"):
-        return "flows"
+    if module.split(".")[0] == "flows":
+        return "deployments"
     if module in HELPERS:
         return "helpers"
     parts = module.split(".")
@@ -117,11 +120,36 @@ def test_the_graph_counts_imports_for_type_hints_alone(tmp_path):
     assert cycle(graph) == ["paser.a", "paser.b", "paser.a"]
 
 
-def test_the_library_does_not_import_the_flows_when_imported():
-    graph = import_graph(_modules(), deferred=False)
+def test_the_library_never_imports_the_repositorys_flows():
+    modules = _modules()
+    assert "flows.deployments" in modules  # the folder is read
+    graph = import_graph(modules, deferred=True)
     upward = sorted((m, d) for m, deps in graph.items() if m.startswith("paser") for d in deps
                     if d.startswith("flows"))
     assert upward == []
+    named = sorted(name for name, path in modules.items() if name.startswith("paser")
+                   for node in ast.walk(ast.parse(path.read_text()))
+                   if isinstance(node, ast.ImportFrom | ast.Import)
+                   and any((n or "").split(".")[0] == "flows" for n in
+                           ([node.module] if isinstance(node, ast.ImportFrom) else [a.name for a in node.names])))
+    assert named == []
+
+
+def test_no_flows_package_is_installed():
+    import tomllib
+    from setuptools import find_packages
+
+    found = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]
+    packages = find_packages(str(ROOT), include=found["include"])
+    assert "paser.flows" in packages and not [p for p in packages if p.split(".")[0] != "paser"]
+
+
+def test_importing_the_flows_changes_no_environment_variable():
+    code = ("import os, json; before = dict(os.environ); import paser.flows.selection, paser.flows.pipeline, "
+            "paser.flows.compare; print(json.dumps(sorted(set(os.environ.items()) ^ set(before.items()))))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "[]"
 
 
 def upward_imports(graph: dict[str, set[str]]) -> list[tuple[str, str]]:

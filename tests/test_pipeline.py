@@ -87,7 +87,7 @@ def test_flow_gives_the_same_selection(models, tmp_path, prefect_api, finished_r
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
-    from flows.selection import selection_flow
+    from paser.flows.selection import selection_flow
     from paser.selection.pipeline import stages
 
     direct = finished_run  # run_selection of the same settings, shared by the test process
@@ -190,15 +190,6 @@ def test_two_pass_pipeline(models, tmp_path):
     a = pd.read_parquet(run / "degradation.parquet")["jsd"]
     b = pd.read_parquet(one / "degradation.parquet")["jsd"]
     assert (a - b).abs().max() < 1e-5
-
-
-def test_engines_other_than_local_need_the_flow(models, tmp_path):
-    import paser
-    from paser.errors import ConfigError
-
-    with pytest.raises(ConfigError, match="runs through the Prefect flow"):
-        paser.select(out=str(tmp_path / "run"), engine="dask", use_flow=False,
-                     overrides=settings(models, tmp_path / "run").to_dict())
 
 
 def test_load_run_refuses_an_unfinished_folder(models, tmp_path):

@@ -30,7 +30,7 @@ def _user_cache(monkeypatch):
 def test_prune_smollm2_25_percent(tmp_path, _user_cache):
     from paser import load_model, prune
 
-    result = prune("smollm2-135m-instruct", tmp_path / "pruned", ratio=0.25)
+    result = prune(model="smollm2-135m-instruct", out=tmp_path / "pruned", ratio=0.25)
     assert 0.75 <= result.kept_fraction <= 0.85
     heads = {(s.num_heads, s.num_kv_heads) for s in result.shapes_after[4:28]}
     assert heads == {(6, 3)}  # one query head from each of the 3 key/value groups

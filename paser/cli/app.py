@@ -1,11 +1,12 @@
 """The ``paser`` application: the Typer app, its global options, and the one way every command runs
-(its flow or the library) and fails (one line, status 2).
+(``paser.api``'s verb) and fails (one line, status 2).
 """
 
 from __future__ import annotations
 
 import os
 import sys
+import traceback
 from collections.abc import Callable
 from typing import Annotated, TypeVar
 
@@ -29,26 +30,12 @@ def fail(err: Exception) -> typer.Exit:
     return typer.Exit(code=2)
 
 
-def quiet_flows() -> None:
-    """Errors the user can fix reach the terminal as one line, not as Prefect's tracebacks."""
-    from flows import configure_prefect, hide_user_errors
-
-    configure_prefect()
-    import prefect.main  # noqa: F401  (sets up Prefect's logging handlers)
-
-    hide_user_errors()
-
-
-def dispatch(flow: bool, direct: Callable[[], T] | None, flowed: Callable[[], T]) -> T:
-    """Every command's one way to run: through its Prefect flow (``flowed``) or the library
-    (``direct``; None for a command that is a flow); an error the user can fix ends the command
-    with one line and status 2."""
+def dispatch(call: Callable[[], T]) -> T:
+    """Every command's one way to run: ``call`` (its verb of ``paser.api``), offline; an error the
+    user can fix ends the command with one line and status 2."""
     offline_defaults()
     try:
-        if flow:
-            quiet_flows()
-            return flowed()
-        return direct()
+        return call()
     except (PaserError, ValueError) as err:
         if os.environ.get("PASER_DEBUG"):  # paser --debug: the whole traceback
             raise
@@ -73,6 +60,8 @@ def main() -> None:  # pragma: no cover - console entry point
     try:
         app()
     except PaserError as err:
+        if os.environ.get("PASER_DEBUG"):  # paser --debug: where it was raised, then the line
+            traceback.print_exc()
         typer.secho(f"error: {err}", err=True, fg=typer.colors.RED)
         sys.exit(2)
 

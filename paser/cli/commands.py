@@ -2,7 +2,7 @@
 Every option's help is its field's docstring; the options that are not settings (a model, ``--out``,
 ``--config``, ``--flow``) are declared here once.
 
-    paser select | prune | recover | evaluate | compare | run | serve  (paser COMMAND --help)
+    paser select | prune | recover | evaluate | compare | run  (paser COMMAND --help)
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import typer
 
-from paser.cli.app import app, dispatch, fail, offline_defaults
+from paser.cli.app import app, dispatch, fail
 from paser.cli.options import REQUIRED, Opt, command, config_option, flow_option, plain, trust_option
 from paser.comparison.config import CompareConfig
 from paser.data.prompts import PromptFormat
@@ -78,8 +78,8 @@ def select(values: dict, config: Path | None, flow: bool) -> None:
     """Select the instruction samples that best repair the pruned model (PASER)."""
     from paser.api import select as run_select
 
-    run = dispatch(flow, lambda: run_select(config=config, use_flow=False, overrides=values),
-                   lambda: run_select(config=config, use_flow=True, overrides=values))
+    result = dispatch(lambda: run_select(config, flow=flow, **values))
+    run = result.out
     summary = json.loads((run / "clusters.json").read_text())
     timings = json.loads((run / "timings.json").read_text())
     source = f"from {summary['K']} clusters" if "K" in summary else f"({summary['method']} baseline)"
@@ -88,7 +88,7 @@ def select(values: dict, config: Path | None, flow: bool) -> None:
                f"{summary['budget_unit']}")
     typer.echo("stage seconds: " + ", ".join(f"{k} {v['seconds']:.1f}{' (reused)' if v['reused'] else ''}"
                                              for k, v in timings.items()))
-    typer.echo(_ledger_line(json.loads((run / "manifest.json").read_text())["compute"]))
+    typer.echo(_ledger_line(result.compute))
     typer.echo(f"run folder: {run} (selected.jsonl, scores.parquet, clusters.json, manifest.json, report.md)")
 
 
@@ -121,26 +121,11 @@ MODEL_HELP = "a built-in name, Hugging Face folder, .gguf file or LLM-Pruner che
 def prune(values: dict, model: str, out: Path, config: Path | None, export_pickle: Path | None, trust_pickle: bool,
           dtype: str, device: str | None, flow: bool) -> None:
     """Prune attention heads and MLP channels, LLM-Pruner block-wise style, and save the model."""
-    from paser.config import load_config
-    from paser.models.pruning import prune as run_prune
-
-    overrides = values["prune"]
-
-    def flowed():
-        from flows.prune import prune_flow
-        from paser.models.load import check_reference
-
-        load_config(PruneConfig, config, "prune", overrides)  # bad input fails here in one line, before Prefect
-        check_reference(model, trust_pickle)
-        return prune_flow(model, str(out), str(config) if config else None, overrides,
-                          str(export_pickle) if export_pickle else None, trust_pickle, dtype, device)
-
-    def direct():
-        return run_prune(model, out, load_config(PruneConfig, config, "prune", overrides), export_pickle=export_pickle,
-                         trust_pickle=trust_pickle, dtype=dtype, device=device)
+    from paser.api import prune as run_prune
 
     typer.echo(f"pruning {model} ...", err=True)
-    result = dispatch(flow, direct, flowed)
+    result = dispatch(lambda: run_prune(config, flow=flow, model=model, out=out, export_pickle=export_pickle,
+                                        trust_pickle=trust_pickle, dtype=dtype, device=device, prune=values["prune"]))
     before, after = result.shapes_before, result.shapes_after
     changed = [i for i, (a, b) in enumerate(zip(before, after)) if a != b]
     typer.echo(f"parameters before: {result.params_before:,}")
@@ -185,26 +170,11 @@ RECOVER = [Opt("recover", name) for name in (
 def recover(values: dict, model: str, data: str, out: Path, config: Path | None, val_data: str | None,
             restart: bool, trust_pickle: bool, flow: bool) -> None:
     """LoRA-recover a pruned model on selected records (LLM-Pruner's recipe by default). On several
-    GPUs (or CPU processes): torchrun --nproc-per-node N --no-python paser recover ... --no-flow."""
-    from paser.config import load_config
-    from paser.recovery import recover as run_recover
+    GPUs (or CPU processes): torchrun --nproc-per-node N --no-python paser recover ...."""
+    from paser.api import recover as run_recover
 
-    overrides = values["recover"] | {"prompt": values["prompt"]}
-
-    def flowed():
-        from flows.recovery import recovery_flow
-        from paser.models.load import check_reference
-
-        load_config(RecoverConfig, config, "recover", overrides)  # a bad setting fails before Prefect starts
-        check_reference(model, trust_pickle)
-        recovery_flow(model, data, str(out), str(config) if config else None, overrides, val_data, trust_pickle,
-                      restart)
-
-    def direct():
-        run_recover(model, data, out, load_config(RecoverConfig, config, "recover", overrides), val_data=val_data,
-                    trust_pickle=trust_pickle, restart=restart)
-
-    dispatch(flow, direct, flowed)
+    dispatch(lambda: run_recover(config, flow=flow, model=model, data=data, out=out, val_data=val_data,
+                                 trust_pickle=trust_pickle, restart=restart, **values))
     if int(os.environ.get("RANK", "0")):  # one of several processes: the first one reports
         return
     _recovery_lines(json.loads((out / "recovery.json").read_text()), out)
@@ -257,28 +227,13 @@ EVALUATE = [Opt("evaluate", name) for name in ("text", "heldout", "suite_size", 
 def evaluate(values: dict, model: str, adapter: str | None, out: Path | None, config: Path | None,
              trust_pickle: bool, flow: bool) -> None:
     """Evaluate a model: perplexity, held-out response NLL, capability-suite accuracy, lm-eval tasks."""
-    from paser.config import load_config
-    from paser.evaluation import evaluate as run_evaluate
+    from paser.api import evaluate as run_evaluate
     from paser.evaluation.report import markdown_table
 
-    overrides = values["evaluate"] | {"prompt": values["prompt"]}
-
-    def flowed():
-        from flows.recovery import evaluation_flow
-        from paser.models.load import check_reference
-
-        load_config(EvalConfig, config, "evaluate", overrides)
-        check_reference(model, trust_pickle)
-        return evaluation_flow(model, adapter, str(out) if out else None, str(config) if config else None, overrides,
-                               trust_pickle)
-
-    def direct():
-        return run_evaluate(model, adapter, out, load_config(EvalConfig, config, "evaluate", overrides),
-                            trust_pickle=trust_pickle)
-
-    result = dispatch(flow, direct, flowed)
-    typer.echo(markdown_table(result))
-    typer.echo(_ledger_line(result["compute"]))
+    result = dispatch(lambda: run_evaluate(config, flow=flow, model=model, adapter=adapter, out=out,
+                                           trust_pickle=trust_pickle, **values))
+    typer.echo(markdown_table(result.results))
+    typer.echo(_ledger_line(result.compute))
 
 
 # ---------------------------------------------------------------- compare
@@ -309,24 +264,10 @@ COMPARE = [Opt("compare", name) for name in ("pool", "pool_records", "heldout_re
                       False), flow_option()])
 def compare(values: dict, config: Path | None, report_only: bool, flow: bool) -> None:
     """Does selection pay on this model, at this budget? Arms trained alike, judged against random subsets."""
-    from paser.comparison import compare as run_compare
-    from paser.comparison.runner import load_sections, prepare
+    from paser.api import compare as run_compare
 
     overrides = {section: {k: v for k, v in fields.items() if v is not None} for section, fields in values.items()}
-
-    def flowed():
-        from flows.compare import compare_flow
-
-        # bad input fails here, before Prefect starts
-        prepare(load_sections(config, overrides), str(config or "compare"), resolve=not report_only)
-        return Path(compare_flow(str(config) if config else None, overrides, report_only))
-
-    def direct():
-        if overrides["distribute"].get("engine", "local") != "local":
-            raise PaserError("engine dask or ray runs the arms through the Prefect flow: drop --no-flow")
-        return run_compare(config, overrides, report_only=report_only).report
-
-    report = dispatch(flow, direct, flowed)
+    report = dispatch(lambda: run_compare(config, flow=flow, report_only=report_only, **overrides)).report
     text = report.read_text()
     typer.echo(text.split("\n\n", 1)[1].split("\n\nPrimary metric")[0])
     typer.echo(f"report: {report}")
@@ -348,7 +289,7 @@ def run(values: dict, out: Path, config: Path | None, trust_pickle: bool) -> Non
     chosen = {section: fields for section, fields in chosen.items() if fields}
 
     def flowed():
-        from flows.pipeline import pipeline_flow
+        from paser.flows import start
         from paser.models.load import check_reference
         from paser.selection.settings import build_settings
 
@@ -359,35 +300,12 @@ def run(values: dict, out: Path, config: Path | None, trust_pickle: bool) -> Non
             check_reference(pruned, trust_pickle, tokenizer_from=dense)
         if "recover" in chosen:
             RecoverConfig(**chosen["recover"])  # a bad name fails here, before any stage
+        start()
+        from paser.flows.pipeline import pipeline_flow
+
         return pipeline_flow(dense, pruned, out=str(out), config=str(config) if config else None,
                              overrides=chosen or None, trust_pickle=trust_pickle)
 
-    folder = dispatch(True, None, flowed)  # the pipeline is a flow
+    folder = dispatch(flowed)  # the pipeline is a flow
     typer.echo((Path(folder) / "run.md").read_text())
     typer.echo(f"run folder: {folder}")
-
-
-# ---------------------------------------------------------------- serve
-
-
-@app.command()
-def serve(
-    deployment: list[str] | None = typer.Argument(None, help="Deployments to serve: select, run, prune, recover, "
-                                                             "evaluate, compare (default: all)."),
-    api_url: str | None = typer.Option(None, envvar="PREFECT_API_URL", help="The Prefect server's API, e.g. "
-                                                                             "http://127.0.0.1:4200/api."),
-    limit: int | None = typer.Option(None, help="Most flow runs at once (default: no limit)."),
-) -> None:
-    """Serve paser's deployments (paser-select/select, paser-run/run, ...) to a Prefect server."""
-    offline_defaults()
-    if not api_url:
-        raise fail(PaserError("paser serve needs a Prefect server: start one with "
-                              "'prefect server start --host 127.0.0.1' and pass --api-url "
-                              "http://127.0.0.1:4200/api (or set PREFECT_API_URL)"))
-    os.environ["PREFECT_API_URL"] = api_url
-    from flows.deployments import serve as serve_deployments
-
-    try:
-        serve_deployments(deployment or None, limit=limit)
-    except PaserError as err:
-        raise fail(err) from None

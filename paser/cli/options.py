@@ -93,8 +93,9 @@ def plain(name: str, kind, info, default=None) -> inspect.Parameter:
 
 
 def flow_option() -> inspect.Parameter:
-    return plain("flow", bool, typer.Option("--flow/--no-flow", help="Run through the Prefect flow (default) or "
-                                            "call the library directly."), True)
+    return plain("flow", bool, typer.Option("--flow/--no-flow", help="Run through the command's Prefect flow (seen "
+                                            "in the Prefect UI) instead of in this process; scoring or arms on Dask or "
+                                            "Ray always do."), False)
 
 
 TRUST_HELP = ("Unpickle whole a pickle that paser's restricted reader refuses (it can run code hidden in the file); "

@@ -160,7 +160,7 @@ def score_planned_shard(settings: Settings, plan: ScoringPlan, index: int) -> di
     if shard_path(plan.shard_dir, index).is_file():
         return report
     start = time.perf_counter()
-    shown = progress.active(plan.fingerprint)  # a display in this process (local engine, --no-flow)
+    shown = progress.active(plan.fingerprint)  # a display in this process (local engine, in-process)
     on_batch = None if shown is None else (lambda n, tokens: shown.batch(index, n, tokens))
     try:
         dense, pruned = loaded_pair(settings, plan)

@@ -1,7 +1,6 @@
 """The whole pipeline as one flow: prune (optional) -> select -> recover -> evaluate.
 
     paser run                                  # the embedded default, end to end
-    python -m flows.pipeline
 
 Run folder: pruned/ (when paser prunes), select/ (a selection run folder), recover/ (adapter,
 logs), eval/{dense,pruned,recovered}/ and run.md comparing the three.
@@ -12,19 +11,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from flows import configure_prefect
+from prefect import flow
 
-configure_prefect()
-
-from prefect import flow  # noqa: E402
-
-from flows.prune import prune_flow  # noqa: E402
-from flows.recovery import evaluation_flow, recovery_flow  # noqa: E402
-from flows.selection import selection_flow  # noqa: E402
-from paser.config import read_yaml  # noqa: E402
-from paser.evaluation.report import comparison_table  # noqa: E402
-from paser.ledger import parts_table  # noqa: E402
-from paser.selection.settings import build_settings  # noqa: E402
+from paser.config import read_yaml
+from paser.evaluation.report import comparison_table
+from paser.flows.prune import prune_flow
+from paser.flows.recovery import evaluation_flow, recovery_flow
+from paser.flows.selection import selection_flow
+from paser.ledger import parts_table
+from paser.selection.settings import build_settings
 
 
 @flow(name="paser-run")
@@ -56,7 +51,7 @@ def pipeline_flow(dense: str | None = None, pruned: str | None = None, data: str
     # one prompt format: the selection's, recovery's and every evaluation's (the prompt section)
     prompt = {"prompt": settings.to_dict()["prompt"]}
     recovered = recovery_flow(pruned, str(Path(run) / "selected.jsonl"), str(root / "recover"),
-                              overrides=dict(sections.get("recover") or {}) | prompt, trust_pickle=trust_pickle)
+                              overrides=dict(sections.get("recover") or {}) | prompt, trust_pickle=trust_pickle).out
     # the held-out suite shares no prompt with the pool selected from; the recovered model's
     # evaluation also reports the share of each family's dense-vs-pruned gap it closed
     evaluate = {"suite_exclude": [run]} | dict(sections.get("evaluate") or {}) | prompt
@@ -76,6 +71,3 @@ def pipeline_flow(dense: str | None = None, pruned: str | None = None, data: str
                                                                        "paser.ledger)", "", *parts_table(parts), ""]))
     return str(root)
 
-
-if __name__ == "__main__":
-    print(pipeline_flow())

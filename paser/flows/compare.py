@@ -3,7 +3,6 @@ the arms spread over the configured engine (``distribute`` section: local, one a
 Dask or Ray, one arm per worker and one GPU per worker where there are GPUs).
 
     paser compare --config configs/compare/smoke.yaml            # through this flow
-    python -m flows.compare configs/compare/smoke.yaml
 
 The subsets are selected here, one after another, before the arms are sent out: they share one
 selection folder (the pool's embeddings, clusters, tokens and scores computed once). A finished
@@ -12,21 +11,15 @@ arm is a file in the comparison's folder, so a rerun sends only the arms still t
 
 from __future__ import annotations
 
-import sys
+from prefect import flow, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
 
-from flows import configure_prefect
-
-configure_prefect()
-
-from prefect import flow, task  # noqa: E402
-from prefect.artifacts import create_markdown_artifact  # noqa: E402
-from prefect.cache_policies import NO_CACHE  # noqa: E402
-
-from flows.runners import shard_resources, task_runner  # noqa: E402
-from paser.comparison.recipe import STAGES, finish, run_one  # noqa: E402
-from paser.comparison.runner import Setup, load_sections, pending, prepare, select_subset  # noqa: E402  # noqa: E402
-from paser.config import from_mapping  # noqa: E402
-from paser.selection.configs import DistributeConfig  # noqa: E402
+from paser.comparison.recipe import STAGES, CompareResult, finish, run_one
+from paser.comparison.runner import Setup, load_sections, pending, prepare, select_subset
+from paser.config import from_mapping
+from paser.flows.runners import shard_resources, task_runner
+from paser.selection.configs import DistributeConfig
 
 
 @task(name=STAGES[0], cache_policy=NO_CACHE)
@@ -60,16 +53,17 @@ def distribute(setup: Setup) -> DistributeConfig:
 
 
 @task(name=STAGES[3], cache_policy=NO_CACHE)
-def report(setup: Setup) -> str:
+def report(setup: Setup) -> CompareResult:
     result = finish(setup)
     create_markdown_artifact(result.report.read_text(), key="paser-compare", description="paser compare's report")
-    return str(result.report)
+    return result
 
 
 @flow(name="paser-compare")
-def compare_flow(config: str | None = None, overrides: dict | None = None, report_only: bool = False) -> str:
+def compare_flow(config: str | None = None, overrides: dict | None = None,
+                 report_only: bool = False) -> CompareResult:
     """Run (or resume) the comparison of ``config`` with ``overrides`` ({section: {key: value}}) on
-    top; returns the report's path."""
+    top; returns its result (``paser.compare``'s)."""
     sections = load_sections(config, overrides)
     setup = setting(sections, config or "compare", not report_only)
     engine = arms_flow.with_options(task_runner=task_runner(distribute(setup)))
@@ -80,6 +74,3 @@ def compare_flow(config: str | None = None, overrides: dict | None = None, repor
             engine(setup, names)
     return report(setup)
 
-
-if __name__ == "__main__":
-    print(compare_flow(sys.argv[1] if len(sys.argv) > 1 else None))

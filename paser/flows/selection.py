@@ -1,7 +1,7 @@
 """The PASER selection flow: the recipe of ``paser select`` (``paser.selection.pipeline.stages``),
 one task per stage.
 
-The flow walks the list that ``run_selection`` (``--no-flow``) walks; each task calls the same
+The flow walks the list that ``run_selection`` (in this process) walks; each task calls the same
 stage function with the settings (a plain dict) and the run folder, and every result lives in the
 run folder. The cached
 stages (data, embed, cluster) carry a Prefect cache key made of their fingerprint (data content,
@@ -11,28 +11,22 @@ settings re-runs clustering and what follows, nothing before it. Scoring is
 ``pipeline.stage_score`` with its shards mapped by a subflow over the configured engine (this
 process, Dask or Ray); its table is reused from the run folder like every stage's, a failed shard
 fails with its record range, and a rerun scores only the shards that are missing.
-
-    python -m flows.selection            # the embedded default, through Prefect
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from flows import configure_prefect
+from prefect import flow, task, unmapped
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
 
-configure_prefect()
-
-from prefect import flow, task, unmapped  # noqa: E402
-from prefect.artifacts import create_markdown_artifact  # noqa: E402
-from prefect.cache_policies import NO_CACHE  # noqa: E402
-
-from flows.runners import release_workers, shard_resources, task_runner, worker_dtype  # noqa: E402
-from paser.errors import ShardError  # noqa: E402
-from paser.selection import pipeline, runfolder  # noqa: E402
-from paser.selection.report import artifact_markdown  # noqa: E402
-from paser.selection.scoring import ScoringPlan, score_planned_shard, scoring_progress  # noqa: E402
-from paser.selection.settings import Settings, build_settings  # noqa: E402
+from paser.errors import ShardError
+from paser.flows.runners import release_workers, shard_resources, task_runner, worker_dtype
+from paser.selection import pipeline, runfolder
+from paser.selection.report import artifact_markdown
+from paser.selection.scoring import ScoringPlan, score_planned_shard, scoring_progress
+from paser.selection.settings import Settings, build_settings
 
 
 def _s(settings: dict) -> Settings:
@@ -136,6 +130,3 @@ def selection_flow(data: str | None = None, dense: str | None = None, pruned: st
                              description="PASER selection: clusters, budget and outputs")
     return run
 
-
-if __name__ == "__main__":
-    print(selection_flow())

@@ -1,23 +1,16 @@
-"""The pruning flow: ``paser prune`` through Prefect, so pruning shows up beside selection runs.
-
-    python -m flows.prune            # prune the bundled SmolLM2 by 25% into runs/pruned
-"""
+"""The pruning flow: ``paser prune --flow`` through Prefect, so pruning shows up beside selection runs."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from flows import configure_prefect
+from prefect import flow, task
+from prefect.cache_policies import NO_CACHE
 
-configure_prefect()
-
-from prefect import flow, task  # noqa: E402
-from prefect.cache_policies import NO_CACHE  # noqa: E402
-
-from paser.config import load_config  # noqa: E402
-from paser.models.config import PruneConfig  # noqa: E402
-from paser.models.pruning import PruneResult  # noqa: E402
-from paser.models.pruning import prune as prune_model  # noqa: E402
+from paser.config import load_config
+from paser.models.config import PruneConfig
+from paser.models.pruning import PruneResult
+from paser.models.pruning import prune as prune_model
 
 
 @task(name="prune", cache_policy=NO_CACHE)
@@ -38,6 +31,3 @@ def prune_flow(model: str = "smollm2-135m-instruct", out: str = "runs/pruned", c
     cfg = load_config(PruneConfig, config, "prune", overrides)
     return prune(model, str(Path(out)), cfg, export_pickle, trust_pickle, dtype, device)
 
-
-if __name__ == "__main__":
-    print(prune_flow().out)

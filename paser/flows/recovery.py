@@ -1,27 +1,17 @@
-"""Recovery and evaluation flows: LoRA recovery on a selected subset, then evaluation of the result.
-
-    python -m flows.recovery MODEL SELECTED.jsonl OUT
-"""
+"""Recovery and evaluation flows: LoRA recovery on a selected subset, then evaluation of the result."""
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
+from prefect import flow, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
 
-from flows import configure_prefect
-
-configure_prefect()
-
-from prefect import flow, task  # noqa: E402
-from prefect.artifacts import create_markdown_artifact  # noqa: E402
-from prefect.cache_policies import NO_CACHE  # noqa: E402
-
-from paser.config import load_config  # noqa: E402
-from paser.evaluation import evaluate as run_evaluate  # noqa: E402
-from paser.evaluation.config import EvalConfig  # noqa: E402
-from paser.evaluation.report import markdown_table  # noqa: E402
-from paser.recovery import RecoverConfig, RecoveryResult  # noqa: E402
-from paser.recovery import recover as run_recover  # noqa: E402
+from paser.config import load_config
+from paser.evaluation import evaluate as run_evaluate
+from paser.evaluation.config import EvalConfig
+from paser.evaluation.report import markdown_table
+from paser.recovery import RecoverConfig, RecoveryResult
+from paser.recovery import recover as run_recover
 
 
 @task(name="LoRA recovery", cache_policy=NO_CACHE)
@@ -42,12 +32,12 @@ def evaluation(model: str, adapter: str | None, out: str | None, config: EvalCon
 @flow(name="paser-recover")
 def recovery_flow(model: str, data: str, out: str = "runs/recover", config: str | None = None,
                   overrides: dict | None = None, val_data: str | None = None, trust_pickle: bool = False,
-                  restart: bool = False) -> str:
+                  restart: bool = False) -> RecoveryResult:
     """LoRA-recover ``model`` on the records of ``data`` (e.g. a run's selected.jsonl) into ``out``.
     ``config`` is a YAML file whose ``recover`` and ``prompt`` sections are read; ``overrides`` are the
     recover section's fields, and the prompt section's under ``"prompt"``."""
     cfg = load_config(RecoverConfig, config, "recover", overrides)
-    return str(lora_recovery(model, data, out, cfg, val_data, trust_pickle, restart).out)
+    return lora_recovery(model, data, out, cfg, val_data, trust_pickle, restart)
 
 
 @flow(name="paser-evaluate")
@@ -58,6 +48,3 @@ def evaluation_flow(model: str, adapter: str | None = None, out: str | None = No
     cfg = load_config(EvalConfig, config, "evaluate", overrides)
     return evaluation(model, adapter, out, cfg, trust_pickle)
 
-
-if __name__ == "__main__":
-    print(recovery_flow(*sys.argv[1:4]) if len(sys.argv) > 3 else Path("usage: MODEL DATA OUT"))

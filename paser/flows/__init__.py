@@ -1,4 +1,6 @@
-"""Prefect flows that run paser's stages as tasks. No algorithm lives here.
+"""Prefect flows that run paser's recipes as tasks (``paser COMMAND --flow``, the deployments in
+the repository's ``flows/``). No algorithm lives here, and importing them changes nothing in the
+environment: whoever starts a flow calls ``start()`` first (``paser.api`` does).
 
 ``configure_prefect()`` applies the offline settings paser needs before Prefect is imported:
 a private ``PREFECT_HOME``, analytics off (otherwise every run prints a harmless "database is
@@ -69,3 +71,12 @@ def hide_user_errors() -> None:
         if isinstance(handler, logging.StreamHandler) and not any(isinstance(f, HideUserErrors)
                                                                   for f in handler.filters):
             handler.addFilter(HideUserErrors())
+
+
+def start() -> None:
+    """Before a flow runs in this process: paser's Prefect settings, Prefect's logging set up, and
+    errors the user can fix kept to one line (``hide_user_errors``)."""
+    configure_prefect()
+    import prefect.main  # noqa: F401  (sets up Prefect's logging handlers)
+
+    hide_user_errors()
