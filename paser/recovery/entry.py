@@ -60,9 +60,7 @@ def recover(model: str, data: str, out: str | Path = "runs/recover", config: Rec
         raise ConfigError("patience stops on the validation loss: give a validation set (val_size > 0 or val_data)")
     if answers is not None:
         count_answers(job.ledger, answers)
-    job.check_checkpoint()
-    job.prepare_references(train_ex)
-    job.wrap_student()
+    job.start(train_ex)
     steps = step_batches(len(train_ex), config, [len(e.ids) for e in train_ex])
     t0 = time.perf_counter()
     if job.finished:  # nothing to train, its adapter is in the checkpoint

@@ -181,49 +181,68 @@ class Job:
         """A finished run needs neither its references nor a Trainer: its adapter is in the checkpoint."""
         return self.state is not None and self.state["finished"]
 
-    def prepare_references(self, train_ex: list[Example]) -> None:
-        """The dense model's part before training: distillation's teacher (in memory, or its top-k
-        cache), token weighting's signal over ``train_ex`` (then the dense model is released)."""
-        from paser.models.load import load_model, model_fingerprint
+    def start(self, train_ex: list[Example]) -> None:
+        """Everything before training, in its order: the checkpoint to resume; distillation's teacher
+        (its top-k cache is built before the student is loaded); the student; token weighting's
+        signal over ``train_ex`` (then the dense model is released); the LoRA adapters. A finished
+        run loads no reference: its adapter is in the checkpoint."""
+        self.check_checkpoint()
+        training = self.reference is not None and not self.finished
+        if training and self.config.objective != "sft":
+            self.load_teacher(train_ex)
+        self.load_student()
+        if training and self.config.token_weighting > 0:
+            self.build_token_signal(train_ex)
+        self.wrap_student()
+
+    def load_teacher(self, train_ex: list[Example]) -> None:
+        """Distillation's teacher: in memory, or its top-k over ``train_ex`` cached on disk."""
+        config, ref = self.config, self.reference
+        start = time.perf_counter()
+        self.teacher, self.cache, self.teacher_params = load_teacher(
+            ref, self.tokenizer, self.model, train_ex, self.pad_id, self.device, config, self.out,
+            self.trust_pickle, self.world)
+        self.teacher_seconds = time.perf_counter() - start
+        if self.cache is not None:  # the teacher ran once over every training record
+            self.ledger.forward("teacher top-k cache", ref, self.teacher_params, sum(len(e.ids) for e in train_ex),
+                                sum(scored_tokens(e) for e in train_ex), self.teacher_seconds)
+
+    def load_student(self) -> None:
+        """The pruned model (unless loaded with the job), checked against the teacher's vocabulary."""
+        from paser.models.load import load_model
+
+        if self.loaded is None:
+            self.loaded = load_model(self.model, dtype=self.config.dtype, trust_pickle=self.trust_pickle,
+                                     device=self.device, tokenizer_from=self.reference)
+        if self.teacher is not None or self.cache is not None:
+            check_vocab(self.teacher if self.teacher is not None else self.cache, self.loaded.model, self.reference,
+                        self.model)
+        self.student_params = flop_params(self.loaded.model)
+
+    def build_token_signal(self, train_ex: list[Example]) -> None:
+        """Token weighting's signal over ``train_ex``: the dense model against the student, cached on
+        disk; the dense model is released after."""
+        from paser.models.load import check_same_tokenizer, model_fingerprint
 
         config, ref = self.config, self.reference
-        distilling = config.objective != "sft"
-        if ref is not None and not self.finished and distilling:
-            start = time.perf_counter()
-            self.teacher, self.cache, self.teacher_params = load_teacher(
-                ref, self.tokenizer, self.model, train_ex, self.pad_id, self.device, config, self.out,
-                self.trust_pickle, self.world)
-            self.teacher_seconds = time.perf_counter() - start
-            if self.cache is not None:  # the teacher ran once over every training record
-                self.ledger.forward("teacher top-k cache", ref, self.teacher_params, sum(len(e.ids) for e in train_ex),
-                                    sum(scored_tokens(e) for e in train_ex), self.teacher_seconds)
-        if self.loaded is None:
-            self.loaded = load_model(self.model, dtype=config.dtype, trust_pickle=self.trust_pickle,
-                                     device=self.device, tokenizer_from=ref)
-        if ref is not None and not self.finished and distilling:
-            check_vocab(self.teacher if self.teacher is not None else self.cache, self.loaded.model, ref, self.model)
-        self.student_params = flop_params(self.loaded.model)
-        if ref is not None and not self.finished and config.token_weighting > 0:
-            start = time.perf_counter()
-            dense = load_dense(ref, config, self.trust_pickle, self.device)
-            from paser.models.load import check_same_tokenizer
-
-            check_same_tokenizer(dense.tokenizer, self.tokenizer, str(ref), str(self.model))
-            cache = SignalCache(self.out / "token_signal", signal_fingerprint(
-                model_fingerprint(ref), model_fingerprint(self.model), config.token_signal, train_ex))
-            announce(f"token weighting: {config.token_signal} of {ref} against {self.model} over {len(train_ex)} "
-                     f"records ({cache.folder})")
-            with rank_zero_first(self.world, self.device):  # one process computes the signal, the others read it
-                self.signal = cache.build(dense.model.requires_grad_(False), self.loaded.model, train_ex, collate,
-                                          self.pad_id, self.device, config.token_signal, config.micro_batch_size,
-                                          labelled_logits)
-            tokens, positions = sum(len(e.ids) for e in train_ex), sum(scored_tokens(e) for e in train_ex)
-            seconds = time.perf_counter() - start
-            self.ledger.forward("token signal", ref, flop_params(dense.model), tokens, positions, seconds)
-            self.ledger.forward("token signal", self.model, self.student_params, tokens, positions)
-            del dense
-            if str(self.device).startswith("cuda"):
-                torch.cuda.empty_cache()
+        start = time.perf_counter()
+        dense = load_dense(ref, config, self.trust_pickle, self.device)
+        check_same_tokenizer(dense.tokenizer, self.tokenizer, str(ref), str(self.model))
+        cache = SignalCache(self.out / "token_signal", signal_fingerprint(
+            model_fingerprint(ref), model_fingerprint(self.model), config.token_signal, train_ex))
+        announce(f"token weighting: {config.token_signal} of {ref} against {self.model} over {len(train_ex)} "
+                 f"records ({cache.folder})")
+        with rank_zero_first(self.world, self.device):  # one process computes the signal, the others read it
+            self.signal = cache.build(dense.model.requires_grad_(False), self.loaded.model, train_ex, collate,
+                                      self.pad_id, self.device, config.token_signal, config.micro_batch_size,
+                                      labelled_logits)
+        tokens, positions = sum(len(e.ids) for e in train_ex), sum(scored_tokens(e) for e in train_ex)
+        seconds = time.perf_counter() - start
+        self.ledger.forward("token signal", ref, flop_params(dense.model), tokens, positions, seconds)
+        self.ledger.forward("token signal", self.model, self.student_params, tokens, positions)
+        del dense
+        if str(self.device).startswith("cuda"):
+            torch.cuda.empty_cache()
 
     def wrap_student(self) -> None:
         self.zeros = sparsity(self.loaded.model)

@@ -54,9 +54,7 @@ def recover_in_rounds(model: str, data: str, out: Path, config: RecoverConfig, p
     history = json.loads(history_path.read_text()) if history_path.is_file() else {}
     if history.get("fingerprint") != job.fingerprint:
         history = {"fingerprint": job.fingerprint, "rounds": []}
-    job.check_checkpoint()
-    job.prepare_references([])
-    job.wrap_student()
+    job.start([])
     probe_ex = job.encode([by_id[i] for i in plan["probe"]])
     probe_labels = table.set_index("id").loc[plan["probe"], "cluster"].to_numpy()
     k = plan["clusters"]
