@@ -247,9 +247,11 @@ def test_user_error_inside_a_flow_is_one_line(tiny_pair, tmp_path, prefect_api):
     assert quiet.returncode == 2 and "Traceback" not in quiet.stderr, quiet.stderr
     assert lines == ["error: pool.jsonl: line 3: field 'output': raised inside a task"], lines
     assert quiet.stderr.strip().splitlines()[-1] == lines[0]
-    loud = subprocess.run([sys.executable, "-c", _INJECT, "--debug", *args], capture_output=True, text=True,
+    # --debug shows where it was raised; in this process too (no flow: its logs are not the path)
+    loud = subprocess.run([sys.executable, "-c", _INJECT, "--debug", *args[:-1]], capture_output=True, text=True,
                           timeout=300, env=env)
-    assert loud.returncode == 2 and "Traceback" in loud.stderr
+    assert loud.returncode == 2 and "Traceback" in loud.stderr and "in fail" in loud.stderr
+    assert loud.stderr.strip().splitlines()[-1] == lines[0]
 
 
 def test_select_field_map_on_the_command_line(tiny_pair, tmp_path):

@@ -170,7 +170,8 @@ RECOVER = [Opt("recover", name) for name in (
 def recover(values: dict, model: str, data: str, out: Path, config: Path | None, val_data: str | None,
             restart: bool, trust_pickle: bool, flow: bool) -> None:
     """LoRA-recover a pruned model on selected records (LLM-Pruner's recipe by default). On several
-    GPUs (or CPU processes): torchrun --nproc-per-node N --no-python paser recover ...."""
+    GPUs (or CPU processes), each process running the command: torchrun --nproc-per-node N --no-python
+    paser recover ..."""
     from paser.api import recover as run_recover
 
     dispatch(lambda: run_recover(config, flow=flow, model=model, data=data, out=out, val_data=val_data,
