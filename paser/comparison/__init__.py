@@ -7,7 +7,7 @@ against the random subsets with paired intervals over items and a rule fixed bef
     python -c "import paser; print(paser.compare('configs/compare/smoke.yaml').summary)"
 
 The recipe is ``STAGES`` (paser.comparison.recipe): the in-process run and the Prefect flow
-(flows/compare.py) both walk it, calling the same functions.
+(paser/flows/compare.py) both walk it, calling the same functions.
 """
 
 from paser.lazy import lazy_names

@@ -1,5 +1,5 @@
 """The recipe of ``paser compare``: ``STAGES``, walked by ``compare`` below in this process and by
-the Prefect flow (flows/compare.py), both calling the same functions."""
+the Prefect flow (paser/flows/compare.py), both calling the same functions."""
 
 from __future__ import annotations
 

@@ -5,7 +5,7 @@ its own output there, sealed with a fingerprint of everything it depends on; a s
 fingerprint matches is skipped. So re-selecting at another budget reuses embeddings, clusters and
 scores (no model is loaded), and changing the clustering settings re-runs clustering and what
 follows, nothing before it. ``run_selection`` runs them in order in this process; the Prefect
-flow in ``flows/selection.py`` calls these same functions as tasks.
+flow in ``paser/flows/selection.py`` calls these same functions as tasks.
 """
 
 from __future__ import annotations
@@ -383,7 +383,7 @@ class Step:
 
 def stages(settings: Settings) -> list[Step]:
     """The recipe of ``paser select``: the stages the settings' method needs, in order.
-    ``run_selection`` walks it in this process; the Prefect flow (flows/selection.py) walks the
+    ``run_selection`` walks it in this process; the Prefect flow (paser/flows/selection.py) walks the
     same list as tasks."""
     steps = [Step("load data", stage_data, "data"), Step("count tokens", stage_budget)]
     if settings.clustered:  # PASER, its ablations, strat, adaptive; the baselines need no clusters

@@ -76,7 +76,7 @@ class Settings:
                               f"{method.name} needs every record's score; it serves --method strat with "
                               "sample.ies_temperature 0")
         # resolved once, here, where this machine scores (workers and fingerprints see the dtype used);
-        # for a remote cluster the flow asks one of its workers (flows.runners.worker_dtype)
+        # for a remote cluster the flow asks one of its workers (paser.flows.runners.worker_dtype)
         if settings.score.dtype == "auto" and not settings.remote_scoring:
             settings.score.dtype = resolve_dtype("auto", scoring_device(settings.score.device))
         return settings
