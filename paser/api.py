@@ -6,11 +6,12 @@ returning a small result. The CLI's commands call these same functions.
     twin = paser.prune(model="smollm2-135m-instruct", ratio=0.25)          # PruneResult
     done = paser.recover(model=twin.out, data=run.out / "selected.jsonl")  # RecoveryResult
     seen = paser.evaluate(model=twin.out, adapter=done.out / "adapter")    # EvalResult
+    whole = paser.run(budget="0.2tok", recover={"epochs": 1})             # RunResult: all of the above
 
 ``config`` is a YAML file with the command's sections. Each override is one of: the command's own
 argument (a model, ``out``, ...); a section given whole (``embed={"batch_size": 8}``); or a key of
 one of the command's sections (``epochs=2``): its main section's first (``select``, ``prune``,
-``recover``, ``evaluate``, ``compare``), else the one section that has it; a key two sections share
+``recover``, ``evaluate``, ``compare``; ``select`` for ``run``), else the one section that has it; a key two sections share
 must be given inside its section. Overrides set to None keep the file's value, as an option the CLI
 was not given. ``flow=True`` runs the command through its Prefect flow (``paser.flows``) instead,
 with the same arguments; scoring or arms on Dask or Ray always go through it.
@@ -258,3 +259,93 @@ def compare(config: str | Path | None = None, *, flow: bool = False, report_only
     from paser.flows.compare import compare_flow
 
     return compare_flow(_path(config), found, report_only)
+
+
+# ---------------------------------------------------------------- run
+
+
+@dataclass
+class RunResult:
+    """The whole pipeline's folder (pruned/ when paser pruned, select/, recover/, eval/{dense,
+    pruned,recovered}/, run.md) and each step's result."""
+
+    out: Path
+    selection: SelectResult
+    recovery: RecoveryResult
+    evaluations: dict[str, EvalResult]  # dense, pruned, recovered
+
+
+RUN_SECTIONS = {"prompt": PromptFormat, **STAGE_CONFIGS, "recover": RecoverConfig, "evaluate": EvalConfig}
+RUN_ARGUMENTS = {"out": "runs/run", "trust_pickle": False}
+
+
+def run(config: str | Path | None = None, *, flow: bool = False, **overrides) -> RunResult:
+    """The whole pipeline (``paser run``): prune the dense model (unless ``pruned`` is given), select,
+    LoRA-recover the pruned model on the selection, evaluate the dense, pruned and recovered models
+    alike, and write run.md comparing them. ``config`` is one YAML file for every step; the
+    ``select`` section's keys flat (``dense``, ``pruned``, ``data``, ``budget``, ``method``, ...),
+    every other section whole (``recover={"epochs": 1}``). ``flow=True``: each step as its Prefect
+    flow, under one ``paser-run`` flow run."""
+    if not flow:
+        return run_recipe(_path(config), overrides, flow=False)
+    from paser.flows import start
+
+    start()
+    from prefect import flow as prefect_flow
+
+    # the same recipe, each step a subflow of this one (paser.flows.pipeline serves it as a deployment)
+    return prefect_flow(name="paser-run")(run_recipe)(_path(config), overrides, flow=True)
+
+
+def run_recipe(config: str | None, overrides: dict, flow: bool) -> RunResult:
+    """``run``'s steps, in order; each step is the verb of this module, in this process or (``flow``)
+    through its Prefect flow."""
+    from paser.config import read_yaml
+    from paser.evaluation.report import comparison_table
+    from paser.ledger import parts_table
+    from paser.models.load import check_reference
+    from paser.selection.budget import parse_budget
+    from paser.selection.settings import build_settings
+
+    args, found = split_overrides("run", overrides, RUN_SECTIONS, "select", RUN_ARGUMENTS)
+    root, trust = Path(args["out"]), args["trust_pickle"]
+    # the selection's settings first: they name the models (given here, else the config's, else the
+    # bundled default) and the one prompt format every step shares
+    chosen = {k: v for k, v in found.items() if k not in ("recover", "evaluate")}
+    chosen["select"] = chosen["select"] | {"out": str(root / "select"), "trust_pickle": trust}
+    if chosen["select"].get("budget") is not None:
+        chosen["select"]["budget"] = parse_budget(chosen["select"]["budget"]).setting
+    settings = build_settings(config=config, overrides=chosen).to_dict()
+    dense, pruned, prompt = settings["select"]["dense"], settings["select"]["pruned"], settings["prompt"]
+    # bad input fails here, before any step: the models, the recovery and evaluation settings
+    check_reference(dense, trust)
+    if pruned is not None:
+        check_reference(pruned, trust, tokenizer_from=dense)
+    load_config(RecoverConfig, config, "recover", found["recover"] | {"prompt": prompt})
+    load_config(EvalConfig, config, "evaluate", found["evaluate"] | {"prompt": prompt})
+    if pruned is None:
+        pruned = str(root / "pruned")
+        prune(config, flow=flow, model=dense, out=pruned, trust_pickle=trust, prune=found["prune"])
+        settings["select"]["pruned"] = pruned
+    selection = select(flow=flow, **settings)
+    recovery = recover(config, flow=flow, model=pruned, data=selection.out / "selected.jsonl", out=root / "recover",
+                       trust_pickle=trust, recover=found["recover"], prompt=prompt)
+    # the held-out suite shares no prompt with the pool selected from (unless the config says
+    # otherwise); the recovered model's evaluation also reports the share of each family's
+    # dense-vs-pruned gap it closed, and the others their distance from the dense model
+    given = dict((read_yaml(config).get("evaluate") or {}) if config else {}) | found["evaluate"]
+    exclude = {} if "suite_exclude" in given else {"suite_exclude": [str(selection.out)]}
+    references = {"reference_dense": str(root / "eval" / "dense"), "reference_pruned": str(root / "eval" / "pruned")}
+    evaluations = {}
+    for name, model, adapter in (("dense", dense, None), ("pruned", pruned, None),
+                                 ("recovered", pruned, recovery.out / "adapter")):
+        extra = ({} if name == "dense" else {"divergence_from": dense}) | (references if name == "recovered" else {})
+        evaluations[name] = evaluate(config, flow=flow, model=model, adapter=adapter, out=root / "eval" / name,
+                                     trust_pickle=trust, evaluate=exclude | found["evaluate"] | extra, prompt=prompt)
+    recovery_json = json.loads((recovery.out / "recovery.json").read_text())
+    parts = {"selection": selection.compute, "recovery": recovery_json["compute"]} | {
+        f"evaluation of the {name} model": result.compute for name, result in evaluations.items()}
+    results = {name: result.results for name, result in evaluations.items()}
+    (root / "run.md").write_text("\n".join([comparison_table(results), "## Compute (paser's counting rule, "
+                                                                        "paser.ledger)", "", *parts_table(parts), ""]))
+    return RunResult(root, selection, recovery, evaluations)

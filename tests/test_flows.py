@@ -140,7 +140,7 @@ def test_distributed_scoring_equals_the_single_process_run(engine, models, tmp_p
 
 
 def test_whole_pipeline_flow_prunes_selects_recovers_and_evaluates(models, tmp_path):
-    from paser.flows.pipeline import pipeline_flow
+    import paser
 
     dense, _ = models
     s = settings(models, tmp_path / "unused").to_dict()
@@ -149,9 +149,10 @@ def test_whole_pipeline_flow_prunes_selects_recovers_and_evaluates(models, tmp_p
                      "recover": {"max_steps": 2, "batch_size": 8, "micro_batch_size": 4, "val_size": 4,
                                  "progress": False, "objective": "mix"},
                      "evaluate": {"suite_size": 12, "max_new_tokens": 4}}
-    out = pipeline_flow(dense=dense, out=str(tmp_path / "run"), overrides=overrides)
+    overrides["select"] |= {"dense": dense}
+    result = paser.run(out=str(tmp_path / "run"), flow=True, **overrides)  # paser run --flow: one paser-run flow
     root = tmp_path / "run"
-    assert out == str(root)
+    assert result.out == root
     assert (root / "pruned" / "paser_pruned.json").is_file()
     assert sum(1 for _ in (root / "select" / "selected.jsonl").open()) == 24
     assert (root / "recover" / "adapter" / "adapter_config.json").is_file()
@@ -173,9 +174,26 @@ def test_whole_pipeline_flow_prunes_selects_recovers_and_evaluates(models, tmp_p
     assert "## Compute" in table and "| selection |" in table and "| recovery |" in table and "| all |" in table
 
 
+def test_the_deployed_pipeline_flow_hands_its_parameters_to_the_recipe(monkeypatch):
+    """The paser-run deployment's parameters: the named ones win over ``overrides``, None keeps them."""
+    from paser.flows import pipeline
+
+    seen = {}
+
+    def recipe(config, overrides, flow):
+        seen.update(config=config, overrides=overrides, flow=flow)
+        return type("Done", (), {"out": "runs/x"})
+
+    monkeypatch.setattr(pipeline, "run_recipe", recipe)
+    assert pipeline.pipeline_flow.fn(dense="d", budget="0.1", config="c.yaml",
+                                     overrides={"select": {"method": "strat"}, "budget": "9"}) == "runs/x"
+    assert seen == {"config": "c.yaml", "flow": True, "overrides": {
+        "select": {"method": "strat"}, "budget": "0.1", "dense": "d", "out": "runs/run", "trust_pickle": False}}
+
+
 @pytest.mark.slow
-def test_the_pipeline_flow_recovers_in_adaptive_rounds(models, tmp_path):
-    from paser.flows.pipeline import pipeline_flow
+def test_the_pipeline_recovers_in_adaptive_rounds_in_this_process(models, tmp_path):
+    import paser
 
     dense, pruned = models
     s = settings(models, tmp_path / "unused").to_dict()
@@ -184,7 +202,10 @@ def test_the_pipeline_flow_recovers_in_adaptive_rounds(models, tmp_path):
     overrides = s | {"adaptive": {"rounds": 2, "probe_per_cluster": 2},
                      "recover": {"batch_size": 8, "micro_batch_size": 4, "epochs": 1, "progress": False},
                      "evaluate": {"suite_size": 12, "max_new_tokens": 4}}
-    pipeline_flow(dense=dense, pruned=pruned, out=str(tmp_path / "run"), overrides=overrides)
+    s["select"] |= {"dense": dense, "pruned": pruned}
+    result = paser.run(out=tmp_path / "run", **overrides)  # paser run's recipe, without Prefect
+    assert result.out == tmp_path / "run" and set(result.evaluations) == {"dense", "pruned", "recovered"}
+    assert (tmp_path / "run" / "run.md").is_file() and result.selection.out == tmp_path / "run" / "select"
     done = json.loads((tmp_path / "run" / "recover" / "recovery.json").read_text())
     assert [r["round"] for r in done["adaptive"]["rounds"]] == [1, 2]
     assert sum(r["records"] for r in done["adaptive"]["rounds"]) == 24  # the budget, in records

@@ -152,10 +152,16 @@ def test_importing_the_flows_changes_no_environment_variable():
     assert done.stdout.strip().splitlines()[-1] == "[]"
 
 
+# The one upward import: ``paser run``'s deployable flow wraps the recipe of its verb (paser.api.run,
+# which runs each step's own flow and never imports this one, so no circle).
+UPWARD = {("paser.flows.pipeline", "paser.api")}
+
+
 def upward_imports(graph: dict[str, set[str]]) -> list[tuple[str, str]]:
-    """(module, what it imports) for every import that runs upward between phases."""
+    """(module, what it imports) for every import that runs upward between phases, but ``UPWARD``."""
     rank = {p: i for i, p in enumerate(PHASES)}
-    return sorted((m, d) for m, deps in graph.items() for d in deps if rank[phase(d)] > rank[phase(m)])
+    return sorted((m, d) for m, deps in graph.items() for d in deps
+                  if rank[phase(d)] > rank[phase(m)] and (m, d) not in UPWARD)
 
 
 def test_the_layering_check_sees_an_upward_import():

@@ -283,30 +283,12 @@ RUN = [Opt("select", "dense"), Opt("select", "pruned"), Opt("select", "data"), O
 @command(app, "run", RUN, {"select": STAGE_CONFIGS["select"], "recover": RecoverConfig, "prompt": PromptFormat},
          after=[plain("out", Path, typer.Option(help="Run folder."), Path("runs/run")),
                 config_option("one file for every stage: select sections, prune, recover, evaluate"),
-                trust_option()])
-def run(values: dict, out: Path, config: Path | None, trust_pickle: bool) -> None:
+                trust_option(), flow_option()])
+def run(values: dict, out: Path, config: Path | None, trust_pickle: bool, flow: bool) -> None:
     """The whole pipeline: prune (optional) -> select -> recover -> evaluate dense, pruned and recovered."""
+    from paser.api import run as run_all
+
     chosen = {section: {k: v for k, v in fields.items() if v is not None} for section, fields in values.items()}
-    chosen = {section: fields for section, fields in chosen.items() if fields}
-
-    def flowed():
-        from paser.flows import start
-        from paser.models.load import check_reference
-        from paser.selection.settings import build_settings
-
-        settings = build_settings(config=config, overrides={"select": chosen.get("select", {})})
-        dense, pruned = settings.select.dense, settings.select.pruned  # the config's unless given here
-        check_reference(dense, trust_pickle)
-        if pruned is not None:
-            check_reference(pruned, trust_pickle, tokenizer_from=dense)
-        if "recover" in chosen:
-            RecoverConfig(**chosen["recover"])  # a bad name fails here, before any stage
-        start()
-        from paser.flows.pipeline import pipeline_flow
-
-        return pipeline_flow(dense, pruned, out=str(out), config=str(config) if config else None,
-                             overrides=chosen or None, trust_pickle=trust_pickle)
-
-    folder = dispatch(flowed)  # the pipeline is a flow
-    typer.echo((Path(folder) / "run.md").read_text())
-    typer.echo(f"run folder: {folder}")
+    result = dispatch(lambda: run_all(config, flow=flow, out=out, trust_pickle=trust_pickle, **chosen))
+    typer.echo((result.out / "run.md").read_text())
+    typer.echo(f"run folder: {result.out}")
