@@ -38,7 +38,7 @@ def deployments(names: list[str] | None = None, tags: list[str] | None = None) -
     chosen = names or list(NAMES)
     unknown = sorted(set(chosen) - set(NAMES))
     if unknown:
-        raise SystemExit(f"error: unknown deployment(s) {unknown}; known: {list(NAMES)}")
+        raise ValueError(f"unknown deployment(s) {unknown}; known: {list(NAMES)}")
     flows = flows_by_name()
     return [flows[name].to_deployment(name=name, tags=["paser", *(tags or [])], description=flows[name].description,
                                       entrypoint_type=EntrypointType.MODULE_PATH)
@@ -54,6 +54,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="the Prefect server's API, e.g. http://127.0.0.1:4200/api (default: $PREFECT_API_URL)")
     parser.add_argument("--limit", type=int, help="most flow runs at once (default: no limit)")
     args = parser.parse_args(argv)
+    unknown = sorted(set(args.names) - set(NAMES))
+    if unknown:
+        parser.error(f"unknown deployment(s) {unknown}; known: {', '.join(NAMES)}")
     if not args.api_url:
         sys.exit("error: serving needs a Prefect server: start one with 'prefect server start --host 127.0.0.1' "
                  "and pass --api-url http://127.0.0.1:4200/api (or set PREFECT_API_URL)")

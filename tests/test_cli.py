@@ -110,6 +110,9 @@ def test_serving_deployments_without_a_server_says_how_to_start_one():
     assert done.returncode != 0
     assert done.stderr.strip().splitlines() == [done.stderr.strip()]  # one line, no traceback
     assert "prefect server start --host 127.0.0.1" in done.stderr and "PREFECT_API_URL" in done.stderr
+    wrong = subprocess.run([sys.executable, str(ROOT / "flows" / "deployments.py"), "selekt"], env=env,
+                           capture_output=True, text=True, timeout=60)
+    assert wrong.returncode == 2 and "unknown deployment(s) ['selekt']" in wrong.stderr
 
 
 def test_prune_through_the_flow_gives_the_same_model(tiny_model_dir, tmp_path):
