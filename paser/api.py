@@ -11,10 +11,11 @@ returning a small result. The CLI's commands call these same functions.
 ``config`` is a YAML file with the command's sections. Each override is one of: the command's own
 argument (a model, ``out``, ...); a section given whole (``embed={"batch_size": 8}``); or a key of
 one of the command's sections (``epochs=2``): its main section's first (``select``, ``prune``,
-``recover``, ``evaluate``, ``compare``; ``select`` for ``run``), else the one section that has it; a key two sections share
-must be given inside its section. Overrides set to None keep the file's value, as an option the CLI
-was not given. ``flow=True`` runs the command through its Prefect flow (``paser.flows``) instead,
-with the same arguments; scoring or arms on Dask or Ray always go through it.
+``recover``, ``evaluate``, ``compare``; ``select`` for ``run``), else the one section that has it;
+a key two sections share must be given inside its section. Overrides set to None keep the file's
+value, as an option the CLI was not given. ``flow=True`` runs the command through its Prefect flow
+(``paser.flows``) instead, with the same arguments; scoring or arms on Dask or Ray always go
+through it.
 """
 
 from __future__ import annotations

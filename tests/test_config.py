@@ -102,3 +102,23 @@ def test_the_prompt_format_is_set_in_its_own_section_only(tmp_path, text, sectio
         else:
             load_config({"recover": RecoverConfig, "evaluate": EvalConfig}[section], path, section)
     assert message in str(info.value) and "c.yaml" in str(info.value)
+
+
+def test_recovery_settings_are_made_of_four_concerns_each_checking_its_own():
+    import dataclasses
+
+    from paser.cli.options import field_docs
+    from paser.recovery.config import CONCERNS, ObjectiveSettings, RecoverConfig, StepSettings
+
+    declared = [set(vars(c)["__annotations__"]) for c in CONCERNS] + [set(vars(RecoverConfig)["__annotations__"]) -
+                                                                      {"MOVED"}]
+    names = {f.name for f in dataclasses.fields(RecoverConfig)}
+    assert sum(map(len, declared)) == len(names) and set().union(*declared) == names  # every key in one place
+    with pytest.raises(ValueError, match="batch_size 6 must be a multiple of micro_batch_size 4"):
+        StepSettings(batch_size=6)
+    for concern_error in ({"batch_size": 6}, {"dropout": 1.0}, {"val_size": -1}, {"objective": "x"}):
+        with pytest.raises(ValueError):  # the whole config checks every concern
+            RecoverConfig(**concern_error)
+    with pytest.raises(ValueError, match="token_weighting weights the SFT loss"):
+        ObjectiveSettings(objective="distill", token_weighting=0.5)
+    assert field_docs(RecoverConfig)["r"] == "LoRA rank." and "CUDA" in field_docs(RecoverConfig)["device"]

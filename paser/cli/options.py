@@ -15,6 +15,7 @@ print(field_docs(RecoverConfig)['seed'])"
 from __future__ import annotations
 
 import ast
+import dataclasses
 import functools
 import inspect
 import textwrap
@@ -33,15 +34,15 @@ from paser.config import hint_parts
 
 @functools.cache
 def field_docs(cls) -> dict[str, str]:
-    """Each field's docstring (the string right below its annotation in the class body), its lines
-    joined."""
-    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
-    body = tree.body[0].body
+    """Each field's docstring (the string right below its annotation in the body of the class that
+    declares it, ``cls`` or a dataclass it is made of), its lines joined."""
     docs = {}
-    for node, after in zip(body, body[1:]):
-        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(after, ast.Expr)
-                and isinstance(after.value, ast.Constant) and isinstance(after.value.value, str)):
-            docs[node.target.id] = " ".join(after.value.value.split())
+    for owner in reversed([c for c in cls.__mro__ if dataclasses.is_dataclass(c)]):
+        body = ast.parse(textwrap.dedent(inspect.getsource(owner))).body[0].body
+        for node, after in zip(body, body[1:]):
+            if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(after, ast.Expr)
+                    and isinstance(after.value, ast.Constant) and isinstance(after.value.value, str)):
+                docs[node.target.id] = " ".join(after.value.value.split())
     return docs
 
 
@@ -163,14 +164,19 @@ def configuration_reference() -> str:
     for name, cls in sections.items():
         hints = typing.get_type_hints(cls)
         docs = field_docs(cls)
-        lines += [f"## `{name}`", "", " ".join((cls.__doc__ or "").split()), "", "| key | type | default | meaning |",
-                  "|---|---|---|---|"]
-        for f in fields(cls):
-            if f.name in sections and f.name != name:  # a section of its own (prompt), listed there
-                continue
-            default = f.default if f.default is not MISSING else f.default_factory()
-            hint = hints[f.name]
-            kind = " or ".join(hint_parts(hint))
-            lines.append(f"| `{f.name}` | {kind} | `{default!r}` | {docs.get(f.name, '').replace('|', 'or')} |")
-        lines.append("")
+        lines += [f"## `{name}`", "", " ".join((cls.__doc__ or "").split()), ""]
+        # a config made of concerns (recover): one table per concern, then its own keys
+        owners = list(reversed([c for c in cls.__mro__ if dataclasses.is_dataclass(c)]))
+        for owner in owners:
+            declared = [f for f in fields(cls) if f.name in vars(owner).get("__annotations__", {})
+                        and (f.name not in sections or f.name == name)]  # a section of its own is listed there
+            if len(owners) > 1:
+                about = " ".join((owner.__doc__ or "").split()) if owner is not cls else "Its own keys."
+                lines += [f"### `{owner.__name__}`", "", about, ""]
+            lines += ["| key | type | default | meaning |", "|---|---|---|---|"]
+            for f in declared:
+                default = f.default if f.default is not MISSING else f.default_factory()
+                kind = " or ".join(hint_parts(hints[f.name]))
+                lines.append(f"| `{f.name}` | {kind} | `{default!r}` | {docs.get(f.name, '').replace('|', 'or')} |")
+            lines.append("")
     return "\n".join(lines)

@@ -1,5 +1,9 @@
-"""Recovery's settings: LoRA on the pruned model, LLM-Pruner's recipe by default, the step plan,
-the objective and its teacher, token weighting, the responses trained on.
+"""Recovery's settings, by concern: the LoRA adapters (``LoraSettings``), how the optimizer steps are
+made (``StepSettings``), the records trained and held out (``DataSettings``), and what each
+response token is trained towards (``ObjectiveSettings``: SFT, distillation and its teacher, token
+weighting). ``RecoverConfig`` is the four together with where the run happens; its YAML section
+(``recover``) and its fields stay flat (``recover.epochs``, ``config.epochs``). Defaults: LLM-Pruner's
+recipe.
 
     python -c "from paser.recovery.config import RecoverConfig; print(RecoverConfig())"
 """
@@ -18,9 +22,16 @@ RESPONSES = ("data", "dense")
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
+def _positive(settings, *names: str) -> None:
+    for name in names:
+        value = getattr(settings, name)
+        if value is not None and value < 1:
+            raise ValueError(f"{name} must be positive, got {value}")
+
+
 @dataclass
-class RecoverConfig:
-    """LoRA recovery settings (defaults: LLM-Pruner's recipe)."""
+class LoraSettings:
+    """The adapters: where they sit and their size."""
 
     r: int = 8
     """LoRA rank."""
@@ -30,6 +41,18 @@ class RecoverConfig:
     """Dropout on the LoRA input."""
     target_modules: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
     """Linear layers that get an adapter."""
+
+    def __post_init__(self):
+        _positive(self, "r", "alpha")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+
+
+@dataclass
+class StepSettings:
+    """How the optimizer steps are made: their size in records or tokens, how many, the forward passes
+    they are cut into, the learning-rate schedule, when to validate, checkpoint and stop."""
+
     learning_rate: float = 1e-4
     """Peak AdamW learning rate."""
     epochs: float = 2.0
@@ -57,40 +80,69 @@ class RecoverConfig:
     """Share of the steps with a linearly rising learning rate (then linear decay to 0)."""
     weight_decay: float = 0.0
     """AdamW weight decay."""
-    prompt: PromptFormat = field(default_factory=PromptFormat)
-    """The prompt format (the ``prompt`` section, shared with scoring and evaluation)."""
-    MOVED: ClassVar[dict] = {"template": "prompt.template", "cutoff": "prompt.cutoff"}
-    """Keys of this section that moved to the ``prompt`` section (a clear error, not "unknown key")."""
-    val_size: float = 0.05
-    """Held-out validation records: a fraction of the training file (< 1) or a count; 0: none."""
-    eval_every: int = 20
-    """Optimizer steps between validation losses (and at the end)."""
-    patience: int | None = None
-    """Stop once the validation loss has not improved for this many evaluations in a row, and keep
-    the adapter of the best one (train until the validation loss stops improving); needs a
-    validation set. None: train every step."""
-    save_every: int = 20
-    """Optimizer steps between checkpoints."""
     max_grad_norm: float = 1.0
     """Gradients are clipped to this global norm before each optimizer step (0: no clipping)."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass instead of keeping them, to hold less activation
     memory at the cost of another forward pass per layer (for long cutoffs and large models); the
     adapter is the same (tested)."""
-    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
-    """Base model (and teacher) weights: auto is bfloat16 on a CUDA device with bf16 support, else
-    float32; adapters train in fp32. fp16 is not offered: it gives NaN losses on Llama-2 for
-    LLM-Pruner users. recovery.json records the dtype used."""
-    device: str | None = None
-    """Default: CUDA when available, else CPU."""
     seed: int = 0
     """Seeds the adapter initialisation, LoRA dropout and the record order: another seed, same data,
     measures training noise."""
+    eval_every: int = 20
+    """Optimizer steps between validation losses (and at the end)."""
+    save_every: int = 20
+    """Optimizer steps between checkpoints."""
+    patience: int | None = None
+    """Stop once the validation loss has not improved for this many evaluations in a row, and keep
+    the adapter of the best one (train until the validation loss stops improving); needs a
+    validation set. None: train every step."""
+
+    def __post_init__(self):
+        _positive(self, "batch_size", "micro_batch_size", "eval_every", "save_every", "max_steps", "patience",
+                  "micro_batch_tokens", "batch_tokens")
+        if self.batch_size % self.micro_batch_size:
+            raise ValueError(f"batch_size {self.batch_size} must be a multiple of micro_batch_size "
+                             f"{self.micro_batch_size}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.epochs <= 0 or self.learning_rate <= 0:
+            raise ValueError("epochs and learning_rate must be positive")
+        if self.max_grad_norm < 0:
+            raise ValueError(f"max_grad_norm must be >= 0, got {self.max_grad_norm}")
+
+
+@dataclass
+class DataSettings:
+    """The records: how many are held out for validation, and whose responses are trained on."""
+
+    val_size: float = 0.05
+    """Held-out validation records: a fraction of the training file (< 1) or a count; 0: none."""
     val_seed: int = 0
     """Seeds the validation split (apart from ``seed``, so that changing ``seed`` keeps the
     training records)."""
-    merge: bool = False
-    """Also save the model with the adapter merged in (merged/)."""
+    responses: Literal["data", "dense"] = "data"
+    """What the pruned model is trained to answer: data, the file's responses; dense, the dense
+    model's own greedy answers to the same prompts (self-data distillation: the dense model,
+    ``teacher``, regenerates the responses before training, batched and cached by content in
+    OUT/dense_answers/; a record it answers with nothing keeps the file's response, counted)."""
+    answer_tokens: int = 256
+    """Most tokens the dense model generates per answer with responses dense (the cutoff still
+    bounds prompt + answer in training)."""
+
+    def __post_init__(self):
+        if self.val_size < 0:
+            raise ValueError(f"val_size must be >= 0, got {self.val_size}")
+        if self.responses not in RESPONSES:
+            raise ValueError(f"responses must be one of {RESPONSES}, got {self.responses!r}")
+        _positive(self, "answer_tokens")
+
+
+@dataclass
+class ObjectiveSettings:
+    """What each response position is trained towards: the reference token (SFT, optionally weighted
+    per token by what pruning broke) or the teacher's distribution (distillation), or a mix."""
+
     objective: Literal["sft", "distill", "mix"] = "sft"
     """What the pruned model learns at each response position: sft, the reference response's next
     token (cross-entropy); distill, the teacher's (dense model's) next-token distribution
@@ -118,40 +170,8 @@ class RecoverConfig:
     first and its top-k log-probabilities per response token are cached on disk (teacher_topk/),
     for pairs that do not fit together; the divergence then merges every other token into one
     bucket (exact when k is the vocabulary, a lower bound otherwise)."""
-    responses: Literal["data", "dense"] = "data"
-    """What the pruned model is trained to answer: data, the file's responses; dense, the dense
-    model's own greedy answers to the same prompts (self-data distillation: the dense model,
-    ``teacher``, regenerates the responses before training, batched and cached by content in
-    OUT/dense_answers/; a record it answers with nothing keeps the file's response, counted)."""
-    answer_tokens: int = 256
-    """Most tokens the dense model generates per answer with responses dense (the cutoff still
-    bounds prompt + answer in training)."""
-    progress: bool = True
-    """Progress bar with the loss."""
-    pictures: bool = True
-    """Draw training_curve.png (training and validation loss by step)."""
 
     def __post_init__(self):
-        for name in ("r", "alpha", "batch_size", "micro_batch_size", "eval_every", "save_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        if self.batch_size % self.micro_batch_size:
-            raise ValueError(f"batch_size {self.batch_size} must be a multiple of micro_batch_size "
-                             f"{self.micro_batch_size}")
-        if not 0 <= self.dropout < 1 or not 0 <= self.warmup_ratio < 1:
-            raise ValueError("dropout and warmup_ratio must be in [0, 1)")
-        if self.epochs <= 0 or self.learning_rate <= 0:
-            raise ValueError("epochs and learning_rate must be positive")
-        if self.max_steps is not None and self.max_steps < 1:
-            raise ValueError(f"max_steps must be positive, got {self.max_steps}")
-        if self.val_size < 0:
-            raise ValueError(f"val_size must be >= 0, got {self.val_size}")
-        if self.patience is not None and self.patience < 1:
-            raise ValueError(f"patience must be positive, got {self.patience}")
-        if self.micro_batch_tokens is not None and self.micro_batch_tokens < 1:
-            raise ValueError(f"micro_batch_tokens must be positive, got {self.micro_batch_tokens}")
-        if self.batch_tokens is not None and self.batch_tokens < 1:
-            raise ValueError(f"batch_tokens must be positive, got {self.batch_tokens}")
         if self.objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
         if self.divergence not in DIVERGENCES:
@@ -160,8 +180,6 @@ class RecoverConfig:
             raise ValueError(f"temperature must be positive, got {self.temperature}")
         if not 0 <= self.mix_weight <= 1:
             raise ValueError(f"mix_weight must be in [0, 1], got {self.mix_weight}")
-        if self.max_grad_norm < 0:
-            raise ValueError(f"max_grad_norm must be >= 0, got {self.max_grad_norm}")
         if not 0 <= self.token_weighting <= 1:
             raise ValueError(f"token_weighting must be in [0, 1], got {self.token_weighting}")
         if self.token_signal not in SIGNALS:
@@ -169,9 +187,34 @@ class RecoverConfig:
         if self.token_weighting > 0 and self.objective != "sft":
             raise ValueError("token_weighting weights the SFT loss per token; objective distill and mix learn the "
                              "teacher's distribution at every token instead")
-        if self.responses not in RESPONSES:
-            raise ValueError(f"responses must be one of {RESPONSES}, got {self.responses!r}")
-        if self.answer_tokens < 1:
-            raise ValueError(f"answer_tokens must be positive, got {self.answer_tokens}")
-        if self.teacher_top_k is not None and self.teacher_top_k < 1:
-            raise ValueError(f"teacher_top_k must be positive, got {self.teacher_top_k}")
+        _positive(self, "teacher_top_k")
+
+
+CONCERNS = (LoraSettings, StepSettings, DataSettings, ObjectiveSettings)
+
+
+@dataclass
+class RecoverConfig(ObjectiveSettings, DataSettings, StepSettings, LoraSettings):
+    """LoRA recovery settings (defaults: LLM-Pruner's recipe): the four concerns' fields, and where
+    and how the run happens."""
+
+    prompt: PromptFormat = field(default_factory=PromptFormat)
+    """The prompt format (the ``prompt`` section, shared with scoring and evaluation)."""
+    MOVED: ClassVar[dict] = {"template": "prompt.template", "cutoff": "prompt.cutoff"}
+    """Keys of this section that moved to the ``prompt`` section (a clear error, not "unknown key")."""
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    """Base model (and teacher) weights: auto is bfloat16 on a CUDA device with bf16 support, else
+    float32; adapters train in fp32. fp16 is not offered: it gives NaN losses on Llama-2 for
+    LLM-Pruner users. recovery.json records the dtype used."""
+    device: str | None = None
+    """Default: CUDA when available, else CPU."""
+    merge: bool = False
+    """Also save the model with the adapter merged in (merged/)."""
+    progress: bool = True
+    """Progress bar with the loss."""
+    pictures: bool = True
+    """Draw training_curve.png (training and validation loss by step)."""
+
+    def __post_init__(self):
+        for concern in CONCERNS:
+            concern.__post_init__(self)

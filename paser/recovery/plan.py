@@ -13,11 +13,11 @@ import numpy as np
 import torch
 
 from paser.errors import ConfigError
-from paser.recovery.config import RecoverConfig
+from paser.recovery.config import DataSettings, StepSettings
 from paser.seeds import derived_seed
 
 
-def split_validation(records: list, config: RecoverConfig) -> tuple[list, list]:
+def split_validation(records: list, config: DataSettings) -> tuple[list, list]:
     """(train, validation): a seeded random ``val_size`` of the records held out."""
     n_val = int(round(config.val_size * len(records))) if config.val_size < 1 else int(config.val_size)
     if n_val == 0:
@@ -77,7 +77,7 @@ def token_steps(order: list[int], lengths, batch_tokens: int) -> list[list[int]]
     return _by_middle_token(order, lengths, n_steps)
 
 
-def step_batches(n: int, config: RecoverConfig, lengths=None) -> list[list[int]]:
+def step_batches(n: int, config: StepSettings, lengths=None) -> list[list[int]]:
     """Record indices of every optimizer step, over all epochs: ``batch_size`` records a step (the
     last of an epoch may be short), or with ``batch_tokens`` steps of equal tokens (``lengths``:
     each record's tokens)."""
