@@ -26,12 +26,15 @@ import typing
 from dataclasses import dataclass
 from pathlib import Path
 
-from paser.config import SECTIONS, load_config
+from paser.comparison.config import CompareConfig
+from paser.config import SECTIONS, load_config, read_yaml
 from paser.data.prompts import PromptFormat
 from paser.errors import ConfigError
 from paser.evaluation.config import EvalConfig
+from paser.flows import start
 from paser.models.config import PruneConfig
 from paser.recovery.config import RecoverConfig
+from paser.selection.budget import parse_budget
 from paser.selection.configs import STAGE_CONFIGS
 
 if typing.TYPE_CHECKING:
@@ -112,7 +115,6 @@ def select(config: str | Path | None = None, *, flow: bool = False, **overrides)
     value, else the embedded default: a bare ``select()`` runs the generated capability suite, the
     bundled SmolLM2-135M-Instruct and its 25% paser-pruned twin, with a 20% budget.
     """
-    from paser.selection.budget import parse_budget
     from paser.selection.pipeline import preflight, run_selection
     from paser.selection.settings import build_settings
 
@@ -123,7 +125,6 @@ def select(config: str | Path | None = None, *, flow: bool = False, **overrides)
     preflight(settings)
     if not flow and settings.distribute.engine == "local":
         return SelectResult.read(run_selection(settings))
-    from paser.flows import start
 
     start()  # paser's Prefect settings, before Prefect is first imported
     from paser.flows.selection import selection_flow
@@ -149,7 +150,6 @@ def prune(config: str | Path | None = None, *, flow: bool = False, **overrides) 
         return prune_model(args["model"], Path(args["out"]), cfg, export_pickle=args["export_pickle"],
                            trust_pickle=args["trust_pickle"], dtype=args["dtype"], device=args["device"])
     check_reference(args["model"], args["trust_pickle"])  # bad input fails here in one line, before Prefect
-    from paser.flows import start
 
     start()
     from paser.flows.prune import prune_flow
@@ -181,7 +181,6 @@ def recover(config: str | Path | None = None, *, flow: bool = False, **overrides
         return run_recover(model, data, out, cfg, val_data=_path(args["val_data"]), trust_pickle=args["trust_pickle"],
                            restart=args["restart"])
     check_reference(model, args["trust_pickle"])
-    from paser.flows import start
 
     start()
     from paser.flows.recovery import recovery_flow
@@ -224,7 +223,6 @@ def evaluate(config: str | Path | None = None, *, flow: bool = False, **override
         return EvalResult(Path(out) if out else None, run_evaluate(model, adapter, out, cfg,
                                                                    trust_pickle=args["trust_pickle"]))
     check_reference(model, args["trust_pickle"])
-    from paser.flows import start
 
     start()
     from paser.flows.recovery import evaluation_flow
@@ -241,7 +239,6 @@ def compare(config: str | Path | None = None, *, flow: bool = False, report_only
     """Run (or resume) a comparison: arms trained alike, judged against random subsets (``paser
     compare``). The ``compare`` section's keys flat (``arms``, ``budgets``, ``out``, ...), any other
     section whole; finished arms are never run again, ``report_only`` runs none."""
-    from paser.comparison.config import CompareConfig
     from paser.comparison.recipe import compare as run_compare
     from paser.comparison.runner import load_sections, prepare
 
@@ -254,7 +251,6 @@ def compare(config: str | Path | None = None, *, flow: bool = False, report_only
         return run_compare(config, found, report_only=report_only)
     # bad input fails here, before Prefect starts
     prepare(load_sections(config, found), str(config or "compare"), resolve=not report_only)
-    from paser.flows import start
 
     start()
     from paser.flows.compare import compare_flow
@@ -289,7 +285,6 @@ def run(config: str | Path | None = None, *, flow: bool = False, **overrides) ->
     flow, under one ``paser-run`` flow run."""
     if not flow:
         return run_recipe(_path(config), overrides, flow=False)
-    from paser.flows import start
 
     start()
     from prefect import flow as prefect_flow
@@ -301,11 +296,9 @@ def run(config: str | Path | None = None, *, flow: bool = False, **overrides) ->
 def run_recipe(config: str | None, overrides: dict, flow: bool) -> RunResult:
     """``run``'s steps, in order; each step is the verb of this module, in this process or (``flow``)
     through its Prefect flow."""
-    from paser.config import read_yaml
     from paser.evaluation.report import comparison_table
     from paser.ledger import parts_table
     from paser.models.load import check_reference
-    from paser.selection.budget import parse_budget
     from paser.selection.settings import build_settings
 
     args, found = split_overrides("run", overrides, RUN_SECTIONS, "select", RUN_ARGUMENTS)

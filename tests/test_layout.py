@@ -245,3 +245,80 @@ def test_the_cli_and_the_configs_load_no_algorithm_library():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
+
+
+# What a deferred import may be waiting for: the libraries that take seconds or hundreds of MB to load
+HEAVY = {*ALGORITHM_LIBRARIES, "matplotlib", "datasets", "numpy", "pyarrow", "typer", "yaml", "psutil", "umap",
+         "faiss", "safetensors"}
+
+
+def _lazy_homes(tree: ast.Module) -> dict[str, str]:
+    """A lazy package's ``_HOMES`` (paser.lazy): the module each of its names comes from."""
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", "") == "_HOMES" for t in node.targets):
+            try:
+                return ast.literal_eval(node.value)
+            except ValueError:
+                return {}
+    return {}
+
+
+def _targets(node: ast.AST, modules: dict[str, Path], trees: dict[str, ast.Module]) -> set[str]:
+    """What an import statement loads: paser's modules (a lazy package's name, from its home) and
+    other libraries by their top-level name."""
+    if isinstance(node, ast.Import):
+        return {a.name if a.name in modules else a.name.split(".")[0] for a in node.names}
+    if not isinstance(node, ast.ImportFrom) or node.level or not node.module:
+        return set()
+    if node.module not in modules:
+        return {node.module.split(".")[0]}
+    found = set()
+    for alias in node.names:
+        sub = f"{node.module}.{alias.name}"
+        found.add(sub if sub in modules else _lazy_homes(trees[node.module]).get(alias.name, node.module))
+    return found
+
+
+def deferred_imports_without_a_reason(modules: dict[str, Path]) -> list[str]:
+    """Imports of paser's own modules made inside functions that would load no heavy library the
+    module does not load already (read from the source: module-level imports, transitively): those
+    belong at the top of the module, where the layering tests see them."""
+    trees = {m: ast.parse(p.read_text()) for m, p in modules.items()}
+
+    def top(m: str) -> set[str]:
+        found = {".".join(m.split(".")[:i]) for i in range(1, m.count(".") + 1)} & set(modules)  # its packages
+        for node in trees[m].body:
+            for stmt in (node.body if isinstance(node, ast.Try) else [node]):
+                found |= _targets(stmt, modules, trees)
+        return found
+
+    heavy: dict[str, set[str]] = {}
+
+    def loads(m: str, seen: frozenset = frozenset()) -> set[str]:
+        if m not in modules:
+            return {m} & HEAVY
+        if m not in heavy:
+            heavy[m] = set().union(*(loads(t, seen | {m}) for t in top(m) if t not in seen))
+        return heavy[m]
+
+    found = []
+    for m in modules:
+        for fn in ast.walk(trees[m]):
+            if isinstance(fn, ast.FunctionDef | ast.AsyncFunctionDef):
+                for node in ast.walk(fn):
+                    if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("paser"):
+                        if not set().union(*(loads(t) for t in _targets(node, modules, trees))) - loads(m):
+                            found.append(f"{m}:{node.lineno} {node.module}")
+    return sorted(set(found))
+
+
+def test_an_import_inside_a_function_waits_for_a_heavy_library(tmp_path):
+    paser_modules = {m: p for m, p in _modules().items() if m.startswith("paser")}
+    assert deferred_imports_without_a_reason(paser_modules) == []
+    (tmp_path / "a.py").write_text("import torch\ndef f():\n    from paser.b import x\n    from paser.c import y\n")
+    (tmp_path / "b.py").write_text("import numpy\nx = 1\n")
+    (tmp_path / "c.py").write_text("import sklearn\ny = 1\n")
+    toy = {"paser.a": tmp_path / "a.py", "paser.b": tmp_path / "b.py", "paser.c": tmp_path / "c.py"}
+    assert deferred_imports_without_a_reason(toy) == []  # b loads numpy, which a does not: a reason to wait
+    (tmp_path / "a.py").write_text("import numpy\ndef f():\n    from paser.b import x\n    from paser.c import y\n")
+    assert deferred_imports_without_a_reason(toy) == ["paser.a:3 paser.b"]

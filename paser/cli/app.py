@@ -13,6 +13,7 @@ from typing import Annotated, TypeVar
 import typer
 
 from paser.errors import PaserError
+from paser.progress import library_bars, set_quiet
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Select the instruction samples that repair a pruned LLM, and recover it.")
@@ -48,7 +49,6 @@ def _group(debug: Annotated[bool, typer.Option("--debug", help="Show Prefect's f
            quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No stage names and no progress bars; "
                                                                     "results and errors only.")] = False) -> None:
     """Select the instruction samples that repair a pruned LLM, and recover it."""
-    from paser.progress import library_bars, set_quiet
 
     if debug:
         os.environ["PASER_DEBUG"] = "1"

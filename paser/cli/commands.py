@@ -13,9 +13,16 @@ from pathlib import Path
 
 import typer
 
+from paser.api import compare as run_compare
+from paser.api import evaluate as run_evaluate
+from paser.api import prune as run_prune
+from paser.api import recover as run_recover
+from paser.api import run as run_all
+from paser.api import select as run_select
 from paser.cli.app import app, dispatch, fail
 from paser.cli.options import REQUIRED, Opt, command, config_option, flow_option, plain, trust_option
 from paser.comparison.config import CompareConfig
+from paser.data.pools import parse_fields
 from paser.data.prompts import PromptFormat
 from paser.errors import PaserError
 from paser.evaluation.config import EvalConfig
@@ -44,8 +51,6 @@ def dedup_value(text: str) -> float | str:
 
 
 def fields_map(text: str) -> dict:
-    from paser.data.pools import parse_fields
-
     try:
         return parse_fields(text)
     except PaserError as err:
@@ -76,7 +81,6 @@ SELECT = [Opt("select", name) for name in ("data", "dense", "pruned", "prune_rat
                               "concepts, prune, distribute"), flow_option()])
 def select(values: dict, config: Path | None, flow: bool) -> None:
     """Select the instruction samples that best repair the pruned model (PASER)."""
-    from paser.api import select as run_select
 
     result = dispatch(lambda: run_select(config, flow=flow, **values))
     run = result.out
@@ -121,7 +125,6 @@ MODEL_HELP = "a built-in name, Hugging Face folder, .gguf file or LLM-Pruner che
 def prune(values: dict, model: str, out: Path, config: Path | None, export_pickle: Path | None, trust_pickle: bool,
           dtype: str, device: str | None, flow: bool) -> None:
     """Prune attention heads and MLP channels, LLM-Pruner block-wise style, and save the model."""
-    from paser.api import prune as run_prune
 
     typer.echo(f"pruning {model} ...", err=True)
     result = dispatch(lambda: run_prune(config, flow=flow, model=model, out=out, export_pickle=export_pickle,
@@ -172,7 +175,6 @@ def recover(values: dict, model: str, data: str, out: Path, config: Path | None,
     """LoRA-recover a pruned model on selected records (LLM-Pruner's recipe by default). On several
     GPUs (or CPU processes), each process running the command: torchrun --nproc-per-node N --no-python
     paser recover ..."""
-    from paser.api import recover as run_recover
 
     dispatch(lambda: run_recover(config, flow=flow, model=model, data=data, out=out, val_data=val_data,
                                  trust_pickle=trust_pickle, restart=restart, **values))
@@ -228,7 +230,6 @@ EVALUATE = [Opt("evaluate", name) for name in ("text", "heldout", "suite_size", 
 def evaluate(values: dict, model: str, adapter: str | None, out: Path | None, config: Path | None,
              trust_pickle: bool, flow: bool) -> None:
     """Evaluate a model: perplexity, held-out response NLL, capability-suite accuracy, lm-eval tasks."""
-    from paser.api import evaluate as run_evaluate
     from paser.evaluation.report import markdown_table
 
     result = dispatch(lambda: run_evaluate(config, flow=flow, model=model, adapter=adapter, out=out,
@@ -265,7 +266,6 @@ COMPARE = [Opt("compare", name) for name in ("pool", "pool_records", "heldout_re
                       False), flow_option()])
 def compare(values: dict, config: Path | None, report_only: bool, flow: bool) -> None:
     """Does selection pay on this model, at this budget? Arms trained alike, judged against random subsets."""
-    from paser.api import compare as run_compare
 
     overrides = {section: {k: v for k, v in fields.items() if v is not None} for section, fields in values.items()}
     report = dispatch(lambda: run_compare(config, flow=flow, report_only=report_only, **overrides)).report
@@ -286,7 +286,6 @@ RUN = [Opt("select", "dense"), Opt("select", "pruned"), Opt("select", "data"), O
                 trust_option(), flow_option()])
 def run(values: dict, out: Path, config: Path | None, trust_pickle: bool, flow: bool) -> None:
     """The whole pipeline: prune (optional) -> select -> recover -> evaluate dense, pruned and recovered."""
-    from paser.api import run as run_all
 
     chosen = {section: {k: v for k, v in fields.items() if v is not None} for section, fields in values.items()}
     result = dispatch(lambda: run_all(config, flow=flow, out=out, trust_pickle=trust_pickle, **chosen))

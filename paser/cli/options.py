@@ -29,7 +29,12 @@ from typing import Annotated, Any
 import typer
 
 from paser.cli.app import fail
+from paser.comparison.config import CompareConfig
 from paser.config import hint_parts
+from paser.data.prompts import PromptFormat
+from paser.evaluation.config import EvalConfig
+from paser.recovery.config import RecoverConfig
+from paser.selection.configs import STAGE_CONFIGS
 
 
 @functools.cache
@@ -146,11 +151,6 @@ def command(app: typer.Typer, name: str, specs: list[Opt], configs: dict[str, ty
 def configuration_reference() -> str:
     """docs/configuration.md: every section of a paser YAML file, each key with its type, default
     and docstring (the same text as the command-line help), read from the configs themselves."""
-    from paser.comparison.config import CompareConfig
-    from paser.data.prompts import PromptFormat
-    from paser.evaluation.config import EvalConfig
-    from paser.recovery.config import RecoverConfig
-    from paser.selection.configs import STAGE_CONFIGS
 
     sections = {"prompt": PromptFormat, **STAGE_CONFIGS, "recover": RecoverConfig, "evaluate": EvalConfig,
                 "compare": CompareConfig}

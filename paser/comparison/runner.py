@@ -16,7 +16,9 @@ from pathlib import Path
 
 from paser.comparison.arms import Arm, parse_arms
 from paser.comparison.config import CompareConfig
-from paser.config import config_with, from_mapping, shared_sections, to_mapping
+from paser.config import SECTIONS, config_with, from_mapping, read_yaml, shared_sections, to_mapping
+from paser.data.pools import load_pool, write_jsonl
+from paser.data.suite import generate_suite
 from paser.errors import ConfigError
 from paser.evaluation.config import EvalConfig
 from paser.recovery.config import RecoverConfig
@@ -55,7 +57,6 @@ class Setup:
 
 def load_sections(config: str | Path | None, overrides: dict | None) -> dict:
     """The YAML file's sections with ``{section: {key: value}}`` overrides on top (None values ignored)."""
-    from paser.config import read_yaml
 
     sections = {k: dict(v or {}) for k, v in (read_yaml(config) if config else {}).items()}
     for section, values in (overrides or {}).items():
@@ -68,7 +69,6 @@ def prepare(sections: dict, where: str = "compare", resolve: bool = True) -> Set
     twin, made once), the recipe and the evaluation. The folder remembers the settings it was
     started with and refuses others (adding arms is allowed). ``resolve=False`` (a report of
     finished arms) splits no pool and makes no twin."""
-    from paser.config import SECTIONS
     from paser.selection.settings import Settings
 
     unknown = sorted(set(sections) - set(SECTIONS) - {"compare"})
@@ -163,8 +163,6 @@ def split_pool(cfg: CompareConfig, root: Path) -> tuple[str | None, str | None]:
     suite (one pool for every arm, whatever its selection seed), and the config's seeded split."""
     import numpy as np
 
-    from paser.data.pools import load_pool, write_jsonl
-    from paser.data.suite import generate_suite
 
     if not cfg.heldout_records:
         if cfg.pool is not None:

@@ -17,6 +17,8 @@ import json
 import random
 from collections.abc import Callable
 
+from paser.data.pools import FieldMap, to_records
+
 Task = tuple[str, str, str]  # instruction, input, output
 
 _ANTONYMS = [
@@ -223,7 +225,6 @@ def generate_suite(n: int = 1200, seed: int = 0, families: list[str] | None = No
 
 def suite_pool(n: int = 1200, seed: int = 0):
     """The generated suite as a validated ``Pool`` (Alpaca layout)."""
-    from paser.data.pools import FieldMap, to_records
 
     return to_records(generate_suite(n, seed), None, FieldMap.for_layout("alpaca"), layout="alpaca")
 

@@ -12,12 +12,17 @@ import tempfile
 import time
 from pathlib import Path
 
+from paser.config import config_with
+from paser.data.pools import load_pool
 from paser.devices import default_device, resolve_dtype
 from paser.errors import DataError
 from paser.evaluation.config import EvalConfig
+from paser.evaluation.harness import lm_eval_scores, paper_mean, prepare_tasks, zero_shot_gap_closed
 from paser.evaluation.metrics import input_tokens, load_for_eval, nll_summary, perplexity, token_stats
 from paser.evaluation.report import evaluation_ledger, markdown_table
 from paser.evaluation.suite import jsd_summary, read_reference, suite_accuracy, suite_gap_closed
+from paser.ledger import flop_params
+from paser.models.load import check_same_tokenizer, load_model
 from paser.progress import announce
 
 
@@ -25,8 +30,6 @@ def evaluate(model: str, adapter: str | None = None, out: str | Path | None = No
              *, trust_pickle: bool = False, **overrides) -> dict:
     """Every evaluation ``config`` asks for, on ``model`` (+ ``adapter``); writes eval.json and
     eval.md into ``out`` when given and returns the same dictionary."""
-    from paser.config import config_with
-    from paser.data.pools import load_pool
 
     config = config_with(config or EvalConfig(), overrides)
     text = None
@@ -46,8 +49,6 @@ def evaluate(model: str, adapter: str | None = None, out: str | Path | None = No
             raise DataError(f"{source}: no such pool to remove from the evaluation suite (suite_exclude)")
     harness_tasks = scratch = None
     if config.lm_eval_tasks:
-        from paser.evaluation.harness import prepare_tasks
-
         # the generated task YAMLs go to the output folder, else to a folder removed afterwards
         scratch = None if out is not None else tempfile.TemporaryDirectory(prefix="paser-lm-eval-")
         folder = Path(out) if out is not None else Path(scratch.name)
@@ -64,8 +65,6 @@ def evaluate(model: str, adapter: str | None = None, out: str | Path | None = No
     net, tokenizer, described = load_for_eval(model, adapter, config.dtype, device, trust_pickle)
     reference = None
     if config.divergence_from is not None and (heldout is not None or config.suite_size):
-        from paser.models.load import check_same_tokenizer, load_model
-
         reference = load_model(config.divergence_from, dtype=config.dtype, trust_pickle=trust_pickle, device=device)
         check_same_tokenizer(reference.tokenizer, tokenizer, config.divergence_from, "the evaluated model")
     result: dict = {"model": str(model), "adapter": adapter, "description": described, "settings": vars(config)}
@@ -102,8 +101,6 @@ def evaluate(model: str, adapter: str | None = None, out: str | Path | None = No
                 result["suite"], references[0].get("suite"), references[1].get("suite"),
                 (config.reference_dense, config.reference_pruned))
     if harness_tasks is not None:
-        from paser.evaluation.harness import lm_eval_scores, paper_mean, zero_shot_gap_closed
-
         scored = lm_eval_scores(net, tokenizer, harness_tasks, batch_size=config.batch_size,
                                 limit=config.lm_eval_limit, num_fewshot=config.lm_eval_fewshot,
                                 sample=config.lm_eval_sample, seed=config.lm_eval_seed, backend=config.lm_eval_backend,
@@ -117,7 +114,6 @@ def evaluate(model: str, adapter: str | None = None, out: str | Path | None = No
                                                                 (config.reference_dense, config.reference_pruned))
         if scratch is not None:
             scratch.cleanup()
-    from paser.ledger import flop_params
 
     result["compute"] = evaluation_ledger(result, flop_params(net), flop_params(ref_model) if ref_model is not None
                                           else None, str(model), config.divergence_from).to_dict()

@@ -14,21 +14,23 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from paser.data.prompts import PromptFormat
 from paser.devices import device_of
 from paser.errors import DataError
+from paser.models.load import load_model
+from paser.recovery.lora import peft_quietly
+from paser.selection.configs import ScoreConfig
 
 
 def load_for_eval(model: str, adapter: str | None = None, dtype: str = "float32", device: str | None = None,
                   trust_pickle: bool = False):
     """(model, tokenizer, description): a base model, or a base model with a LoRA adapter folder."""
-    from paser.models.load import load_model
 
     loaded = load_model(model, dtype=dtype, trust_pickle=trust_pickle, device=device)
     net, described = loaded.model, loaded.describe()
     if adapter is not None:
         from peft import PeftModel
 
-        from paser.recovery.lora import peft_quietly
 
         if not (Path(adapter) / "adapter_config.json").is_file():
             raise DataError(f"{adapter}: not a LoRA adapter folder (no adapter_config.json)")
@@ -62,7 +64,6 @@ def response_token_nll(model, tokenizer, records, template: str = "alpaca", cuto
                        batch_size: int = 8) -> tuple[np.ndarray, np.ndarray]:
     """Per record: the summed NLL of its response tokens (+ eos) under teacher forcing with the
     prompt masked, and how many there are (the recovery loss, record by record)."""
-    from paser.data.prompts import PromptFormat
     from paser.recovery.losses import encode_for_training, validation_rows
 
     examples = encode_for_training(tokenizer, records, PromptFormat(template, cutoff))
@@ -77,8 +78,6 @@ def token_stats(model, tokenizer, records, template: str = "alpaca", cutoff: int
     forward pass of ``model`` (degradation scoring's pass, with ``reference`` as the dense side)."""
     if reference is None:
         return *response_token_nll(model, tokenizer, records, template, cutoff, batch_size), None
-    from paser.data.prompts import PromptFormat
-    from paser.selection.configs import ScoreConfig
     from paser.selection.passes import score_shard
 
     config = ScoreConfig(prompt=PromptFormat(template, cutoff), batch_size=batch_size, share_prefix=False)
@@ -94,7 +93,6 @@ def token_stats(model, tokenizer, records, template: str = "alpaca", cutoff: int
 def input_tokens(tokenizer, records, template: str = "alpaca", cutoff: int = 256) -> int:
     """Prompt + response tokens of ``records`` under the template and cutoff: what a teacher-forced
     pass over them reads (the compute ledger's)."""
-    from paser.data.prompts import PromptFormat
     from paser.selection.degradation import token_table
 
     return int(token_table(tokenizer, records, PromptFormat(template, cutoff))["n_tokens"].sum())

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from paser.evaluation.harness import METRIC_LABELS
 from paser.evaluation.suite import gap_recovered
+from paser.ledger import Ledger
 
 
 def evaluation_ledger(result: dict, params: dict, reference: dict | None, model: str, ref_name: str | None):
@@ -15,7 +16,6 @@ def evaluation_ledger(result: dict, params: dict, reference: dict | None, model:
     and suite passes (and the reference model's beside them), the greedy answers (prompts read,
     tokens generated), and the lm-eval tasks' requests when paser's scorer ran them (lm-eval's own
     backend's passes are not counted)."""
-    from paser.ledger import Ledger
 
     ledger = Ledger()
     for name, p in result.get("perplexity", {}).items():

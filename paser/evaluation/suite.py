@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
+from paser.data.pools import load_pool
+from paser.data.suite import suite_pool
 from paser.errors import DataError
 from paser.evaluation.metrics import (
     answer_found,
@@ -28,8 +30,6 @@ from paser.progress import announce
 def pool_prompts(source: str) -> set[tuple[str, str]]:
     """The (instruction, input) pairs of a pool: ``embedded`` (the embedded default pool), a
     ``paser select`` run folder, or an instruction file."""
-    from paser.data.pools import load_pool
-    from paser.data.suite import suite_pool
     from paser.selection.runfolder import read_run_pool
 
     if source == "embedded":
@@ -44,7 +44,6 @@ def pool_prompts(source: str) -> set[tuple[str, str]]:
 def held_out_suite(size: int, seed: int, exclude: list[str]) -> tuple[list, dict]:
     """``size`` suite records of ``seed`` minus those whose prompt occurs in a pool of ``exclude``,
     and what was removed."""
-    from paser.data.suite import suite_pool
 
     records = suite_pool(size, seed).records
     seen: set[tuple[str, str]] = set()

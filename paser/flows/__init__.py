@@ -19,10 +19,11 @@ import logging
 import os
 from pathlib import Path
 
+from paser.cache import cache_dir
+from paser.errors import PaserError
+
 
 def configure_prefect(home: str | Path | None = None) -> None:
-    from paser.cache import cache_dir
-
     defaults = {
         "PREFECT_HOME": str(home or cache_dir() / "prefect"),
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
@@ -38,8 +39,6 @@ def configure_prefect(home: str | Path | None = None) -> None:
 
 @functools.cache
 def _user_error_names() -> frozenset[str]:
-    from paser.errors import PaserError
-
     names, todo = set(), [PaserError]
     while todo:
         cls = todo.pop()
@@ -53,8 +52,6 @@ class HideUserErrors(logging.Filter):
     "failed with DataError: ..." lines that repeat the one line the CLI prints."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        from paser.errors import PaserError
-
         if record.exc_info and isinstance(record.exc_info[1], PaserError):
             return False
         text = record.getMessage()

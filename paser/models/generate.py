@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from paser.data.prompts import format_prompt
 from paser.devices import device_of
 
 
@@ -36,7 +37,6 @@ def generate_answers(model, tokenizer, records, template: str, max_new_tokens: i
                      counted: dict | None = None) -> list[str]:
     """Greedy answers to the records' prompts, ``batch_size`` a batch. ``counted`` gets the prompt
     tokens read and the tokens generated, summed."""
-    from paser.data.prompts import format_prompt
 
     answers = []
     for lo in range(0, len(records), batch_size):

@@ -5,7 +5,6 @@ of whole Python objects whose classes live in LLM-Pruner's own module
 (``LLMPruner.models.hf_llama.modeling_llama``, a transformers-4 era Llama) or in transformers 4.
 Unpickling it normally imports those modules and can run any code the file carries. paser reads it
 with a restricted unpickler instead:
-
 - it never imports a module named in the file;
 - it calls only the allowlist below: torch's tensor and parameter rebuilders (the storages come
   from the archive's own tensor files; ``_rebuild_from_type_v2`` only with arguments that passed
@@ -44,7 +43,9 @@ from typing import Any
 
 import torch
 
+from paser.cache import converted_folder, write_folder
 from paser.errors import ModelLoadError, UnsafeCheckpointError
+from paser.models.layers import FORMAT_VERSION, PRUNED_MARKER, WEIGHTS_FILE, LayerShape
 
 RECORD_NAMESPACES = ("LLMPruner", "transformers", "torch.nn.modules", "tokenizers", "peft", "kernels")
 SUPPORTED_TYPES = ("llama", "mistral", "qwen2")
@@ -198,8 +199,6 @@ def rebuild_tokenizer(record):
 
 
 def _layer_shapes(tensors: dict, n_layers: int, hd: int, where: Path):
-    from paser.models.layers import LayerShape
-
     shapes = []
     for i in range(n_layers):
         p = f"model.layers.{i}."
@@ -226,8 +225,6 @@ def import_checkpoint(path: str | Path, tokenizer_from: str | None = None,
     from safetensors.torch import save_file
     from transformers import AutoConfig, AutoTokenizer
 
-    from paser.cache import converted_folder, write_folder
-    from paser.models.layers import FORMAT_VERSION, PRUNED_MARKER, WEIGHTS_FILE
 
     path = Path(path)
     target = converted_folder(path, "llm-pruner-")

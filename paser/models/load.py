@@ -26,6 +26,7 @@ import torch
 from paser.cache import converted_folder, files_fingerprint, write_folder
 from paser.errors import ModelLoadError, TokenizerMismatchError, UnsafeCheckpointError, UntrustedPickleError
 from paser.models.layers import PRUNED_MARKER, count_parameters, load_pruned_folder
+from paser.models.llm_pruner import import_checkpoint
 
 # Built-in names: package holding the file, file name inside it.
 BUILTIN_MODELS = {
@@ -233,8 +234,6 @@ def _resolve(reference: str | Path, trust_pickle: bool = False,
     if kind == "gguf":
         return kind, path, gguf_to_folder(path)
     if kind == "llm-pruner-pickle":
-        from paser.models.llm_pruner import import_checkpoint
-
         try:
             return "llm-pruner", path, import_checkpoint(path, tokenizer_from, load_tokenizer)
         except UnsafeCheckpointError as err:

@@ -24,6 +24,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from paser.config import config_with
+from paser.data.pools import load_pool, read_text_samples
+from paser.data.prompts import format_example
+from paser.data.suite import suite_pool
 from paser.models.config import Importance, PruneConfig
 from paser.models.layers import (
     LayerShape,
@@ -35,6 +39,8 @@ from paser.models.layers import (
     set_attention_counts,
     sliced_linear,
 )
+from paser.models.load import load_model
+from paser.models.load import resolve_dtype as torch_dtype
 from paser.progress import announce
 
 
@@ -170,20 +176,13 @@ def calibration_batches(tokenizer, texts: list[str], max_tokens: int, batch_size
 
 def calibration_texts(source: str | None, count: int, seed: int) -> list[str]:
     """Calibration samples as prompt+response text, from a file or paser's capability suite."""
-    from paser.data.prompts import format_example
 
     if source is None:
-        from paser.data.suite import suite_pool
-
         return ["".join(format_example(r)) for r in suite_pool(n=count, seed=seed).records]
     path = Path(source)
     if path.suffix.lower() in (".txt", ".text", ".md"):
-        from paser.data.pools import read_text_samples
-
         texts = read_text_samples(path)
     else:
-        from paser.data.pools import load_pool
-
         texts = ["".join(format_example(r)) for r in load_pool(path).records]
     g = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(texts), generator=g).tolist()
@@ -330,16 +329,12 @@ def prune(model: str = "smollm2-135m-instruct", out: str | Path = "runs/pruned",
     ``save_dtype``: the dtype the pruned weights are saved in (default: as pruned), e.g. the
     bfloat16 that scoring will load on a GPU, at half the disk and host memory of fp32.
     """
-    from paser.config import config_with
-    from paser.models.load import load_model
 
     config = config_with(config or PruneConfig(), overrides)
     announce(f"loading {model}")
     loaded = load_model(model, dtype=dtype, trust_pickle=trust_pickle, device=device)
     result = prune_model(loaded.model, loaded.tokenizer, config)
     if save_dtype is not None:
-        from paser.models.load import resolve_dtype as torch_dtype
-
         result.model.to(torch_dtype(save_dtype))
     info = {
         "base_model": loaded.reference,

@@ -20,6 +20,8 @@ import json
 import time
 from pathlib import Path
 
+from paser.cache import write_json
+from paser.data.prompts import format_prompt
 from paser.errors import DataError
 from paser.progress import announce, bar_enabled
 
@@ -114,8 +116,6 @@ class ModelSizes:
         return self.known.get(fingerprint)
 
     def put(self, fingerprint: str, params: dict) -> None:
-        from paser.cache import write_json
-
         self.known[fingerprint] = params
         self.path.parent.mkdir(parents=True, exist_ok=True)
         write_json(self.path, self.known)
@@ -132,7 +132,6 @@ def with_dense_answers(records: list, reference: str, model, tokenizer, template
     it is called only if some answer is missing."""
     from tqdm.auto import tqdm
 
-    from paser.data.prompts import format_prompt
     from paser.models.generate import greedy_batch
     from paser.models.load import model_fingerprint
 

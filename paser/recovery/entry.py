@@ -10,6 +10,8 @@ import json
 import time
 from pathlib import Path
 
+from paser.config import config_with
+from paser.data.pools import load_pool
 from paser.errors import ConfigError, DataError
 from paser.recovery.config import RecoverConfig
 from paser.recovery.dense_answers import answer_with_dense, count_answers
@@ -28,8 +30,6 @@ def recover(model: str, data: str, out: str | Path = "runs/recover", config: Rec
     ``val_data`` is a separate validation file (else ``val_size`` of ``data`` is held out).
     A checkpoint in ``out`` made with the same settings is resumed unless ``restart``.
     """
-    from paser.config import config_with
-    from paser.data.pools import load_pool
 
     config = config_with(config or RecoverConfig(), overrides)
     check_prompt_format(config, data)

@@ -22,6 +22,7 @@ import torch
 from paser.devices import default_device, resolve_dtype
 from paser.errors import ConfigError
 from paser.ledger import Ledger, flop_params
+from paser.models.load import check_same_tokenizer, load_model, load_tokenizer, model_fingerprint
 from paser.progress import announce, bar_enabled
 from paser.recovery.config import RecoverConfig
 from paser.recovery.distill import in_memory_targets
@@ -146,7 +147,6 @@ class Job:
              identity: list[str]) -> Job:
         """The run, its student loaded (or only the tokenizer when a top-k cache is built first) and its
         fingerprint over the settings, the models and ``identity`` (the training records' ids)."""
-        from paser.models.load import load_model, load_tokenizer, model_fingerprint
 
         job = cls(model, data, out, config, trust_pickle)
         config = job.config
@@ -209,7 +209,6 @@ class Job:
 
     def load_student(self) -> None:
         """The pruned model (unless loaded with the job), checked against the teacher's vocabulary."""
-        from paser.models.load import load_model
 
         if self.loaded is None:
             self.loaded = load_model(self.model, dtype=self.config.dtype, trust_pickle=self.trust_pickle,
@@ -222,7 +221,6 @@ class Job:
     def build_token_signal(self, train_ex: list[Example]) -> None:
         """Token weighting's signal over ``train_ex``: the dense model against the student, cached on
         disk; the dense model is released after."""
-        from paser.models.load import check_same_tokenizer, model_fingerprint
 
         config, ref = self.config, self.reference
         start = time.perf_counter()

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from paser.cache import write_json
+from paser.data.pools import load_pool
 from paser.errors import ConfigError
 from paser.ledger import flop_params
 from paser.recovery.config import RecoverConfig
@@ -23,7 +24,9 @@ from paser.recovery.job import Job, RecoveryResult
 from paser.recovery.losses import Example, scored_tokens, validation_rows
 from paser.recovery.plan import cut_into, epoch_order
 from paser.recovery.teacher import load_dense, resolve_teacher
-from paser.selection.adaptive import plan_path
+from paser.selection.adaptive import draw_round, plan_path, remaining_gap, round_seed, round_steps, update_shares
+from paser.selection.runfolder import selection_table
+from paser.selection.settings import Settings
 
 
 def recover_in_rounds(model: str, data: str, out: Path, config: RecoverConfig, plan: dict,
@@ -33,10 +36,6 @@ def recover_in_rounds(model: str, data: str, out: Path, config: RecoverConfig, p
     optimizer and learning-rate schedule over every round), measure each cluster's remaining gap on
     the probe and move the shares (paser.selection.adaptive). Each round's draw and gaps are kept in
     OUT/rounds.json, so a killed run resumes in the round it was in and draws what it drew."""
-    from paser.data.pools import load_pool
-    from paser.selection.adaptive import draw_round, remaining_gap, round_seed, round_steps, update_shares
-    from paser.selection.runfolder import selection_table
-    from paser.selection.settings import Settings
 
     _check_rounds(config, plan)
     run = Path(plan["run"])

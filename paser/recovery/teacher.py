@@ -16,6 +16,7 @@ import torch
 from paser.devices import resolve_dtype
 from paser.errors import ConfigError
 from paser.ledger import flop_params
+from paser.models.load import DEFAULT_MODEL, check_same_tokenizer, load_model, model_fingerprint
 from paser.progress import announce, bar_enabled
 from paser.recovery.config import RecoverConfig
 from paser.recovery.distill import TopKCache, cache_fingerprint
@@ -27,7 +28,6 @@ def resolve_teacher(config: RecoverConfig, data: str) -> str:
     run that wrote ``data`` (its models.json, else its manifest)."""
     if config.teacher is not None:
         return config.teacher
-    from paser.models.load import DEFAULT_MODEL
 
     run = Path(data).parent
     if (run / "models.json").is_file():
@@ -55,7 +55,6 @@ def rank_zero_first(world: int, device) -> contextlib.AbstractContextManager:
 def load_dense(reference: str, config: RecoverConfig, trust_pickle: bool, device):
     """The dense model on ``device``, in recovery's weight dtype (``auto`` resolved for the device):
     the teacher, token weighting's reference, the adaptive rounds' probe, the dense answers."""
-    from paser.models.load import load_model
 
     return load_model(reference, dtype=resolve_dtype(config.dtype, device), trust_pickle=trust_pickle, device=device)
 
@@ -65,7 +64,6 @@ def load_teacher(reference: str, tokenizer, student: str, examples: list[Example
     """(the teacher in memory, None, its parameter counts), or with ``teacher_top_k`` (None, its
     finished top-k cache, its counts): the teacher then runs alone, once per training record (in the
     first of ``world`` processes), and is released."""
-    from paser.models.load import check_same_tokenizer, model_fingerprint
 
     loaded = load_dense(reference, config, trust_pickle, device)
     check_same_tokenizer(loaded.tokenizer, tokenizer, str(reference), str(student))

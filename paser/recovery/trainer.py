@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 from transformers import Trainer, TrainerCallback
 
+from paser.errors import ConfigError
 from paser.seeds import derived_seed
 
 STATE = "paser_state.pt"  # in each checkpoint folder, written once the Trainer's own files are complete
@@ -208,7 +209,6 @@ def write_log(log: list[dict], path: Path) -> None:
 def last_checkpoint(folder: Path, fingerprint: str) -> tuple[Path | None, dict | None]:
     """The newest complete checkpoint under ``folder`` (one whose paser state was written) and that
     state; a ConfigError when it was made with other settings, data or model."""
-    from paser.errors import ConfigError
 
     done = sorted((p for p in folder.glob("checkpoint-*") if (p / STATE).is_file()),
                   key=lambda p: int(p.name.rsplit("-", 1)[1]))

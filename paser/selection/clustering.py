@@ -27,6 +27,7 @@ import warnings
 
 import numpy as np
 
+from paser.progress import bar_enabled
 from paser.selection.configs import ClusterConfig
 
 
@@ -135,7 +136,6 @@ class SpectralClusterer:
             sample = nonnegative(x[rows])
             from tqdm.auto import tqdm
 
-            from paser.progress import bar_enabled
 
             for k in tqdm(range(k_min, k_max + 1), desc="choosing K", disable=not bar_enabled(self.verbose)):
                 self.k_curve_.append({"k": k, "error": _nmf(sample, k, self.random_state, CURVE_TOL,

@@ -19,14 +19,25 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from paser.data.pools import Pool, Record, load_pool
+from paser.data.pools import Pool, Record, load_pool, write_jsonl
+from paser.data.suite import suite_pool
 from paser.errors import ConfigError
+from paser.models.load import check_same_tokenizer, load_model, load_tokenizer
+from paser.selection.adaptive import PLAN
 from paser.selection.budget import parse_budget, take_in_order
 from paser.selection.clustering import SpectralClusterer
 from paser.selection.concepts import cluster_names
 from paser.selection.configs import SelectConfig
-from paser.selection.embedding import embed_texts, instruction_texts
+from paser.selection.degradation import token_table
+from paser.selection.embedding import (
+    SentenceEmbedder,
+    embed_texts,
+    instruction_texts,
+    load_precomputed,
+    precomputed_file,
+)
 from paser.selection.manifold import learn_manifold, neighbour_search
+from paser.selection.report import write_report
 from paser.selection.runfolder import (
     STAGE_OUTPUTS,
     Stage,
@@ -48,8 +59,6 @@ from paser.selection.settings import Settings
 
 def read_input_pool(cfg: SelectConfig) -> Pool:
     if cfg.data is None:
-        from paser.data.suite import suite_pool
-
         return suite_pool(cfg.suite_size, cfg.seed)
     return load_pool(cfg.data, layout=cfg.layout, field_map=cfg.field_map, strict=cfg.strict, split=cfg.split)
 
@@ -105,7 +114,6 @@ def pool_frames(records: list[Record]):
 
 def dense_tokenizer(settings: Settings):
     """The dense model's tokenizer (scoring and recovery count tokens with it)."""
-    from paser.models.load import load_model, load_tokenizer
 
     cfg = settings.select
     return (load_tokenizer(cfg.dense, cfg.trust_pickle)
@@ -115,7 +123,6 @@ def dense_tokenizer(settings: Settings):
 def stage_tokens(settings: Settings, run: Path) -> Path:
     """Count every record's prompt and response tokens (the dense tokenizer, the template, the
     cutoff): what a token budget spends and what every method reports, models not needed."""
-    from paser.selection.degradation import token_table
 
     return stage_output(settings, run, "tokens", lambda path, fp: atomic_parquet(
         token_table(dense_tokenizer(settings), read_run_pool(run, fields=False), settings.prompt), path))
@@ -141,15 +148,11 @@ def resolve_run_budget(settings: Settings, run: Path) -> tuple[int, str]:
 
 
 def stage_embed(settings: Settings, run: Path) -> Path:
-    from paser.selection.embedding import SentenceEmbedder
-
     cfg = settings.embed
     embedder = SentenceEmbedder(cfg.model, cfg.batch_size, cfg.device, progress=settings.select.progress)
 
     def make(path: Path, fp: str) -> None:
         if cfg.precomputed:
-            from paser.selection.embedding import load_precomputed
-
             ids = pd.read_parquet(run / "pool.parquet", columns=["id"])["id"].astype(str).tolist()
             np.save(path, load_precomputed(cfg.precomputed, ids, embedder.dimension()))
             (run / "embed_cost.json").unlink(missing_ok=True)  # made elsewhere: not in this run's ledger
@@ -228,7 +231,6 @@ def selection_summary(method: str, amount: int, unit: str, selected: pd.DataFram
 
 def _write_selected(run: Path, records: list[Record], selected: pd.DataFrame, extra) -> None:
     """selected.jsonl: each selected record in the input's layout plus paser's fields, in rank order."""
-    from paser.data.pools import write_jsonl
 
     by_id = {r.id: r for r in records}
     write_jsonl(run / "selected.jsonl", [
@@ -272,7 +274,6 @@ def stage_select(settings: Settings, run: Path) -> Path:
 def forget_plan(run: Path) -> None:
     """Remove an earlier adaptive selection's plan from ``run`` before a selection is written:
     beside another selection's selected.jsonl it would make recovery train in rounds."""
-    from paser.selection.adaptive import PLAN
 
     (run / PLAN).unlink(missing_ok=True)
 
@@ -333,12 +334,9 @@ def preflight(settings: Settings) -> None:
     references, a file of embeddings given, and (when the pruned model is given) that the two
     tokenizers match. A token budget is checked once the tokens are counted, the stage right after
     the data; the embeddings' ids and dimension when the embedding stage reads them."""
-    from paser.models.load import check_same_tokenizer, load_tokenizer
 
     cfg = settings.select
     if settings.embed.precomputed and settings.clustered:
-        from paser.selection.embedding import precomputed_file
-
         precomputed_file(settings.embed.precomputed)
     pool = read_input_pool(cfg)
     budget = parse_budget(cfg.budget)
@@ -363,8 +361,6 @@ def stage_budget(settings: Settings, run: Path) -> Path:
 
 
 def stage_report(settings: Settings, run: Path) -> Path:
-    from paser.selection.report import write_report
-
     return write_report(settings, run)
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from paser.errors import DataError
 from paser.selection.budget import record_tokens
 
 PACKAGES = ("paser", "torch", "transformers", "sentence-transformers", "scikit-learn", "scipy", "numpy",
@@ -359,8 +360,6 @@ class RunView:
         missing = [n for n in ("settings.json", "pool.parquet", "scores.parquet", "clusters.json", "manifold.npz")
                    if not (self.folder / n).is_file()]
         if missing:
-            from paser.errors import DataError
-
             raise DataError(f"{self.folder}: not a finished paser selection run (missing {', '.join(missing)})")
         self.settings = Settings.from_dict(json.loads((self.folder / "settings.json").read_text()),
                                            str(self.folder / "settings.json"))

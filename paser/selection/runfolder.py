@@ -5,7 +5,6 @@ A stage's output ``X`` is accompanied by ``X.fp``, the fingerprint of everything
 fingerprint it would compute now is reused instead of re-run. This module computes those
 fingerprints, writes outputs atomically, times the stages (``timings.json``) and reads the run's
 records and selection table back for the stages, the report and notebooks. Layout:
-
   settings.json         the run's settings
   pool.parquet          the validated records (id, texts, original fields as JSON); data.json
   tokens.parquet        prompt and response tokens of every record
@@ -34,12 +33,16 @@ import numpy as np
 import pandas as pd
 
 from paser import progress
+from paser.cache import file_identity
 from paser.config import to_mapping
 from paser.data.pools import Record, hub_dataset, hub_id
 from paser.devices import resolve_dtype, scoring_device
 from paser.errors import DataError, PaserError
+from paser.models.load import model_fingerprint
 from paser.selection.concepts import record_concepts
 from paser.selection.configs import ConceptConfig, SelectConfig
+from paser.selection.degradation import SCORE_COLUMNS
+from paser.selection.embedding import SentenceEmbedder
 from paser.selection.settings import Settings
 from paser.selection.shards import scoring_fingerprint
 
@@ -204,23 +207,16 @@ def stage_fingerprint(stage: str, settings: Settings, run: Path, pruned_ref: str
         raise ValueError(f"no fingerprint for stage {stage!r}; known: {list(STAGE_OUTPUTS)}")
     pool_fp = sealed_fingerprint(run / "pool.parquet")
     if stage == "embed":
-        from paser.cache import file_identity
-        from paser.selection.embedding import SentenceEmbedder
-
         cfg = settings.embed
         given = file_identity(cfg.precomputed) if cfg.precomputed and Path(cfg.precomputed).is_file() else None
         return fingerprint(pool_fp, to_mapping(cfg), SentenceEmbedder(cfg.model).fingerprint(), given)
     if stage == "tokens":
-        from paser.models.load import model_fingerprint
-
         prompt = settings.prompt
         return fingerprint(pool_fp, model_fingerprint(settings.select.dense), prompt.template, prompt.cutoff)
     if stage == "cluster":
         return fingerprint(sealed_fingerprint(run / "embeddings.npy"), to_mapping(settings.manifold),
                            to_mapping(settings.cluster), settings.select.seed)
     if stage == "score":
-        from paser.models.load import model_fingerprint
-
         ids = pd.read_parquet(run / "pool.parquet", columns=["id"])["id"]
         rows = scored_rows(settings, run)
         ids = (ids if rows is None else ids.iloc[rows]).tolist()
@@ -273,7 +269,6 @@ def selection_table(settings: Settings, run: Path) -> tuple[list[Record], pd.Dat
     """The run's records and the table selection works on: degradation, cluster and concepts per
     record. Records that were not scored (a per-cluster sample, or a method that scores none) have
     no degradation values (NaN) and their token counts from the token stage."""
-    from paser.selection.degradation import SCORE_COLUMNS
 
     records = read_run_pool(run)
     tokens = pd.read_parquet(run / "tokens.parquet")

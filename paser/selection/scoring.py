@@ -23,18 +23,19 @@ from pathlib import Path
 import pandas as pd
 
 from paser import progress
+from paser.cache import cache_dir, write_folder
 from paser.config import to_mapping
 from paser.devices import resolve_dtype, scoring_device
 from paser.errors import PaserError, ShardError
+from paser.ledger import flop_params
+from paser.models.load import check_same_tokenizer, load_model, load_pair, load_tokenizer, model_fingerprint
+from paser.models.pruning import prune
 from paser.selection.runfolder import atomic_parquet, fingerprint, read_run_pool, scored_rows, seal, stage_fingerprint
 from paser.selection.settings import Settings
 from paser.selection.shards import collect_shards, score_pool_two_pass, score_shard_file, shard_path, shard_ranges
 
 
 def twin_folder(settings: Settings) -> Path:
-    from paser.cache import cache_dir
-    from paser.models.load import model_fingerprint
-
     cfg = settings.select
     prune_cfg = dataclasses.replace(settings.prune, ratio=cfg.prune_ratio)
     key = fingerprint(model_fingerprint(cfg.dense), to_mapping(prune_cfg))
@@ -59,8 +60,6 @@ def twin_reference(settings: Settings) -> str:
         progress.announce(f"pruning {cfg.dense} by {cfg.prune_ratio:.0%} into paser's twin on "
                           f"{twin_device(settings)} (once; cached in {folder.parent})")
         prune_cfg = dataclasses.replace(settings.prune, ratio=cfg.prune_ratio)
-        from paser.cache import write_folder
-        from paser.models.pruning import prune
 
         device = twin_device(settings)
         on_gpu = device.startswith("cuda")
@@ -125,7 +124,6 @@ _LOADED_LOCK = threading.Lock()
 def loaded_pair(settings: Settings, plan: ScoringPlan):
     """The dense and pruned models of ``plan``, loaded once per process and reused for every shard
     this process scores (a Dask or Ray worker keeps them between shards)."""
-    from paser.models.load import load_pair, model_fingerprint
 
     scfg = settings.score
     device = scoring_device(scfg.device)
@@ -175,7 +173,6 @@ def score_planned_shard(settings: Settings, plan: ScoringPlan, index: int) -> di
         raise ShardError(f"{plan.run}: scoring shard {index} (records {lo}..{hi - 1}, ids {ids[lo]!r}.."
                          f"{ids[hi - 1]!r}) failed: {type(err).__name__}: {err}",
                          transient=isinstance(err, OSError)) from err
-    from paser.ledger import flop_params
 
     return report | {"computed": True, "seconds": round(time.perf_counter() - start, 3),
                      "models": {"dense": dense.describe(), "pruned": pruned.describe()},
@@ -185,7 +182,6 @@ def score_planned_shard(settings: Settings, plan: ScoringPlan, index: int) -> di
 def finish_scoring(settings: Settings, plan: ScoringPlan, reports: list[dict], described: dict | None = None,
                    counted: dict | None = None) -> Path:
     """Collect the finished shards into degradation.parquet, with models.json and scoring.json."""
-    from paser.models.load import model_fingerprint
 
     run = Path(plan.run)
     scores = collect_shards(plan.records(), settings.score, plan.shard_dir)
@@ -210,16 +206,12 @@ def finish_scoring(settings: Settings, plan: ScoringPlan, reports: list[dict], d
 
 
 def _score_two_pass(settings: Settings, plan: ScoringPlan) -> dict:
-    from paser.models.load import check_same_tokenizer, load_model, load_tokenizer
-
     cfg, scfg = settings.select, settings.score
     device = scoring_device(scfg.device)
     kwargs = dict(dtype=resolve_dtype(scfg.dtype, device), trust_pickle=cfg.trust_pickle, device=device)
     described, counted = {}, {}
 
     def load(which: str, reference: str):
-        from paser.ledger import flop_params
-
         loaded = load_model(reference, **kwargs, tokenizer_from=plan.dense if which == "pruned" else None)
         described[which], counted[which] = loaded.describe(), flop_params(loaded.model)
         return loaded.model

@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from paser.progress import bar_enabled
 from paser.selection.configs import ScoreConfig
 from paser.selection.degradation import LATER_OPTIONS, SCORE_INDEPENDENT, SHARD_FORMAT, Encoded, jsd_from_logits
 from paser.selection.passes import (
@@ -132,7 +133,6 @@ def progress_bar(total: int, enabled: bool, desc: str):
     """A records bar on a terminal (see ``paser.progress.bar_enabled``), else none."""
     from tqdm.auto import tqdm
 
-    from paser.progress import bar_enabled
 
     return tqdm(total=total, desc=desc, unit="rec", disable=not bar_enabled(enabled))
 
