@@ -2,7 +2,7 @@
 one task per stage.
 
 The flow walks the list that ``run_selection`` (in this process) walks; each task calls the same
-stage function with the settings (a plain dict) and the run folder, and every result lives in the
+stage function with the settings and the run folder, and every result lives in the
 run folder. The cached
 stages (data, embed, cluster) carry a Prefect cache key made of their fingerprint (data content,
 model files, stage config), with the result record kept in the run folder (``.prefect/``):
@@ -29,14 +29,10 @@ from paser.selection.scoring import ScoringPlan, score_planned_shard, scoring_pr
 from paser.selection.settings import Settings, build_settings
 
 
-def _s(settings: dict) -> Settings:
-    return Settings.from_dict(settings)
-
-
-def _cached(stage_task, stage: str, settings: dict, run: str, state: tuple[str, bool] | None = None):
+def _cached(stage_task, stage: str, settings: Settings, run: str, state: tuple[str, bool] | None = None):
     """``stage_task`` keyed on the stage's fingerprint; a stale or missing output in the run folder
     refreshes the cache instead of trusting it. ``state``: (fingerprint, fresh) when already known."""
-    fp, fresh = state or runfolder.stage_state(stage, _s(settings), Path(run))
+    fp, fresh = state or runfolder.stage_state(stage, settings, Path(run))
     if fresh:
         runfolder.record_stage(Path(run), stage, 0.0, reused=True)
     key = f"paser-{stage}-{fp}"
@@ -45,18 +41,18 @@ def _cached(stage_task, stage: str, settings: dict, run: str, state: tuple[str, 
 
 
 @task(name="check inputs", cache_policy=NO_CACHE)
-def check_inputs(settings: dict) -> str:
-    pipeline.preflight(_s(settings))
-    return str(runfolder.run_folder(_s(settings)))
+def check_inputs(settings: Settings) -> str:
+    pipeline.preflight(settings)
+    return str(runfolder.run_folder(settings))
 
 
 def stage_task(step: pipeline.Step):
-    """The recipe's ``step`` as a Prefect task of the same name, called with the settings (a plain
-    dict) and the run folder; a stage the run folder reuses by fingerprint keeps its result in
+    """The recipe's ``step`` as a Prefect task of the same name, called with the settings and the run
+    folder; a stage the run folder reuses by fingerprint keeps its result in
     Prefect's cache under that fingerprint."""
 
-    def call(settings: dict, run: str) -> str:
-        return str(step.run(_s(settings), Path(run)))
+    def call(settings: Settings, run: str) -> str:
+        return str(step.run(settings, Path(run)))
 
     call.__name__ = call.__qualname__ = step.run.__name__  # each stage its own task key
     return task(call, name=step.name) if step.cached else task(call, name=step.name, cache_policy=NO_CACHE)
@@ -69,18 +65,18 @@ def _transient(task, task_run, state) -> bool:
 
 @task(name="score shard", task_run_name="score shard {index}", cache_policy=NO_CACHE, retries=2,
       retry_delay_seconds=5, retry_condition_fn=_transient)
-def score_shard(settings: dict, plan: ScoringPlan, index: int) -> dict:
-    return score_planned_shard(_s(settings), plan, index)
+def score_shard(settings: Settings, plan: ScoringPlan, index: int) -> dict:
+    return score_planned_shard(settings, plan, index)
 
 
-@flow(name="paser-score-shards")
-def score_shards(settings: dict, plan: ScoringPlan) -> list[dict]:
+@flow(name="paser-score-shards", validate_parameters=False)  # the settings as they are, not coerced
+def score_shards(settings: Settings, plan: ScoringPlan) -> list[dict]:
     """Every shard of ``plan``, mapped over the task runner; finished shards return at once. One
     progress display: batches of shards scored in this process, and every shard as it finishes."""
     from prefect.futures import as_completed
 
-    with scoring_progress(_s(settings), plan) as shown:
-        with shard_resources(_s(settings).distribute):
+    with scoring_progress(settings, plan) as shown:
+        with shard_resources(settings.distribute):
             futures = score_shard.map(unmapped(settings), unmapped(plan), list(range(len(plan.shards))))
         for future in as_completed(futures):
             report = future.result()
@@ -89,15 +85,14 @@ def score_shards(settings: dict, plan: ScoringPlan) -> list[dict]:
     return [f.result() for f in futures]
 
 
-def degradation(settings: dict, run: str, step: pipeline.Step) -> str:
+def degradation(settings: Settings, run: str, step: pipeline.Step) -> str:
     """The recipe's scoring stage, its shards mapped over the configured engine by a subflow
     instead of one after another."""
-    s = _s(settings)
-    engine = score_shards.with_options(task_runner=task_runner(s.distribute))
+    engine = score_shards.with_options(task_runner=task_runner(settings.distribute))
     try:
-        return str(step.run(s, Path(run), map_shards=lambda _, plan: engine(settings, plan)))
+        return str(step.run(settings, Path(run), map_shards=lambda _, plan: engine(settings, plan)))
     finally:
-        release_workers(s.distribute)  # a remote cluster's workers keep no model after the run
+        release_workers(settings.distribute)  # a remote cluster's workers keep no model after the run
 
 
 @flow(name="paser-select")
@@ -112,13 +107,12 @@ def selection_flow(data: str | None = None, dense: str | None = None, pruned: st
     (``config``), else the embedded default. ``overrides`` sets any other key as
     ``{section: {key: value}}``.
     """
-    built = build_settings(data, dense, pruned, prune_ratio, budget, out, config, trust_pickle, seed,
-                           engine, address, workers, overrides)
-    if built.score.dtype == "auto" and built.scored:  # a remote cluster: its workers say what auto means
-        built.score.dtype = worker_dtype(built.distribute, built.score.device)
-    settings = built.to_dict()
+    settings = build_settings(data, dense, pruned, prune_ratio, budget, out, config, trust_pickle, seed,
+                              engine, address, workers, overrides)
+    if settings.score.dtype == "auto" and settings.scored:  # a remote cluster: its workers say what auto means
+        settings.score.dtype = worker_dtype(settings.distribute, settings.score.device)
     run = check_inputs(settings)
-    for step in pipeline.stages(_s(settings)):  # the recipe run_selection walks, as tasks
+    for step in pipeline.stages(settings):  # the recipe run_selection walks, as tasks
         if step.shards:
             degradation(settings, run, step)
             continue
