@@ -2,10 +2,9 @@
 one task per stage.
 
 The flow walks the list that ``run_selection`` (in this process) walks; each task calls the same
-stage function with the settings and the run folder, and every result lives in the
-run folder. The cached
-stages (data, embed, cluster) carry a Prefect cache key made of their fingerprint (data content,
-model files, stage config), with the result record kept in the run folder (``.prefect/``):
+stage function with the settings and the run folder, and every result lives in the run folder.
+The cached stages (data, embed, cluster) carry a Prefect cache key made of their fingerprint (data
+content, model files, stage config), with the result record kept in the run folder (``.prefect/``):
 re-running with another budget finds every one of them cached, and changing only the clustering
 settings re-runs clustering and what follows, nothing before it. Scoring is
 ``pipeline.stage_score`` with its shards mapped by a subflow over the configured engine (this
