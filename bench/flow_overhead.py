@@ -4,8 +4,8 @@
     python bench/flow_overhead.py --suite-size 200 # quicker
 
 Both arms run in this process on fresh run folders with the same settings (the pruned twin and
-the converted GGUF are made first, outside the timings). Direct: ``pipeline.run_selection``.
-Flow: ``paser.select`` through ``flows/selection.py``, whose first call also starts Prefect's
+the converted GGUF are made first, outside the timings). Direct: ``paser.select`` in this process.
+Flow: ``paser.select(flow=True)`` through ``paser/flows/selection.py``, whose first call also starts Prefect's
 temporary API server. Then each arm re-selects at another budget on its own folder (every stage
 reused: the flow finds them in Prefect's cache). Prints wall times, the flow/direct ratio, the
 overhead in seconds, and peak RSS including child processes (the Prefect server).
@@ -27,8 +27,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from memory import PeakRSS  # noqa: E402
 
 import paser  # noqa: E402
-from paser.selection.budget import parse_budget  # noqa: E402
-from paser.selection.pipeline import run_selection  # noqa: E402
 from paser.selection.scoring import twin_reference  # noqa: E402
 from paser.selection.settings import Settings  # noqa: E402
 
@@ -52,13 +50,7 @@ def main() -> None:
             s = overrides | {"select": overrides["select"] | {"out": out}}
             with PeakRSS(children=True) as mem:
                 start = time.perf_counter()
-                if arm == "direct":
-                    settings = Settings.load(None, s)
-                    if budget is not None:
-                        settings.select.budget = parse_budget(budget).setting
-                    run_selection(settings)
-                else:
-                    paser.select(budget=budget, flow=True, **s)
+                paser.select(budget=budget, flow=arm == "flow", **s)
                 seconds = time.perf_counter() - start
             results[arm, phase] = seconds
             print(f"{arm:6s} {phase:8s}: {seconds:7.1f} s, peak RSS {mem.peak_mb:.0f} MB (with children)")

@@ -11,12 +11,12 @@ Figures (printed as they come, and written as JSON to --out):
 - ``auto`` dtype on this device;
 - twin: ``paser.selection.scoring.twin_reference`` (Taylor on calibration samples in fp32, gradients kept on
   the host, saved in the scoring dtype): seconds and peak device memory;
-- scoring: ``paser.selection.pipeline.run_selection``'s degradation stage on the saved folders, per
+- scoring: ``paser.select``'s degradation stage on the saved folders, per
   configuration: seconds, records/s, tokens/s, FLOPs by paser's ledger (what the run's manifest
   says it computed: 2 x non-embedding parameters per token read, the vocabulary head at the scored
   positions only, the shared preamble counted for every record), MFU against the card's bf16 dense
   peak (--peak-tflops, else by name), peak device memory;
-- recovery: ``paser.recovery.recover`` (Hugging Face's Trainer, bf16 autocast where the weights
+- recovery: ``paser.recover`` (Hugging Face's Trainer, bf16 autocast where the weights
   are bf16), SFT and distillation from the dense model in memory: seconds, tokens/s, peak memory,
   and the ledger's FLOPs;
 - Dask: the same scoring through the flow on a local 2-worker cluster, each shard claiming half of
@@ -130,12 +130,12 @@ def check_scoring(work: Path, dense: Path, pruned: str, records: int, device: st
                   peak: float | None) -> dict:
     """The selection pipeline on the saved pair with ``score`` settings: its degradation stage's
     time, FLOPs by the run's own ledger, and peak device memory."""
-    from paser.selection.pipeline import run_selection
+    import paser
 
     settings = settings_for(work, dense, records, name, score)
     settings.select.pruned = pruned
     with Memory(device) as mem:
-        run = run_selection(settings)
+        run = paser.select(**settings.to_dict()).out
     seconds = json.loads((run / "timings.json").read_text())["score"]["seconds"]
     compute = json.loads((run / "manifest.json").read_text())["compute"]
     lines = [e for e in compute["entries"] if e["stage"] == "score"]
@@ -147,14 +147,14 @@ def check_scoring(work: Path, dense: Path, pruned: str, records: int, device: st
 
 def check_recovery(work: Path, dense: Path, pruned: str, selected: Path, device: str, steps: int) -> list[dict]:
     """``paser recover`` on the twin: SFT, then distillation from the dense model in memory."""
-    from paser.recovery import recover
+    import paser
 
     rows = []
     for objective in ("sft", "distill"):
         with Memory(device) as mem:
-            result = recover(pruned, str(selected), work / f"recover-{objective}", max_steps=steps, batch_size=16,
-                             micro_batch_size=4, val_size=0, objective=objective, teacher=str(dense),
-                             save_every=10 ** 6, progress=False)
+            result = paser.recover(model=pruned, data=selected, out=work / f"recover-{objective}", max_steps=steps,
+                                   batch_size=16, micro_batch_size=4, val_size=0, objective=objective,
+                                   teacher=str(dense), save_every=10 ** 6, progress=False)
         done = json.loads((result.out / "recovery.json").read_text())
         tokens = done["tokens_per_step"]["mean"] * done["steps"]
         rows.append({"objective": objective, "steps": done["steps"], "dtype": done["settings"]["dtype"],

@@ -43,11 +43,10 @@ def main(argv=None) -> None:
     ap.add_argument("--steps", type=int, default=8)
     args = ap.parse_args(argv)
 
+    import paser
     import paser.recovery.job as job
     import paser.recovery.losses as losses
     from paser.data.pools import load_pool, write_jsonl
-    from paser.recovery import recover
-    from paser.selection.pipeline import run_selection
     from paser.selection.scoring import twin_reference
     from paser.selection.settings import Settings
 
@@ -60,7 +59,7 @@ def main(argv=None) -> None:
     pruned = twin_reference(Settings.load(None, {"select": {"prune_ratio": 0.25}}))
     select = {"data": str(work / "pool.jsonl"), "pruned": pruned, "budget": "0.2tok", "method": "random",
               "out": str(work / "sel"), "progress": False}
-    run = run_selection(Settings.load(None, {"select": select}))
+    run = paser.select(select=select).out
     mean = pd.read_parquet(run / "tokens.parquet")["n_tokens"].mean()
     base = dict(epochs=2, batch_size=8, micro_batch_size=8, batch_tokens=int(round(8 * mean)), learning_rate=3e-4,
                 val_size=0, max_steps=args.steps, progress=False)
@@ -78,7 +77,7 @@ def main(argv=None) -> None:
         losses.body_and_head, job.micro_batches = (before_head, plan_order) if patch else (keep_split, keep_cut)
         out = work / name.replace(" ", "")
         start = time.perf_counter()
-        recover(pruned, str(run / "selected.jsonl"), out, **(base | extra))
+        paser.recover(model=pruned, data=run / "selected.jsonl", out=out, **(base | extra))
         log = pd.read_json(out / "train_log.jsonl", lines=True)
         seconds = time.perf_counter() - start
         results[name] = seconds

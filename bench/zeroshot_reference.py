@@ -25,7 +25,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-from paser.evaluation import evaluate  # noqa: E402
+import paser  # noqa: E402
 from paser.evaluation.harness import paper_mean  # noqa: E402
 from paser.evaluation.shipped import PAPER_TASKS  # noqa: E402
 from paser.selection.scoring import twin_reference  # noqa: E402
@@ -93,7 +93,8 @@ def main() -> None:
                 if (folder / "eval.json").is_file():
                     continue
                 start = time.perf_counter()
-                evaluate(reference, None, folder, suite_size=0, lm_eval_tasks=[task], lm_eval_sample=args.sample)
+                paser.evaluate(model=reference, out=folder, suite_size=0, lm_eval_tasks=[task],
+                               lm_eval_sample=args.sample)
                 print(f"{name} {task}: {time.perf_counter() - start:.0f} s", flush=True)
     print(f"# python {' '.join(os.sys.argv)}  ({platform.node()}, {os.cpu_count()} cores, {date.today()})")
     print(table(args.out, tasks, args.sample))
