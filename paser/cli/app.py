@@ -49,7 +49,6 @@ def _group(debug: Annotated[bool, typer.Option("--debug", help="Show Prefect's f
            quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No stage names and no progress bars; "
                                                                     "results and errors only.")] = False) -> None:
     """Select the instruction samples that repair a pruned LLM, and recover it."""
-
     if debug:
         os.environ["PASER_DEBUG"] = "1"
     set_quiet(quiet)

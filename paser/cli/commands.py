@@ -81,7 +81,6 @@ SELECT = [Opt("select", name) for name in ("data", "dense", "pruned", "prune_rat
                               "concepts, prune, distribute"), flow_option()])
 def select(values: dict, config: Path | None, flow: bool) -> None:
     """Select the instruction samples that best repair the pruned model (PASER)."""
-
     result = dispatch(lambda: run_select(config, flow=flow, **values))
     run = result.out
     summary = json.loads((run / "clusters.json").read_text())
@@ -125,7 +124,6 @@ MODEL_HELP = "a built-in name, Hugging Face folder, .gguf file or LLM-Pruner che
 def prune(values: dict, model: str, out: Path, config: Path | None, export_pickle: Path | None, trust_pickle: bool,
           dtype: str, device: str | None, flow: bool) -> None:
     """Prune attention heads and MLP channels, LLM-Pruner block-wise style, and save the model."""
-
     typer.echo(f"pruning {model} ...", err=True)
     result = dispatch(lambda: run_prune(config, flow=flow, model=model, out=out, export_pickle=export_pickle,
                                         trust_pickle=trust_pickle, dtype=dtype, device=device, prune=values["prune"]))
@@ -175,7 +173,6 @@ def recover(values: dict, model: str, data: str, out: Path, config: Path | None,
     """LoRA-recover a pruned model on selected records (LLM-Pruner's recipe by default). On several
     GPUs (or CPU processes), each process running the command: torchrun --nproc-per-node N --no-python
     paser recover ..."""
-
     dispatch(lambda: run_recover(config, flow=flow, model=model, data=data, out=out, val_data=val_data,
                                  trust_pickle=trust_pickle, restart=restart, **values))
     if int(os.environ.get("RANK", "0")):  # one of several processes: the first one reports
@@ -266,7 +263,6 @@ COMPARE = [Opt("compare", name) for name in ("pool", "pool_records", "heldout_re
                       False), flow_option()])
 def compare(values: dict, config: Path | None, report_only: bool, flow: bool) -> None:
     """Does selection pay on this model, at this budget? Arms trained alike, judged against random subsets."""
-
     overrides = {section: {k: v for k, v in fields.items() if v is not None} for section, fields in values.items()}
     report = dispatch(lambda: run_compare(config, flow=flow, report_only=report_only, **overrides)).report
     text = report.read_text()
@@ -286,7 +282,6 @@ RUN = [Opt("select", "dense"), Opt("select", "pruned"), Opt("select", "data"), O
                 trust_option(), flow_option()])
 def run(values: dict, out: Path, config: Path | None, trust_pickle: bool, flow: bool) -> None:
     """The whole pipeline: prune (optional) -> select -> recover -> evaluate dense, pruned and recovered."""
-
     chosen = {section: {k: v for k, v in fields.items() if v is not None} for section, fields in values.items()}
     result = dispatch(lambda: run_all(config, flow=flow, out=out, trust_pickle=trust_pickle, **chosen))
     typer.echo((result.out / "run.md").read_text())

@@ -122,7 +122,6 @@ def command(app: typer.Typer, name: str, specs: list[Opt], configs: dict[str, ty
     """Register ``body(values, **rest)`` as command ``name``: ``before`` (arguments, then options),
     the config options of ``specs`` and ``after`` make its signature; ``values`` maps each section
     to the fields given (converted), ``rest`` holds the other options."""
-
     def register(body):
         params = [*before, *(option(s, configs) for s in specs), *after]
 
@@ -151,7 +150,6 @@ def command(app: typer.Typer, name: str, specs: list[Opt], configs: dict[str, ty
 def configuration_reference() -> str:
     """docs/configuration.md: every section of a paser YAML file, each key with its type, default
     and docstring (the same text as the command-line help), read from the configs themselves."""
-
     sections = {"prompt": PromptFormat, **STAGE_CONFIGS, "recover": RecoverConfig, "evaluate": EvalConfig,
                 "compare": CompareConfig}
     lines = ["# Configuration reference", "",

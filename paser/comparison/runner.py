@@ -57,7 +57,6 @@ class Setup:
 
 def load_sections(config: str | Path | None, overrides: dict | None) -> dict:
     """The YAML file's sections with ``{section: {key: value}}`` overrides on top (None values ignored)."""
-
     sections = {k: dict(v or {}) for k, v in (read_yaml(config) if config else {}).items()}
     for section, values in (overrides or {}).items():
         sections[section] = sections.get(section, {}) | {k: v for k, v in (values or {}).items() if v is not None}
@@ -162,7 +161,6 @@ def split_pool(cfg: CompareConfig, root: Path) -> tuple[str | None, str | None]:
     """The pool file and held-out file: as given, or written once into the folder: the generated
     suite (one pool for every arm, whatever its selection seed), and the config's seeded split."""
     import numpy as np
-
 
     if not cfg.heldout_records:
         if cfg.pool is not None:

@@ -225,7 +225,6 @@ def generate_suite(n: int = 1200, seed: int = 0, families: list[str] | None = No
 
 def suite_pool(n: int = 1200, seed: int = 0):
     """The generated suite as a validated ``Pool`` (Alpaca layout)."""
-
     return to_records(generate_suite(n, seed), None, FieldMap.for_layout("alpaca"), layout="alpaca")
 
 

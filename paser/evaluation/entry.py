@@ -30,7 +30,6 @@ def evaluate(model: str, adapter: str | None = None, out: str | Path | None = No
              *, trust_pickle: bool = False, **overrides) -> dict:
     """Every evaluation ``config`` asks for, on ``model`` (+ ``adapter``); writes eval.json and
     eval.md into ``out`` when given and returns the same dictionary."""
-
     config = config_with(config or EvalConfig(), overrides)
     text = None
     if config.text is not None:

@@ -25,12 +25,10 @@ from paser.selection.configs import ScoreConfig
 def load_for_eval(model: str, adapter: str | None = None, dtype: str = "float32", device: str | None = None,
                   trust_pickle: bool = False):
     """(model, tokenizer, description): a base model, or a base model with a LoRA adapter folder."""
-
     loaded = load_model(model, dtype=dtype, trust_pickle=trust_pickle, device=device)
     net, described = loaded.model, loaded.describe()
     if adapter is not None:
         from peft import PeftModel
-
 
         if not (Path(adapter) / "adapter_config.json").is_file():
             raise DataError(f"{adapter}: not a LoRA adapter folder (no adapter_config.json)")

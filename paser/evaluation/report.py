@@ -16,7 +16,6 @@ def evaluation_ledger(result: dict, params: dict, reference: dict | None, model:
     and suite passes (and the reference model's beside them), the greedy answers (prompts read,
     tokens generated), and the lm-eval tasks' requests when paser's scorer ran them (lm-eval's own
     backend's passes are not counted)."""
-
     ledger = Ledger()
     for name, p in result.get("perplexity", {}).items():
         tokens = p["windows"] * p["window"]

@@ -44,7 +44,6 @@ def pool_prompts(source: str) -> set[tuple[str, str]]:
 def held_out_suite(size: int, seed: int, exclude: list[str]) -> tuple[list, dict]:
     """``size`` suite records of ``seed`` minus those whose prompt occurs in a pool of ``exclude``,
     and what was removed."""
-
     records = suite_pool(size, seed).records
     seen: set[tuple[str, str]] = set()
     for source in exclude:

@@ -37,7 +37,6 @@ def generate_answers(model, tokenizer, records, template: str, max_new_tokens: i
                      counted: dict | None = None) -> list[str]:
     """Greedy answers to the records' prompts, ``batch_size`` a batch. ``counted`` gets the prompt
     tokens read and the tokens generated, summed."""
-
     answers = []
     for lo in range(0, len(records), batch_size):
         rows = greedy_batch(model, tokenizer, [format_prompt(r, template, tokenizer)

@@ -225,7 +225,6 @@ def import_checkpoint(path: str | Path, tokenizer_from: str | None = None,
     from safetensors.torch import save_file
     from transformers import AutoConfig, AutoTokenizer
 
-
     path = Path(path)
     target = converted_folder(path, "llm-pruner-")
     if (target / PRUNED_MARKER).is_file():

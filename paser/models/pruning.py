@@ -176,7 +176,6 @@ def calibration_batches(tokenizer, texts: list[str], max_tokens: int, batch_size
 
 def calibration_texts(source: str | None, count: int, seed: int) -> list[str]:
     """Calibration samples as prompt+response text, from a file or paser's capability suite."""
-
     if source is None:
         return ["".join(format_example(r)) for r in suite_pool(n=count, seed=seed).records]
     path = Path(source)
@@ -329,7 +328,6 @@ def prune(model: str = "smollm2-135m-instruct", out: str | Path = "runs/pruned",
     ``save_dtype``: the dtype the pruned weights are saved in (default: as pruned), e.g. the
     bfloat16 that scoring will load on a GPU, at half the disk and host memory of fp32.
     """
-
     config = config_with(config or PruneConfig(), overrides)
     announce(f"loading {model}")
     loaded = load_model(model, dtype=dtype, trust_pickle=trust_pickle, device=device)

@@ -30,30 +30,13 @@ def recover(model: str, data: str, out: str | Path = "runs/recover", config: Rec
     ``val_data`` is a separate validation file (else ``val_size`` of ``data`` is held out).
     A checkpoint in ``out`` made with the same settings is resumed unless ``restart``.
     """
-
     config = config_with(config or RecoverConfig(), overrides)
     check_prompt_format(config, data)
-    try:
-        plan = read_plan(data)
-    except ValueError as err:
-        raise ConfigError(str(err)) from None
+    plan = adaptive_plan(data, config)
     if plan is not None:  # an adaptive selection: the rounds draw their records as they go
-        if config.responses == "dense":
-            raise ConfigError(f"{data} is an adaptive selection, whose rounds draw records by their tokens as "
-                              "they train; responses dense (the dense model's own answers) trains on a fixed file")
         return recover_in_rounds(model, data, Path(out), config, plan, val_data, trust_pickle, restart)
-    records = load_pool(data).records
-    val_records = load_pool(val_data).records if val_data is not None else None
-    answers = None
-    if config.responses == "dense":  # self-data distillation: the dense model's answers, training and validation
-        both, answers = answer_with_dense(records + (val_records or []), data, config, Path(out), trust_pickle,
-                                          train_device(config), world_size())
-        records, val_records = both[:len(records)], (both[len(records):] if val_records is not None else None)
-    train, val = split_validation(records, config)
-    if val_records is not None:
-        val = val_records
-    if not train:
-        raise DataError(f"{data}: no training records")
+    train, val, answers = training_records(data, val_data, config, Path(out), trust_pickle)
+    # set up: the run, its records encoded, the checkpoint, the references and the student
     job = Job.open(model, data, Path(out), config, trust_pickle, restart, [r.id for r in train])
     train_ex, val_ex = job.encode(train), job.encode(val)
     if config.patience is not None and not val_ex:
@@ -61,6 +44,7 @@ def recover(model: str, data: str, out: str | Path = "runs/recover", config: Rec
     if answers is not None:
         count_answers(job.ledger, answers)
     job.start(train_ex)
+    # train the plan of steps (a finished run's adapter is in its checkpoint)
     steps = step_batches(len(train_ex), config, [len(e.ids) for e in train_ex])
     t0 = time.perf_counter()
     if job.finished:  # nothing to train, its adapter is in the checkpoint
@@ -68,12 +52,45 @@ def recover(model: str, data: str, out: str | Path = "runs/recover", config: Rec
     else:
         job.train(train_ex, val_ex, steps, len(steps))
     seconds = time.perf_counter() - t0
+    # finish: the adapter, recovery.json with the compute, the curve
     summary = {"data": str(data), "train_records": len(train), "val_records": len(val)}
     if answers is not None:
         summary["dense_answers"] = {k: v for k, v in answers.items() if k != "params"}
     result = job.finish(train_ex, val_ex, steps, seconds, data_summary=summary)
     job.release()
     return result
+
+
+def adaptive_plan(data: str, config: RecoverConfig) -> dict | None:
+    """The plan of an adaptive selection's file (rounds.json beside it), else None."""
+    try:
+        plan = read_plan(data)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    if plan is not None and config.responses == "dense":
+        raise ConfigError(f"{data} is an adaptive selection, whose rounds draw records by their tokens as they "
+                          "train; responses dense (the dense model's own answers) trains on a fixed file")
+    return plan
+
+
+def training_records(data: str, val_data: str | None, config: RecoverConfig, out: Path,
+                     trust_pickle: bool) -> tuple[list, list, dict | None]:
+    """(training records, validation records, the dense answers' summary or None): the file's
+    records, with ``responses: dense`` the dense model's own answers to the same prompts (self-data
+    distillation, validation included); ``val_size`` of them held out unless ``val_data`` is given."""
+    records = load_pool(data).records
+    val_records = load_pool(val_data).records if val_data is not None else None
+    answers = None
+    if config.responses == "dense":
+        both, answers = answer_with_dense(records + (val_records or []), data, config, out, trust_pickle,
+                                          train_device(config), world_size())
+        records, val_records = both[:len(records)], (both[len(records):] if val_records is not None else None)
+    train, val = split_validation(records, config)
+    if val_records is not None:
+        val = val_records
+    if not train:
+        raise DataError(f"{data}: no training records")
+    return train, val, answers
 
 
 def check_prompt_format(config: RecoverConfig, data: str | Path) -> None:

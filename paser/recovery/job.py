@@ -147,7 +147,6 @@ class Job:
              identity: list[str]) -> Job:
         """The run, its student loaded (or only the tokenizer when a top-k cache is built first) and its
         fingerprint over the settings, the models and ``identity`` (the training records' ids)."""
-
         job = cls(model, data, out, config, trust_pickle)
         config = job.config
         # with a top-k cache the teacher runs before the student is loaded, so only the tokenizer first
@@ -209,7 +208,6 @@ class Job:
 
     def load_student(self) -> None:
         """The pruned model (unless loaded with the job), checked against the teacher's vocabulary."""
-
         if self.loaded is None:
             self.loaded = load_model(self.model, dtype=self.config.dtype, trust_pickle=self.trust_pickle,
                                      device=self.device, tokenizer_from=self.reference)
@@ -221,7 +219,6 @@ class Job:
     def build_token_signal(self, train_ex: list[Example]) -> None:
         """Token weighting's signal over ``train_ex``: the dense model against the student, cached on
         disk; the dense model is released after."""
-
         config, ref = self.config, self.reference
         start = time.perf_counter()
         dense = load_dense(ref, config, self.trust_pickle, self.device)

@@ -101,7 +101,6 @@ def save_merged(peft_model, tokenizer, kind: str, folder: Path, zeros: float = 0
     """Merge the adapter into the weights and save a model paser (and, for uniform widths, plain
     transformers) loads. Merging fills the zeros of an unstructured-sparse (Wanda/SparseGPT)
     model; ``zeros`` is the base model's share of zero weights, for the warning."""
-
     merged = peft_model.merge_and_unload()
     shapes = layer_shapes(merged)
     if zeros > 0.2:

@@ -36,7 +36,6 @@ def recover_in_rounds(model: str, data: str, out: Path, config: RecoverConfig, p
     optimizer and learning-rate schedule over every round), measure each cluster's remaining gap on
     the probe and move the shares (paser.selection.adaptive). Each round's draw and gaps are kept in
     OUT/rounds.json, so a killed run resumes in the round it was in and draws what it drew."""
-
     _check_rounds(config, plan)
     run = Path(plan["run"])
     settings = Settings.from_dict(json.loads((run / "settings.json").read_text()))

@@ -55,7 +55,6 @@ def rank_zero_first(world: int, device) -> contextlib.AbstractContextManager:
 def load_dense(reference: str, config: RecoverConfig, trust_pickle: bool, device):
     """The dense model on ``device``, in recovery's weight dtype (``auto`` resolved for the device):
     the teacher, token weighting's reference, the adaptive rounds' probe, the dense answers."""
-
     return load_model(reference, dtype=resolve_dtype(config.dtype, device), trust_pickle=trust_pickle, device=device)
 
 
@@ -64,7 +63,6 @@ def load_teacher(reference: str, tokenizer, student: str, examples: list[Example
     """(the teacher in memory, None, its parameter counts), or with ``teacher_top_k`` (None, its
     finished top-k cache, its counts): the teacher then runs alone, once per training record (in the
     first of ``world`` processes), and is released."""
-
     loaded = load_dense(reference, config, trust_pickle, device)
     check_same_tokenizer(loaded.tokenizer, tokenizer, str(reference), str(student))
     teacher = loaded.model.requires_grad_(False)

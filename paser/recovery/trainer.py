@@ -209,7 +209,6 @@ def write_log(log: list[dict], path: Path) -> None:
 def last_checkpoint(folder: Path, fingerprint: str) -> tuple[Path | None, dict | None]:
     """The newest complete checkpoint under ``folder`` (one whose paser state was written) and that
     state; a ConfigError when it was made with other settings, data or model."""
-
     done = sorted((p for p in folder.glob("checkpoint-*") if (p / STATE).is_file()),
                   key=lambda p: int(p.name.rsplit("-", 1)[1]))
     if not done:

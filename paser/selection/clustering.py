@@ -136,7 +136,6 @@ class SpectralClusterer:
             sample = nonnegative(x[rows])
             from tqdm.auto import tqdm
 
-
             for k in tqdm(range(k_min, k_max + 1), desc="choosing K", disable=not bar_enabled(self.verbose)):
                 self.k_curve_.append({"k": k, "error": _nmf(sample, k, self.random_state, CURVE_TOL,
                                                             CURVE_MAX_ITER)[1]})

@@ -79,7 +79,6 @@ def stage_output(settings: Settings, run: Path, stage: str, make) -> Path:
 
 def stage_data(settings: Settings, run: Path) -> Path:
     """Validate the pool once and store it in the run folder."""
-
     def make(path: Path, fp: str) -> None:
         pool = read_input_pool(settings.select)
         atomic_parquet_parts(pool_frames(pool.records), path)
@@ -114,7 +113,6 @@ def pool_frames(records: list[Record]):
 
 def dense_tokenizer(settings: Settings):
     """The dense model's tokenizer (scoring and recovery count tokens with it)."""
-
     cfg = settings.select
     return (load_tokenizer(cfg.dense, cfg.trust_pickle)
             or load_model(cfg.dense, trust_pickle=cfg.trust_pickle).tokenizer)
@@ -123,7 +121,6 @@ def dense_tokenizer(settings: Settings):
 def stage_tokens(settings: Settings, run: Path) -> Path:
     """Count every record's prompt and response tokens (the dense tokenizer, the template, the
     cutoff): what a token budget spends and what every method reports, models not needed."""
-
     return stage_output(settings, run, "tokens", lambda path, fp: atomic_parquet(
         token_table(dense_tokenizer(settings), read_run_pool(run, fields=False), settings.prompt), path))
 
@@ -231,7 +228,6 @@ def selection_summary(method: str, amount: int, unit: str, selected: pd.DataFram
 
 def _write_selected(run: Path, records: list[Record], selected: pd.DataFrame, extra) -> None:
     """selected.jsonl: each selected record in the input's layout plus paser's fields, in rank order."""
-
     by_id = {r.id: r for r in records}
     write_jsonl(run / "selected.jsonl", [
         dict(by_id[row.id].fields) | {"paser_id": row.id} | extra(row)
@@ -274,7 +270,6 @@ def stage_select(settings: Settings, run: Path) -> Path:
 def forget_plan(run: Path) -> None:
     """Remove an earlier adaptive selection's plan from ``run`` before a selection is written:
     beside another selection's selected.jsonl it would make recovery train in rounds."""
-
     (run / PLAN).unlink(missing_ok=True)
 
 
@@ -334,7 +329,6 @@ def preflight(settings: Settings) -> None:
     references, a file of embeddings given, and (when the pruned model is given) that the two
     tokenizers match. A token budget is checked once the tokens are counted, the stage right after
     the data; the embeddings' ids and dimension when the embedding stage reads them."""
-
     cfg = settings.select
     if settings.embed.precomputed and settings.clustered:
         precomputed_file(settings.embed.precomputed)

@@ -269,7 +269,6 @@ def selection_table(settings: Settings, run: Path) -> tuple[list[Record], pd.Dat
     """The run's records and the table selection works on: degradation, cluster and concepts per
     record. Records that were not scored (a per-cluster sample, or a method that scores none) have
     no degradation values (NaN) and their token counts from the token stage."""
-
     records = read_run_pool(run)
     tokens = pd.read_parquet(run / "tokens.parquet")
     if settings.scored:

@@ -124,7 +124,6 @@ _LOADED_LOCK = threading.Lock()
 def loaded_pair(settings: Settings, plan: ScoringPlan):
     """The dense and pruned models of ``plan``, loaded once per process and reused for every shard
     this process scores (a Dask or Ray worker keeps them between shards)."""
-
     scfg = settings.score
     device = scoring_device(scfg.device)
     dtype = resolve_dtype(scfg.dtype, device)
@@ -182,7 +181,6 @@ def score_planned_shard(settings: Settings, plan: ScoringPlan, index: int) -> di
 def finish_scoring(settings: Settings, plan: ScoringPlan, reports: list[dict], described: dict | None = None,
                    counted: dict | None = None) -> Path:
     """Collect the finished shards into degradation.parquet, with models.json and scoring.json."""
-
     run = Path(plan.run)
     scores = collect_shards(plan.records(), settings.score, plan.shard_dir)
     atomic_parquet(scores, run / "degradation.parquet")

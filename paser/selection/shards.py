@@ -133,7 +133,6 @@ def progress_bar(total: int, enabled: bool, desc: str):
     """A records bar on a terminal (see ``paser.progress.bar_enabled``), else none."""
     from tqdm.auto import tqdm
 
-
     return tqdm(total=total, desc=desc, unit="rec", disable=not bar_enabled(enabled))
 
 
