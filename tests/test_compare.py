@@ -355,9 +355,11 @@ def test_compare_on_tiny_models_reports_resumes_and_refuses_other_settings(tiny_
 
     config = tmp_path / "cmp.yaml"
     config.write_text(yaml.safe_dump(more))
-    shown = CliRunner().invoke(app, ["compare", "--config", str(config), "--report-only", "--no-flow"])
+    shown = CliRunner().invoke(app, ["compare", "--config", str(config), "--report-only"])
     assert shown.exit_code == 0, shown.output
     assert shown.output.startswith("**On ") and f"report: {tmp_path / 'cmp' / 'report.md'}" in shown.output
+    flowed = CliRunner().invoke(app, ["compare", "--config", str(config), "--report-only", "--flow"])
+    assert flowed.exit_code == 0 and flowed.output == shown.output, flowed.output  # the same, through Prefect
     wrong = CliRunner().invoke(app, ["compare", "--config", str(config), "--arms", "tok:nothing", "--no-flow"])
     assert wrong.exit_code == 2 and "unknown method 'nothing'" in wrong.output
     # across machines: through the flow on a local Dask cluster, the new arms run on its workers
