@@ -11,7 +11,7 @@ import torch
 
 import paser
 from paser.errors import ShardError
-from paser.selection import pipeline, shards
+from paser.selection import pipeline, runfolder, shards
 from tests.conftest import selection_settings as settings
 
 pytestmark = pytest.mark.usefixtures("prefect_api")  # flows here run against the test process's one Prefect server
@@ -53,8 +53,10 @@ def _calls(monkeypatch):
 def test_second_run_is_served_from_the_cache(models, tmp_path, monkeypatch):
     s = settings(models, tmp_path / "run")
     calls = _calls(monkeypatch)
+    hashed = Calls(monkeypatch, runfolder, "data_fingerprint")
     _flow(s)
     assert calls["embed"].n == 1 and calls["manifold"].n == 1 and calls["score"].n == 3
+    assert hashed.n == 1  # the pool is hashed once on a miss: Prefect's key and the stage share it
     first = (tmp_path / "run" / "selected.jsonl").read_text()
     calls = _calls(monkeypatch)
     _flow(s, budget="10")

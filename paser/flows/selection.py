@@ -28,15 +28,16 @@ from paser.selection.scoring import ScoringPlan, score_planned_shard, scoring_pr
 from paser.selection.settings import Settings, build_settings
 
 
-def _cached(stage_task, stage: str, settings: Settings, run: str, state: tuple[str, bool] | None = None):
-    """``stage_task`` keyed on the stage's fingerprint; a stale or missing output in the run folder
-    refreshes the cache instead of trusting it. ``state``: (fingerprint, fresh) when already known."""
-    fp, fresh = state or runfolder.stage_state(stage, settings, Path(run))
+def _cached(stage_task, stage: str, settings: Settings, run: str):
+    """``stage_task`` keyed on the stage's fingerprint, and that fingerprint (computed once: the task
+    gets it, so a miss does not hash the pool again); a stale or missing output in the run folder
+    refreshes the cache instead of trusting it."""
+    fp, fresh = runfolder.stage_state(stage, settings, Path(run))
     if fresh:
         runfolder.record_stage(Path(run), stage, 0.0, reused=True)
     key = f"paser-{stage}-{fp}"
     return stage_task.with_options(cache_key_fn=lambda *_: key, refresh_cache=not fresh, persist_result=True,
-                                   result_storage=Path(run).resolve() / ".prefect" / "results")
+                                   result_storage=Path(run).resolve() / ".prefect" / "results"), fp
 
 
 @task(name="check inputs", cache_policy=NO_CACHE)
@@ -50,8 +51,8 @@ def stage_task(step: pipeline.Step):
     folder; a stage the run folder reuses by fingerprint keeps its result in
     Prefect's cache under that fingerprint."""
 
-    def call(settings: Settings, run: str) -> str:
-        return str(step.run(settings, Path(run)))
+    def call(settings: Settings, run: str, *fingerprint: str) -> str:  # a cached stage's, computed once
+        return str(step.run(settings, Path(run), *fingerprint))
 
     call.__name__ = call.__qualname__ = step.run.__name__  # each stage its own task key
     return task(call, name=step.name) if step.cached else task(call, name=step.name, cache_policy=NO_CACHE)
@@ -115,10 +116,11 @@ def selection_flow(data: str | None = None, dense: str | None = None, pruned: st
         if step.shards:
             degradation(settings, run, step)
             continue
-        called = stage_task(step)
         if step.cached:
-            called = _cached(called, step.cached, settings, run)
-        called(settings, run)
+            called, fp = _cached(stage_task(step), step.cached, settings, run)
+            called(settings, run, fp)
+        else:
+            stage_task(step)(settings, run)
     create_markdown_artifact(artifact_markdown(Path(run)), key="paser-selection",
                              description="PASER selection: clusters, budget and outputs")
     return run

@@ -63,11 +63,12 @@ def read_input_pool(cfg: SelectConfig) -> Pool:
     return load_pool(cfg.data, layout=cfg.layout, field_map=cfg.field_map, strict=cfg.strict, split=cfg.split)
 
 
-def stage_output(settings: Settings, run: Path, stage: str, make) -> Path:
+def stage_output(settings: Settings, run: Path, stage: str, make, fp: str | None = None) -> Path:
     """The stage's output file in ``run``: reused when its fingerprint matches, else written by
-    ``make(path, fingerprint)`` and sealed with the fingerprint; timed either way."""
+    ``make(path, fingerprint)`` and sealed with the fingerprint; timed either way. ``fp``: the
+    fingerprint when the caller has it already (the flow, which keys Prefect's cache on it)."""
     path = run / STAGE_OUTPUTS[stage]
-    fp = stage_fingerprint(stage, settings, run)
+    fp = fp or stage_fingerprint(stage, settings, run)
     with Stage(run, stage) as st:
         if is_fresh(path, fp):
             st.reused = True
@@ -77,7 +78,7 @@ def stage_output(settings: Settings, run: Path, stage: str, make) -> Path:
     return path
 
 
-def stage_data(settings: Settings, run: Path) -> Path:
+def stage_data(settings: Settings, run: Path, fp: str | None = None) -> Path:
     """Validate the pool once and store it in the run folder."""
     def make(path: Path, fp: str) -> None:
         pool = read_input_pool(settings.select)
@@ -89,7 +90,7 @@ def stage_data(settings: Settings, run: Path) -> Path:
             "rejected": [dataclasses.asdict(r) for r in pool.rejected],
         }, indent=2))
 
-    return stage_output(settings, run, "data", make)
+    return stage_output(settings, run, "data", make, fp)
 
 
 POOL_ROWS_PER_GROUP = 100_000  # records per row group of pool.parquet, built and written one at a time
@@ -144,7 +145,7 @@ def resolve_run_budget(settings: Settings, run: Path) -> tuple[int, str]:
 # ---------------------------------------------------------------- embed and cluster
 
 
-def stage_embed(settings: Settings, run: Path) -> Path:
+def stage_embed(settings: Settings, run: Path, fp: str | None = None) -> Path:
     cfg = settings.embed
     embedder = SentenceEmbedder(cfg.model, cfg.batch_size, cfg.device, progress=settings.select.progress)
 
@@ -158,10 +159,10 @@ def stage_embed(settings: Settings, run: Path) -> Path:
         np.save(path, embed_texts(texts, cfg, embedder=embedder))
         (run / "embed_cost.json").write_text(json.dumps(embedder.cost(texts), indent=2))  # the compute ledger's line
 
-    return stage_output(settings, run, "embed", make)
+    return stage_output(settings, run, "embed", make, fp)
 
 
-def stage_cluster(settings: Settings, run: Path) -> Path:
+def stage_cluster(settings: Settings, run: Path, fp: str | None = None) -> Path:
     seed = settings.select.seed
 
     def make(path: Path, fp: str) -> None:
@@ -186,7 +187,7 @@ def stage_cluster(settings: Settings, run: Path) -> Path:
             else None,
         }, indent=2))
 
-    return stage_output(settings, run, "cluster", make)
+    return stage_output(settings, run, "cluster", make, fp)
 
 
 # ---------------------------------------------------------------- degradation
@@ -362,8 +363,8 @@ def stage_report(settings: Settings, run: Path) -> Path:
 class Step:
     """One stage of ``paser select``: its name (the Prefect task's), the function of (settings, run
     folder) that runs it, the run folder output whose fingerprint it is reused by (``cached``;
-    Prefect's cache key is that fingerprint), and whether it scores shards (``shards``: the flow
-    passes it how to map them over its engine)."""
+    Prefect's cache key is that fingerprint, which the flow computes once and passes to ``run``), and
+    whether it scores shards (``shards``: the flow passes it how to map them over its engine)."""
 
     name: str
     run: Callable[..., object]
