@@ -87,6 +87,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from paser.config import config_with  # noqa: E402
 from paser.data.pools import load_pool, write_jsonl  # noqa: E402
 from paser.data.suite import generate_suite  # noqa: E402
 from paser.evaluation import evaluate  # noqa: E402
@@ -260,17 +261,16 @@ def recovery_config(arm: str, setup: dict, args) -> RecoverConfig:
         tokens = pd.read_parquet(setup["work"] / "select" / "tokens.parquet")["n_tokens"]
         batch_tokens = int(round(args.batch_size * tokens.mean()))
     if arm.endswith("~conv"):  # the convergence check: until the validation loss stops improving
-        return RecoverConfig(epochs=args.conv_epochs, batch_size=args.batch_size,
-                             micro_batch_size=args.micro_batch_size, micro_batch_tokens=args.micro_batch_tokens,
-                             batch_tokens=batch_tokens,
-                             learning_rate=args.learning_rate, max_steps=args.max_steps, val_size=0.1,
-                             eval_every=args.conv_eval_every, patience=args.conv_patience, seed=seed, progress=False,
-                             **objective)
+        return config_with(RecoverConfig(), dict(
+            epochs=args.conv_epochs, batch_size=args.batch_size, micro_batch_size=args.micro_batch_size,
+            micro_batch_tokens=args.micro_batch_tokens, batch_tokens=batch_tokens, learning_rate=args.learning_rate,
+            max_steps=args.max_steps, val_size=0.1, eval_every=args.conv_eval_every, patience=args.conv_patience,
+            seed=seed, progress=False, **objective))
     rounds = base_arm(arm).split(":")[-1] in ("adaptive", "rounds")  # the rounds fix their own steps
-    return RecoverConfig(epochs=args.epochs, batch_size=args.batch_size, micro_batch_size=args.micro_batch_size,
-                         micro_batch_tokens=args.micro_batch_tokens, batch_tokens=batch_tokens,
-                         learning_rate=args.learning_rate, max_steps=None if rounds else args.max_steps,
-                         val_size=0, seed=seed, progress=False, **objective)
+    return config_with(RecoverConfig(), dict(
+        epochs=args.epochs, batch_size=args.batch_size, micro_batch_size=args.micro_batch_size,
+        micro_batch_tokens=args.micro_batch_tokens, batch_tokens=batch_tokens, learning_rate=args.learning_rate,
+        max_steps=None if rounds else args.max_steps, val_size=0, seed=seed, progress=False, **objective))
 
 
 def trained_subset(setting: str, arm: str, setup: dict, args) -> tuple[Path, float]:
@@ -301,8 +301,8 @@ def self_steps(config: RecoverConfig, subset: Path, out: Path, setup: dict, args
     tokenizer = load_tokenizer(setup["pruned"], False, args.dense)
     plain, mine = (sum(len(e.ids) for e in encode_for_training(tokenizer, r, config.prompt))
                    for r in (records, answered))
-    per_epoch = max(1, round(plain / config.batch_tokens))
-    return dataclasses.replace(config, batch_tokens=max(1, round(mine / per_epoch)))
+    per_epoch = max(1, round(plain / config.steps.batch_tokens))
+    return config_with(config, {"batch_tokens": max(1, round(mine / per_epoch))})
 
 
 def run_arm(setting: str, arm: str, setup: dict, args) -> dict:
@@ -318,7 +318,7 @@ def run_arm(setting: str, arm: str, setup: dict, args) -> dict:
         row |= {k: summary[k] for k in ("budget", "budget_unit", "selected", "selected_tokens",
                                         "selected_response_tokens")}
         config = recovery_config(arm, setup, args)
-        if config.responses == "dense" and config.batch_tokens is not None:
+        if config.data.responses == "dense" and config.steps.batch_tokens is not None:
             config = self_steps(config, subset, work / "recover" / _file(arm), setup, args)
         result = recover(setup["pruned"], str(subset), work / "recover" / _file(arm), config)
         done = json.loads((result.out / "recovery.json").read_text())

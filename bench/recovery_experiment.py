@@ -40,6 +40,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from paser.config import config_with  # noqa: E402
 from paser.data.pools import load_pool, write_jsonl  # noqa: E402
 from paser.evaluation import evaluate  # noqa: E402
 from paser.evaluation.config import EvalConfig  # noqa: E402
@@ -104,8 +105,9 @@ def main() -> None:
     (out / "results").mkdir(parents=True, exist_ok=True)
     pool, heldout = split(args.data, out, args.pool, args.heldout, args.split_seed)
     pruned = twin_reference(Settings())
-    rec_cfg = RecoverConfig(epochs=args.epochs, batch_size=args.batch_size, micro_batch_size=args.micro_batch_size,
-                            learning_rate=args.learning_rate, max_steps=args.max_steps, val_size=0, progress=False)
+    rec_cfg = config_with(RecoverConfig(), dict(epochs=args.epochs, batch_size=args.batch_size,
+                                                micro_batch_size=args.micro_batch_size, max_steps=args.max_steps,
+                                                learning_rate=args.learning_rate, val_size=0, progress=False))
     eval_cfg = EvalConfig(heldout=str(heldout), suite_size=args.suite, max_new_tokens=32, batch_size=16)
     # the question first (PASER against random), then the ablations, then the costly full pool
     known = ["dense", "none", "paser"] + [f"random-{s}" for s in args.seeds] + [*ABLATIONS, "full"]

@@ -20,14 +20,13 @@ through it.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import typing
 from dataclasses import dataclass
 from pathlib import Path
 
 from paser.comparison.config import CompareConfig
-from paser.config import SECTIONS, load_config, read_yaml
+from paser.config import SECTIONS, load_config, read_yaml, section_keys
 from paser.data.prompts import PromptFormat
 from paser.errors import ConfigError
 from paser.evaluation.config import EvalConfig
@@ -49,7 +48,7 @@ def split_overrides(command: str, overrides: dict, sections: dict[str, type], ma
     ``{section: {key: value}}``, keys set to None left out). A required argument's default is ``...``."""
     given = {name: default for name, default in arguments.items()}
     found: dict[str, dict] = {name: {} for name in sections}
-    keys = {name: {f.name for f in dataclasses.fields(cls)} - set(SECTIONS) for name, cls in sections.items()}
+    keys = {name: set(section_keys(cls)) - set(SECTIONS) for name, cls in sections.items()}
     for key, value in overrides.items():
         if key in arguments:
             given[key] = value

@@ -88,14 +88,39 @@ def _check(value, hint, where: str):
     return value
 
 
+def concerns(cls) -> dict[str, type]:
+    """The fields of config ``cls`` that each hold one concern's dataclass (``FLAT``: recover's
+    ``lora``, ``steps``, ``data``, ``loss``), by name: their keys sit flat in the YAML section and on
+    the command line (``recover.epochs``), the object nests them (``config.steps.epochs``)."""
+    names = getattr(cls, "FLAT", ())
+    hints = typing.get_type_hints(cls) if names else {}
+    return {name: hints[name] for name in names}
+
+
+def section_keys(cls) -> dict[str, type]:
+    """The keys of ``cls``'s YAML section, in order, with the dataclass that declares each: its own
+    fields, and a concern's keys in the concern field's place."""
+    held = concerns(cls)
+    keys: dict[str, type] = {}
+    for f in dataclasses.fields(cls):
+        keys |= section_keys(held[f.name]) if f.name in held else {f.name: cls}
+    return keys
+
+
+def key_hint(cls, key: str):
+    """The type hint of section key ``key`` of ``cls`` (a concern's key included)."""
+    return typing.get_type_hints(section_keys(cls)[key])[key]
+
+
 def from_mapping(cls, data: dict, where: str, shared: dict | None = None):
-    """Build dataclass ``cls`` from a mapping, refusing unknown keys and wrong types. ``shared``:
-    the configs of sections of their own that ``cls`` holds as fields of the same names (the
-    ``prompt`` section), already built (``shared_sections``); ``data`` may not set them."""
+    """Build dataclass ``cls`` from a mapping, refusing unknown keys and wrong types; a concern it
+    holds (``concerns``) is built from its keys in the same mapping. ``shared``: the configs of
+    sections of their own that ``cls`` holds as fields of the same names (the ``prompt`` section),
+    already built (``shared_sections``); ``data`` may not set them."""
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: expected a mapping of settings, got {type(data).__name__}")
     hints = typing.get_type_hints(cls)
-    fields = {f.name for f in dataclasses.fields(cls)}
+    fields = set(section_keys(cls))
     moved = getattr(cls, "MOVED", {})
     for key in data:
         if key in moved:
@@ -106,7 +131,10 @@ def from_mapping(cls, data: dict, where: str, shared: dict | None = None):
     unknown = sorted(set(data) - fields)
     if unknown:
         raise ConfigError(f"{where}: unknown key(s) {unknown}; known: {sorted(fields - set(SECTIONS))}")
-    values = {k: _check(v, hints[k], f"{where}.{k}") for k, v in data.items()}
+    owners = section_keys(cls)
+    values = {k: _check(v, hints[k], f"{where}.{k}") for k, v in data.items() if owners[k] is cls}
+    values |= {name: from_mapping(concern, {k: v for k, v in data.items() if owners[k] is concern}, where)
+               for name, concern in concerns(cls).items()}
     values |= {k: v for k, v in (shared or {}).items() if k in fields}
     try:
         return cls(**values)
@@ -142,8 +170,18 @@ def read_yaml(path: str | Path) -> dict:
 
 def config_with(config, overrides: dict):
     """A copy of the dataclass ``config`` with the given fields replaced (unknown names are errors);
-    a config it holds takes a dict of its own fields (``prompt={"cutoff": 512}``)."""
-    known = {f.name for f in dataclasses.fields(config)}
+    a config it holds takes a dict of its own fields (``prompt={"cutoff": 512}``), and a concern's
+    key is given flat, as in the YAML section (``epochs=1`` sets ``config.steps.epochs``)."""
+    held = concerns(type(config))
+    owners = section_keys(type(config))
+    flat = {k: v for k, v in overrides.items() if k in owners and owners[k] is not type(config)}
+    overrides = {k: v for k, v in overrides.items() if k not in flat}
+    for name, concern in held.items():
+        mine = {k: v for k, v in flat.items() if owners[k] is concern}
+        if mine:
+            given = overrides.get(name, {})
+            overrides[name] = given | mine if isinstance(given, dict) else dataclasses.replace(given, **mine)
+    known = {f.name for f in dataclasses.fields(config)} | set(owners)
     moved = getattr(config, "MOVED", {})
     for key in set(overrides) & set(moved):
         section, field = moved[key].split(".")
@@ -182,10 +220,15 @@ def load_config(cls, path: str | Path | None, section: str, overrides: dict | No
 
 
 def to_mapping(config) -> dict:
-    """A YAML-friendly dict of a config (tuples as lists, a config it holds as a dict)."""
+    """A YAML-friendly dict of a config (tuples as lists, a config it holds as a dict, a concern's
+    keys flat in its place, as its YAML section writes them)."""
     out = {}
+    held = concerns(type(config))
     for f in dataclasses.fields(config):
         value = getattr(config, f.name)
+        if f.name in held:
+            out |= to_mapping(value)
+            continue
         out[f.name] = (list(value) if isinstance(value, tuple) else
                        to_mapping(value) if dataclasses.is_dataclass(value) else value)
     return out

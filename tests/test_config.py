@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from paser.config import load_config, to_mapping
+from paser.config import config_with, load_config, to_mapping
 from paser.errors import ConfigError
 from paser.models.config import PruneConfig
 
@@ -56,7 +56,6 @@ def test_every_stage_config_is_a_known_section_and_recipes_load():
 
 
 def test_one_prompt_section_serves_scoring_recovery_and_evaluation(tmp_path):
-    from paser.config import config_with
     from paser.data.prompts import PromptFormat
     from paser.evaluation.config import EvalConfig
     from paser.recovery.config import RecoverConfig
@@ -104,21 +103,40 @@ def test_the_prompt_format_is_set_in_its_own_section_only(tmp_path, text, sectio
     assert message in str(info.value) and "c.yaml" in str(info.value)
 
 
-def test_recovery_settings_are_made_of_four_concerns_each_checking_its_own():
+def test_recovery_settings_nest_four_concerns_behind_flat_keys(tmp_path):
     import dataclasses
 
     from paser.cli.options import field_docs
-    from paser.recovery.config import CONCERNS, ObjectiveSettings, RecoverConfig, StepSettings
+    from paser.config import concerns, section_keys, to_mapping
+    from paser.recovery.config import LossSettings, RecoverConfig, StepSettings
 
-    declared = [set(vars(c)["__annotations__"]) for c in CONCERNS] + [set(vars(RecoverConfig)["__annotations__"]) -
-                                                                      {"MOVED"}]
-    names = {f.name for f in dataclasses.fields(RecoverConfig)}
-    assert sum(map(len, declared)) == len(names) and set().union(*declared) == names  # every key in one place
+    held = concerns(RecoverConfig)
+    assert list(held) == ["lora", "steps", "data", "loss"]
+    keys = section_keys(RecoverConfig)
+    declared = [f.name for c in held.values() for f in dataclasses.fields(c)]
+    own = [f.name for f in dataclasses.fields(RecoverConfig) if f.name not in held]
+    assert list(keys) == declared + own and len(set(keys)) == len(keys)  # every key once, in one place
+    # the YAML section and overrides stay flat; the object nests
+    path = tmp_path / "r.yaml"
+    path.write_text("recover:\n  r: 4\n  epochs: 1\n  val_size: 0\n  objective: mix\n  merge: true\n")
+    config = load_config(RecoverConfig, path, "recover", {"micro_batch_size": 2})
+    assert (config.lora.r, config.steps.epochs, config.data.val_size, config.loss.objective, config.merge,
+            config.steps.micro_batch_size) == (4, 1.0, 0, "mix", True, 2)
+    assert to_mapping(config) | {"r": 8} == to_mapping(config_with(config, {"r": 8}))  # flat both ways
+    assert load_config(RecoverConfig, None, "recover", to_mapping(config)) == config
+    with pytest.raises(ConfigError, match="r.yaml: recover.epochs: expected a number"):
+        path.write_text("recover:\n  epochs: two\n")
+        load_config(RecoverConfig, path, "recover")
+    with pytest.raises(ConfigError, match="unknown key.*'lora'"):  # a concern is not a key of the section
+        load_config(RecoverConfig, None, "recover", {"lora": {"r": 4}})
+    # each concern checks its own fields, also when set through the whole config
     with pytest.raises(ValueError, match="batch_size 6 must be a multiple of micro_batch_size 4"):
         StepSettings(batch_size=6)
     for concern_error in ({"batch_size": 6}, {"dropout": 1.0}, {"val_size": -1}, {"objective": "x"}):
-        with pytest.raises(ValueError):  # the whole config checks every concern
-            RecoverConfig(**concern_error)
+        with pytest.raises(ConfigError):
+            load_config(RecoverConfig, None, "recover", concern_error)
+        with pytest.raises(ValueError):
+            config_with(RecoverConfig(), concern_error)
     with pytest.raises(ValueError, match="token_weighting weights the SFT loss"):
-        ObjectiveSettings(objective="distill", token_weighting=0.5)
+        LossSettings(objective="distill", token_weighting=0.5)
     assert field_docs(RecoverConfig)["r"] == "LoRA rank." and "CUDA" in field_docs(RecoverConfig)["device"]

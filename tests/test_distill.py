@@ -14,7 +14,8 @@ from paser.data.pools import write_jsonl
 from paser.data.prompts import PromptFormat
 from paser.data.suite import generate_suite, suite_pool
 from paser.errors import ConfigError, TokenizerMismatchError
-from paser.recovery import RecoverConfig, recover
+from paser.recovery import recover
+from paser.recovery.config import LossSettings
 from paser.recovery.distill import in_memory_targets
 from paser.recovery.losses import IGNORE, collate, encode_for_training, objective_loss_sum
 from tests.conftest import build_model, build_tokenizer
@@ -41,7 +42,7 @@ def test_distillation_loss_equals_a_direct_computation(tiny_pair, tiny_tokenizer
     teacher, student = _models(tiny_pair)
     examples = encode_for_training(tiny_tokenizer, suite_pool(6, seed=3).records, PromptFormat())
     batch = collate(examples, tiny_tokenizer.pad_token_id, "cpu")
-    config = RecoverConfig(objective="distill", divergence=kind, temperature=temperature)
+    config = LossSettings(objective="distill", divergence=kind, temperature=temperature)
     loss, nll, div = objective_loss_sum(student, batch, config, in_memory_targets(teacher, batch, temperature))
 
     expected = expected_nll = 0.0
@@ -64,7 +65,7 @@ def test_distillation_loss_equals_a_direct_computation(tiny_pair, tiny_tokenizer
     assert div == pytest.approx(expected, rel=1e-4)
     assert float(loss.detach()) == pytest.approx(expected, rel=1e-4)
     assert nll == pytest.approx(expected_nll, rel=1e-5)
-    mix = RecoverConfig(objective="mix", divergence=kind, temperature=temperature, mix_weight=0.3)
+    mix = LossSettings(objective="mix", divergence=kind, temperature=temperature, mix_weight=0.3)
     mixed, _, _ = objective_loss_sum(student, batch, mix, in_memory_targets(teacher, batch, temperature))
     assert float(mixed.detach()) == pytest.approx(0.3 * expected_nll + 0.7 * expected, rel=1e-4)
 
@@ -72,7 +73,7 @@ def test_distillation_loss_equals_a_direct_computation(tiny_pair, tiny_tokenizer
 def test_accumulated_micro_batches_give_the_full_batch_gradient(tiny_pair, tiny_tokenizer):
     teacher, student = _models(tiny_pair)
     examples = encode_for_training(tiny_tokenizer, suite_pool(8, seed=4).records, PromptFormat())
-    config = RecoverConfig(objective="mix", mix_weight=0.25)
+    config = LossSettings(objective="mix", mix_weight=0.25)
     n = sum(sum(1 for t in e.labels[1:] if t != IGNORE) for e in examples)
 
     def grads(chunks):
@@ -207,4 +208,4 @@ def test_bad_distillation_settings_are_refused():
     for bad in ({"objective": "dpo"}, {"divergence": "rkl"}, {"temperature": 0}, {"mix_weight": 1.5},
                 {"teacher_top_k": 0}):
         with pytest.raises(ValueError):
-            RecoverConfig(**bad)
+            LossSettings(**bad)

@@ -325,9 +325,10 @@ def test_an_equal_compute_target_may_be_a_recovery_variant(tmp_path):
     args = types.SimpleNamespace(batch_size=4, micro_batch_size=2, micro_batch_tokens=None, learning_rate=3e-4,
                                  max_steps=None, epochs=2, dense="dense-model")
     plain = exp.recovery_config(arm, {"work": tmp_path}, args)
-    assert (plain.objective, plain.teacher, plain.token_weighting, plain.batch_tokens) == ("sft", None, 0.0, 80)
+    assert (plain.loss.objective, plain.loss.teacher, plain.loss.token_weighting, plain.steps.batch_tokens) == (
+        "sft", None, 0.0, 80)
     weighted = exp.recovery_config("tok:paser@tokw", {"work": tmp_path}, args)
-    assert (weighted.teacher, weighted.token_weighting) == ("dense-model", 0.5)
+    assert (weighted.loss.teacher, weighted.loss.token_weighting) == ("dense-model", 0.5)
     with pytest.raises(SystemExit, match="unknown arm"):
         exp.main(["--settings", "suite-25", "--arms", "tok:random-0=nosuch@tokw", "--out", str(tmp_path / "w"),
                   "--results", str(tmp_path / "r")])

@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 
+from paser.config import config_with
 from paser.data.prompts import PromptFormat
 from paser.data.suite import suite_pool
 from paser.recovery import RecoverConfig, recover
@@ -79,8 +80,8 @@ def test_a_few_steps_reduce_the_loss_and_the_adapter_round_trips(tiny_model_dir,
     from paser.data.pools import load_pool
     from paser.recovery.plan import split_validation
 
-    config = RecoverConfig(**FAST)
-    train, _ = split_validation(load_pool(train_file).records, config)
+    config = config_with(RecoverConfig(), FAST)
+    train, _ = split_validation(load_pool(train_file).records, config.data)
     examples = encode_for_training(load_model(str(tiny_model_dir)).tokenizer, train, config.prompt)
     expected = sum(sum(1 for t in e.labels[1:] if t != IGNORE) for e in examples)
     assert result.train_tokens == expected == json.loads((out / "recovery.json").read_text())["train_tokens"] > 0
@@ -177,11 +178,12 @@ def test_recovery_with_token_batches(tiny_model_dir, train_file, tmp_path):
     out = tmp_path / "rec"
     result = recover(str(tiny_model_dir), train_file, out, epochs=1, **(FAST | {"batch_tokens": 600}))
     done = json.loads((out / "recovery.json").read_text())
-    config = RecoverConfig(**(FAST | {"batch_tokens": 600, "epochs": 1}))
-    train, _ = split_validation(load_pool(train_file).records, config)
+    config = config_with(RecoverConfig(), FAST | {"batch_tokens": 600, "epochs": 1})
+    train, _ = split_validation(load_pool(train_file).records, config.data)
     examples = encode_for_training(load_model(str(tiny_model_dir)).tokenizer, train, config.prompt)
     lengths = [len(e.ids) for e in examples]
-    assert result.steps == done["steps"] == round(sum(lengths) / 600) == len(step_batches(len(train), config, lengths))
+    planned = step_batches(len(train), config.steps, lengths)
+    assert result.steps == done["steps"] == round(sum(lengths) / 600) == len(planned)
     assert done["batch_unit"] == "tokens"
     assert done["tokens_per_step"]["mean"] == pytest.approx(sum(lengths) / result.steps, abs=0.1)
     assert done["tokens_per_step"]["max"] - done["tokens_per_step"]["min"] <= 2 * max(lengths)
@@ -229,7 +231,7 @@ def test_early_stopping_keeps_the_best_adapter_and_stays_stopped(tiny_model_dir,
 
     loaded = load_model(str(tiny_model_dir))
     adapted = PeftModel.from_pretrained(loaded.model, tmp_path / "rec" / "adapter").eval()
-    _, held = split_validation(load_pool(train_file).records, RecoverConfig(**settings))
+    _, held = split_validation(load_pool(train_file).records, config_with(RecoverConfig(), settings).data)
     assert response_nll(adapted, loaded.tokenizer, held, batch_size=4)["nll"] == pytest.approx(val[best], rel=1e-5)
     assert result.val_loss == pytest.approx(val[best])
     # the same command again trains nothing more (no Trainer is even built) and keeps the same adapter

@@ -13,7 +13,8 @@ from paser.data.suite import generate_suite
 from paser.errors import ConfigError, DataError
 from paser.ledger import Ledger, forward_flops
 from paser.models.generate import generate_answers
-from paser.recovery import RecoverConfig, recover
+from paser.recovery import recover
+from paser.recovery.config import DataSettings
 from paser.recovery.dense_answers import AnswerCache, answer_key, count_answers, with_dense_answers
 
 TOKENS = 6  # answer length: short, the tiny model never stops on its own
@@ -139,7 +140,7 @@ def test_dense_responses_need_a_teacher_and_a_fixed_file(tiny_pair, records, tmp
     with pytest.raises(ConfigError, match="responses dense trains on the dense model's own answers"):
         recover(pruned, str(data), tmp_path / "out", responses="dense", progress=False)
     with pytest.raises(ValueError, match="responses must be one of"):
-        RecoverConfig(responses="teacher")
+        DataSettings(responses="teacher")
 
 
 def test_cli_recover_on_the_dense_models_answers(tiny_pair, records, tmp_path):

@@ -32,7 +32,7 @@ def test_weights_of_zero_on_all_tokens_but_one_give_that_tokens_gradient_alone(t
     one = 5
     weights = torch.zeros(labelled)
     weights[one] = 1.0
-    loss, nll, _ = objective_loss_sum(model, batch | {"weights": weights}, config)
+    loss, nll, _ = objective_loss_sum(model, batch | {"weights": weights}, config.loss)
     loss.backward()
     weighted = _grads(model)
     model.zero_grad()

@@ -15,7 +15,6 @@ print(field_docs(RecoverConfig)['seed'])"
 from __future__ import annotations
 
 import ast
-import dataclasses
 import functools
 import inspect
 import textwrap
@@ -30,7 +29,7 @@ import typer
 
 from paser.cli.app import fail
 from paser.comparison.config import CompareConfig
-from paser.config import hint_parts
+from paser.config import concerns, hint_parts, key_hint
 from paser.data.prompts import PromptFormat
 from paser.evaluation.config import EvalConfig
 from paser.recovery.config import RecoverConfig
@@ -39,10 +38,10 @@ from paser.selection.configs import STAGE_CONFIGS
 
 @functools.cache
 def field_docs(cls) -> dict[str, str]:
-    """Each field's docstring (the string right below its annotation in the body of the class that
-    declares it, ``cls`` or a dataclass it is made of), its lines joined."""
+    """Each key's docstring (the string right below its annotation in the body of the class that
+    declares it: ``cls``, or a concern whose keys its section writes flat), its lines joined."""
     docs = {}
-    for owner in reversed([c for c in cls.__mro__ if dataclasses.is_dataclass(c)]):
+    for owner in {cls: None} | dict.fromkeys(concerns(cls).values()):
         body = ast.parse(textwrap.dedent(inspect.getsource(owner))).body[0].body
         for node, after in zip(body, body[1:]):
             if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(after, ast.Expr)
@@ -82,7 +81,7 @@ def _cli_type(hint):
 
 def option(spec: Opt, configs: dict[str, type]) -> inspect.Parameter:
     cls = configs[spec.section]
-    hint = typing.get_type_hints(cls)[spec.field]
+    hint = key_hint(cls, spec.field)
     kind = spec.kind or _cli_type(hint)
     flags = [spec.flag] if spec.flag else [f"--{spec.field.replace('_', '-')}"]
     info = typer.Option(*flags, help=field_docs(cls).get(spec.field))
@@ -160,18 +159,20 @@ def configuration_reference() -> str:
              "Generated from the configs by `paser.cli.options.configuration_reference`; the command-line options",
              "carry the same text. Unknown keys and wrong types are errors.", ""]
     for name, cls in sections.items():
-        hints = typing.get_type_hints(cls)
         docs = field_docs(cls)
         lines += [f"## `{name}`", "", " ".join((cls.__doc__ or "").split()), ""]
-        # a config made of concerns (recover): one table per concern, then its own keys
-        owners = list(reversed([c for c in cls.__mro__ if dataclasses.is_dataclass(c)]))
-        for owner in owners:
-            declared = [f for f in fields(cls) if f.name in vars(owner).get("__annotations__", {})
-                        and (f.name not in sections or f.name == name)]  # a section of its own is listed there
-            if len(owners) > 1:
+        # a config made of concerns (recover): one table per concern (its attribute), then its own keys
+        held = concerns(cls)
+        titles = {concern: f"### `{concern.__name__}` (`{cls.__name__}.{attr}` in Python)"
+                  for attr, concern in held.items()}
+        for owner, title in (titles | {cls: f"### `{cls.__name__}`"}).items():
+            declared = [f for f in fields(owner) if f.name not in held  # a section of its own is listed there
+                        and (f.name not in sections or f.name == name)]
+            if held:
                 about = " ".join((owner.__doc__ or "").split()) if owner is not cls else "Its own keys."
-                lines += [f"### `{owner.__name__}`", "", about, ""]
+                lines += [title, "", about, ""]
             lines += ["| key | type | default | meaning |", "|---|---|---|---|"]
+            hints = typing.get_type_hints(owner)
             for f in declared:
                 default = f.default if f.default is not MISSING else f.default_factory()
                 kind = " or ".join(hint_parts(hints[f.name]))

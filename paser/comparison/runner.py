@@ -301,7 +301,7 @@ def recovery_config(arm: Arm, setup: Setup, subset: dict) -> RecoverConfig:
     """The recipe with the arm's variant and seed; token batches at a token budget."""
     fields = arm.recovery(setup.config.dense)
     if setup.config.token_batches and parse_budget(setup.config.budgets[arm.budget]).tokens:
-        fields["batch_tokens"] = int(round(setup.recover.batch_size * subset["mean_record_tokens"]))
+        fields["batch_tokens"] = int(round(setup.recover.steps.batch_size * subset["mean_record_tokens"]))
     return config_with(setup.recover, fields)
 
 

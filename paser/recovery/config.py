@@ -1,8 +1,9 @@
 """Recovery's settings, by concern: the LoRA adapters (``LoraSettings``), how the optimizer steps are
 made (``StepSettings``), the records trained and held out (``DataSettings``), and what each
-response token is trained towards (``ObjectiveSettings``: SFT, distillation and its teacher, token
-weighting). ``RecoverConfig`` is the four together with where the run happens; its YAML section
-(``recover``) and its fields stay flat (``recover.epochs``, ``config.epochs``). Defaults: LLM-Pruner's
+response token is trained towards (``LossSettings``: SFT, distillation and its teacher, token
+weighting). ``RecoverConfig`` holds the four (``config.lora.r``, ``config.steps.epochs``,
+``config.data.val_size``, ``config.loss.objective``) and where the run happens; its YAML section
+and the command line keep the keys flat (``recover.epochs``, ``--epochs``). Defaults: LLM-Pruner's
 recipe.
 
     python -c "from paser.recovery.config import RecoverConfig; print(RecoverConfig())"
@@ -139,7 +140,7 @@ class DataSettings:
 
 
 @dataclass
-class ObjectiveSettings:
+class LossSettings:
     """What each response position is trained towards: the reference token (SFT, optionally weighted
     per token by what pruning broke) or the teacher's distribution (distillation), or a mix."""
 
@@ -190,14 +191,21 @@ class ObjectiveSettings:
         _positive(self, "teacher_top_k")
 
 
-CONCERNS = (LoraSettings, StepSettings, DataSettings, ObjectiveSettings)
-
-
 @dataclass
-class RecoverConfig(ObjectiveSettings, DataSettings, StepSettings, LoraSettings):
-    """LoRA recovery settings (defaults: LLM-Pruner's recipe): the four concerns' fields, and where
-    and how the run happens."""
+class RecoverConfig:
+    """LoRA recovery settings (defaults: LLM-Pruner's recipe): the four concerns, and where and how the
+    run happens."""
 
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    """The adapters."""
+    steps: StepSettings = field(default_factory=StepSettings)
+    """The optimizer steps."""
+    data: DataSettings = field(default_factory=DataSettings)
+    """The records trained and held out."""
+    loss: LossSettings = field(default_factory=LossSettings)
+    """What each response token is trained towards."""
+    FLAT: ClassVar[tuple[str, ...]] = ("lora", "steps", "data", "loss")
+    """The concerns whose keys the YAML section and the command line write flat (paser.config.concerns)."""
     prompt: PromptFormat = field(default_factory=PromptFormat)
     """The prompt format (the ``prompt`` section, shared with scoring and evaluation)."""
     MOVED: ClassVar[dict] = {"template": "prompt.template", "cutoff": "prompt.cutoff"}
@@ -215,6 +223,3 @@ class RecoverConfig(ObjectiveSettings, DataSettings, StepSettings, LoraSettings)
     pictures: bool = True
     """Draw training_curve.png (training and validation loss by step)."""
 
-    def __post_init__(self):
-        for concern in CONCERNS:
-            concern.__post_init__(self)

@@ -84,7 +84,8 @@ def answer_with_dense(records: list, data: str, config, out: Path, trust_pickle:
     with rank_zero_first(world, device):
         tokenizer = load_tokenizer(reference, trust_pickle=trust_pickle) or dense().tokenizer  # a whole pickle
         answered, summary = with_dense_answers(records, reference, None, tokenizer, config.prompt.template,
-                                               config.answer_tokens, config.micro_batch_size, out, config.progress,
+                                               config.data.answer_tokens, config.steps.micro_batch_size, out,
+                                               config.progress,
                                                loader=lambda: dense().model.eval())
         sizes = ModelSizes(Path(out) / FOLDER)
         summary["params"] = sizes.get(summary["fingerprint"])

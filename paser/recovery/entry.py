@@ -39,13 +39,13 @@ def recover(model: str, data: str, out: str | Path = "runs/recover", config: Rec
     # set up: the run, its records encoded, the checkpoint, the references and the student
     job = Job.open(model, data, Path(out), config, trust_pickle, restart, [r.id for r in train])
     train_ex, val_ex = job.encode(train), job.encode(val)
-    if config.patience is not None and not val_ex:
+    if config.steps.patience is not None and not val_ex:
         raise ConfigError("patience stops on the validation loss: give a validation set (val_size > 0 or val_data)")
     if answers is not None:
         count_answers(job.ledger, answers)
     job.start(train_ex)
     # train the plan of steps (a finished run's adapter is in its checkpoint)
-    steps = step_batches(len(train_ex), config, [len(e.ids) for e in train_ex])
+    steps = step_batches(len(train_ex), config.steps, [len(e.ids) for e in train_ex])
     t0 = time.perf_counter()
     if job.finished:  # nothing to train, its adapter is in the checkpoint
         job.load_finished_adapter()
@@ -67,7 +67,7 @@ def adaptive_plan(data: str, config: RecoverConfig) -> dict | None:
         plan = read_plan(data)
     except ValueError as err:
         raise ConfigError(str(err)) from None
-    if plan is not None and config.responses == "dense":
+    if plan is not None and config.data.responses == "dense":
         raise ConfigError(f"{data} is an adaptive selection, whose rounds draw records by their tokens as they "
                           "train; responses dense (the dense model's own answers) trains on a fixed file")
     return plan
@@ -81,11 +81,11 @@ def training_records(data: str, val_data: str | None, config: RecoverConfig, out
     records = load_pool(data).records
     val_records = load_pool(val_data).records if val_data is not None else None
     answers = None
-    if config.responses == "dense":
+    if config.data.responses == "dense":
         both, answers = answer_with_dense(records + (val_records or []), data, config, out, trust_pickle,
                                           train_device(config), world_size())
         records, val_records = both[:len(records)], (both[len(records):] if val_records is not None else None)
-    train, val = split_validation(records, config)
+    train, val = split_validation(records, config.data)
     if val_records is not None:
         val = val_records
     if not train:

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from paser.config import to_mapping
 from paser.devices import default_device, resolve_dtype
 from paser.errors import ConfigError
 from paser.ledger import Ledger, flop_params
@@ -71,13 +72,20 @@ def train_device(config: RecoverConfig) -> str:
     return device
 
 
+def uses_dense(config: RecoverConfig) -> bool:
+    """Whether training needs the dense model: as the teacher, for token weighting's signal or for
+    its own answers."""
+    return config.loss.objective != "sft" or config.loss.token_weighting > 0 or config.data.responses == "dense"
+
+
 def _fingerprint(config: RecoverConfig, model_fp: str, train_ids: list[str]) -> str:
     # sft leaves the distillation fields out, so checkpoints made before they existed still resume
     skip = ("progress", "pictures", "merge", "device", "eval_every", "save_every", "gradient_checkpointing") + (
-        DISTILL_FIELDS if config.objective == "sft" else ()) + (TOKEN_FIELDS if config.token_weighting == 0 else ()) + (
-        SELF_FIELDS if config.responses == "data" else ())
-    keep = {k: v for k, v in vars(config).items() if k not in skip}
-    keep |= dataclasses.asdict(keep.pop("prompt"))  # template and cutoff, as when they were fields here
+        DISTILL_FIELDS if config.loss.objective == "sft" else ()) + (
+        TOKEN_FIELDS if config.loss.token_weighting == 0 else ()) + (
+        SELF_FIELDS if config.data.responses == "data" else ())
+    keep = {k: v for k, v in to_mapping(config).items() if k not in skip}  # the keys flat, as in the YAML
+    keep |= keep.pop("prompt")  # template and cutoff, as when they were fields here
     h = hashlib.sha256(json.dumps([keep, model_fp], sort_keys=True, default=str).encode())
     for rid in train_ids:
         h.update(rid.encode() + b"\x00")
@@ -130,8 +138,7 @@ class Job:
         self.device = device = train_device(config)
         # resolved before the fingerprint: a checkpoint records the precision it was trained in
         self.config = dataclasses.replace(config, dtype=resolve_dtype(config.dtype, device))
-        uses_dense = config.objective != "sft" or config.token_weighting > 0 or config.responses == "dense"
-        self.reference = resolve_teacher(config, data) if uses_dense else None
+        self.reference = resolve_teacher(config, data) if uses_dense(config) else None
         self.teacher = self.cache = self.signal = None
         self.ledger = Ledger()
         self.log: list[dict] = []
@@ -150,7 +157,7 @@ class Job:
         job = cls(model, data, out, config, trust_pickle)
         config = job.config
         # with a top-k cache the teacher runs before the student is loaded, so only the tokenizer first
-        lazy = job.reference is not None and config.objective != "sft" and config.teacher_top_k
+        lazy = job.reference is not None and config.loss.objective != "sft" and config.loss.teacher_top_k
         job.tokenizer = load_tokenizer(model, trust_pickle, job.reference) if lazy else None
         job.loaded = None if job.tokenizer is not None else load_model(
             model, dtype=config.dtype, trust_pickle=trust_pickle, device=job.device, tokenizer_from=job.reference)
@@ -187,10 +194,10 @@ class Job:
         run loads no reference: its adapter is in the checkpoint."""
         self.check_checkpoint()
         training = self.reference is not None and not self.finished
-        if training and self.config.objective != "sft":
+        if training and self.config.loss.objective != "sft":
             self.load_teacher(train_ex)
         self.load_student()
-        if training and self.config.token_weighting > 0:
+        if training and self.config.loss.token_weighting > 0:
             self.build_token_signal(train_ex)
         self.wrap_student()
 
@@ -224,12 +231,12 @@ class Job:
         dense = load_dense(ref, config, self.trust_pickle, self.device)
         check_same_tokenizer(dense.tokenizer, self.tokenizer, str(ref), str(self.model))
         cache = SignalCache(self.out / "token_signal", signal_fingerprint(
-            model_fingerprint(ref), model_fingerprint(self.model), config.token_signal, train_ex))
-        announce(f"token weighting: {config.token_signal} of {ref} against {self.model} over {len(train_ex)} "
+            model_fingerprint(ref), model_fingerprint(self.model), config.loss.token_signal, train_ex))
+        announce(f"token weighting: {config.loss.token_signal} of {ref} against {self.model} over {len(train_ex)} "
                  f"records ({cache.folder})")
         with rank_zero_first(self.world, self.device):  # one process computes the signal, the others read it
             self.signal = cache.build(dense.model.requires_grad_(False), self.loaded.model, train_ex, collate,
-                                      self.pad_id, self.device, config.token_signal, config.micro_batch_size,
+                                      self.pad_id, self.device, config.loss.token_signal, config.steps.micro_batch_size,
                                       labelled_logits)
         tokens, positions = sum(len(e.ids) for e in train_ex), sum(scored_tokens(e) for e in train_ex)
         seconds = time.perf_counter() - start
@@ -279,22 +286,22 @@ class Job:
         from transformers import PrinterCallback
 
         config, world, rank = self.config, self.world, self.rank
-        batches, accumulation = micro_batches(steps, config.micro_batch_size, world, [len(e.ids) for e in train_ex],
-                                              config.micro_batch_tokens)
-        weights = (step_weights(self.signal, batches, accumulation * world, config.token_weighting)
+        batches, accumulation = micro_batches(steps, config.steps.micro_batch_size, world,
+                                              [len(e.ids) for e in train_ex], config.steps.micro_batch_tokens)
+        weights = (step_weights(self.signal, batches, accumulation * world, config.loss.token_weighting)
                    if self.signal is not None else None)
         teacher, cache = self.teacher, self.cache
 
         def targets(batch, index):  # the teacher's next-token distributions of the batch (None for SFT)
             if cache is not None:
                 return cache.targets(index, batch["input_ids"].device)
-            return None if teacher is None else in_memory_targets(teacher, batch, config.temperature)
+            return None if teacher is None else in_memory_targets(teacher, batch, config.loss.temperature)
 
         def validate(net):  # with several processes each takes every world-th record; the sums are added
             if not val_ex:
                 return None
             total_nll, count = validation_sums(net, val_ex[rank::world], self.pad_id, net.device,
-                                               config.micro_batch_size)
+                                               config.steps.micro_batch_size)
             if world > 1:
                 both = trainer.accelerator.reduce(torch.tensor([total_nll, count], dtype=torch.float64,
                                                                device=net.device), reduction="sum")
@@ -314,8 +321,8 @@ class Job:
         trainer.add_callback(StepLog(trainer, plan_tokens, validate, self.fingerprint, self.log, self.best, bar,
                                      stop_at))
         trainer.remove_callback(PrinterCallback)  # paser logs the steps itself
-        announce(f"LoRA recovery of {self.model}: {len(steps)} steps ({config.objective}"
-                 + (f", token-weighted by {config.token_signal}" if self.signal is not None else "")
+        announce(f"LoRA recovery of {self.model}: {len(steps)} steps ({config.loss.objective}"
+                 + (f", token-weighted by {config.loss.token_signal}" if self.signal is not None else "")
                  + (f", resuming at step {start_step})" if start_step else ")")
                  + (f" on {world} processes" if world > 1 else ""))
         trainer.train(resume_from_checkpoint=str(self.checkpoint) if self.checkpoint else None)
@@ -376,29 +383,29 @@ class Job:
         result = RecoveryResult(out, len(done), log[0]["loss"] if log else math.nan,
                                 log[-1]["loss"] if log else math.nan, kept_val, seconds, start_step,
                                 sum(scored_tokens(e) for e in train_ex), mean_step, ledger)
-        distilling = config.objective != "sft"
+        loss = config.loss
+        distilling = loss.objective != "sft"
         (out / "recovery.json").write_text(json.dumps({
             "model": str(self.model), "model_kind": self.loaded.kind, **data_summary,
             "train_tokens": result.train_tokens,
-            "batch_unit": "tokens" if config.batch_tokens else "records",
+            "batch_unit": "tokens" if config.steps.batch_tokens else "records",
             "tokens_per_step": {"mean": round(mean_step, 1), "min": min(step_tokens, default=0),
                                 "max": max(step_tokens, default=0)},
             "records_per_step": round(sum(len(b) for b in done) / max(1, len(done)), 2),
-            "settings": {k: v for k, v in vars(config).items()},
-            "objective": config.objective if not distilling else {
-                "objective": config.objective, "teacher": str(self.reference), "divergence": config.divergence,
-                "temperature": config.temperature,
-                "mix_weight": config.mix_weight if config.objective == "mix" else None,
-                "teacher_targets": ("in memory (exact)" if config.teacher_top_k is None
-                                    else f"top-{config.teacher_top_k} cache on disk"),
+            "settings": to_mapping(config),
+            "objective": loss.objective if not distilling else {
+                "objective": loss.objective, "teacher": str(self.reference), "divergence": loss.divergence,
+                "temperature": loss.temperature, "mix_weight": loss.mix_weight if loss.objective == "mix" else None,
+                "teacher_targets": ("in memory (exact)" if loss.teacher_top_k is None
+                                    else f"top-{loss.teacher_top_k} cache on disk"),
                 "teacher_seconds": round(self.teacher_seconds, 2)},
-            "token_weighting": None if config.token_weighting == 0 else {
-                "strength": config.token_weighting, "signal": config.token_signal, "reference": str(self.reference)},
+            "token_weighting": None if loss.token_weighting == 0 else {
+                "strength": loss.token_weighting, "signal": loss.token_signal, "reference": str(self.reference)},
             "steps": len(done), "planned_steps": len(steps), "stopped_early": bool(best["stopped"]),
             "best_step": best["step"] if best["adapter"] is not None else None,
             "resumed_from_step": start_step, "processes": self.world,
-            "accumulation": micro_batches(steps, config.micro_batch_size, self.world, [len(e.ids) for e in train_ex],
-                                          config.micro_batch_tokens)[1],
+            "accumulation": micro_batches(steps, config.steps.micro_batch_size, self.world,
+                                          [len(e.ids) for e in train_ex], config.steps.micro_batch_tokens)[1],
             "activation_checkpointing": checkpointing_on(self.peft_model),
             "first_loss": result.first_loss,
             "last_loss": result.last_loss, "val_loss": result.val_loss, "seconds": round(seconds, 2),

@@ -22,12 +22,12 @@ def lora_model(model, config: RecoverConfig):
     from peft import LoraConfig, get_peft_model
 
     present = {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
-    missing = sorted(set(config.target_modules) - present)
+    missing = sorted(set(config.lora.target_modules) - present)
     if missing:
         raise ConfigError(f"target_modules {missing} are not linear layers of this model; it has {sorted(present)}")
-    torch.manual_seed(config.seed)
-    lora = LoraConfig(r=config.r, lora_alpha=config.alpha, lora_dropout=config.dropout,
-                      target_modules=list(config.target_modules), bias="none", task_type="CAUSAL_LM")
+    torch.manual_seed(config.steps.seed)
+    lora = LoraConfig(r=config.lora.r, lora_alpha=config.lora.alpha, lora_dropout=config.lora.dropout,
+                      target_modules=list(config.lora.target_modules), bias="none", task_type="CAUSAL_LM")
     with peft_quietly():
         return get_peft_model(model, lora)
 
@@ -78,11 +78,11 @@ def training_arguments(config: RecoverConfig, folder: Path, steps: int, accumula
     on_cpu = not str(device).startswith("cuda")
     args = TrainingArguments(
         output_dir=str(folder), max_steps=steps, gradient_accumulation_steps=accumulation,
-        per_device_train_batch_size=1, learning_rate=config.learning_rate, weight_decay=config.weight_decay,
-        max_grad_norm=config.max_grad_norm, bf16=config.dtype == "bfloat16" and not on_cpu,
-        **checkpointing_arguments(config.gradient_checkpointing),
-        save_strategy="steps", save_steps=config.save_every, save_total_limit=2, logging_strategy="no",
-        report_to="none", disable_tqdm=True, seed=config.seed, use_cpu=on_cpu,
+        per_device_train_batch_size=1, learning_rate=config.steps.learning_rate, weight_decay=config.steps.weight_decay,
+        max_grad_norm=config.steps.max_grad_norm, bf16=config.dtype == "bfloat16" and not on_cpu,
+        **checkpointing_arguments(config.steps.gradient_checkpointing),
+        save_strategy="steps", save_steps=config.steps.save_every, save_total_limit=2, logging_strategy="no",
+        report_to="none", disable_tqdm=True, seed=config.steps.seed, use_cpu=on_cpu,
         ddp_backend="gloo" if on_cpu and world > 1 else None, average_tokens_across_devices=True,
         remove_unused_columns=False, dataloader_num_workers=0)
     return one_device(args, world)

@@ -15,7 +15,7 @@ import torch
 
 from paser.data.prompts import PromptFormat, tokenize_examples
 from paser.errors import DataError
-from paser.recovery.config import ObjectiveSettings
+from paser.recovery.config import LossSettings
 from paser.recovery.distill import divergence
 from paser.selection.passes import body_and_head
 
@@ -95,7 +95,7 @@ def token_loss_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor,
     return sums.sum(), int(counts.sum())
 
 
-def objective_loss_sum(model, batch: dict[str, torch.Tensor], config: ObjectiveSettings,
+def objective_loss_sum(model, batch: dict[str, torch.Tensor], config: LossSettings,
                        targets=None) -> tuple[torch.Tensor, float, float | None]:
     """(the summed training loss of ``config.objective`` over the labelled tokens, to divide by
     the step's token count; its summed NLL; its summed divergence from the teacher's ``targets``,

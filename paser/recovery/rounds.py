@@ -59,7 +59,7 @@ def recover_in_rounds(model: str, data: str, out: Path, config: RecoverConfig, p
     probe_tokens, probe_positions = sum(len(e.ids) for e in probe_ex), sum(scored_tokens(e) for e in probe_ex)
 
     def measure(net) -> list[float]:  # each cluster's mean response NLL on its probe records
-        sums, counts = validation_rows(net, probe_ex, job.pad_id, job.device, config.micro_batch_size)
+        sums, counts = validation_rows(net, probe_ex, job.pad_id, job.device, config.steps.micro_batch_size)
         total = np.bincount(probe_labels, weights=sums, minlength=k)
         tokens = np.bincount(probe_labels, weights=counts, minlength=k)
         return np.where(tokens > 0, total / np.maximum(tokens, 1), np.nan).tolist()
@@ -76,9 +76,9 @@ def recover_in_rounds(model: str, data: str, out: Path, config: RecoverConfig, p
         write_json(history_path, history)
     count(str(reference), history["dense_params"], reused)
     count(str(model), job.student_params, reused)
-    epochs = int(config.epochs)
-    per_epoch = (math.floor(plan["budget"] / config.batch_tokens + 0.5) if plan["unit"] == "tokens"
-                 else math.ceil(plan["budget"] / config.batch_size))
+    epochs = int(config.steps.epochs)
+    per_epoch = (math.floor(plan["budget"] / config.steps.batch_tokens + 0.5) if plan["unit"] == "tokens"
+                 else math.ceil(plan["budget"] / config.steps.batch_size))
     per_round = round_steps(plan["amounts"], max(per_epoch, len(plan["amounts"])))
     total = epochs * sum(per_round)
     shares, base, taken = np.asarray(plan["base_shares"]), np.asarray(plan["base_shares"]), set(plan["probe"])
@@ -101,7 +101,7 @@ def recover_in_rounds(model: str, data: str, out: Path, config: RecoverConfig, p
             raise ConfigError(f"round {r + 1} drew {len(ids)} records, fewer than its {per_round[r]} steps; "
                               "use fewer rounds or a larger budget")
         for epoch in range(epochs):
-            order = [first + i for i in epoch_order(len(ids), epoch, config.seed + 1_000 * (r + 1))]
+            order = [first + i for i in epoch_order(len(ids), epoch, config.steps.seed + 1_000 * (r + 1))]
             steps += cut_into(order, lengths, per_round[r])
         record = history["rounds"][r]
         if len(job.log) < len(steps) and not job.finished:
@@ -139,11 +139,12 @@ def recover_in_rounds(model: str, data: str, out: Path, config: RecoverConfig, p
 
 def _check_rounds(config: RecoverConfig, plan: dict) -> None:
     """What adaptive rounds support: SFT, whole epochs, the budget's unit in the batches."""
-    if config.objective != "sft" or config.token_weighting > 0:
+    if config.loss.objective != "sft" or config.loss.token_weighting > 0:
         raise ConfigError("adaptive rounds train with plain SFT (objective sft, token_weighting 0)")
-    if config.epochs != int(config.epochs) or config.max_steps is not None or config.patience is not None:
+    steps = config.steps
+    if steps.epochs != int(steps.epochs) or steps.max_steps is not None or steps.patience is not None:
         raise ConfigError("adaptive rounds train whole epochs per round: no fractional epochs, max_steps or patience")
-    if (plan["unit"] == "tokens") != (config.batch_tokens is not None):
+    if (plan["unit"] == "tokens") != (config.steps.batch_tokens is not None):
         raise ConfigError(f"an adaptive budget in {plan['unit']} trains in batches of {plan['unit']}: "
                           + ("give batch_tokens (--batch-tokens)" if plan["unit"] == "tokens"
                              else "leave batch_tokens out"))

@@ -24,18 +24,18 @@ from paser.recovery.losses import Example, collate
 
 
 def resolve_teacher(config: RecoverConfig, data: str) -> str:
-    """The teacher of distill and mix: ``config.teacher``, else the dense model of the selection
+    """The teacher of distill and mix: ``config.loss.teacher``, else the dense model of the selection
     run that wrote ``data`` (its models.json, else its manifest)."""
-    if config.teacher is not None:
-        return config.teacher
+    if config.loss.teacher is not None:
+        return config.loss.teacher
 
     run = Path(data).parent
     if (run / "models.json").is_file():
         return json.loads((run / "models.json").read_text())["dense"]["reference"]
     if (run / "manifest.json").is_file():
         return json.loads((run / "manifest.json").read_text())["settings"]["select"].get("dense") or DEFAULT_MODEL
-    why = (f"objective {config.objective!r} learns from a teacher" if config.objective != "sft"
-           else "token weighting compares the pruned model with the dense one" if config.token_weighting > 0
+    why = (f"objective {config.loss.objective!r} learns from a teacher" if config.loss.objective != "sft"
+           else "token weighting compares the pruned model with the dense one" if config.loss.token_weighting > 0
            else "responses dense trains on the dense model's own answers")
     raise ConfigError(f"{why}: give the dense model (--teacher, recover.teacher), or train on a selection run's "
                       f"selected.jsonl, whose dense model is the default; {data} is not in a run folder")
@@ -67,20 +67,20 @@ def load_teacher(reference: str, tokenizer, student: str, examples: list[Example
     check_same_tokenizer(loaded.tokenizer, tokenizer, str(reference), str(student))
     teacher = loaded.model.requires_grad_(False)
     params = flop_params(teacher)
-    if config.teacher_top_k is None:
+    if config.loss.teacher_top_k is None:
         return teacher, None, params
-    cache = TopKCache(out / "teacher_topk", cache_fingerprint(model_fingerprint(reference), config.teacher_top_k,
-                                                              config.temperature, examples))
+    cache = TopKCache(out / "teacher_topk", cache_fingerprint(model_fingerprint(reference), config.loss.teacher_top_k,
+                                                              config.loss.temperature, examples))
     from tqdm.auto import tqdm
 
     with rank_zero_first(world, device):
         if cache.missing(len(examples)):
             announce(f"running the teacher {reference} alone over {len(examples)} records for its "
-                     f"top-{config.teacher_top_k} cache in {cache.folder}")
+                     f"top-{config.loss.teacher_top_k} cache in {cache.folder}")
             with tqdm(total=len(examples), desc="teacher top-k", unit="rec",
                       disable=not bar_enabled(config.progress)) as bar:
-                cache.build(teacher, examples, collate, pad_id, device, config.teacher_top_k, config.temperature,
-                            config.micro_batch_size, bar.update)
+                cache.build(teacher, examples, collate, pad_id, device, config.loss.teacher_top_k,
+                            config.loss.temperature, config.steps.micro_batch_size, bar.update)
     cache.vocab_size = output_vocab_size(teacher)
     del teacher, loaded
     if str(device).startswith("cuda"):

@@ -110,14 +110,14 @@ class RecoveryTrainer(Trainer):
     def create_optimizer(self, model=None):
         if self.optimizer is None:
             params = [p for p in self.model.parameters() if p.requires_grad]
-            self.optimizer = torch.optim.AdamW(params, lr=self.config.learning_rate,
-                                               weight_decay=self.config.weight_decay)
+            self.optimizer = torch.optim.AdamW(params, lr=self.config.steps.learning_rate,
+                                               weight_decay=self.config.steps.weight_decay)
         return self.optimizer
 
     def create_scheduler(self, num_training_steps: int, optimizer=None):
         if self.lr_scheduler is None:
             self.lr_scheduler = self.schedule_fn(optimizer or self.optimizer, num_training_steps,
-                                                 int(self.config.warmup_ratio * num_training_steps))
+                                                 int(self.config.steps.warmup_ratio * num_training_steps))
         return self.lr_scheduler
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -126,7 +126,7 @@ class RecoveryTrainer(Trainer):
             logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
                            use_cache=False).logits
             return logits.sum() * 0.0
-        loss, nll, div = self.loss_fn(model, inputs, self.config, self.targets_fn(inputs, index.tolist()))
+        loss, nll, div = self.loss_fn(model, inputs, self.config.loss, self.targets_fn(inputs, index.tolist()))
         self.step_sums += torch.tensor([float(loss.detach()), nll, div or 0.0], dtype=torch.float64)
         return loss / num_items_in_batch * self.accelerator.num_processes
 
@@ -146,7 +146,7 @@ class StepLog(TrainerCallback):
 
     def on_step_begin(self, args, state, control, **kwargs):
         # a per-step seed keeps dropout identical on a resumed run
-        torch.manual_seed(derived_seed(self.trainer.config.seed, state.global_step))
+        torch.manual_seed(derived_seed(self.trainer.config.steps.seed, state.global_step))
         self.trainer.step_sums.zero_()
 
     def on_step_end(self, args, state, control, **kwargs):
@@ -155,20 +155,20 @@ class StepLog(TrainerCallback):
         n_tokens = self.plan_tokens[state.global_step - 1]
         entry = {"step": state.global_step, "loss": float(sums[0]) / n_tokens,
                  "lr": trainer.lr_scheduler.get_last_lr()[0]}
-        if config.objective != "sft":
+        if config.loss.objective != "sft":
             entry |= {"nll": float(sums[1]) / n_tokens, "divergence": float(sums[2]) / n_tokens}
-        elif config.token_weighting > 0:  # the loss is weighted; the plain NLL beside it
+        elif config.loss.token_weighting > 0:  # the loss is weighted; the plain NLL beside it
             entry["nll"] = float(sums[1]) / n_tokens
         if not math.isfinite(entry["loss"]):
             raise FloatingPointError(f"step {state.global_step}: loss is {entry['loss']}; lower the learning rate "
                                      "or train in float32")
         last = state.global_step == state.max_steps
-        if state.global_step % config.eval_every == 0 or last:
+        if state.global_step % config.steps.eval_every == 0 or last:
             model = trainer.accelerator.unwrap_model(trainer.model)
             val_loss = self.validate(model)
             if val_loss is not None:
                 entry["val_loss"] = val_loss
-            if val_loss is not None and config.patience is not None:
+            if val_loss is not None and config.steps.patience is not None:
                 self._early_stopping(entry, model, state.global_step)
         self.log.append(entry)
         if self.bar is not None:
@@ -188,7 +188,7 @@ class StepLog(TrainerCallback):
                           "adapter": {k: v.detach().cpu().clone() for k, v in adapter.items()}}
         else:
             self.best["since"] += 1
-            self.best["stopped"] = self.best["since"] >= self.trainer.config.patience
+            self.best["stopped"] = self.best["since"] >= self.trainer.config.steps.patience
 
     def on_save(self, args, state, control, **kwargs):
         folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
