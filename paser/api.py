@@ -46,7 +46,7 @@ def split_overrides(command: str, overrides: dict, sections: dict[str, type], ma
                     arguments: dict) -> tuple[dict, dict]:
     """``overrides`` as (the command's arguments, ``arguments`` giving their defaults; its sections'
     ``{section: {key: value}}``, keys set to None left out). A required argument's default is ``...``."""
-    given = {name: default for name, default in arguments.items()}
+    given = dict(arguments)
     found: dict[str, dict] = {name: {} for name in sections}
     keys = {name: set(section_keys(cls)) - set(SECTIONS) for name, cls in sections.items()}
     for key, value in overrides.items():
@@ -339,6 +339,6 @@ def run_recipe(config: str | None, overrides: dict, flow: bool) -> RunResult:
     parts = {"selection": selection.compute, "recovery": recovery_json["compute"]} | {
         f"evaluation of the {name} model": result.compute for name, result in evaluations.items()}
     results = {name: result.results for name, result in evaluations.items()}
-    (root / "run.md").write_text("\n".join([comparison_table(results), "## Compute (paser's counting rule, "
-                                                                        "paser.ledger)", "", *parts_table(parts), ""]))
+    compute = ["## Compute (paser's counting rule, paser.ledger)", "", *parts_table(parts)]
+    (root / "run.md").write_text("\n".join([comparison_table(results), *compute, ""]))
     return RunResult(root, selection, recovery, evaluations)
