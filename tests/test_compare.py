@@ -186,6 +186,31 @@ def test_the_committed_zeroshot_arms_render_through_paser_compare(tmp_path):
         assert float(cells[8]) == pytest.approx(row["zeroshot"]["paper_mean"]["mean"], abs=6e-5)
 
 
+@pytest.mark.parametrize("folder, config, metric", [("zeroshot-claim", "zeroshot-25", None),
+                                                     ("suite20k-claim", "suite20k-25", None),
+                                                     ("suite20k-claim", "suite20k-25", "zeroshot")])
+def test_the_committed_reports_are_what_paser_compare_renders(tmp_path, folder, config, metric):
+    """Every committed comparison report is rendered again, word for word, from the committed arms
+    (all but its first line, which names the folder, and the picture)."""
+    import shutil
+
+    from paser.comparison import compare
+
+    root = Path(__file__).resolve().parents[1]
+    committed = root / "bench" / "results" / folder
+    shutil.copytree(committed / "arms", tmp_path / "arms")
+    shutil.copyfile(committed / "compare.json", tmp_path / "compare.json")
+    extra = {"metric": metric} if metric else {}
+    result = compare(root / "configs" / "compare" / f"{config}.yaml", report_only=True, picture=False,
+                     out=str(tmp_path), **extra)
+
+    def body(text: str) -> str:
+        return "\n".join(ln for ln in text.splitlines()[1:] if not ln.startswith("![")).strip()
+
+    name = "report-zeroshot.md" if metric else "report.md"
+    assert body(result.report.read_text()) == body((committed / name).read_text())
+
+
 def test_the_generated_suite_is_one_pool_for_every_arm(tmp_path):
     from paser.comparison.runner import split_pool
 
