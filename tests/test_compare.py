@@ -211,6 +211,26 @@ def test_the_committed_reports_are_what_paser_compare_renders(tmp_path, folder, 
     assert body(result.report.read_text()) == body((committed / name).read_text())
 
 
+def test_the_compute_bench_reads_each_arms_ledger(capsys):
+    """bench/compare_compute.py prints each committed arm's selection and recovery FLOPs as its
+    ledger holds them, and its total against the random subsets' mean."""
+    import importlib.util
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("compare_compute", root / "bench" / "compare_compute.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    folder = root / "bench" / "results" / "suite20k-claim"
+    bench.main([str(folder)])
+    lines = [ln.strip("| ").split(" | ") for ln in capsys.readouterr().out.splitlines() if ln.startswith("| tok4:")]
+    printed = {cells[0]: cells for cells in lines}
+    found = json.loads((folder / "arms" / "tok4-strat-c1i0d.json").read_text())["compute"]
+    cells = printed["tok4:strat-c1i0d"]
+    assert float(cells[3].split()[0]) == pytest.approx(found["selection"]["flops_total"] / 1e12, abs=0.006)
+    assert float(cells[4]) == pytest.approx(found["recovery"]["flops_total"] / 1e12, abs=0.006)
+    assert cells[6] == "1.34x" and printed["tok4:random-0"][6] == "1.00x"
+
+
 def test_the_generated_suite_is_one_pool_for_every_arm(tmp_path):
     from paser.comparison.runner import split_pool
 
