@@ -120,7 +120,8 @@ def from_mapping(cls, data: dict, where: str, shared: dict | None = None):
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: expected a mapping of settings, got {type(data).__name__}")
     hints = typing.get_type_hints(cls)
-    fields = set(section_keys(cls))
+    owners = section_keys(cls)
+    fields = set(owners)
     moved = getattr(cls, "MOVED", {})
     for key in data:
         if key in moved:
@@ -131,7 +132,6 @@ def from_mapping(cls, data: dict, where: str, shared: dict | None = None):
     unknown = sorted(set(data) - fields)
     if unknown:
         raise ConfigError(f"{where}: unknown key(s) {unknown}; known: {sorted(fields - set(SECTIONS))}")
-    owners = section_keys(cls)
     values = {k: _check(v, hints[k], f"{where}.{k}") for k, v in data.items() if owners[k] is cls}
     values |= {name: from_mapping(concern, {k: v for k, v in data.items() if owners[k] is concern}, where)
                for name, concern in concerns(cls).items()}
