@@ -203,6 +203,58 @@ def test_the_registered_size_keeps_the_small_sets_whole(tiny_lm):
     assert found["lm_eval"]["piqa"]["samples"] == 5
 
 
+def test_an_interrupted_evaluation_resumes_inside_a_task(tmp_path, tiny_lm, monkeypatch):
+    """A run stopped after two batches leaves their answers in the journal; the next run into the
+    same folder scores only the rest, gives the same items and removes the journal; a journal cut
+    off mid-line resumes, one of another model is started afresh, a damaged one is named."""
+    from paser.evaluation import evaluate
+    from paser.evaluation.packed_lm import PackedLM
+
+    monkeypatch.setitem(PackedLM.__init__.__kwdefaults__, "token_budget", 300)  # batches of a few contexts
+    args = dict(suite_size=0, lm_eval_tasks=["hellaswag"], lm_eval_limit=8)
+    whole = evaluate(str(tiny_lm), out=tmp_path / "whole", **args)["lm_eval"]["hellaswag"]
+    assert not (tmp_path / "whole" / "lm_eval_journal.jsonl").exists()
+
+    real, scored = PackedLM._score_rows, []
+
+    def stop_after(limit):
+        def score(self, rows, requests, width):
+            if len(scored) == limit:
+                raise RuntimeError("stopped")
+            answers = real(self, rows, requests, width)
+            scored.append(len(answers))
+            return answers
+        return score
+
+    folder, journal = tmp_path / "stopped", tmp_path / "stopped" / "lm_eval_journal.jsonl"
+    monkeypatch.setattr(PackedLM, "_score_rows", stop_after(2))
+    with pytest.raises(RuntimeError, match="stopped"):
+        evaluate(str(tiny_lm), out=folder, **args)
+    kept = sum(scored)
+    assert 0 < kept < 32 and len(journal.read_text().splitlines()) == 3  # the head and two batches
+    with journal.open("a") as fh:
+        fh.write('{"tokens": 12, "answ')  # a batch cut off as it was written
+    scored.clear()
+    monkeypatch.setattr(PackedLM, "_score_rows", stop_after(None))
+    resumed = evaluate(str(tiny_lm), out=folder, **args)
+    assert sum(scored) == 32 - kept  # 8 items, 4 endings each
+    assert resumed["lm_eval"]["hellaswag"]["items"] == whole["items"]
+    assert resumed["lm_eval_compute"]["tokens"] > 0 and not journal.exists()
+
+    head = {"journal": "paser lm-eval requests", "identity": {"model": "another"}}
+    journal.write_text(json.dumps(head) + "\n" + json.dumps({"tokens": 1, "positions": 1, "answers": []}) + "\n")
+    scored.clear()
+    assert evaluate(str(tiny_lm), out=folder, **args)["lm_eval"]["hellaswag"]["items"] == whole["items"]
+    assert sum(scored) == 32
+    with pytest.raises(RuntimeError, match="stopped"):
+        monkeypatch.setattr(PackedLM, "_score_rows", stop_after(1))
+        scored.clear()
+        evaluate(str(tiny_lm), out=folder, **args)
+    journal.write_text("\n".join(journal.read_text().splitlines() + ["damaged", "{}"]) + "\n")
+    with pytest.raises(DataError, match=r"lm_eval_journal\.jsonl, line 3: not a journal entry"):
+        evaluate(str(tiny_lm), out=folder, **args)
+
+
 def test_missing_package_is_one_line(tmp_path, tiny_lm, monkeypatch):
     import importlib.util
 

@@ -12,17 +12,18 @@ import tempfile
 import time
 from pathlib import Path
 
+from paser.cache import files_fingerprint
 from paser.config import config_with
 from paser.data.pools import load_pool
 from paser.devices import default_device, resolve_dtype
-from paser.errors import DataError
+from paser.errors import DataError, ModelLoadError
 from paser.evaluation.config import EvalConfig
 from paser.evaluation.harness import lm_eval_scores, paper_mean, prepare_tasks, zero_shot_gap_closed
 from paser.evaluation.metrics import input_tokens, load_for_eval, nll_summary, perplexity, token_stats
 from paser.evaluation.report import evaluation_ledger, markdown_table
 from paser.evaluation.suite import jsd_summary, read_reference, suite_accuracy, suite_gap_closed
 from paser.ledger import flop_params
-from paser.models.load import check_same_tokenizer, load_model
+from paser.models.load import check_same_tokenizer, load_model, model_fingerprint
 from paser.progress import announce
 
 
@@ -99,11 +100,13 @@ def evaluate(model: str, adapter: str | None = None, out: str | Path | None = No
             result["suite"]["answer_nll_gap_closed"] = suite_gap_closed(
                 result["suite"], references[0].get("suite"), references[1].get("suite"),
                 (config.reference_dense, config.reference_pruned))
+    journal = None
     if harness_tasks is not None:
+        journal = _journal(out, model, adapter, config, device)
         scored = lm_eval_scores(net, tokenizer, harness_tasks, batch_size=config.batch_size,
                                 limit=config.lm_eval_limit, num_fewshot=config.lm_eval_fewshot,
                                 sample=config.lm_eval_sample, seed=config.lm_eval_seed, backend=config.lm_eval_backend,
-                                whole=config.lm_eval_whole)
+                                whole=config.lm_eval_whole, journal=journal)
         result["lm_eval"] = scored["tasks"]
         result["lm_eval_compute"] = scored["compute"]
         if (mean := paper_mean(scored["tasks"])) is not None:
@@ -123,4 +126,23 @@ def evaluate(model: str, adapter: str | None = None, out: str | Path | None = No
         out.mkdir(parents=True, exist_ok=True)
         (out / "eval.json").write_text(json.dumps(result, indent=2, default=str))
         (out / "eval.md").write_text(markdown_table(result))
+    if journal is not None:  # its answers are in eval.json now
+        journal.path.unlink(missing_ok=True)
     return result
+
+
+def _journal(out, model: str, adapter: str | None, config: EvalConfig, device: str):
+    """The lm-eval request journal of an evaluation written to ``out``: paser's scorer, a model
+    whose files paser can identify; else None (the run does not resume inside a task)."""
+    from paser.evaluation.packed_lm import RequestJournal  # lm-eval is an optional extra
+
+    if out is None or config.lm_eval_backend != "paser":
+        return None
+    try:
+        model_files = model_fingerprint(model)
+    except ModelLoadError:
+        return None
+    identity = {"model": str(model), "model_files": model_files, "adapter": adapter,
+                "adapter_files": files_fingerprint(adapter) if adapter else None, "dtype": config.dtype,
+                "device": str(device)}
+    return RequestJournal(Path(out) / "lm_eval_journal.jsonl", identity)

@@ -200,7 +200,7 @@ def prepare_tasks(specs: list[str], folder: Path) -> HarnessTasks:
 
 def lm_eval_scores(model, tokenizer, prepared: HarnessTasks, batch_size: int = 8, limit: int | None = None,
                    num_fewshot: int = 0, sample: int | None = None, seed: int = 0, backend: str = "paser",
-                   whole: tuple[str, ...] | list[str] = ()) -> dict:
+                   whole: tuple[str, ...] | list[str] = (), journal=None) -> dict:
     """Score an in-memory ``model`` (base, with adapter, or merged) on the ``prepared`` tasks.
 
     ``limit``: the first items of each task (lm-eval's option); ``sample``: a seeded sample of at
@@ -208,7 +208,9 @@ def lm_eval_scores(model, tokenizer, prepared: HarnessTasks, batch_size: int = 8
     row}, "compute": ...}``, each row with ``acc``, ``acc_stderr``, ``acc_norm``, ``acc_norm_stderr``
     (where the task defines it), ``samples`` (items scored), ``split``, ``metric`` (acc_norm where
     the task reports it, else acc: the one its paper-style average uses) and ``items`` (every
-    item's index in the split with its acc and acc_norm)."""
+    item's index in the split with its acc and acc_norm). ``journal`` (paser's scorer only): a
+    ``RequestJournal`` that keeps every scored request's answer as it comes, and gives back those
+    of an interrupted run."""
     lm_eval, _ = _import_lm_eval()
     from lm_eval.models.huggingface import HFLM
 
@@ -220,7 +222,12 @@ def lm_eval_scores(model, tokenizer, prepared: HarnessTasks, batch_size: int = 8
     if sample is not None:
         chosen = {t.config.task: idx for t in prepared.tasks if t.config.task not in whole
                   and (idx := sample_indices(t.config.task, len(t.eval_docs), sample, seed)) is not None}
-    lm = (PackedLM if backend == "paser" else HFLM)(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    if backend == "paser":
+        lm = PackedLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, journal=journal)
+    elif journal is not None:
+        raise ValueError("a request journal needs paser's scorer (backend='paser')")
+    else:
+        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
     out = lm_eval.simple_evaluate(model=lm, tasks=prepared.tasks, num_fewshot=num_fewshot, limit=limit,
                                   samples=chosen or None, log_samples=True, task_manager=prepared.manager,
                                   bootstrap_iters=1000)

@@ -15,47 +15,112 @@ A request longer than the model's context (lm-eval truncates it from the left) o
 context goes to lm-eval's own code unchanged, and so does every request of a model that is not a
 decoder with a vocabulary head (``get_decoder``, ``get_output_embeddings``). tests/test_zeroshot.py
 checks that the log-likelihoods equal lm-eval's to 1e-4 and that the chosen answers are the same.
+
+With a ``RequestJournal``, every scored batch's answers are appended to a JSONL file as they come,
+and a request already in the journal is not scored again: an evaluation stopped in the middle of
+HellaSwag (an hour on 2 CPU cores) resumes where it stopped. The journal's first line names the
+model it belongs to; a journal of another model (or dtype, device, batch size) is started afresh.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from lm_eval.models.huggingface import HFLM
 
+from paser.errors import DataError
 from paser.progress import announce, quiet
+
+
+class RequestJournal:
+    """The answers of scored requests, by a hash of the request's (context, continuation) text,
+    appended to ``path`` batch by batch with the tokens and head positions they cost; ``identity``
+    (a JSON-able dict: the model's files, dtype, device, ...) heads the file."""
+
+    def __init__(self, path: str | Path, identity: dict):
+        self.path = Path(path)
+        self.answers: dict[str, tuple[float, bool]] = {}
+        self.tokens = self.positions = 0
+        head = {"journal": "paser lm-eval requests", "identity": identity}
+        lines = self.path.read_text(encoding="utf-8").splitlines() if self.path.is_file() else []
+        if lines and _parse(lines[0]) != head:
+            announce(f"{self.path}: a journal of another evaluation (model, dtype or device); started afresh")
+            lines = []
+        for number, line in enumerate(lines[1:], 2):
+            entry = _parse(line)
+            if entry is None:
+                if number == len(lines):  # the last batch, cut off as it was written: scored again
+                    break
+                raise DataError(f"{self.path}, line {number}: not a journal entry; delete the file to score again")
+            self.tokens += entry["tokens"]
+            self.positions += entry["positions"]
+            self.answers.update((key, (float(ll), bool(greedy))) for key, ll, greedy in entry["answers"])
+        if not lines:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.write_text(json.dumps(head) + "\n", encoding="utf-8")
+        elif len(self.answers):
+            announce(f"lm-eval requests: {len(self.answers)} already scored, read from {self.path}")
+
+    @staticmethod
+    def key(request: tuple[str, str]) -> str:
+        return hashlib.sha256(json.dumps(list(request)).encode()).hexdigest()
+
+    def record(self, answers: list[tuple[str, tuple[float, bool]]], tokens: int, positions: int) -> None:
+        """Append one batch's answers (key, (log-likelihood, greedy)) and their cost."""
+        entry = {"tokens": tokens, "positions": positions, "answers": [[k, ll, g] for k, (ll, g) in answers]}
+        with self.path.open("a", encoding="utf-8") as fh:
+            fh.write(json.dumps(entry) + "\n")
+        self.answers.update(answers)
+
+
+def _parse(line: str) -> dict | None:
+    try:
+        entry = json.loads(line)
+    except ValueError:
+        return None
+    return entry if isinstance(entry, dict) else None
 
 
 class PackedLM(HFLM):
     """``HFLM`` with log-likelihood requests scored one shared context per row; the counts of
-    tokens run and head positions are kept in ``tokens`` and ``positions`` (the compute ledger)."""
+    tokens run and head positions are kept in ``tokens`` and ``positions`` (the compute ledger;
+    with a ``journal``, its earlier runs' counts included)."""
 
-    def __init__(self, *args, token_budget: int = 4096, **kwargs):
+    def __init__(self, *args, token_budget: int = 4096, journal: RequestJournal | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.token_budget = token_budget
-        self.tokens = 0
-        self.positions = 0
+        self.journal = journal
+        self.tokens = journal.tokens if journal is not None else 0
+        self.positions = journal.positions if journal is not None else 0
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs=None):
         model = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
         if not hasattr(model, "get_decoder") or model.get_output_embeddings() is None:  # not a decoder + head
             return super()._loglikelihood_tokens(requests, disable_tqdm=disable_tqdm, override_bs=override_bs)
         out: list[tuple[float, bool] | None] = [None] * len(requests)
+        keys = [RequestJournal.key(r[0]) for r in requests] if self.journal is not None else None
         by_context: dict[tuple[int, ...], list[int]] = {}
         unpacked = []
         for i, (_, context, continuation) in enumerate(requests):
-            if not context or not continuation or len(context) + len(continuation) - 1 > self.max_length:
+            if keys is not None and keys[i] in self.journal.answers:
+                out[i] = self.journal.answers[keys[i]]
+            elif not context or not continuation or len(context) + len(continuation) - 1 > self.max_length:
                 unpacked.append(i)
             else:
                 by_context.setdefault(tuple(context), []).append(i)
         if unpacked:  # lm-eval's own path: left truncation, empty contexts
+            before = self.tokens, self.positions
             for i, answer in zip(unpacked, super()._loglikelihood_tokens([requests[i] for i in unpacked],
                                                                           disable_tqdm=True, override_bs=override_bs)):
                 out[i] = answer
                 self.tokens += len(requests[i][1]) + len(requests[i][2]) - 1
                 self.positions += len(requests[i][2])
+            self._journal([(i, out[i]) for i in unpacked], keys, before)
         rows = sorted(by_context.items(), key=lambda kv: -_row_length(kv[0], [requests[i][2] for i in kv[1]]))
         lengths = [_row_length(context, [requests[i][2] for i in members]) for context, members in rows]
         start, done, last_note = time.perf_counter(), 0, time.perf_counter()
@@ -67,8 +132,11 @@ class PackedLM(HFLM):
             while hi < len(rows) and (hi - lo + 1) * width <= self.token_budget and 2 * lengths[hi] >= width:
                 hi += 1
             batch = rows[lo:hi]
-            for index, answer in self._score_rows(batch, requests, width):
+            before = self.tokens, self.positions
+            answers = self._score_rows(batch, requests, width)
+            for index, answer in answers:
                 out[index] = answer
+            self._journal(answers, keys, before)
             done += len(batch)
             lo = hi
             if not quiet() and not disable_tqdm and time.perf_counter() - last_note > 30:
@@ -76,6 +144,11 @@ class PackedLM(HFLM):
                 announce(f"lm-eval requests: {done}/{len(rows)} contexts, "
                          f"{self.tokens / (last_note - start):.0f} tokens/s")
         return out
+
+    def _journal(self, answers, keys, before: tuple[int, int]) -> None:
+        if self.journal is not None:
+            self.journal.record([(keys[i], answer) for i, answer in answers],
+                                self.tokens - before[0], self.positions - before[1])
 
     @torch.no_grad()
     def _score_rows(self, rows, requests, width: int):
