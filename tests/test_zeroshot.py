@@ -255,6 +255,23 @@ def test_an_interrupted_evaluation_resumes_inside_a_task(tmp_path, tiny_lm, monk
         evaluate(str(tiny_lm), out=folder, **args)
 
 
+def test_the_journal_skips_rolling_windows(tmp_path, tiny_lm):
+    """Perplexity tasks' rolling windows carry no request text: scored as without a journal, not kept."""
+    from lm_eval.api.instance import Instance
+
+    from paser.evaluation.metrics import load_for_eval
+    from paser.evaluation.packed_lm import PackedLM, RequestJournal
+
+    net, tokenizer, _ = load_for_eval(str(tiny_lm))
+    text = "The quick brown fox jumps over the lazy dog. " * 12
+    found = []
+    for journal in (None, RequestJournal(tmp_path / "journal.jsonl", {"model": "tiny"})):
+        lm = PackedLM(pretrained=net, tokenizer=tokenizer, batch_size=2, journal=journal)
+        found.append(lm.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, (text,), 0)], disable_tqdm=True))
+    assert found[0] == pytest.approx(found[1], abs=1e-4)
+    assert RequestJournal(tmp_path / "journal.jsonl", {"model": "tiny"}).answers == {}
+
+
 def test_missing_package_is_one_line(tmp_path, tiny_lm, monkeypatch):
     import importlib.util
 

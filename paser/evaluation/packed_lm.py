@@ -103,7 +103,9 @@ class PackedLM(HFLM):
         if not hasattr(model, "get_decoder") or model.get_output_embeddings() is None:  # not a decoder + head
             return super()._loglikelihood_tokens(requests, disable_tqdm=disable_tqdm, override_bs=override_bs)
         out: list[tuple[float, bool] | None] = [None] * len(requests)
-        keys = [RequestJournal.key(r[0]) for r in requests] if self.journal is not None else None
+        # a rolling window (perplexity tasks) has no request text: it is scored, not journaled
+        keys = ([None if r[0] is None else RequestJournal.key(r[0]) for r in requests]
+                if self.journal is not None else None)
         by_context: dict[tuple[int, ...], list[int]] = {}
         unpacked = []
         for i, (_, context, continuation) in enumerate(requests):
@@ -147,7 +149,7 @@ class PackedLM(HFLM):
 
     def _journal(self, answers, keys, before: tuple[int, int]) -> None:
         if self.journal is not None:
-            self.journal.record([(keys[i], answer) for i, answer in answers],
+            self.journal.record([(keys[i], answer) for i, answer in answers if keys[i] is not None],
                                 self.tokens - before[0], self.positions - before[1])
 
     @torch.no_grad()
