@@ -250,7 +250,7 @@ def test_an_interrupted_evaluation_resumes_inside_a_task(tmp_path, tiny_lm, monk
         monkeypatch.setattr(PackedLM, "_score_rows", stop_after(1))
         scored.clear()
         evaluate(str(tiny_lm), out=folder, **args)
-    journal.write_text("\n".join(journal.read_text().splitlines() + ["damaged", "{}"]) + "\n")
+    journal.write_text("\n".join(journal.read_text().splitlines() + ["{}", "damaged"]) + "\n")
     with pytest.raises(DataError, match=r"lm_eval_journal\.jsonl, line 3: not a journal entry"):
         evaluate(str(tiny_lm), out=folder, **args)
 

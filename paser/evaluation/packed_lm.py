@@ -19,7 +19,7 @@ checks that the log-likelihoods equal lm-eval's to 1e-4 and that the chosen answ
 With a ``RequestJournal``, every scored batch's answers are appended to a JSONL file as they come,
 and a request already in the journal is not scored again: an evaluation stopped in the middle of
 HellaSwag (an hour on 2 CPU cores) resumes where it stopped. The journal's first line names the
-model it belongs to; a journal of another model (or dtype, device, batch size) is started afresh.
+model it belongs to; a journal of another model (or adapter, dtype, device) is started afresh.
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ class RequestJournal:
             lines = []
         for number, line in enumerate(lines[1:], 2):
             entry = _parse(line)
-            if entry is None:
+            if entry is None or not {"tokens", "positions", "answers"} <= set(entry):
                 if number == len(lines):  # the last batch, cut off as it was written: scored again
                     break
                 raise DataError(f"{self.path}, line {number}: not a journal entry; delete the file to score again")
@@ -125,7 +125,7 @@ class PackedLM(HFLM):
             self._journal([(i, out[i]) for i in unpacked], keys, before)
         rows = sorted(by_context.items(), key=lambda kv: -_row_length(kv[0], [requests[i][2] for i in kv[1]]))
         lengths = [_row_length(context, [requests[i][2] for i in members]) for context, members in rows]
-        start, done, last_note = time.perf_counter(), 0, time.perf_counter()
+        start, done, last_note, tokens_before = time.perf_counter(), 0, time.perf_counter(), self.tokens
         lo = 0
         while lo < len(rows):
             width = lengths[lo]
@@ -144,7 +144,7 @@ class PackedLM(HFLM):
             if not quiet() and not disable_tqdm and time.perf_counter() - last_note > 30:
                 last_note = time.perf_counter()
                 announce(f"lm-eval requests: {done}/{len(rows)} contexts, "
-                         f"{self.tokens / (last_note - start):.0f} tokens/s")
+                         f"{(self.tokens - tokens_before) / (last_note - start):.0f} tokens/s")
         return out
 
     def _journal(self, answers, keys, before: tuple[int, int]) -> None:
