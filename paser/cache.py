@@ -66,3 +66,27 @@ def write_json(path: Path, data) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(data, indent=2))
     os.replace(tmp, path)
+
+
+def read_appended_jsonl(path: Path, valid, damaged) -> list[dict]:
+    """The records of a JSONL file that paser appends to as work finishes (and a kill may cut off):
+    a last line that does not parse or fails ``valid`` is dropped (its work is done again); such a
+    line before it raises ``DataError(damaged(line number))``."""
+    from paser.errors import DataError
+
+    # split at newlines only: a record may hold U+2028, which str.splitlines would also split at
+    text = path.read_text(encoding="utf-8") if path.is_file() else ""
+    lines = text.split("\n")[:-1] if text.endswith("\n") else text.split("\n") if text else []
+    records = []
+    for n, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line)
+            ok = isinstance(record, dict) and valid(record)
+        except ValueError:
+            ok = False
+        if not ok:
+            if n == len(lines):
+                break
+            raise DataError(damaged(n))
+        records.append(record)
+    return records

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from lm_eval.models.huggingface import HFLM
 
+from paser.cache import read_appended_jsonl
 from paser.errors import DataError
 from paser.progress import announce, quiet
 
@@ -47,16 +48,16 @@ class RequestJournal:
         self.answers: dict[str, tuple[float, bool]] = {}
         self.tokens = self.positions = 0
         head = {"journal": "paser lm-eval requests", "identity": identity}
-        lines = self.path.read_text(encoding="utf-8").splitlines() if self.path.is_file() else []
-        if lines and _parse(lines[0]) != head:
+        fields = {"tokens", "positions", "answers"}
+        lines = read_appended_jsonl(self.path, lambda e: "journal" in e or fields <= set(e),
+                                    lambda n: f"{self.path}, line {n}: not a journal entry; delete the file to "
+                                              "score again")
+        if lines and lines[0] != head:
             announce(f"{self.path}: a journal of another evaluation (model, dtype or device); started afresh")
             lines = []
-        for number, line in enumerate(lines[1:], 2):
-            entry = _parse(line)
-            if entry is None or not {"tokens", "positions", "answers"} <= set(entry):
-                if number == len(lines):  # the last batch, cut off as it was written: scored again
-                    break
-                raise DataError(f"{self.path}, line {number}: not a journal entry; delete the file to score again")
+        for entry in lines[1:]:
+            if not fields <= set(entry):
+                raise DataError(f"{self.path}: a second head line; delete the file to score again")
             self.tokens += entry["tokens"]
             self.positions += entry["positions"]
             self.answers.update((key, (float(ll), bool(greedy))) for key, ll, greedy in entry["answers"])
@@ -76,14 +77,6 @@ class RequestJournal:
         with self.path.open("a", encoding="utf-8") as fh:
             fh.write(json.dumps(entry) + "\n")
         self.answers.update(answers)
-
-
-def _parse(line: str) -> dict | None:
-    try:
-        entry = json.loads(line)
-    except ValueError:
-        return None
-    return entry if isinstance(entry, dict) else None
 
 
 class PackedLM(HFLM):

@@ -20,9 +20,8 @@ import json
 import time
 from pathlib import Path
 
-from paser.cache import write_json
+from paser.cache import read_appended_jsonl, write_json
 from paser.data.prompts import format_prompt
-from paser.errors import DataError
 from paser.progress import announce, bar_enabled
 
 FOLDER = "dense_answers"
@@ -39,19 +38,11 @@ class AnswerCache:
 
     def __init__(self, folder: Path):
         self.path = Path(folder) / "answers.jsonl"
-        self.rows: dict[str, dict] = {}
-        # split at newlines only: an answer may hold U+2028, which str.splitlines would also split at
-        text = self.path.read_text(encoding="utf-8") if self.path.is_file() else ""
-        lines = text.split("\n")[:-1] if text.endswith("\n") else text.split("\n") if text else []
-        for n, line in enumerate(lines, 1):
-            try:
-                row = json.loads(line)
-                self.rows[row["key"]] = row
-            except (ValueError, KeyError, TypeError):
-                if n == len(lines):
-                    break  # the last line cut short by an interrupted write: its answer is generated again
-                raise DataError(f"{self.path}: line {n} is not an answer record (key, answer); delete the file "
-                                "to generate the answers again") from None
+        self.rows: dict[str, dict] = {
+            row["key"]: row for row in read_appended_jsonl(
+                self.path, lambda row: isinstance(row.get("key"), str),
+                lambda n: f"{self.path}: line {n} is not an answer record (key, answer); delete the file "
+                          "to generate the answers again")}
 
     def add(self, rows: list[dict]) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
