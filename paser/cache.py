@@ -10,6 +10,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from paser.errors import DataError
+
 
 def cache_dir() -> Path:
     """Where paser keeps converted models: $PASER_CACHE_DIR, else $XDG_CACHE_HOME/paser, else ~/.cache/paser."""
@@ -72,8 +74,6 @@ def read_appended_jsonl(path: Path, valid, damaged) -> list[dict]:
     """The records of a JSONL file that paser appends to as work finishes (and a kill may cut off):
     a last line that does not parse or fails ``valid`` is dropped (its work is done again); such a
     line before it raises ``DataError(damaged(line number))``."""
-    from paser.errors import DataError
-
     # split at newlines only: a record may hold U+2028, which str.splitlines would also split at
     text = path.read_text(encoding="utf-8") if path.is_file() else ""
     lines = text.split("\n")[:-1] if text.endswith("\n") else text.split("\n") if text else []
